@@ -1,0 +1,108 @@
+"""Turning what users pass (strings, chats, message objects) into the texts the scorer reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+__all__ = ["Instruction", "check_responses", "flatten_chat"]
+
+Instruction: TypeAlias = str | Sequence[Any]
+"""A plain instruction, or a chat: a list of ``{"role", "content"}`` dicts or message objects."""
+
+# LangChain's message ``type`` values, mapped to the OpenAI role names used for the flat text.
+_ROLE_NAMES = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "developer": "system",
+    "tool": "tool",
+    "function": "tool",
+    "user": "user",
+    "assistant": "assistant",
+    "chat": "user",
+}
+
+
+def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> str:
+    """Return the single text the scorer reads for an instruction or a chat.
+
+    A string is returned unchanged. A chat is a list of turns, each a mapping with ``role`` and
+    ``content`` (OpenAI style) or an object with ``.type`` and ``.content`` (LangChain messages).
+    A chat that is one user turn becomes that turn's text; longer chats become one line per
+    turn, ``"<role>: <text>"``, with roles ``system``, ``user``, ``assistant`` and ``tool``.
+    Content given as a list of parts keeps its text parts, joined by newlines. Since the scorer
+    keeps the end of a long instruction, the latest turns survive truncation.
+
+    Raises:
+        TypeError: ``instruction`` is neither a string nor a list of turns.
+        ValueError: the chat is empty, or a turn lacks a role or content.
+    """
+    if isinstance(instruction, str):
+        return instruction
+    if instruction is None or isinstance(instruction, bytes | Mapping) or not isinstance(
+        instruction, Sequence
+    ):
+        raise TypeError(
+            f"{argument} must be a string or a list of chat turns "
+            f"({{'role': ..., 'content': ...}} dicts or message objects); got {type(instruction).__name__}"
+        )
+    if len(instruction) == 0:
+        raise ValueError(f"{argument} is an empty chat; give at least one turn")
+    turns = [_turn(item, i, argument) for i, item in enumerate(instruction)]
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n".join(f"{role}: {text}" for role, text in turns)
+
+
+def _turn(item: Any, index: int, argument: str) -> tuple[str, str]:
+    if isinstance(item, Mapping):
+        role, content = item.get("role"), item.get("content")
+    elif hasattr(item, "content") and (hasattr(item, "type") or hasattr(item, "role")):
+        role, content = getattr(item, "role", None) or item.type, item.content
+    else:
+        raise TypeError(
+            f"{argument}[{index}] must be a {{'role', 'content'}} dict or a message object with "
+            f".type and .content; got {type(item).__name__}"
+        )
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"{argument}[{index}] has no role; give 'role': 'user' (or system/assistant)")
+    return _ROLE_NAMES.get(role.lower(), role.lower()), _content_text(content, index, argument)
+
+
+def _content_text(content: Any, index: int, argument: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    raise TypeError(
+        f"{argument}[{index}].content must be a string or a list of content parts; "
+        f"got {type(content).__name__}"
+    )
+
+
+def check_responses(responses: Any, *, argument: str = "responses") -> list[str]:
+    """Return ``responses`` as a list of strings, or raise naming the problem and the fix."""
+    if isinstance(responses, str):
+        raise TypeError(
+            f"{argument} must be a list of strings, not a single string; wrap it: [{argument[:-1]}]"
+        )
+    if responses is None or not isinstance(responses, Sequence):
+        raise TypeError(f"{argument} must be a list of strings; got {type(responses).__name__}")
+    if len(responses) == 0:
+        raise ValueError(f"{argument} must be a non-empty list of strings; got 0 items")
+    for i, item in enumerate(responses):
+        if not isinstance(item, str):
+            raise TypeError(
+                f"{argument}[{i}] must be a string; got {type(item).__name__} "
+                f"(empty strings are fine, None is not)"
+            )
+    return list(responses)

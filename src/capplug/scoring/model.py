@@ -1,0 +1,466 @@
+"""The Scorer: a cross-encoder that says how well a response answers an instruction, in [0, 1]."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+import numpy as np
+import torch
+
+from capplug._cache import staging_dir
+from capplug.errors import CheckpointError
+from capplug.models import resolve
+from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
+
+__all__ = ["SCORE_MAPPING_KEY", "Ranked", "ScoreMapping", "Scorer", "TruncationWarning"]
+
+logger = logging.getLogger(__name__)
+
+ScoreMapping: TypeAlias = Literal["sigmoid", "clip"]
+"""How a raw logit becomes a score: ``sigmoid`` for checkpoints trained through a sigmoid
+(capplug's own), ``clip`` to [0, 1] for raw regression heads (the original Cappy)."""
+
+SCORE_MAPPING_KEY = "capplug_score_mapping"
+"""The ``config.json`` field that records a checkpoint's :data:`ScoreMapping`."""
+
+# Public checkpoints published without the field, whose training recipe fixes the mapping.
+_KNOWN_MAPPINGS: dict[str, ScoreMapping] = {"btan2/cappy-large": "clip"}
+
+# Model families whose position ids start after the padding index, costing positions.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"}
+
+_warned_truncation = False
+
+
+class TruncationWarning(UserWarning):
+    """An (instruction, response) pair was longer than the scorer's ``max_length`` and was cut."""
+
+
+class Ranked(NamedTuple):
+    """One response with its score and its position in the list that was scored."""
+
+    index: int
+    score: float
+    response: str
+
+
+class _Pair(NamedTuple):
+    ids: list[int]
+    type_ids: list[int]
+
+
+class Scorer:
+    """A cross-encoder that scores (instruction, response) pairs in [0, 1]; higher is better.
+
+    Build one with :meth:`from_pretrained` (a trained checkpoint) or :meth:`from_backbone`
+    (a fresh head on a bare encoder, for training).
+
+    Long pairs are cut to ``max_length`` tokens: the response keeps its first
+    ``max_response_tokens`` tokens (default: half of ``max_length``), and the instruction keeps
+    its end, which in a chat is the latest turn. The first cut in a process warns once.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        score_mapping: ScoreMapping,
+        max_length: int = 512,
+        max_response_tokens: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int = 256,
+    ) -> None:
+        if score_mapping not in ("sigmoid", "clip"):
+            raise ValueError(f"score_mapping must be 'sigmoid' or 'clip'; got {score_mapping!r}")
+        if int(getattr(model.config, "num_labels", 1)) != 1:
+            raise CheckpointError(
+                f"a scorer needs a single-logit head; this model has {model.config.num_labels} labels"
+            )
+        self.device = _pick_device(device)
+        self.dtype = _pick_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.score_mapping: ScoreMapping = score_mapping
+        self.model.config.update({SCORE_MAPPING_KEY: score_mapping})
+        self.max_length = _clamp_length(max_length, model.config, tokenizer)
+        if max_response_tokens is not None and max_response_tokens < 1:
+            raise ValueError(f"max_response_tokens must be >= 1; got {max_response_tokens}")
+        self.max_response_tokens = max_response_tokens or self.max_length // 2
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+        self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 8192)
+        self.max_batch_size = max_batch_size
+        self._encoder = _pair_encoder(tokenizer)
+        self._n_special = self._encoder.num_special_tokens_to_add(True)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        forward_args = set(_forward_parameters(self.model))
+        self._uses_type_ids = "token_type_ids" in forward_args and (
+            getattr(model.config, "type_vocab_size", 2) or 0
+        ) > 1
+        if self.device.type == "cpu":
+            _tune_cpu_threads()
+
+    # ----------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        max_length: int = 512,
+        dtype: torch.dtype | str | None = None,
+        score_mapping: ScoreMapping | None = None,
+        max_response_tokens: int | None = None,
+    ) -> Scorer:
+        """Load a single-logit sequence-classification checkpoint as a scorer.
+
+        Args:
+            ref: a local folder, a Hugging Face id (e.g. ``btan2/cappy-large``), or a packaged name.
+            device: ``"cpu"``, ``"cuda"``, ...; default: the GPU if there is one.
+            max_length: the most tokens one (instruction, response) pair may take.
+            dtype: default float32 on CPU, bfloat16 (or float16) on GPU.
+            score_mapping: overrides the mapping recorded in the checkpoint's config; needed only
+                for checkpoints that record none.
+
+        Raises:
+            CheckpointError: the checkpoint has no single-logit head, no safetensors weights, or
+                records no score mapping and none was given.
+        """
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        folder = resolve(ref)
+        config = AutoConfig.from_pretrained(folder)
+        architectures = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise CheckpointError(
+                f"{ref} is a bare backbone ({', '.join(architectures) or config.model_type}) with no "
+                f"scoring head; start one for training with Scorer.from_backbone({str(ref)!r})"
+            )
+        if config.num_labels != 1:
+            raise CheckpointError(
+                f"{ref} has a {config.num_labels}-label head; a scorer needs a single regression logit"
+            )
+        if not any(Path(folder).glob("*.safetensors")):
+            raise CheckpointError(
+                f"{ref} holds no .safetensors weights; capplug never loads pickled weights. "
+                f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        mapping = score_mapping or _recorded_mapping(config, str(ref))
+        with _quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, use_safetensors=True, trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return cls(
+            model,
+            tokenizer,
+            score_mapping=mapping,
+            max_length=max_length,
+            max_response_tokens=max_response_tokens,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_backbone(
+        cls,
+        ref: str | os.PathLike[str] = "minilm",
+        *,
+        device: str | torch.device | None = None,
+        max_length: int = 512,
+        seed: int | None = 0,
+        max_response_tokens: int | None = None,
+    ) -> Scorer:
+        """A bare encoder with a fresh one-logit head (scored through a sigmoid), for training."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folder = resolve(ref)
+        with _quiet_transformers(), _seeded(seed):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=1, use_safetensors=True, trust_remote_code=False
+            )
+        model.config.problem_type = "regression"
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return cls(
+            model,
+            tokenizer,
+            score_mapping="sigmoid",
+            max_length=max_length,
+            max_response_tokens=max_response_tokens,
+            device=device,
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the checkpoint (safetensors, tokenizer, score mapping) atomically to ``folder``."""
+        final = Path(folder).expanduser().resolve()
+        with staging_dir(final) as tmp, _quiet_transformers():
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        return final
+
+    # ----------------------------------------------------------------------------- scoring
+
+    def score(self, instruction: Instruction, responses: Sequence[str]) -> list[float]:
+        """Score each response to one instruction; scores are in [0, 1] and in input order."""
+        text = flatten_chat(instruction)
+        responses = check_responses(responses)
+        return self._score([text] * len(responses), responses).tolist()
+
+    def score_pairs(self, pairs: Sequence[tuple[Instruction, str]]) -> list[float]:
+        """Score (instruction, response) pairs; scores are in [0, 1] and in input order."""
+        if isinstance(pairs, str | bytes) or not isinstance(pairs, Sequence):
+            raise TypeError(
+                f"pairs must be a list of (instruction, response) tuples; got {type(pairs).__name__}"
+            )
+        if len(pairs) == 0:
+            raise ValueError("pairs must be a non-empty list of (instruction, response) tuples; got 0")
+        instructions, responses = [], []
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise TypeError(f"pairs[{i}] must be an (instruction, response) tuple; got {pair!r:.80}")
+            instructions.append(flatten_chat(pair[0], argument=f"pairs[{i}][0]"))
+            check_responses([pair[1]], argument=f"pairs[{i}][1:]")
+            responses.append(pair[1])
+        return self._score(instructions, responses).tolist()
+
+    def rank(
+        self, instruction: Instruction, responses: Sequence[str], *, top_k: int | None = None
+    ) -> list[Ranked]:
+        """Responses best first, each with its index in ``responses`` and its score."""
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+        responses = check_responses(responses)
+        scores = self.score(instruction, responses)
+        # Stable sort: equal scores keep their input order.
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+        return [Ranked(i, scores[i], responses[i]) for i in order]
+
+    def select(self, instruction: Instruction, responses: Sequence[str]) -> Ranked:
+        """The best response with its score and index."""
+        return self.rank(instruction, responses, top_k=1)[0]
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _score(self, instructions: list[str], responses: list[str]) -> np.ndarray:
+        pairs = self._encode(instructions, responses)
+        out = np.empty(len(pairs), dtype=np.float32)
+        with torch.inference_mode():
+            for batch in self._batches(pairs):
+                logits = self._forward([pairs[i] for i in batch])
+                out[batch] = self._map(logits).cpu().numpy()
+        return out
+
+    def _encode(self, instructions: list[str], responses: list[str]) -> list[_Pair]:
+        unique = list(dict.fromkeys(instructions))
+        encoded_instructions = dict(
+            zip(unique, self._encoder.encode_batch(unique, add_special_tokens=False), strict=True)
+        )
+        encoded_responses = self._encoder.encode_batch(responses, add_special_tokens=False)
+        budget = self.max_length - self._n_special
+        pairs = []
+        cut = False
+        for text, response in zip(instructions, encoded_responses, strict=True):
+            instruction = encoded_instructions[text]
+            r_ids, i_ids = response.ids, instruction.ids
+            if len(r_ids) + len(i_ids) > budget:
+                cut = True
+                keep_r = min(len(r_ids), self.max_response_tokens, budget)
+                keep_i = budget - keep_r
+                # Spend what the instruction does not need on more of the response.
+                if len(i_ids) < keep_i:
+                    keep_r = min(len(r_ids), budget - len(i_ids))
+                    keep_i = budget - keep_r
+                response = _truncated(response, keep_r, "right")
+                instruction = _truncated(instruction, keep_i, "left")
+            merged = self._encoder.post_process(instruction, response, add_special_tokens=True)
+            pairs.append(_Pair(merged.ids, merged.type_ids))
+        if cut:
+            _warn_truncation(self.max_length, self.max_response_tokens)
+        return pairs
+
+    def _batches(self, pairs: list[_Pair]) -> Iterator[np.ndarray]:
+        lengths = np.fromiter((len(p.ids) for p in pairs), dtype=np.int64, count=len(pairs))
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            size = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
+            yield order[start : start + size]
+            start += size
+
+    def _forward(self, pairs: list[_Pair]) -> torch.Tensor:
+        width = max(len(p.ids) for p in pairs)
+        ids = np.full((len(pairs), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(pairs), width), dtype=np.int64)
+        types = np.zeros((len(pairs), width), dtype=np.int64)
+        for row, pair in enumerate(pairs):
+            n = len(pair.ids)
+            ids[row, :n] = pair.ids
+            mask[row, :n] = 1
+            types[row, :n] = pair.type_ids
+        inputs = {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        if self._uses_type_ids:
+            inputs["token_type_ids"] = torch.from_numpy(types).to(self.device)
+        return self.model(**inputs).logits[:, 0].float()
+
+    def _map(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.score_mapping == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits.clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
+        return (
+            f"Scorer({name!r}, score_mapping={self.score_mapping!r}, max_length={self.max_length}, "
+            f"device={str(self.device)!r})"
+        )
+
+
+def _recorded_mapping(config: Any, ref: str) -> ScoreMapping:
+    recorded = getattr(config, SCORE_MAPPING_KEY, None)
+    if recorded in ("sigmoid", "clip"):
+        return recorded
+    if ref.lower() in _KNOWN_MAPPINGS:
+        return _KNOWN_MAPPINGS[ref.lower()]
+    # sentence-transformers records the activation its CrossEncoder applies.
+    activation = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn", "")
+    if activation.endswith("Sigmoid"):
+        return "sigmoid"
+    if activation.endswith("Identity"):
+        return "clip"
+    raise CheckpointError(
+        f"{ref} does not record how its logit maps to [0, 1] ({SCORE_MAPPING_KEY} in config.json); "
+        f"pass score_mapping='sigmoid' (trained through a sigmoid) or 'clip' (raw regression)"
+    )
+
+
+def _pair_encoder(tokenizer: Any) -> Any:
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise CheckpointError(
+            f"{type(tokenizer).__name__} has no fast (Rust) tokenizer; the scorer needs one "
+            f"(save the checkpoint with a tokenizer.json)"
+        )
+    # A private copy: the tokenizer's own truncation and padding settings must not apply.
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.no_truncation()
+    encoder.no_padding()
+    return encoder
+
+
+def _truncated(encoding: Any, keep: int, side: Literal["left", "right"]) -> Any:
+    if keep >= len(encoding.ids):
+        return encoding
+    from tokenizers import Encoding
+
+    # A clone: one instruction's encoding is shared by every response scored against it.
+    clone = Encoding.merge([encoding], growing_offsets=False)
+    clone.truncate(max(keep, 0), direction=side)
+    return clone
+
+
+def _warn_truncation(max_length: int, max_response_tokens: int) -> None:
+    global _warned_truncation
+    if _warned_truncation:
+        return
+    _warned_truncation = True
+    warnings.warn(
+        f"capplug: some (instruction, response) pairs exceed max_length={max_length} tokens and "
+        f"were cut: responses keep their first {max_response_tokens} tokens, instructions their "
+        f"end (this warning shows once per process)",
+        TruncationWarning,
+        stacklevel=5,
+    )
+
+
+def _clamp_length(max_length: int, config: Any, tokenizer: Any) -> int:
+    if not isinstance(max_length, int) or max_length < 8:
+        raise ValueError(f"max_length must be an integer >= 8; got {max_length!r}")
+    limits = [max_length]
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and getattr(config, "position_embedding_type", "absolute") == "absolute":
+        offset = (config.pad_token_id or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
+        limits.append(positions - offset)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    return min(limits)
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _pick_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype name such as 'float32'; got {dtype!r}")
+        return resolved
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _tune_cpu_threads() -> None:
+    # torch sizes its pool by physical cores, which oversubscribes a container or a task set
+    # pinned to fewer CPUs; never go above what this process may actually run on.
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    if torch.get_num_threads() > allowed:
+        torch.set_num_threads(allowed)
+
+
+def _forward_parameters(model: torch.nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(model.forward).parameters)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
