@@ -40,8 +40,10 @@ from capplug._cache import (
 from capplug.errors import ModelNotFoundError
 
 __all__ = [
+    "BUNDLED_MODELS",
     "PACKAGED_MODELS",
     "PackagedModel",
+    "bundled_path",
     "cached_path",
     "packaged_model",
     "resolve",
@@ -204,6 +206,22 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
+BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+"""Checkpoints trained by capplug and shipped inside the package, by name."""
+
+BUNDLED_MODELS: dict[str, str] = {
+    "capplug-default": "the default scorer, trained by capplug on BIG-bench train tasks",
+}
+
+
+def bundled_path(name: str) -> Path | None:
+    """The folder of a checkpoint shipped inside the package, if ``name`` is one."""
+    key = name.strip().lower()
+    if key not in BUNDLED_MODELS:
+        return None
+    return BUNDLED_DIR / key
+
+
 def packaged_model(name: str) -> PackagedModel | None:
     """The packaged model called ``name`` (or with that alias or Hugging Face id), if any."""
     key = name.strip().lower()
@@ -238,6 +256,14 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
         return path.resolve()
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ModelNotFoundError(f"model folder {ref!r} does not exist")
+    bundled = bundled_path(ref)
+    if bundled is not None:
+        if not (bundled / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{ref!r} is not bundled with this install of capplug (no {bundled}); "
+                f"pass a scorer checkpoint folder or Hugging Face id instead"
+            )
+        return bundled
     spec = packaged_model(ref)
     if spec is not None and ref.strip().lower() != spec.hf_id.lower():
         return _ensure_packaged(spec, verify=verify)

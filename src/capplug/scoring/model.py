@@ -229,7 +229,10 @@ class Scorer:
             if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
                 raise TypeError(f"pairs[{i}] must be an (instruction, response) tuple; got {pair!r:.80}")
             instructions.append(flatten_chat(pair[0], argument=f"pairs[{i}][0]"))
-            check_responses([pair[1]], argument=f"pairs[{i}][1:]")
+            if not isinstance(pair[1], str):
+                raise TypeError(
+                    f"pairs[{i}][1] (the response) must be a string; got {type(pair[1]).__name__}"
+                )
             responses.append(pair[1])
         return self._score(instructions, responses).tolist()
 

@@ -1,0 +1,41 @@
+# capplug: make demo · make test · make bench (each installs what it needs first)
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.capplug-installed
+TORCH  := 2.13.0
+
+.PHONY: install demo test test-unit test-integration bench lint clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when the venv is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@sh scripts/install_torch.sh $(PY) $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	$(PY) -m pytest -q tests/unit --disable-socket --allow-unix-socket
+	$(PY) -m pytest -q tests/integration -m integration
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit --disable-socket --allow-unix-socket
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration -m integration
+
+bench: install
+	$(PY) benchmarks/scoring_speed.py
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

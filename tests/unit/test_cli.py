@@ -1,0 +1,114 @@
+"""The capplug command: scoring, bulk JSONL, model commands, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from capplug import Scorer
+from capplug.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_score_prints_a_ranked_table(tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "score", "--model", str(tiny_bert_scorer), "--instruction", "capital of france ?",
+        "--response", "paris", "--response", "lyon",
+    )
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["rank", "score", "#", "response"]
+    assert len(lines) == 3
+    scores = [float(line.split()[1]) for line in lines[1:]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_score_json_matches_the_api(tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "score", "--json", "--model", str(tiny_bert_scorer), "--instruction", "capital ?",
+        "--response", "paris", "--response", "lyon",
+    )
+    assert code == 0
+    ranked = json.loads(out)
+    expected = Scorer.from_pretrained(tiny_bert_scorer).rank("capital ?", ["paris", "lyon"])
+    assert [r["index"] for r in ranked] == [r.index for r in expected]
+    assert ranked[0]["score"] == pytest.approx(expected[0].score, abs=1e-6)
+
+
+def test_bulk_jsonl_streams_rows_back_with_scores(
+    tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"id": i, "instruction": "capital of france ?", "responses": ["paris", "lyon"]} for i in range(70)
+    ] + [{"id": "chat", "instruction": [{"role": "user", "content": "hi"}], "response": "hello"}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    code, out, _ = run(capsys, "score", "--model", str(tiny_bert_scorer), "--input", str(source))
+    assert code == 0
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    assert all(len(g["scores"]) == 2 for g in got[:-1])
+    assert 0.0 <= got[-1]["score"] <= 1.0
+    assert got[0]["scores"] == pytest.approx(got[69]["scores"], abs=1e-6)
+
+
+def test_bulk_from_stdin_reports_the_bad_line_after_writing_the_good_ones(
+    tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = [json.dumps({"instruction": "q", "response": "a"})] * 64
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join([*good, "{broken"]) + "\n"))
+    code, out, err = run(capsys, "score", "--model", str(tiny_bert_scorer), "--input", "-")
+    assert code == 2
+    assert len(out.splitlines()) == 64  # the first full chunk was already written
+    assert err.strip() == "capplug: error: <stdin>:65: not valid JSON (Expecting property name enclosed in double quotes)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["score", "--instruction", "q"], "at least one --response"),
+        (["score", "--input", "x.jsonl", "--instruction", "q"], "cannot be combined"),
+        (["score", "--input", "/no/such/file.jsonl"], "cannot read"),
+        (["score", "--model", "/no/such/model", "--instruction", "q", "--response", "a"], "does not exist"),
+        (["models", "path", "no-such-model"], "unknown model"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("capplug: error:") and fragment in err
+
+
+def test_bad_row_fields_are_reported_with_their_line(
+    tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"instruction": "q", "responses": []}) + "\n")
+    code, _, err = run(capsys, "score", "--model", str(tiny_bert_scorer), "--input", str(source))
+    assert code == 2 and f"{source}:1:" in err and "non-empty list" in err
+
+
+def test_models_list_shows_the_packaged_models(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "list", "--json")
+    assert code == 0
+    names = {row["name"] for row in json.loads(out)}
+    assert {"minilm", "mpnet", "smollm2-135m-instruct"} <= names
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["score", "--help"], ["models", "--help"], ["models", "fetch", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        assert "usage: capplug" in capsys.readouterr().out
