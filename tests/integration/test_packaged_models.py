@@ -1,0 +1,85 @@
+"""The real packaged models: fetched once into the capplug cache, loaded, and used."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from capplug import Scorer, resolve
+
+pytestmark = pytest.mark.integration
+
+INSTRUCTIONS = [
+    "What is the capital of France?",
+    "Translate to German: The cat sleeps on the mat.",
+    "Q: Is the following sentence plausible? 'The goalkeeper scored a touchdown.'\nA:",
+    "Summarise in one sentence: " + "The committee met for three hours and agreed on the budget. " * 20,
+]
+RESPONSES = ["Paris.", "Lyon is the capital.", "", "Die Katze schläft auf der Matte.", "no", "yes " * 40]
+
+
+@pytest.fixture(scope="module")
+def minilm_scorer() -> Scorer:
+    return Scorer.from_backbone("minilm", seed=0)
+
+
+def test_minilm_scores_are_finite_probabilities(minilm_scorer: Scorer) -> None:
+    for instruction in INSTRUCTIONS:
+        scores = minilm_scorer.score(instruction, RESPONSES)
+        assert len(scores) == len(RESPONSES)
+        assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
+
+
+def test_minilm_scores_do_not_depend_on_batch_size_or_order(minilm_scorer: Scorer) -> None:
+    pairs = [(i, r) for i in INSTRUCTIONS for r in RESPONSES] * 3
+    reference = None
+    for batch_size in (1, 7, 64):
+        minilm_scorer.max_batch_size = batch_size
+        scores = np.array(minilm_scorer.score_pairs(pairs))
+        if reference is None:
+            reference = scores
+        np.testing.assert_allclose(scores, reference, atol=1e-5, rtol=0)
+    perm = np.random.default_rng(0).permutation(len(pairs))
+    shuffled = np.array(minilm_scorer.score_pairs([pairs[i] for i in perm]))
+    np.testing.assert_allclose(shuffled, reference[perm], atol=1e-5, rtol=0)
+
+
+def test_smollm2_is_converted_from_gguf_and_answers() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve("smollm2-135m-instruct")
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # grouped-query attention
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_smollm2_backbone_scores_finite_probabilities() -> None:
+    scorer = Scorer.from_backbone("smollm2-135m-instruct", seed=0, max_length=256)
+    scores = scorer.score(INSTRUCTIONS[0], RESPONSES)
+    assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
+    np.testing.assert_allclose(scores, [scorer.score(INSTRUCTIONS[0], [r])[0] for r in RESPONSES], atol=1e-5)
+
+
+def test_models_path_command_prints_the_cached_folder() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "capplug.cli", "models", "path", "minilm"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == str(resolve("minilm"))
