@@ -302,6 +302,10 @@ class Scorer:
             start += size
 
     def _forward(self, pairs: list[_Pair]) -> torch.Tensor:
+        return self.model(**self._collate(pairs)).logits[:, 0].float()
+
+    def _collate(self, pairs: Sequence[_Pair]) -> dict[str, torch.Tensor]:
+        """Pad encoded pairs to the longest one into model inputs on the scorer's device."""
         width = max(len(p.ids) for p in pairs)
         ids = np.full((len(pairs), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(pairs), width), dtype=np.int64)
@@ -317,7 +321,7 @@ class Scorer:
         }
         if self._uses_type_ids:
             inputs["token_type_ids"] = torch.from_numpy(types).to(self.device)
-        return self.model(**inputs).logits[:, 0].float()
+        return inputs
 
     def _map(self, logits: torch.Tensor) -> torch.Tensor:
         if self.score_mapping == "sigmoid":

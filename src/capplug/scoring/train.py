@@ -1,0 +1,502 @@
+"""Training the scorer: continual pretraining on weak labels, and adaptation to a user's own data.
+
+Only the scorer is trained; no gradient ever reaches an LLM. A run writes into one folder:
+
+- ``checkpoint/``: the latest resumable state (model, optimizer, scheduler, RNG, data position);
+- ``best/``: the best model so far by held-out loss, loadable with ``Scorer.from_pretrained``;
+- ``train_log.jsonl``: one JSON object per logged step and per evaluation;
+- the final model (``config.json``, ``model.safetensors``, tokenizer) and ``README.md``, a model
+  card with the data, steps, wall time, machine and metrics.
+
+Stopping a run and starting it again with the same arguments resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from capplug._cache import staging_dir, write_json_atomic
+from capplug.data.rows import LabelledPair
+from capplug.scoring.model import Scorer, _Pair
+
+__all__ = ["TrainConfig", "TrainResult", "split_heldout", "train_scorer"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the defaults suit MiniLM on a CPU."""
+
+    learning_rate: float = 3e-5
+    """Peak AdamW learning rate, reached after warm-up and decayed linearly to zero."""
+    batch_size: int = 32
+    """Pairs per optimizer step (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Batches whose gradients add up into one optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed); ``max_steps`` wins if smaller."""
+    max_steps: int | None = None
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    loss: Literal["bce", "mse"] = "bce"
+    """``bce``: binary cross-entropy of the sigmoid against soft labels; ``mse`` on the score."""
+    max_length: int = 256
+    """Token cap per pair during training (shorter trains faster; scoring may use more)."""
+    eval_every: int = 200
+    """Optimizer steps between evaluations on the held-out slice (and checkpoints)."""
+    patience: int | None = 5
+    """Stop after this many evaluations without a better held-out loss; ``None`` never stops."""
+    log_every: int = 20
+    seed: int = 0
+    freeze_embeddings: bool = True
+    """Keep the word-embedding matrix as it is: half of MiniLM's weights, so the checkpoint
+    only needs what training changed, and training is faster."""
+    max_eval_pairs: int = 2000
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    out_dir: Path
+    steps: int
+    best_eval_loss: float | None
+    metrics: dict[str, float]
+    wall_seconds: float
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def split_heldout(
+    pairs: Sequence[LabelledPair], *, fraction: float = 0.05, max_pairs: int = 2000, seed: int = 0
+) -> tuple[list[LabelledPair], list[LabelledPair]]:
+    """Cut a held-out slice by group, so no example's pairs sit on both sides."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1); got {fraction}")
+    train, heldout = [], []
+    for pair in pairs:
+        bucket = int(hashlib.sha1(f"{seed}:{pair.group}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (heldout if bucket < fraction and len(heldout) < max_pairs else train).append(pair)
+    if not train:
+        raise ValueError("no training pairs are left after cutting the held-out slice")
+    return train, heldout
+
+
+def train_scorer(
+    scorer: Scorer,
+    train_pairs: Sequence[LabelledPair],
+    out_dir: str | Path,
+    *,
+    eval_pairs: Sequence[LabelledPair] = (),
+    config: TrainConfig | None = None,
+    data_description: str = "",
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``scorer`` in place on labelled pairs, checkpointing into ``out_dir``; resumes if asked twice.
+
+    Raises:
+        ValueError: no training pairs, or ``out_dir`` holds a finished model from another run.
+    """
+    config = config or TrainConfig()
+    if not train_pairs:
+        raise ValueError("train_pairs is empty; there is nothing to train on")
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(train_pairs, config)
+    started = time.monotonic()
+
+    device = scorer.device
+    model = scorer.model
+    model.float()  # master weights in fp32; autocast handles GPU speed
+    if config.freeze_embeddings:
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None:
+            embeddings.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+    )
+    steps_per_epoch = max(1, math.ceil(len(train_pairs) / (config.batch_size * config.grad_accum)))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = int(total_steps * config.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
+
+    encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
+    encoded_eval = _encode_pairs(scorer, eval_pairs[: config.max_eval_pairs], config.max_length)
+
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_eval_loss": None,
+        "evals_without_improvement": 0,
+        "elapsed_seconds": 0.0,
+        "fingerprint": fingerprint,
+        "config": asdict(config),
+        "stopped_early": False,
+    }
+    checkpoint = out / "checkpoint"
+    if (checkpoint / STATE_FILE).is_file():
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
+        logger.warning("capplug: resuming training at step %d of %d", state["step"], total_steps)
+    elif (out / "config.json").is_file():
+        raise ValueError(
+            f"{out} already holds a trained model; give a new --out folder (nothing was changed)"
+        )
+    else:
+        # Dropout draws from the global generators: seed them so a run is reproducible.
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+
+    history: list[dict[str, Any]] = []
+    log_path = out / "train_log.jsonl"
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    bar = _progress(total_steps, state["step"], enabled=progress)
+    model.train()
+    running: list[float] = []
+    resumed_wall = state["elapsed_seconds"]
+    while state["step"] < total_steps and not state["stopped_early"]:
+        batches = _epoch_batches(encoded_train, config, state["epoch"])
+        while state["batch_in_epoch"] < len(batches) and state["step"] < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(config.grad_accum):
+                if state["batch_in_epoch"] >= len(batches):
+                    break
+                batch = batches[state["batch_in_epoch"]]
+                state["batch_in_epoch"] += 1
+                inputs = scorer._collate([encoded_train[i][0] for i in batch])
+                labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = model(**inputs).logits[:, 0].float()
+                loss = _loss(logits, labels, config.loss) / config.grad_accum
+                scaler.scale(loss).backward()
+                running.append(loss.item() * config.grad_accum)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % config.log_every == 0 or state["step"] == total_steps:
+                entry = {
+                    "step": state["step"],
+                    "loss": float(np.mean(running)) if running else None,
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": state["epoch"] + state["batch_in_epoch"] / max(len(batches), 1),
+                }
+                running = []
+                _append_log(log_path, entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}" if entry["loss"] is not None else "-")
+                if on_step:
+                    on_step(state["step"], entry)
+            if state["step"] % config.eval_every == 0 or state["step"] == total_steps:
+                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
+                metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+                model.train()
+                entry = {"step": state["step"], "eval": metrics}
+                history.append(entry)
+                _append_log(log_path, entry)
+                improved = bool(metrics) and (
+                    state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]
+                )
+                if improved:
+                    state["best_eval_loss"] = metrics["loss"]
+                    state["evals_without_improvement"] = 0
+                    scorer.save_pretrained(out / "best")
+                elif metrics:
+                    state["evals_without_improvement"] += 1
+                    if config.patience is not None and state["evals_without_improvement"] >= config.patience:
+                        state["stopped_early"] = True
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, state)
+                if state["stopped_early"]:
+                    logger.warning("capplug: early stop at step %d (no better held-out loss)", state["step"])
+                    break
+        if state["batch_in_epoch"] >= len(batches):
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    model.eval()
+
+    if (out / "best" / "config.json").is_file():
+        final = Scorer.from_pretrained(out / "best", device=device, max_length=scorer.max_length)
+        scorer.model.load_state_dict(final.model.state_dict())
+    wall = resumed_wall + time.monotonic() - started
+    metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+    _write_final(scorer, out, config, state, metrics, wall, len(train_pairs), len(encoded_eval), data_description)
+    return TrainResult(
+        out_dir=out,
+        steps=state["step"],
+        best_eval_loss=state["best_eval_loss"],
+        metrics=metrics,
+        wall_seconds=wall,
+        stopped_early=state["stopped_early"],
+        history=history,
+    )
+
+
+def _encode_pairs(scorer: Scorer, pairs: Sequence[LabelledPair], max_length: int) -> list[tuple[_Pair, float]]:
+    if not pairs:
+        return []
+    saved = scorer.max_length, scorer.max_response_tokens
+    scorer.max_length = min(max_length, saved[0])
+    scorer.max_response_tokens = min(saved[1], scorer.max_length // 2)
+    try:
+        encoded = scorer._encode([p.instruction for p in pairs], [p.response for p in pairs])
+    finally:
+        scorer.max_length, scorer.max_response_tokens = saved
+    return [(e, p.label) for e, p in zip(encoded, pairs, strict=True)]
+
+
+def _epoch_batches(encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar lengths; the same for a given seed and epoch, so resume is exact."""
+    rng = random.Random(config.seed * 1_000_003 + epoch)
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    chunk = config.batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start : start + chunk], key=lambda i: len(encoded[i][0].ids))
+        batches += [block[i : i + config.batch_size] for i in range(0, len(block), config.batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "bce":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
+
+
+@torch.inference_mode()
+def _evaluate(
+    scorer: Scorer,
+    encoded: list[tuple[_Pair, float]],
+    pairs: Sequence[LabelledPair],
+    config: TrainConfig,
+) -> dict[str, float]:
+    """Held-out loss, score/label correlation, and how often a group's better pair scores higher."""
+    scorer.model.eval()
+    logits = np.empty(len(encoded), dtype=np.float32)
+    for batch in scorer._batches([e[0] for e in encoded]):
+        logits[batch] = scorer._forward([encoded[i][0] for i in batch]).cpu().numpy()
+    labels = np.array([e[1] for e in encoded], dtype=np.float32)
+    loss = _loss(torch.from_numpy(logits), torch.from_numpy(labels), config.loss).item()
+    scores = 1.0 / (1.0 + np.exp(-logits))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, pair in enumerate(pairs[: len(encoded)]):
+        groups[pair.group].append(i)
+    right = total = 0
+    for members in groups.values():
+        for a in members:
+            for b in members:
+                if labels[a] > labels[b] + 1e-6:
+                    total += 1
+                    right += scores[a] > scores[b]
+    metrics = {"loss": loss, "pairs": float(len(encoded))}
+    if len(encoded) > 1 and labels.std() > 0 and scores.std() > 0:
+        metrics["pearson"] = float(np.corrcoef(scores, labels)[0, 1])
+    if total:
+        metrics["pairwise_accuracy"] = float(right / total)
+    return metrics
+
+
+def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _save_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
+) -> None:
+    # Everything as safetensors and JSON: nothing is ever unpickled on resume.
+    with staging_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {
+            f"{index}.{key}": value.contiguous()
+            for index, slot in opt["state"].items()
+            for key, value in slot.items()
+            if isinstance(value, torch.Tensor)
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = rng
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_json_atomic(
+            tmp / STATE_FILE,
+            {
+                **state,
+                "param_groups": opt["param_groups"],
+                "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
+                "python_random": _jsonable_random_state(),
+                "numpy_random": _jsonable_numpy_state(),
+            },
+        )
+
+
+def _load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, fingerprint: str
+) -> dict[str, Any]:
+    saved = json.loads((folder / STATE_FILE).read_text())
+    if saved.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{folder} is a checkpoint of a run with other data or settings; give a new --out "
+            f"folder, or the same data and settings to resume (nothing was changed)"
+        )
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(next(model.parameters()).device)))
+    tensors = load_file(folder / "optimizer.safetensors")
+    opt_state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        index, name = key.split(".", 1)
+        opt_state[int(index)][name] = value
+    optimizer.load_state_dict({"state": dict(opt_state), "param_groups": saved.pop("param_groups")})
+    sched = saved.pop("scheduler")
+    sched.pop("lr_lambdas", None)
+    scheduler.load_state_dict(sched | {"lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    random.setstate(_restore_random_state(saved.pop("python_random")))
+    np.random.set_state(_restore_numpy_state(saved.pop("numpy_random")))
+    return saved
+
+
+def _jsonable_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_random_state(state: list[Any]) -> tuple[Any, ...]:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _jsonable_numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _restore_numpy_state(state: list[Any]) -> tuple[Any, ...]:
+    return (state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4])
+
+
+def _fingerprint(pairs: Sequence[LabelledPair], config: TrainConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(str(len(pairs)).encode())
+    for pair in pairs[:: max(1, len(pairs) // 1000)]:
+        digest.update(f"{pair.instruction}\x00{pair.response}\x00{pair.label}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _append_log(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _progress(total: int, done: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _write_final(
+    scorer: Scorer,
+    out: Path,
+    config: TrainConfig,
+    state: dict[str, Any],
+    metrics: dict[str, float],
+    wall: float,
+    n_train: int,
+    n_eval: int,
+    data_description: str,
+) -> None:
+    with staging_dir(out / ".final") as tmp:
+        scorer.save_pretrained(tmp / "model")
+    for item in (out / ".final" / "model").iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(out / ".final", ignore_errors=True)
+    card = {
+        "data": data_description,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "steps": state["step"],
+        "epochs_completed": state["epoch"],
+        "stopped_early": state["stopped_early"],
+        "wall_seconds": round(wall, 1),
+        "machine": _machine(scorer.device),
+        "metrics": metrics,
+        "config": asdict(config),
+    }
+    write_json_atomic(out / "training_summary.json", card)
+    lines = [
+        "# capplug scorer",
+        "",
+        "A cross-encoder that scores how well a response answers an instruction, in [0, 1].",
+        "Load it with `capplug.Scorer.from_pretrained(<this folder>)`.",
+        "",
+        f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
+        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss})",
+        f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
+        "- held-out metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs"),
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    description = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        description = torch.cuda.get_device_name(device)
+    return {
+        "description": description,
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }

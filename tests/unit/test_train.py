@@ -1,0 +1,115 @@
+"""Training the scorer: it learns, it resumes exactly, and bad data is reported before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capplug import Scorer
+from capplug.data.rows import LabelledPair, RowError, read_labelled_pairs
+from capplug.scoring.train import TrainConfig, split_heldout, train_scorer
+
+
+def toy_pairs(n: int = 48) -> list[LabelledPair]:
+    pairs = []
+    for i in range(n):
+        question = f"what is {i % 5} plus one ?"
+        pairs.append(LabelledPair(question, "yes the answer is one", 1.0, f"g{i}"))
+        pairs.append(LabelledPair(question, "no cat dog sat", 0.0, f"g{i}"))
+    return pairs
+
+
+CONFIG = dict(learning_rate=3e-3, batch_size=8, epochs=2, eval_every=4, log_every=2, freeze_embeddings=False, warmup_ratio=0.1)
+
+
+def test_training_learns_the_labels_and_writes_a_loadable_model(tiny_bert_backbone: Path, tmp_path: Path) -> None:
+    train, heldout = split_heldout(toy_pairs(), fraction=0.25, seed=1)
+    assert {p.group for p in train}.isdisjoint({p.group for p in heldout})
+    scorer = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    before = scorer.score("what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"])
+    result = train_scorer(scorer, train, tmp_path / "run", eval_pairs=heldout, config=TrainConfig(**{**CONFIG, "epochs": 8}), progress=False)
+    after = Scorer.from_pretrained(tmp_path / "run").score("what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"])
+    assert after[0] - after[1] > before[0] - before[1] + 0.2
+    assert result.metrics["pairwise_accuracy"] == 1.0
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in e for e in log) and any("eval" in e for e in log)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "steps:" in card and "wall time" in card and "pairwise_accuracy" in card
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_bert_backbone: Path, tmp_path: Path) -> None:
+    pairs = toy_pairs(32)
+    config = TrainConfig(**{**CONFIG, "patience": None})
+
+    straight = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    train_scorer(straight, pairs, tmp_path / "straight", config=config, progress=False)
+
+    def stop_at_step_6(step: int, _entry: dict) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    first = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_scorer(first, pairs, tmp_path / "resumed", config=config, progress=False, on_step=stop_at_step_6)
+    assert not (tmp_path / "resumed" / "config.json").exists()
+    second = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    result = train_scorer(second, pairs, tmp_path / "resumed", config=config, progress=False)
+    assert result.steps == 16  # 64 pairs / batch 8 x 2 epochs
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_finished_run_is_never_overwritten(tiny_bert_backbone: Path, tmp_path: Path) -> None:
+    pairs = toy_pairs(8)
+    config = TrainConfig(**{**CONFIG, "epochs": 1})
+    train_scorer(Scorer.from_backbone(tiny_bert_backbone), pairs, tmp_path / "run", config=config, progress=False)
+    saved = (tmp_path / "run" / "model.safetensors").read_bytes()
+    # Another run with other data into the same folder is refused, and the model is untouched.
+    with pytest.raises(ValueError, match="other data|already holds"):
+        train_scorer(Scorer.from_backbone(tiny_bert_backbone), toy_pairs(10), tmp_path / "run", config=config, progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == saved
+
+
+def test_bad_rows_are_listed_with_their_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"instruction": "q", "response": "a", "label": 0.5},
+        {"instruction": "q", "response": "a", "label": 1.5},
+        {"response": "a", "label": 1},
+        "not json",
+        {"instruction": "q", "response": "a"},
+        {"instruction": "q", "response": 7, "label": 1},
+    ]
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(RowError) as info:
+        read_labelled_pairs(path)
+    message = str(info.value)
+    assert "5 of 6 rows" in message
+    for fragment in ("row 2: 'label' 1.5 is outside [0, 1]", "row 3: missing 'instruction'", "row 4: not valid JSON",
+                     "row 5: give 'label'", "row 6: 'response' must be a string"):
+        assert fragment in message
+
+
+def test_empty_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("instruction,response,label\n")
+    with pytest.raises(ValueError, match="holds no rows"):
+        read_labelled_pairs(path)
+
+
+def test_csv_and_reference_rows_are_labelled_by_rouge(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text(
+        "instruction,response,reference,task,example_id\n"
+        "name the capital,the capital is paris,paris is the capital,geo,1\n"
+        "name the capital,berlin,paris is the capital,geo,1\n"
+    )
+    pairs = read_labelled_pairs(path)
+    assert pairs[0].label > pairs[1].label == 0.0
+    assert pairs[0].group == pairs[1].group == "geo#1"
+    # Rouge-L F: the longest common subsequence ('the capital') is 2 of 4 tokens on each side.
+    np.testing.assert_allclose(pairs[0].label, 0.5)
