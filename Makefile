@@ -12,9 +12,8 @@ install: $(STAMP)
 # Idempotent: re-runs only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@sh scripts/install_torch.sh $(PY) $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,train]"
 	@touch $@
 
 demo: install

