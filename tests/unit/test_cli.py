@@ -18,10 +18,20 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_score_prints_a_ranked_table(tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_prints_a_ranked_table(
+    tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(
-        capsys, "score", "--model", str(tiny_bert_scorer), "--instruction", "capital of france ?",
-        "--response", "paris", "--response", "lyon",
+        capsys,
+        "score",
+        "--model",
+        str(tiny_bert_scorer),
+        "--instruction",
+        "capital of france ?",
+        "--response",
+        "paris",
+        "--response",
+        "lyon",
     )
     assert code == 0
     lines = out.strip().splitlines()
@@ -31,10 +41,21 @@ def test_score_prints_a_ranked_table(tiny_bert_scorer: Path, capsys: pytest.Capt
     assert scores == sorted(scores, reverse=True)
 
 
-def test_score_json_matches_the_api(tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_json_matches_the_api(
+    tiny_bert_scorer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(
-        capsys, "score", "--json", "--model", str(tiny_bert_scorer), "--instruction", "capital ?",
-        "--response", "paris", "--response", "lyon",
+        capsys,
+        "score",
+        "--json",
+        "--model",
+        str(tiny_bert_scorer),
+        "--instruction",
+        "capital ?",
+        "--response",
+        "paris",
+        "--response",
+        "lyon",
     )
     assert code == 0
     ranked = json.loads(out)
@@ -47,7 +68,8 @@ def test_bulk_jsonl_streams_rows_back_with_scores(
     tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = [
-        {"id": i, "instruction": "capital of france ?", "responses": ["paris", "lyon"]} for i in range(70)
+        {"id": i, "instruction": "capital of france ?", "responses": ["paris", "lyon"]}
+        for i in range(70)
     ] + [{"id": "chat", "instruction": [{"role": "user", "content": "hi"}], "response": "hello"}]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -68,7 +90,10 @@ def test_bulk_from_stdin_reports_the_bad_line_after_writing_the_good_ones(
     code, out, err = run(capsys, "score", "--model", str(tiny_bert_scorer), "--input", "-")
     assert code == 2
     assert len(out.splitlines()) == 64  # the first full chunk was already written
-    assert err.strip() == "capplug: error: <stdin>:65: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert (
+        err.strip()
+        == "capplug: error: <stdin>:65: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,7 +102,10 @@ def test_bulk_from_stdin_reports_the_bad_line_after_writing_the_good_ones(
         (["score", "--instruction", "q"], "at least one --response"),
         (["score", "--input", "x.jsonl", "--instruction", "q"], "cannot be combined"),
         (["score", "--input", "/no/such/file.jsonl"], "cannot read"),
-        (["score", "--model", "/no/such/model", "--instruction", "q", "--response", "a"], "does not exist"),
+        (
+            ["score", "--model", "/no/such/model", "--instruction", "q", "--response", "a"],
+            "does not exist",
+        ),
         (["models", "path", "no-such-model"], "unknown model"),
     ],
 )
@@ -107,7 +135,12 @@ def test_models_list_shows_the_packaged_models(capsys: pytest.CaptureFixture[str
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--help"], ["score", "--help"], ["models", "--help"], ["models", "fetch", "--help"]):
+    for argv in (
+        ["--help"],
+        ["score", "--help"],
+        ["models", "--help"],
+        ["models", "fetch", "--help"],
+    ):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0

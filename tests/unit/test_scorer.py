@@ -44,9 +44,12 @@ def test_sigmoid_mapping_matches_the_raw_model(scorer: Scorer, tiny_bert_scorer:
 
 def test_batch_size_and_order_do_not_change_scores(tiny_bert_scorer: Path) -> None:
     rng = np.random.default_rng(0)
-    words = "the cat sat on a mat what is capital of france paris blue sky one two".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "what", "is", "capital", "of", "france", "paris", "blue", "sky", "one", "two"]
     pairs = [
-        (" ".join(rng.choice(words, rng.integers(1, 60))), " ".join(rng.choice(words, rng.integers(0, 20))))
+        (
+            " ".join(rng.choice(words, rng.integers(1, 60))),
+            " ".join(rng.choice(words, rng.integers(0, 20))),
+        )
         for _ in range(50)
     ]
     results = []
@@ -73,14 +76,25 @@ def test_rank_and_select_put_the_best_first(scorer: Scorer) -> None:
     assert best == ranked[0]
 
 
-def test_chat_instructions_are_flattened_the_same_way_for_dicts_and_messages(scorer: Scorer) -> None:
+def test_chat_instructions_are_flattened_the_same_way_for_dicts_and_messages(
+    scorer: Scorer,
+) -> None:
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}]
-    messages = [SimpleNamespace(type="system", content="be brief"), SimpleNamespace(type="human", content=QUESTION)]
+    messages = [
+        SimpleNamespace(type="system", content="be brief"),
+        SimpleNamespace(type="human", content=QUESTION),
+    ]
     flat = "system: be brief\nuser: " + QUESTION
-    np.testing.assert_allclose(scorer.score(chat, ["paris"]), scorer.score(messages, ["paris"]), atol=1e-6)
-    np.testing.assert_allclose(scorer.score(chat, ["paris"]), scorer.score(flat, ["paris"]), atol=1e-6)
+    np.testing.assert_allclose(
+        scorer.score(chat, ["paris"]), scorer.score(messages, ["paris"]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        scorer.score(chat, ["paris"]), scorer.score(flat, ["paris"]), atol=1e-6
+    )
     single_turn = [{"role": "user", "content": QUESTION}]
-    np.testing.assert_allclose(scorer.score(single_turn, ["paris"]), scorer.score(QUESTION, ["paris"]), atol=1e-6)
+    np.testing.assert_allclose(
+        scorer.score(single_turn, ["paris"]), scorer.score(QUESTION, ["paris"]), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,7 +143,9 @@ def test_truncation_keeps_the_response_and_the_end_of_the_instruction(
 
     # A response over its cap keeps its beginning.
     capped = Scorer.from_pretrained(tiny_bert_scorer, max_length=16, max_response_tokens=3)
-    (pair,) = capped._encode([long_instruction], ["one two three four five six seven eight nine ten"])
+    (pair,) = capped._encode(
+        [long_instruction], ["one two three four five six seven eight nine ten"]
+    )
     tokens = capped.tokenizer.convert_ids_to_tokens(pair.ids)
     assert tokens[-4:] == ["one", "two", "three", "[SEP]"]
     assert len(pair.ids) == 16
@@ -172,7 +188,9 @@ def test_cappy_mapping_is_known_by_its_hub_id() -> None:
 
 
 def test_mapping_recorded_by_sentence_transformers_is_honoured() -> None:
-    config = SimpleNamespace(sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid"})
+    config = SimpleNamespace(
+        sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid"}
+    )
     assert scorer_module._recorded_mapping(config, "some/model") == "sigmoid"
 
 
@@ -190,7 +208,9 @@ def test_bare_backbone_is_refused_by_from_pretrained_and_taken_by_from_backbone(
     assert config["capplug_score_mapping"] == "sigmoid"
     assert not list(saved.glob("*.bin"))
     reloaded = Scorer.from_pretrained(saved)
-    np.testing.assert_allclose(reloaded.score(QUESTION, RESPONSES), fresh.score(QUESTION, RESPONSES), atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.score(QUESTION, RESPONSES), fresh.score(QUESTION, RESPONSES), atol=1e-6
+    )
 
 
 def test_pickled_weights_are_refused(tiny_bert_scorer: Path, tmp_path: Path) -> None:

@@ -23,25 +23,48 @@ def toy_pairs(n: int = 48) -> list[LabelledPair]:
     return pairs
 
 
-CONFIG = dict(learning_rate=3e-3, batch_size=8, epochs=2, eval_every=4, log_every=2, freeze_embeddings=False, warmup_ratio=0.1)
+CONFIG = dict(
+    learning_rate=3e-3,
+    batch_size=8,
+    epochs=2,
+    eval_every=4,
+    log_every=2,
+    freeze_embeddings=False,
+    warmup_ratio=0.1,
+)
 
 
-def test_training_learns_the_labels_and_writes_a_loadable_model(tiny_bert_backbone: Path, tmp_path: Path) -> None:
+def test_training_learns_the_labels_and_writes_a_loadable_model(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
     train, heldout = split_heldout(toy_pairs(), fraction=0.25, seed=1)
     assert {p.group for p in train}.isdisjoint({p.group for p in heldout})
     scorer = Scorer.from_backbone(tiny_bert_backbone, seed=0)
     before = scorer.score("what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"])
-    result = train_scorer(scorer, train, tmp_path / "run", eval_pairs=heldout, config=TrainConfig(**{**CONFIG, "epochs": 8}), progress=False)
-    after = Scorer.from_pretrained(tmp_path / "run").score("what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"])
+    result = train_scorer(
+        scorer,
+        train,
+        tmp_path / "run",
+        eval_pairs=heldout,
+        config=TrainConfig(**{**CONFIG, "epochs": 8}),
+        progress=False,
+    )
+    after = Scorer.from_pretrained(tmp_path / "run").score(
+        "what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"]
+    )
     assert after[0] - after[1] > before[0] - before[1] + 0.2
     assert result.metrics["pairwise_accuracy"] == 1.0
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert any("loss" in e for e in log) and any("eval" in e for e in log)
     card = (tmp_path / "run" / "README.md").read_text()
     assert "steps:" in card and "wall time" in card and "pairwise_accuracy" in card
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tiny_bert_backbone: Path, tmp_path: Path) -> None:
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
     pairs = toy_pairs(32)
     config = TrainConfig(**{**CONFIG, "patience": None})
 
@@ -54,23 +77,44 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_bert_backbone: Path
 
     first = Scorer.from_backbone(tiny_bert_backbone, seed=0)
     with pytest.raises(KeyboardInterrupt):
-        train_scorer(first, pairs, tmp_path / "resumed", config=config, progress=False, on_step=stop_at_step_6)
+        train_scorer(
+            first,
+            pairs,
+            tmp_path / "resumed",
+            config=config,
+            progress=False,
+            on_step=stop_at_step_6,
+        )
     assert not (tmp_path / "resumed" / "config.json").exists()
     second = Scorer.from_backbone(tiny_bert_backbone, seed=0)
     result = train_scorer(second, pairs, tmp_path / "resumed", config=config, progress=False)
     assert result.steps == 16  # 64 pairs / batch 8 x 2 epochs
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        straight.model.state_dict().items(), second.model.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
 def test_a_finished_run_is_never_overwritten(tiny_bert_backbone: Path, tmp_path: Path) -> None:
     pairs = toy_pairs(8)
     config = TrainConfig(**{**CONFIG, "epochs": 1})
-    train_scorer(Scorer.from_backbone(tiny_bert_backbone), pairs, tmp_path / "run", config=config, progress=False)
+    train_scorer(
+        Scorer.from_backbone(tiny_bert_backbone),
+        pairs,
+        tmp_path / "run",
+        config=config,
+        progress=False,
+    )
     saved = (tmp_path / "run" / "model.safetensors").read_bytes()
     # Another run with other data into the same folder is refused, and the model is untouched.
-    with pytest.raises(ValueError, match="other data|already holds"):
-        train_scorer(Scorer.from_backbone(tiny_bert_backbone), toy_pairs(10), tmp_path / "run", config=config, progress=False)
+    with pytest.raises(ValueError, match=r"other data|already holds"):
+        train_scorer(
+            Scorer.from_backbone(tiny_bert_backbone),
+            toy_pairs(10),
+            tmp_path / "run",
+            config=config,
+            progress=False,
+        )
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == saved
 
 
@@ -89,8 +133,13 @@ def test_bad_rows_are_listed_with_their_numbers(tmp_path: Path) -> None:
         read_labelled_pairs(path)
     message = str(info.value)
     assert "5 of 6 rows" in message
-    for fragment in ("row 2: 'label' 1.5 is outside [0, 1]", "row 3: missing 'instruction'", "row 4: not valid JSON",
-                     "row 5: give 'label'", "row 6: 'response' must be a string"):
+    for fragment in (
+        "row 2: 'label' 1.5 is outside [0, 1]",
+        "row 3: missing 'instruction'",
+        "row 4: not valid JSON",
+        "row 5: give 'label'",
+        "row 6: 'response' must be a string",
+    ):
         assert fragment in message
 
 

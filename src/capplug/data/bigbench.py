@@ -303,9 +303,9 @@ def _parse_example(
         if not scores:
             raise BigBenchArchiveError(f"{where}: 'target_scores' is empty")
         if append_choices:
-            # Mirrors default_format_fn: a fresh RandomState(42) permutes the sorted options.
-            order = np.random.RandomState(seed=_CHOICE_SEED).permutation(sorted(scores))
-            text = text + choice_prefix + choice_prefix.join(str(c) for c in order)
+            ordered = sorted(scores)
+            shown = [ordered[i] for i in _choice_order(len(ordered))]
+            text = text + choice_prefix + choice_prefix.join(shown)
     if "target" in raw:
         target = raw["target"]
         targets = [str(t) for t in target] if isinstance(target, list) else [str(target)]
@@ -324,6 +324,13 @@ def _parse_example(
         target_scores=scores,
         metadata={k: v for k, v in raw.items() if k not in _EXAMPLE_FIELDS},
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _choice_order(count: int) -> tuple[int, ...]:
+    # default_format_fn permutes the sorted options with a fresh RandomState(42) per example,
+    # so the order depends only on how many options there are.
+    return tuple(int(i) for i in np.random.RandomState(seed=_CHOICE_SEED).permutation(count))
 
 
 class _ProgressReader:

@@ -40,8 +40,10 @@ def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> 
     """
     if isinstance(instruction, str):
         return instruction
-    if instruction is None or isinstance(instruction, bytes | Mapping) or not isinstance(
-        instruction, Sequence
+    if (
+        instruction is None
+        or isinstance(instruction, bytes | Mapping)
+        or not isinstance(instruction, Sequence)
     ):
         raise TypeError(
             f"{argument} must be a string or a list of chat turns "
@@ -66,7 +68,9 @@ def _turn(item: Any, index: int, argument: str) -> tuple[str, str]:
             f".type and .content; got {type(item).__name__}"
         )
     if not isinstance(role, str) or not role:
-        raise ValueError(f"{argument}[{index}] has no role; give 'role': 'user' (or system/assistant)")
+        raise ValueError(
+            f"{argument}[{index}] has no role; give 'role': 'user' (or system/assistant)"
+        )
     return _ROLE_NAMES.get(role.lower(), role.lower()), _content_text(content, index, argument)
 
 

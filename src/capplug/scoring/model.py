@@ -103,9 +103,10 @@ class Scorer:
         self._n_special = self._encoder.num_special_tokens_to_add(True)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         forward_args = set(_forward_parameters(self.model))
-        self._uses_type_ids = "token_type_ids" in forward_args and (
-            getattr(model.config, "type_vocab_size", 2) or 0
-        ) > 1
+        self._uses_type_ids = (
+            "token_type_ids" in forward_args
+            and (getattr(model.config, "type_vocab_size", 2) or 0) > 1
+        )
         if self.device.type == "cpu":
             _tune_cpu_threads()
 
@@ -223,11 +224,15 @@ class Scorer:
                 f"pairs must be a list of (instruction, response) tuples; got {type(pairs).__name__}"
             )
         if len(pairs) == 0:
-            raise ValueError("pairs must be a non-empty list of (instruction, response) tuples; got 0")
+            raise ValueError(
+                "pairs must be a non-empty list of (instruction, response) tuples; got 0"
+            )
         instructions, responses = [], []
         for i, pair in enumerate(pairs):
             if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(f"pairs[{i}] must be an (instruction, response) tuple; got {pair!r:.80}")
+                raise TypeError(
+                    f"pairs[{i}] must be an (instruction, response) tuple; got {pair!r:.80}"
+                )
             instructions.append(flatten_chat(pair[0], argument=f"pairs[{i}][0]"))
             if not isinstance(pair[1], str):
                 raise TypeError(

@@ -225,7 +225,9 @@ def train_scorer(
                     on_step(state["step"], entry)
             if state["step"] % config.eval_every == 0 or state["step"] == total_steps:
                 state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
-                metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+                metrics = (
+                    _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+                )
                 model.train()
                 entry = {"step": state["step"], "eval": metrics}
                 history.append(entry)
@@ -239,11 +241,16 @@ def train_scorer(
                     scorer.save_pretrained(out / "best")
                 elif metrics:
                     state["evals_without_improvement"] += 1
-                    if config.patience is not None and state["evals_without_improvement"] >= config.patience:
+                    if (
+                        config.patience is not None
+                        and state["evals_without_improvement"] >= config.patience
+                    ):
                         state["stopped_early"] = True
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, state)
                 if state["stopped_early"]:
-                    logger.warning("capplug: early stop at step %d (no better held-out loss)", state["step"])
+                    logger.warning(
+                        "capplug: early stop at step %d (no better held-out loss)", state["step"]
+                    )
                     break
         if state["batch_in_epoch"] >= len(batches):
             state["epoch"] += 1
@@ -256,7 +263,17 @@ def train_scorer(
         scorer.model.load_state_dict(final.model.state_dict())
     wall = resumed_wall + time.monotonic() - started
     metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
-    _write_final(scorer, out, config, state, metrics, wall, len(train_pairs), len(encoded_eval), data_description)
+    _write_final(
+        scorer,
+        out,
+        config,
+        state,
+        metrics,
+        wall,
+        len(train_pairs),
+        len(encoded_eval),
+        data_description,
+    )
     return TrainResult(
         out_dir=out,
         steps=state["step"],
@@ -268,7 +285,9 @@ def train_scorer(
     )
 
 
-def _encode_pairs(scorer: Scorer, pairs: Sequence[LabelledPair], max_length: int) -> list[tuple[_Pair, float]]:
+def _encode_pairs(
+    scorer: Scorer, pairs: Sequence[LabelledPair], max_length: int
+) -> list[tuple[_Pair, float]]:
     if not pairs:
         return []
     saved = scorer.max_length, scorer.max_response_tokens
@@ -281,7 +300,9 @@ def _encode_pairs(scorer: Scorer, pairs: Sequence[LabelledPair], max_length: int
     return [(e, p.label) for e, p in zip(encoded, pairs, strict=True)]
 
 
-def _epoch_batches(encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int) -> list[list[int]]:
+def _epoch_batches(
+    encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int
+) -> list[list[int]]:
     """Shuffled batches of similar lengths; the same for a given seed and epoch, so resume is exact."""
     rng = random.Random(config.seed * 1_000_003 + epoch)
     order = list(range(len(encoded)))
@@ -290,7 +311,9 @@ def _epoch_batches(encoded: list[tuple[_Pair, float]], config: TrainConfig, epoc
     batches = []
     for start in range(0, len(order), chunk):
         block = sorted(order[start : start + chunk], key=lambda i: len(encoded[i][0].ids))
-        batches += [block[i : i + config.batch_size] for i in range(0, len(block), config.batch_size)]
+        batches += [
+            block[i : i + config.batch_size] for i in range(0, len(block), config.batch_size)
+        ]
     rng.shuffle(batches)
     return batches
 
@@ -344,11 +367,17 @@ def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _save_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
 ) -> None:
     # Everything as safetensors and JSON: nothing is ever unpickled on resume.
     with staging_dir(folder) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
+        )
         opt = optimizer.state_dict()
         tensors = {
             f"{index}.{key}": value.contiguous()
@@ -374,7 +403,11 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, fingerprint: str
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    fingerprint: str,
 ) -> dict[str, Any]:
     saved = json.loads((folder / STATE_FILE).read_text())
     if saved.get("fingerprint") != fingerprint:
@@ -382,7 +415,9 @@ def _load_checkpoint(
             f"{folder} is a checkpoint of a run with other data or settings; give a new --out "
             f"folder, or the same data and settings to resume (nothing was changed)"
         )
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(next(model.parameters()).device)))
+    model.load_state_dict(
+        load_file(folder / "model.safetensors", device=str(next(model.parameters()).device))
+    )
     tensors = load_file(folder / "optimizer.safetensors")
     opt_state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
@@ -439,7 +474,14 @@ def _append_log(path: Path, entry: dict[str, Any]) -> None:
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=done,
+        desc="training",
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
 
 
 def _write_final(
@@ -483,7 +525,8 @@ def _write_final(
         f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
         f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss})",
         f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
-        "- held-out metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs"),
+        "- held-out metrics: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs"),
         "",
     ]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,205 @@
+"""Building the scorer's weakly labelled training data from BIG-bench, one Parquet shard per task.
+
+A build folder holds ``build.json`` (the settings and what each shard holds) and
+``shards/<task>.parquet``. Every shard is written atomically, so a build that is stopped and
+started again with the same settings skips the tasks it finished. The shards load with
+``datasets.load_dataset("parquet", data_dir=...)`` or ``capplug train --data``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from capplug._cache import write_json_atomic
+from capplug.data.bigbench import Example, load_task, task_names
+from capplug.data.labels import LabelledRow, label_candidates, reference_rows
+
+__all__ = ["BuildConfig", "BuildResult", "CandidateSource", "build_dataset"]
+
+logger = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+COLUMNS = ("task", "example_id", "instruction", "response", "label", "source", "generator")
+
+
+class CandidateSource(Protocol):
+    """Anything that answers prompts with several candidates, each with its settings."""
+
+    name: str
+
+    def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
+        """For each prompt, its candidates as ``(text, settings)`` pairs."""
+        ...
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings of one data build; a rerun must use the same ones to resume."""
+
+    split: Literal["train"] = "train"
+    """Only ``train`` tasks are ever trained on."""
+    max_per_task: int = 32
+    """Examples drawn per task (seeded), so large tasks do not swamp small ones."""
+    max_options: int = 8
+    """Options kept per multiple-choice example: every positive one, then a seeded draw."""
+    seed: int = 0
+    generator: str = ""
+    """Settings of the candidate source, empty for none (references, negatives and options only)."""
+    max_prompt_chars: int = 4000
+    """Examples with longer prompts are skipped: the scorer only reads their end anyway."""
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    shards_written: int
+    shards_skipped: int
+    rows: int
+    seconds: float
+
+
+def build_dataset(
+    out_dir: str | Path,
+    *,
+    config: BuildConfig | None = None,
+    source: CandidateSource | None = None,
+    tasks: Sequence[str] | None = None,
+    archive: str | Path | None = None,
+    progress: bool = True,
+    task_loader: Callable[..., Any] = load_task,
+) -> BuildResult:
+    """Write one labelled shard per task into ``out_dir``, skipping shards already written.
+
+    Raises:
+        ValueError: ``out_dir`` holds a build with other settings, or a task is not a train task.
+    """
+    config = config or BuildConfig()
+    if config.split != "train":
+        raise ValueError(
+            f"split must be 'train': only train tasks are trained on; got {config.split!r}"
+        )
+    if config.max_per_task < 1 or config.max_options < 1:
+        raise ValueError("max_per_task and max_options must be >= 1")
+    if source is not None and config.generator != source.name:
+        config = BuildConfig(**{**asdict(config), "generator": source.name})
+    allowed = task_names("train")
+    names = list(tasks) if tasks is not None else allowed
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"not train tasks (see bigbench_splits.json): {', '.join(unknown[:5])}")
+
+    out = Path(out_dir).expanduser().resolve()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    state = _load_state(out, config)
+    started = time.monotonic()
+    written = skipped = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(names, desc="building", unit="task", disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        shard = _shard_path(out, name)
+        if shard.is_file() and name in state["shards"]:
+            skipped += 1
+            continue
+        bar.set_postfix_str(name[-40:])
+        task = task_loader(name, archive=archive) if archive is not None else task_loader(name)
+        examples = _draw(task.examples, config, name)
+        rows = _rows(examples, config, source)
+        _write_shard(shard, rows)
+        state["shards"][name] = {"rows": len(rows), "examples": len(examples)}
+        write_json_atomic(out / BUILD_FILE, state)
+        written += 1
+    total = sum(s["rows"] for s in state["shards"].values())
+    return BuildResult(out, written, skipped, total, time.monotonic() - started)
+
+
+def _draw(examples: list[Example], config: BuildConfig, task: str) -> list[Example]:
+    usable = [e for e in examples if e.targets and len(e.prompt) <= config.max_prompt_chars]
+    if len(usable) <= config.max_per_task:
+        return usable
+    rng = random.Random(f"{config.seed}\x00{task}")
+    chosen = sorted(rng.sample(range(len(usable)), config.max_per_task))
+    return [usable[i] for i in chosen]
+
+
+def _rows(
+    examples: list[Example], config: BuildConfig, source: CandidateSource | None
+) -> list[LabelledRow]:
+    if not examples:
+        return []
+    rows = list(reference_rows(examples, seed=config.seed))
+    by_example: dict[int, list[LabelledRow]] = defaultdict(list)
+    for row in rows:
+        by_example[row.example_id].append(row)
+    kept: list[LabelledRow] = []
+    for example_id, group in by_example.items():
+        options = [r for r in group if r.source == "option"]
+        kept += [r for r in group if r.source != "option"]
+        if len(options) > config.max_options:
+            rng = random.Random(f"{config.seed}\x00options\x00{example_id}")
+            positives = [r for r in options if r.label > 0]
+            others = [r for r in options if r.label <= 0]
+            room = max(config.max_options - len(positives), 0)
+            options = positives[: config.max_options] + rng.sample(others, min(room, len(others)))
+        kept += options
+    if source is not None:
+        sampled = source.candidates([e.prompt for e in examples])
+        for example, candidates in zip(examples, sampled, strict=True):
+            kept += label_candidates(example, candidates)
+    return kept
+
+
+def _write_shard(path: Path, rows: list[LabelledRow]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("task", pa.string()),
+            ("example_id", pa.int64()),
+            ("instruction", pa.string()),
+            ("response", pa.string()),
+            ("label", pa.float32()),
+            ("source", pa.string()),
+            ("generator", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist([r.to_dict() for r in rows], schema=schema)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shard_path(out: Path, task: str) -> Path:
+    return out / "shards" / (task.replace("/", "__") + ".parquet")
+
+
+def _load_state(out: Path, config: BuildConfig) -> dict[str, Any]:
+    path = out / BUILD_FILE
+    settings = asdict(config)
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("config") != settings:
+            raise ValueError(
+                f"{out} holds a build with other settings ({state.get('config')}); use the same "
+                f"settings to resume, or a new --out folder"
+            )
+        return state
+    state = {"config": settings, "columns": list(COLUMNS), "shards": {}}
+    write_json_atomic(path, state)
+    return state
