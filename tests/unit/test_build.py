@@ -1,0 +1,123 @@
+"""The data build: balanced, capped, labelled shards, resumable, refusing mixed settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capplug.data.bigbench import parse_task
+from capplug.data.build import BuildConfig, build_dataset
+
+MC_TASK = "arithmetic/1_digit_addition"
+GEN_TASK = "anachronisms"
+
+
+def fake_loader(calls: list[str]):
+    tasks = {
+        MC_TASK: parse_task(
+            MC_TASK,
+            {
+                "name": "x",
+                "description": "d",
+                "examples": [
+                    {
+                        "input": f"What is {i} plus 1?",
+                        "target_scores": {str(i + 1): 1, **{f"w{j}": 0 for j in range(12)}},
+                    }
+                    for i in range(30)
+                ],
+            },
+        ),
+        GEN_TASK: parse_task(
+            GEN_TASK,
+            {
+                "name": "y",
+                "description": "d",
+                "examples": [{"input": f"q{i}", "target": f"answer {i}"} for i in range(5)],
+            },
+        ),
+    }
+
+    def load(name: str):
+        calls.append(name)
+        return tasks[name]
+
+    return load
+
+
+class EchoSource:
+    name = "echo"
+
+    def candidates(self, prompts):
+        return [[(p[-6:], "echo"), ("answer 1", "echo"), ("answer 1", "echo")] for p in prompts]
+
+
+def read(out: Path, task: str) -> list[dict]:
+    return pq.read_table(out / "shards" / f"{task.replace('/', '__')}.parquet").to_pylist()
+
+
+def test_rows_are_capped_per_task_and_per_example(tmp_path: Path) -> None:
+    calls: list[str] = []
+    config = BuildConfig(max_per_task=10, max_options=4)
+    result = build_dataset(
+        tmp_path / "b",
+        config=config,
+        tasks=[MC_TASK, GEN_TASK],
+        progress=False,
+        task_loader=fake_loader(calls),
+    )
+    assert result.shards_written == 2
+    rows = read(tmp_path / "b", MC_TASK)
+    examples = {r["example_id"] for r in rows}
+    assert len(examples) == 10
+    for example in examples:
+        mine = [r for r in rows if r["example_id"] == example]
+        assert sum(r["source"] == "gold" and r["label"] == 1.0 for r in mine) == 1
+        assert sum(r["source"] == "negative" and r["label"] == 0.0 for r in mine) == 1
+        assert sum(r["source"] == "option" for r in mine) == 4
+    assert {r["task"] for r in rows} == {MC_TASK}
+    assert all(0.0 <= r["label"] <= 1.0 for r in rows)
+
+
+def test_a_rerun_skips_finished_shards_and_other_settings_are_refused(tmp_path: Path) -> None:
+    calls: list[str] = []
+    out = tmp_path / "b"
+    build_dataset(out, tasks=[MC_TASK], progress=False, task_loader=fake_loader(calls))
+    result = build_dataset(
+        out, tasks=[MC_TASK, GEN_TASK], progress=False, task_loader=fake_loader(calls)
+    )
+    assert calls == [MC_TASK, GEN_TASK]  # the first task was not loaded again
+    assert (result.shards_written, result.shards_skipped) == (1, 1)
+    with pytest.raises(ValueError, match="other settings"):
+        build_dataset(
+            out,
+            config=BuildConfig(max_per_task=3),
+            tasks=[MC_TASK],
+            progress=False,
+            task_loader=fake_loader(calls),
+        )
+
+
+def test_sampled_candidates_are_deduplicated_and_labelled_by_rouge(tmp_path: Path) -> None:
+    build_dataset(
+        tmp_path / "b",
+        source=EchoSource(),
+        tasks=[GEN_TASK],
+        progress=False,
+        task_loader=fake_loader([]),
+    )
+    rows = read(tmp_path / "b", GEN_TASK)
+    sampled = [r for r in rows if r["source"] == "sampled"]
+    assert sampled and all(r["generator"] == "echo" for r in sampled)
+    first = [r for r in sampled if r["example_id"] == 1]
+    assert [r["response"] for r in first].count("answer 1") == 1
+    assert max(r["label"] for r in first) == 1.0
+
+
+def test_only_train_tasks_are_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not train tasks"):
+        build_dataset(tmp_path / "b", tasks=["analytic_entailment"], progress=False)
+    with pytest.raises(ValueError, match="split must be 'train'"):
+        build_dataset(tmp_path / "b", config=BuildConfig(split="dev"), progress=False)  # type: ignore[arg-type]
