@@ -372,7 +372,7 @@ def _run_data_build(args: argparse.Namespace) -> int:
 
     source = None
     if args.generator:
-        from capplug.llms.local import LocalCandidateSource
+        from capplug.data.build import LocalCandidateSource
 
         source = LocalCandidateSource.from_pretrained(args.generator, seed=args.seed)
     config = BuildConfig(

@@ -123,6 +123,9 @@ def _build_smollm2(files: list[Path], out: Path) -> None:
         model.generation_config = loaded.generation_config
         del loaded
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The weights are de-quantised: drop the GGUF marker so loaders treat them as plain float.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

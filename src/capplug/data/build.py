@@ -24,7 +24,7 @@ from capplug._cache import write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import LabelledRow, label_candidates, reference_rows
 
-__all__ = ["BuildConfig", "BuildResult", "CandidateSource", "build_dataset"]
+__all__ = ["BuildConfig", "BuildResult", "CandidateSource", "LocalCandidateSource", "build_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,48 @@ class CandidateSource(Protocol):
     def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
         """For each prompt, its candidates as ``(text, settings)`` pairs."""
         ...
+
+
+class LocalCandidateSource:
+    """Candidates sampled from a local chat model by a recipe (Cappy's by default)."""
+
+    def __init__(
+        self, model: Any, *, recipe: Any = None, seed: int = 0, batch_size: int = 16
+    ) -> None:
+        from capplug.llms.local import CAPPY_RECIPE
+
+        self.model = model
+        self.recipe = recipe or CAPPY_RECIPE
+        self.seed = seed
+        self.batch_size = batch_size
+        strategies = ",".join(f"{s.name}x{s.n}" for s in self.recipe.strategies)
+        self.name = json.dumps(
+            {
+                "model": model.name,
+                "strategies": strategies,
+                "max_new_tokens": self.recipe.max_new_tokens,
+                "seed": seed,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, ref: str, *, seed: int = 0, batch_size: int = 16
+    ) -> LocalCandidateSource:
+        from capplug.llms.local import LocalChatModel
+
+        return cls(LocalChatModel.from_pretrained(ref), seed=seed, batch_size=batch_size)
+
+    def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
+        sampled = self.model.sample_candidates(
+            list(prompts),
+            recipe=self.recipe,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            progress=False,
+        )
+        return [[(c.text, c.strategy) for c in row] for row in sampled]
 
 
 @dataclass(frozen=True)
