@@ -1,0 +1,254 @@
+"""Zero-shot multiple choice on the BIG-bench dev tasks (BENCHMARKS.md, "Zero-shot choice").
+
+For each task in dev.zero_shot_choice, the first 200 examples in file order: the instruction is
+the task's own prompt, each option of target_scores is a candidate, the prediction is the
+highest-scoring option, and a hit is an option with the highest target score. Methods:
+
+- scorer: capplug's default scorer (or --scorer REF), no task data seen;
+- lm-sum / lm-mean: SmolLM2-135M-Instruct log-likelihood of each option given the prompt,
+  summed and length-normalised (mean per token);
+- cosine: cosine similarity of MiniLM sentence embeddings of instruction and option;
+- chance: the expected accuracy of a uniform pick.
+
+Per-method results are cached under $CAPPLUG_HOME/bench-cache, so a rerun only computes what
+is missing (--fresh recomputes). Writes benchmarks/results/zero_shot_choice.{json,md,png}.
+
+    python benchmarks/zero_shot_choice.py [--scorer REF] [--methods scorer,lm,cosine] [--limit 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capplug._cache import cache_home, write_json_atomic
+from capplug.data.bigbench import Example, load_task, task_names
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("scorer", "lm", "cosine")
+LABELS = {
+    "scorer": "capplug scorer",
+    "lm-sum": "SmolLM2-135M log-lik (sum)",
+    "lm-mean": "SmolLM2-135M log-lik (length-norm.)",
+    "cosine": "MiniLM cosine",
+    "chance": "chance",
+}
+
+
+def examples_of(task: str, limit: int) -> list[Example]:
+    chosen = [e for e in load_task(task).examples if e.target_scores]
+    return chosen[:limit]
+
+
+def hits(examples: list[Example], option_scores: list[list[float]]) -> list[bool]:
+    out = []
+    for example, scores in zip(examples, option_scores, strict=True):
+        options = list(example.target_scores)
+        best = max(example.target_scores.values())
+        pick = options[int(np.argmax(scores))]
+        out.append(example.target_scores[pick] == best)
+    return out
+
+
+def chance(examples: list[Example]) -> float:
+    rates = []
+    for example in examples:
+        values = list(example.target_scores.values())
+        rates.append(sum(v == max(values) for v in values) / len(values))
+    return float(np.mean(rates))
+
+
+def pairs_of(examples: list[Example]) -> tuple[list[str], list[str], list[int]]:
+    prompts, options, sizes = [], [], []
+    for example in examples:
+        keys = list(example.target_scores)
+        prompts += [example.prompt] * len(keys)
+        options += keys
+        sizes.append(len(keys))
+    return prompts, options, sizes
+
+
+def regroup(flat: list[float], sizes: list[int]) -> list[list[float]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(flat[start : start + size])
+        start += size
+    return out
+
+
+class Cache:
+    def __init__(self, key: str, fresh: bool) -> None:
+        self.path = cache_home() / "bench-cache" / f"zero_shot_choice-{key}.json"
+        self.data: dict[str, Any] = (
+            {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        )
+
+    def get(self, name: str) -> Any:
+        return self.data.get(name)
+
+    def put(self, name: str, value: Any) -> None:
+        self.data[name] = value
+        write_json_atomic(self.path, self.data)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tasks = args.tasks or task_names("dev", "zero_shot_choice")
+    data = {task: examples_of(task, args.limit) for task in tasks}
+    scorer_id = _scorer_id(args.scorer)
+    cache = Cache(hashlib.sha1(f"{args.limit}".encode()).hexdigest()[:8], args.fresh)
+    per_task: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+
+    scorer = lm = encoder = None
+    for task, examples in data.items():
+        prompts, options, sizes = pairs_of(examples)
+        row = {"examples": len(examples), "chance": chance(examples)}
+        if "scorer" in args.methods:
+            key = f"scorer:{scorer_id}:{task}"
+            flat = cache.get(key)
+            if flat is None:
+                if scorer is None:
+                    from capplug import Scorer
+
+                    scorer = Scorer.from_pretrained(args.scorer)
+                started = time.perf_counter()
+                flat = scorer.score_pairs(list(zip(prompts, options, strict=True)))
+                timings["scorer"] = timings.get("scorer", 0.0) + time.perf_counter() - started
+                cache.put(key, flat)
+            row["scorer"] = float(np.mean(hits(examples, regroup(flat, sizes))))
+        if "lm" in args.methods:
+            key = f"lm:{args.lm}:{task}"
+            flat = cache.get(key)
+            if flat is None:
+                if lm is None:
+                    from capplug.llms import LocalChatModel
+
+                    lm = LocalChatModel.from_pretrained(args.lm)
+                started = time.perf_counter()
+                flat = [
+                    list(t[:2])
+                    for t in lm.log_likelihood(prompts, options, batch_size=8, progress=True)
+                ]
+                timings["lm"] = timings.get("lm", 0.0) + time.perf_counter() - started
+                cache.put(key, flat)
+            row["lm-sum"] = float(np.mean(hits(examples, regroup([f[0] for f in flat], sizes))))
+            row["lm-mean"] = float(np.mean(hits(examples, regroup([f[1] for f in flat], sizes))))
+        if "cosine" in args.methods:
+            key = f"cosine:{task}"
+            flat = cache.get(key)
+            if flat is None:
+                if encoder is None:
+                    from sentence_transformers import SentenceTransformer
+
+                    from capplug import resolve
+
+                    encoder = SentenceTransformer(str(resolve("minilm")), device="cpu")
+                started = time.perf_counter()
+                a = encoder.encode(prompts, normalize_embeddings=True, batch_size=64)
+                b = encoder.encode(options, normalize_embeddings=True, batch_size=64)
+                flat = (a * b).sum(axis=1).tolist()
+                timings["cosine"] = timings.get("cosine", 0.0) + time.perf_counter() - started
+                cache.put(key, flat)
+            row["cosine"] = float(np.mean(hits(examples, regroup(flat, sizes))))
+        per_task[task] = row
+        print(task, {k: round(v, 3) for k, v in row.items()})
+
+    columns = [
+        c
+        for c in ("scorer", "lm-sum", "lm-mean", "cosine", "chance")
+        if all(c in r for r in per_task.values())
+    ]
+    means = {c: float(np.mean([r[c] for r in per_task.values()])) for c in columns}
+    return {
+        "benchmark": "zero_shot_choice",
+        "scorer": args.scorer,
+        "scorer_id": scorer_id,
+        "lm": args.lm,
+        "limit": args.limit,
+        "tasks": per_task,
+        "mean": means,
+        "seconds": timings,
+    }
+
+
+def _scorer_id(ref: str) -> str:
+    from capplug import resolve
+
+    folder = resolve(ref)
+    weights = folder / "model.safetensors"
+    stamp = (
+        f"{folder}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}"
+        if weights.is_file()
+        else str(folder)
+    )
+    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
+
+
+def write_report(result: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / "zero_shot_choice.json", result)
+    columns = list(result["mean"])
+    lines = [
+        "| task | " + " | ".join(LABELS[c] for c in columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for task, row in result["tasks"].items():
+        lines.append(
+            f"| {task} ({row['examples']}) | "
+            + " | ".join(f"{100 * row[c]:.1f}" for c in columns)
+            + " |"
+        )
+    lines.append(
+        "| **mean** | " + " | ".join(f"**{100 * result['mean'][c]:.1f}**" for c in columns) + " |"
+    )
+    (RESULTS / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    values = [100 * result["mean"][c] for c in columns]
+    ax.barh([LABELS[c] for c in columns][::-1], values[::-1], color="#4c72b0")
+    for y, v in enumerate(values[::-1]):
+        ax.text(v + 0.5, y, f"{v:.1f}", va="center")
+    ax.set_xlabel("mean accuracy on BIG-bench dev zero-shot choice tasks (%)")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "zero_shot_choice.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scorer", default="capplug-default")
+    parser.add_argument("--lm", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated: scorer, lm, cosine"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=200, help="examples per task (first in file order)"
+    )
+    parser.add_argument("--tasks", nargs="*", help="a subset of the dev.zero_shot_choice tasks")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached results")
+    args = parser.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    allowed = set(task_names("dev", "zero_shot_choice"))
+    if args.tasks and not set(args.tasks) <= allowed:
+        parser.error("--tasks must be dev.zero_shot_choice tasks")
+    write_report(run(args))
+
+
+if __name__ == "__main__":
+    main()
