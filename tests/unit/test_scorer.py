@@ -235,3 +235,19 @@ def test_multi_label_head_is_refused(tiny_bert_scorer: Path, tmp_path: Path) -> 
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="single"):
         Scorer.from_pretrained(folder)
+
+
+def test_onednn_routing_keeps_scores_and_gradients(tiny_bert_scorer: Path) -> None:
+    routed = Scorer.from_pretrained(tiny_bert_scorer)
+    plain = Scorer.from_pretrained(tiny_bert_scorer)
+    for module in plain.model.modules():
+        module.__dict__.pop("forward", None)  # back to torch's own Linear.forward
+    if not any("forward" in m.__dict__ for m in routed.model.modules()):
+        pytest.skip("this torch build has no oneDNN linear op")
+    np.testing.assert_allclose(routed.score(QUESTION, RESPONSES), plain.score(QUESTION, RESPONSES), atol=1e-6)
+    # With gradients on (training), the routed layers fall back to F.linear and backpropagate.
+    inputs = routed._collate(routed._encode([QUESTION], ["paris"]))
+    routed.model.train()
+    routed.model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for p in routed.model.classifier.parameters())
+    assert "forward" not in routed.model.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -97,7 +98,8 @@ class Scorer:
         self.max_response_tokens = max_response_tokens or self.max_length // 2
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
-        self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 8192)
+        # Measured on CPU: 4k-token batches beat larger ones (benchmarks/scoring_speed.py).
+        self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 4096)
         self.max_batch_size = max_batch_size
         self._encoder = _pair_encoder(tokenizer)
         self._n_special = self._encoder.num_special_tokens_to_add(True)
@@ -109,6 +111,8 @@ class Scorer:
         )
         if self.device.type == "cpu":
             _tune_cpu_threads()
+            if self.dtype == torch.float32:
+                _route_linears_to_onednn(self.model)
 
     # ----------------------------------------------------------------------------- loading
 
@@ -444,6 +448,37 @@ def _tune_cpu_threads() -> None:
         allowed = os.cpu_count() or 1
     if torch.get_num_threads() > allowed:
         torch.set_num_threads(allowed)
+
+
+def _route_linears_to_onednn(model: torch.nn.Module) -> int:
+    """Run the model's float32 linear layers through oneDNN when scoring on CPU.
+
+    On CPUs where MKL's sgemm is slow for these shapes (measured on AMD EPYC: about half of
+    oneDNN's throughput) this roughly doubles scoring speed, with results equal to float32
+    ``F.linear`` to rounding. It applies only with gradients off, so training is unchanged, and
+    the state dict is untouched. Returns how many layers were routed (0 where the op is absent).
+    """
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return 0
+    try:
+        probe_x, probe_w = torch.randn(2, 3, 8), torch.randn(4, 8)
+        if not torch.allclose(op(probe_x, probe_w, None, "none", [], ""), probe_x @ probe_w.T, atol=1e-5):
+            return 0
+    except (RuntimeError, TypeError):
+        return 0
+    routed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
+            module.forward = functools.partial(_onednn_linear, module, op)
+            routed += 1
+    return routed
+
+
+def _onednn_linear(module: torch.nn.Linear, op: Any, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    return op(x, module.weight, module.bias, "none", [], "")
 
 
 def _forward_parameters(model: torch.nn.Module) -> list[str]:
