@@ -30,9 +30,17 @@ from typing import Any, Literal
 
 import torch
 
+from capplug._runtime import (
+    forward_parameters,
+    pick_device,
+    pick_dtype,
+    quiet_transformers,
+    seeded,
+    tune_cpu_threads,
+)
 from capplug.errors import CheckpointError
 from capplug.models import resolve
-from capplug.scoring.formatting import Instruction, flatten_chat
+from capplug.scoring.formatting import Instruction, chat_turns, flatten_chat
 
 __all__ = [
     "CAPPY_RECIPE",
@@ -45,15 +53,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-# LangChain message ``type`` values mapped to chat-template role names.
-_ROLE_NAMES = {
-    "human": "user",
-    "ai": "assistant",
-    "developer": "system",
-    "function": "tool",
-    "chat": "user",
-}
 
 
 # ------------------------------------------------------------------------------------ recipe
@@ -225,8 +224,8 @@ class LocalChatModel:
         dtype: torch.dtype | str | None = None,
         name: str | None = None,
     ) -> None:
-        self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
@@ -243,10 +242,10 @@ class LocalChatModel:
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._keeps_logits = "logits_to_keep" in _forward_parameters(self.model)
+        self._keeps_logits = "logits_to_keep" in forward_parameters(self.model)
         self._warned_truncation = False
         if self.device.type == "cpu":
-            _tune_cpu_threads()
+            tune_cpu_threads()
 
     @classmethod
     def from_pretrained(
@@ -276,10 +275,10 @@ class LocalChatModel:
                 f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
             )
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        device_ = _pick_device(device)
-        dtype_ = _pick_dtype(dtype, device_)
+        device_ = pick_device(device)
+        dtype_ = pick_dtype(dtype, device_)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(
                     folder, dtype=dtype_, use_safetensors=True, trust_remote_code=False
                 )
@@ -305,10 +304,10 @@ class LocalChatModel:
         return self._render(prompt, argument="prompt")
 
     def _render(self, prompt: Instruction, *, argument: str) -> str:
-        flat = flatten_chat(prompt, argument=argument)  # validates the shape, names the argument
+        turns = chat_turns(prompt, argument=argument)  # validates the shape, names the argument
         if not self.has_chat_template:
-            return flat
-        messages = _chat_messages(prompt)
+            return flatten_chat(prompt, argument=argument)
+        messages = [{"role": role, "content": text} for role, text in turns]
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
@@ -644,7 +643,7 @@ class LocalChatModel:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         answers: list[str] = [""] * len(ids)
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        with _seeded(seed), _progress(len(batches), "generate", progress) as bar:
+        with seeded(seed), _progress(len(batches), "generate", progress) as bar:
             for batch in batches:
                 enc = self._left_pad([ids[i] for i in batch])
                 out = self.model.generate(
@@ -795,34 +794,6 @@ def _draw(
 # ------------------------------------------------------------------------------- utilities
 
 
-def _chat_messages(prompt: Instruction) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    messages = []
-    for item in prompt:
-        if isinstance(item, Mapping):
-            role, content = item.get("role"), item.get("content")
-        else:
-            role, content = getattr(item, "role", None) or item.type, item.content
-        role = str(role).lower()
-        messages.append({"role": _ROLE_NAMES.get(role, role), "content": _content_text(content)})
-    return messages
-
-
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-    return "\n".join(parts)
-
-
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
     found: list[int] = []
     config = getattr(model, "generation_config", None)
@@ -883,65 +854,3 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
 def _check_positive_int(value: Any, argument: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argument} must be an integer >= 1; got {value!r}")
-
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pick_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype name such as 'float32'; got {dtype!r}")
-        return resolved
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _tune_cpu_threads() -> None:
-    # torch sizes its pool by physical cores, which oversubscribes a container pinned to fewer.
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    if torch.get_num_threads() > allowed:
-        torch.set_num_threads(allowed)
-
-
-def _forward_parameters(model: torch.nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(model.forward).parameters)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

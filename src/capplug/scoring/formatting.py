@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
-__all__ = ["Instruction", "check_responses", "flatten_chat"]
+__all__ = ["Instruction", "chat_turns", "check_responses", "flatten_chat"]
 
 Instruction: TypeAlias = str | Sequence[Any]
 """A plain instruction, or a chat: a list of ``{"role", "content"}`` dicts or message objects."""
@@ -40,6 +40,20 @@ def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> 
     """
     if isinstance(instruction, str):
         return instruction
+    turns = chat_turns(instruction, argument=argument)
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n".join(f"{role}: {text}" for role, text in turns)
+
+
+def chat_turns(instruction: Instruction, *, argument: str = "instruction") -> list[tuple[str, str]]:
+    """The ``(role, text)`` turns of an instruction; a string is one user turn.
+
+    Roles are normalised to ``system``, ``user``, ``assistant`` and ``tool`` (LangChain's
+    ``human``/``ai`` included); it raises as :func:`flatten_chat` does.
+    """
+    if isinstance(instruction, str):
+        return [("user", instruction)]
     if (
         instruction is None
         or isinstance(instruction, bytes | Mapping)
@@ -51,10 +65,7 @@ def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> 
         )
     if len(instruction) == 0:
         raise ValueError(f"{argument} is an empty chat; give at least one turn")
-    turns = [_turn(item, i, argument) for i, item in enumerate(instruction)]
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1]
-    return "\n".join(f"{role}: {text}" for role, text in turns)
+    return [_turn(item, i, argument) for i, item in enumerate(instruction)]
 
 
 def _turn(item: Any, index: int, argument: str) -> tuple[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -15,6 +14,14 @@ import numpy as np
 import torch
 
 from capplug._cache import staging_dir
+from capplug._runtime import (
+    forward_parameters,
+    pick_device,
+    pick_dtype,
+    quiet_transformers,
+    seeded,
+    tune_cpu_threads,
+)
 from capplug.errors import CheckpointError
 from capplug.models import resolve
 from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
@@ -86,8 +93,8 @@ class Scorer:
             raise CheckpointError(
                 f"a scorer needs a single-logit head; this model has {model.config.num_labels} labels"
             )
-        self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         self.score_mapping: ScoreMapping = score_mapping
@@ -104,13 +111,13 @@ class Scorer:
         self._encoder = _pair_encoder(tokenizer)
         self._n_special = self._encoder.num_special_tokens_to_add(True)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        forward_args = set(_forward_parameters(self.model))
+        forward_args = set(forward_parameters(self.model))
         self._uses_type_ids = (
             "token_type_ids" in forward_args
             and (getattr(model.config, "type_vocab_size", 2) or 0) > 1
         )
         if self.device.type == "cpu":
-            _tune_cpu_threads()
+            tune_cpu_threads()
             if self.dtype == torch.float32:
                 _route_linears_to_onednn(self.model)
 
@@ -161,7 +168,7 @@ class Scorer:
                 f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
             )
         mapping = score_mapping or _recorded_mapping(config, str(ref))
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(
                 folder, use_safetensors=True, trust_remote_code=False
             )
@@ -190,7 +197,7 @@ class Scorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = resolve(ref)
-        with _quiet_transformers(), _seeded(seed):
+        with quiet_transformers(), seeded(seed):
             model = AutoModelForSequenceClassification.from_pretrained(
                 folder, num_labels=1, use_safetensors=True, trust_remote_code=False
             )
@@ -208,7 +215,7 @@ class Scorer:
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write the checkpoint (safetensors, tokenizer, score mapping) atomically to ``folder``."""
         final = Path(folder).expanduser().resolve()
-        with staging_dir(final) as tmp, _quiet_transformers():
+        with staging_dir(final) as tmp, quiet_transformers():
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
         return final
@@ -418,38 +425,6 @@ def _clamp_length(max_length: int, config: Any, tokenizer: Any) -> int:
     return min(limits)
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _pick_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype name such as 'float32'; got {dtype!r}")
-        return resolved
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _tune_cpu_threads() -> None:
-    # torch sizes its pool by physical cores, which oversubscribes a container or a task set
-    # pinned to fewer CPUs; never go above what this process may actually run on.
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    if torch.get_num_threads() > allowed:
-        torch.set_num_threads(allowed)
-
-
 def _route_linears_to_onednn(model: torch.nn.Module) -> int:
     """Run the model's float32 linear layers through oneDNN when scoring on CPU.
 
@@ -463,7 +438,9 @@ def _route_linears_to_onednn(model: torch.nn.Module) -> int:
         return 0
     try:
         probe_x, probe_w = torch.randn(2, 3, 8), torch.randn(4, 8)
-        if not torch.allclose(op(probe_x, probe_w, None, "none", [], ""), probe_x @ probe_w.T, atol=1e-5):
+        if not torch.allclose(
+            op(probe_x, probe_w, None, "none", [], ""), probe_x @ probe_w.T, atol=1e-5
+        ):
             return 0
     except (RuntimeError, TypeError):
         return 0
@@ -479,35 +456,3 @@ def _onednn_linear(module: torch.nn.Linear, op: Any, x: torch.Tensor) -> torch.T
     if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.nn.functional.linear(x, module.weight, module.bias)
     return op(x, module.weight, module.bias, "none", [], "")
-
-
-def _forward_parameters(model: torch.nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(model.forward).parameters)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
