@@ -95,3 +95,14 @@ def test_models_path_command_prints_the_cached_folder() -> None:
         check=True,
     )
     assert result.stdout.strip() == str(resolve("minilm"))
+
+
+def test_mpnet_is_joined_from_its_split_zip_and_scores() -> None:
+    folder = resolve("mpnet")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "mpnet"
+    assert not list(folder.glob("*.zip*")) and not list(folder.rglob("desktop.ini"))
+    scorer = Scorer.from_backbone("mpnet", seed=0, max_length=128)
+    scores = scorer.score(INSTRUCTIONS[0], RESPONSES)
+    assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
+    # MPNet takes no token type ids and loses two positions to its padding offset.
+    assert not scorer._uses_type_ids and scorer.max_length <= 128
