@@ -106,3 +106,17 @@ def test_mpnet_is_joined_from_its_split_zip_and_scores() -> None:
     assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
     # MPNet takes no token type ids and loses two positions to its padding offset.
     assert not scorer._uses_type_ids and scorer.max_length <= 128
+
+
+def test_bundled_default_scorer_loads_offline_and_is_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capplug.models import bundled_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shipped = bundled_path("capplug-default")
+    assert sum(p.stat().st_size for p in shipped.iterdir()) < 60 * 2**20
+    scorer = Scorer.from_pretrained("capplug-default")
+    assert scorer.score_mapping == "sigmoid"
+    scores = scorer.score(INSTRUCTIONS[0], RESPONSES)
+    assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
+    # The rebuilt checkpoint is cached: a second load reuses the same folder.
+    assert resolve("capplug-default") == resolve("capplug-default")
