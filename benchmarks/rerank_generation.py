@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import bar_chart, task_table
 
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
@@ -181,18 +182,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def write_report(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "rerank_generation.json", result)
-    columns = list(result["mean"])
-    lines = [
-        "| task | " + " | ".join(LABELS[c] for c in columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
-    ]
-    for task, row in result["tasks"].items():
-        lines.append(
-            f"| {task} ({row['examples']}) | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |"
-        )
-    lines.append(
-        "| **mean** | " + " | ".join(f"**{result['mean'][c]:.1f}**" for c in columns) + " |"
-    )
+    columns = [c for c in LABELS if c in result["mean"]]
+    lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
     for name, share in result["gap_closed"].items():
         lines.append(
@@ -200,21 +191,12 @@ def write_report(result: dict[str, Any]) -> None:
         )
     (RESULTS / "rerank_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    values = [result["mean"][c] for c in columns]
-    ax.barh([LABELS[c] for c in columns][::-1], values[::-1], color="#4c72b0")
-    for y, v in enumerate(values[::-1]):
-        ax.text(v + 0.3, y, f"{v:.1f}", va="center")
-    ax.set_xlabel("mean Rouge-L of the chosen candidate, BIG-bench dev generation tasks")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "rerank_generation.png", dpi=120)
+    bar_chart(
+        RESULTS / "rerank_generation.png",
+        [LABELS[c] for c in columns],
+        [result["mean"][c] for c in columns],
+        "mean Rouge-L of the chosen candidate, BIG-bench dev generation tasks",
+    )
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import bar_chart, task_table
 
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
@@ -193,38 +194,17 @@ def _scorer_id(ref: str) -> str:
 def write_report(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "zero_shot_choice.json", result)
-    columns = list(result["mean"])
-    lines = [
-        "| task | " + " | ".join(LABELS[c] for c in columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
-    ]
-    for task, row in result["tasks"].items():
-        lines.append(
-            f"| {task} ({row['examples']}) | "
-            + " | ".join(f"{100 * row[c]:.1f}" for c in columns)
-            + " |"
-        )
-    lines.append(
-        "| **mean** | " + " | ".join(f"**{100 * result['mean'][c]:.1f}**" for c in columns) + " |"
-    )
+    columns = [c for c in LABELS if c in result["mean"]]
+    lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}")
     (RESULTS / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    values = [100 * result["mean"][c] for c in columns]
-    ax.barh([LABELS[c] for c in columns][::-1], values[::-1], color="#4c72b0")
-    for y, v in enumerate(values[::-1]):
-        ax.text(v + 0.5, y, f"{v:.1f}", va="center")
-    ax.set_xlabel("mean accuracy on BIG-bench dev zero-shot choice tasks (%)")
-    ax.set_xlim(0, 100)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "zero_shot_choice.png", dpi=120)
+    bar_chart(
+        RESULTS / "zero_shot_choice.png",
+        [LABELS[c] for c in columns],
+        [100 * result["mean"][c] for c in columns],
+        "mean accuracy on BIG-bench dev zero-shot choice tasks (%)",
+        xlim=100,
+    )
 
 
 def main() -> None:

@@ -1,0 +1,50 @@
+"""Tables and charts shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def task_table(
+    columns: list[str],
+    labels: Mapping[str, str],
+    per_task: Mapping[str, Mapping[str, Any]],
+    mean: Mapping[str, float],
+    fmt: Callable[[float], str],
+) -> list[str]:
+    """A Markdown table: one row per task (with its example count), then the mean in bold."""
+    lines = [
+        "| task | " + " | ".join(labels[c] for c in columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for task, row in per_task.items():
+        lines.append(
+            f"| {task} ({row['examples']}) | " + " | ".join(fmt(row[c]) for c in columns) + " |"
+        )
+    lines.append("| **mean** | " + " | ".join(f"**{fmt(mean[c])}**" for c in columns) + " |")
+    return lines
+
+
+def bar_chart(
+    path: Path, names: list[str], values: list[float], xlabel: str, *, xlim: float | None = None
+) -> None:
+    """A horizontal bar chart, first name on top; skipped quietly without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    ax.barh(names[::-1], values[::-1], color="#4c72b0")
+    for y, value in enumerate(values[::-1]):
+        ax.text(value, y, f" {value:.1f}", va="center")
+    ax.set_xlabel(xlabel)
+    if xlim is not None:
+        ax.set_xlim(0, xlim)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
