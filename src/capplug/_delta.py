@@ -21,13 +21,13 @@ from capplug.errors import CheckpointError
 
 DELTA_MANIFEST = "capplug-delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
-_COPIED = (
-    "config.json",
+_COPIED = ("config.json", "README.md")
+# Training never changes the tokenizer: the rebuilt checkpoint takes the backbone's own files.
+_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.txt",
-    "README.md",
 )
 
 
@@ -108,6 +108,9 @@ def materialize(folder: Path, name: str) -> Path:
                 tmp / "model.safetensors",
                 metadata={"format": "pt"},
             )
+            for name in _TOKENIZER_FILES:
+                if (base_folder / name).is_file():
+                    shutil.copy2(base_folder / name, tmp / name)
             for item in folder.iterdir():
                 if item.name != DELTA_WEIGHTS and item.is_file():
                     shutil.copy2(item, tmp / item.name)
