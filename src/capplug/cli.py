@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from capplug.errors import CapplugError
+from capplug.models import DEFAULT_SCORER
 
-DEFAULT_SCORER = "capplug-default"
 _BULK_CHUNK = 64
 
 

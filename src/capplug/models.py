@@ -41,6 +41,7 @@ from capplug.errors import ModelNotFoundError
 
 __all__ = [
     "BUNDLED_MODELS",
+    "DEFAULT_SCORER",
     "PACKAGED_MODELS",
     "PackagedModel",
     "bundled_path",
@@ -220,8 +221,11 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 BUNDLED_DIR = Path(__file__).parent / "checkpoints"
 """Checkpoints trained by capplug and shipped inside the package, by name."""
 
+DEFAULT_SCORER = "capplug-default"
+"""The scorer bundled with capplug, used by ``Scorer()`` with no model."""
+
 BUNDLED_MODELS: dict[str, str] = {
-    "capplug-default": "the default scorer, trained by capplug on BIG-bench train tasks",
+    DEFAULT_SCORER: "the default scorer, trained by capplug on BIG-bench train tasks",
 }
 
 

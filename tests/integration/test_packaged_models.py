@@ -120,3 +120,8 @@ def test_bundled_default_scorer_loads_offline_and_is_small(monkeypatch: pytest.M
     assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
     # The rebuilt checkpoint is cached: a second load reuses the same folder.
     assert resolve("capplug-default") == resolve("capplug-default")
+
+
+def test_scorer_with_no_argument_is_the_bundled_default() -> None:
+    default, named = Scorer(), Scorer.from_pretrained("capplug-default")
+    assert default.score(INSTRUCTIONS[0], RESPONSES) == named.score(INSTRUCTIONS[0], RESPONSES)

@@ -251,3 +251,13 @@ def test_onednn_routing_keeps_scores_and_gradients(tiny_bert_scorer: Path) -> No
     routed.model(**inputs).logits.sum().backward()
     assert all(p.grad is not None for p in routed.model.classifier.parameters())
     assert "forward" not in routed.model.state_dict()
+
+
+def test_loaded_model_needs_its_tokenizer_and_mapping(tiny_bert_scorer: Path) -> None:
+    scorer = Scorer.from_pretrained(tiny_bert_scorer)
+    with pytest.raises(TypeError, match="score_mapping"):
+        Scorer(scorer.model, scorer.tokenizer)
+    with pytest.raises(TypeError, match="neither"):
+        Scorer(tokenizer=scorer.tokenizer)
+    again = Scorer(scorer.model, scorer.tokenizer, score_mapping="sigmoid")
+    assert again.score(QUESTION, ["paris"]) == scorer.score(QUESTION, ["paris"])

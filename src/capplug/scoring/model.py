@@ -23,10 +23,17 @@ from capplug._runtime import (
     tune_cpu_threads,
 )
 from capplug.errors import CheckpointError
-from capplug.models import resolve
+from capplug.models import DEFAULT_SCORER, resolve
 from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
 
-__all__ = ["SCORE_MAPPING_KEY", "Ranked", "ScoreMapping", "Scorer", "TruncationWarning"]
+__all__ = [
+    "DEFAULT_SCORER",
+    "SCORE_MAPPING_KEY",
+    "Ranked",
+    "ScoreMapping",
+    "Scorer",
+    "TruncationWarning",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +73,9 @@ class _Pair(NamedTuple):
 class Scorer:
     """A cross-encoder that scores (instruction, response) pairs in [0, 1]; higher is better.
 
-    Build one with :meth:`from_pretrained` (a trained checkpoint) or :meth:`from_backbone`
-    (a fresh head on a bare encoder, for training).
+    ``Scorer()`` loads the bundled default scorer. Build others with :meth:`from_pretrained`
+    (a trained checkpoint) or :meth:`from_backbone` (a fresh head on a bare encoder, for
+    training), or pass an already loaded ``model`` and ``tokenizer`` with their ``score_mapping``.
 
     Long pairs are cut to ``max_length`` tokens: the response keeps its first
     ``max_response_tokens`` tokens (default: half of ``max_length``), and the instruction keeps
@@ -76,10 +84,10 @@ class Scorer:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        tokenizer: Any,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
         *,
-        score_mapping: ScoreMapping,
+        score_mapping: ScoreMapping | None = None,
         max_length: int = 512,
         max_response_tokens: int | None = None,
         device: str | torch.device | None = None,
@@ -87,6 +95,16 @@ class Scorer:
         max_batch_tokens: int | None = None,
         max_batch_size: int = 256,
     ) -> None:
+        if model is None:
+            if tokenizer is not None:
+                raise TypeError("give both model and tokenizer, or neither for the default scorer")
+            model, tokenizer, recorded = _load_checkpoint(DEFAULT_SCORER, score_mapping)
+            score_mapping = score_mapping or recorded
+        elif tokenizer is None or score_mapping is None:
+            raise TypeError(
+                "a model needs its tokenizer and a score_mapping ('sigmoid' or 'clip'); "
+                "or load a checkpoint with Scorer.from_pretrained(ref)"
+            )
         if score_mapping not in ("sigmoid", "clip"):
             raise ValueError(f"score_mapping must be 'sigmoid' or 'clip'; got {score_mapping!r}")
         if int(getattr(model.config, "num_labels", 1)) != 1:
@@ -148,31 +166,7 @@ class Scorer:
             CheckpointError: the checkpoint has no single-logit head, no safetensors weights, or
                 records no score mapping and none was given.
         """
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-        folder = resolve(ref)
-        config = AutoConfig.from_pretrained(folder)
-        architectures = config.architectures or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise CheckpointError(
-                f"{ref} is a bare backbone ({', '.join(architectures) or config.model_type}) with no "
-                f"scoring head; start one for training with Scorer.from_backbone({str(ref)!r})"
-            )
-        if config.num_labels != 1:
-            raise CheckpointError(
-                f"{ref} has a {config.num_labels}-label head; a scorer needs a single regression logit"
-            )
-        if not any(Path(folder).glob("*.safetensors")):
-            raise CheckpointError(
-                f"{ref} holds no .safetensors weights; capplug never loads pickled weights. "
-                f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
-            )
-        mapping = score_mapping or _recorded_mapping(config, str(ref))
-        with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                folder, use_safetensors=True, trust_remote_code=False
-            )
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model, tokenizer, mapping = _load_checkpoint(ref, score_mapping)
         return cls(
             model,
             tokenizer,
@@ -350,6 +344,38 @@ class Scorer:
             f"Scorer({name!r}, score_mapping={self.score_mapping!r}, max_length={self.max_length}, "
             f"device={str(self.device)!r})"
         )
+
+
+def _load_checkpoint(
+    ref: str | os.PathLike[str], score_mapping: ScoreMapping | None
+) -> tuple[torch.nn.Module, Any, ScoreMapping]:
+    """Model, tokenizer and score mapping of a single-logit checkpoint, checked first."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve(ref)
+    config = AutoConfig.from_pretrained(folder)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise CheckpointError(
+            f"{ref} is a bare backbone ({', '.join(architectures) or config.model_type}) with no "
+            f"scoring head; start one for training with Scorer.from_backbone({str(ref)!r})"
+        )
+    if config.num_labels != 1:
+        raise CheckpointError(
+            f"{ref} has a {config.num_labels}-label head; a scorer needs a single regression logit"
+        )
+    if not any(Path(folder).glob("*.safetensors")):
+        raise CheckpointError(
+            f"{ref} holds no .safetensors weights; capplug never loads pickled weights. "
+            f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
+        )
+    mapping = score_mapping or _recorded_mapping(config, str(ref))
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tokenizer, mapping
 
 
 def _recorded_mapping(config: Any, ref: str) -> ScoreMapping:
