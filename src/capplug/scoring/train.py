@@ -290,13 +290,9 @@ def _encode_pairs(
 ) -> list[tuple[_Pair, float]]:
     if not pairs:
         return []
-    saved = scorer.max_length, scorer.max_response_tokens
-    scorer.max_length = min(max_length, saved[0])
-    scorer.max_response_tokens = min(saved[1], scorer.max_length // 2)
-    try:
-        encoded = scorer._encode([p.instruction for p in pairs], [p.response for p in pairs])
-    finally:
-        scorer.max_length, scorer.max_response_tokens = saved
+    encoded = scorer._encode(
+        [p.instruction for p in pairs], [p.response for p in pairs], max_length=max_length
+    )
     return [(e, p.label) for e, p in zip(encoded, pairs, strict=True)]
 
 
