@@ -10,31 +10,33 @@ TORCH  := 2.13.0
 install: $(STAMP)
 
 # Idempotent: re-runs only when the venv is missing or pyproject.toml changed.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml integrations/langchain/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@sh scripts/install_torch.sh $(PY) $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,train]"
+	$(PY) -m pip install -q -e ".[dev,train]" -e "integrations/langchain[test]"
 	@touch $@
 
 demo: install
 	$(PY) examples/demo.py
 
-test: install
-	$(PY) -m pytest -q tests/unit --disable-socket --allow-unix-socket
-	$(PY) -m pytest -q tests/integration -m integration
+LC     := integrations/langchain
+
+test: test-unit test-integration
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit --disable-socket --allow-unix-socket
+	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration -m integration
+	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
 
 bench: install
 	$(PY) benchmarks/scoring_speed.py
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples $(LC)
+	$(PY) -m ruff format --check src tests benchmarks examples $(LC)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -13,6 +15,7 @@ from capplug.errors import CapplugError
 from capplug.models import DEFAULT_SCORER
 
 _BULK_CHUNK = 64
+_LOCAL_CHAT_MODEL = "smollm2-135m-instruct"  # capplug.llms.local.DEFAULT_MODEL, without torch
 
 
 class _UsageError(Exception):
@@ -171,6 +174,43 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("name", help="packaged name, Hugging Face id, or folder")
     path.set_defaults(run=_run_models_path, verify=False)
     models.set_defaults(run=lambda _args: models.print_help() or 2)
+
+    serve = sub.add_parser("serve", help="run capplug's HTTP servers (needs capplug[serve])")
+    serve_sub = serve.add_subparsers(title="servers", metavar="SERVER")
+    local = serve_sub.add_parser(
+        "local",
+        help="an OpenAI-compatible chat-completions endpoint over a local model",
+        description=(
+            "Serve a local chat model at /v1/chat/completions and /v1/models, for the openai SDK, "
+            "LangChain's ChatOpenAI and anything else that speaks OpenAI's API: point its base "
+            "URL at http://HOST:PORT/v1. One generation runs at a time."
+        ),
+    )
+    local.add_argument(
+        "--model",
+        default=_LOCAL_CHAT_MODEL,
+        metavar="REF",
+        help=f"chat model: a folder, a Hugging Face id, or a packaged name (default: {_LOCAL_CHAT_MODEL})",
+    )
+    local.add_argument(
+        "--name", metavar="ID", help="model id the server lists and answers with (default: --model)"
+    )
+    local.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    local.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    local.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    local.add_argument(
+        "--api-key",
+        default=os.environ.get("CAPPLUG_API_KEY") or None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $CAPPLUG_API_KEY); needed to bind "
+        "anywhere but a loopback address",
+    )
+    local.set_defaults(run=_run_serve_local)
+    serve.set_defaults(run=lambda _args: serve.print_help() or 2)
     return parser
 
 
@@ -425,6 +465,49 @@ def _run_models_path(args: argparse.Namespace) -> int:
 
     print(resolve(args.name, verify=args.verify))
     return 0
+
+
+def _run_serve_local(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise _UsageError(f"--port must be between 1 and 65535; got {args.port}")
+    if args.api_key is None and not _is_loopback(args.host):
+        raise _UsageError(
+            f"--host {args.host} is reachable from other machines; give --api-key KEY "
+            f"(or set CAPPLUG_API_KEY), or bind to 127.0.0.1"
+        )
+    try:  # before the model loads, so a missing extra fails at once
+        import uvicorn
+
+        from capplug.serve import create_app
+    except ImportError as exc:
+        missing = exc.__cause__ or exc  # capplug.serve re-raises with the install hint
+        raise _UsageError(
+            f"`capplug serve` needs FastAPI and uvicorn: pip install 'capplug[serve]' ({missing})"
+        ) from exc
+    from capplug.llms import LocalChatModel
+
+    model = LocalChatModel.from_pretrained(args.model, device=args.device)
+    name = args.name or args.model
+    app = create_app(model, model_name=name, api_key=args.api_key)
+    print(
+        f"serving {name} at http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":  # pragma: no cover

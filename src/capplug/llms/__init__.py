@@ -1,17 +1,34 @@
-"""Getting candidate responses and likelihoods from chat models; the local model runtime."""
+"""Getting candidate responses and likelihoods from chat models; the local model runtime.
 
-from capplug.llms.local import (
-    CAPPY_RECIPE,
-    Candidate,
-    LocalChatModel,
-    SamplingRecipe,
-    SamplingStrategy,
-)
+Names are imported on first use, so ``capplug.llms.retry`` stays light (no torch import) for the
+HTTP front ends that only need the retry policy.
+"""
 
-__all__ = [
-    "CAPPY_RECIPE",
-    "Candidate",
-    "LocalChatModel",
-    "SamplingRecipe",
-    "SamplingStrategy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CAPPY_RECIPE": "capplug.llms.local",
+    "Candidate": "capplug.llms.local",
+    "LocalChatModel": "capplug.llms.local",
+    "SamplingRecipe": "capplug.llms.local",
+    "SamplingStrategy": "capplug.llms.local",
+    "DEFAULT_RETRY": "capplug.llms.retry",
+    "RetryPolicy": "capplug.llms.retry",
+    "UpstreamHTTPError": "capplug.llms.retry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capplug.llms' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

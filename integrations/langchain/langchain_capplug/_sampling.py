@@ -1,0 +1,138 @@
+"""Getting n candidate messages from any LangChain chat model, and the shared bookkeeping.
+
+Shared by the best-of-n chat model and the agent middleware: how to unwrap a bound model, how to
+make a sampling copy of a model (temperature > 0, SDK retries off), how to turn a candidate into
+the text the scorer reads, and de-duplication.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableBinding
+
+logger = logging.getLogger("langchain_capplug")
+
+# Inner candidate calls carry these tags: the first names them in traces; LangGraph's
+# "messages" stream mode skips runs tagged "nostream", so candidates do not leak token by token
+# into an agent's stream before one is chosen.
+CANDIDATE_TAGS = ["capplug-candidate", "nostream"]
+
+# Fields a re-built client model must not copy over: the validator makes them afresh.
+_CLIENT_FIELDS = frozenset({"client", "async_client", "root_client", "root_async_client"})
+
+
+def unwrap(llm: Runnable) -> tuple[BaseChatModel, dict[str, Any]]:
+    """The chat model under ``llm`` and the keyword arguments bound to it (``bind_tools`` etc.)."""
+    kwargs: dict[str, Any] = {}
+    while isinstance(llm, RunnableBinding):
+        kwargs = {**llm.kwargs, **kwargs}
+        llm = llm.bound
+    if not isinstance(llm, BaseChatModel):
+        raise TypeError(
+            f"expected a LangChain chat model (BaseChatModel, optionally with bound arguments); "
+            f"got {type(llm).__name__}"
+        )
+    return llm, kwargs
+
+
+def child_callbacks(
+    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+) -> CallbackManager | AsyncCallbackManager | None:
+    """Callbacks for the candidate calls, nested under the best-of-n run in traces."""
+    if run_manager is None:
+        return None
+    cls = (
+        AsyncCallbackManager
+        if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
+        else CallbackManager
+    )
+    manager = cls(handlers=[], parent_run_id=run_manager.run_id)
+    manager.set_handlers(run_manager.inheritable_handlers)
+    manager.add_tags(run_manager.inheritable_tags)
+    manager.add_metadata(run_manager.inheritable_metadata)
+    return manager
+
+
+def supports_native_n(model: BaseChatModel) -> bool:
+    """True when the model has an ``n`` setting that asks its API for several choices at once."""
+    return "n" in type(model).model_fields
+
+
+def without_retries(model: BaseChatModel) -> BaseChatModel:
+    """A copy of ``model`` whose SDK does not retry (capplug's policy retries instead).
+
+    Models with a ``max_retries`` setting are rebuilt with ``max_retries=0`` from the settings
+    the user gave, so their SDK client is built afresh; other models are returned unchanged.
+    """
+    fields = type(model).model_fields
+    if "max_retries" not in fields or getattr(model, "max_retries", None) == 0:
+        return model
+    settings = {
+        name: getattr(model, name) for name in model.model_fields_set if name not in _CLIENT_FIELDS
+    }
+    settings["max_retries"] = 0
+    try:
+        return type(model)(**settings)
+    except Exception as error:  # a model whose settings do not round-trip: keep it as it is
+        logger.warning(
+            "could not turn off %s's own retries (%s); its SDK and capplug may both retry",
+            type(model).__name__,
+            error,
+        )
+        return model
+
+
+def sampling_copy(model: BaseChatModel, temperature: float) -> BaseChatModel:
+    """``model`` with a sampling temperature, for fan-out calls that must differ from each other.
+
+    A model with no ``temperature`` setting is used as it is (its answers may repeat; repeats are
+    de-duplicated before scoring).
+    """
+    if "temperature" not in type(model).model_fields:
+        return model
+    current = getattr(model, "temperature", None)
+    if current is not None and current > 0:
+        return model
+    return model.model_copy(update={"temperature": temperature})
+
+
+def has_tool_calls(message: BaseMessage) -> bool:
+    return isinstance(message, AIMessage) and bool(message.tool_calls)
+
+
+def candidate_text(message: BaseMessage) -> str:
+    """What the scorer reads for a candidate: its text, then any tool calls as JSON."""
+    text = message.text if isinstance(message.text, str) else str(message.content)
+    if has_tool_calls(message):
+        calls = [{"name": c["name"], "args": c["args"]} for c in message.tool_calls]
+        text = (text + "\n" if text else "") + json.dumps(calls, sort_keys=True, default=str)
+    return text
+
+
+def dedupe(messages: Sequence[BaseMessage]) -> list[int]:
+    """Indices of the first occurrence of each distinct candidate (whitespace-insensitive)."""
+    seen: set[str] = set()
+    keep: list[int] = []
+    for i, message in enumerate(messages):
+        key = " ".join(candidate_text(message).split())
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

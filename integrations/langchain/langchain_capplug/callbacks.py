@@ -1,0 +1,212 @@
+"""Observe-only scoring of every generation a model makes: a callback handler and its async twin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import ChatGeneration, Generation, LLMResult
+
+from langchain_capplug._sampling import candidate_text
+from langchain_capplug._selection import load_scorer
+
+__all__ = ["AsyncCappyScoreCallbackHandler", "CappyScoreCallbackHandler", "ScoreRecord"]
+
+logger = logging.getLogger("langchain_capplug.callbacks")
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """The scores of one prompt's generations in one model run."""
+
+    run_id: str
+    parent_run_id: str | None
+    prompt_index: int
+    instruction: str
+    responses: list[str]
+    scores: list[float]
+    best: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Sink = list | logging.Logger | Callable[[ScoreRecord], Any]
+
+
+def _deliver(sink: Sink, record: ScoreRecord) -> None:
+    if isinstance(sink, list):
+        sink.append(record)
+    elif isinstance(sink, logging.Logger):
+        sink.info("capplug scores %s", json.dumps(record.to_dict(), ensure_ascii=False))
+    else:
+        sink(record)
+
+
+def _check_sink(sink: Any) -> Sink:
+    if sink is None:
+        return logger
+    if isinstance(sink, list | logging.Logger) or callable(sink):
+        return sink
+    raise TypeError(
+        f"sink must be a list, a logging.Logger or a function of one ScoreRecord; "
+        f"got {type(sink).__name__}"
+    )
+
+
+class _Scoring:
+    """The state both handlers share: prompts by run id, and turning a result into records."""
+
+    def __init__(self, scorer: Any, sink: Any) -> None:
+        self.scorer = load_scorer(scorer)
+        self.sink = _check_sink(sink)
+        self._prompts: dict[UUID, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, run_id: UUID, prompts: Sequence[Any]) -> None:
+        with self._lock:
+            self._prompts[run_id] = list(prompts)
+
+    def forget(self, run_id: UUID) -> list[Any] | None:
+        with self._lock:
+            return self._prompts.pop(run_id, None)
+
+    def records(
+        self, prompts: list[Any], response: LLMResult, run_id: UUID, parent_run_id: UUID | None
+    ) -> list[ScoreRecord]:
+        from capplug import flatten_chat
+
+        out = []
+        for index, (prompt, generations) in enumerate(
+            zip(prompts, response.generations, strict=False)
+        ):
+            texts = [_text(g) for g in generations]
+            if not texts:
+                continue
+            scores = [float(s) for s in self.scorer.score(prompt, texts)]
+            out.append(
+                ScoreRecord(
+                    run_id=str(run_id),
+                    parent_run_id=str(parent_run_id) if parent_run_id else None,
+                    prompt_index=index,
+                    instruction=flatten_chat(prompt),
+                    responses=texts,
+                    scores=scores,
+                    best=max(range(len(scores)), key=scores.__getitem__),
+                )
+            )
+        return out
+
+    def score_and_deliver(
+        self, response: LLMResult, run_id: UUID, parent_run_id: UUID | None
+    ) -> None:
+        prompts = self.forget(run_id)
+        if prompts is None:
+            return
+        try:
+            for record in self.records(prompts, response, run_id, parent_run_id):
+                _deliver(self.sink, record)
+        except Exception:  # observe-only: a scoring failure never touches the model's result
+            logger.exception("capplug could not score run %s", run_id)
+
+
+def _text(generation: Generation) -> str:
+    if isinstance(generation, ChatGeneration):
+        return candidate_text(generation.message)
+    return generation.text
+
+
+class CappyScoreCallbackHandler(BaseCallbackHandler):
+    """Score every generation of the runs it watches and hand the scores to ``sink``.
+
+    It only observes: the prompt is remembered at chat-model (or LLM) start by ``run_id``, every
+    generation is scored at ``on_llm_end``, and one :class:`ScoreRecord` per prompt goes to the
+    sink (a list to append to, a ``logging.Logger`` to log to at INFO, or a function). A scoring
+    error is logged, never raised, and results are never changed.
+
+    Example:
+        .. code-block:: python
+
+            records = []
+            llm.invoke("Capital of France?", config={"callbacks": [CappyScoreCallbackHandler(sink=records)]})
+            records[0].scores
+    """
+
+    raise_error = False
+    run_inline = True
+
+    def __init__(self, scorer: Any = None, sink: Any = None) -> None:
+        super().__init__()
+        self._scoring = _Scoring(scorer, sink)
+
+    @property
+    def scorer(self) -> Any:
+        return self._scoring.scorer
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        **kwargs: Any,
+    ) -> None:
+        self._scoring.remember(run_id, messages)
+
+    def on_llm_start(
+        self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        self._scoring.remember(run_id, prompts)
+
+    def on_llm_end(
+        self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
+        self._scoring.score_and_deliver(response, run_id, parent_run_id)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._scoring.forget(run_id)
+
+
+class AsyncCappyScoreCallbackHandler(AsyncCallbackHandler):
+    """The async twin of :class:`CappyScoreCallbackHandler`; scoring runs in a worker thread."""
+
+    raise_error = False
+
+    def __init__(self, scorer: Any = None, sink: Any = None) -> None:
+        super().__init__()
+        self._scoring = _Scoring(scorer, sink)
+
+    @property
+    def scorer(self) -> Any:
+        return self._scoring.scorer
+
+    async def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        **kwargs: Any,
+    ) -> None:
+        self._scoring.remember(run_id, messages)
+
+    async def on_llm_start(
+        self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        self._scoring.remember(run_id, prompts)
+
+    async def on_llm_end(
+        self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
+        await asyncio.to_thread(self._scoring.score_and_deliver, response, run_id, parent_run_id)
+
+    async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._scoring.forget(run_id)

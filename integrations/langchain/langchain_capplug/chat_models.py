@@ -1,0 +1,282 @@
+"""``CappyBestOfN``: any chat model, n candidates per call, the one capplug's scorer likes best."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, is_retryable
+from langchain_capplug._sampling import (
+    CANDIDATE_TAGS,
+    child_callbacks,
+    sampling_copy,
+    supports_native_n,
+    unwrap,
+    without_retries,
+)
+from langchain_capplug._selection import load_scorer, select, with_metadata
+
+__all__ = ["CappyBestOfN"]
+
+
+class CappyBestOfN(BaseChatModel):
+    """Best-of-n from any chat model, chosen by capplug's scorer.
+
+    Each call asks ``llm`` for ``n`` candidates: natively in one request where the model has an
+    ``n`` setting (``ChatOpenAI`` and other OpenAI-compatible models; through ``generate``, since
+    ``invoke`` keeps only the first choice), and by ``n`` concurrent calls otherwise, or to make up for choices that did not come back. Every upstream
+    call samples at ``temperature`` when the model is set to 0 (or has no temperature), and
+    goes through ``retry`` (capplug's shared policy) with the model's own SDK retries off.
+    Repeats are removed, the rest are scored against the whole conversation, and the best comes
+    back as an ``AIMessage`` whose ``response_metadata["capplug"]`` holds ``scores``,
+    ``chosen`` (index into ``candidates``), ``candidates``, ``n_requested``, ``n_received``,
+    ``failures`` and ``errors``.
+
+    When some calls still fail after their retries, the best of those that arrived is returned
+    if at least ``min_candidates`` arrived; otherwise the last error is raised.
+
+    Tool calls: a candidate carrying tool calls is returned as the model gave it, unscored (the
+    first such candidate), unless ``score_tool_calls=True``, in which case tool calls are scored
+    as JSON text beside the message text. ``bind_tools`` binds the tools to the inner model.
+
+    It is a chat model itself, so it composes with ``|``, prompts, parsers and agents, and has
+    ``invoke``/``ainvoke``/``batch``/``abatch``; ``stream`` yields the chosen message once, when
+    it has been chosen.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_openai import ChatOpenAI
+            from langchain_capplug import CappyBestOfN
+
+            best = CappyBestOfN(llm=ChatOpenAI(model="gpt-4o-mini"), n=8)
+            reply = best.invoke("Name three prime numbers above 100.")
+            reply.response_metadata["capplug"]["scores"]
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    llm: Runnable = Field(description="The chat model to sample from (optionally bound).")
+    scorer: Any = Field(
+        default=None,
+        description="A capplug Scorer, a scorer reference, or None for capplug's default scorer.",
+    )
+    n: int = Field(default=4, ge=1, le=128, description="Candidates to request per call.")
+    temperature: float = Field(
+        default=0.8, gt=0, description="Temperature for fan-out calls to a model set to 0."
+    )
+    native_n: bool | None = Field(
+        default=None,
+        description="Request n choices in one call; None: when the model has an `n` setting.",
+    )
+    min_candidates: int = Field(default=1, ge=1)
+    score_tool_calls: bool = False
+    max_concurrency: int = Field(default=8, ge=1, description="Concurrent fan-out calls.")
+    retry: RetryPolicy | None = Field(
+        default=DEFAULT_RETRY, description="Retry policy for each upstream call; None: no retries."
+    )
+
+    _prepared: dict[int, BaseChatModel] = PrivateAttr(default_factory=dict)
+
+    @field_validator("llm")
+    @classmethod
+    def _check_llm(cls, llm: Runnable) -> Runnable:
+        unwrap(llm)  # raises a clear TypeError for anything that is not a chat model
+        return llm
+
+    @model_validator(mode="after")
+    def _load(self) -> CappyBestOfN:
+        self.scorer = load_scorer(self.scorer)
+        if self.min_candidates > self.n:
+            raise ValueError(f"min_candidates ({self.min_candidates}) exceeds n ({self.n})")
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "capplug-best-of-n"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        model, _ = unwrap(self.llm)
+        return {"llm": model._llm_type, "n": self.n, "scorer": repr(self.scorer)}
+
+    def bind_tools(
+        self, tools: Sequence[Any], **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools to the inner model; candidates are then sampled with the tools."""
+        model, bound = unwrap(self.llm)
+        inner = model.bind_tools(tools, **kwargs)
+        if bound:
+            inner = inner.bind(**bound)
+        return self.model_copy(update={"llm": inner})
+
+    # ------------------------------------------------------------------ candidates
+
+    def _sampler(self) -> tuple[BaseChatModel, dict[str, Any]]:
+        """The model to sample from (temperature > 0, SDK retries off) and its bound kwargs."""
+        model, bound = unwrap(self.llm)
+        if id(model) not in self._prepared:
+            ready = without_retries(model) if self.retry is not None else model
+            self._prepared[id(model)] = sampling_copy(ready, self.temperature)
+        return self._prepared[id(model)], bound
+
+    def _use_native(self, model: BaseChatModel) -> bool:
+        return supports_native_n(model) if self.native_n is None else self.native_n
+
+    def _call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if self.retry is None else self.retry.call(fn, *args, **kwargs)
+
+    async def _acall(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if self.retry is None:
+            return await fn(*args, **kwargs)
+        return await self.retry.acall(fn, *args, **kwargs)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        sampler, bound = self._sampler()
+        options = {
+            **bound,
+            **kwargs,
+            "stop": stop,
+            "callbacks": child_callbacks(run_manager),
+            "tags": CANDIDATE_TAGS,
+        }
+        received: list[BaseMessage] = []
+        failures: list[BaseException] = []
+        if self._use_native(sampler) and self.n > 1:
+            try:
+                result = self._call(sampler.generate, [messages], n=self.n, **options)
+                received += [g.message for g in result.generations[0]]
+            except Exception as error:
+                if is_retryable(error):  # retries ran out: more calls would meet the same
+                    raise
+                failures.append(error)  # refused outright (e.g. no `n`): fan out instead
+        missing = self.n - len(received)
+        if missing > 0:
+            with ThreadPoolExecutor(min(missing, self.max_concurrency)) as pool:
+                futures = [
+                    pool.submit(self._call, sampler.generate, [messages], **options)
+                    for _ in range(missing)
+                ]
+                for future in futures:
+                    try:
+                        received += [g.message for g in future.result().generations[0]]
+                    except Exception as error:
+                        failures.append(error)
+        return self._choose(messages, received, failures)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        sampler, bound = self._sampler()
+        options = {
+            **bound,
+            **kwargs,
+            "stop": stop,
+            "callbacks": child_callbacks(run_manager),
+            "tags": CANDIDATE_TAGS,
+        }
+        received: list[BaseMessage] = []
+        failures: list[BaseException] = []
+        if self._use_native(sampler) and self.n > 1:
+            try:
+                result = await self._acall(sampler.agenerate, [messages], n=self.n, **options)
+                received += [g.message for g in result.generations[0]]
+            except Exception as error:
+                if is_retryable(error):
+                    raise
+                failures.append(error)
+        missing = self.n - len(received)
+        if missing > 0:
+            limit = asyncio.Semaphore(self.max_concurrency)
+
+            async def one() -> Any:
+                async with limit:
+                    return await self._acall(sampler.agenerate, [messages], **options)
+
+            outcomes = await asyncio.gather(
+                *(one() for _ in range(missing)), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
+                if isinstance(outcome, BaseException):
+                    failures.append(outcome)
+                else:
+                    received += [g.message for g in outcome.generations[0]]
+        return await asyncio.to_thread(self._choose, messages, received, failures)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # Candidates are not streamed: the chosen one is yielded whole once it is known.
+        chunk = _as_chunk(self._generate(messages, stop, run_manager, **kwargs))
+        if run_manager is not None:
+            run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        chunk = _as_chunk(await self._agenerate(messages, stop, run_manager, **kwargs))
+        if run_manager is not None:
+            await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk
+
+    def _choose(
+        self,
+        conversation: list[BaseMessage],
+        received: list[BaseMessage],
+        failures: list[BaseException],
+    ) -> ChatResult:
+        if len(received) < self.min_candidates:
+            if failures:
+                raise failures[-1]
+            raise ValueError(
+                f"the model returned {len(received)} candidates; min_candidates is "
+                f"{self.min_candidates}"
+            )
+        selection = select(
+            self.scorer,
+            conversation,
+            received,
+            n_requested=self.n,
+            failures=failures,
+            score_tool_calls=self.score_tool_calls,
+        )
+        chosen = with_metadata(received[selection.index], selection.metadata)
+        return ChatResult(
+            generations=[ChatGeneration(message=chosen)],
+            llm_output={"capplug": selection.metadata},
+        )
+
+
+def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
+    message = result.generations[0].message
+    return ChatGenerationChunk(message=AIMessageChunk(**message.model_dump(exclude={"type"})))

@@ -1,0 +1,194 @@
+"""CappyBestOfN with scripted chat models: candidates, choice, failures, tool calls, composition."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from capplug.llms.retry import RetryPolicy, UpstreamHTTPError
+from langchain_capplug import CappyBestOfN
+
+from .fakes import ChoicesChatModel, KeywordScorer, Script, SingleChatModel
+
+REPLIES = ["It is Lyon.", "London, I think.", "Paris.", "It is Lyon."]
+
+
+def quick_retry(**overrides) -> tuple[RetryPolicy, list[float]]:
+    sleeps: list[float] = []
+
+    async def async_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    settings = {"max_attempts": 3, "initial_backoff": 0.1, "jitter": 0.0}
+    settings.update(overrides)
+    return RetryPolicy(sleep=sleeps.append, async_sleep=async_sleep, **settings), sleeps
+
+
+def test_native_n_asks_once_and_returns_the_best_with_metadata():
+    script = Script(REPLIES)
+    scorer = KeywordScorer()
+    best = CappyBestOfN(llm=ChoicesChatModel(script=script), scorer=scorer, n=4)
+    reply = best.invoke("What is the capital of France?")
+    assert isinstance(reply, AIMessage) and reply.content == "Paris."
+    assert len(script.calls) == 1 and script.calls[0]["n"] == 4
+    assert script.calls[0]["temperature"] == 0.8  # a model at temperature 0 is sampled warmer
+    meta = reply.response_metadata["capplug"]
+    assert meta["n_requested"] == 4 and meta["n_received"] == 4 and meta["failures"] == 0
+    assert meta["candidates"] == ["It is Lyon.", "London, I think.", "Paris."]  # repeat dropped
+    assert meta["candidates"][meta["chosen"]] == "Paris."
+    assert meta["scores"][meta["chosen"]] == max(meta["scores"])
+    assert scorer.calls[0][0][0].content == "What is the capital of France?"
+
+
+def test_models_without_n_get_concurrent_calls_and_the_users_model_is_untouched():
+    script = Script(REPLIES)
+    model = SingleChatModel(script=script, temperature=0.0)
+    best = CappyBestOfN(llm=model, scorer=KeywordScorer(), n=4, temperature=0.7)
+    reply = best.invoke("What is the capital of France?")
+    assert reply.content == "Paris."
+    assert len(script.calls) == 4
+    assert all(c["temperature"] == 0.7 for c in script.calls)
+    assert model.temperature == 0.0
+
+
+def test_a_shortfall_of_native_choices_is_made_up_by_fan_out():
+    script = Script(REPLIES)
+    best = CappyBestOfN(
+        llm=ChoicesChatModel(script=script, max_choices=2), scorer=KeywordScorer(), n=4
+    )
+    reply = best.invoke("What is the capital of France?")
+    assert [c.get("n") for c in script.calls] == [4, None, None]
+    assert reply.response_metadata["capplug"]["n_received"] == 4
+
+
+def test_failed_candidates_are_counted_and_the_best_of_the_rest_returned():
+    script = Script(["Paris.", "Lyon."], failures=[ValueError("bad gateway body")] * 2)
+    best = CappyBestOfN(
+        llm=SingleChatModel(script=script), scorer=KeywordScorer(), n=4, max_concurrency=1
+    )
+    reply = best.invoke("Capital of France?")
+    meta = reply.response_metadata["capplug"]
+    assert reply.content == "Paris."
+    assert meta["n_received"] == 2 and meta["failures"] == 2
+    assert "bad gateway body" in meta["errors"][0]
+
+
+def test_too_few_candidates_raise_the_last_error():
+    script = Script(["Paris."], failures=[ValueError("first"), ValueError("second")])
+    best = CappyBestOfN(
+        llm=SingleChatModel(script=script),
+        scorer=KeywordScorer(),
+        n=3,
+        min_candidates=2,
+        max_concurrency=1,
+    )
+    with pytest.raises(ValueError, match="second"):
+        best.invoke("Capital of France?")
+
+
+def test_transient_errors_are_retried_by_the_policy():
+    retry, sleeps = quick_retry()
+    script = Script(["Paris."], failures=[UpstreamHTTPError(503, "busy", retry_after=2.0)])
+    best = CappyBestOfN(
+        llm=SingleChatModel(script=script),
+        scorer=KeywordScorer(),
+        n=2,
+        retry=retry,
+        max_concurrency=1,
+    )
+    reply = best.invoke("Capital of France?")
+    assert reply.response_metadata["capplug"]["failures"] == 0
+    assert len(script.calls) == 3 and sleeps == [2.0]
+
+
+def test_a_native_call_that_fails_after_retries_is_not_fanned_out():
+    retry, _ = quick_retry(max_attempts=2)
+    script = Script(["Paris."], failures=[UpstreamHTTPError(500, "down")] * 10)
+    best = CappyBestOfN(
+        llm=ChoicesChatModel(script=script), scorer=KeywordScorer(), n=4, retry=retry
+    )
+    with pytest.raises(UpstreamHTTPError):
+        best.invoke("Capital of France?")
+    assert len(script.calls) == 2  # bounded: the policy's attempts, no fan-out on top
+
+
+def test_a_native_call_refused_outright_falls_back_to_fan_out():
+    script = Script(["Paris.", "Lyon."], failures=[UpstreamHTTPError(400, "n is not supported")])
+    best = CappyBestOfN(llm=ChoicesChatModel(script=script), scorer=KeywordScorer(), n=3)
+    reply = best.invoke("Capital of France?")
+    assert reply.content == "Paris."
+    assert len(script.calls) == 4  # the refused native call, then three single calls
+    assert reply.response_metadata["capplug"]["failures"] == 1
+
+
+def test_tool_calls_pass_through_unscored_unless_asked():
+    call = AIMessage(content="", tool_calls=[{"name": "search", "args": {"q": "x"}, "id": "1"}])
+    scorer = KeywordScorer()
+    best = CappyBestOfN(llm=ChoicesChatModel(script=Script(["Paris.", call])), scorer=scorer, n=2)
+    reply = best.invoke("Capital of France?")
+    assert reply.tool_calls and reply.response_metadata["capplug"]["scores"] is None
+    assert scorer.calls == []
+
+    scored = CappyBestOfN(
+        llm=ChoicesChatModel(script=Script(["Lyon.", call])),
+        scorer=KeywordScorer(good="search"),
+        n=2,
+        score_tool_calls=True,
+    )
+    reply = scored.invoke("Capital of France?")
+    assert reply.tool_calls and reply.response_metadata["capplug"]["scores"] is not None
+
+
+def test_bind_tools_reaches_the_inner_model():
+    script = Script(["Paris."])
+    best = CappyBestOfN(llm=ChoicesChatModel(script=script), scorer=KeywordScorer(), n=2)
+    best.bind_tools(["search"]).invoke("Capital of France?")
+    assert script.calls[0]["tools"] == ["search"]
+
+
+def test_async_batch_stream_and_composition():
+    scorer = KeywordScorer()
+    best = CappyBestOfN(
+        llm=SingleChatModel(script=Script(REPLIES)), scorer=scorer, n=4, max_concurrency=1
+    )
+    one_at_a_time = {"max_concurrency": 1}  # the script hands out replies in order
+    assert asyncio.run(best.ainvoke("Capital of France?")).content == "Paris."
+    assert [m.content for m in best.batch(["q1", "q2"], one_at_a_time)] == ["Paris.", "Paris."]
+    replies = asyncio.run(best.abatch(["q1", "q2"], one_at_a_time))
+    assert [m.content for m in replies] == ["Paris.", "Paris."]
+    chunks = list(best.stream("Capital of France?"))
+    assert all(isinstance(c, AIMessageChunk) for c in chunks)
+    assert [c.content for c in chunks if c.content] == ["Paris."]  # one piece, once chosen
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert merged.content == "Paris." and "capplug" in merged.response_metadata
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{q}")])
+    assert (prompt | best | StrOutputParser()).invoke({"q": "Capital of France?"}) == "Paris."
+    system, human = scorer.calls[-1][0]
+    assert isinstance(system, SystemMessage) and isinstance(human, HumanMessage)
+
+
+def test_bad_arguments_are_refused_clearly():
+    with pytest.raises(TypeError, match="chat model"):
+        CappyBestOfN(llm=StrOutputParser(), scorer=KeywordScorer())
+    with pytest.raises(ValueError, match="min_candidates"):
+        CappyBestOfN(
+            llm=SingleChatModel(script=Script(["x"])), scorer=KeywordScorer(), n=2, min_candidates=3
+        )
+    with pytest.raises(TypeError, match="scorer"):
+        CappyBestOfN(llm=SingleChatModel(script=Script(["x"])), scorer=42)
+
+
+def test_a_real_scorer_checkpoint_drives_the_choice(tiny_scorer):
+    best = CappyBestOfN(llm=SingleChatModel(script=Script(REPLIES)), scorer=tiny_scorer, n=4)
+    reply = best.invoke("What is the capital of France?")
+    meta = reply.response_metadata["capplug"]
+    expected = tiny_scorer.score("What is the capital of France?", meta["candidates"])
+    assert meta["scores"] == pytest.approx(expected)
+    assert all(0.0 <= s <= 1.0 for s in meta["scores"])
+    assert reply.content == meta["candidates"][meta["chosen"]]

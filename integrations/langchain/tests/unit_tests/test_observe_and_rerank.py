@@ -1,0 +1,127 @@
+"""The callback handlers (observe-only), the cross-encoder in CrossEncoderReranker, the parser."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from langchain_classic.retrievers.document_compressors import CrossEncoderReranker
+from langchain_core.documents import Document
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, Generation
+
+from langchain_capplug import (
+    AsyncCappyScoreCallbackHandler,
+    BestGenerationParser,
+    CappyCrossEncoder,
+    CappyScoreCallbackHandler,
+    ScoreRecord,
+)
+
+from .fakes import BrokenScorer, ChoicesChatModel, KeywordScorer, Script
+
+
+def test_every_generation_is_scored_and_the_result_is_untouched():
+    records: list[ScoreRecord] = []
+    handler = CappyScoreCallbackHandler(scorer=KeywordScorer(), sink=records)
+    model = ChoicesChatModel(script=Script(["Lyon.", "Paris.", "London."]))
+    result = model.generate(
+        [[HumanMessage("Capital of France?")], [HumanMessage("Capital of England?")]],
+        n=3,
+        callbacks=[handler],
+    )
+    assert [g.text for g in result.generations[0]] == ["Lyon.", "Paris.", "London."]
+    # generate() makes one run per prompt: one record each, with that run's id
+    assert len(records) == 2 and records[0].run_id != records[1].run_id
+    first = next(r for r in records if r.instruction == "Capital of France?")
+    assert first.responses == [g.text for g in result.generations[0]]
+    assert first.responses[first.best] == "Paris."
+    assert first.scores[first.best] == max(first.scores)
+
+
+def test_invoke_with_the_handler_in_config_scores_once_per_run():
+    records = []
+    model = ChoicesChatModel(script=Script(["Paris."]))
+    reply = model.invoke(
+        "Capital of France?",
+        config={"callbacks": [CappyScoreCallbackHandler(scorer=KeywordScorer(), sink=records)]},
+    )
+    assert reply.content == "Paris." and len(records) == 1 and records[0].scores == [0.9]
+
+
+def test_a_failing_scorer_never_breaks_the_call(caplog):
+    model = ChoicesChatModel(script=Script(["Paris."]))
+    handler = CappyScoreCallbackHandler(scorer=BrokenScorer(), sink=[])
+    with caplog.at_level(logging.ERROR, logger="langchain_capplug.callbacks"):
+        reply = model.invoke("Capital of France?", config={"callbacks": [handler]})
+    assert reply.content == "Paris."
+    assert "could not score" in caplog.text
+
+
+def test_logger_and_function_sinks(caplog):
+    seen = []
+    model = ChoicesChatModel(script=Script(["Paris."]))
+    handler = CappyScoreCallbackHandler(scorer=KeywordScorer(), sink=seen.append)
+    model.invoke("Capital of France?", config={"callbacks": [handler]})
+    assert isinstance(seen[0], ScoreRecord)
+    log = logging.getLogger("test.scores")
+    with caplog.at_level(logging.INFO, logger="test.scores"):
+        model.invoke(
+            "Capital of France?",
+            config={"callbacks": [CappyScoreCallbackHandler(scorer=KeywordScorer(), sink=log)]},
+        )
+    assert '"scores": [0.9]' in caplog.text
+    with pytest.raises(TypeError, match="sink"):
+        CappyScoreCallbackHandler(scorer=KeywordScorer(), sink=42)
+
+
+def test_async_handler_scores_in_async_runs():
+    records = []
+    handler = AsyncCappyScoreCallbackHandler(scorer=KeywordScorer(), sink=records)
+    model = ChoicesChatModel(script=Script(["Lyon.", "Paris."]))
+
+    async def run():
+        return await model.ainvoke("Capital of France?", config={"callbacks": [handler]}, n=2)
+
+    reply = asyncio.run(run())
+    assert reply.content == "Lyon."  # invoke keeps the first choice; the handler only watches
+    assert records[0].responses == ["Lyon.", "Paris."] and records[0].best == 1
+
+
+def test_cross_encoder_orders_documents_in_cross_encoder_reranker():
+    reranker = CrossEncoderReranker(model=CappyCrossEncoder(scorer=KeywordScorer()), top_n=2)
+    docs = [
+        Document(page_content="Lyon is a large city."),
+        Document(page_content="Paris is the capital of France."),
+        Document(page_content="A short one."),
+    ]
+    kept = reranker.compress_documents(docs, "What is the capital of France?")
+    assert [d.page_content for d in kept] == [
+        "Paris is the capital of France.",
+        "Lyon is a large city.",
+    ]
+    encoder = CappyCrossEncoder(scorer=KeywordScorer())
+    assert encoder.score([]) == []
+    with pytest.raises(TypeError, match="pair"):
+        encoder.score([("only one",)])
+
+
+def test_cross_encoder_with_a_real_checkpoint(tiny_scorer):
+    encoder = CappyCrossEncoder(scorer=tiny_scorer)
+    pairs = [("capital of france", "paris"), ("capital of france", "london")]
+    scores = encoder.score(pairs)
+    assert scores == pytest.approx(tiny_scorer.score_pairs(pairs))
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_best_generation_parser():
+    parser = BestGenerationParser(instruction="Capital of France?", scorer=KeywordScorer())
+    generations = [Generation(text="Lyon."), ChatGeneration(message=AIMessage(content="Paris."))]
+    assert parser.parse_result(generations) == "Paris."
+    assert parser.invoke(AIMessage(content="Lyon.")) == "Lyon."
+    other = parser.for_instruction("Capital of England?")
+    assert other.scorer is parser.scorer and other.instruction == "Capital of England?"
+    with pytest.raises(OutputParserException):
+        parser.parse_result([])

@@ -1,0 +1,637 @@
+"""An OpenAI-compatible chat-completions server over a local chat model.
+
+``create_app(LocalChatModel.from_pretrained())`` gives a FastAPI app that speaks enough of
+OpenAI's REST API for the ``openai`` SDK and LangChain's ``ChatOpenAI`` to use a local model:
+
+- ``GET /v1/models`` and ``GET /v1/models/{id}``: the one model served;
+- ``POST /v1/chat/completions``: ``messages``, ``n``, ``temperature``, ``top_p``,
+  ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop`` and ``stream`` (with
+  ``stream_options.include_usage``);
+- ``GET /healthz``.
+
+Every error is OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``,
+with a 4xx status for bad input (400 for invalid JSON or values, 401 for a wrong key, 404 for
+an unknown route, 413 for an oversized body), never a 500.
+
+Sampling: ``temperature=0`` decodes greedily (and repeats that answer for ``n > 1``), and so
+does a request for one choice that sets neither ``temperature`` nor ``top_p``. Otherwise each
+choice is sampled with its own generator derived from ``seed`` (a random one when absent), so
+the same request with the same ``seed`` returns the same choices. ``stop`` cuts the finished
+reply at the first stop sequence; generation itself does not stop there.
+
+Streaming: the whole reply is generated first and then sent as ``chat.completion.chunk``
+events, so ``stream=true`` changes the transport, not the time to the first token.
+
+Generation runs in a worker thread, never on the event loop, and one at a time per model. The request's ``model`` is accepted
+whatever it names (this is a drop-in local endpoint) and the response names the served model.
+Options this server cannot honour and that would change the reply's shape (``tools``,
+``logprobs``, a non-text ``response_format``) are refused with a 400; other OpenAI options
+(penalties, ``logit_bias``, ``user``, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from capplug.llms import Candidate, LocalChatModel, SamplingRecipe, SamplingStrategy
+
+try:
+    from jinja2 import TemplateError as _TemplateError
+except ImportError:  # pragma: no cover - no jinja2, no chat templates, no template errors
+    _TemplateError = ValueError  # type: ignore[assignment,misc]
+
+__all__ = ["create_app"]
+
+_MAX_STOP_SEQUENCES = 4
+
+# One generation at a time per model, even across several apps: LocalChatModel swaps its
+# generation config during sampling, and two CPU generations at once only thrash the cores.
+_model_locks: weakref.WeakKeyDictionary[LocalChatModel, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_model_locks_guard = threading.Lock()
+
+
+# ------------------------------------------------------------------------------- requests
+
+
+class _Message(BaseModel):
+    """One chat turn; extra fields (``name``, ``tool_calls``, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            for part in value:
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        "only text content parts ({'type': 'text', 'text': ...}) are supported"
+                    )
+            return value
+        raise ValueError("content must be a string or a list of text parts")
+
+    def turn(self) -> dict[str, Any]:
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.content}
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool | None = None
+
+
+class _ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat-completions request this server reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[_Message] = Field(min_length=1)
+    model: str | None = None
+    n: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    seed: StrictInt | None = None
+    stop: Any = Field(default=None, validate_default=True)
+    stream: StrictBool | None = None
+    stream_options: _StreamOptions | None = None
+    tools: list[Any] | None = None
+    logprobs: StrictBool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(stops, list)
+            or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > _MAX_STOP_SEQUENCES
+        ):
+            raise ValueError(
+                f"stop must be a non-empty string or a list of at most {_MAX_STOP_SEQUENCES} "
+                f"non-empty strings"
+            )
+        return stops
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+class _APIError(Exception):
+    """A request the server refuses, with OpenAI's error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+
+def _error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _APIError)
+    return _error_response(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return _error_response(
+            400,
+            f"the request body is not valid JSON ({reason}); send one JSON object",
+            code="invalid_json",
+        )
+    where = [part for part in first.get("loc", ()) if part != "body"]
+    param = _param_name(where)
+    if not param:
+        return _error_response(
+            400,
+            "the request body must be a JSON object with 'messages' "
+            "(and Content-Type: application/json)",
+            code="invalid_body",
+        )
+    if first.get("type") == "missing":
+        return _error_response(
+            400,
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param == "messages":
+        reason = "give a non-empty list of {'role': ..., 'content': ...} objects"
+    return _error_response(
+        400, f"Invalid value for '{param}': {reason}", param=param, code="invalid_value"
+    )
+
+
+def _param_name(loc: Sequence[Any]) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+        return _error_response(404, message, code="unknown_url", headers=headers)
+    if exc.status_code == 405:
+        message = f"Method not allowed ({request.method} {request.url.path})"
+        return _error_response(405, message, code="method_not_allowed", headers=headers)
+    if exc.status_code == 413:
+        return _error_response(413, str(exc.detail), code="request_too_large")
+    return _error_response(exc.status_code, str(exc.detail), headers=headers)
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
+    return _error_response(500, f"the server failed: {type(exc).__name__}: {exc}")
+
+
+def _too_large_message(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit} bytes; send less"
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or as they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            response = _error_response(
+                413, _too_large_message(self.max_bytes), code="request_too_large"
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler answers 413.
+                    raise StarletteHTTPException(413, _too_large_message(self.max_bytes))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class _RequireKey:
+    """Ask for ``Authorization: Bearer <key>`` on every ``/v1`` route."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers", ())).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error_response(
+                    401,
+                    "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated request: what to generate and how to answer."""
+
+    chat: list[dict[str, Any]]
+    n: int
+    greedy: bool
+    temperature: float
+    top_p: float | None
+    max_tokens: int
+    seed: int
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -> _Plan:
+    if request.tools:
+        raise _APIError(
+            400,
+            "tools are not supported by this server",
+            param="tools",
+            code="unsupported_parameter",
+        )
+    if request.logprobs:
+        raise _APIError(
+            400,
+            "logprobs are not supported by this server",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
+    if request.response_format and request.response_format.get("type", "text") != "text":
+        raise _APIError(
+            400,
+            "only response_format {'type': 'text'} is supported by this server",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    n = 1 if request.n is None else request.n
+    if n > max_n:
+        raise _APIError(
+            400,
+            f"Invalid value for 'n': this server returns at most {max_n} choices per request; "
+            f"got {n}",
+            param="n",
+            code="invalid_value",
+        )
+    param, max_tokens = "max_tokens", request.max_tokens
+    if request.max_completion_tokens is not None:
+        param, max_tokens = "max_completion_tokens", request.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = max_tokens_cap
+    elif max_tokens > max_tokens_cap:
+        raise _APIError(
+            400,
+            f"Invalid value for '{param}': this server generates at most {max_tokens_cap} "
+            f"tokens per choice; got {max_tokens}",
+            param=param,
+            code="invalid_value",
+        )
+    sampling_asked = request.temperature is not None or request.top_p is not None
+    greedy = request.temperature == 0 or (not sampling_asked and n == 1)
+    top_p = request.top_p if request.top_p is not None and request.top_p < 1.0 else None
+    return _Plan(
+        chat=[message.turn() for message in request.messages],
+        n=n,
+        greedy=greedy,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        stops=request.stop,
+        stream=bool(request.stream),
+        include_usage=bool(
+            request.stream and request.stream_options and request.stream_options.include_usage
+        ),
+    )
+
+
+def _prompt_tokens(model: LocalChatModel, plan: _Plan) -> int:
+    try:
+        text = model.render(plan.chat)
+    except (TypeError, ValueError, _TemplateError) as exc:
+        raise _APIError(
+            400,
+            f"messages cannot be rendered with the model's chat template: {exc}",
+            param="messages",
+            code="invalid_value",
+        ) from exc
+    count = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    limit = model.max_positions
+    if limit is not None and count + plan.max_tokens > limit:
+        raise _APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the messages take {count} "
+            f"and max_tokens asks for {plan.max_tokens} more. Shorten the messages or lower "
+            f"max_tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return count
+
+
+def _model_lock(model: LocalChatModel) -> threading.Lock:
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.Lock()
+        return lock
+
+
+def _candidates(model: LocalChatModel, plan: _Plan) -> list[Candidate]:
+    """The request's ``n`` candidates, one generation at a time per model."""
+    if plan.greedy:
+        strategy = SamplingStrategy(method="greedy")
+    else:
+        strategy = SamplingStrategy(n=plan.n, temperature=plan.temperature, top_p=plan.top_p)
+    recipe = SamplingRecipe(strategies=(strategy,), max_new_tokens=plan.max_tokens)
+    with _model_lock(model):
+        (drawn,) = model.sample_candidates(
+            [plan.chat], recipe=recipe, seed=plan.seed, progress=False
+        )
+    # Greedy decoding gives one answer however often it is asked; copy it to every choice.
+    return drawn * plan.n if plan.greedy else drawn
+
+
+@dataclass(frozen=True)
+class _Choice:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    tokens: int
+
+
+def _choice(model: LocalChatModel, candidate: Candidate, stops: list[str]) -> _Choice:
+    text = candidate.text
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        # Generation does not stop at stop sequences; the reply is cut after the fact.
+        text = text[: min(cuts)]
+        tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return _Choice(text=text, finish_reason="stop", tokens=tokens)
+    finish = "stop" if candidate.finished else "length"
+    return _Choice(text=text, finish_reason=finish, tokens=candidate.n_tokens)
+
+
+def _answer(model: LocalChatModel, plan: _Plan) -> tuple[int, list[_Choice]]:
+    """Prompt tokens and choices for a request; tokenizes and generates, so run it in a thread."""
+    prompt_tokens = _prompt_tokens(model, plan)
+    choices = [_choice(model, candidate, plan.stops) for candidate in _candidates(model, plan)]
+    return prompt_tokens, choices
+
+
+# -------------------------------------------------------------------------------- replies
+
+
+def _usage(prompt_tokens: int, choices: Sequence[_Choice]) -> dict[str, int]:
+    completion = sum(c.tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def _completion(
+    completion_id: str, model_name: str, choices: Sequence[_Choice], usage: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+            }
+            for i, choice in enumerate(choices)
+        ],
+        "usage": usage,
+    }
+
+
+def _events(
+    completion_id: str,
+    model_name: str,
+    choices: Sequence[_Choice],
+    usage: dict[str, int],
+    *,
+    include_usage: bool,
+) -> Iterator[str]:
+    """Server-sent ``chat.completion.chunk`` events for finished choices, then ``[DONE]``.
+
+    The whole reply is generated before the first event, so a stream carries no speed-up over
+    a plain request; it exists for clients that always stream. Each choice streams as its role,
+    its text in word-sized pieces, then its finish reason; with ``include_usage`` a last chunk
+    with no choices carries the usage (and every other chunk ``"usage": null``), as OpenAI does.
+    """
+    created = int(time.time())
+
+    def event(chunk_choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": chunk_choices,
+        }
+        if include_usage:
+            chunk["usage"] = usage_
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def delta(index: int, content: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
+
+    for i, choice in enumerate(choices):
+        yield event([delta(i, {"role": "assistant", "content": ""})])
+        for piece in re.findall(r"\s*\S+|\s+$", choice.text):
+            yield event([delta(i, {"content": piece})])
+        yield event([delta(i, {}, choice.finish_reason)])
+    if include_usage:
+        yield event([], usage)
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------------ app
+
+
+def create_app(
+    model: LocalChatModel,
+    *,
+    model_name: str = "smollm2-135m-instruct",
+    max_body_bytes: int = 1 << 20,
+    max_n: int = 16,
+    max_tokens_cap: int = 512,
+    api_key: str | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible chat-completions app over ``model``; see the module docstring.
+
+    Args:
+        model: the local chat model that answers.
+        model_name: the id ``/v1/models`` lists and every response names.
+        max_body_bytes: larger request bodies get a 413.
+        max_n: the most choices (``n``) one request may ask for.
+        max_tokens_cap: the most tokens one choice may have; also the default ``max_tokens``.
+        api_key: when set, every ``/v1`` route asks for ``Authorization: Bearer <api_key>``.
+    """
+    if not isinstance(model, LocalChatModel):
+        raise TypeError(f"model must be a LocalChatModel; got {type(model).__name__}")
+    for value, argument in (
+        (max_body_bytes, "max_body_bytes"),
+        (max_n, "max_n"),
+        (max_tokens_cap, "max_tokens_cap"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{argument} must be an integer >= 1; got {value!r}")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty string; got {model_name!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string, or None for no key")
+
+    created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "capplug"}
+    app = FastAPI(
+        title="capplug local OpenAI-compatible server",
+        summary=f"Chat completions from {model_name}, a local model.",
+    )
+    app.add_exception_handler(_APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        # Added last so it runs first: an unauthenticated request learns nothing else.
+        app.add_middleware(_RequireKey, api_key=api_key)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise _APIError(
+                404,
+                f"The model '{model_id}' does not exist; this server serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        return card
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: _ChatCompletionRequest) -> Response:
+        plan = _plan(body, max_n=max_n, max_tokens_cap=max_tokens_cap)
+        prompt_tokens, choices = await run_in_threadpool(_answer, model, plan)
+        usage = _usage(prompt_tokens, choices)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if plan.stream:
+            return StreamingResponse(
+                _events(
+                    completion_id, model_name, choices, usage, include_usage=plan.include_usage
+                ),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return JSONResponse(_completion(completion_id, model_name, choices, usage))
+
+    return app
