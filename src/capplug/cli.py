@@ -151,7 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--generator",
         metavar="REF",
-        help="local model to sample candidates from (e.g. smollm2-135m-instruct)",
+        help="model to sample candidates from: a local model (e.g. smollm2-135m-instruct), or "
+        "with --endpoint the name the endpoint serves",
+    )
+    build.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
+    )
+    build.add_argument(
+        "--api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)"
     )
     build.add_argument(
         "--task", action="append", metavar="NAME", help="only these train tasks (repeatable)"
@@ -411,7 +420,15 @@ def _run_data_build(args: argparse.Namespace) -> int:
     from capplug.data.build import BuildConfig, build_dataset
 
     source = None
-    if args.generator:
+    if args.endpoint and not args.generator:
+        raise _UsageError("--endpoint needs --generator MODEL: the model name the endpoint serves")
+    if args.generator and args.endpoint:
+        from capplug.data.build import EndpointCandidateSource
+        from capplug.llms.remote import OpenAICompatibleModel
+
+        remote = OpenAICompatibleModel(args.generator, base_url=args.endpoint, api_key=args.api_key)
+        source = EndpointCandidateSource(remote, seed=args.seed)
+    elif args.generator:
         from capplug.data.build import LocalCandidateSource
 
         source = LocalCandidateSource.from_pretrained(args.generator, seed=args.seed)

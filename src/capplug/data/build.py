@@ -24,7 +24,14 @@ from capplug._cache import write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import LabelledRow, label_candidates, reference_rows
 
-__all__ = ["BuildConfig", "BuildResult", "CandidateSource", "LocalCandidateSource", "build_dataset"]
+__all__ = [
+    "BuildConfig",
+    "BuildResult",
+    "CandidateSource",
+    "EndpointCandidateSource",
+    "LocalCandidateSource",
+    "build_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,38 @@ class LocalCandidateSource:
             progress=False,
         )
         return [[(c.text, c.strategy) for c in row] for row in sampled]
+
+
+class EndpointCandidateSource:
+    """Candidates from a model behind an OpenAI-compatible endpoint (a larger model, a cluster).
+
+    ``model`` is a :class:`capplug.llms.remote.OpenAICompatibleModel`; the recipe is
+    :data:`capplug.llms.remote.ENDPOINT_RECIPE` unless given.
+    """
+
+    def __init__(
+        self, model: Any, *, recipe: Any = None, max_tokens: int = 64, seed: int = 0
+    ) -> None:
+        from capplug.llms.remote import ENDPOINT_RECIPE
+
+        self.model = model
+        self.recipe = tuple(recipe or ENDPOINT_RECIPE)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.name = json.dumps(
+            {
+                "model": model.name,
+                "strategies": ",".join(f"{s.settings()}x{s.n}" for s in self.recipe),
+                "max_new_tokens": max_tokens,
+                "seed": seed,
+            },
+            sort_keys=True,
+        )
+
+    def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
+        return self.model.candidates(
+            prompts, recipe=self.recipe, max_tokens=self.max_tokens, seed=self.seed
+        )
 
 
 @dataclass(frozen=True)
