@@ -7,9 +7,11 @@ the text the scorer reads, and de-duplication.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -20,7 +22,10 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding
+
+from capplug.llms.retry import RetryPolicy, is_retryable
 
 logger = logging.getLogger("langchain_capplug")
 
@@ -136,3 +141,110 @@ def dedupe(messages: Sequence[BaseMessage]) -> list[int]:
 def short_error(error: BaseException, limit: int = 300) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def _messages(result: LLMResult) -> list[BaseMessage]:
+    """The candidates one upstream call returned, each with the call's ``llm_output``.
+
+    LangChain merges ``llm_output`` (``model_name``, ``token_usage``, ...) into the message's
+    ``response_metadata`` only when a call returns one choice; the choices of a native-``n``
+    call get it here, so the chosen one names its model (usage callbacks need the name).
+    """
+    extra = result.llm_output or {}
+    return [
+        g.message.model_copy(update={"response_metadata": {**extra, **g.message.response_metadata}})
+        if extra
+        else g.message
+        for g in result.generations[0]
+    ]
+
+
+def collect(
+    model: BaseChatModel,
+    messages: list[BaseMessage],
+    *,
+    n: int,
+    native: bool,
+    options: dict[str, Any],
+    retry: RetryPolicy | None,
+    max_concurrency: int,
+) -> tuple[list[BaseMessage], list[BaseException]]:
+    """``n`` candidate messages from ``model``: ``(received, failures)``.
+
+    With ``native``, one ``generate(n=n)`` call first; a shortfall (or a native call refused
+    outright) is made up by concurrent single calls. A native call whose retries ran out is
+    raised: more calls would meet the same. Each call goes through ``retry``.
+    """
+
+    def call(**extra: Any) -> LLMResult:
+        if retry is None:
+            return model.generate([messages], **options, **extra)
+        return retry.call(model.generate, [messages], **options, **extra)
+
+    received: list[BaseMessage] = []
+    failures: list[BaseException] = []
+    if native and n > 1:
+        try:
+            received += _messages(call(n=n))
+        except Exception as error:
+            if is_retryable(error):
+                raise
+            failures.append(error)  # refused outright (e.g. no `n`): fan out instead
+    missing = n - len(received)
+    if missing > 0:
+        with ThreadPoolExecutor(min(missing, max_concurrency)) as pool:
+            futures = [pool.submit(call) for _ in range(missing)]
+            for future in futures:
+                try:
+                    received += _messages(future.result())
+                except Exception as error:
+                    failures.append(error)
+    return received, failures
+
+
+async def acollect(
+    model: BaseChatModel,
+    messages: list[BaseMessage],
+    *,
+    n: int,
+    native: bool,
+    options: dict[str, Any],
+    retry: RetryPolicy | None,
+    max_concurrency: int,
+) -> tuple[list[BaseMessage], list[BaseException]]:
+    """The async counterpart of :func:`collect`."""
+
+    async def call(**extra: Any) -> LLMResult:
+        if retry is None:
+            return await model.agenerate([messages], **options, **extra)
+        return await retry.acall(model.agenerate, [messages], **options, **extra)
+
+    received: list[BaseMessage] = []
+    failures: list[BaseException] = []
+    if native and n > 1:
+        try:
+            received += _messages(await call(n=n))
+        except Exception as error:
+            if is_retryable(error):
+                raise
+            failures.append(error)
+    missing = n - len(received)
+    if missing > 0:
+        limit = asyncio.Semaphore(max_concurrency)
+
+        async def one() -> LLMResult:
+            async with limit:
+                return await call()
+
+        outcomes = await asyncio.gather(*(one() for _ in range(missing)), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                failures.append(outcome)
+            else:
+                received += _messages(outcome)
+    return received, failures

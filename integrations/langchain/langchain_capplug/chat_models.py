@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -14,10 +13,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, is_retryable
+from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
 from langchain_capplug._sampling import (
     CANDIDATE_TAGS,
+    acollect,
     child_callbacks,
+    collect,
     sampling_copy,
     supports_native_n,
     unwrap,
@@ -131,7 +132,9 @@ class CappyBestOfN(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """Tracing parameters of the model the candidates come from, as it is sampled."""
         sampler, bound = self._sampler()
-        return sampler._get_ls_params(stop=stop, **{**bound, **kwargs})
+        options = {**bound, **kwargs}
+        bound_stop = options.pop("stop", None)
+        return sampler._get_ls_params(stop=stop if stop is not None else bound_stop, **options)
 
     # ------------------------------------------------------------------ candidates
 
@@ -146,14 +149,6 @@ class CappyBestOfN(BaseChatModel):
     def _use_native(self, model: BaseChatModel) -> bool:
         return supports_native_n(model) if self.native_n is None else self.native_n
 
-    def _call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs) if self.retry is None else self.retry.call(fn, *args, **kwargs)
-
-    async def _acall(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if self.retry is None:
-            return await fn(*args, **kwargs)
-        return await self.retry.acall(fn, *args, **kwargs)
-
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -165,32 +160,19 @@ class CappyBestOfN(BaseChatModel):
         options = {
             **bound,
             **kwargs,
-            "stop": stop,
+            "stop": stop if stop is not None else bound.get("stop"),
             "callbacks": child_callbacks(run_manager),
             "tags": CANDIDATE_TAGS,
         }
-        received: list[BaseMessage] = []
-        failures: list[BaseException] = []
-        if self._use_native(sampler) and self.n > 1:
-            try:
-                result = self._call(sampler.generate, [messages], n=self.n, **options)
-                received += [g.message for g in result.generations[0]]
-            except Exception as error:
-                if is_retryable(error):  # retries ran out: more calls would meet the same
-                    raise
-                failures.append(error)  # refused outright (e.g. no `n`): fan out instead
-        missing = self.n - len(received)
-        if missing > 0:
-            with ThreadPoolExecutor(min(missing, self.max_concurrency)) as pool:
-                futures = [
-                    pool.submit(self._call, sampler.generate, [messages], **options)
-                    for _ in range(missing)
-                ]
-                for future in futures:
-                    try:
-                        received += [g.message for g in future.result().generations[0]]
-                    except Exception as error:
-                        failures.append(error)
+        received, failures = collect(
+            sampler,
+            messages,
+            n=self.n,
+            native=self._use_native(sampler),
+            options=options,
+            retry=self.retry,
+            max_concurrency=self.max_concurrency,
+        )
         return self._choose(messages, received, failures)
 
     async def _agenerate(
@@ -204,38 +186,19 @@ class CappyBestOfN(BaseChatModel):
         options = {
             **bound,
             **kwargs,
-            "stop": stop,
+            "stop": stop if stop is not None else bound.get("stop"),
             "callbacks": child_callbacks(run_manager),
             "tags": CANDIDATE_TAGS,
         }
-        received: list[BaseMessage] = []
-        failures: list[BaseException] = []
-        if self._use_native(sampler) and self.n > 1:
-            try:
-                result = await self._acall(sampler.agenerate, [messages], n=self.n, **options)
-                received += [g.message for g in result.generations[0]]
-            except Exception as error:
-                if is_retryable(error):
-                    raise
-                failures.append(error)
-        missing = self.n - len(received)
-        if missing > 0:
-            limit = asyncio.Semaphore(self.max_concurrency)
-
-            async def one() -> Any:
-                async with limit:
-                    return await self._acall(sampler.agenerate, [messages], **options)
-
-            outcomes = await asyncio.gather(
-                *(one() for _ in range(missing)), return_exceptions=True
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, asyncio.CancelledError):
-                    raise outcome
-                if isinstance(outcome, BaseException):
-                    failures.append(outcome)
-                else:
-                    received += [g.message for g in outcome.generations[0]]
+        received, failures = await acollect(
+            sampler,
+            messages,
+            n=self.n,
+            native=self._use_native(sampler),
+            options=options,
+            retry=self.retry,
+            max_concurrency=self.max_concurrency,
+        )
         return await asyncio.to_thread(self._choose, messages, received, failures)
 
     def _stream(

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from unittest.mock import patch
 
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableBinding
 
 from capplug.llms.retry import RetryPolicy, UpstreamHTTPError
 from langchain_capplug import CappyBestOfN
 
-from .fakes import ChoicesChatModel, KeywordScorer, Script, SingleChatModel
+from .fakes import (
+    ChoicesChatModel,
+    KeywordScorer,
+    NamedChoicesChatModel,
+    Script,
+    SingleChatModel,
+)
 
 REPLIES = ["It is Lyon.", "London, I think.", "Paris.", "It is Lyon."]
 
@@ -148,6 +156,40 @@ def test_bind_tools_reaches_the_inner_model():
     best = CappyBestOfN(llm=ChoicesChatModel(script=script), scorer=KeywordScorer(), n=2)
     best.bind_tools(["search"]).invoke("Capital of France?")
     assert script.calls[0]["tools"] == ["search"]
+
+
+def test_bind_tools_again_replaces_the_tools_and_keeps_other_bound_arguments():
+    script = Script(["Paris."])
+    inner = ChoicesChatModel(script=script).bind_tools(["old"]).bind(seed=7)
+    best = CappyBestOfN(llm=inner, scorer=KeywordScorer(), n=2)
+    tooled = best.bind_tools(["search"])
+    assert isinstance(tooled, RunnableBinding)  # as a chat model's bind_tools returns
+    tooled.invoke("Capital of France?")
+    best.bind_tools(["a"]).bind_tools(["b"]).invoke("Capital of France?")
+    assert [c["tools"] for c in script.calls] == [["search"], ["b"]]
+    assert all(c["seed"] == 7 for c in script.calls)
+
+
+def test_arguments_bound_to_the_inner_model_reach_it_and_its_traces():
+    script = Script(["Paris."])
+    model = NamedChoicesChatModel(script=script)
+    best = CappyBestOfN(llm=model.bind(stop=["\n"]), scorer=KeywordScorer(), n=2)
+    seen = []
+    original = NamedChoicesChatModel._generate
+
+    def spy(self, messages, stop=None, run_manager=None, **kwargs):
+        seen.append(stop)
+        return original(self, messages, stop, run_manager, **kwargs)
+
+    with patch.object(NamedChoicesChatModel, "_generate", spy):
+        best.invoke("Capital of France?")
+        asyncio.run(best.ainvoke("Capital of France?"))
+        best.invoke("Capital of France?", stop=["."])
+    assert seen == [["\n"], ["\n"], ["."]]
+    params = best._get_ls_params()
+    assert params["ls_model_name"] == model.model and params["ls_stop"] == ["\n"]
+    assert params["ls_temperature"] == 0.8  # the temperature the candidates are sampled at
+    assert best._get_ls_params(model="other")["ls_model_name"] == "other"
 
 
 def test_async_batch_stream_and_composition():

@@ -10,6 +10,7 @@ import json
 
 import httpx2
 import pytest
+from langchain_core.callbacks import get_usage_metadata_callback
 from langchain_openai import ChatOpenAI
 
 from capplug.llms.retry import RetryPolicy
@@ -73,6 +74,7 @@ class Upstream:
             max_retries=3,  # the SDK's own retries: CappyBestOfN must turn them off
             http_client=httpx2.Client(transport=httpx2.MockTransport(self.handle)),
             http_async_client=httpx2.AsyncClient(transport=httpx2.MockTransport(async_handle)),
+            http_socket_options=(),  # no socket-option probe: unit tests run with sockets off
             **settings,
         )
 
@@ -197,3 +199,15 @@ def test_the_users_model_keeps_its_own_settings():
     model = upstream.chat_model()
     CappyBestOfN(llm=model, scorer=KeywordScorer(), n=2).invoke("Capital of France?")
     assert model.max_retries == 3 and model.temperature == 0
+
+
+def test_the_reply_names_its_model_and_carries_the_requests_usage():
+    upstream = Upstream()
+    best, _ = best_of(upstream, n=3)
+    with get_usage_metadata_callback() as usage:
+        reply = best.invoke("Capital of France?")
+    assert reply.response_metadata["model_name"] == "upstream-model"
+    assert reply.usage_metadata["output_tokens"] == 3  # the one request's three choices
+    assert usage.usage_metadata["upstream-model"]["total_tokens"] == 8  # counted once
+    reply = asyncio.run(best.ainvoke("Capital of France?"))
+    assert reply.response_metadata["model_name"] == "upstream-model"

@@ -125,3 +125,27 @@ def test_best_generation_parser():
     assert other.scorer is parser.scorer and other.instruction == "Capital of England?"
     with pytest.raises(OutputParserException):
         parser.parse_result([])
+
+
+def test_a_chat_model_labels_scorer_training_data(tmp_path):
+    import pyarrow.parquet as pq
+
+    from capplug.data.bigbench import parse_task
+    from capplug.data.build import build_dataset
+    from langchain_capplug.data import ChatModelCandidateSource
+
+    task = "anachronisms"  # a train task; its examples here are made up
+    examples = [{"input": f"q{i}", "target": f"answer {i}"} for i in range(3)]
+    loaded = parse_task(task, {"name": "t", "description": "d", "examples": examples})
+    script = Script(["answer 1", "something else"])
+    source = ChatModelCandidateSource(ChoicesChatModel(script=script), n=2)
+    build_dataset(
+        tmp_path, source=source, tasks=[task], progress=False, task_loader=lambda n: loaded
+    )
+    rows = pq.read_table(tmp_path / "shards" / f"{task}.parquet").to_pylist()
+    sampled = [r for r in rows if r["source"] == "sampled"]
+    assert len(script.calls) == 3 and all(c["n"] == 2 for c in script.calls)
+    assert {r["response"] for r in sampled} == {"answer 1", "something else"}
+    assert all("temperature=0.9" in r["generator"] for r in sampled)
+    hit = next(r for r in sampled if r["example_id"] == 1 and r["response"] == "answer 1")
+    assert hit["label"] == 1.0
