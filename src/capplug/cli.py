@@ -155,6 +155,18 @@ def _parser() -> argparse.ArgumentParser:
         "with --endpoint the name the endpoint serves",
     )
     build.add_argument(
+        "--recipe",
+        choices=("cappy", "fast"),
+        default="cappy",
+        help="local sampling recipe: cappy (17 candidates, 64 tokens) or fast (9, 48 tokens)",
+    )
+    build.add_argument(
+        "--sample-per-task",
+        type=int,
+        metavar="N",
+        help="only the first N drawn examples of each task get sampled candidates (default: all)",
+    )
+    build.add_argument(
         "--endpoint",
         metavar="URL",
         help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
@@ -431,12 +443,15 @@ def _run_data_build(args: argparse.Namespace) -> int:
     elif args.generator:
         from capplug.data.build import LocalCandidateSource
 
-        source = LocalCandidateSource.from_pretrained(args.generator, seed=args.seed)
+        source = LocalCandidateSource.from_pretrained(
+            args.generator, recipe=args.recipe, seed=args.seed
+        )
     config = BuildConfig(
         split=args.split,
         max_per_task=args.max_per_task,
         max_options=args.max_options,
         seed=args.seed,
+        sample_per_task=args.sample_per_task,
     )
     result = build_dataset(
         args.out, config=config, source=source, tasks=args.task, archive=args.archive

@@ -121,3 +121,35 @@ def test_only_train_tasks_are_built(tmp_path: Path) -> None:
         build_dataset(tmp_path / "b", tasks=["analytic_entailment"], progress=False)
     with pytest.raises(ValueError, match="split must be 'train'"):
         build_dataset(tmp_path / "b", config=BuildConfig(split="dev"), progress=False)  # type: ignore[arg-type]
+
+
+def test_sampling_can_be_capped_per_task_and_old_builds_still_resume(tmp_path: Path) -> None:
+    import json
+
+    source = EchoSource()
+    config = BuildConfig(max_per_task=4, sample_per_task=2)
+    build_dataset(
+        tmp_path / "b",
+        config=config,
+        source=source,
+        tasks=[GEN_TASK],
+        progress=False,
+        task_loader=fake_loader([]),
+    )
+    rows = read(tmp_path / "b", GEN_TASK)
+    sampled_examples = {r["example_id"] for r in rows if r["source"] == "sampled"}
+    gold_examples = {r["example_id"] for r in rows if r["source"] == "gold"}
+    assert len(sampled_examples) == 2 and len(gold_examples) == 4
+    assert sampled_examples < gold_examples
+
+    # a build.json written before sample_per_task existed resumes with the default
+    state_file = tmp_path / "c" / "build.json"
+    build_dataset(tmp_path / "c", tasks=[GEN_TASK], progress=False, task_loader=fake_loader([]))
+    state = json.loads(state_file.read_text())
+    del state["config"]["sample_per_task"]
+    state_file.write_text(json.dumps(state))
+    calls: list[str] = []
+    result = build_dataset(
+        tmp_path / "c", tasks=[GEN_TASK], progress=False, task_loader=fake_loader(calls)
+    )
+    assert result.shards_skipped == 1 and calls == []

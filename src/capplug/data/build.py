@@ -55,7 +55,12 @@ class LocalCandidateSource:
     def __init__(
         self, model: Any, *, recipe: Any = None, seed: int = 0, batch_size: int = 16
     ) -> None:
-        from capplug.llms.local import CAPPY_RECIPE
+        from capplug.llms.local import CAPPY_RECIPE, RECIPES
+
+        if isinstance(recipe, str):
+            if recipe not in RECIPES:
+                raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+            recipe = RECIPES[recipe]
 
         self.model = model
         self.recipe = recipe or CAPPY_RECIPE
@@ -74,11 +79,13 @@ class LocalCandidateSource:
 
     @classmethod
     def from_pretrained(
-        cls, ref: str, *, seed: int = 0, batch_size: int = 16
+        cls, ref: str, *, recipe: Any = None, seed: int = 0, batch_size: int = 16
     ) -> LocalCandidateSource:
         from capplug.llms.local import LocalChatModel
 
-        return cls(LocalChatModel.from_pretrained(ref), seed=seed, batch_size=batch_size)
+        return cls(
+            LocalChatModel.from_pretrained(ref), recipe=recipe, seed=seed, batch_size=batch_size
+        )
 
     def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
         sampled = self.model.sample_candidates(
@@ -138,6 +145,9 @@ class BuildConfig:
     """Settings of the candidate source, empty for none (references, negatives and options only)."""
     max_prompt_chars: int = 4000
     """Examples with longer prompts are skipped: the scorer only reads their end anyway."""
+    sample_per_task: int | None = None
+    """Examples per task that get sampled candidates (the first of the drawn ones); ``None``: all.
+    Sampling is the slow part of a build, so a cap lets every task contribute some."""
 
 
 @dataclass
@@ -171,6 +181,8 @@ def build_dataset(
         )
     if config.max_per_task < 1 or config.max_options < 1:
         raise ValueError("max_per_task and max_options must be >= 1")
+    if config.sample_per_task is not None and config.sample_per_task < 0:
+        raise ValueError("sample_per_task must be >= 0 (or None for every drawn example)")
     if source is not None and config.generator != source.name:
         config = BuildConfig(**{**asdict(config), "generator": source.name})
     allowed = task_names("train")
@@ -234,8 +246,9 @@ def _rows(
             options = positives[: config.max_options] + rng.sample(others, min(room, len(others)))
         kept += options
     if source is not None:
-        sampled = source.candidates([e.prompt for e in examples])
-        for example, candidates in zip(examples, sampled, strict=True):
+        chosen = examples if config.sample_per_task is None else examples[: config.sample_per_task]
+        sampled = source.candidates([e.prompt for e in chosen]) if chosen else []
+        for example, candidates in zip(chosen, sampled, strict=True):
             kept += label_candidates(example, candidates)
     return kept
 
@@ -275,7 +288,9 @@ def _load_state(out: Path, config: BuildConfig) -> dict[str, Any]:
     settings = asdict(config)
     if path.is_file():
         state = json.loads(path.read_text())
-        if state.get("config") != settings:
+        # settings added since a build was started take their defaults, so it still resumes
+        recorded = {**asdict(BuildConfig()), **(state.get("config") or {})}
+        if recorded != settings:
             raise ValueError(
                 f"{out} holds a build with other settings ({state.get('config')}); use the same "
                 f"settings to resume, or a new --out folder"

@@ -11,6 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "CAPPY_RECIPE": "capplug.llms.local",
+    "FAST_RECIPE": "capplug.llms.local",
+    "RECIPES": "capplug.llms.local",
     "Candidate": "capplug.llms.local",
     "LocalChatModel": "capplug.llms.local",
     "SamplingRecipe": "capplug.llms.local",

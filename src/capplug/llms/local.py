@@ -181,6 +181,22 @@ CAPPY_RECIPE = SamplingRecipe(
 temperature 0.9, top-k 40 and top-p 0.95; at most 64 new tokens. Each sampling strategy applies
 only its own warper (no top-k 50 default sneaks in)."""
 
+FAST_RECIPE = SamplingRecipe(
+    strategies=(
+        SamplingStrategy(method="beam", n=1, num_beams=4),
+        SamplingStrategy(n=2),
+        SamplingStrategy(n=2, temperature=0.9),
+        SamplingStrategy(n=2, top_k=40),
+        SamplingStrategy(n=2, top_p=0.95),
+    ),
+    max_new_tokens=48,
+)
+"""Cappy's recipe at about a third of the cost, for labelling training data on a CPU: the same
+strategies with 2 samples each instead of 4 (9 candidates) and at most 48 new tokens."""
+
+RECIPES = {"cappy": CAPPY_RECIPE, "fast": FAST_RECIPE}
+"""Recipes by the names the command line uses."""
+
 
 @dataclass(frozen=True)
 class Candidate:
