@@ -7,7 +7,6 @@ the text the scorer reads, and de-duplication.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding
 
-from capplug.llms.retry import RetryPolicy, is_retryable
+from capplug.llms.retry import RetryPolicy, gather_best_effort, is_retryable
 
 logger = logging.getLogger("langchain_capplug")
 
@@ -233,18 +232,10 @@ async def acollect(
             failures.append(error)
     missing = n - len(received)
     if missing > 0:
-        limit = asyncio.Semaphore(max_concurrency)
-
-        async def one() -> LLMResult:
-            async with limit:
-                return await call()
-
-        outcomes = await asyncio.gather(*(one() for _ in range(missing)), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                failures.append(outcome)
-            else:
-                received += _messages(outcome)
+        results, lost = await gather_best_effort(
+            (call() for _ in range(missing)), min_successes=0, max_concurrency=max_concurrency
+        )
+        for result in results:
+            received += _messages(result)
+        failures += lost
     return received, failures

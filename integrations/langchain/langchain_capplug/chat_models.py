@@ -146,6 +146,20 @@ class CappyBestOfN(BaseChatModel):
             self._prepared[id(model)] = sampling_copy(ready, self.temperature)
         return self._prepared[id(model)], bound
 
+    def _call_options(
+        self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]
+    ) -> tuple[BaseChatModel, dict[str, Any]]:
+        """The sampling model and the options of each candidate call (bound ones first)."""
+        sampler, bound = self._sampler()
+        options = {
+            **bound,
+            **kwargs,
+            "stop": stop if stop is not None else bound.get("stop"),
+            "callbacks": child_callbacks(run_manager),
+            "tags": CANDIDATE_TAGS,
+        }
+        return sampler, options
+
     def _use_native(self, model: BaseChatModel) -> bool:
         return supports_native_n(model) if self.native_n is None else self.native_n
 
@@ -156,14 +170,7 @@ class CappyBestOfN(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        sampler, bound = self._sampler()
-        options = {
-            **bound,
-            **kwargs,
-            "stop": stop if stop is not None else bound.get("stop"),
-            "callbacks": child_callbacks(run_manager),
-            "tags": CANDIDATE_TAGS,
-        }
+        sampler, options = self._call_options(stop, run_manager, kwargs)
         received, failures = collect(
             sampler,
             messages,
@@ -182,14 +189,7 @@ class CappyBestOfN(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        sampler, bound = self._sampler()
-        options = {
-            **bound,
-            **kwargs,
-            "stop": stop if stop is not None else bound.get("stop"),
-            "callbacks": child_callbacks(run_manager),
-            "tags": CANDIDATE_TAGS,
-        }
+        sampler, options = self._call_options(stop, run_manager, kwargs)
         received, failures = await acollect(
             sampler,
             messages,

@@ -13,7 +13,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 
-from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
+from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, gather_best_effort
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
@@ -159,22 +159,12 @@ class CappyBestOfNMiddleware(AgentMiddleware):
         first = await self._acall(handler, request)
         if self._leave_alone(first):
             return first
-        limit = asyncio.Semaphore(self.max_concurrency)
-
-        async def one() -> Any:
-            async with limit:
-                return await self._acall(handler, request)
-
-        outcomes = await asyncio.gather(*(one() for _ in range(self.n - 1)), return_exceptions=True)
-        responses, failures = [first], []
-        for outcome in outcomes:
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                failures.append(outcome)
-            else:
-                responses.append(outcome)
-        return await asyncio.to_thread(self._choose, request, responses, failures)
+        more, failures = await gather_best_effort(
+            (self._acall(handler, request) for _ in range(self.n - 1)),
+            min_successes=0,
+            max_concurrency=self.max_concurrency,
+        )
+        return await asyncio.to_thread(self._choose, request, [first, *more], failures)
 
 
 def _ai_message(response: Any) -> AIMessage:

@@ -303,14 +303,25 @@ def without_sdk_retries(client: Any) -> Any:
 
 
 async def gather_best_effort(
-    calls: Iterable[Awaitable[T]], *, min_successes: int = 1
+    calls: Iterable[Awaitable[T]],
+    *,
+    min_successes: int = 1,
+    max_concurrency: int | None = None,
 ) -> tuple[list[T], list[BaseException]]:
-    """Run ``calls`` concurrently; return ``(results, failures)``.
+    """Run ``calls`` concurrently (at most ``max_concurrency`` at once); ``(results, failures)``.
 
     Results keep the order of the calls that succeeded. When fewer than ``min_successes``
     succeeded the last failure is raised (cancellation is never swallowed).
     """
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def bounded(call: Awaitable[T]) -> T:
+        if limit is None:
+            return await call
+        async with limit:
+            return await call
+
+    outcomes = await asyncio.gather(*(bounded(c) for c in calls), return_exceptions=True)
     results: list[T] = []
     failures: list[BaseException] = []
     for outcome in outcomes:
