@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from capplug.errors import CapplugError
 from capplug.models import DEFAULT_SCORER
@@ -232,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     local.set_defaults(run=_run_serve_local)
     serve.set_defaults(run=lambda _args: serve.print_help() or 2)
+    _add_proxy_parser(sub)
     return parser
 
 
@@ -500,13 +502,7 @@ def _run_models_path(args: argparse.Namespace) -> int:
 
 
 def _run_serve_local(args: argparse.Namespace) -> int:
-    if not 1 <= args.port <= 65535:
-        raise _UsageError(f"--port must be between 1 and 65535; got {args.port}")
-    if args.api_key is None and not _is_loopback(args.host):
-        raise _UsageError(
-            f"--host {args.host} is reachable from other machines; give --api-key KEY "
-            f"(or set CAPPLUG_API_KEY), or bind to 127.0.0.1"
-        )
+    _check_bind(args)
     try:  # before the model loads, so a missing extra fails at once
         import uvicorn
 
@@ -527,6 +523,146 @@ def _run_serve_local(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _add_proxy_parser(sub: Any) -> None:
+    proxy = sub.add_parser(
+        "proxy",
+        help="an OpenAI-compatible proxy that reranks an upstream's chat completions",
+        description=(
+            "Serve OpenAI's API at http://HOST:PORT/v1 in front of --upstream: each chat "
+            "completion is drawn N times from the upstream and the best candidate, by the "
+            "scorer, is returned; every other route passes through untouched. Clients change "
+            "only their base URL. The client's Authorization header goes upstream as it is "
+            "(or --upstream-api-key replaces it); the proxy's own key, when set, travels in "
+            "'X-Capplug-Key: KEY'."
+        ),
+    )
+    proxy.add_argument(
+        "--upstream",
+        required=True,
+        metavar="URL",
+        help="the upstream's OpenAI base URL, e.g. https://api.openai.com/v1 or "
+        "http://127.0.0.1:8000/v1",
+    )
+    proxy.add_argument(
+        "--n",
+        type=int,
+        default=8,
+        help="candidates per request (default: 8; X-Capplug-N per request)",
+    )
+    proxy.add_argument(
+        "--max-n", type=int, default=32, help="most candidates a request may ask for (default: 32)"
+    )
+    proxy.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help=f"scorer: a folder, a Hugging Face id, or a packaged name (default: {DEFAULT_SCORER})",
+    )
+    proxy.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    proxy.add_argument("--port", type=int, default=8787, help="port to bind (default: 8787)")
+    proxy.add_argument(
+        "--api-key",
+        default=os.environ.get("CAPPLUG_API_KEY") or None,
+        metavar="KEY",
+        help="require 'X-Capplug-Key: KEY' (default: $CAPPLUG_API_KEY); needed to bind anywhere "
+        "but a loopback address",
+    )
+    proxy.add_argument(
+        "--upstream-api-key",
+        default=os.environ.get("CAPPLUG_UPSTREAM_API_KEY") or None,
+        metavar="KEY",
+        help="send 'Authorization: Bearer KEY' upstream in place of the client's own "
+        "(default: $CAPPLUG_UPSTREAM_API_KEY; unset: the client's header goes upstream)",
+    )
+    proxy.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 << 20,
+        metavar="BYTES",
+        help="larger request bodies get a 413 (default: 16 MiB)",
+    )
+    proxy.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="seconds one upstream attempt may take (default: 120)",
+    )
+    proxy.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="attempts per upstream call, the first included (default: 5)",
+    )
+    proxy.add_argument(
+        "--max-retry-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="no retry starts that would end later than this after the first attempt (default: 60)",
+    )
+    proxy.add_argument(
+        "--native-n",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: ask for N choices in one request, fanning out where the upstream ignores "
+        "it; never: always N single requests (default: auto)",
+    )
+    proxy.set_defaults(run=_run_proxy)
+
+
+def _run_proxy(args: argparse.Namespace) -> int:
+    _check_bind(args)
+    try:  # before the scorer loads, so a missing extra fails at once
+        import uvicorn
+
+        from capplug.serve import create_proxy_app
+    except ImportError as exc:
+        missing = exc.__cause__ or exc  # capplug.serve re-raises with the install hint
+        raise _UsageError(
+            f"`capplug proxy` needs the serve extra: pip install 'capplug[serve]' ({missing})"
+        ) from exc
+    from capplug.llms.retry import RetryPolicy
+
+    # The scorer loads last, once every other option has been checked.
+    app = create_proxy_app(
+        args.upstream,
+        scorer=args.scorer,
+        n=args.n,
+        max_n=args.max_n,
+        retry=RetryPolicy(max_attempts=args.max_attempts, max_total_seconds=args.max_retry_seconds),
+        timeout=args.timeout,
+        api_key=args.api_key,
+        upstream_api_key=args.upstream_api_key,
+        max_body_bytes=args.max_body_bytes,
+        native_n=args.native_n,
+    )
+    upstream = urlsplit(args.upstream)
+    shown = upstream._replace(netloc=upstream.netloc.rpartition("@")[2]).geturl()  # no userinfo
+    print(
+        f"reranking {shown} (best of {args.n}) at "
+        f"http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _check_bind(args: argparse.Namespace) -> None:
+    """A server's --host/--port/--api-key: a valid port, and a key to listen beyond loopback."""
+    if not 1 <= args.port <= 65535:
+        raise _UsageError(f"--port must be between 1 and 65535; got {args.port}")
+    if args.api_key is None and not _is_loopback(args.host):
+        raise _UsageError(
+            f"--host {args.host} is reachable from other machines; give --api-key KEY "
+            f"(or set CAPPLUG_API_KEY), or bind to 127.0.0.1"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -47,10 +47,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capplug.llms import Candidate, LocalChatModel, SamplingRecipe, SamplingStrategy
+from capplug.serve._http import (
+    BEARER,
+    APIError,
+    BodyLimit,
+    KeyHeader,
+    RequireKey,
+    check_positive_int,
+    error_response,
+    install_error_handlers,
+)
 
 try:
     from jinja2 import TemplateError as _TemplateError
@@ -151,43 +159,9 @@ class _ChatCompletionRequest(BaseModel):
 # --------------------------------------------------------------------------------- errors
 
 
-class _APIError(Exception):
-    """A request the server refuses, with OpenAI's error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.kind = kind
-
-
-def _error_response(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    kind: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def _on_api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, _APIError)
-    return _error_response(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
+def _key_headers(path: str) -> list[KeyHeader]:
+    """The key guards every ``/v1`` route, sent as ``Authorization: Bearer <key>``."""
+    return [BEARER] if path.startswith("/v1") else []
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -196,7 +170,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     first: dict[str, Any] = dict(errors[0]) if errors else {}
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "JSON decode error")
-        return _error_response(
+        return error_response(
             400,
             f"the request body is not valid JSON ({reason}); send one JSON object",
             code="invalid_json",
@@ -204,14 +178,14 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     where = [part for part in first.get("loc", ()) if part != "body"]
     param = _param_name(where)
     if not param:
-        return _error_response(
+        return error_response(
             400,
             "the request body must be a JSON object with 'messages' "
             "(and Content-Type: application/json)",
             code="invalid_body",
         )
     if first.get("type") == "missing":
-        return _error_response(
+        return error_response(
             400,
             f"Missing required parameter: '{param}'.",
             param=param,
@@ -220,7 +194,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param == "messages":
         reason = "give a non-empty list of {'role': ..., 'content': ...} objects"
-    return _error_response(
+    return error_response(
         400, f"Invalid value for '{param}': {reason}", param=param, code="invalid_value"
     )
 
@@ -230,92 +204,6 @@ def _param_name(loc: Sequence[Any]) -> str:
     for part in loc:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
     return name
-
-
-async def _on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    headers = dict(exc.headers or {})
-    if exc.status_code == 404:
-        message = f"Invalid URL ({request.method} {request.url.path})"
-        return _error_response(404, message, code="unknown_url", headers=headers)
-    if exc.status_code == 405:
-        message = f"Method not allowed ({request.method} {request.url.path})"
-        return _error_response(405, message, code="method_not_allowed", headers=headers)
-    if exc.status_code == 413:
-        return _error_response(413, str(exc.detail), code="request_too_large")
-    return _error_response(exc.status_code, str(exc.detail), headers=headers)
-
-
-async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
-    return _error_response(500, f"the server failed: {type(exc).__name__}: {exc}")
-
-
-def _too_large_message(limit: int) -> str:
-    return f"the request body is larger than this server's limit of {limit} bytes; send less"
-
-
-class _BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or as they stream in."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            response = _error_response(
-                413, _too_large_message(self.max_bytes), code="request_too_large"
-            )
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    # FastAPI re-raises HTTPExceptions from body reading; the handler answers 413.
-                    raise StarletteHTTPException(413, _too_large_message(self.max_bytes))
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for key, value in scope.get("headers", ()):
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-class _RequireKey:
-    """Ask for ``Authorization: Bearer <key>`` on every ``/v1`` route."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope.get("headers", ())).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = _error_response(
-                    401,
-                    "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -339,21 +227,21 @@ class _Plan:
 
 def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -> _Plan:
     if request.tools:
-        raise _APIError(
+        raise APIError(
             400,
             "tools are not supported by this server",
             param="tools",
             code="unsupported_parameter",
         )
     if request.logprobs:
-        raise _APIError(
+        raise APIError(
             400,
             "logprobs are not supported by this server",
             param="logprobs",
             code="unsupported_parameter",
         )
     if request.response_format and request.response_format.get("type", "text") != "text":
-        raise _APIError(
+        raise APIError(
             400,
             "only response_format {'type': 'text'} is supported by this server",
             param="response_format",
@@ -361,7 +249,7 @@ def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -
         )
     n = 1 if request.n is None else request.n
     if n > max_n:
-        raise _APIError(
+        raise APIError(
             400,
             f"Invalid value for 'n': this server returns at most {max_n} choices per request; "
             f"got {n}",
@@ -374,7 +262,7 @@ def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -
     if max_tokens is None:
         max_tokens = max_tokens_cap
     elif max_tokens > max_tokens_cap:
-        raise _APIError(
+        raise APIError(
             400,
             f"Invalid value for '{param}': this server generates at most {max_tokens_cap} "
             f"tokens per choice; got {max_tokens}",
@@ -404,7 +292,7 @@ def _prompt_tokens(model: LocalChatModel, plan: _Plan) -> int:
     try:
         text = model.render(plan.chat)
     except (TypeError, ValueError, _TemplateError) as exc:
-        raise _APIError(
+        raise APIError(
             400,
             f"messages cannot be rendered with the model's chat template: {exc}",
             param="messages",
@@ -413,7 +301,7 @@ def _prompt_tokens(model: LocalChatModel, plan: _Plan) -> int:
     count = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     limit = model.max_positions
     if limit is not None and count + plan.max_tokens > limit:
-        raise _APIError(
+        raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens; the messages take {count} "
             f"and max_tokens asks for {plan.max_tokens} more. Shorten the messages or lower "
@@ -577,8 +465,7 @@ def create_app(
         (max_n, "max_n"),
         (max_tokens_cap, "max_tokens_cap"),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{argument} must be an integer >= 1; got {value!r}")
+        check_positive_int(value, argument)
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string; got {model_name!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -590,14 +477,12 @@ def create_app(
         title="capplug local OpenAI-compatible server",
         summary=f"Chat completions from {model_name}, a local model.",
     )
-    app.add_exception_handler(_APIError, _on_api_error)
+    install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected_error)
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.
-        app.add_middleware(_RequireKey, api_key=api_key)
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -610,7 +495,7 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
-            raise _APIError(
+            raise APIError(
                 404,
                 f"The model '{model_id}' does not exist; this server serves '{model_name}'",
                 param="model",

@@ -1,0 +1,237 @@
+"""What capplug's HTTP servers share: OpenAI-shaped errors, a body-size cap and an API-key check.
+
+Every error a capplug server sends is OpenAI's error object,
+``{"error": {"message", "type", "param", "code"}}``, so the ``openai`` SDK and LangChain raise
+their usual exception classes with a readable message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "BEARER",
+    "APIError",
+    "BodyLimit",
+    "KeyHeader",
+    "RequireKey",
+    "check_positive_int",
+    "error_response",
+    "install_error_handlers",
+]
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """A request a server refuses, with OpenAI's error fields; the handler answers with them."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+        self.headers = headers
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """OpenAI's error JSON with ``status``; ``type`` defaults by status class."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(
+        exc.status,
+        exc.message,
+        param=exc.param,
+        code=exc.code,
+        kind=exc.kind,
+        headers=exc.headers,
+    )
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+        return error_response(404, message, code="unknown_url", headers=headers)
+    if exc.status_code == 405:
+        message = f"Method not allowed ({request.method} {request.url.path})"
+        return error_response(405, message, code="method_not_allowed", headers=headers)
+    if exc.status_code == 413:
+        return error_response(413, str(exc.detail), code="request_too_large")
+    return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, f"the server failed: {type(exc).__name__}: {exc}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer :class:`APIError`, Starlette's HTTP errors (404, 405, 413) and crashes as OpenAI does."""
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+# ---------------------------------------------------------------------------- body limit
+
+
+def _too_large_message(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit} bytes; send less"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or as they stream in.
+
+    A body that streams in without a Content-Length is counted as it is read: the read that
+    crosses the limit raises Starlette's ``HTTPException(413)``, which the installed handler
+    answers (code that forwards the body elsewhere must let that exception through).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            response = error_response(
+                413, _too_large_message(self.max_bytes), code="request_too_large"
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler answers 413.
+                    raise StarletteHTTPException(413, _too_large_message(self.max_bytes))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# ------------------------------------------------------------------------------- API key
+
+
+@dataclass(frozen=True)
+class KeyHeader:
+    """A header that may carry a server's API key: ``name: <prefix><key>``."""
+
+    name: str
+    prefix: str = ""
+
+    def expected(self, api_key: str) -> bytes:
+        return f"{self.prefix}{api_key}".encode()
+
+    def example(self) -> str:
+        return f"'{self.name}: {self.prefix}<key>'"
+
+
+BEARER = KeyHeader("Authorization", "Bearer ")
+
+
+class RequireKey:
+    """Ask for the server's API key on the paths that ``headers_for(path)`` gives headers for.
+
+    ``headers_for`` returns the headers that may carry the key on that path (any one will do);
+    an empty list leaves the path open. Keys are compared in constant time, and a refused
+    request is answered 401 before anything else runs.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        *,
+        headers_for: Callable[[str], Sequence[KeyHeader]],
+        what: str = "API key",
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.headers_for = headers_for
+        self.what = what
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            accepted = self.headers_for(scope["path"])
+            if accepted and not self._authorised(scope, accepted):
+                ways = " or ".join(header.example() for header in accepted)
+                response = error_response(
+                    401,
+                    f"missing or wrong {self.what}; send the header {ways}",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, scope: Scope, accepted: Sequence[KeyHeader]) -> bool:
+        sent: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers", ()):
+            sent.setdefault(key, value)  # the first of repeated headers counts
+        ok = False
+        for header in accepted:
+            given = sent.get(header.name.lower().encode(), b"")
+            # Every accepted header is compared, so timing does not tell which one was close.
+            ok |= secrets.compare_digest(given, header.expected(self.api_key))
+        return ok
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")

@@ -1,0 +1,1276 @@
+"""An OpenAI-compatible reranking proxy: best-of-n chat completions, chosen by capplug's scorer.
+
+An app that already speaks OpenAI's API gets reranked answers by changing its base URL::
+
+    app = create_proxy_app("https://api.openai.com/v1", scorer=Scorer())
+    # or: capplug proxy --upstream https://api.openai.com/v1
+    client = openai.OpenAI(base_url="http://127.0.0.1:8787/v1")   # the one-line change
+
+``POST /v1/chat/completions``
+    The proxy asks the upstream for ``n`` candidates (8 by default; ``X-Capplug-N`` per
+    request): one request with ``n`` set, then single requests in parallel for any shortfall
+    (with ``seed + k`` for the k-th when the request sets a ``seed``, so that they differ and
+    the same request still draws the same candidates). An upstream that ignores ``n`` (one
+    choice back) or refuses it (400/422, where one plain request then succeeds) is remembered
+    per model and gets single requests from then on. Every upstream request goes through the
+    retry policy (:mod:`capplug.llms.retry`). The candidates are scored against the whole
+    conversation, repeats scored once, and the answer is a standard chat completion whose
+    choice is the best candidate (the best ``n``, distinct answers first, when the request
+    itself asks for ``n`` > 1; fewer when fewer arrived), with ``usage`` summed over every
+    upstream call and a ``capplug`` object: ``n_requested``, ``n_received``, ``failures`` and
+    ``errors`` (candidate requests that failed after retries; the best of the rest is
+    returned), ``scores`` (one per candidate received, in the order received), ``chosen`` (the
+    best candidate's index in that order), ``returned`` (the indices of the returned choices),
+    ``upstream_calls``, ``native_n``, ``upstream_seconds``, ``scoring_seconds`` and ``reason``
+    (why the candidates were not scored, else ``null``). Headers ``X-Capplug-Candidates`` and
+    ``X-Capplug-Failures`` say the same for clients that cannot read extra JSON fields, and
+    ``Server-Timing`` says where the time went: ``upstream``, ``scoring`` (waiting for the
+    scorer included) and ``total`` (from the request reaching the proxy to its answer), in ms.
+
+``stream: true``
+    The candidates are fetched whole, so nothing can be streamed before one is chosen; the
+    chosen answer then goes out as ``chat.completion.chunk`` events (role, content, tool calls,
+    finish reason; the usage chunk with ``stream_options.include_usage``; the ``capplug``
+    object on the first chunk), then ``[DONE]``. An upstream failure is an ordinary JSON error.
+
+Tool calls
+    A candidate that calls tools (``tool_calls`` or ``function_call``) is not scored: the
+    scorer judges text answers, not whether a tool call is the right next step. When any
+    candidate calls tools the first such candidate is returned unscored (``scores`` is
+    ``null`` and ``reason`` says why); send ``X-Capplug-N: 1`` on such requests to avoid paying
+    for candidates that will not be compared.
+
+Temperature 0
+    Greedy candidates are all the same answer, so a request with ``temperature: 0`` is sampled
+    at ``sampling_temperature`` (0.8) instead; send ``X-Capplug-Disable: 1`` for a single
+    deterministic answer.
+
+``X-Capplug-Disable: 1`` and every other path under ``/v1``
+    Passed through untouched: method, path, query, headers and body go upstream as they came
+    (the body streamed both ways), the upstream's status, headers and body come back as they
+    came. One attempt, no retries (a pass-through request may not be safe to repeat); an
+    upstream that cannot be reached is a 502, one that times out a 504.
+
+Keys
+    The client's ``Authorization`` header goes upstream untouched: clients keep using their own
+    upstream key through the SDK's ``api_key``. ``upstream_api_key`` instead makes the proxy
+    send ``Authorization: Bearer <upstream_api_key>`` itself, replacing any client one, so the
+    upstream key never leaves the proxy's machine. The proxy's own ``api_key`` travels in a
+    header of its own, ``X-Capplug-Key``, required on every path but ``/healthz``
+    (``/metrics`` also takes ``Authorization: Bearer <api_key>``, for Prometheus' scrape
+    settings). ``X-Capplug-*`` request headers never go upstream, and no header is ever logged.
+
+Errors
+    OpenAI's error JSON: 400 for a body that is not JSON, not an object, without a non-empty
+    ``messages`` list, or with a bad ``n``, ``stream`` or ``X-Capplug-*`` value; 401 for a
+    missing or wrong proxy key; 413 for a body over ``max_body_bytes``. An upstream that
+    refuses a request (a 4xx that is not worth retrying) has its answer relayed with its
+    status. When the retries run out the answer is 502 (code ``upstream_error``) or, when the
+    last attempt timed out, 504 (``upstream_timeout``), naming the upstream and its reason,
+    with the upstream's ``Retry-After`` when it sent one. A 200 whose body is not a chat
+    completion is a 502 at once (repeating it would not help).
+
+``GET /healthz`` answers ``{"status": "ok"}``; ``GET /metrics`` is Prometheus' text format:
+requests by mode and status, request time, requests in flight, candidates received, candidate
+failures, scoring time, upstream time, upstream requests, retries and failures by reason.
+
+Scoring runs on one worker thread, never on the event loop: torch already spreads one forward
+pass over every CPU core, so two at once would only thrash them. Requests whose candidates
+arrive while the scorer is busy are scored together in its next batch, which costs less than
+scoring them one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx2
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from capplug.llms.retry import (
+    DEFAULT_RETRY,
+    RetryEvent,
+    RetryPolicy,
+    UpstreamHTTPError,
+    gather_best_effort,
+    retry_after_seconds,
+)
+from capplug.scoring.formatting import flatten_chat
+from capplug.serve._http import (
+    BEARER,
+    APIError,
+    BodyLimit,
+    KeyHeader,
+    RequireKey,
+    check_positive_int,
+    error_response,
+    install_error_handlers,
+)
+
+__all__ = ["KEY_HEADER", "create_proxy_app"]
+
+logger = logging.getLogger(__name__)
+
+KEY_HEADER = "X-Capplug-Key"
+"""The header that carries the proxy's own API key (``Authorization`` belongs to the upstream)."""
+
+_CHAT_PATH = "/v1/chat/completions"
+_PROXY_KEY = KeyHeader(KEY_HEADER)
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+# Headers that describe a body the proxy re-encodes (reranked requests and their answers).
+_BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding", "accept-encoding"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+_MAX_REMEMBERED_MODELS = 1024
+_TIMING_KEY = "capplug_timing"  # request.state key: [(name, seconds)] for Server-Timing
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+class _Metrics:
+    """The proxy's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "capplug_proxy_requests",
+            "Requests under /v1 answered, by mode (rerank or passthrough) and HTTP status",
+            ["mode", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "capplug_proxy_request_seconds",
+            "Time to answer a request under /v1, by mode",
+            ["mode"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "capplug_proxy_requests_in_flight", "Requests under /v1 being answered", registry=r
+        )
+        self.candidates = Counter(
+            "capplug_proxy_candidates", "Candidates received from the upstream", registry=r
+        )
+        self.candidate_failures = Counter(
+            "capplug_proxy_candidate_failures",
+            "Candidate requests that failed after retries while others succeeded",
+            registry=r,
+        )
+        self.scoring_seconds = Histogram(
+            "capplug_proxy_scoring_seconds",
+            "Time from handing one request's candidates to the scorer to their scores "
+            "(waiting for the scorer included)",
+            registry=r,
+        )
+        self.scoring_failures = Counter(
+            "capplug_proxy_scoring_failures",
+            "Requests answered unscored because the scorer failed",
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "capplug_proxy_upstream_seconds",
+            "Time to collect one request's candidates from the upstream (retries included)",
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "capplug_proxy_upstream_requests",
+            "HTTP requests sent upstream, every attempt counted, by mode",
+            ["mode"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "capplug_proxy_upstream_retries",
+            "Upstream attempts that failed and were retried, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "capplug_proxy_upstream_failures",
+            "Upstream calls given up on (retries ran out, or not worth retrying), by reason",
+            ["reason"],
+            registry=r,
+        )
+
+
+def _reason(error: BaseException) -> str:
+    """A short, bounded label for an upstream error (metrics)."""
+    if isinstance(error, UpstreamHTTPError):
+        return str(error.status) if error.status else "invalid_body"
+    if _is_timeout(error):
+        return "timeout"
+    if isinstance(error, httpx2.TransportError | ConnectionError):
+        return "connection"
+    return "error"
+
+
+def _is_timeout(error: BaseException) -> bool:
+    return isinstance(error, httpx2.TimeoutException | TimeoutError)
+
+
+def _describe(error: BaseException, limit: int = 300) -> str:
+    text = (
+        str(error) if isinstance(error, UpstreamHTTPError) else f"{type(error).__name__}: {error}"
+    )
+    text = text.rstrip(": ") or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Metered:
+    """Count and time every request under ``/v1`` by mode and status (401s and 413s included).
+
+    Reranked answers also get a ``Server-Timing`` header: the handler leaves its upstream and
+    scoring times in the request's state, and the total is taken here, when the answer starts.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        reranked = scope["method"] == "POST" and scope["path"] == _CHAT_PATH
+        if reranked:
+            disable = Headers(scope=scope).get("x-capplug-disable", "").strip().lower()
+            reranked = disable not in _TRUE
+        mode = "rerank" if reranked else "passthrough"
+        state = scope.setdefault("state", {})  # what ``request.state`` writes into
+        status = 500  # what the client gets when the app crashes before answering
+        started = time.perf_counter()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                timing = state.get(_TIMING_KEY)
+                if timing is not None:
+                    total = time.perf_counter() - started
+                    parts = [
+                        *(f"{name};dur={1000 * s:.3f}" for name, s in timing),
+                        f"total;dur={1000 * total:.3f}",
+                    ]
+                    header = (b"server-timing", ", ".join(parts).encode())
+                    message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(mode, str(status)).inc()
+            self.metrics.request_seconds.labels(mode).observe(time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _ScoringJob:
+    instruction: str
+    responses: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[float]]
+
+
+class _ScoringQueue:
+    """Scores candidates on one worker thread, batching the requests that wait together.
+
+    The thread lives as long as the process (a daemon, idle when there is nothing to score):
+    measured here, a thread that keeps torch's thread pool warm scores 8 candidates in about
+    two thirds of the time a fresh thread takes.
+    """
+
+    def __init__(self, scorer: Any, *, max_pairs: int = 512) -> None:
+        self.scorer = scorer
+        self.max_pairs = max_pairs
+        self._pending: deque[_ScoringJob] = deque()
+        self._wake = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    async def score(self, instruction: str, responses: list[str]) -> list[float]:
+        """Scores of ``responses`` to ``instruction``, in order; awaits the worker thread."""
+        loop = asyncio.get_running_loop()
+        job = _ScoringJob(instruction, responses, loop, loop.create_future())
+        with self._wake:
+            self._pending.append(job)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=self._work, name="capplug-scoring", daemon=True
+                )
+                self._worker.start()
+            self._wake.notify()
+        return await job.future
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    self._wake.wait()
+                batch = [self._pending.popleft()]
+                pairs = len(batch[0].responses)
+                while self._pending and pairs + len(self._pending[0].responses) <= self.max_pairs:
+                    batch.append(self._pending.popleft())
+                    pairs += len(batch[-1].responses)
+            try:
+                self._run(batch)
+            except BaseException as error:  # never leave a request waiting forever
+                for job in batch:
+                    _settle(job, error=error)
+
+    def _run(self, batch: list[_ScoringJob]) -> None:
+        try:
+            results = self._score(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0], error=error)
+                return
+            # One request's input must not fail the others that shared its batch.
+            for job in batch:
+                self._run([job])
+            return
+        for job, scores in zip(batch, results, strict=True):
+            _settle(job, scores=scores)
+
+    def _score(self, batch: list[_ScoringJob]) -> list[list[float]]:
+        score_pairs = getattr(self.scorer, "score_pairs", None)
+        if not callable(score_pairs) or len(batch) == 1:
+            results = [list(self.scorer.score(job.instruction, job.responses)) for job in batch]
+        else:
+            pairs = [(job.instruction, response) for job in batch for response in job.responses]
+            flat = list(score_pairs(pairs))
+            results, start = [], 0
+            for job in batch:
+                results.append(flat[start : start + len(job.responses)])
+                start += len(job.responses)
+        for job, scores in zip(batch, results, strict=True):
+            if len(scores) != len(job.responses):
+                raise ValueError(
+                    f"the scorer returned {len(scores)} scores for {len(job.responses)} responses"
+                )
+        return [[float(s) for s in scores] for scores in results]
+
+
+def _settle(
+    job: _ScoringJob, *, scores: list[float] | None = None, error: BaseException | None = None
+) -> None:
+    def settle() -> None:
+        if job.future.done():  # the request was cancelled (its client went away)
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(scores or [])
+
+    # A closed event loop raises RuntimeError: its request is gone and nobody is waiting.
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(settle)
+
+
+# ------------------------------------------------------------------------- requests in
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise APIError(
+            400,
+            f"the request body is not valid JSON ({error}); send one JSON object",
+            code="invalid_json",
+        ) from error
+    if not isinstance(body, dict):
+        raise APIError(
+            400,
+            "the request body must be a JSON object with 'messages' "
+            "(and Content-Type: application/json)",
+            code="invalid_body",
+        )
+    return body
+
+
+def _instruction(body: dict[str, Any]) -> str:
+    """The conversation as the scorer reads it; raises a 400 naming what is wrong."""
+    if "messages" not in body:
+        raise APIError(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise APIError(
+            400,
+            "Invalid value for 'messages': give a non-empty list of "
+            "{'role': ..., 'content': ...} objects",
+            param="messages",
+            code="invalid_value",
+        )
+    try:
+        return flatten_chat(messages, argument="messages")
+    except (TypeError, ValueError) as error:
+        raise APIError(
+            400, f"Invalid value for 'messages': {error}", param="messages", code="invalid_value"
+        ) from error
+
+
+def _choices_wanted(body: dict[str, Any], max_n: int) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise APIError(
+            400,
+            f"Invalid value for 'n': give a whole number >= 1; got {n!r}",
+            param="n",
+            code="invalid_value",
+        )
+    if n > max_n:
+        raise APIError(
+            400,
+            f"Invalid value for 'n': this proxy returns at most {max_n} choices; got {n}",
+            param="n",
+            code="invalid_value",
+        )
+    return n
+
+
+def _stream_flag(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` from the request."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(
+            400,
+            f"Invalid value for 'stream': give true or false; got {stream!r}",
+            param="stream",
+            code="invalid_value",
+        )
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return bool(stream), bool(stream) and include_usage
+
+
+def _header_flag(headers: Headers, name: str) -> bool:
+    value = headers.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise APIError(
+        400,
+        f"header {name} must be 1, true or yes (or 0, false, no); got {value!r}",
+        code="invalid_header",
+    )
+
+
+def _header_count(headers: Headers, name: str, max_n: int) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        count = int(value.strip())
+    except ValueError:
+        count = 0
+    if not 1 <= count <= max_n:
+        raise APIError(
+            400,
+            f"header {name} must be a whole number from 1 to {max_n}; got {value!r}",
+            code="invalid_header",
+        )
+    return count
+
+
+# ------------------------------------------------------------------------- answers back
+
+
+def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
+    message = choice.get("message")
+    return message if isinstance(message, Mapping) else {}
+
+
+def _has_tool_calls(choice: Mapping[str, Any]) -> bool:
+    message = _message(choice)
+    return bool(message.get("tool_calls") or message.get("function_call"))
+
+
+def _candidate_text(choice: Mapping[str, Any]) -> str:
+    """What the scorer reads for a candidate: its text content (or its refusal)."""
+    message = _message(choice)
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        )
+    refusal = message.get("refusal")
+    return refusal if isinstance(refusal, str) else ""
+
+
+def _add_usage(total: dict[str, Any], part: Mapping[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, bool):
+            total.setdefault(key, value)
+        elif isinstance(value, int | float):
+            current = total.get(key)
+            total[key] = (current if isinstance(current, int | float) else 0) + value
+        elif isinstance(value, Mapping):
+            nested = total.get(key)
+            if not isinstance(nested, dict):
+                nested = total[key] = {}
+            _add_usage(nested, value)
+        else:
+            total.setdefault(key, value)
+
+
+def _summed_usage(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The ``usage`` of every reply added up, nested details included; ``None`` if none had one."""
+    usages = [r["usage"] for r in replies if isinstance(r.get("usage"), Mapping)]
+    if not usages:
+        return None
+    total: dict[str, Any] = {}
+    for usage in usages:
+        _add_usage(total, usage)
+    return total
+
+
+@dataclass
+class _Collected:
+    """What the upstream gave for one request."""
+
+    choices: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+    calls: int = 0
+    native: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reply: dict[str, Any], headers: httpx2.Headers, limit: int) -> None:
+        self.replies.append(reply)
+        self.choices += reply["choices"][:limit]
+        # Rate-limit headers describe the latest state of the caller's quota: keep the latest.
+        self.headers.update(
+            {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+        )
+
+
+@dataclass
+class _Selection:
+    order: list[int]
+    scores: list[float | None] | None
+    reason: str | None
+    seconds: float = 0.0
+
+
+class _UpstreamFailure(Exception):
+    """An upstream call that failed for good: the last error and how many attempts it took."""
+
+    def __init__(self, error: BaseException, attempts: int) -> None:
+        super().__init__(_describe(error))
+        self.error = error
+        self.attempts = attempts
+        self.calls = 1  # how many calls failed like this (a fan-out where every call failed)
+
+
+class _RetryAfter(Exception):
+    """Carries a response's headers to :func:`retry_after_seconds`, which reads ``.headers``."""
+
+    def __init__(self, headers: httpx2.Headers) -> None:
+        super().__init__()
+        self.headers = headers
+
+
+def _status_error(response: httpx2.Response) -> UpstreamHTTPError:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    message = None
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        message = body["error"].get("message")
+    if not isinstance(message, str) or not message:
+        text = body if isinstance(body, str) else json.dumps(body)
+        message = " ".join(text.split())[:300] or response.reason_phrase or "no message"
+    return UpstreamHTTPError(
+        response.status_code,
+        message,
+        retry_after=retry_after_seconds(_RetryAfter(response.headers)),
+        body=body,
+    )
+
+
+def _chat_completion(response: httpx2.Response) -> dict[str, Any]:
+    """The body of a successful chat-completions answer; raises for anything else."""
+    if response.status_code >= 400:
+        raise _status_error(response)
+    snippet = " ".join(response.text[:200].split())
+    try:
+        body = response.json()
+    except ValueError:
+        raise UpstreamHTTPError(
+            0,
+            f"upstream answered {response.status_code} with a body that is not JSON: {snippet!r}",
+        ) from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if (
+        not isinstance(choices, list)
+        or not choices
+        or not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+    ):
+        raise UpstreamHTTPError(
+            0,
+            f"upstream answered {response.status_code} with JSON that is not a chat completion "
+            f"(no choices with a message): {snippet!r}",
+        )
+    return body
+
+
+def _single(payload: dict[str, Any], k: int) -> dict[str, Any]:
+    """The ``k``-th single request standing in for ``n``: a request's seed becomes seed + k, so
+    the candidates differ from one another and the same request still draws the same ones."""
+    seed = payload.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return {**payload, "seed": seed + k}
+    return payload
+
+
+def _chunks(
+    reply: Mapping[str, Any],
+    choices: Sequence[Mapping[str, Any]],
+    usage: dict[str, Any] | None,
+    meta: dict[str, Any],
+    *,
+    include_usage: bool,
+) -> Iterator[str]:
+    """Server-sent ``chat.completion.chunk`` events for whole ``choices``, then ``[DONE]``."""
+    head = {
+        "id": reply.get("id"),
+        "object": "chat.completion.chunk",
+        "created": reply.get("created", int(time.time())),
+        "model": reply.get("model"),
+    }
+    for key in ("system_fingerprint", "service_tier"):
+        if key in reply:
+            head[key] = reply[key]
+
+    def event(chunk_choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {**head, "choices": chunk_choices, **extra}
+        if include_usage:
+            chunk.setdefault("usage", None)
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def delta(index: int, content: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"index": index, "delta": content, "logprobs": None, "finish_reason": None, **extra}
+
+    for index, choice in enumerate(choices):
+        message = _message(choice)
+        first = delta(index, {"role": message.get("role") or "assistant", "content": ""})
+        yield event([first], capplug=meta) if index == 0 else event([first])
+        content = message.get("content")
+        if isinstance(content, str) and content:
+            yield event([delta(index, {"content": content}, logprobs=choice.get("logprobs"))])
+        if message.get("refusal"):
+            yield event([delta(index, {"refusal": message["refusal"]})])
+        if message.get("tool_calls"):
+            calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+            yield event([delta(index, {"tool_calls": calls})])
+        if message.get("function_call"):
+            yield event([delta(index, {"function_call": message["function_call"]})])
+        finish = choice.get("finish_reason") or "stop"
+        yield event([delta(index, {}, finish_reason=finish)])
+    if include_usage:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------------- proxy
+
+
+class _Proxy:
+    """The state behind one proxy app: upstream client, scorer, policy, metrics."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        scorer: Any,
+        n: int,
+        max_n: int,
+        retry: RetryPolicy,
+        timeout: float,
+        upstream_api_key: str | None,
+        native_n: Literal["auto", "never"],
+        sampling_temperature: float | None,
+        max_connections: int,
+        transport: httpx2.AsyncBaseTransport | None,
+    ) -> None:
+        parts = urlsplit(upstream)
+        self.base = upstream.rstrip("/")
+        # Named in errors and logs; never the userinfo part of the URL.
+        self.name = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        self.chat_url = f"{self.base}/chat/completions"
+        self.n = n
+        self.max_n = max_n
+        self.timeout = timeout
+        self.upstream_api_key = upstream_api_key
+        self.native_n = native_n
+        self.sampling_temperature = sampling_temperature
+        self.max_connections = max_connections
+        self.transport = transport
+        self.metrics = _Metrics()
+        self.scoring = _ScoringQueue(scorer)
+        self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
+        self._ignores_n: OrderedDict[str, str] = OrderedDict()
+        self._client: httpx2.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    def _counting(
+        self, chained: Callable[[RetryEvent], None] | None
+    ) -> Callable[[RetryEvent], None]:
+        def on_retry(event: RetryEvent) -> None:
+            self.metrics.upstream_retries.labels(_reason(event.error)).inc()
+            if chained is not None:
+                chained(event)
+
+        return on_retry
+
+    # ------------------------------------------------------------------ upstream plumbing
+
+    def client(self) -> httpx2.AsyncClient:
+        """The upstream client of the running event loop (connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                limits=httpx2.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections,
+                ),
+                transport=self.transport,
+                follow_redirects=False,
+            )
+            self._client_loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def url(self, path: str, query: str) -> str:
+        rest = path.removeprefix("/v1")
+        return f"{self.base}{rest}" + (f"?{query}" if query else "")
+
+    def forward_headers(self, headers: Headers, *, reencoded: bool) -> list[tuple[str, str]]:
+        """The client's headers as they go upstream: hop-by-hop and ``X-Capplug-*`` dropped."""
+        out = []
+        for raw_name, raw_value in headers.raw:
+            name = raw_name.decode("latin-1").lower()
+            if name in _HOP_BY_HOP or name.startswith("x-capplug-"):
+                continue
+            if reencoded and name in _BODY_HEADERS:
+                continue
+            if name == "authorization" and self.upstream_api_key is not None:
+                continue
+            out.append((name, raw_value.decode("latin-1")))
+        if self.upstream_api_key is not None:
+            out.append(("authorization", f"Bearer {self.upstream_api_key}"))
+        if reencoded:
+            out.append(("content-type", "application/json"))
+        return out
+
+    # ------------------------------------------------------------------ candidates
+
+    async def call(
+        self, payload: dict[str, Any], headers: list[tuple[str, str]]
+    ) -> tuple[dict[str, Any], httpx2.Headers]:
+        """One upstream chat-completions call, retried: the reply and its headers."""
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        attempts = 0
+
+        async def attempt() -> tuple[dict[str, Any], httpx2.Headers]:
+            nonlocal attempts
+            attempts += 1
+            self.metrics.upstream_requests.labels("rerank").inc()
+            response = await self.client().post(self.chat_url, content=content, headers=headers)
+            return _chat_completion(response), response.headers
+
+        try:
+            return await self.retry.acall(attempt)
+        except Exception as error:
+            self.metrics.upstream_failures.labels(_reason(error)).inc()
+            raise _UpstreamFailure(error, attempts) from error
+
+    async def collect(
+        self, payload: dict[str, Any], headers: list[tuple[str, str]], n: int, model: str
+    ) -> _Collected:
+        """``n`` candidates: one request with ``n``, then single requests for any shortfall."""
+        out = _Collected()
+        if n > 1 and self.native_n == "auto" and model not in self._ignores_n:
+            out.native = True
+            out.calls += 1
+            try:
+                out.add(*await self.call({**payload, "n": n}, headers), n)
+            except _UpstreamFailure as failure:
+                error = failure.error
+                if not (isinstance(error, UpstreamHTTPError) and error.status in (400, 422)):
+                    raise
+                # Refused: perhaps `n` itself, perhaps the whole request. One plain request
+                # tells which; when it fails too, its own error goes back to the client.
+                out.native = False
+                out.calls += 1
+                out.add(*await self.call(_single(payload, 0), headers), 1)
+                self._remember(model, f"refused n={n} ({_describe(error)})")
+            else:
+                if len(out.choices) < 2:
+                    self._remember(model, f"answered n={n} with one choice")
+        missing = n - len(out.choices)
+        if missing > 0:
+            first = len(out.choices)
+            calls = [self.call(_single(payload, first + k), headers) for k in range(missing)]
+            out.calls += missing
+            try:
+                replies, failures = await gather_best_effort(
+                    calls, min_successes=0 if out.choices else 1
+                )
+            except _UpstreamFailure as failure:
+                failure.calls = missing
+                raise
+            for reply, reply_headers in replies:  # in the order the calls were made
+                out.add(reply, reply_headers, 1)
+            out.failures += [f.error if isinstance(f, _UpstreamFailure) else f for f in failures]
+        return out
+
+    def _remember(self, model: str, why: str) -> None:
+        if model in self._ignores_n:
+            return
+        logger.info(
+            "the upstream %s %s for model %r; asking for one candidate per request from now on",
+            self.name,
+            why,
+            model,
+        )
+        self._ignores_n[model] = why
+        while len(self._ignores_n) > _MAX_REMEMBERED_MODELS:
+            self._ignores_n.popitem(last=False)
+
+    async def select(
+        self, instruction: str, choices: list[dict[str, Any]], want: int
+    ) -> _Selection:
+        """The order to return candidates in, best first, with their scores."""
+        with_tools = [i for i, c in enumerate(choices) if _has_tool_calls(c)]
+        if with_tools:
+            rest = [i for i in range(len(choices)) if i not in with_tools]
+            reason = "a candidate calls tools; tool calls are passed through unscored"
+            return _Selection((with_tools + rest)[:want], None, reason)
+        texts = [_candidate_text(c) for c in choices]
+        first_of: dict[str, int] = {}
+        unique: list[str] = []
+        slots: list[int] = []
+        for text in texts:
+            key = " ".join(text.split())
+            if key not in first_of:
+                first_of[key] = len(unique)
+                unique.append(text)
+            slots.append(first_of[key])
+        started = time.perf_counter()
+        try:
+            unique_scores = await self.scoring.score(instruction, unique)
+        except Exception as error:
+            seconds = time.perf_counter() - started
+            self.metrics.scoring_failures.inc()
+            logger.error("scoring failed; answering unscored: %s", _describe(error))
+            reason = f"scoring failed ({_describe(error)}); candidates are in the order received"
+            return _Selection(list(range(len(choices)))[:want], None, reason, seconds)
+        seconds = time.perf_counter() - started
+        self.metrics.scoring_seconds.observe(seconds)
+        scores: list[float | None] = [
+            s if math.isfinite(s) else None for s in (unique_scores[slot] for slot in slots)
+        ]
+
+        repeats = [slots.index(slot) != i for i, slot in enumerate(slots)]
+
+        def rank(i: int) -> tuple[bool, float]:
+            # Distinct answers before repeats, then best first; ties keep the order received.
+            score = scores[i]
+            return repeats[i], -(score if score is not None else -math.inf)
+
+        order = sorted(range(len(choices)), key=rank)
+        return _Selection(order[:want], scores, None, seconds)
+
+    # ------------------------------------------------------------------ routes
+
+    async def chat_completions(self, request: Request) -> Response:
+        if _header_flag(request.headers, "X-Capplug-Disable"):
+            return await self.passthrough(request)
+        body = _json_object(await request.body())
+        instruction = _instruction(body)
+        want = _choices_wanted(body, self.max_n)
+        n = max(want, _header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
+        stream, include_usage = _stream_flag(body)
+        payload = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}
+        temperature = payload.get("temperature")
+        if (
+            self.sampling_temperature is not None
+            and isinstance(temperature, int | float)
+            and temperature == 0
+        ):
+            payload["temperature"] = self.sampling_temperature
+        model = body.get("model")
+        headers = self.forward_headers(request.headers, reencoded=True)
+
+        started = time.perf_counter()
+        try:
+            collected = await self.collect(
+                payload, headers, n, model if isinstance(model, str) else ""
+            )
+        except _UpstreamFailure as failure:
+            raise self._upstream_error(failure) from failure
+        upstream_seconds = time.perf_counter() - started
+        self.metrics.upstream_seconds.observe(upstream_seconds)
+        self.metrics.candidates.inc(len(collected.choices))
+        self.metrics.candidate_failures.inc(len(collected.failures))
+        if collected.failures:
+            logger.warning(
+                "%d of %d candidate requests to %s failed; choosing among the %d candidates "
+                "received (%s)",
+                len(collected.failures),
+                collected.calls,
+                self.name,
+                len(collected.choices),
+                _describe(collected.failures[-1]),
+            )
+
+        selection = await self.select(instruction, collected.choices, want)
+        meta = {
+            "n_requested": n,
+            "n_received": len(collected.choices),
+            "failures": len(collected.failures),
+            "errors": [_describe(e) for e in collected.failures],
+            "scores": selection.scores,
+            "chosen": selection.order[0],
+            "returned": selection.order,
+            "upstream_calls": collected.calls,
+            "native_n": collected.native,
+            "upstream_seconds": round(upstream_seconds, 6),
+            "scoring_seconds": round(selection.seconds, 6),
+            "reason": selection.reason,
+        }
+        usage = _summed_usage(collected.replies)
+        returned = [{**collected.choices[i], "index": j} for j, i in enumerate(selection.order)]
+        headers_out = {
+            **collected.headers,
+            "X-Capplug-Candidates": str(len(collected.choices)),
+            "X-Capplug-Failures": str(len(collected.failures)),
+        }
+        setattr(
+            request.state,
+            _TIMING_KEY,
+            [("upstream", upstream_seconds), ("scoring", selection.seconds)],
+        )
+        logger.debug(
+            "reranked %d candidates from %s: returned %s (upstream %.3f s, scoring %.3f s)",
+            len(collected.choices),
+            self.name,
+            selection.order,
+            upstream_seconds,
+            selection.seconds,
+        )
+        first = collected.replies[0]
+        if stream:
+            return StreamingResponse(
+                _chunks(first, returned, usage, meta, include_usage=include_usage),
+                media_type="text/event-stream",
+                headers={**headers_out, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        completion = {k: v for k, v in first.items() if k not in ("choices", "usage")}
+        completion.update(choices=returned, usage=usage, capplug=meta)
+        return JSONResponse(completion, headers=headers_out)
+
+    def _upstream_error(self, failure: _UpstreamFailure) -> APIError | _Relayed:
+        error = failure.error
+        if (
+            isinstance(error, UpstreamHTTPError)
+            and 400 <= error.status < 500
+            and not error.retryable
+        ):
+            # The upstream refused the request itself (bad model, bad key, ...): its answer, as is.
+            return _Relayed(error)
+        timed_out = _is_timeout(error)
+        tries = f"{failure.attempts} attempt" + ("s" if failure.attempts != 1 else "")
+        if failure.calls > 1:
+            what = f"all {failure.calls} candidate requests failed, the last after {tries}"
+        else:
+            what = f"failed after {tries}"
+        message = f"the upstream {self.name} {what}: {_describe(error)}"
+        retry_after = error.retry_after if isinstance(error, UpstreamHTTPError) else None
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+        return APIError(
+            504 if timed_out else 502,
+            message,
+            code="upstream_timeout" if timed_out else "upstream_error",
+            headers=headers,
+        )
+
+    async def passthrough(self, request: Request) -> Response:
+        """Forward the request as it came and stream the upstream's answer back as it comes."""
+        headers = self.forward_headers(request.headers, reencoded=False)
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        client = self.client()
+        upstream_request = client.build_request(
+            request.method,
+            self.url(request.url.path, request.url.query),
+            headers=headers,
+            content=request.stream() if has_body else None,
+        )
+        self.metrics.upstream_requests.labels("passthrough").inc()
+        try:
+            response = await client.send(upstream_request, stream=True)
+        except httpx2.TransportError as error:
+            self.metrics.upstream_failures.labels(_reason(error)).inc()
+            timed_out = _is_timeout(error)
+            raise APIError(
+                504 if timed_out else 502,
+                f"the upstream {self.name} did not answer: {_describe(error)}",
+                code="upstream_timeout" if timed_out else "upstream_error",
+            ) from error
+        relayed = StreamingResponse(
+            _raw_body(response),
+            status_code=response.status_code,
+            background=BackgroundTask(response.aclose),
+        )
+        relayed.raw_headers = [
+            (name.lower(), value)
+            for name, value in response.headers.raw
+            if name.lower().decode("latin-1") not in _HOP_BY_HOP
+        ]
+        return relayed
+
+
+async def _raw_body(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """The upstream's body as it came off the wire, still encoded; the response closed after."""
+    try:
+        try:
+            content = response.content  # a transport that hands over a read body (tests' mocks)
+        except httpx2.ResponseNotRead:
+            async for chunk in response.aiter_raw():
+                yield chunk
+            return
+        yield content
+    finally:
+        # Also when the client goes away mid-stream: the connection goes back to the pool.
+        await response.aclose()
+
+
+class _Relayed(Exception):
+    """The upstream's own error answer, to be sent back with its status."""
+
+    def __init__(self, error: UpstreamHTTPError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _on_relayed(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _Relayed)
+    error = exc.error
+    body = error.body
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        return JSONResponse(dict(body), status_code=error.status)
+    return error_response(error.status, f"the upstream refused the request: {error}")
+
+
+def _key_headers(path: str) -> list[KeyHeader]:
+    """Where the proxy's key is asked for, and in which headers."""
+    if path == "/healthz":
+        return []
+    if path == "/metrics":
+        return [_PROXY_KEY, BEARER]
+    return [_PROXY_KEY]
+
+
+def _load_scorer(scorer: Any) -> Any:
+    if isinstance(scorer, str | os.PathLike):
+        from capplug.scoring import Scorer
+
+        return Scorer.from_pretrained(scorer)
+    if not callable(getattr(scorer, "score", None)):
+        raise TypeError(
+            "scorer must be a capplug Scorer (or have .score(instruction, responses)), or a "
+            f"scorer reference such as a folder; got {type(scorer).__name__}"
+        )
+    return scorer
+
+
+def create_proxy_app(
+    upstream: str,
+    *,
+    scorer: Any,
+    n: int = 8,
+    max_n: int = 32,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    timeout: float = 120.0,
+    api_key: str | None = None,
+    upstream_api_key: str | None = None,
+    max_body_bytes: int = 16 << 20,
+    native_n: Literal["auto", "never"] = "auto",
+    sampling_temperature: float | None = 0.8,
+    max_connections: int = 256,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
+
+    Args:
+        upstream: the upstream's OpenAI base URL, as a client would use it
+            (``https://api.openai.com/v1``); the proxy's ``/v1/<path>`` maps to
+            ``<upstream>/<path>``.
+        scorer: a :class:`capplug.Scorer` (``Scorer()`` for the bundled one), anything with
+            ``.score(instruction, responses)``, or a scorer reference (a folder, a Hugging Face
+            id, a packaged name).
+        n: candidates per request unless the request's ``X-Capplug-N`` header says otherwise.
+        max_n: the most candidates (``X-Capplug-N``) or choices (``n``) a request may ask for.
+        retry: the retry policy for each upstream chat-completions call.
+        timeout: seconds one upstream attempt may take (connecting: at most 10 of them).
+        api_key: when set, every path but ``/healthz`` asks for ``X-Capplug-Key: <api_key>``.
+        upstream_api_key: when set, sent upstream as ``Authorization: Bearer ...`` in place of
+            the client's own ``Authorization``.
+        max_body_bytes: larger request bodies get a 413 (pass-through bodies included).
+        native_n: ``"auto"`` asks for ``n`` choices in one request first (and remembers models
+            whose upstream ignores or refuses it); ``"never"`` always sends single requests.
+        sampling_temperature: the temperature candidates are sampled at when a request asks for
+            ``temperature: 0`` (greedy candidates would all be the same); ``None`` keeps 0.
+        max_connections: the most connections open to the upstream at once.
+        transport: an ``httpx2`` transport for the upstream (tests pass a mock one).
+    """
+    if not isinstance(upstream, str) or not upstream:
+        raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
+    parts = urlsplit(upstream)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"upstream must be an http:// or https:// base URL such as "
+            f"https://api.openai.com/v1; got {upstream!r}"
+        )
+    for value, name in (
+        (n, "n"),
+        (max_n, "max_n"),
+        (max_body_bytes, "max_body_bytes"),
+        (max_connections, "max_connections"),
+    ):
+        check_positive_int(value, name)
+    if n > max_n:
+        raise ValueError(f"n must be at most max_n ({max_n}); got {n}")
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError(f"timeout must be a number of seconds > 0; got {timeout!r}")
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a capplug RetryPolicy; got {type(retry).__name__}")
+    if native_n not in ("auto", "never"):
+        raise ValueError(f"native_n must be 'auto' or 'never'; got {native_n!r}")
+    if sampling_temperature is not None and not (
+        isinstance(sampling_temperature, int | float) and 0 < sampling_temperature <= 2
+    ):
+        raise ValueError(
+            f"sampling_temperature must be in (0, 2], or None to keep temperature 0; "
+            f"got {sampling_temperature!r}"
+        )
+    for key, name in ((api_key, "api_key"), (upstream_api_key, "upstream_api_key")):
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise ValueError(f"{name} must be a non-empty string, or None for no key")
+
+    proxy = _Proxy(
+        upstream,
+        scorer=_load_scorer(scorer),
+        n=n,
+        max_n=max_n,
+        retry=retry,
+        timeout=float(timeout),
+        upstream_api_key=upstream_api_key,
+        native_n=native_n,
+        sampling_temperature=sampling_temperature,
+        max_connections=max_connections,
+        transport=transport,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await proxy.aclose()
+
+    app = FastAPI(
+        title="capplug reranking proxy",
+        summary=f"OpenAI-compatible; chat completions from {proxy.name} reranked by capplug.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    install_error_handlers(app)
+    app.add_exception_handler(_Relayed, _on_relayed)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers, what="proxy key")
+    # Outermost: refused and oversized requests are counted too.
+    app.add_middleware(_Metered, metrics=proxy.metrics)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(_CHAT_PATH, response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        return await proxy.chat_completions(request)
+
+    @app.api_route(
+        "/v1/{path:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        response_model=None,
+    )
+    async def passthrough(request: Request, path: str) -> Response:
+        return await proxy.passthrough(request)
+
+    return app
