@@ -1,0 +1,757 @@
+"""The Chroma-indexed adapter store: lookup, creation, files, eviction, repair, processes, CLI.
+
+Adapters are made directly with peft on a tiny random Llama (or by a fake generator with the
+same shapes); instructions are embedded by a hashed bag of words except where the packaged
+MiniLM itself is under test. Chroma runs as a PersistentClient in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _adapter_store_fakes import RANK, TARGETS, FakeGenerator, WordHashEmbedding, worker
+from chromadb.api.types import DefaultEmbeddingFunction
+from chromadb.utils.embedding_functions import known_embedding_functions
+from chromadb.utils.embedding_functions.onnx_mini_lm_l6_v2 import ONNXMiniLM_L6_V2
+
+from capplug import TruncationWarning
+from capplug.adapters.adapter_folder import AdapterFileError, WrongBaseModelError
+from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
+from capplug.adapters.store import (
+    AdapterStore,
+    AdapterStoreError,
+    CorruptAdapterError,
+    NoGeneratorError,
+    UnknownAdapterError,
+    chroma_settings,
+    instruction_hash,
+)
+from capplug.adapters.store_cli import register
+from capplug.errors import CapplugError
+
+TRANSLATE = "Translate the sentence into French."
+TRANSLATE_AGAIN = "Please translate this sentence into French."
+VOWELS = "Count the vowels in the word."
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _no_chroma_default_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test in which Chroma's default (downloading) embedding function is made or used."""
+
+    message = "Chroma's default embedding function (an ONNX model it downloads) was used"
+
+    def refuse_init(self: object, *args: object, **kwargs: object) -> None:
+        raise AssertionError(message)
+
+    def refuse_call(self: object, input: object) -> None:  # Chroma checks this signature
+        raise AssertionError(message)
+
+    monkeypatch.setattr(DefaultEmbeddingFunction, "__init__", refuse_init)
+    monkeypatch.setattr(DefaultEmbeddingFunction, "__call__", refuse_call)
+    monkeypatch.setattr(ONNXMiniLM_L6_V2, "__init__", refuse_init)
+
+
+def _save_tiny_llama(folder: Path) -> Path:
+    try:
+        from capplug.testing import save_tiny_llama
+    except ImportError:  # older capplug.testing: the same model, without a tokenizer
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        return folder
+    return save_tiny_llama(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA trained by nobody but saved by peft itself, for the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tiny_llama)
+    config = LoraConfig(
+        r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False
+    )
+    model = get_peft_model(base, config)
+    folder = tmp_path_factory.mktemp("peft-lora")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes(peft_folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors.torch import load_file
+
+    return {
+        k: tuple(v.shape) for k, v in load_file(peft_folder / "adapter_model.safetensors").items()
+    }
+
+
+@pytest.fixture
+def generator(shapes: dict[str, tuple[int, ...]], tiny_llama: Path) -> FakeGenerator:
+    return FakeGenerator(shapes, str(tiny_llama))
+
+
+@pytest.fixture
+def store(tmp_path: Path, tiny_llama: Path, generator: FakeGenerator):
+    with AdapterStore(
+        tmp_path / "store",
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(),
+        generator=generator,
+    ) as opened:
+        yield opened
+
+
+def _children(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()}
+
+
+# ----------------------------------------------------------------------- embedding function
+
+
+def test_embedding_function_implements_chromas_protocol_and_is_registered() -> None:
+    ef = SentenceEncoderEmbeddingFunction(batch_size=8)
+    assert known_embedding_functions[ef.name()] is SentenceEncoderEmbeddingFunction
+    assert not ef.is_legacy()
+    assert ef.default_space() == "cosine"
+    assert "cosine" in ef.supported_spaces()
+    assert ef.get_config() == {
+        "model": "minilm",
+        "device": "cpu",
+        "batch_size": 8,
+        "precision": "auto",
+    }
+    rebuilt = SentenceEncoderEmbeddingFunction.build_from_config(ef.get_config())
+    assert rebuilt.get_config() == ef.get_config()
+    assert ef._encoder is None, "the encoder must load on first use, not on construction"
+    with pytest.raises(ValueError, match="batch_size"):
+        SentenceEncoderEmbeddingFunction(batch_size=0)
+    with pytest.raises(ValueError, match="model"):
+        SentenceEncoderEmbeddingFunction.build_from_config({"model": ""})
+    with pytest.raises(ValueError, match="precision"):
+        SentenceEncoderEmbeddingFunction(precision="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown"):
+        SentenceEncoderEmbeddingFunction.build_from_config({"model": "minilm", "pooling": "max"})
+    with pytest.raises(ValueError, match="embedding space"):
+        ef.validate_config_update(ef.get_config(), {"model": "mpnet"})
+
+
+def test_guard_fails_a_test_that_makes_chromas_default_embedding_function() -> None:
+    with pytest.raises(AssertionError, match="default embedding function"):
+        DefaultEmbeddingFunction()
+    with pytest.raises(AssertionError, match="default embedding function"):
+        ONNXMiniLM_L6_V2()
+
+
+def test_packaged_minilm_indexes_a_new_store_and_reopens_from_chromas_config(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    import chromadb
+
+    with AdapterStore(tmp_path, base_model=str(tiny_llama), generator=generator) as store:
+        assert isinstance(store.embedding_function, SentenceEncoderEmbeddingFunction)
+        made = store.get_or_create(TRANSLATE)
+        hit = store.get_or_create("Translate this sentence to French, please.")
+        assert hit.hit and hit.record.id == made.record.id
+        assert 0.8 <= hit.similarity < 1.0
+        assert not store.get_or_create("What is the capital of the country?").hit
+        vectors = store.embedding_function([TRANSLATE, VOWELS])
+        assert len(vectors[0]) == 384
+        assert all(abs(float((v**2).sum()) - 1.0) < 1e-4 for v in vectors)
+        fp32 = SentenceEncoderEmbeddingFunction(precision="fp32")([TRANSLATE])[0]
+        bf16 = SentenceEncoderEmbeddingFunction(precision="bf16")([TRANSLATE])[0]
+        assert float(fp32 @ bf16) > 0.999  # the faster path stays in the same embedding space
+        # Plain Chroma rebuilds the registered function from the persisted collection config.
+        client = chromadb.PersistentClient(str(tmp_path / "index"), settings=chroma_settings())
+        try:
+            persisted = client.get_collection(store.name).configuration["embedding_function"]
+            assert isinstance(persisted, SentenceEncoderEmbeddingFunction)
+            assert persisted.get_config()["model"] == "minilm"
+        finally:
+            client.close()
+
+
+# ------------------------------------------------------------------------ lookup and create
+
+
+def test_miss_generates_then_exact_repeat_hits_without_embedding(
+    store: AdapterStore, generator: FakeGenerator
+) -> None:
+    embedded = WordHashEmbedding.calls
+    first = store.get_or_create(TRANSLATE)
+    assert WordHashEmbedding.calls == embedded + 1, "a miss embeds its instruction once"
+    assert not first.hit and first.similarity is None
+    assert first.record.source == "generated" and generator.calls == [TRANSLATE]
+    assert (first.record.rank, first.record.target_modules) == (RANK, tuple(TARGETS))
+    embedded = WordHashEmbedding.calls
+    again = store.get_or_create("  translate the SENTENCE   into french. ")
+    assert again.hit and again.similarity == 1.0 and again.record.id == first.record.id
+    assert [m.record.id for m in store.lookup(TRANSLATE.upper())] == [first.record.id]
+    assert WordHashEmbedding.calls == embedded, "an exact repeat must not run the encoder"
+    assert len(generator.calls) == 1 and len(store) == 1
+
+
+def test_similar_instruction_hits_and_unrelated_one_makes_a_new_adapter(
+    store: AdapterStore, generator: FakeGenerator
+) -> None:
+    first = store.get_or_create(TRANSLATE)
+    similar = store.get_or_create(TRANSLATE_AGAIN, threshold=0.6)
+    assert similar.hit and similar.record.id == first.record.id
+    assert 0.6 <= similar.similarity < 1.0
+    strict = store.get_or_create(TRANSLATE_AGAIN, threshold=0.95)
+    assert not strict.hit and strict.similarity == pytest.approx(similar.similarity)
+    other = store.get_or_create(VOWELS)
+    assert not other.hit and other.record.id not in {first.record.id, strict.record.id}
+    assert len(store) == 3 and len(generator.calls) == 3
+
+
+def test_lookup_is_best_first_within_threshold_and_k(store: AdapterStore) -> None:
+    ids = {
+        text: store.get_or_create(text).record.id for text in (TRANSLATE, TRANSLATE_AGAIN, VOWELS)
+    }
+    matches = store.lookup("translate sentence french", threshold=0.0, k=3)
+    assert [m.record.id for m in matches][:2] == [ids[TRANSLATE], ids[TRANSLATE_AGAIN]]
+    assert [m.similarity for m in matches] == sorted((m.similarity for m in matches), reverse=True)
+    assert all(0.0 <= m.similarity <= 1.0 for m in matches)
+    assert len(store.lookup("translate sentence french", threshold=0.0, k=1)) == 1
+    assert store.lookup("translate sentence french", threshold=0.99) == []
+    assert store.lookup("entirely different words here") == []
+
+
+def test_no_generator_is_a_clear_error(tmp_path: Path, tiny_llama: Path) -> None:
+    with AdapterStore(
+        tmp_path, base_model=str(tiny_llama), embedding_function=WordHashEmbedding()
+    ) as store:
+        with pytest.raises(NoGeneratorError, match="no generator"):
+            store.get_or_create(TRANSLATE)
+        assert len(store) == 0
+
+
+def test_bad_input_gets_clear_errors(store: AdapterStore, tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="instruction is empty"):
+        store.get_or_create("   ")
+    with pytest.raises(TypeError, match="instruction must be a string"):
+        store.lookup(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold"):
+        store.lookup(TRANSLATE, threshold=1.5)
+    with pytest.raises(ValueError, match="k must be"):
+        store.lookup(TRANSLATE, k=0)
+    with pytest.raises(UnknownAdapterError, match="no adapter '0123456789abcdef'"):
+        store.get("0123456789abcdef")
+    with pytest.raises(UnknownAdapterError, match="not an adapter id"):
+        store.files("../../etc")
+    with pytest.raises(ValueError, match="source"):
+        store.put({}, {}, instruction=TRANSLATE, source="downloaded")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state_dict"):
+        store.put({}, {"r": 4, "target_modules": TARGETS}, instruction=TRANSLATE)
+    with pytest.raises(ValueError, match="base_model"):
+        AdapterStore(tmp_path / "x", base_model="  ")
+    with pytest.raises(ValueError, match="max_adapters"):
+        AdapterStore(tmp_path / "x", base_model=str(tiny_llama), max_adapters=0)
+    assert len(store) == 0
+
+
+def test_oversized_instruction_is_capped_and_said_so(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    with AdapterStore(
+        tmp_path,
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(),
+        generator=generator,
+        max_instruction_chars=40,
+    ) as store:
+        long = TRANSLATE + " Keep the names as they are." * 10
+        with pytest.warns(TruncationWarning, match="keeps the first 40"):
+            result = store.get_or_create(long)
+        assert len(result.record.instruction) <= 40
+        assert generator.calls == [result.record.instruction]
+
+
+# -------------------------------------------------------------------------------- files
+
+
+def test_stored_adapter_loads_in_peft_with_its_weights(
+    store: AdapterStore, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+
+    record = store.get_or_create(TRANSLATE).record
+    paths = store.files(record.id)
+    assert paths.folder == store.root / record.id
+    config = json.loads(paths.config.read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama.resolve())
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama), paths.folder)
+    loaded = get_peft_model_state_dict(model)
+    expected, _ = generator(TRANSLATE)  # seeded by the instruction: the same factors again
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(loaded[key], tensor)
+
+
+def test_files_are_checked_against_sha256_on_every_load(store: AdapterStore) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    store.files(record.id)
+    weights = record.folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptAdapterError, match="sha256"):
+        store.files(record.id)
+    with pytest.raises(CorruptAdapterError):
+        store.load(record.id)
+    (record.folder / "adapter_config.json").unlink()
+    weights.unlink()
+    with pytest.raises(CorruptAdapterError, match="missing"):
+        store.files(record.id)
+    # A hit whose files are gone is not handed out: a fresh adapter is made instead.
+    assert not store.get_or_create(TRANSLATE).hit
+
+
+def test_import_peft_folder_and_put_a_state_dict(
+    store: AdapterStore, peft_folder: Path, generator: FakeGenerator, tiny_llama: Path
+) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    imported = store.import_folder(peft_folder, VOWELS)
+    assert imported.source == "imported" and imported.rank == RANK
+    assert imported.target_modules == tuple(sorted(TARGETS))
+    original = load_file(peft_folder / "adapter_model.safetensors")
+    for key, tensor in store.load(imported.id).state_dict.items():
+        torch.testing.assert_close(tensor, original[key])
+    state, _ = generator(TRANSLATE)
+    config = LoraConfig(r=RANK, lora_alpha=8, target_modules=TARGETS)  # no base named: the store's
+    trained = store.put(state, config, instruction=TRANSLATE, source="trained")
+    assert trained.source == "trained"
+    assert store.lookup(VOWELS)[0].record.id == imported.id
+    assert store.get_or_create(TRANSLATE).record.id == trained.id
+    assert {r.id for r in store.list_adapters()} == {imported.id, trained.id}
+    assert store.verify().ok
+
+
+def test_adapter_for_another_base_is_refused_naming_both(
+    store: AdapterStore, peft_folder: Path, generator: FakeGenerator, tmp_path: Path
+) -> None:
+    state, config = generator(TRANSLATE)
+    with pytest.raises(WrongBaseModelError) as refused:
+        store.put(
+            state,
+            {**config, "base_model_name_or_path": "someone/other-model"},
+            instruction=TRANSLATE,
+        )
+    assert "someone/other-model" in str(refused.value) and store.base_model in str(refused.value)
+    other = tmp_path / "other-base"
+    other.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (other / name).write_bytes((peft_folder / name).read_bytes())
+    raw = json.loads((other / "adapter_config.json").read_text())
+    raw["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (other / "adapter_config.json").write_text(json.dumps(raw))
+    with pytest.raises(WrongBaseModelError, match="SmolLM2-135M-Instruct.*" + store.base_model):
+        store.import_folder(other, TRANSLATE)
+    assert len(store) == 0
+
+
+def test_truncated_or_corrupt_safetensors_are_refused_before_indexing(
+    store: AdapterStore, peft_folder: Path, tmp_path: Path
+) -> None:
+    before = _children(store.root)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((peft_folder / "adapter_config.json").read_bytes())
+    weights = (peft_folder / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(weights[: len(weights) - 100])
+    with pytest.raises(AdapterFileError, match="truncated"):
+        store.import_folder(broken, TRANSLATE)
+    (broken / "adapter_model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}"
+    )
+    with pytest.raises(AdapterFileError, match="corrupt"):
+        store.import_folder(broken, TRANSLATE)
+    (broken / "adapter_model.safetensors").unlink()
+    (broken / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        store.import_folder(broken, TRANSLATE)
+    assert len(store) == 0 and _children(store.root) == before
+
+
+# ------------------------------------------------------------------------------- upkeep
+
+
+def test_eviction_by_count_is_least_recently_used_first(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    with AdapterStore(
+        tmp_path,
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(),
+        generator=generator,
+        max_adapters=2,
+    ) as store:
+        a = store.get_or_create(TRANSLATE).record
+        b = store.get_or_create(VOWELS).record
+        time.sleep(0.01)
+        assert store.get_or_create(TRANSLATE).hit  # a is now more recent than b
+        c = store.get_or_create("Name the capital city of the country.").record
+        assert {r.id for r in store.list_adapters()} == {a.id, c.id}
+        assert not (tmp_path / b.id).exists()
+        time.sleep(0.01)
+        store.touch(a.id)
+        d = store.get_or_create("Sort the numbers from smallest to largest.").record
+        assert {r.id for r in store.list_adapters()} == {a.id, d.id}
+        assert store.verify().ok
+
+
+def test_gc_by_bytes_dry_run_and_last_used_synced_into_the_index(store: AdapterStore) -> None:
+    records = [store.get_or_create(t).record for t in (TRANSLATE, VOWELS, "Sort the numbers.")]
+    time.sleep(0.01)
+    store.touch(records[0].id)
+    planned = store.gc(max_bytes=records[0].size * 2, dry_run=True)
+    assert [r.id for r in planned] == [records[1].id] and len(store) == 3
+    evicted = store.gc(max_bytes=records[0].size * 2)
+    assert [r.id for r in evicted] == [records[1].id]
+    assert {r.id for r in store.list_adapters()} == {records[0].id, records[2].id}
+    row = store.collection.get(ids=[records[0].id], include=["metadatas"])["metadatas"][0]
+    assert row["last_used"] > records[0].created
+    assert store.gc(max_adapters=5) == []
+
+
+def test_remove_deletes_files_and_row(store: AdapterStore) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    assert store.remove(record.id).id == record.id
+    assert not record.folder.exists() and len(store) == 0
+    with pytest.raises(UnknownAdapterError):
+        store.remove(record.id)
+    assert store.lookup(TRANSLATE) == []
+
+
+def test_verify_and_repair_find_and_fix_every_kind_of_damage(store: AdapterStore) -> None:
+    import shutil
+
+    lost, orphan, corrupt, fine = (
+        store.get_or_create(t).record
+        for t in (TRANSLATE, VOWELS, "Sort the numbers.", "Name the capital city.")
+    )
+    shutil.rmtree(lost.folder)  # a row without files
+    store.collection.delete(ids=[orphan.id])  # files without a row
+    weights = corrupt.folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    stale = store.root / f".{fine.id}.leftover"  # an interrupted write, long ago
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    young = store.root / ".0123456789abcdef.inprogress"  # may be a write happening now
+    young.mkdir()
+
+    report = store.verify()
+    assert not report.ok
+    assert report.rows_without_files == [lost.id]
+    assert report.files_without_rows == [orphan.id]
+    assert report.corrupt == [corrupt.id]
+    assert report.stale_staging == [stale.name]
+    assert store.verify(check_hashes=False).corrupt == []
+
+    repaired = store.repair()
+    assert len(repaired.actions) == 4
+    assert store.verify().ok and young.exists() and not stale.exists()
+    assert {r.id for r in store.list_adapters()} == {orphan.id, fine.id}
+    assert store.lookup("count the vowels in a word", threshold=0.5)[0].record.id == orphan.id
+    assert any(p.name.startswith(corrupt.id) for p in (store.root / ".corrupt").iterdir())
+
+
+def test_reopened_store_uses_the_persisted_embedding_function_and_refuses_another(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    with AdapterStore(
+        tmp_path,
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(dim=128),
+        generator=generator,
+    ) as store:
+        made = store.get_or_create(TRANSLATE).record
+    with AdapterStore(tmp_path, base_model=str(tiny_llama)) as reopened:
+        assert isinstance(reopened.embedding_function, WordHashEmbedding)
+        assert reopened.embedding_function.dim == 128
+        assert reopened.lookup(TRANSLATE_AGAIN, threshold=0.5)[0].record.id == made.id
+    with pytest.raises(AdapterStoreError, match="another embedding space"):
+        AdapterStore(
+            tmp_path, base_model=str(tiny_llama), embedding_function=WordHashEmbedding(dim=64)
+        )
+    with pytest.raises(AdapterStoreError, match="another embedding space"):
+        AdapterStore(
+            tmp_path,
+            base_model=str(tiny_llama),
+            embedding_function=SentenceEncoderEmbeddingFunction(),
+        )
+
+
+def test_another_base_model_gets_its_own_collection_in_the_same_root(
+    store: AdapterStore, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    store.get_or_create(TRANSLATE)
+    other_gen = FakeGenerator(shapes, "someone/other-model")
+    with AdapterStore(
+        store.root,
+        base_model="someone/other-model",
+        embedding_function=WordHashEmbedding(),
+        generator=other_gen,
+    ) as other:
+        assert other.name != store.name and len(other) == 0
+        assert not other.get_or_create(TRANSLATE).hit
+        assert (
+            other.verify().ok and store.verify().ok
+        )  # neither sees the other's folders as orphans
+
+
+def test_verify_hit_refusal_makes_a_fresh_adapter(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    refused: set[str] = set()
+    checked: list[tuple[str, str]] = []
+
+    def verify_hit(record, instruction: str) -> bool:
+        checked.append((record.id, instruction))
+        return record.id not in refused
+
+    with AdapterStore(
+        tmp_path,
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(),
+        generator=generator,
+        verify_hit=verify_hit,
+    ) as store:
+        first = store.get_or_create(TRANSLATE).record
+        assert checked == []  # nothing to check on a miss
+        assert store.get_or_create(TRANSLATE).record.id == first.id
+        assert checked == [(first.id, TRANSLATE)]
+        refused.add(first.id)
+        fresh = store.get_or_create(TRANSLATE)
+        assert not fresh.hit and fresh.rejected == (first.id,) and fresh.record.id != first.id
+        assert fresh.similarity == 1.0
+        again = store.get_or_create(TRANSLATE)  # the newest exact match comes first now
+        assert again.hit and again.record.id == fresh.record.id
+
+
+# -------------------------------------------------------------------------------- processes
+
+
+def test_processes_sharing_a_store_make_each_adapter_once_and_lose_nothing(
+    tmp_path: Path,
+    tiny_llama: Path,
+    shapes: dict[str, tuple[int, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, base, log = tmp_path / "store", str(tiny_llama), tmp_path / "generated.log"
+    shared = "Answer the question about the passage with yes or no."
+    own = [
+        f"Write a {w} poem about the sea in four lines." for w in ("happy", "sad", "angry", "calm")
+    ]
+    # This process opens the index first and keeps it open while the others write.
+    parent = AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding())
+    assert len(parent.lookup(own[0], threshold=0.0)) == 0
+
+    # Real processes, forked from a server that imported torch, peft and Chroma once (Python
+    # 3.11's forkserver ignores sys.path for its preloads: PYTHONPATH reaches it).
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    )
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["_adapter_store_fakes"])
+    barrier, results = ctx.Barrier(len(own)), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=worker,
+            args=(str(root), base, shapes, str(log), [shared, mine], barrier, results),
+        )
+        for mine in own
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert all(kind == "ok" for kind, _ in outcomes), outcomes
+    rows = [row for _, out in outcomes for row in out]
+
+    shared_rows = [(i, hit) for text, i, hit in rows if text == shared]
+    assert len({i for i, _ in shared_rows}) == 1, "the same instruction made two adapters"
+    assert sorted(hit for _, hit in shared_rows) == [False, True, True, True]
+    own_ids = {text: i for text, i, hit in rows if text != shared and not hit}
+    assert len(own_ids) == len(own) and len(set(own_ids.values())) == len(own)
+    generated = log.read_text().splitlines()
+    assert generated.count(shared) == 1 and sorted(generated) == sorted([shared, *own])
+
+    # The long-lived parent sees every vector the others added (it reopens the index).
+    for text, adapter_id in own_ids.items():
+        best = parent.lookup(
+            text.replace("in four lines", "in four short lines"), threshold=0.0, k=1
+        )
+        assert best[0].record.id == adapter_id
+    assert len(parent) == len(own) + 1
+    assert (
+        len(parent.collection.get(where={"instruction_hash": instruction_hash(shared)})["ids"]) == 1
+    )
+    assert parent.verify().ok
+    parent.close()
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="capplug adapters")
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (CapplugError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"capplug: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _fake_indexed_store(root: Path, base: str) -> None:
+    """Make the store's collection with the test embedder, so the CLI reopens it with that."""
+    AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding()).close()
+
+
+def test_cli_import_list_show_lookup_gc_rm_verify(
+    tmp_path: Path, tiny_llama: Path, peft_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, base = tmp_path / "store", str(tiny_llama)
+    _fake_indexed_store(root, base)
+    opts = ["--store", str(root), "--base", base]
+
+    assert _main(["import", str(peft_folder), "--instruction", TRANSLATE, *opts, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["id"]
+    assert (
+        _main(["import", str(peft_folder), "--instruction", VOWELS, "--source", "trained", *opts])
+        == 0
+    )
+    second = capsys.readouterr().out.split()[1]
+
+    assert _main(["list", *opts]) == 0
+    listing = capsys.readouterr().out
+    assert (
+        "2 adapters" in listing and first in listing and second in listing and "trained" in listing
+    )
+
+    assert _main(["show", first, *opts]) == 0
+    shown = capsys.readouterr().out
+    assert TRANSLATE in shown and "sha256 checked" in shown
+
+    assert (
+        _main(["lookup", "--instruction", TRANSLATE_AGAIN, "--threshold", "0.5", *opts, "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)[0]["id"] == first
+
+    assert _main(["gc", "--max-adapters", "1", "--dry-run", *opts]) == 0
+    assert "would evict 1" in capsys.readouterr().out
+    assert _main(["gc", "--max-bytes", "1k", *opts, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["evicted"]) == 2
+
+    assert _main(["import", str(peft_folder), "--instruction", TRANSLATE, *opts]) == 0
+    third = capsys.readouterr().out.split()[1]
+    (root / third / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert _main(["show", third, *opts]) == 1
+    assert "BAD" in capsys.readouterr().out
+    assert _main(["verify", *opts]) == 1
+    assert "corrupt: " + third in capsys.readouterr().out
+    assert _main(["verify", "--repair", *opts]) == 0
+    assert _main(["verify", *opts]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+
+    assert _main(["import", str(peft_folder), "--instruction", TRANSLATE, *opts]) == 0
+    fourth = capsys.readouterr().out.split()[1]
+    assert _main(["rm", fourth, *opts]) == 0
+    assert f"removed {fourth}" in capsys.readouterr().out
+    assert _main(["list", *opts, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_cli_errors_are_one_line_with_the_fix(
+    tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main(["list", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "no adapter store at" in capsys.readouterr().err
+    root = tmp_path / "store"
+    _fake_indexed_store(root, str(tiny_llama))
+    opts = ["--store", str(root), "--base", str(tiny_llama)]
+    assert _main(["show", "0123456789abcdef", *opts]) == 2
+    assert "no adapter '0123456789abcdef'" in capsys.readouterr().err
+    assert _main(["rm", "nope", *opts]) == 2
+    assert "not an adapter id" in capsys.readouterr().err
+    assert _main(["gc", *opts]) == 2
+    assert "--max-adapters" in capsys.readouterr().err
+    assert _main(["lookup", "--instruction", " ", *opts]) == 2
+    assert "instruction is empty" in capsys.readouterr().err
+    assert _main(["import", str(tmp_path / "missing"), "--instruction", TRANSLATE, *opts]) == 2
+    assert "no adapter folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _main(["gc", "--max-bytes", "lots", *opts])
+    assert "not a size" in capsys.readouterr().err
+    assert (
+        _main(["create", "--instruction", TRANSLATE, "--hypernet", str(tmp_path / "none"), *opts])
+        == 2
+    )
+    assert "hypernetwork" in capsys.readouterr().err.lower()
+
+
+def test_cli_create_makes_then_hits_with_a_hypernetwork(
+    tmp_path: Path, tiny_llama: Path, tiny_bert_backbone: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capplug.adapters.hypernetwork import Hypernetwork
+
+    hypernet = Hypernetwork.from_base(
+        tiny_llama, encoder=str(tiny_bert_backbone), r=4, hidden_dim=16
+    )
+    folder = hypernet.save_pretrained(tmp_path / "hypernet")
+    root = tmp_path / "store"
+    _fake_indexed_store(root, hypernet.config.base_model)
+    opts = ["--store", str(root), "--hypernet", str(folder), "--device", "cpu", "--json"]
+    assert _main(["create", "--instruction", TRANSLATE, *opts]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["hit"] is False and (Path(made["folder"]) / "adapter_model.safetensors").is_file()
+    assert _main(["create", "--instruction", TRANSLATE.lower(), *opts]) == 0
+    hit = json.loads(capsys.readouterr().out)
+    assert hit["hit"] is True and hit["id"] == made["id"] and hit["similarity"] == 1.0
+    with AdapterStore(root, base_model=hypernet.config.base_model) as store:
+        record = store.get(made["id"])
+        assert record.source == "generated" and record.hypernetwork_version.startswith(
+            "capplug-hypernetwork/1@"
+        )
+    assert (
+        _main(["create", "--instruction", TRANSLATE, *opts, "--base", "someone/other-model"]) == 2
+    )
+    assert "someone/other-model" in capsys.readouterr().err
