@@ -234,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     local.set_defaults(run=_run_serve_local)
     serve.set_defaults(run=lambda _args: serve.print_help() or 2)
     _add_proxy_parser(sub)
+    _add_adapters_parser(sub)
     return parser
 
 
@@ -676,6 +677,287 @@ def _is_loopback(host: str) -> bool:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------------- adapters
+
+_DEFAULT_HYPERNETWORK = "capplug-hypernet-smollm2"  # capplug.adapters.hypernetwork, without torch
+
+
+def _add_adapters_parser(sub: Any) -> None:
+    adapters = sub.add_parser(
+        "adapters",
+        help="LoRA adapters for a local model: teachers, the hypernetwork, instruction to adapter",
+        description=(
+            "Train per-task teacher LoRAs and the hypernetwork that writes an adapter from an "
+            "instruction; make an adapter from an instruction and answer with it. Needs "
+            "capplug[adapters]."
+        ),
+    )
+    adapters_sub = adapters.add_subparsers(title="adapter commands", metavar="ACTION")
+
+    lora = adapters_sub.add_parser(
+        "train-lora",
+        help="train a teacher LoRA on a Natural-Instructions train task (resumable)",
+        description=(
+            "Train a peft LoRA on one Natural-Instructions train task's train examples, the "
+            "definition and input in the prompt and the loss on the answer. With --task the "
+            "adapter is written into --out; with --all every train task gets --out/<task>/, "
+            "finished ones are skipped. Run the same command again to resume."
+        ),
+    )
+    lora.add_argument("--task", metavar="NAME", help="a train task, natural_instructions/...")
+    lora.add_argument("--all", action="store_true", help="every Natural-Instructions train task")
+    lora.add_argument("--out", required=True, metavar="DIR", help="adapter folder (--all: parent)")
+    lora.add_argument(
+        "--base",
+        default=_LOCAL_CHAT_MODEL,
+        metavar="REF",
+        help=f"model to adapt (default: {_LOCAL_CHAT_MODEL})",
+    )
+    lora.add_argument("--r", type=int, help="LoRA rank (default: 8)")
+    lora.add_argument("--alpha", type=int, help="LoRA alpha (default: 16)")
+    lora.add_argument(
+        "--target-modules",
+        metavar="NAMES",
+        help="comma-separated linear layers to adapt (default: q_proj,v_proj)",
+    )
+    lora.add_argument("--steps", type=int, help="optimizer steps per task (default: 64)")
+    lora.add_argument("--batch-size", type=int, help="examples per step (default: 4)")
+    lora.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4)")
+    lora.add_argument("--max-length", type=int, help="tokens per example (default: 256)")
+    lora.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="bf16: bfloat16 autocast, faster on CPUs with AVX-512 BF16 and on GPUs (default: fp32)",
+    )
+    lora.add_argument("--seed", type=int, help="(default: 0)")
+    lora.add_argument("--restart", action="store_true", help="ignore a checkpoint: start over")
+    lora.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
+    lora.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    lora.set_defaults(run=_run_adapters_train_lora)
+
+    hyper = adapters_sub.add_parser(
+        "train-hypernet",
+        help="train the instruction-to-adapter hypernetwork from teacher LoRAs (resumable)",
+        description=(
+            "Train a hypernetwork with TAGI's objective: the answer's loss under the generated "
+            "adapter without the definition, + lambda-kl * KL from the teacher LoRA with the "
+            "definition, + lambda-weights * the distance of the generated update B@A from the "
+            "teacher's. The first --reconstruction-steps train on the weight distance alone. "
+            "Run the same command again to resume."
+        ),
+    )
+    hyper.add_argument(
+        "--teachers", required=True, metavar="DIR", help="the folder `train-lora --all` wrote"
+    )
+    hyper.add_argument("--out", required=True, metavar="DIR", help="run folder and hypernetwork")
+    hyper.add_argument(
+        "--base",
+        default=_LOCAL_CHAT_MODEL,
+        metavar="REF",
+        help=f"the model the teachers adapt (default: {_LOCAL_CHAT_MODEL})",
+    )
+    hyper.add_argument(
+        "--encoder",
+        default="minilm",
+        metavar="REF",
+        help="instruction encoder: a sentence encoder (default: minilm) or 'base'",
+    )
+    hyper.add_argument("--hidden-dim", type=int, default=256, help="trunk width (default: 256)")
+    hyper.add_argument("--steps", type=int, help="optimizer steps in all (default: 1000)")
+    hyper.add_argument(
+        "--reconstruction-steps", type=int, help="weight-distance-only warm start (default: 200)"
+    )
+    hyper.add_argument("--tasks-per-step", type=int, help="tasks per step (default: 4)")
+    hyper.add_argument("--examples-per-task", type=int, help="examples per task (default: 2)")
+    hyper.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4)")
+    hyper.add_argument("--lambda-kl", type=float, help="weight of the KL term (default: 1.0)")
+    hyper.add_argument(
+        "--lambda-weights", type=float, help="weight of the weight-distance term (default: 1.0)"
+    )
+    hyper.add_argument("--max-length", type=int, help="tokens per example (default: 256)")
+    hyper.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
+    hyper.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
+    hyper.add_argument("--seed", type=int, help="(default: 0)")
+    hyper.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
+    hyper.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    hyper.set_defaults(run=_run_adapters_train_hypernet)
+
+    generate = adapters_sub.add_parser(
+        "generate",
+        help="write a peft adapter for an instruction with the hypernetwork",
+        description="Write the LoRA adapter the hypernetwork makes for --instruction into --out "
+        "(a standard peft folder).",
+    )
+    generate.add_argument("--instruction", required=True, metavar="TEXT", help="the task")
+    generate.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
+    _hypernet_option(generate)
+    generate.set_defaults(run=_run_adapters_generate)
+
+    answer = adapters_sub.add_parser(
+        "answer",
+        help="make an adapter for an instruction and answer one input with it",
+        description="Make the adapter for --instruction, attach it to the base model, and "
+        "answer --input (which the model reads without the instruction, unless "
+        "--with-instruction).",
+    )
+    answer.add_argument("--instruction", required=True, metavar="TEXT", help="the task")
+    answer.add_argument("--input", required=True, metavar="TEXT", help="one input of the task")
+    answer.add_argument(
+        "--with-instruction",
+        action="store_true",
+        help="also put the instruction in the prompt",
+    )
+    answer.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest answer (default: 64)"
+    )
+    _hypernet_option(answer)
+    answer.set_defaults(run=_run_adapters_answer)
+    adapters.set_defaults(run=lambda _args: adapters.print_help() or 2)
+
+
+def _hypernet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hypernet",
+        default=_DEFAULT_HYPERNETWORK,
+        metavar="REF",
+        help=f"hypernetwork folder (default: the bundled {_DEFAULT_HYPERNETWORK})",
+    )
+    parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+
+
+def _adapters_module(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"capplug.adapters.{name}")
+    except ImportError as exc:
+        if "peft" not in str(exc):
+            raise
+        raise _UsageError(
+            f"`capplug adapters` needs peft: pip install 'capplug[adapters]' ({exc})"
+        ) from exc
+
+
+def _check_instruction_arg(text: str, option: str = "--instruction") -> None:
+    if not text.strip():
+        raise _UsageError(f"{option} is empty; give the task's instruction text")
+
+
+def _run_adapters_train_lora(args: argparse.Namespace) -> int:
+    if bool(args.task) == bool(args.all):
+        raise _UsageError("give either --task NAME (one task) or --all (every train task)")
+    lora = _adapters_module("lora")
+    if args.task:
+        lora._check_train_task(args.task)  # before any model loads
+    overrides = {
+        "r": args.r,
+        "alpha": args.alpha,
+        "target_modules": tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+        if args.target_modules
+        else None,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "precision": args.precision,
+        "seed": args.seed,
+    }
+    config = lora._config_with(None, **overrides)
+    if args.all:
+        if args.restart:
+            raise _UsageError("--restart applies to --task only; delete a task's folder to redo it")
+        results = lora.train_all(
+            args.out, base=args.base, config=config, device=args.device, archive=args.archive
+        )
+        trained = [r for r in results if not r.skipped]
+        print(f"{len(results)} teachers at {args.out} ({len(trained)} trained now)")
+        return 0
+    result = lora.train_task_lora(
+        args.task,
+        args.out,
+        base=args.base,
+        config=config,
+        resume=not args.restart,
+        device=args.device,
+        archive=args.archive,
+    )
+    before = "n/a" if result.eval_loss_before is None else f"{result.eval_loss_before:.3f}"
+    after = "n/a" if result.eval_loss_after is None else f"{result.eval_loss_after:.3f}"
+    state = "already trained" if result.skipped else f"{result.wall_seconds / 60:.1f} min"
+    print(f"{result.task}: {result.steps} steps ({state}); held-out loss {before} -> {after}")
+    print(result.out_dir)
+    return 0
+
+
+def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
+    train = _adapters_module("train_hypernet")
+    teachers = train.find_teachers(args.teachers)  # fails before any model loads
+    given = {
+        "steps": args.steps,
+        "reconstruction_steps": args.reconstruction_steps,
+        "tasks_per_step": args.tasks_per_step,
+        "examples_per_task": args.examples_per_task,
+        "lr": args.lr,
+        "lambda_kl": args.lambda_kl,
+        "lambda_weights": args.lambda_weights,
+        "max_length": args.max_length,
+        "precision": args.precision,
+        "eval_every": args.eval_every,
+        "seed": args.seed,
+    }
+    config = train.HypernetTrainConfig(**{k: v for k, v in given.items() if v is not None})
+    result = train.train_hypernetwork(
+        teachers,
+        args.out,
+        base=args.base,
+        encoder=args.encoder,
+        hidden_dim=args.hidden_dim,
+        config=config,
+        device=args.device,
+        archive=args.archive,
+    )
+    best = result.best_eval or {}
+    print(
+        f"hypernetwork trained {result.steps} steps on {len(result.tasks)} tasks in "
+        f"{result.wall_seconds / 60:.1f} min; best held-out L_pred "
+        f"{best.get('eval_pred', float('nan')):.3f}"
+    )
+    print(result.out_dir)
+    return 0
+
+
+def _run_adapters_generate(args: argparse.Namespace) -> int:
+    import time
+
+    _check_instruction_arg(args.instruction)
+    hypernetwork = _adapters_module("hypernetwork")
+    hypernet = hypernetwork.Hypernetwork.from_pretrained(args.hypernet, device=args.device)
+    started = time.perf_counter()
+    folder = hypernet.write_adapter(args.instruction, args.out)
+    print(f"adapter for {hypernet.config.base_model} in {time.perf_counter() - started:.2f} s")
+    print(folder)
+    return 0
+
+
+def _run_adapters_answer(args: argparse.Namespace) -> int:
+    _check_instruction_arg(args.instruction)
+    _check_instruction_arg(args.input, "--input")
+    if args.max_new_tokens < 1:
+        raise _UsageError("--max-new-tokens must be >= 1")
+    hypernetwork = _adapters_module("hypernetwork")
+    runtime = _adapters_module("runtime")
+    hypernet = hypernetwork.Hypernetwork.from_pretrained(args.hypernet, device=args.device)
+    state_dict, config = hypernet.generate(args.instruction)
+    model = runtime.AdapterRuntime.from_pretrained(
+        hypernet.config.base_ref, device=args.device, max_loaded=1
+    )
+    model.add_weights("generated", state_dict, config)
+    definition = args.instruction if args.with_instruction else None
+    prompt = _adapters_module("_examples").user_prompt(args.input, definition)
+    print(model.generate([prompt], adapter="generated", max_new_tokens=args.max_new_tokens)[0])
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

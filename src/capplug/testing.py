@@ -13,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WORDS", "bpe_tokenizer", "save_tiny_scorer", "tiny_bert_config", "wordpiece_tokenizer"]
+__all__ = [
+    "WORDS",
+    "bpe_tokenizer",
+    "chat_tokenizer",
+    "save_tiny_llama",
+    "save_tiny_scorer",
+    "tiny_bert_config",
+    "wordpiece_tokenizer",
+]
 
 WORDS = [
     "the",
@@ -153,6 +161,80 @@ def save_tiny_scorer(folder: str | Path, *, seed: int = 0) -> Path:
     config = tiny_bert_config(tokenizer, num_labels=1, capplug_score_mapping="sigmoid")
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CHAT_WORDS = (
+    "the a is are what which who where how of to in on and or not yes no capital france paris "
+    "city river answer question option true false cat dog sat mat sky blue red one two three"
+).split()
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer(*, chat_template: bool = True, pad: bool = False):
+    """A byte-level BPE tokenizer with ChatML turn tokens (``<|im_start|>``, ``<|im_end|>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([" ".join(CHAT_WORDS)] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>" if pad else None,
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_llama(
+    folder: str | Path, *, chat_template: bool = True, pad: bool = False, seed: int = 0
+) -> Path:
+    """Write a random 2-layer Llama chat model with grouped-query attention to ``folder``.
+
+    32 wide, 4 query heads sharing 2 key/value heads (so ``v_proj`` is 32 -> 16 while ``q_proj``
+    is 32 -> 32, as in SmolLM2), with a ChatML template and sharpened next-token distributions.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = chat_tokenizer(chat_template=chat_template, pad=pad)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Sharpen the random next-token distributions so greedy, beam and sampling differ, and
+        # make the end-of-turn token likely enough that some candidates finish on their own.
+        model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight[tokenizer.eos_token_id] *= 3.0
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

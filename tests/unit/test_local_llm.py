@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from capplug.llms import CAPPY_RECIPE, Candidate, LocalChatModel, SamplingRecipe, SamplingStrategy
+from capplug.testing import save_tiny_llama as _save_tiny_llama
 
-WORDS = (
-    "the a is are what which who where how of to in on and or not yes no capital france paris "
-    "city river answer question option true false cat dog sat mat sky blue red one two three"
-).split()
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PROMPTS = [
     "What is the capital of France?",
     "Is the sky blue? Answer yes or no.",
@@ -36,59 +28,6 @@ SMALL_RECIPE = SamplingRecipe(
     ),
     max_new_tokens=8,
 )
-
-
-def _tokenizer(*, chat_template: bool = True, pad: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>" if pad else None,
-    )
-    if chat_template:
-        tokenizer.chat_template = TEMPLATE
-    return tokenizer
-
-
-def _save_tiny_llama(folder: Path, *, chat_template: bool = True, pad: bool = False) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tokenizer(chat_template=chat_template, pad=pad)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # Sharpen the random next-token distributions so greedy, beam and sampling differ, and
-        # make the end-of-turn token likely enough that some candidates finish on their own.
-        model.lm_head.weight.mul_(20.0)
-        model.lm_head.weight[tokenizer.eos_token_id] *= 3.0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

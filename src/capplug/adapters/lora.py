@@ -1,0 +1,617 @@
+"""Teacher adapters: one peft LoRA per Natural-Instructions ``train`` task.
+
+:func:`train_task_lora` trains a LoRA (default r=8, alpha=16 on ``q_proj`` and ``v_proj``) on one
+task's train examples (the ``example_split`` rule: ``not example.is_test``). The model reads the
+task's definition and the example's input as one chat turn and learns the reference answer: the
+loss is taken on the answer tokens (and the end-of-turn token) only. These adapters are the
+teachers of the hypernetwork (:mod:`capplug.adapters.train_hypernet`) and the per-task ceiling
+of the instruction-to-adapter benchmark.
+
+A run writes into its folder ``out``:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: a standard peft folder, written
+  when training ends (``PeftModel.from_pretrained(base, out)`` loads it);
+- ``training_summary.json``: task, settings, held-out loss before and after, timing; its presence
+  marks the adapter finished;
+- ``train_log.jsonl``: one JSON object per logged step;
+- ``checkpoint/`` while training: LoRA weights, optimizer, step and RNG, every
+  ``checkpoint_every`` steps. Running the same call again resumes exactly where it stopped (the
+  same final weights as an uninterrupted run); it is removed once the adapter is written.
+
+:func:`train_all` does this for all 44 train tasks, one sub-folder each, skipping finished ones.
+
+Cost per optimizer step, SmolLM2-135M-Instruct, ``max_length=256``, batch 4, measured on this
+project's build machine (2-core AMD EPYC with AVX-512 BF16, torch 2.13 CPU, 2 threads, sharing
+the CPU with another job at a load average of 5-6; CPU seconds count both threads):
+
+============================  =====================  =====================
+batch                         ``precision="fp32"``   ``precision="bf16"``
+============================  =====================  =====================
+4 x 170 tokens (mctaco)       11.7 CPU s, 18 s wall  11.6 CPU s, 20 s wall
+4 x 256 tokens (winogrande)   21.2 CPU s, 38 s wall  12.4 CPU s, 19 s wall
+============================  =====================  =====================
+
+So the default 64 steps take 20-40 minutes per task on that shared machine, and all 44 train
+tasks about 15 hours with ``bf16`` (about 6 hours with the two cores to itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capplug._cache import write_json_atomic
+from capplug._runtime import seeded
+from capplug.adapters import _training as tr
+from capplug.adapters._examples import Encoded, answer_logits, encode_example
+from capplug.adapters.adapter_folder import (
+    META_BASE_ARCHITECTURE,
+    META_BASE_MODEL,
+    BaseModelIdentity,
+    model_identity,
+    write_peft_folder,
+)
+from capplug.adapters.runtime import quiet_peft
+from capplug.data.bigbench import Example, Task
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+
+__all__ = [
+    "DEFAULT_BASE",
+    "LoraTrainConfig",
+    "LoraTrainResult",
+    "task_folder_name",
+    "train_all",
+    "train_task_lora",
+    "train_task_names",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE = DEFAULT_MODEL
+_NI = "natural_instructions/"
+_INDEX = "teachers.json"
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Settings of one teacher LoRA run; the defaults suit SmolLM2-135M on a CPU."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the linear layers that get an adapter, in every transformer layer."""
+    steps: int = 64
+    """Optimizer steps; with batch 4 a task's adapter sees 256 examples."""
+    batch_size: int = 4
+    lr: float = 5e-4
+    """Peak AdamW learning rate, reached after ``warmup_steps`` and decayed linearly to zero."""
+    warmup_steps: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    """Token cap per example (definition + input + answer); longer ones are cut, definition first."""
+    max_answer_tokens: int = 64
+    """Answer tokens kept per example: the benchmark generates at most 64."""
+    precision: tr.Precision = "fp32"
+    """``bf16`` runs the forward pass under bfloat16 autocast (weights stay float32)."""
+    seed: int = 0
+    checkpoint_every: int = 16
+    log_every: int = 4
+    eval_examples: int = 16
+    """Test examples of the task whose loss is measured before and after training (0: none)."""
+
+    def __post_init__(self) -> None:
+        for name in ("r", "alpha", "steps", "batch_size", "max_length", "max_answer_tokens"):
+            tr.check_int(getattr(self, name), name)
+        for name in ("checkpoint_every", "log_every"):
+            tr.check_int(getattr(self, name), name)
+        for name in ("warmup_steps", "eval_examples", "seed"):
+            tr.check_int(getattr(self, name), name, minimum=0)
+        tr.check_float(self.lr, "lr")
+        tr.check_float(self.weight_decay, "weight_decay", inclusive=True)
+        tr.check_float(self.max_grad_norm, "max_grad_norm")
+        tr.check_float(self.dropout, "dropout", inclusive=True)
+        if self.dropout >= 1:
+            raise ValueError(f"dropout must be below 1; got {self.dropout}")
+        if self.max_answer_tokens >= self.max_length:
+            raise ValueError(
+                f"max_answer_tokens ({self.max_answer_tokens}) must be below max_length "
+                f"({self.max_length}) to leave room for the prompt"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16'; got {self.precision!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        targets = tuple(targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"target_modules must name at least one linear layer, e.g. ('q_proj', 'v_proj'); "
+                f"got {self.target_modules!r}"
+            )
+        object.__setattr__(self, "target_modules", targets)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (not how often to log or save)."""
+        settings = asdict(self)
+        for name in ("checkpoint_every", "log_every", "eval_examples"):
+            settings.pop(name)
+        return settings
+
+
+@dataclass
+class LoraTrainResult:
+    """What a finished teacher run reports."""
+
+    task: str
+    out_dir: Path
+    steps: int
+    train_examples: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    wall_seconds: float
+    skipped: bool = False
+    """True when the adapter was already there and nothing was trained."""
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def train_task_names() -> list[str]:
+    """The Natural-Instructions tasks of the ``train`` split (44), the only ones teachers learn."""
+    from capplug.data.bigbench import task_names
+
+    return [n for n in task_names("train") if n.startswith(_NI)]
+
+
+def task_folder_name(task: str) -> str:
+    """The sub-folder :func:`train_all` gives a task: its name below ``natural_instructions/``."""
+    return task.removeprefix(_NI).replace("/", "__")
+
+
+def _check_train_task(name: str) -> None:
+    from capplug.data.bigbench import task_names
+
+    if name in train_task_names():
+        return
+    if name in task_names("dev"):
+        raise ValueError(
+            f"task {name!r} is a dev task, kept for measurement: teacher adapters are trained on "
+            f"Natural-Instructions train tasks only (see capplug.adapters.lora.train_task_names())"
+        )
+    raise ValueError(
+        f"task {name!r} is not a Natural-Instructions train task; teacher adapters are trained on "
+        f"the 44 listed by capplug.adapters.lora.train_task_names(), e.g. "
+        f"{train_task_names()[0]!r}"
+    )
+
+
+def _resolve_task(task: str | Task, archive: str | os.PathLike[str] | None) -> Task:
+    if isinstance(task, Task):
+        _check_train_task(task.name)
+        loaded = task
+    elif isinstance(task, str):
+        _check_train_task(task)
+        from capplug.data.bigbench import load_task
+
+        loaded = load_task(task, archive=archive)
+    else:
+        raise TypeError(f"task must be a task name or a Task; got {type(task).__name__}")
+    if not (loaded.definition or "").strip():
+        raise ValueError(f"task {loaded.name!r} has no definition to put in the prompt")
+    return loaded
+
+
+def _config_with(config: LoraTrainConfig | None, **overrides: Any) -> LoraTrainConfig:
+    config = config or LoraTrainConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(config, **given) if given else config
+
+
+def train_task_lora(
+    task: str | Task,
+    out: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] = DEFAULT_BASE,
+    r: int | None = None,
+    alpha: int | None = None,
+    target_modules: Sequence[str] | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    max_length: int | None = None,
+    config: LoraTrainConfig | None = None,
+    resume: bool = True,
+    chat: LocalChatModel | None = None,
+    device: str | torch.device | None = None,
+    archive: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> LoraTrainResult:
+    """Train a teacher LoRA on one Natural-Instructions ``train`` task; resumable.
+
+    Args:
+        task: a train task's name (``natural_instructions/subtask...``) or its loaded ``Task``.
+        out: the run folder; it ends up a standard peft adapter folder.
+        base: the model to adapt (default: the packaged SmolLM2-135M-Instruct).
+        r, alpha, target_modules, steps, batch_size, lr, max_length: override ``config``.
+        config: every setting (:class:`LoraTrainConfig`); the keywords above win over it.
+        resume: continue from ``out/checkpoint`` when there is one; ``False`` starts over.
+        chat: an already loaded base model to reuse (as :func:`train_all` does); it gets the
+            adapter layers only while training.
+        device: where to train when ``chat`` is not given (default: the GPU if there is one).
+        archive: a bigbench-1.0.0 sdist you already have (else fetched into the cache).
+        progress: show a progress bar.
+        on_step: called after every optimizer step with the step and its log entry.
+
+    Raises:
+        ValueError: a task outside the Natural-Instructions train split, bad settings, or an
+            ``out`` folder that holds an adapter trained with other settings.
+    """
+    config = _config_with(
+        config,
+        r=r,
+        alpha=alpha,
+        target_modules=tuple(target_modules) if target_modules is not None else None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+    )
+    loaded_task = _resolve_task(task, archive)
+    examples = [e for e in loaded_task.examples if not e.is_test]
+    if not examples:
+        raise ValueError(f"task {loaded_task.name!r} has no train examples")
+    heldout = [e for e in loaded_task.examples if e.is_test][: config.eval_examples]
+    folder = Path(out).expanduser().resolve()
+    if chat is None:
+        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
+        identity = model_identity(base, chat.model.config)
+    else:
+        identity = model_identity(chat.name, chat.model.config)
+    run_id = tr.fingerprint(
+        {
+            "task": loaded_task.name,
+            "train_examples": len(examples),
+            "base": identity.name,
+            "settings": config.run_settings(),
+        }
+    )
+    finished = _finished(folder, run_id)
+    if finished is not None and resume:
+        return finished
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _clear_run(folder)
+    elif (folder / tr.SUMMARY_FILE).is_file():
+        raise ValueError(
+            f"{folder} holds an adapter trained with other settings or data; give a new out "
+            f"folder, or resume=False (--restart) to train over it"
+        )
+    return _Run(loaded_task, examples, heldout, folder, chat, identity, config, run_id).train(
+        progress=progress, on_step=on_step
+    )
+
+
+def train_all(
+    out: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] = DEFAULT_BASE,
+    tasks: Sequence[str] | None = None,
+    config: LoraTrainConfig | None = None,
+    device: str | torch.device | None = None,
+    archive: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> list[LoraTrainResult]:
+    """Train a teacher LoRA for every Natural-Instructions train task into ``out/<task>/``.
+
+    Finished adapters are skipped and an interrupted one resumes, so running the same call
+    again after a stop continues the job. ``out/teachers.json`` lists the tasks and folders.
+
+    Args:
+        tasks: a subset of :func:`train_task_names` (default: all 44).
+    """
+    names = list(tasks) if tasks is not None else train_task_names()
+    if not names:
+        raise ValueError("tasks is empty; leave it out to train all 44 train tasks")
+    for name in names:
+        _check_train_task(name)
+    config = config or LoraTrainConfig()
+    root = Path(out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
+    identity = model_identity(base, chat.model.config)
+    results: list[LoraTrainResult] = []
+    for position, name in enumerate(names, start=1):
+        logger.warning("capplug: teacher %d/%d: %s", position, len(names), name)
+        result = train_task_lora(
+            name,
+            root / task_folder_name(name),
+            config=config,
+            chat=chat,
+            archive=archive,
+            progress=progress,
+        )
+        results.append(result)
+        write_json_atomic(
+            root / _INDEX,
+            {
+                "base_model": identity.name,
+                "settings": config.run_settings(),
+                "teachers": {r.task: r.out_dir.name for r in results},
+            },
+        )
+    return results
+
+
+def _finished(folder: Path, run_id: str) -> LoraTrainResult | None:
+    summary_path = folder / tr.SUMMARY_FILE
+    if not summary_path.is_file() or not (folder / "adapter_config.json").is_file():
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("run_id") != run_id:
+        return None
+    return LoraTrainResult(
+        task=summary["task"],
+        out_dir=folder,
+        steps=summary["steps"],
+        train_examples=summary["train_examples"],
+        eval_loss_before=summary.get("eval_loss_before"),
+        eval_loss_after=summary.get("eval_loss_after"),
+        wall_seconds=summary["wall_seconds"],
+        skipped=True,
+        timing=summary.get("timing", {}),
+    )
+
+
+def _clear_run(folder: Path) -> None:
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    for name in (tr.SUMMARY_FILE, tr.LOG_FILE, "adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+
+
+class _Run:
+    """One teacher training run, from a fresh start or a checkpoint."""
+
+    def __init__(
+        self,
+        task: Task,
+        examples: list[Example],
+        heldout: list[Example],
+        folder: Path,
+        chat: LocalChatModel,
+        identity: BaseModelIdentity,
+        config: LoraTrainConfig,
+        run_id: str,
+    ) -> None:
+        self.task = task
+        self.examples = examples
+        self.heldout = heldout
+        self.folder = folder
+        self.chat = chat
+        self.identity = identity
+        self.config = config
+        self.run_id = run_id
+        self._encoded: dict[int, Encoded] = {}
+        self._orders: dict[int, list[int]] = {}
+
+    def _encode(self, example: Example) -> Encoded:
+        return encode_example(
+            self.chat,
+            input=example.input,
+            answer=example.targets[0],
+            definition=self.task.definition,
+            max_length=self.config.max_length,
+            max_answer_tokens=self.config.max_answer_tokens,
+        )
+
+    def _batch(self, step: int) -> list[Encoded]:
+        """The examples of one step: epoch-wise shuffles fixed by the seed, so resume is exact."""
+        n, size = len(self.examples), self.config.batch_size
+        batch = []
+        for position in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(position, n)
+            if epoch not in self._orders:
+                order = list(range(n))
+                random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+                self._orders = {epoch: order}
+            index = self._orders[epoch][offset]
+            if index not in self._encoded:
+                self._encoded[index] = self._encode(self.examples[index])
+            batch.append(self._encoded[index])
+        return batch
+
+    def train(
+        self, *, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None
+    ) -> LoraTrainResult:
+        from peft import LoraConfig, get_peft_model
+
+        config, chat = self.config, self.chat
+        lora = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        base = chat.model
+        base.requires_grad_(False)
+        with seeded(config.seed), quiet_peft():
+            model = get_peft_model(base, lora)
+        try:
+            return self._train(model, progress=progress, on_step=on_step)
+        finally:
+            # Give the caller its plain base model back, whatever happened.
+            chat.model = model.unload()
+            chat.model.eval()
+
+    def _train(
+        self,
+        model: Any,
+        *,
+        progress: bool,
+        on_step: Callable[[int, dict[str, Any]], None] | None,
+    ) -> LoraTrainResult:
+        from peft import get_peft_model_state_dict
+
+        config, chat, device = self.config, self.chat, self.chat.device
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(
+            list(params.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        checkpoint = self.folder / "checkpoint"
+        log_path = self.folder / tr.LOG_FILE
+        state: dict[str, Any] = {
+            "step": 0,
+            "run_id": self.run_id,
+            "elapsed_seconds": 0.0,
+            "eval_loss_before": None,
+        }
+        if (checkpoint / tr.STATE_FILE).is_file():
+            tensors, saved = tr.load_checkpoint(checkpoint, optimizer, device=device)
+            if saved.get("run_id") != self.run_id:
+                raise ValueError(
+                    f"{checkpoint} belongs to a run with other settings or data; give a new out "
+                    f"folder, or resume=False (--restart) to start over"
+                )
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(tensors[name])
+            state = saved
+            logger.warning(
+                "capplug: resuming %s at step %d of %d",
+                self.task.name,
+                state["step"],
+                config.steps,
+            )
+        else:
+            log_path.unlink(missing_ok=True)
+            state["eval_loss_before"] = self._heldout_loss(model)
+            # Dropout draws from torch's global generator: seed it so a run is reproducible.
+            torch.manual_seed(config.seed + 1)
+        started = time.monotonic()
+        resumed_wall = state["elapsed_seconds"]
+        timer = tr.StepTimer()
+        running: list[float] = []
+        bar = tr.progress(config.steps, state["step"], _short(self.task.name), enabled=progress)
+        model.train()
+        while state["step"] < config.steps:
+            step = state["step"]
+            batch = self._batch(step)
+            tr.set_lr(
+                optimizer,
+                config.lr * tr.lr_factor(step, warmup=config.warmup_steps, total=config.steps),
+            )
+            with timer.step():
+                with tr.autocast(device, config.precision):
+                    out = answer_logits(chat, model, batch)
+                loss = out.cross_entropy()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running.append(loss.item())
+            state["step"] = step + 1
+            bar.update(1)
+            entry: dict[str, Any] = {"step": state["step"], "loss": loss.item()}
+            if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+                entry = {
+                    "step": state["step"],
+                    "loss": sum(running) / len(running),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens": sum(len(e.prompt_ids) + len(e.answer_ids) for e in batch),
+                    **timer.summary(),
+                }
+                running = []
+                tr.append_log(log_path, entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
+                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
+                tr.save_checkpoint(checkpoint, params, optimizer, state)
+            if on_step is not None:
+                on_step(state["step"], entry)
+        bar.close()
+        model.eval()
+        eval_after = self._heldout_loss(model)
+        wall = resumed_wall + time.monotonic() - started
+        lora = model.peft_config["default"]
+        lora.base_model_name_or_path = self.identity.name
+        lora.inference_mode = True
+        write_peft_folder(
+            # save_embedding_layers=False: "auto" looks the base model up on the hub.
+            get_peft_model_state_dict(model, save_embedding_layers=False),
+            lora,
+            self.folder,
+            metadata={
+                META_BASE_MODEL: self.identity.name,
+                META_BASE_ARCHITECTURE: self.identity.architecture,
+                "capplug_task": self.task.name,
+                "capplug_source": "capplug.adapters.lora",
+            },
+        )
+        summary = {
+            "task": self.task.name,
+            "run_id": self.run_id,
+            "base_model": self.identity.name,
+            "steps": state["step"],
+            "train_examples": len(self.examples),
+            "truncated_examples_seen": sum(e.truncated for e in self._encoded.values()),
+            "eval_examples": len(self.heldout),
+            "eval_loss_before": state["eval_loss_before"],
+            "eval_loss_after": eval_after,
+            "wall_seconds": round(wall, 1),
+            "timing": timer.summary(),
+            "machine": tr.machine(self.chat.device),
+            "settings": asdict(self.config),
+        }
+        write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
+        shutil.rmtree(self.folder / "checkpoint", ignore_errors=True)
+        return LoraTrainResult(
+            task=self.task.name,
+            out_dir=self.folder,
+            steps=state["step"],
+            train_examples=len(self.examples),
+            eval_loss_before=state["eval_loss_before"],
+            eval_loss_after=eval_after,
+            wall_seconds=wall,
+            timing=timer.summary(),
+        )
+
+    @torch.no_grad()
+    def _heldout_loss(self, model: torch.nn.Module) -> float | None:
+        """Mean answer-token loss on the task's first test examples (no dropout)."""
+        if not self.heldout:
+            return None
+        was_training = model.training
+        model.eval()
+        total = count = 0.0
+        size = self.config.batch_size
+        encoded = [self._encode(e) for e in self.heldout]
+        for start in range(0, len(encoded), size):
+            batch = encoded[start : start + size]
+            with tr.autocast(self.chat.device, self.config.precision):
+                out = answer_logits(self.chat, model, batch)
+            tokens = float(out.mask.sum())
+            total += out.cross_entropy().item() * tokens
+            count += tokens
+        model.train(was_training)
+        return total / count if count else math.nan
+
+
+def _short(task: str) -> str:
+    name = task_folder_name(task)
+    return name if len(name) <= 40 else name[:37] + "..."

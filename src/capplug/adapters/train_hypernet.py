@@ -1,0 +1,666 @@
+"""Training the hypernetwork with TAGI's objective, from the teacher LoRAs of the train tasks.
+
+For a batch of (task, example) pairs the hypernetwork writes each task's adapter from the task's
+definition, and the loss is
+
+    L = L_pred + lambda_kl * KL(teacher || student) + lambda_weights * L_weights
+
+- ``L_pred``: cross-entropy of the reference answer under the *student*: the base model with the
+  generated adapter, reading the example's input **without** the definition;
+- ``KL``: on every answer token, from the *teacher* (the base model with the task's own LoRA,
+  reading the input **with** the definition) to the student's next-token distribution;
+- ``L_weights``: how far the generated update ``scaling * B @ A`` is from the teacher's, per
+  module and layer, as a squared Frobenius distance relative to the teacher's squared norm (0:
+  identical; 1: as far as no adapter at all). Comparing products rather than ``A`` and ``B``
+  makes it blind to how a rank-r update is factored, which differs between any two trainings.
+
+An optional warm start of ``reconstruction_steps`` steps trains on ``L_weights`` alone over all
+tasks: no language-model pass, so it takes seconds, and the adapters it writes already point
+the teachers' way before the expensive steps begin.
+
+Generated weights act on the frozen base model through forward hooks
+(:class:`~capplug.adapters._examples.LoraInjection`), so the gradient of every term flows back
+into the hypernetwork. A run folder holds ``checkpoint/`` (resumable exactly), ``best/`` (by
+held-out ``L_pred``), ``train_log.jsonl``, and at the end the hypernetwork itself
+(``hypernetwork.json``, ``model.safetensors``) and ``training_summary.json``.
+
+Cost on this project's build machine (2-core AMD EPYC, shared with another job, SmolLM2-135M,
+MiniLM encoder, hidden 256, batch 2 tasks x 4 examples, ``max_length=256``): a full step is
+27 CPU seconds (39 s wall) in float32; bf16 autocast is slower here (35 CPU s), because the
+hooks' small matrix products pay for the casts. A reconstruction step over all 44 tasks takes
+about 3 s. The defaults (200 reconstruction + 800 full steps) come to about 9 hours on that
+shared machine, about 4 with the two cores to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capplug._cache import sha256_file, write_json_atomic
+from capplug.adapters import _training as tr
+from capplug.adapters._examples import (
+    AnswerLogits,
+    Encoded,
+    LoraInjection,
+    answer_logits,
+    encode_example,
+)
+from capplug.adapters.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFiles,
+    linear_shapes,
+    model_identity,
+    read_adapter,
+)
+from capplug.adapters.hypernetwork import CONFIG_FILE, Hypernetwork, HypernetworkConfig
+from capplug.data.bigbench import Example, Task
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+
+__all__ = [
+    "HypernetTrainConfig",
+    "HypernetTrainResult",
+    "find_teachers",
+    "relative_weight_error",
+    "train_hypernetwork",
+]
+
+logger = logging.getLogger(__name__)
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class HypernetTrainConfig:
+    """Settings of a hypernetwork training run; the defaults suit SmolLM2-135M on a CPU."""
+
+    steps: int = 1000
+    """Optimizer steps in all, the reconstruction-only warm start included."""
+    reconstruction_steps: int = 200
+    """First steps on ``L_weights`` alone over every task (no language-model pass: fast)."""
+    tasks_per_step: int = 4
+    examples_per_task: int = 2
+    """A full step's batch is ``tasks_per_step * examples_per_task`` examples."""
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lambda_kl: float = 1.0
+    lambda_weights: float = 1.0
+    kl_temperature: float = 1.0
+    max_length: int = 256
+    max_answer_tokens: int = 64
+    precision: tr.Precision = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 25
+    log_every: int = 5
+    eval_every: int = 100
+    """Steps between held-out evaluations (after the warm start); the best is kept in ``best/``."""
+    eval_examples_per_task: int = 1
+    """Test examples of each train task in the held-out evaluation (0: no evaluation)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "tasks_per_step",
+            "examples_per_task",
+            "max_length",
+            "max_answer_tokens",
+            "checkpoint_every",
+            "log_every",
+            "eval_every",
+        ):
+            tr.check_int(getattr(self, name), name)
+        for name in ("reconstruction_steps", "warmup_steps", "seed", "eval_examples_per_task"):
+            tr.check_int(getattr(self, name), name, minimum=0)
+        if self.reconstruction_steps > self.steps:
+            raise ValueError(
+                f"reconstruction_steps ({self.reconstruction_steps}) cannot exceed steps "
+                f"({self.steps})"
+            )
+        tr.check_float(self.lr, "lr")
+        tr.check_float(self.kl_temperature, "kl_temperature")
+        tr.check_float(self.max_grad_norm, "max_grad_norm")
+        for name in ("weight_decay", "lambda_kl", "lambda_weights"):
+            tr.check_float(getattr(self, name), name, inclusive=True)
+        if self.max_answer_tokens >= self.max_length:
+            raise ValueError(
+                f"max_answer_tokens ({self.max_answer_tokens}) must be below max_length "
+                f"({self.max_length})"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16'; got {self.precision!r}")
+
+    def run_settings(self) -> dict[str, Any]:
+        settings = asdict(self)
+        for name in ("checkpoint_every", "log_every"):
+            settings.pop(name)
+        return settings
+
+
+@dataclass
+class HypernetTrainResult:
+    out_dir: Path
+    steps: int
+    tasks: list[str]
+    best_eval: dict[str, float] | None
+    wall_seconds: float
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def find_teachers(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{task name: adapter folder}`` of the finished teacher LoRAs under ``folder``.
+
+    A teacher is a sub-folder with a peft adapter and the ``training_summary.json`` that
+    :func:`~capplug.adapters.lora.train_task_lora` writes when it finishes.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"teachers folder {str(root)!r} does not exist")
+    found: dict[str, Path] = {}
+    unfinished = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        summary = sub / tr.SUMMARY_FILE
+        if not (sub / ADAPTER_CONFIG).is_file() or not summary.is_file():
+            if (sub / "checkpoint").is_dir():
+                unfinished.append(sub.name)
+            continue
+        task = json.loads(summary.read_text(encoding="utf-8")).get("task")
+        if isinstance(task, str) and task:
+            found[task] = sub
+    if unfinished:
+        logger.warning(
+            "capplug: %d teacher(s) under %s are not finished and are left out: %s",
+            len(unfinished),
+            root,
+            ", ".join(unfinished[:5]),
+        )
+    if not found:
+        raise ValueError(
+            f"{root} holds no finished teacher adapters (sub-folders with {ADAPTER_CONFIG} and "
+            f"{tr.SUMMARY_FILE}); train them first with `capplug adapters train-lora --all "
+            f"--out {root}`"
+        )
+    return found
+
+
+def relative_weight_error(
+    generated: Factors, teacher: Factors, *, scaling: float, teacher_scaling: float
+) -> torch.Tensor:
+    """Mean over tasks of ``sum ||dW_gen - dW_teacher||^2 / sum ||dW_teacher||^2``.
+
+    ``dW = scaling * B @ A`` per module and layer; factors are ``A [T, L, r, in]`` and
+    ``B [T, L, out, r]``, the ranks of the two sides may differ. The distance is taken through
+    the ``r x r`` Gram matrices (``||P Q||^2 = sum((P^T P) * (Q Q^T))``), never forming the
+    full ``out x in`` products.
+    """
+    errors, norms = 0.0, 0.0
+    for module_type, (a_t, b_t) in teacher.items():
+        if module_type not in generated:
+            continue
+        a_g, b_g = generated[module_type]
+        p = torch.cat([scaling * b_g, -teacher_scaling * b_t.to(b_g.dtype)], dim=-1)
+        q = torch.cat([a_g, a_t.to(a_g.dtype)], dim=-2)
+        gram_p = p.transpose(-1, -2) @ p
+        gram_q = q @ q.transpose(-1, -2)
+        errors = errors + (gram_p * gram_q).sum((-1, -2)).clamp(min=0).sum(-1)
+        ref_p = (teacher_scaling * b_t).transpose(-1, -2) @ (teacher_scaling * b_t)
+        ref_q = a_t @ a_t.transpose(-1, -2)
+        norms = norms + (ref_p * ref_q).sum((-1, -2)).sum(-1)
+    if isinstance(errors, float):
+        raise ValueError("the generated and teacher adapters share no module type")
+    return (errors / torch.as_tensor(norms).clamp(min=1e-12)).mean()
+
+
+def train_hypernetwork(
+    teachers: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] = DEFAULT_MODEL,
+    hypernetwork: Hypernetwork | None = None,
+    encoder: str = "minilm",
+    hidden_dim: int = 256,
+    config: HypernetTrainConfig | None = None,
+    tasks: Mapping[str, Task] | None = None,
+    chat: LocalChatModel | None = None,
+    device: str | torch.device | None = None,
+    archive: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> HypernetTrainResult:
+    """Train a hypernetwork against teacher LoRAs; running it again resumes where it stopped.
+
+    Args:
+        teachers: the folder :func:`~capplug.adapters.lora.train_all` wrote, or
+            ``{task name: adapter folder}``.
+        out: the run folder; it ends up a hypernetwork folder (:meth:`Hypernetwork.from_pretrained`).
+        base: the base model the teachers adapt (default: the packaged SmolLM2-135M-Instruct).
+        hypernetwork: a fresh one to train; by default one is built for ``base`` with the
+            teachers' rank, alpha and target modules, ``encoder`` and ``hidden_dim``.
+        tasks: the loaded tasks by name (default: loaded from BIG-bench).
+        chat: the base model already loaded; it is frozen and put in eval mode.
+
+    A resumed run rebuilds the hypernetwork from its checkpoint, whatever ``encoder`` and
+    ``hidden_dim`` say.
+
+    Raises:
+        ValueError: no teachers, teachers that disagree on rank or modules, or an ``out`` folder
+            that holds a run with other settings.
+        WrongBaseModelError: a teacher made for another base model.
+    """
+    config = config or HypernetTrainConfig()
+    teacher_folders = (
+        {str(k): Path(v) for k, v in teachers.items()}
+        if isinstance(teachers, Mapping)
+        else find_teachers(teachers)
+    )
+    if not teacher_folders:
+        raise ValueError("teachers is empty; give at least one task's teacher adapter")
+    if chat is None:
+        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
+        base_ref = os.fspath(base)
+    else:
+        base_ref = chat.name
+    identity = model_identity(base_ref, chat.model.config)
+    shapes = linear_shapes(chat.model)
+    names = sorted(teacher_folders)
+    files = [read_adapter(teacher_folders[n], identity=identity, shapes=shapes) for n in names]
+    _check_teachers_agree(names, files)
+    loaded = _load_tasks(names, tasks, archive)
+    folder = Path(out).expanduser().resolve()
+    checkpoint = folder / "checkpoint"
+    if (checkpoint / CONFIG_FILE).is_file():
+        raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        hypernetwork = Hypernetwork(HypernetworkConfig(**raw))
+    elif hypernetwork is None:
+        first = files[0].config
+        hypernetwork = Hypernetwork.from_base(
+            base_ref,
+            encoder=encoder,
+            r=first.r,
+            alpha=int(first.lora_alpha),
+            target_modules=sorted({m.rsplit(".", 1)[-1] for m in files[0].modules}),
+            hidden_dim=hidden_dim,
+            seed=config.seed,
+        )
+    if hypernetwork.config.base_model.casefold() != identity.name.casefold():
+        raise ValueError(
+            f"the hypernetwork writes adapters for {hypernetwork.config.base_model}, but the "
+            f"teachers and the loaded base model are {identity.name}"
+        )
+    run_id = tr.fingerprint(
+        {
+            "teachers": {
+                n: sha256_file(f.folder / ADAPTER_WEIGHTS)
+                for n, f in zip(names, files, strict=True)
+            },
+            "base": identity.name,
+            "hypernetwork": asdict(hypernetwork.config),
+            "settings": config.run_settings(),
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    summary_path = folder / tr.SUMMARY_FILE
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if summary.get("run_id") == run_id:
+            return HypernetTrainResult(
+                out_dir=folder,
+                steps=summary["steps"],
+                tasks=summary["tasks"],
+                best_eval=summary.get("best_eval"),
+                wall_seconds=summary["wall_seconds"],
+                timing=summary.get("timing", {}),
+            )
+        raise ValueError(
+            f"{folder} holds a hypernetwork trained with other settings or teachers; give a new "
+            f"out folder"
+        )
+    run = _Run(hypernetwork, chat, names, files, loaded, folder, config, run_id)
+    try:
+        return run.train(progress=progress, on_step=on_step)
+    finally:
+        run.injection.remove()
+
+
+def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
+    first = files[0]
+    want = (first.config.r, first.config.lora_alpha, sorted(first.modules))
+    for name, adapter in zip(names, files, strict=True):
+        got = (adapter.config.r, adapter.config.lora_alpha, sorted(adapter.modules))
+        if got != want:
+            raise ValueError(
+                f"teacher of {name} has r={got[0]}, alpha={got[1]} on {len(got[2])} modules, but "
+                f"the teacher of {names[0]} has r={want[0]}, alpha={want[1]} on {len(want[2])}: "
+                f"train all teachers with the same settings"
+            )
+
+
+def _load_tasks(
+    names: list[str], given: Mapping[str, Task] | None, archive: str | os.PathLike[str] | None
+) -> dict[str, Task]:
+    from capplug.adapters.lora import _check_train_task
+    from capplug.data.bigbench import load_task
+
+    loaded: dict[str, Task] = {}
+    for name in names:
+        _check_train_task(name)
+        task = given[name] if given is not None and name in given else None
+        loaded[name] = task if task is not None else load_task(name, archive=archive)
+        if not (loaded[name].definition or "").strip():
+            raise ValueError(f"task {name!r} has no definition to write an adapter from")
+        if not any(not e.is_test for e in loaded[name].examples):
+            raise ValueError(f"task {name!r} has no train examples")
+    return loaded
+
+
+class _Run:
+    def __init__(
+        self,
+        hypernetwork: Hypernetwork,
+        chat: LocalChatModel,
+        names: list[str],
+        files: list[AdapterFiles],
+        tasks: dict[str, Task],
+        folder: Path,
+        config: HypernetTrainConfig,
+        run_id: str,
+    ) -> None:
+        self.hypernetwork = hypernetwork.to(chat.device)
+        self.chat = chat
+        self.names = names
+        self.tasks = tasks
+        self.folder = folder
+        self.config = config
+        self.run_id = run_id
+        self.train_examples = {n: [e for e in tasks[n].examples if not e.is_test] for n in names}
+        self.heldout = {
+            n: [e for e in tasks[n].examples if e.is_test][: config.eval_examples_per_task]
+            for n in names
+        }
+        device = chat.device
+        hconf = hypernetwork.config
+        # Teachers stacked like the hypernetwork's output: {type: (A [N, L, r, in], B [N, L, out, r])}.
+        self.teacher: Factors = {}
+        for module_type, paths in hconf.module_paths.items():
+            a = torch.stack([torch.stack([f.factors(p)[0] for p in paths]) for f in files])
+            b = torch.stack([torch.stack([f.factors(p)[1] for p in paths]) for f in files])
+            self.teacher[module_type] = (a.float().to(device), b.float().to(device))
+        self.teacher_scaling = files[0].scaling
+        chat.model.requires_grad_(False)
+        chat.model.eval()
+        self.injection = LoraInjection(
+            chat.model, [p for ps in hconf.module_paths.values() for p in ps]
+        )
+        self._encoded: dict[tuple[str, int, bool], Encoded] = {}
+        self.embeddings: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------- data
+
+    def _encode(self, name: str, example: Example, *, definition: bool) -> Encoded:
+        key = (name, example.index, definition)
+        if key not in self._encoded:
+            self._encoded[key] = encode_example(
+                self.chat,
+                input=example.input,
+                answer=example.targets[0],
+                definition=self.tasks[name].definition if definition else None,
+                max_length=self.config.max_length,
+                max_answer_tokens=self.config.max_answer_tokens,
+            )
+        return self._encoded[key]
+
+    def _draw(self, step: int) -> list[tuple[int, Example]]:
+        """(task index, example) pairs of one step, fixed by the seed and the step alone."""
+        config = self.config
+        rng = random.Random(config.seed * 1_000_003 + step)
+        chosen = rng.sample(range(len(self.names)), min(config.tasks_per_step, len(self.names)))
+        rows = []
+        for t in chosen:
+            pool = self.train_examples[self.names[t]]
+            picks = (
+                rng.sample(pool, config.examples_per_task)
+                if len(pool) >= config.examples_per_task
+                else [rng.choice(pool) for _ in range(config.examples_per_task)]
+            )
+            rows += [(t, e) for e in picks]
+        return rows
+
+    # ------------------------------------------------------------------------------ losses
+
+    def _factors_for_rows(
+        self, factors: Factors, rows: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-module ``(A [rows, r, in], B [rows, out, r])`` for the injection hooks."""
+        per_module = {}
+        paths = self.hypernetwork.config.module_paths
+        for module_type, (a, b) in factors.items():
+            a_rows, b_rows = a.index_select(0, rows), b.index_select(0, rows)
+            for layer, path in enumerate(paths[module_type]):
+                per_module[path] = (a_rows[:, layer], b_rows[:, layer])
+        return per_module
+
+    def _losses(
+        self, task_ids: list[int], rows: list[tuple[int, Example]], *, weights_only: bool
+    ) -> dict[str, torch.Tensor]:
+        config, hnet = self.config, self.hypernetwork
+        assert self.embeddings is not None
+        index = torch.tensor(task_ids, device=self.chat.device)
+        generated = hnet(self.embeddings.index_select(0, index))
+        teacher = {
+            m: (a.index_select(0, index), b.index_select(0, index))
+            for m, (a, b) in self.teacher.items()
+        }
+        losses: dict[str, torch.Tensor] = {}
+        if weights_only or config.lambda_weights > 0:
+            losses["weights"] = relative_weight_error(
+                generated,
+                teacher,
+                scaling=hnet.config.scaling,
+                teacher_scaling=self.teacher_scaling,
+            )
+        if weights_only:
+            losses["loss"] = losses["weights"]
+            return losses
+        position = {t: i for i, t in enumerate(task_ids)}
+        row_index = torch.tensor([position[t] for t, _ in rows], device=self.chat.device)
+        names = [self.names[t] for t, _ in rows]
+        student_batch = [
+            self._encode(n, e, definition=False) for n, (_, e) in zip(names, rows, strict=True)
+        ]
+        student = self._student(generated, row_index, student_batch)
+        losses["pred"] = student.cross_entropy()
+        total = losses["pred"]
+        if config.lambda_kl > 0:
+            teacher_batch = [
+                self._encode(n, e, definition=True) for n, (_, e) in zip(names, rows, strict=True)
+            ]
+            with torch.no_grad():
+                taught = self._teacher(teacher, row_index, teacher_batch)
+            losses["kl"] = student.kl_from(taught, temperature=config.kl_temperature)
+            total = total + config.lambda_kl * losses["kl"]
+        if "weights" in losses:
+            total = total + config.lambda_weights * losses["weights"]
+        losses["loss"] = total
+        return losses
+
+    def _student(
+        self, generated: Factors, rows: torch.Tensor, batch: list[Encoded]
+    ) -> AnswerLogits:
+        with (
+            self.injection.apply(
+                self._factors_for_rows(generated, rows), self.hypernetwork.config.scaling
+            ),
+            tr.autocast(self.chat.device, self.config.precision),
+        ):
+            return answer_logits(self.chat, self.chat.model, batch)
+
+    def _teacher(self, teacher: Factors, rows: torch.Tensor, batch: list[Encoded]) -> AnswerLogits:
+        with (
+            self.injection.apply(self._factors_for_rows(teacher, rows), self.teacher_scaling),
+            tr.autocast(self.chat.device, self.config.precision),
+        ):
+            return answer_logits(self.chat, self.chat.model, batch)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out L_pred, KL and weight error on the first test examples of every train task."""
+        pairs = [(t, e) for t, n in enumerate(self.names) for e in self.heldout[n]]
+        if not pairs:
+            return {}
+        hnet = self.hypernetwork
+        was_training = hnet.training
+        hnet.eval()
+        sums: dict[str, float] = {}
+        size = self.config.tasks_per_step * self.config.examples_per_task
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            losses = self._losses(sorted({t for t, _ in chunk}), chunk, weights_only=False)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.item() * len(chunk)
+        hnet.train(was_training)
+        return {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------------------- loop
+
+    def train(
+        self, *, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None
+    ) -> HypernetTrainResult:
+        config, hnet, device = self.config, self.hypernetwork, self.chat.device
+        params = {n: p for n, p in hnet.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(
+            list(params.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        checkpoint = self.folder / "checkpoint"
+        log_path = self.folder / tr.LOG_FILE
+        state: dict[str, Any] = {
+            "step": 0,
+            "run_id": self.run_id,
+            "elapsed_seconds": 0.0,
+            "best_eval": None,
+        }
+        if (checkpoint / tr.STATE_FILE).is_file():
+            tensors, saved = tr.load_checkpoint(checkpoint, optimizer, device=device)
+            if saved.get("run_id") != self.run_id:
+                raise ValueError(
+                    f"{checkpoint} belongs to a run with other settings or teachers; give a new "
+                    f"out folder"
+                )
+            hnet.load_state_dict(tensors)
+            state = saved
+            logger.warning(
+                "capplug: resuming hypernetwork training at step %d of %d",
+                state["step"],
+                config.steps,
+            )
+        else:
+            log_path.unlink(missing_ok=True)
+            torch.manual_seed(config.seed + 1)
+        self.embeddings = hnet.embed(
+            [self.tasks[n].definition or "" for n in self.names], warn=False
+        )
+        started = time.monotonic()
+        resumed_wall = state["elapsed_seconds"]
+        timer = tr.StepTimer()
+        running: dict[str, list[float]] = {}
+        bar = tr.progress(config.steps, state["step"], "hypernetwork", enabled=progress)
+        hnet.train()
+        all_tasks = list(range(len(self.names)))
+        while state["step"] < config.steps:
+            step = state["step"]
+            weights_only = step < config.reconstruction_steps
+            tr.set_lr(
+                optimizer,
+                config.lr * tr.lr_factor(step, warmup=config.warmup_steps, total=config.steps),
+            )
+            with timer.step():
+                if weights_only:
+                    losses = self._losses(all_tasks, [], weights_only=True)
+                else:
+                    rows = self._draw(step)
+                    losses = self._losses(sorted({t for t, _ in rows}), rows, weights_only=False)
+                losses["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                running.setdefault(key, []).append(value.item())
+            state["step"] = step + 1
+            bar.update(1)
+            entry: dict[str, Any] = {
+                "step": state["step"],
+                **{k: v[-1] for k, v in running.items()},
+            }
+            done = state["step"] == config.steps
+            if state["step"] % config.log_every == 0 or done:
+                entry = {
+                    "step": state["step"],
+                    "phase": "reconstruction" if weights_only else "full",
+                    **{k: sum(v) / len(v) for k, v in running.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **timer.summary(),
+                }
+                running = {}
+                tr.append_log(log_path, entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+            if not weights_only and (state["step"] % config.eval_every == 0 or done):
+                metrics = self._evaluate()
+                if metrics:
+                    tr.append_log(log_path, {"step": state["step"], **metrics})
+                    best = state["best_eval"]
+                    if best is None or metrics["eval_pred"] < best["eval_pred"]:
+                        state["best_eval"] = {"step": state["step"], **metrics}
+                        hnet.save_pretrained(self.folder / "best")
+            if state["step"] % config.checkpoint_every == 0 and not done:
+                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
+                # The config travels with the weights, so a resume rebuilds the same shape.
+                tr.save_checkpoint(
+                    checkpoint,
+                    params,
+                    optimizer,
+                    state,
+                    extra_json={CONFIG_FILE: asdict(hnet.config)},
+                )
+            if on_step is not None:
+                on_step(state["step"], entry)
+        bar.close()
+        hnet.eval()
+        wall = resumed_wall + time.monotonic() - started
+        if (self.folder / "best" / CONFIG_FILE).is_file():
+            final = Hypernetwork.from_pretrained(self.folder / "best", device=device)
+        else:
+            final = hnet
+        final.save_pretrained(self.folder)
+        summary = {
+            "run_id": self.run_id,
+            "base_model": hnet.config.base_model,
+            "tasks": self.names,
+            "steps": state["step"],
+            "best_eval": state["best_eval"],
+            "wall_seconds": round(wall, 1),
+            "timing": timer.summary(),
+            "machine": tr.machine(device),
+            "settings": asdict(config),
+            "parameters": sum(p.numel() for p in hnet.parameters()),
+        }
+        write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return HypernetTrainResult(
+            out_dir=self.folder,
+            steps=state["step"],
+            tasks=self.names,
+            best_eval=state["best_eval"],
+            wall_seconds=wall,
+            timing=timer.summary(),
+        )
