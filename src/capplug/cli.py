@@ -814,6 +814,11 @@ def _add_adapters_parser(sub: Any) -> None:
     )
     _hypernet_option(answer)
     answer.set_defaults(run=_run_adapters_answer)
+    from capplug.adapters.store_cli import register as register_store_commands
+
+    register_store_commands(
+        adapters_sub
+    )  # list | show | lookup | create | import | rm | gc | verify
     adapters.set_defaults(run=lambda _args: adapters.print_help() or 2)
 
 

@@ -12,59 +12,53 @@ Needs peft: ``pip install 'capplug[adapters]'``.
 
 from __future__ import annotations
 
-try:
-    import peft as _peft  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("capplug.adapters needs peft: pip install 'capplug[adapters]'") from exc
+import importlib
+from typing import Any
 
-from capplug.adapters._examples import user_prompt
-from capplug.adapters.adapter_folder import (
-    AdapterFileError,
-    AdapterFiles,
-    BaseModelIdentity,
-    WrongBaseModelError,
-    canonical_model_name,
-    model_identity,
-    read_adapter,
-    write_peft_folder,
-)
-from capplug.adapters.hypernetwork import DEFAULT_HYPERNETWORK, Hypernetwork, HypernetworkConfig
-from capplug.adapters.lora import (
-    LoraTrainConfig,
-    LoraTrainResult,
-    train_all,
-    train_task_lora,
-    train_task_names,
-)
-from capplug.adapters.runtime import AdapterRuntime
-from capplug.adapters.train_hypernet import (
-    HypernetTrainConfig,
-    HypernetTrainResult,
-    find_teachers,
-    train_hypernetwork,
-)
+_EXPORTS = {
+    "user_prompt": "_examples",
+    "AdapterFileError": "adapter_folder",
+    "AdapterFiles": "adapter_folder",
+    "BaseModelIdentity": "adapter_folder",
+    "WrongBaseModelError": "adapter_folder",
+    "canonical_model_name": "adapter_folder",
+    "model_identity": "adapter_folder",
+    "read_adapter": "adapter_folder",
+    "write_peft_folder": "adapter_folder",
+    "DEFAULT_HYPERNETWORK": "hypernetwork",
+    "Hypernetwork": "hypernetwork",
+    "HypernetworkConfig": "hypernetwork",
+    "LoraTrainConfig": "lora",
+    "LoraTrainResult": "lora",
+    "train_all": "lora",
+    "train_task_lora": "lora",
+    "train_task_names": "lora",
+    "AdapterRuntime": "runtime",
+    "HypernetTrainConfig": "train_hypernet",
+    "HypernetTrainResult": "train_hypernet",
+    "find_teachers": "train_hypernet",
+    "train_hypernetwork": "train_hypernet",
+    "AdapterStore": "store",
+}
 
-__all__ = [
-    "DEFAULT_HYPERNETWORK",
-    "AdapterFileError",
-    "AdapterFiles",
-    "AdapterRuntime",
-    "BaseModelIdentity",
-    "HypernetTrainConfig",
-    "HypernetTrainResult",
-    "Hypernetwork",
-    "HypernetworkConfig",
-    "LoraTrainConfig",
-    "LoraTrainResult",
-    "WrongBaseModelError",
-    "canonical_model_name",
-    "find_teachers",
-    "model_identity",
-    "read_adapter",
-    "train_all",
-    "train_hypernetwork",
-    "train_task_lora",
-    "train_task_names",
-    "user_prompt",
-    "write_peft_folder",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `capplug adapters --help` and the store commands stay light, and a
+    # missing peft is reported where it is needed.
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capplug.adapters' has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module(f"capplug.adapters.{module}"), name)
+    except ImportError as exc:
+        if exc.name in ("peft", "chromadb"):
+            raise ImportError(
+                f"capplug.adapters.{name} needs {exc.name}: pip install 'capplug[adapters]'"
+            ) from exc
+        raise
+
+
+def __dir__() -> list[str]:
+    return __all__
