@@ -318,11 +318,13 @@ async def _send(
 
 @pytest.fixture
 def faulty() -> Iterator[tuple[FaultyUpstream, str, openai.OpenAI]]:
-    upstream = FaultyUpstream(slow_seconds=2.0)
+    # The timeout leaves room for a loaded CI machine: only the scripted "slow" answers (well
+    # past it) may time out, never an ordinary one.
+    upstream = FaultyUpstream(slow_seconds=6.0)
     retry = RetryPolicy(max_attempts=3, initial_backoff=0.05, jitter=0.0, max_total_seconds=30)
     with upstream.serving() as upstream_url:
         app = create_proxy_app(
-            upstream_url, scorer=_LengthScorer(), n=2, retry=retry, timeout=0.5, api_key="pk"
+            upstream_url, scorer=_LengthScorer(), n=2, retry=retry, timeout=3.0, api_key="pk"
         )
         with serve_in_thread(app) as url:
             client = openai.OpenAI(
