@@ -232,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         "anywhere but a loopback address",
     )
     local.set_defaults(run=_run_serve_local)
+    _add_serve_adapters_parser(serve_sub)
     serve.set_defaults(run=lambda _args: serve.print_help() or 2)
     _add_proxy_parser(sub)
     _add_adapters_parser(sub)
@@ -523,6 +524,160 @@ def _run_serve_local(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _add_serve_adapters_parser(serve_sub: Any) -> None:
+    adapters = serve_sub.add_parser(
+        "adapters",
+        help="the adapter service: LoRA adapters by instruction, and chat completions with them",
+        description=(
+            "Serve the adapter store over HTTP: POST /v1/adapters finds (or makes) the adapter "
+            "for an instruction, GET/DELETE /v1/adapters/ID and /files/NAME hand them out, and "
+            "/v1/chat/completions answers with the base model ('model': BASE), a stored adapter "
+            "('model': 'BASE@ID') or the adapter for an 'instruction' field. New adapters need a "
+            "hypernetwork (--hypernet); with --no-hypernet the service answers with the stored "
+            "and imported adapters only. One generation runs at a time."
+        ),
+    )
+    adapters.add_argument(
+        "--store",
+        default=os.environ.get("CAPPLUG_ADAPTER_STORE", "adapters_store"),
+        metavar="DIR",
+        help="store folder (default: $CAPPLUG_ADAPTER_STORE or adapters_store)",
+    )
+    adapters.add_argument(
+        "--model",
+        metavar="REF",
+        help=f"the base model: a folder, a Hugging Face id, or a packaged name (default: the "
+        f"hypernetwork's, else {_LOCAL_CHAT_MODEL})",
+    )
+    hypernet = adapters.add_mutually_exclusive_group()
+    hypernet.add_argument(
+        "--hypernet",
+        metavar="REF",
+        help=f"hypernetwork folder that makes new adapters (default: the bundled "
+        f"{_DEFAULT_HYPERNETWORK}, when this install has it)",
+    )
+    hypernet.add_argument(
+        "--no-hypernet",
+        action="store_true",
+        help="make no new adapters: serve the stored and imported ones (instructions that miss "
+        "get a 503)",
+    )
+    adapters.add_argument(
+        "--chroma-url", metavar="URL", help="a shared Chroma server (chroma run) to index in"
+    )
+    adapters.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    adapters.add_argument("--port", type=int, default=8788, help="port to bind (default: 8788)")
+    adapters.add_argument(
+        "--api-key",
+        default=os.environ.get("CAPPLUG_API_KEY") or None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $CAPPLUG_API_KEY); needed to bind "
+        "anywhere but a loopback address",
+    )
+    adapters.add_argument(
+        "--threshold", type=float, default=0.8, help="least similarity of a hit (default: 0.8)"
+    )
+    adapters.add_argument(
+        "--max-adapters", type=int, metavar="N", help="keep at most N adapters in the store (LRU)"
+    )
+    adapters.add_argument(
+        "--max-loaded",
+        type=int,
+        default=8,
+        metavar="N",
+        help="adapters attached to the model at once (default: 8)",
+    )
+    adapters.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=512,
+        metavar="N",
+        help="most tokens per answer, and the default max_tokens (default: 512)",
+    )
+    adapters.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    adapters.set_defaults(run=_run_serve_adapters)
+
+
+def _run_serve_adapters(args: argparse.Namespace) -> int:
+    _check_bind(args)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise _UsageError(f"--threshold must be between 0 and 1; got {args.threshold}")
+    for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
+        if value is not None and value < 1:
+            raise _UsageError(f"{flag} must be >= 1; got {value}")
+    try:  # before any model loads, so a missing extra fails at once
+        import uvicorn
+
+        from capplug.serve.adapters import create_adapter_app
+    except ImportError as exc:
+        missing = exc.__cause__ or exc
+        raise _UsageError(
+            "`capplug serve adapters` needs the serve and adapters extras: "
+            f"pip install 'capplug[serve,adapters]' ({missing})"
+        ) from exc
+    from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
+    from capplug.adapters.hypernetwork import Hypernetwork
+    from capplug.adapters.runtime import AdapterRuntime
+    from capplug.adapters.store import AdapterStore
+    from capplug.adapters.store_cli import _hypernetwork_version
+    from capplug.errors import ModelNotFoundError
+
+    generator, version, model = None, None, args.model
+    if not args.no_hypernet:
+        ref = args.hypernet or _DEFAULT_HYPERNETWORK
+        try:
+            hypernet = Hypernetwork.from_pretrained(ref, device=args.device)
+        except ModelNotFoundError as exc:
+            if args.hypernet is not None:
+                raise
+            raise _UsageError(
+                f"no hypernetwork to make new adapters with: the bundled {_DEFAULT_HYPERNETWORK} "
+                f"is not in this install ({exc}). Pass --hypernet DIR (a trained hypernetwork, "
+                f"e.g. from `capplug adapters train-hypernet`) to make adapters from "
+                f"instructions, or --no-hypernet to serve the stored and imported adapters "
+                f"(by id, or by an instruction similar enough to theirs) without making new ones"
+            ) from exc
+        base = hypernet.config.base_model
+        if model is None:
+            model = hypernet.config.base_ref
+        elif canonical_model_name(model).casefold() != base.casefold():
+            raise WrongBaseModelError(
+                f"the hypernetwork {ref} makes adapters for {base}, not for "
+                f"{canonical_model_name(model)} (--model); drop --model or pass a hypernetwork "
+                f"for that model"
+            )
+        generator, version = hypernet.generate, _hypernetwork_version(hypernet)
+    model = model or _LOCAL_CHAT_MODEL
+    store = AdapterStore(
+        args.store,
+        base_model=model,
+        chroma_url=args.chroma_url,
+        generator=generator,
+        hypernetwork_version=version,
+        threshold=args.threshold,
+        max_adapters=args.max_adapters,
+    )
+    runtime = AdapterRuntime.from_pretrained(model, max_loaded=args.max_loaded, device=args.device)
+    app = create_adapter_app(
+        store, runtime, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap
+    )
+    what = "making new adapters" if generator is not None else "making no new adapters"
+    print(
+        f"serving {len(store)} adapters for {store.base_model} from {store.root} ({what}) at "
+        f"http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        store.close()
     return 0
 
 

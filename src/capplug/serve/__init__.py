@@ -1,5 +1,5 @@
-"""capplug's HTTP servers: a local OpenAI-compatible chat endpoint, the reranking proxy, and
-running apps in a thread.
+"""capplug's HTTP servers: a local OpenAI-compatible chat endpoint, the reranking proxy, the
+adapter service, and running apps in a thread.
 
 Needs the ``serve`` extra: ``pip install 'capplug[serve]'`` (FastAPI, uvicorn, httpx2 and
 prometheus-client).
@@ -20,4 +20,19 @@ from capplug.serve.background import serve_in_thread
 from capplug.serve.local_openai import create_app
 from capplug.serve.proxy import KEY_HEADER, create_proxy_app
 
-__all__ = ["KEY_HEADER", "create_app", "create_proxy_app", "serve_in_thread"]
+__all__ = [
+    "KEY_HEADER",
+    "create_adapter_app",
+    "create_app",
+    "create_proxy_app",
+    "serve_in_thread",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The adapter service needs the adapters extra (peft, chromadb); import it on first use.
+    if name == "create_adapter_app":
+        from capplug.serve.adapters import create_adapter_app
+
+        return create_adapter_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
