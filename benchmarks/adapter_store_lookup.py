@@ -21,7 +21,7 @@ an input domain and two output constraints, 10,000 distinct texts. Two query kin
 Beside the end-to-end figure: the embedding alone (MiniLM, one text), the Chroma query alone
 (k=3, with metadata and documents), and the hash lookup alone (``get`` by metadata).
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_store_lookup.py [--sizes 100 1000 10000]
+    python benchmarks/adapter_store_lookup.py [--sizes 100 1000 10000]   # threads = cores
 
 Writes benchmarks/results/adapter_store_lookup.{json,md}.
 """
@@ -378,7 +378,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "adapter_store_lookup")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     load_before = os.getloadavg()
 
     texts, parts = instructions(max(args.sizes), seed=args.seed)
@@ -462,8 +462,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# Adapter store: lookup latency",
         "",
         f"`AdapterStore.lookup(instruction, k=3)` on a persistent Chroma index embedded by the "
-        f"packaged MiniLM; {report['setup']['queries_per_kind']} queries per kind and size; one "
-        f"CPU thread (`OMP_NUM_THREADS={env['OMP_NUM_THREADS']}`) on a shared {env['cores']}-core "
+        f"packaged MiniLM; {report['setup']['queries_per_kind']} queries per kind and size; "
+        f"{env['torch_threads']} CPU thread(s) on a shared {env['cores']}-core "
         f"machine (load average {env['load_average_before'][0]} before, "
         f"{env['load_average_after'][0]} after). Adapter files are placeholders: the index is what "
         f"is measured. Target: unseen-paraphrase p50 <= 10 ms at 10,000 adapters"

@@ -148,6 +148,7 @@ def test_embedding_function_implements_chromas_protocol_and_is_registered() -> N
         "device": "cpu",
         "batch_size": 8,
         "precision": "auto",
+        "backend": "auto",
     }
     rebuilt = SentenceEncoderEmbeddingFunction.build_from_config(ef.get_config())
     assert rebuilt.get_config() == ef.get_config()
@@ -186,9 +187,15 @@ def test_packaged_minilm_indexes_a_new_store_and_reopens_from_chromas_config(
         vectors = store.embedding_function([TRANSLATE, VOWELS])
         assert len(vectors[0]) == 384
         assert all(abs(float((v**2).sum()) - 1.0) < 1e-4 for v in vectors)
-        fp32 = SentenceEncoderEmbeddingFunction(precision="fp32")([TRANSLATE])[0]
-        bf16 = SentenceEncoderEmbeddingFunction(precision="bf16")([TRANSLATE])[0]
-        assert float(fp32 @ bf16) > 0.999  # the faster path stays in the same embedding space
+        fp32 = SentenceEncoderEmbeddingFunction(precision="fp32", backend="torch")([TRANSLATE])[0]
+        bf16 = SentenceEncoderEmbeddingFunction(precision="bf16", backend="torch")([TRANSLATE])[0]
+        assert float(fp32 @ bf16) > 0.999  # the faster paths stay in the same embedding space
+        onnx = SentenceEncoderEmbeddingFunction(backend="onnx")
+        texts = [TRANSLATE, VOWELS, "x"]
+        exported = onnx(texts)
+        assert onnx.onnx_encoder() is not None
+        reference = SentenceEncoderEmbeddingFunction(precision="fp32", backend="torch")(texts)
+        assert all(float(a @ b) > 0.9999 for a, b in zip(exported, reference, strict=True))
         # Plain Chroma rebuilds the registered function from the persisted collection config.
         client = chromadb.PersistentClient(str(tmp_path / "index"), settings=chroma_settings())
         try:
@@ -755,3 +762,21 @@ def test_cli_create_makes_then_hits_with_a_hypernetwork(
         _main(["create", "--instruction", TRANSLATE, *opts, "--base", "someone/other-model"]) == 2
     )
     assert "someone/other-model" in capsys.readouterr().err
+
+
+def test_an_encoder_onnx_cannot_reproduce_stays_on_pytorch(monkeypatch) -> None:
+    from capplug.adapters import _onnx_encoder
+
+    def refuse(folder, **kwargs):
+        raise _onnx_encoder.UnsupportedEncoder("the ONNX export differs from PyTorch")
+
+    monkeypatch.setattr(_onnx_encoder, "OnnxSentenceEncoder", refuse)
+    monkeypatch.setattr(SentenceEncoderEmbeddingFunction, "_onnx_encoders", {})
+    auto = SentenceEncoderEmbeddingFunction()
+    vectors = auto([TRANSLATE])
+    assert auto.onnx_encoder() is None and len(vectors[0]) == 384
+    with pytest.raises(_onnx_encoder.UnsupportedEncoder, match="differs"):
+        monkeypatch.setattr(SentenceEncoderEmbeddingFunction, "_onnx_encoders", {})
+        SentenceEncoderEmbeddingFunction(backend="onnx")([TRANSLATE])
+    with pytest.raises(ValueError, match="backend"):
+        SentenceEncoderEmbeddingFunction(backend="tpu")

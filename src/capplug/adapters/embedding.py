@@ -15,6 +15,7 @@ model: the encoder is a local folder (``capplug.models.resolve``), loaded on fir
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from typing import Any, ClassVar, Literal
@@ -25,12 +26,16 @@ from chromadb.utils.embedding_functions import register_embedding_function
 
 __all__ = ["DEFAULT_ENCODER", "SentenceEncoderEmbeddingFunction"]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_ENCODER = "minilm"
 """The packaged all-MiniLM-L6-v2 (384 wide), installed with capplug."""
 
-_CONFIG_KEYS = {"model", "device", "batch_size", "precision"}
+_CONFIG_KEYS = {"model", "device", "batch_size", "precision", "backend"}
 _PRECISIONS = ("auto", "fp32", "bf16")
 Precision = Literal["auto", "fp32", "bf16"]
+_BACKENDS = ("auto", "torch", "onnx")
+Backend = Literal["auto", "torch", "onnx"]
 
 
 @register_embedding_function
@@ -46,11 +51,16 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
         precision: ``"bf16"`` runs the matrix products in bfloat16 (autocast; the weights stay
             float32): about 1.5x faster on CPUs with native bfloat16 (AVX512-BF16, AMX), with
             cosine similarity to the float32 embedding above 0.9999. ``"auto"`` (default) picks
-            it on such CPUs and float32 elsewhere.
+            it on such CPUs and float32 elsewhere (PyTorch backend only).
+        backend: ``"onnx"`` runs the encoder with onnxruntime (float32; about 2x faster per
+            query on CPU), exported once into capplug's cache and checked against PyTorch before
+            use; ``"torch"`` runs sentence-transformers; ``"auto"`` (default) uses ONNX on the CPU
+            when the export works and PyTorch otherwise.
     """
 
     # One loaded encoder per (folder, device) in a process, shared by every instance.
     _encoders: ClassVar[dict[tuple[str, str], Any]] = {}
+    _onnx_encoders: ClassVar[dict[str, Any]] = {}  # folder -> encoder, or None when unusable
     _load_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
@@ -60,15 +70,24 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
         device: str = "cpu",
         batch_size: int = 32,
         precision: Precision = "auto",
+        backend: Backend = "auto",
     ) -> None:
         self.validate_config(
-            {"model": model, "device": device, "batch_size": batch_size, "precision": precision}
+            {
+                "model": model,
+                "device": device,
+                "batch_size": batch_size,
+                "precision": precision,
+                "backend": backend,
+            }
         )
         self.model = os.fspath(model)
         self.device = device
         self.batch_size = batch_size
         self.precision = precision
+        self.backend = backend
         self._encoder: Any = None
+        self._onnx: Any = None
         self._bf16 = False
 
     def __call__(self, input: Documents) -> Embeddings:
@@ -77,6 +96,9 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
             return []
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("documents to embed must be strings")
+        onnx = self.onnx_encoder()
+        if onnx is not None:
+            return list(onnx.encode(texts, batch_size=self.batch_size))
         encoder = self.encoder()
         with self._autocast():
             vectors = encoder.encode(
@@ -116,6 +138,26 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
         self._encoder = encoder
         return encoder
 
+    def onnx_encoder(self) -> Any:
+        """The onnxruntime encoder when the backend is (or resolves to) ONNX, else ``None``."""
+        if self._onnx is not None or self.backend == "torch" or self.device != "cpu":
+            return self._onnx
+        from capplug.adapters._onnx_encoder import OnnxSentenceEncoder, UnsupportedEncoder
+        from capplug.models import resolve
+
+        folder = str(resolve(self.model))
+        with self._load_lock:
+            if folder not in self._onnx_encoders:
+                try:
+                    self._onnx_encoders[folder] = OnnxSentenceEncoder(folder)
+                except UnsupportedEncoder as exc:
+                    if self.backend == "onnx":
+                        raise
+                    logger.info("sentence encoder stays on PyTorch: %s", exc)
+                    self._onnx_encoders[folder] = None
+        self._onnx = self._onnx_encoders[folder]
+        return self._onnx
+
     @property
     def dimension(self) -> int:
         """The embedding width (loads the encoder)."""
@@ -138,6 +180,7 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
             "device": self.device,
             "batch_size": self.batch_size,
             "precision": self.precision,
+            "backend": self.backend,
         }
 
     @staticmethod
@@ -148,6 +191,7 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
             device=config.get("device", "cpu"),
             batch_size=config.get("batch_size", 32),
             precision=config.get("precision", "auto"),
+            backend=config.get("backend", "auto"),
         )
 
     @staticmethod
@@ -174,6 +218,9 @@ class SentenceEncoderEmbeddingFunction(EmbeddingFunction[Documents]):
             raise ValueError(
                 f"precision must be one of {', '.join(_PRECISIONS)}; got {precision!r}"
             )
+        backend = config.get("backend", "auto")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}; got {backend!r}")
 
     def validate_config_update(
         self, old_config: dict[str, Any], new_config: dict[str, Any]
