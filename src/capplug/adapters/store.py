@@ -341,6 +341,11 @@ class AdapterStore:
             self._client = client if client is not None else _http_client(chroma_url or "")
         self._epoch = -1
         self._collection: Collection | None = None
+        # Instruction hashes in a local index, valid for one generation token: a lookup whose
+        # hash is not among them skips the metadata query (only local stores know when it
+        # changed; a shared Chroma server is always asked).
+        self._hashes: set[str] | None = None
+        self._hashes_for: str | None = None
         self.embedding_function = self._open(embedding_function)
 
     # ------------------------------------------------------------------------------ lookup
@@ -695,10 +700,32 @@ class AdapterStore:
                 local.refresh()
             yield self._handle()
 
-    def _vectors_changed(self) -> None:
-        """Tell other processes to reopen the index (call under :meth:`_writing`)."""
-        if self._local is not None:
-            self._local.bump()
+    def _vectors_changed(self, added: str | None = None) -> None:
+        """Tell other processes to reopen the index (call under :meth:`_writing`).
+
+        ``added`` is the instruction hash of a row this write added: the in-memory hash set
+        stays current by adding it; any other change makes the next lookup rebuild the set.
+        """
+        if self._local is None:
+            return
+        before = self._local.seen
+        self._local.bump()
+        if added is not None and self._hashes is not None and self._hashes_for == before:
+            self._hashes.add(added)
+            self._hashes_for = self._local.seen
+
+    def _known_hashes(self, collection: Collection) -> set[str] | None:
+        """The instruction hashes in a local index at its current generation (else ``None``)."""
+        if self._local is None:
+            return None
+        if self._hashes is None or self._hashes_for != self._local.seen:
+            rows = collection.get(include=["metadatas"])
+            self._hashes = {
+                str((meta or {}).get("instruction_hash", ""))
+                for meta in rows.get("metadatas") or []
+            }
+            self._hashes_for = self._local.seen
+        return self._hashes
 
     def _generate(self, text: str, memo: dict[str, list[float]]) -> AdapterRecord:
         assert self.generator is not None
@@ -829,6 +856,7 @@ class AdapterStore:
                 os.utime(tmp / LAST_USED_FILE, (now, now))
                 collection = stack.enter_context(self._writing())
             # Renamed into place; still under the index lock.
+            added = False
             try:
                 collection.add(
                     ids=[adapter_id],
@@ -836,11 +864,12 @@ class AdapterStore:
                     documents=[text],
                     metadatas=[_metadata(record)],
                 )
+                added = True
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             finally:
-                self._vectors_changed()
+                self._vectors_changed(digest if added else None)
         logger.info("stored adapter %s (%s) for %r", adapter_id, source, text[:80])
         return record
 
@@ -854,6 +883,9 @@ class AdapterStore:
 
     def _exact(self, digest: str) -> list[AdapterRecord]:
         with self._reading() as collection:
+            known = self._known_hashes(collection)
+            if known is not None and digest not in known:
+                return []
             rows = collection.get(
                 where={"instruction_hash": digest}, include=["metadatas", "documents"]
             )
