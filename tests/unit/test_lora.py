@@ -268,3 +268,218 @@ def test_cli_train_lora_error_paths(capsys, tmp_path):
     assert main(["adapters", "train-lora", "--task", name, "--r", "0", "--out", str(tmp_path)]) == 2
     assert "r must be an integer >= 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was written by any refused command
+
+
+# ------------------------------------------------------------- the benchmark's per-task ceiling
+
+
+def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
+    chat, tmp_path, monkeypatch
+):
+    import capplug.adapters.lora as lora
+    from capplug.data.bigbench import is_test_example
+
+    dev = task_names("dev", "instruction_to_adapter")[0]
+    task = toy_task(dev, lambda _: "yes", "Answer yes.")
+    # An example labelled with another task's name, which is a test example under the dev
+    # task's own name: the split is judged under the task trained on, whatever the label says.
+    sneaky = next(
+        Example(
+            task=train_task_names()[0], index=900 + i, input=t, prompt=t, query=t, targets=["x"]
+        )
+        for i, t in enumerate(f"sneaky {n}" for n in range(100))
+        if is_test_example(dev, t) and not is_test_example(train_task_names()[0], t)
+    )
+    task = Task(task.name, task.description, [*task.examples, sneaky], definition=task.definition)
+    seen: list[str] = []
+    real_encode = lora.encode_example
+
+    def spy(chat_, **kw):
+        seen.append(kw["input"])
+        return real_encode(chat_, **kw)
+
+    monkeypatch.setattr(lora, "encode_example", spy)
+    result = train_task_lora(
+        task,
+        tmp_path / "ceiling",
+        chat=chat,
+        config=FAST,
+        progress=False,
+        purpose="benchmark-ceiling",
+    )
+
+    train = [e for e in task.examples if not is_test_example(dev, e.input) and e.task == dev]
+    assert seen and all(not is_test_example(dev, text) for text in seen)
+    assert sneaky.input not in seen
+    assert result.train_examples == len(train)
+    assert result.eval_loss_before is None and result.eval_loss_after is None  # no test reads
+    summary = json.loads((tmp_path / "ceiling" / "training_summary.json").read_text())
+    assert summary["purpose"] == "benchmark-ceiling" and summary["eval_examples"] == 0
+    assert read_adapter(tmp_path / "ceiling").metadata["capplug_purpose"] == "benchmark-ceiling"
+
+
+def test_the_ceiling_switch_is_off_by_default_and_limited_to_the_benchmark_tasks(chat, tmp_path):
+    dev = task_names("dev", "instruction_to_adapter")[0]
+    with pytest.raises(ValueError, match="is a dev task, kept for measurement"):
+        train_task_lora(toy_task(dev, lambda _: "yes", "Answer."), tmp_path / "a", chat=chat)
+    other_dev = next(
+        n for n in task_names("dev") if n not in task_names("dev", "instruction_to_adapter")
+    )
+    for name in (other_dev, train_task_names()[0]):
+        with pytest.raises(ValueError, match=r"dev\.instruction_to_adapter only"):
+            train_task_lora(
+                toy_task(name, lambda _: "yes", "Answer."),
+                tmp_path / "b",
+                chat=chat,
+                purpose="benchmark-ceiling",
+            )
+        with pytest.raises(ValueError, match=r"dev\.instruction_to_adapter only"):
+            train_task_lora(name, tmp_path / "b", chat=chat, purpose="benchmark-ceiling")
+    with pytest.raises(ValueError, match="purpose must be"):
+        train_task_lora(train_task_names()[0], tmp_path / "c", chat=chat, purpose="anything")
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ multi-task LoRA
+
+
+@pytest.fixture(scope="module")
+def two_tasks(yes_task) -> list[Task]:
+    first_word = toy_task(train_task_names()[1], lambda s: s.split()[0], "Repeat the first word.")
+    return [yes_task, first_word]
+
+
+def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks, tmp_path):
+    from capplug.adapters.lora import MULTITASK, train_multitask_lora
+
+    config = LoraTrainConfig(**{**FAST.__dict__, "steps": 12})
+    result = train_multitask_lora(
+        tmp_path / "mt", tasks=two_tasks, chat=chat, config=config, progress=False
+    )
+    losses = [entry["loss"] for entry in _log(tmp_path / "mt")]
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
+    assert result.eval_loss_after < result.eval_loss_before
+    assert result.task == MULTITASK and result.steps == 12
+    summary = json.loads((tmp_path / "mt" / "training_summary.json").read_text())
+    share = -(-12 * 4 // 2)  # ceil(steps * batch / tasks): an equal share each
+    train_counts = [sum(not e.is_test for e in t.examples) for t in two_tasks]
+    assert summary["tasks"] == {
+        t.name: min(share, n) for t, n in zip(two_tasks, train_counts, strict=True)
+    }
+    assert result.train_examples == sum(summary["tasks"].values())
+    files = read_adapter(tmp_path / "mt")
+    assert files.metadata["capplug_tasks"] == ",".join(t.name for t in two_tasks)
+    assert "lora" not in "".join(n for n, _ in chat.model.named_modules())
+
+
+def test_multitask_examples_keep_their_own_definitions(chat, two_tasks, tmp_path, monkeypatch):
+    import capplug.adapters.lora as lora
+    from capplug.adapters.lora import train_multitask_lora
+
+    seen: list[tuple[str, str, str]] = []
+    real_encode = lora.encode_example
+
+    def spy(chat_, **kw):
+        seen.append((kw["definition"], kw["input"], kw["answer"]))
+        return real_encode(chat_, **kw)
+
+    monkeypatch.setattr(lora, "encode_example", spy)
+    config = LoraTrainConfig(**{**FAST.__dict__, "steps": 4, "eval_examples": 0})
+    train_multitask_lora(tmp_path / "mt", tasks=two_tasks, chat=chat, config=config, progress=False)
+    yes, first_word = two_tasks
+    assert {d for d, _, _ in seen} == {yes.definition, first_word.definition}
+    for definition, text, answer in seen:  # each example with its own task's definition
+        assert answer == ("yes" if definition == yes.definition else text.split()[0])
+
+
+def test_multitask_resume_ends_with_the_same_weights(chat, two_tasks, tmp_path):
+    from capplug.adapters.lora import train_multitask_lora
+
+    train_multitask_lora(
+        tmp_path / "straight", tasks=two_tasks, chat=chat, config=FAST, progress=False
+    )
+
+    def stop_at_three(step: int, _entry: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_multitask_lora(
+            tmp_path / "resumed",
+            tasks=two_tasks,
+            chat=chat,
+            config=FAST,
+            progress=False,
+            on_step=stop_at_three,
+        )
+    steps_run: list[int] = []
+    train_multitask_lora(
+        tmp_path / "resumed",
+        tasks=two_tasks,
+        chat=chat,
+        config=FAST,
+        progress=False,
+        on_step=lambda step, _: steps_run.append(step),
+    )
+    assert steps_run == [3, 4, 5, 6]
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = train_multitask_lora(
+        tmp_path / "resumed", tasks=two_tasks, chat=chat, config=FAST, progress=False
+    )
+    assert again.skipped
+
+
+def test_multitask_refusals_and_default_steps(chat, two_tasks, tmp_path):
+    from capplug.adapters.lora import multitask_config, train_multitask_lora
+
+    dev = task_names("dev", "instruction_to_adapter")[0]
+    with pytest.raises(ValueError, match="dev task"):
+        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0].name, dev], chat=chat)
+    with pytest.raises(ValueError, match="dev task"):
+        train_multitask_lora(
+            tmp_path / "x", tasks=[two_tasks[0], toy_task(dev, str, "Echo.")], chat=chat
+        )
+    with pytest.raises(ValueError, match="a task twice"):
+        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0], two_tasks[0]], chat=chat)
+    with pytest.raises(ValueError, match="tasks is empty"):
+        train_multitask_lora(tmp_path / "x", tasks=[], chat=chat)
+    assert not (tmp_path / "x").exists()
+    assert multitask_config(44).steps == 704
+    assert multitask_config(44, steps=10).steps == 10
+    assert multitask_config(2, LoraTrainConfig(steps=5)).steps == 5
+
+
+def test_cli_train_lora_multitask(base_dir, two_tasks, tmp_path, monkeypatch, capsys):
+    import capplug.adapters.lora as lora
+    import capplug.data.bigbench as bigbench
+
+    toys = {t.name: t for t in two_tasks}
+    monkeypatch.setattr(lora, "train_task_names", lambda: list(toys))
+    monkeypatch.setattr(bigbench, "load_task", lambda name, archive=None: toys[name])
+    out = tmp_path / "mt"
+    assert (
+        main(
+            [
+                "adapters",
+                "train-lora",
+                "--multitask",
+                "--task",
+                two_tasks[0].name,
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "--multitask" in capsys.readouterr().err
+    args = ["adapters", "train-lora", "--multitask", "--out", str(out), "--base", str(base_dir)]
+    args += ["--steps", "2", "--max-length", "96", "--batch-size", "2", "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "multi-task adapter: 2 steps" in printed
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert sorted(summary["tasks"]) == sorted(toys)
+    assert main(args) == 0
+    assert "already trained" in capsys.readouterr().out

@@ -20,6 +20,19 @@ A run writes into its folder ``out``:
 
 :func:`train_all` does this for all 44 train tasks, one sub-folder each, skipping finished ones.
 
+:func:`train_multitask_lora` trains one LoRA on the train examples of all 44 train tasks mixed
+(each example with its own task's definition), the multi-task baseline of the benchmark; it
+resumes the same way. Each task contributes an equal share of the ``steps * batch_size``
+examples seen (a seeded sample of its train examples, or all of them when it has fewer), so the
+big tasks do not drown the small ones. The default is 16 steps per task: 704 steps for all 44.
+
+Dev tasks are kept for measurement, so :func:`train_task_lora` refuses them. The one exception
+is the per-task ceiling of ``benchmarks/instruction_to_adapter.py``, which needs a LoRA trained
+on a dev task's own *train* examples: ``purpose="benchmark-ceiling"`` permits exactly that, for
+the tasks of ``dev.instruction_to_adapter`` only. Such a run trains on the examples the
+``example_split`` rule puts in the train part, and reads none of the test examples, not even to
+measure a held-out loss (which it leaves out).
+
 Cost per optimizer step, SmolLM2-135M-Instruct, ``max_length=256``, batch 4, measured on this
 project's build machine (2-core AMD EPYC with AVX-512 BF16, torch 2.13 CPU, 2 threads, sharing
 the CPU with another job at a load average of 5-6; CPU seconds count both threads):
@@ -47,7 +60,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -67,11 +80,15 @@ from capplug.data.bigbench import Example, Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 
 __all__ = [
+    "BENCHMARK_CEILING",
     "DEFAULT_BASE",
+    "MULTITASK",
     "LoraTrainConfig",
     "LoraTrainResult",
+    "multitask_config",
     "task_folder_name",
     "train_all",
+    "train_multitask_lora",
     "train_task_lora",
     "train_task_names",
 ]
@@ -81,6 +98,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE = DEFAULT_MODEL
 _NI = "natural_instructions/"
 _INDEX = "teachers.json"
+
+Purpose = Literal["teacher", "benchmark-ceiling"]
+BENCHMARK_CEILING: Purpose = "benchmark-ceiling"
+"""``train_task_lora(..., purpose=BENCHMARK_CEILING)``: a dev task's train examples, for the ceiling."""
+MULTITASK = "multitask"
+"""The ``task`` a multi-task LoRA reports (its summary lists the tasks themselves)."""
+MULTITASK_STEPS_PER_TASK = 16
+"""Default steps of a multi-task run per task mixed in (704 for all 44 train tasks)."""
 
 
 @dataclass(frozen=True)
@@ -199,12 +224,32 @@ def _check_train_task(name: str) -> None:
     )
 
 
-def _resolve_task(task: str | Task, archive: str | os.PathLike[str] | None) -> Task:
+def _check_task(name: str, purpose: Purpose) -> None:
+    """Refuse a task the ``purpose`` does not allow (before any model is loaded)."""
+    if purpose == "teacher":
+        _check_train_task(name)
+        return
+    if purpose != BENCHMARK_CEILING:
+        raise ValueError(f"purpose must be 'teacher' or {BENCHMARK_CEILING!r}; got {purpose!r}")
+    from capplug.data.bigbench import task_names
+
+    allowed = task_names("dev", "instruction_to_adapter")
+    if name not in allowed:
+        raise ValueError(
+            f"purpose={BENCHMARK_CEILING!r} trains the per-task ceiling of the "
+            f"instruction-to-adapter benchmark on a task of dev.instruction_to_adapter only "
+            f"(e.g. {allowed[0]!r}); {name!r} is not one"
+        )
+
+
+def _resolve_task(
+    task: str | Task, archive: str | os.PathLike[str] | None, purpose: Purpose = "teacher"
+) -> Task:
     if isinstance(task, Task):
-        _check_train_task(task.name)
+        _check_task(task.name, purpose)
         loaded = task
     elif isinstance(task, str):
-        _check_train_task(task)
+        _check_task(task, purpose)
         from capplug.data.bigbench import load_task
 
         loaded = load_task(task, archive=archive)
@@ -215,10 +260,37 @@ def _resolve_task(task: str | Task, archive: str | os.PathLike[str] | None) -> T
     return loaded
 
 
+def _train_part(task: Task) -> list[Example]:
+    """The task's train examples by the ``example_split`` rule, judged under the task's own name."""
+    from capplug.data.bigbench import is_test_example
+
+    return [e for e in task.examples if not e.is_test and not is_test_example(task.name, e.input)]
+
+
 def _config_with(config: LoraTrainConfig | None, **overrides: Any) -> LoraTrainConfig:
     config = config or LoraTrainConfig()
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(config, **given) if given else config
+
+
+def multitask_config(
+    tasks: int, config: LoraTrainConfig | None = None, **overrides: Any
+) -> LoraTrainConfig:
+    """The settings of a multi-task run over ``tasks`` tasks: ``config`` and ``overrides``, with
+    :data:`MULTITASK_STEPS_PER_TASK` steps per task unless ``steps`` is given (in either)."""
+    tr.check_int(tasks, "tasks")
+    if overrides.get("steps") is None and (config is None or config.steps == LoraTrainConfig.steps):
+        overrides["steps"] = MULTITASK_STEPS_PER_TASK * tasks
+    return _config_with(config, **overrides)
+
+
+def _base_model(
+    chat: LocalChatModel | None, base: str | os.PathLike[str], device: str | torch.device | None
+) -> tuple[LocalChatModel, BaseModelIdentity]:
+    if chat is None:
+        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
+        return chat, model_identity(base, chat.model.config)
+    return chat, model_identity(chat.name, chat.model.config)
 
 
 def train_task_lora(
@@ -240,6 +312,7 @@ def train_task_lora(
     archive: str | os.PathLike[str] | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    purpose: Purpose = "teacher",
 ) -> LoraTrainResult:
     """Train a teacher LoRA on one Natural-Instructions ``train`` task; resumable.
 
@@ -256,10 +329,16 @@ def train_task_lora(
         archive: a bigbench-1.0.0 sdist you already have (else fetched into the cache).
         progress: show a progress bar.
         on_step: called after every optimizer step with the step and its log entry.
+        purpose: ``"teacher"`` (default): Natural-Instructions train tasks only.
+            ``"benchmark-ceiling"`` (:data:`BENCHMARK_CEILING`) is for
+            ``benchmarks/instruction_to_adapter.py`` alone: it accepts a task of
+            ``dev.instruction_to_adapter`` (and no other task, train tasks included) and trains
+            on that task's train examples by the ``example_split`` rule. None of its test
+            examples is read, not even for the held-out loss, which such a run leaves out.
 
     Raises:
-        ValueError: a task outside the Natural-Instructions train split, bad settings, or an
-            ``out`` folder that holds an adapter trained with other settings.
+        ValueError: a task the ``purpose`` does not allow, bad settings, or an ``out`` folder
+            that holds an adapter trained with other settings.
     """
     config = _config_with(
         config,
@@ -271,39 +350,136 @@ def train_task_lora(
         lr=lr,
         max_length=max_length,
     )
-    loaded_task = _resolve_task(task, archive)
-    examples = [e for e in loaded_task.examples if not e.is_test]
+    loaded_task = _resolve_task(task, archive, purpose)
+    definition = loaded_task.definition or ""
+    examples = [(definition, e) for e in _train_part(loaded_task)]
     if not examples:
         raise ValueError(f"task {loaded_task.name!r} has no train examples")
-    heldout = [e for e in loaded_task.examples if e.is_test][: config.eval_examples]
-    folder = Path(out).expanduser().resolve()
-    if chat is None:
-        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
-        identity = model_identity(base, chat.model.config)
+    if purpose == BENCHMARK_CEILING:
+        heldout: list[tuple[str, Example]] = []  # a dev task's test part is the benchmark's
     else:
-        identity = model_identity(chat.name, chat.model.config)
+        test = [e for e in loaded_task.examples if e.is_test]
+        heldout = [(definition, e) for e in test[: config.eval_examples]]
+    folder = Path(out).expanduser().resolve()
+    chat, identity = _base_model(chat, base, device)
+    fingerprint = {
+        "task": loaded_task.name,
+        "train_examples": len(examples),
+        "base": identity.name,
+        "settings": config.run_settings(),
+    }
+    if purpose != "teacher":
+        fingerprint["purpose"] = purpose  # teachers keep the fingerprint they always had
+    metadata = {"capplug_task": loaded_task.name}
+    extra: dict[str, Any] = {}
+    if purpose != "teacher":
+        metadata["capplug_purpose"] = purpose
+        extra["purpose"] = purpose
+    run = _Run(
+        loaded_task.name,
+        examples,
+        heldout,
+        folder,
+        chat,
+        identity,
+        config,
+        tr.fingerprint(fingerprint),
+        metadata=metadata,
+        summary=extra,
+    )
+    return run.launch(resume=resume, progress=progress, on_step=on_step)
+
+
+def train_multitask_lora(
+    out: str | os.PathLike[str],
+    *,
+    tasks: Sequence[str | Task] | None = None,
+    base: str | os.PathLike[str] = DEFAULT_BASE,
+    steps: int | None = None,
+    config: LoraTrainConfig | None = None,
+    resume: bool = True,
+    chat: LocalChatModel | None = None,
+    device: str | torch.device | None = None,
+    archive: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> LoraTrainResult:
+    """Train one LoRA on the mixed train examples of many Natural-Instructions train tasks.
+
+    Every example is read with its own task's definition, as a teacher reads it. Each task
+    contributes ``ceil(steps * batch_size / len(tasks))`` train examples (a sample fixed by the
+    seed; all of them when it has fewer), pooled and shuffled epoch by epoch as in
+    :func:`train_task_lora`, whose training loop, checkpoints and exact resume this shares.
+    The held-out loss is measured on the first test examples of the tasks, spread over them.
+
+    Args:
+        out: the run folder; it ends up a standard peft adapter folder.
+        tasks: train task names or loaded ``Task`` objects (default: all 44 train tasks).
+        steps: optimizer steps (default: :data:`MULTITASK_STEPS_PER_TASK` per task, unless
+            ``config`` sets other than the per-task default of 64).
+        config, resume, chat, device, archive, progress, on_step: as for
+            :func:`train_task_lora`.
+
+    Raises:
+        ValueError: a task outside the Natural-Instructions train split, a task given twice,
+            bad settings, or an ``out`` folder holding an adapter trained otherwise.
+    """
+    given = list(tasks) if tasks is not None else train_task_names()
+    if not given:
+        raise ValueError("tasks is empty; leave it out to mix all 44 train tasks")
+    for task in given:  # every name is checked before anything is loaded
+        if isinstance(task, str):
+            _check_train_task(task)
+    loaded = [_resolve_task(task, archive) for task in given]
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"tasks holds a task twice: {sorted({n for n in names if names.count(n) > 1})}"
+        )
+    config = multitask_config(len(loaded), config, steps=steps)
+    share = math.ceil(config.steps * config.batch_size / len(loaded))
+    examples: list[tuple[str, Example]] = []
+    per_task: dict[str, int] = {}
+    for task in loaded:
+        train = _train_part(task)
+        if not train:
+            raise ValueError(f"task {task.name!r} has no train examples")
+        if len(train) > share:
+            keep = sorted(
+                random.Random(f"{config.seed}:{task.name}").sample(range(len(train)), share)
+            )
+            train = [train[i] for i in keep]
+        per_task[task.name] = len(train)
+        examples += [(task.definition or "", e) for e in train]
+    per_eval = math.ceil(config.eval_examples / len(loaded))
+    heldout = [
+        (task.definition or "", e)
+        for task in loaded
+        for e in [e for e in task.examples if e.is_test][:per_eval]
+    ][: config.eval_examples]
+    folder = Path(out).expanduser().resolve()
+    chat, identity = _base_model(chat, base, device)
     run_id = tr.fingerprint(
         {
-            "task": loaded_task.name,
-            "train_examples": len(examples),
+            "task": MULTITASK,
+            "train_examples": per_task,
             "base": identity.name,
             "settings": config.run_settings(),
         }
     )
-    finished = _finished(folder, run_id)
-    if finished is not None and resume:
-        return finished
-    folder.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _clear_run(folder)
-    elif (folder / tr.SUMMARY_FILE).is_file():
-        raise ValueError(
-            f"{folder} holds an adapter trained with other settings or data; give a new out "
-            f"folder, or resume=False (--restart) to train over it"
-        )
-    return _Run(loaded_task, examples, heldout, folder, chat, identity, config, run_id).train(
-        progress=progress, on_step=on_step
+    run = _Run(
+        MULTITASK,
+        examples,
+        heldout,
+        folder,
+        chat,
+        identity,
+        config,
+        run_id,
+        metadata={"capplug_task": MULTITASK, "capplug_tasks": ",".join(names)},
+        summary={"tasks": per_task},
     )
+    return run.launch(resume=resume, progress=progress, on_step=on_step)
 
 
 def train_all(
@@ -384,36 +560,65 @@ def _clear_run(folder: Path) -> None:
 
 
 class _Run:
-    """One teacher training run, from a fresh start or a checkpoint."""
+    """One LoRA training run (a teacher, a ceiling or the multi-task mix), fresh or resumed."""
 
     def __init__(
         self,
-        task: Task,
-        examples: list[Example],
-        heldout: list[Example],
+        label: str,
+        examples: list[tuple[str, Example]],
+        heldout: list[tuple[str, Example]],
         folder: Path,
         chat: LocalChatModel,
         identity: BaseModelIdentity,
         config: LoraTrainConfig,
         run_id: str,
+        *,
+        metadata: dict[str, str],
+        summary: dict[str, Any],
     ) -> None:
-        self.task = task
+        self.label = label
+        """The task's name (or :data:`MULTITASK`), as logs, summary and result name the run."""
         self.examples = examples
+        """``(definition, example)`` pairs to train on."""
         self.heldout = heldout
         self.folder = folder
         self.chat = chat
         self.identity = identity
         self.config = config
         self.run_id = run_id
+        self.metadata = metadata
+        self.summary_extra = summary
         self._encoded: dict[int, Encoded] = {}
         self._orders: dict[int, list[int]] = {}
 
-    def _encode(self, example: Example) -> Encoded:
+    def launch(
+        self,
+        *,
+        resume: bool,
+        progress: bool,
+        on_step: Callable[[int, dict[str, Any]], None] | None,
+    ) -> LoraTrainResult:
+        """Train, resume, or hand back the finished adapter already in the folder."""
+        finished = _finished(self.folder, self.run_id)
+        if finished is not None and resume:
+            return finished
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _clear_run(self.folder)
+        elif (self.folder / tr.SUMMARY_FILE).is_file():
+            raise ValueError(
+                f"{self.folder} holds an adapter trained with other settings or data; give a new "
+                f"out folder, or resume=False (--restart) to train over it"
+            )
+        return self.train(progress=progress, on_step=on_step)
+
+    def _encode(self, item: tuple[str, Example]) -> Encoded:
+        definition, example = item
         return encode_example(
             self.chat,
             input=example.input,
             answer=example.targets[0],
-            definition=self.task.definition,
+            definition=definition,
             max_length=self.config.max_length,
             max_answer_tokens=self.config.max_answer_tokens,
         )
@@ -494,7 +699,7 @@ class _Run:
             state = saved
             logger.warning(
                 "capplug: resuming %s at step %d of %d",
-                self.task.name,
+                self.label,
                 state["step"],
                 config.steps,
             )
@@ -507,7 +712,7 @@ class _Run:
         resumed_wall = state["elapsed_seconds"]
         timer = tr.StepTimer()
         running: list[float] = []
-        bar = tr.progress(config.steps, state["step"], _short(self.task.name), enabled=progress)
+        bar = tr.progress(config.steps, state["step"], _short(self.label), enabled=progress)
         model.train()
         while state["step"] < config.steps:
             step = state["step"]
@@ -559,12 +764,12 @@ class _Run:
             metadata={
                 META_BASE_MODEL: self.identity.name,
                 META_BASE_ARCHITECTURE: self.identity.architecture,
-                "capplug_task": self.task.name,
+                **self.metadata,
                 "capplug_source": "capplug.adapters.lora",
             },
         )
         summary = {
-            "task": self.task.name,
+            "task": self.label,
             "run_id": self.run_id,
             "base_model": self.identity.name,
             "steps": state["step"],
@@ -573,15 +778,16 @@ class _Run:
             "eval_examples": len(self.heldout),
             "eval_loss_before": state["eval_loss_before"],
             "eval_loss_after": eval_after,
-            "wall_seconds": round(wall, 1),
+            "wall_seconds": round(wall, 3),
             "timing": timer.summary(),
             "machine": tr.machine(self.chat.device),
             "settings": asdict(self.config),
+            **self.summary_extra,
         }
         write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
         shutil.rmtree(self.folder / "checkpoint", ignore_errors=True)
         return LoraTrainResult(
-            task=self.task.name,
+            task=self.label,
             out_dir=self.folder,
             steps=state["step"],
             train_examples=len(self.examples),

@@ -1,0 +1,196 @@
+"""benchmarks/instruction_to_adapter.py on a tiny random Llama and two made-up dev tasks."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from capplug.adapters import LoraTrainConfig
+from capplug.adapters.lora import task_folder_name, train_multitask_lora, train_task_names
+from capplug.data.bigbench import Example, Task, is_test_example, task_names
+from capplug.testing import save_tiny_llama
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+WORDS = "the cat dog sat mat sky blue red one two three river city".split()
+DEV = task_names("dev", "instruction_to_adapter")[:2]
+TINY = LoraTrainConfig(
+    r=2,
+    alpha=4,
+    steps=2,
+    batch_size=2,
+    lr=1e-2,
+    warmup_steps=0,
+    max_length=64,
+    max_answer_tokens=8,
+    checkpoint_every=1,
+    log_every=1,
+    eval_examples=2,
+)
+
+
+def toy_task(name: str, answer: Callable[[str], str], definition: str, count: int = 24) -> Task:
+    examples = []
+    for i in range(count):
+        text = f"{WORDS[i % 13]} {WORDS[(3 * i + 1) % 13]} {WORDS[(7 * i + 2) % 13]} {i}"
+        examples.append(
+            Example(task=name, index=i, input=text, prompt=text, query=text, targets=[answer(text)])
+        )
+    return Task(name=name, description="toy", examples=examples, definition=definition)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("instruction_to_adapter")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bench"))
+
+
+@pytest.fixture
+def toys(monkeypatch, tmp_path) -> dict[str, Task]:
+    import capplug.data.bigbench as bigbench
+
+    tasks = [
+        toy_task(DEV[0], lambda _: "yes", "Answer yes."),
+        toy_task(DEV[1], lambda s: s.split()[0], "Repeat the first word."),
+        toy_task(train_task_names()[0], lambda _: "no", "Answer no."),
+        toy_task(train_task_names()[1], lambda s: s.split()[-1], "Repeat the last word."),
+    ]
+    by_name = {t.name: t for t in tasks}
+    monkeypatch.setattr(bigbench, "load_task", lambda name, archive=None: by_name[name])
+    monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "home"))
+    return by_name
+
+
+@pytest.fixture
+def hypernet_dir(base_dir, tmp_path) -> Path:
+    from capplug.adapters import Hypernetwork
+
+    hypernet = Hypernetwork.from_base(base_dir, encoder="base", r=2, hidden_dim=16)
+    return hypernet.save_pretrained(tmp_path / "hypernet")
+
+
+def test_test_examples_follow_the_split_rule_and_the_limit(bench, toys):
+    task = toys[DEV[0]]
+    chosen = bench.test_examples(task, 3)
+    assert len(chosen) == 3
+    assert all(is_test_example(task.name, e.input) for e in chosen)
+    every = bench.test_examples(task, 1000)
+    assert chosen == every[:3] and len(every) == sum(e.is_test for e in task.examples)
+
+
+def test_the_answer_cache_resumes_and_forgets_answers_of_another_model(bench, toys):
+    examples = bench.test_examples(toys[DEV[0]], 4)
+    cache = bench.AnswerCache("base", DEV[0], {"adapter": "a"})
+    cache.put(examples[:2], ["x", "y"])
+    again = bench.AnswerCache("base", DEV[0], {"adapter": "a"})
+    assert again.missing(examples) == examples[2:] and again.get(examples[1]) == "y"
+    other = bench.AnswerCache("base", DEV[0], {"adapter": "b"})
+    assert other.missing(examples) == examples
+
+
+def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
+    bench, base_dir, toys, hypernet_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(bench, "ceiling_config", lambda: TINY)
+    multitask = tmp_path / "multitask"
+    train_multitask_lora(
+        multitask, tasks=train_task_names()[:2], base=base_dir, config=TINY, progress=False
+    )
+    results = tmp_path / "results"
+    argv = ["--hypernet", str(hypernet_dir), "--multitask", str(multitask)]
+    argv += ["--per-task", str(tmp_path / "per-task"), "--train-missing", "--limit", "2"]
+    argv += ["--tasks", *DEV, "--results", str(results), "--batch", "2", "--no-progress"]
+
+    from capplug.adapters.runtime import AdapterRuntime
+
+    made: list[str] = []
+    real_add_weights = AdapterRuntime.add_weights
+
+    def add_weights(self, name, state_dict, config):
+        made.append(name)
+        return real_add_weights(self, name, state_dict, config)
+
+    monkeypatch.setattr(AdapterRuntime, "add_weights", add_weights)
+    result = bench.main(argv)
+
+    assert made == ["generated", "generated"]  # one adapter per task, shared by both rows
+    assert set(result["tasks"]) == {bench.short(t) for t in DEV}
+    for row in result["tasks"].values():
+        assert row["examples"] == 2
+        assert all(0 <= row[v] <= 100 for v in bench.VARIANTS)
+    assert all(result["mean"][v] is not None for v in bench.VARIANTS)
+    assert result["missing"] == {}
+    for name in DEV:  # ceilings trained through the benchmark switch, on train examples only
+        summary = json.loads(
+            (tmp_path / "per-task" / task_folder_name(name) / "training_summary.json").read_text()
+        )
+        assert summary["purpose"] == "benchmark-ceiling"
+        assert summary["train_examples"] == sum(not e.is_test for e in toys[name].examples)
+    timing = result["timing"]
+    assert (
+        set(timing["generation_seconds"]) == set(timing["training_seconds"]) == set(result["tasks"])
+    )
+    assert timing["speedup"] == pytest.approx(
+        timing["training_median_seconds"] / timing["generation_median_seconds"]
+    )
+    assert [t["met"] is not None for t in result["targets"]] == [True, True, True]
+    written = json.loads((results / "instruction_to_adapter.json").read_text())
+    assert written["mean"] == result["mean"]
+    markdown = (results / "instruction_to_adapter.md").read_text()
+    assert "per-task LoRA + definition (ceiling)" in markdown and "missing" not in markdown
+    assert (results / "instruction_to_adapter.png").is_file()
+    home = tmp_path / "home" / "bench-cache" / "instruction_to_adapter"
+    assert len(list(home.glob("*/*.json"))) == len(bench.VARIANTS) * len(DEV)
+
+    # A rerun answers nothing again: every answer comes from the cache, no model is loaded.
+    def no_model(self):
+        raise AssertionError("the rerun loaded a model")
+
+    monkeypatch.setattr(bench.Models, "load_runtime", no_model)
+    monkeypatch.setattr(bench.Models, "load_chat", no_model)
+    again = bench.main(argv)
+    assert again["tasks"] == result["tasks"] and again["mean"] == result["mean"]
+
+
+def test_missing_models_are_reported_missing_never_invented(bench, base_dir, toys, tmp_path):
+    results = tmp_path / "results"
+    argv = ["--hypernet", str(tmp_path / "no-such-hypernet"), "--base", str(base_dir)]
+    argv += ["--per-task", str(tmp_path / "empty"), "--limit", "2", "--tasks", *DEV]
+    argv += ["--results", str(results), "--no-progress"]
+
+    result = bench.main(argv)
+
+    assert result["mean"]["base"] is not None
+    for variant in ("generated", "generated-no-def", "multitask", "per-task"):
+        assert result["mean"][variant] is None
+        assert all(row[variant] is None for row in result["tasks"].values())
+        assert variant in result["missing"]
+    assert "no hypernetwork" in result["missing"]["generated"]
+    assert "train-lora --multitask" in result["missing"]["multitask"]
+    assert all(t["met"] is None and t["value"] is None for t in result["targets"])
+    markdown = (results / "instruction_to_adapter.md").read_text()
+    assert markdown.count("| missing") >= 4 * len(DEV)
+    assert "not measured" in markdown and "Missing rows:" in markdown
+    assert not (tmp_path / "empty").exists()  # nothing trained without --train-missing
+
+
+def test_arguments_are_checked(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", train_task_names()[0]])
+    assert "dev.instruction_to_adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-missing"])
+    assert "--per-task" in capsys.readouterr().err
