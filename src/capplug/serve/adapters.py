@@ -70,14 +70,13 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from capplug.adapters.adapter_folder import (
@@ -94,21 +93,14 @@ from capplug.adapters.store import (
     NoGeneratorError,
     UnknownAdapterError,
 )
+from capplug.serve import _chat
 from capplug.serve._http import (
-    BEARER,
     APIError,
     BodyLimit,
-    KeyHeader,
     RequireKey,
     check_positive_int,
-    error_response,
     install_error_handlers,
 )
-
-try:
-    from jinja2 import TemplateError as _TemplateError
-except ImportError:  # pragma: no cover - no jinja2, no chat templates, no template errors
-    _TemplateError = ValueError  # type: ignore[assignment,misc]
 
 __all__ = ["ADAPTER_FILES", "create_adapter_app"]
 
@@ -116,7 +108,6 @@ ADAPTER_FILES: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 """The only files ``GET /v1/adapters/{id}/files/{name}`` serves."""
 
 _MEDIA_TYPES = {ADAPTER_WEIGHTS: "application/octet-stream", ADAPTER_CONFIG: "application/json"}
-_MAX_STOP_SEQUENCES = 4
 _MAX_STOP_CHARS = 256
 _MAX_MODEL_CHARS = 512
 _MAX_LIST = 1000
@@ -181,27 +172,11 @@ class _ChatCompletionRequest(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, _chat.stop_validator(_MAX_STOP_CHARS)] = None
     stream: StrictBool | None = None
     tools: list[Any] | None = None
     logprobs: StrictBool | None = None
     response_format: dict[str, Any] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_sequences(cls, value: Any) -> list[str]:
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if (
-            not all(s and len(s) <= _MAX_STOP_CHARS for s in stops)
-            or len(stops) > _MAX_STOP_SEQUENCES
-        ):
-            raise ValueError(
-                f"stop must be a non-empty string or a list of at most {_MAX_STOP_SEQUENCES} "
-                f"non-empty strings of at most {_MAX_STOP_CHARS} characters"
-            )
-        return stops
 
 
 # ------------------------------------------------------------------------------ responses
@@ -333,53 +308,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # --------------------------------------------------------------------------------- errors
 
 
-def _key_headers(path: str) -> list[KeyHeader]:
-    """The key guards every ``/v1`` route, sent as ``Authorization: Bearer <key>``."""
-    return [BEARER] if path.startswith("/v1") else []
-
-
-async def _on_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
-    first: dict[str, Any] = dict(errors[0]) if errors else {}
-    if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
-        return error_response(
-            400,
-            f"the request body is not valid JSON ({reason}); send one JSON object",
-            code="invalid_json",
-        )
-    where = [part for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = _param_name(where)
-    if not param:
-        return error_response(
-            400,
-            "the request body must be a JSON object (with Content-Type: application/json); "
-            "see /openapi.json for its fields",
-            code="invalid_body",
-        )
-    if first.get("type") == "missing":
-        return error_response(
-            400,
-            f"Missing required parameter: '{param}'.",
-            param=param,
-            code="missing_required_parameter",
-        )
-    if first.get("type") == "extra_forbidden":
-        return error_response(
-            400, f"Unrecognized request argument: '{param}'.", param=param, code="unknown_parameter"
-        )
-    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return error_response(
-        400, f"Invalid value for '{param}': {reason}", param=param, code="invalid_value"
-    )
-
-
-def _param_name(loc: Sequence[Any]) -> str:
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name
+_on_validation_error = _chat.validation_error_handler(
+    "the request body must be a JSON object (with Content-Type: application/json); "
+    "see /openapi.json for its fields"
+)
 
 
 def _not_found(adapter_id: str) -> APIError:
@@ -429,19 +361,11 @@ def _store_failure(exc: Exception, adapter_id: str) -> APIError:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Plan(_chat.Sampling):
     """A validated chat request: which adapter, what to generate, how to answer."""
 
-    chat: list[dict[str, str]]
     adapter_id: str | None
     instruction: str | None
-    n: int
-    greedy: bool
-    temperature: float
-    top_p: float | None
-    max_tokens: int
-    seed: int
-    stops: list[str]
 
 
 @dataclass
@@ -622,28 +546,7 @@ class _Service:
     # ------------------------------------------------------------------------- requests
 
     def plan(self, request: _ChatCompletionRequest) -> _Plan:
-        for name, given in (("tools", request.tools), ("logprobs", request.logprobs)):
-            if given:
-                raise APIError(
-                    400,
-                    f"{name} are not supported by this server",
-                    param=name,
-                    code="unsupported_parameter",
-                )
-        if request.stream:
-            raise APIError(
-                400,
-                "stream is not supported by this server; send stream: false",
-                param="stream",
-                code="unsupported_parameter",
-            )
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise APIError(
-                400,
-                "only response_format {'type': 'text'} is supported by this server",
-                param="response_format",
-                code="unsupported_parameter",
-            )
+        _chat.check_supported(request, stream=False)
         if len(request.messages) > self.max_messages:
             raise APIError(
                 400,
@@ -664,28 +567,8 @@ class _Service:
                     code="invalid_value",
                 )
             instruction = self.instruction(request.instruction)
-        n = 1 if request.n is None else request.n
-        if n > self.max_n:
-            raise APIError(
-                400,
-                f"Invalid value for 'n': this server returns at most {self.max_n} choices per "
-                f"request; got {n}",
-                param="n",
-                code="invalid_value",
-            )
-        param, max_tokens = "max_tokens", request.max_tokens
-        if request.max_completion_tokens is not None:
-            param, max_tokens = "max_completion_tokens", request.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = self.max_tokens_cap
-        elif max_tokens > self.max_tokens_cap:
-            raise APIError(
-                400,
-                f"Invalid value for '{param}': this server generates at most "
-                f"{self.max_tokens_cap} tokens per choice; got {max_tokens}",
-                param=param,
-                code="invalid_value",
-            )
+        n = _chat.choices_wanted(request, self.max_n)
+        max_tokens = _chat.max_tokens_wanted(request, self.max_tokens_cap)
         sampling_asked = request.temperature is not None or request.top_p is not None
         greedy = request.temperature == 0 or not sampling_asked
         return _Plan(
@@ -695,7 +578,7 @@ class _Service:
             n=n,
             greedy=greedy,
             temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=request.top_p if request.top_p is not None and request.top_p < 1.0 else None,
+            top_p=_chat.nucleus(request.top_p),
             max_tokens=max_tokens,
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed % (2**32),
             stops=list(request.stop or []),
@@ -748,23 +631,23 @@ class _Service:
                 loaded = True
                 timings["load"] = _ms(began)
             began = time.perf_counter()
-            prompt_tokens = self.prompt_tokens(plan)
+            prompt = _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)
             texts = self.generate(plan, adapter_id)
             tokenizer = self.runtime.chat.tokenizer
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             timings["generate"] = _ms(began)
         finish: list[Literal["stop", "length"]] = []
         for i, text in enumerate(texts):
-            cuts = [j for j in (text.find(s) for s in plan.stops) if j >= 0]
-            if cuts:
-                texts[i] = text[: min(cuts)]
+            cut = _chat.cut_at_stop(text, plan.stops)
+            if cut is not None:
+                texts[i] = cut
                 finish.append("stop")
             else:
                 finish.append("length" if counts[i] >= plan.max_tokens else "stop")
         return _Answer(
             texts=texts,
             finish=finish,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=prompt,
             completion_tokens=sum(counts),
             adapter_id=adapter_id,
             hit=hit,
@@ -780,30 +663,6 @@ class _Service:
             self.runtime.add(adapter_id, paths.folder)
         except Exception as exc:
             raise _store_failure(exc, adapter_id) from exc
-
-    def prompt_tokens(self, plan: _Plan) -> int:
-        chat = self.runtime.chat
-        try:
-            text = chat.render(plan.chat)
-        except (TypeError, ValueError, _TemplateError) as exc:
-            raise APIError(
-                400,
-                f"messages cannot be rendered with the model's chat template: {exc}",
-                param="messages",
-                code="invalid_value",
-            ) from exc
-        count = len(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
-        limit = chat.max_positions
-        if limit is not None and count + plan.max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the messages take "
-                f"{count} and max_tokens asks for {plan.max_tokens} more. Shorten the messages "
-                f"or lower max_tokens.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        return count
 
     def generate(self, plan: _Plan, adapter_id: str | None) -> list[str]:
         extra: dict[str, Any] = {}
@@ -835,25 +694,10 @@ def _completion(service: _Service, answer: _Answer) -> dict[str, Any]:
     source = (
         "base" if answer.adapter_id is None else ("instruction" if answer.hit is not None else "id")
     )
+    usage = _chat.usage_json(answer.prompt_tokens, answer.completion_tokens)
+    choices = zip(answer.texts, answer.finish, strict=True)
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            for i, (text, finish) in enumerate(zip(answer.texts, answer.finish, strict=True))
-        ],
-        "usage": {
-            "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-        },
+        **_chat.completion_json(f"chatcmpl-{uuid.uuid4().hex}", model, choices, usage),
         "capplug": {
             "adapter": answer.adapter_id,
             "source": source,
@@ -950,7 +794,7 @@ def create_adapter_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.
-        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers)
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_chat.v1_key_headers)
 
     @app.get("/healthz", response_model=_Health)
     async def healthz() -> dict[str, Any]:

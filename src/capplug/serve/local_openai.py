@@ -40,34 +40,25 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from capplug.llms import Candidate, LocalChatModel, SamplingRecipe, SamplingStrategy
+from capplug.serve import _chat
 from capplug.serve._http import (
-    BEARER,
     APIError,
     BodyLimit,
-    KeyHeader,
     RequireKey,
     check_positive_int,
-    error_response,
     install_error_handlers,
 )
 
-try:
-    from jinja2 import TemplateError as _TemplateError
-except ImportError:  # pragma: no cover - no jinja2, no chat templates, no template errors
-    _TemplateError = ValueError  # type: ignore[assignment,misc]
-
 __all__ = ["create_app"]
-
-_MAX_STOP_SEQUENCES = 4
 
 # One generation at a time per model, even across several apps: LocalChatModel swaps its
 # generation config during sampling, and two CPU generations at once only thrash the cores.
@@ -131,153 +122,46 @@ class _ChatCompletionRequest(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     seed: StrictInt | None = None
-    stop: Any = Field(default=None, validate_default=True)
+    stop: Annotated[Any, _chat.stop_validator()] = Field(default=None, validate_default=True)
     stream: StrictBool | None = None
     stream_options: _StreamOptions | None = None
     tools: list[Any] | None = None
     logprobs: StrictBool | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_sequences(cls, value: Any) -> list[str]:
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(stops, list)
-            or not all(isinstance(s, str) and s for s in stops)
-            or len(stops) > _MAX_STOP_SEQUENCES
-        ):
-            raise ValueError(
-                f"stop must be a non-empty string or a list of at most {_MAX_STOP_SEQUENCES} "
-                f"non-empty strings"
-            )
-        return stops
-
 
 # --------------------------------------------------------------------------------- errors
 
 
-def _key_headers(path: str) -> list[KeyHeader]:
-    """The key guards every ``/v1`` route, sent as ``Authorization: Bearer <key>``."""
-    return [BEARER] if path.startswith("/v1") else []
-
-
-async def _on_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
-    first: dict[str, Any] = dict(errors[0]) if errors else {}
-    if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
-        return error_response(
-            400,
-            f"the request body is not valid JSON ({reason}); send one JSON object",
-            code="invalid_json",
-        )
-    where = [part for part in first.get("loc", ()) if part != "body"]
-    param = _param_name(where)
-    if not param:
-        return error_response(
-            400,
-            "the request body must be a JSON object with 'messages' "
-            "(and Content-Type: application/json)",
-            code="invalid_body",
-        )
-    if first.get("type") == "missing":
-        return error_response(
-            400,
-            f"Missing required parameter: '{param}'.",
-            param=param,
-            code="missing_required_parameter",
-        )
-    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if param == "messages":
-        reason = "give a non-empty list of {'role': ..., 'content': ...} objects"
-    return error_response(
-        400, f"Invalid value for '{param}': {reason}", param=param, code="invalid_value"
-    )
-
-
-def _param_name(loc: Sequence[Any]) -> str:
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name
+_on_validation_error = _chat.validation_error_handler(
+    "the request body must be a JSON object with 'messages' (and Content-Type: application/json)",
+    reasons={"messages": "give a non-empty list of {'role': ..., 'content': ...} objects"},
+)
 
 
 # ------------------------------------------------------------------------------ the model
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Plan(_chat.Sampling):
     """A validated request: what to generate and how to answer."""
 
-    chat: list[dict[str, Any]]
-    n: int
-    greedy: bool
-    temperature: float
-    top_p: float | None
-    max_tokens: int
-    seed: int
-    stops: list[str]
     stream: bool
     include_usage: bool
 
 
 def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -> _Plan:
-    if request.tools:
-        raise APIError(
-            400,
-            "tools are not supported by this server",
-            param="tools",
-            code="unsupported_parameter",
-        )
-    if request.logprobs:
-        raise APIError(
-            400,
-            "logprobs are not supported by this server",
-            param="logprobs",
-            code="unsupported_parameter",
-        )
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise APIError(
-            400,
-            "only response_format {'type': 'text'} is supported by this server",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-    n = 1 if request.n is None else request.n
-    if n > max_n:
-        raise APIError(
-            400,
-            f"Invalid value for 'n': this server returns at most {max_n} choices per request; "
-            f"got {n}",
-            param="n",
-            code="invalid_value",
-        )
-    param, max_tokens = "max_tokens", request.max_tokens
-    if request.max_completion_tokens is not None:
-        param, max_tokens = "max_completion_tokens", request.max_completion_tokens
-    if max_tokens is None:
-        max_tokens = max_tokens_cap
-    elif max_tokens > max_tokens_cap:
-        raise APIError(
-            400,
-            f"Invalid value for '{param}': this server generates at most {max_tokens_cap} "
-            f"tokens per choice; got {max_tokens}",
-            param=param,
-            code="invalid_value",
-        )
+    _chat.check_supported(request, stream=True)
+    n = _chat.choices_wanted(request, max_n)
+    max_tokens = _chat.max_tokens_wanted(request, max_tokens_cap)
     sampling_asked = request.temperature is not None or request.top_p is not None
     greedy = request.temperature == 0 or (not sampling_asked and n == 1)
-    top_p = request.top_p if request.top_p is not None and request.top_p < 1.0 else None
     return _Plan(
         chat=[message.turn() for message in request.messages],
         n=n,
         greedy=greedy,
         temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=top_p,
+        top_p=_chat.nucleus(request.top_p),
         max_tokens=max_tokens,
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         stops=request.stop,
@@ -286,30 +170,6 @@ def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -
             request.stream and request.stream_options and request.stream_options.include_usage
         ),
     )
-
-
-def _prompt_tokens(model: LocalChatModel, plan: _Plan) -> int:
-    try:
-        text = model.render(plan.chat)
-    except (TypeError, ValueError, _TemplateError) as exc:
-        raise APIError(
-            400,
-            f"messages cannot be rendered with the model's chat template: {exc}",
-            param="messages",
-            code="invalid_value",
-        ) from exc
-    count = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    limit = model.max_positions
-    if limit is not None and count + plan.max_tokens > limit:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens; the messages take {count} "
-            f"and max_tokens asks for {plan.max_tokens} more. Shorten the messages or lower "
-            f"max_tokens.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    return count
 
 
 def _model_lock(model: LocalChatModel) -> threading.Lock:
@@ -343,55 +203,33 @@ class _Choice:
 
 
 def _choice(model: LocalChatModel, candidate: Candidate, stops: list[str]) -> _Choice:
-    text = candidate.text
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if cuts:
-        # Generation does not stop at stop sequences; the reply is cut after the fact.
-        text = text[: min(cuts)]
+    text = _chat.cut_at_stop(candidate.text, stops)
+    if text is not None:
         tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
         return _Choice(text=text, finish_reason="stop", tokens=tokens)
     finish = "stop" if candidate.finished else "length"
-    return _Choice(text=text, finish_reason=finish, tokens=candidate.n_tokens)
+    return _Choice(text=candidate.text, finish_reason=finish, tokens=candidate.n_tokens)
 
 
 def _answer(model: LocalChatModel, plan: _Plan) -> tuple[int, list[_Choice]]:
     """Prompt tokens and choices for a request; tokenizes and generates, so run it in a thread."""
-    prompt_tokens = _prompt_tokens(model, plan)
+    prompt = _chat.prompt_tokens(model, plan.chat, plan.max_tokens)
     choices = [_choice(model, candidate, plan.stops) for candidate in _candidates(model, plan)]
-    return prompt_tokens, choices
+    return prompt, choices
 
 
 # -------------------------------------------------------------------------------- replies
 
 
 def _usage(prompt_tokens: int, choices: Sequence[_Choice]) -> dict[str, int]:
-    completion = sum(c.tokens for c in choices)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
+    return _chat.usage_json(prompt_tokens, sum(c.tokens for c in choices))
 
 
 def _completion(
     completion_id: str, model_name: str, choices: Sequence[_Choice], usage: dict[str, int]
 ) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": choice.text},
-                "logprobs": None,
-                "finish_reason": choice.finish_reason,
-            }
-            for i, choice in enumerate(choices)
-        ],
-        "usage": usage,
-    }
+    pairs = [(choice.text, choice.finish_reason) for choice in choices]
+    return _chat.completion_json(completion_id, model_name, pairs, usage)
 
 
 def _events(
@@ -482,7 +320,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.
-        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers)
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_chat.v1_key_headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
