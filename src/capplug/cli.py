@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REF",
         help=f"scorer checkpoint: a folder, a Hugging Face id, or a packaged name (default: {DEFAULT_SCORER})",
     )
-    score.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_device_option(score)
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.set_defaults(run=_run_score)
 
@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--task", action="append", metavar="NAME", help="only these train tasks (repeatable)"
     )
-    build.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
+    _add_archive_option(build)
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_run_data_build)
     data.set_defaults(run=lambda _args: data.print_help() or 2)
@@ -217,26 +217,49 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument(
         "--name", metavar="ID", help="model id the server lists and answers with (default: --model)"
     )
-    local.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default: 127.0.0.1, this machine only)",
-    )
-    local.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
-    local.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
-    local.add_argument(
-        "--api-key",
-        default=os.environ.get("CAPPLUG_API_KEY") or None,
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (default: $CAPPLUG_API_KEY); needed to bind "
-        "anywhere but a loopback address",
-    )
+    _add_bind_options(local, port=8000)
+    _add_device_option(local)
+    _add_api_key_option(local)
     local.set_defaults(run=_run_serve_local)
     _add_serve_adapters_parser(serve_sub)
     serve.set_defaults(run=lambda _args: serve.print_help() or 2)
     _add_proxy_parser(sub)
     _add_adapters_parser(sub)
     return parser
+
+
+def _add_device_option(parser: Any) -> None:
+    """``--device``, on a parser or an argument group."""
+    parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+
+
+def _add_archive_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have"
+    )
+
+
+def _add_bind_options(parser: argparse.ArgumentParser, *, port: int) -> None:
+    """A server's ``--host`` and ``--port``; :func:`_check_bind` checks them."""
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    parser.add_argument("--port", type=int, default=port, help=f"port to bind (default: {port})")
+
+
+def _add_api_key_option(
+    parser: argparse.ArgumentParser, *, header: str = "Authorization: Bearer KEY"
+) -> None:
+    """A server's own ``--api-key`` (default: $CAPPLUG_API_KEY), sent in ``header``."""
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CAPPLUG_API_KEY") or None,
+        metavar="KEY",
+        help=f"require '{header}' (default: $CAPPLUG_API_KEY); needed to bind anywhere but a "
+        "loopback address",
+    )
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -364,7 +387,7 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
         "--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)"
     )
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_device_option(group)
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -505,25 +528,18 @@ def _run_models_path(args: argparse.Namespace) -> int:
 
 def _run_serve_local(args: argparse.Namespace) -> int:
     _check_bind(args)
-    try:  # before the model loads, so a missing extra fails at once
-        import uvicorn
-
-        from capplug.serve import create_app
-    except ImportError as exc:
-        missing = exc.__cause__ or exc  # capplug.serve re-raises with the install hint
-        raise _UsageError(
-            f"`capplug serve` needs FastAPI and uvicorn: pip install 'capplug[serve]' ({missing})"
-        ) from exc
+    # before the model loads, so a missing extra fails at once
+    uvicorn, create_app = _server_imports(
+        "capplug.serve",
+        "create_app",
+        "`capplug serve` needs FastAPI and uvicorn: pip install 'capplug[serve]'",
+    )
     from capplug.llms import LocalChatModel
 
     model = LocalChatModel.from_pretrained(args.model, device=args.device)
     name = args.name or args.model
     app = create_app(model, model_name=name, api_key=args.api_key)
-    print(
-        f"serving {name} at http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
-        file=sys.stderr,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    _run_server(uvicorn, app, args, f"serving {name}")
     return 0
 
 
@@ -568,19 +584,8 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
     adapters.add_argument(
         "--chroma-url", metavar="URL", help="a shared Chroma server (chroma run) to index in"
     )
-    adapters.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default: 127.0.0.1, this machine only)",
-    )
-    adapters.add_argument("--port", type=int, default=8788, help="port to bind (default: 8788)")
-    adapters.add_argument(
-        "--api-key",
-        default=os.environ.get("CAPPLUG_API_KEY") or None,
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (default: $CAPPLUG_API_KEY); needed to bind "
-        "anywhere but a loopback address",
-    )
+    _add_bind_options(adapters, port=8788)
+    _add_api_key_option(adapters)
     adapters.add_argument(
         "--threshold", type=float, default=0.8, help="least similarity of a hit (default: 0.8)"
     )
@@ -601,7 +606,7 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
         metavar="N",
         help="most tokens per answer, and the default max_tokens (default: 512)",
     )
-    adapters.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_device_option(adapters)
     adapters.set_defaults(run=_run_serve_adapters)
 
 
@@ -612,16 +617,13 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
     for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
         if value is not None and value < 1:
             raise _UsageError(f"{flag} must be >= 1; got {value}")
-    try:  # before any model loads, so a missing extra fails at once
-        import uvicorn
-
-        from capplug.serve.adapters import create_adapter_app
-    except ImportError as exc:
-        missing = exc.__cause__ or exc
-        raise _UsageError(
-            "`capplug serve adapters` needs the serve and adapters extras: "
-            f"pip install 'capplug[serve,adapters]' ({missing})"
-        ) from exc
+    # before any model loads, so a missing extra fails at once
+    uvicorn, create_adapter_app = _server_imports(
+        "capplug.serve.adapters",
+        "create_adapter_app",
+        "`capplug serve adapters` needs the serve and adapters extras: "
+        "pip install 'capplug[serve,adapters]'",
+    )
     from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
     from capplug.adapters.hypernetwork import Hypernetwork
     from capplug.adapters.runtime import AdapterRuntime
@@ -669,13 +671,13 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         store, runtime, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap
     )
     what = "making new adapters" if generator is not None else "making no new adapters"
-    print(
-        f"serving {len(store)} adapters for {store.base_model} from {store.root} ({what}) at "
-        f"http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
-        file=sys.stderr,
-    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        _run_server(
+            uvicorn,
+            app,
+            args,
+            f"serving {len(store)} adapters for {store.base_model} from {store.root} ({what})",
+        )
     finally:
         store.close()
     return 0
@@ -716,19 +718,8 @@ def _add_proxy_parser(sub: Any) -> None:
         metavar="REF",
         help=f"scorer: a folder, a Hugging Face id, or a packaged name (default: {DEFAULT_SCORER})",
     )
-    proxy.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default: 127.0.0.1, this machine only)",
-    )
-    proxy.add_argument("--port", type=int, default=8787, help="port to bind (default: 8787)")
-    proxy.add_argument(
-        "--api-key",
-        default=os.environ.get("CAPPLUG_API_KEY") or None,
-        metavar="KEY",
-        help="require 'X-Capplug-Key: KEY' (default: $CAPPLUG_API_KEY); needed to bind anywhere "
-        "but a loopback address",
-    )
+    _add_bind_options(proxy, port=8787)
+    _add_api_key_option(proxy, header="X-Capplug-Key: KEY")
     proxy.add_argument(
         "--upstream-api-key",
         default=os.environ.get("CAPPLUG_UPSTREAM_API_KEY") or None,
@@ -775,15 +766,12 @@ def _add_proxy_parser(sub: Any) -> None:
 
 def _run_proxy(args: argparse.Namespace) -> int:
     _check_bind(args)
-    try:  # before the scorer loads, so a missing extra fails at once
-        import uvicorn
-
-        from capplug.serve import create_proxy_app
-    except ImportError as exc:
-        missing = exc.__cause__ or exc  # capplug.serve re-raises with the install hint
-        raise _UsageError(
-            f"`capplug proxy` needs the serve extra: pip install 'capplug[serve]' ({missing})"
-        ) from exc
+    # before the scorer loads, so a missing extra fails at once
+    uvicorn, create_proxy_app = _server_imports(
+        "capplug.serve",
+        "create_proxy_app",
+        "`capplug proxy` needs the serve extra: pip install 'capplug[serve]'",
+    )
     from capplug.llms.retry import RetryPolicy
 
     # The scorer loads last, once every other option has been checked.
@@ -801,12 +789,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
     )
     upstream = urlsplit(args.upstream)
     shown = upstream._replace(netloc=upstream.netloc.rpartition("@")[2]).geturl()  # no userinfo
-    print(
-        f"reranking {shown} (best of {args.n}) at "
-        f"http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)",
-        file=sys.stderr,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    _run_server(uvicorn, app, args, f"reranking {shown} (best of {args.n})")
     return 0
 
 
@@ -819,6 +802,26 @@ def _check_bind(args: argparse.Namespace) -> None:
             f"--host {args.host} is reachable from other machines; give --api-key KEY "
             f"(or set CAPPLUG_API_KEY), or bind to 127.0.0.1"
         )
+
+
+def _server_imports(module: str, factory: str, needs: str) -> tuple[Any, Any]:
+    """uvicorn and ``module.factory``, or a usage error: ``needs`` and what is missing."""
+    import importlib
+
+    try:
+        import uvicorn
+
+        app_factory = getattr(importlib.import_module(module), factory)
+    except ImportError as exc:
+        missing = exc.__cause__ or exc  # capplug.serve re-raises with the install hint
+        raise _UsageError(f"{needs} ({missing})") from exc
+    return uvicorn, app_factory
+
+
+def _run_server(uvicorn: Any, app: Any, args: argparse.Namespace, what: str) -> None:
+    """Say what is served where (on stderr), then serve ``app`` on --host/--port."""
+    print(f"{what} at http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def _is_loopback(host: str) -> bool:
@@ -899,8 +902,8 @@ def _add_adapters_parser(sub: Any) -> None:
     )
     lora.add_argument("--seed", type=int, help="(default: 0)")
     lora.add_argument("--restart", action="store_true", help="ignore a checkpoint: start over")
-    lora.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
-    lora.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_archive_option(lora)
+    _add_device_option(lora)
     lora.set_defaults(run=_run_adapters_train_lora)
 
     hyper = adapters_sub.add_parser(
@@ -946,8 +949,8 @@ def _add_adapters_parser(sub: Any) -> None:
     hyper.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
     hyper.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
     hyper.add_argument("--seed", type=int, help="(default: 0)")
-    hyper.add_argument("--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have")
-    hyper.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_archive_option(hyper)
+    _add_device_option(hyper)
     hyper.set_defaults(run=_run_adapters_train_hypernet)
 
     generate = adapters_sub.add_parser(
@@ -995,7 +998,7 @@ def _hypernet_option(parser: argparse.ArgumentParser) -> None:
         metavar="REF",
         help=f"hypernetwork folder (default: the bundled {_DEFAULT_HYPERNETWORK})",
     )
-    parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
+    _add_device_option(parser)
 
 
 def _adapters_module(name: str) -> Any:
@@ -1048,9 +1051,7 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
             device=args.device,
             archive=args.archive,
         )
-        before = "n/a" if result.eval_loss_before is None else f"{result.eval_loss_before:.3f}"
-        after = "n/a" if result.eval_loss_after is None else f"{result.eval_loss_after:.3f}"
-        state = "already trained" if result.skipped else f"{result.wall_seconds / 60:.1f} min"
+        state, before, after = _lora_summary(result)
         print(
             f"multi-task adapter: {result.steps} steps on {result.train_examples} examples "
             f"({state}); held-out loss {before} -> {after}"
@@ -1076,12 +1077,18 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
         device=args.device,
         archive=args.archive,
     )
-    before = "n/a" if result.eval_loss_before is None else f"{result.eval_loss_before:.3f}"
-    after = "n/a" if result.eval_loss_after is None else f"{result.eval_loss_after:.3f}"
-    state = "already trained" if result.skipped else f"{result.wall_seconds / 60:.1f} min"
+    state, before, after = _lora_summary(result)
     print(f"{result.task}: {result.steps} steps ({state}); held-out loss {before} -> {after}")
     print(result.out_dir)
     return 0
+
+
+def _lora_summary(result: Any) -> tuple[str, str, str]:
+    """A trained LoRA's (state, held-out loss before, after), as the commands print them."""
+    before = "n/a" if result.eval_loss_before is None else f"{result.eval_loss_before:.3f}"
+    after = "n/a" if result.eval_loss_after is None else f"{result.eval_loss_after:.3f}"
+    state = "already trained" if result.skipped else f"{result.wall_seconds / 60:.1f} min"
+    return state, before, after
 
 
 def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
