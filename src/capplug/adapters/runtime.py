@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from capplug._runtime import seeded
 from capplug.adapters.adapter_folder import (
     AdapterFileError,
     BaseModelIdentity,
@@ -36,7 +35,7 @@ from capplug.adapters.adapter_folder import (
     model_identity,
     read_adapter,
 )
-from capplug.llms.local import DEFAULT_MODEL, LocalChatModel, _check_positive_int, _progress
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel, _check_positive_int
 from capplug.scoring.formatting import Instruction
 
 __all__ = ["BASE", "AdapterRuntime"]
@@ -226,26 +225,17 @@ class AdapterRuntime:
         ids = [chat._prompt_ids(t, reserve=max_new_tokens) for t in texts]
         # Prompts sharing an adapter batch together, so most batches need no per-row routing.
         order = sorted(range(len(ids)), key=lambda i: (names[i] or "", len(ids[i])))
-        answers = [""] * len(ids)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        with seeded(seed), _progress(len(batches), "generate", progress) as bar:
-            for batch in batches:
-                enc = chat._left_pad([ids[i] for i in batch])
-                with self._routing([names[i] for i in batch]) as (model, extra):
-                    out = model.generate(
-                        **enc,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=do_sample,
-                        pad_token_id=chat.pad_token_id,
-                        **extra,
-                        **generation_kwargs,
-                    )
-                width = enc["input_ids"].shape[1]
-                for i, row in zip(batch, out[:, width:].tolist(), strict=True):
-                    tokens, _ = chat._completion(row)
-                    answers[i] = chat.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                bar.update(1)
-        return answers
+        return chat._answer_batches(
+            ids,
+            order,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            generation_kwargs=generation_kwargs,
+            route=lambda batch: self._routing([names[i] for i in batch]),
+        )
 
     @contextlib.contextmanager
     def _routing(self, names: list[str | None]):

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -657,18 +657,53 @@ class LocalChatModel:
                 )
         ids = [self._prompt_ids(t, reserve=max_new_tokens) for t in texts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        return self._answer_batches(
+            ids,
+            order,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            generation_kwargs=generation_kwargs,
+        )
+
+    def _answer_batches(
+        self,
+        ids: list[list[int]],
+        order: list[int],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        seed: int | None,
+        batch_size: int,
+        progress: bool,
+        generation_kwargs: Mapping[str, Any],
+        route: Callable[[list[int]], Any] | None = None,
+    ) -> list[str]:
+        """Decode the prompts ``ids`` in batches taken in ``order``; one answer per prompt.
+
+        ``route(batch)`` (the prompt indices of a batch) is a context manager yielding the model
+        to run and extra ``generate`` keywords for that batch: how an adapter runtime picks a
+        batch's adapters. Without it every batch runs on this model.
+        """
         answers: list[str] = [""] * len(ids)
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         with seeded(seed), _progress(len(batches), "generate", progress) as bar:
             for batch in batches:
                 enc = self._left_pad([ids[i] for i in batch])
-                out = self.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    pad_token_id=self.pad_token_id,
-                    **generation_kwargs,
+                routing = (
+                    route(batch) if route is not None else contextlib.nullcontext((self.model, {}))
                 )
+                with routing as (model, extra):
+                    out = model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=do_sample,
+                        pad_token_id=self.pad_token_id,
+                        **extra,
+                        **generation_kwargs,
+                    )
                 width = enc["input_ids"].shape[1]
                 for i, row in zip(batch, out[:, width:].tolist(), strict=True):
                     tokens, _ = self._completion(row)
