@@ -73,10 +73,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: Path, optimizer: torch.optim.Optimizer, *, device: torch.device
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    run_id: str | None = None,
+    other_run: str = "other settings; give a new out folder",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore the optimizer and torch RNG from a checkpoint; return its tensors and state."""
+    """Restore the optimizer and torch RNG from a checkpoint; return its tensors and state.
+
+    With ``run_id``, a checkpoint of another run is refused before anything is restored:
+    ``ValueError("<folder> belongs to a run with <other_run>")``.
+    """
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    if run_id is not None and state.get("run_id") != run_id:
+        raise ValueError(f"{folder} belongs to a run with {other_run}")
     tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
     saved = load_file(folder / OPTIMIZER_FILE)
     slots: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)

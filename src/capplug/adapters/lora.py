@@ -687,12 +687,14 @@ class _Run:
             "eval_loss_before": None,
         }
         if (checkpoint / tr.STATE_FILE).is_file():
-            tensors, saved = tr.load_checkpoint(checkpoint, optimizer, device=device)
-            if saved.get("run_id") != self.run_id:
-                raise ValueError(
-                    f"{checkpoint} belongs to a run with other settings or data; give a new out "
-                    f"folder, or resume=False (--restart) to start over"
-                )
+            tensors, saved = tr.load_checkpoint(
+                checkpoint,
+                optimizer,
+                device=device,
+                run_id=self.run_id,
+                other_run="other settings or data; give a new out folder, or resume=False "
+                "(--restart) to start over",
+            )
             with torch.no_grad():
                 for name, param in params.items():
                     param.copy_(tensors[name])

@@ -551,12 +551,13 @@ class _Run:
             "best_eval": None,
         }
         if (checkpoint / tr.STATE_FILE).is_file():
-            tensors, saved = tr.load_checkpoint(checkpoint, optimizer, device=device)
-            if saved.get("run_id") != self.run_id:
-                raise ValueError(
-                    f"{checkpoint} belongs to a run with other settings or teachers; give a new "
-                    f"out folder"
-                )
+            tensors, saved = tr.load_checkpoint(
+                checkpoint,
+                optimizer,
+                device=device,
+                run_id=self.run_id,
+                other_run="other settings or teachers; give a new out folder",
+            )
             hnet.load_state_dict(tensors)
             state = saved
             logger.warning(
