@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from capplug._cache import staging_dir, write_json_atomic
+from capplug._checkpoint import optimizer_tensors, restore_optimizer
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -57,19 +57,9 @@ def save_checkpoint(
         save_file(
             {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE
         )
-        opt = optimizer.state_dict()
-        opt_tensors = {
-            f"{index}.{key}": value.detach().to("cpu").contiguous()
-            for index, slot in opt["state"].items()
-            for key, value in slot.items()
-            if isinstance(value, torch.Tensor)
-        }
-        opt_tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                opt_tensors[f"rng.cuda.{i}"] = rng
+        opt_tensors, param_groups = optimizer_tensors(optimizer)
         save_file(opt_tensors, tmp / OPTIMIZER_FILE)
-        write_json_atomic(tmp / STATE_FILE, {**state, "param_groups": opt["param_groups"]})
+        write_json_atomic(tmp / STATE_FILE, {**state, "param_groups": param_groups})
 
 
 def load_checkpoint(
@@ -89,18 +79,7 @@ def load_checkpoint(
     if run_id is not None and state.get("run_id") != run_id:
         raise ValueError(f"{folder} belongs to a run with {other_run}")
     tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
-    saved = load_file(folder / OPTIMIZER_FILE)
-    slots: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in saved.items():
-        if key.startswith("rng."):
-            continue
-        index, name = key.split(".", 1)
-        slots[int(index)][name] = value
-    optimizer.load_state_dict({"state": dict(slots), "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(saved["rng.torch"])
-    cuda = [saved[k] for k in sorted(saved) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    restore_optimizer(optimizer, load_file(folder / OPTIMIZER_FILE), state.pop("param_groups"))
     return tensors, state
 
 

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from capplug._cache import staging_dir, write_json_atomic
+from capplug._checkpoint import optimizer_tensors, restore_optimizer
 from capplug.data.rows import LabelledPair
 from capplug.scoring.model import Scorer, _Pair
 
@@ -374,23 +375,13 @@ def _save_checkpoint(
         save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
         )
-        opt = optimizer.state_dict()
-        tensors = {
-            f"{index}.{key}": value.contiguous()
-            for index, slot in opt["state"].items()
-            for key, value in slot.items()
-            if isinstance(value, torch.Tensor)
-        }
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = rng
+        tensors, param_groups = optimizer_tensors(optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")
         write_json_atomic(
             tmp / STATE_FILE,
             {
                 **state,
-                "param_groups": opt["param_groups"],
+                "param_groups": param_groups,
                 "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
                 "python_random": _jsonable_random_state(),
                 "numpy_random": _jsonable_numpy_state(),
@@ -415,21 +406,10 @@ def _load_checkpoint(
         load_file(folder / "model.safetensors", device=str(next(model.parameters()).device))
     )
     tensors = load_file(folder / "optimizer.safetensors")
-    opt_state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in tensors.items():
-        if key.startswith("rng."):
-            continue
-        index, name = key.split(".", 1)
-        opt_state[int(index)][name] = value
-    optimizer.load_state_dict({"state": dict(opt_state), "param_groups": saved.pop("param_groups")})
+    restore_optimizer(optimizer, tensors, saved.pop("param_groups"))
     sched = saved.pop("scheduler")
     sched.pop("lr_lambdas", None)
     scheduler.load_state_dict(sched | {"lr_lambdas": [None] * len(optimizer.param_groups)})
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
     random.setstate(_restore_random_state(saved.pop("python_random")))
     np.random.set_state(_restore_numpy_state(saved.pop("numpy_random")))
     return saved
