@@ -112,6 +112,30 @@ def sampling_copy(model: BaseChatModel, temperature: float) -> BaseChatModel:
     return model.model_copy(update={"temperature": temperature})
 
 
+def sampler_for(model: BaseChatModel, *, temperature: float, retries_off: bool) -> BaseChatModel:
+    """``model`` ready to draw candidates: SDK retries off (when capplug retries), temperature > 0."""
+    return sampling_copy(without_retries(model) if retries_off else model, temperature)
+
+
+class SamplerCache:
+    """Sampling copies of chat models (SDK retries off, temperature > 0), made once per model.
+
+    Rebuilding a model (and its SDK client) on every call would put that work on the hot path;
+    entries hold their model, so an id is never mistaken for a later model's.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[int, float, bool], tuple[BaseChatModel, BaseChatModel]] = {}
+
+    def get(self, model: BaseChatModel, *, temperature: float, retries_off: bool) -> BaseChatModel:
+        key = (id(model), temperature, retries_off)
+        entry = self._copies.get(key)
+        if entry is None or entry[0] is not model:
+            entry = (model, sampler_for(model, temperature=temperature, retries_off=retries_off))
+            self._copies[key] = entry
+        return entry[1]
+
+
 def has_tool_calls(message: BaseMessage) -> bool:
     return isinstance(message, AIMessage) and bool(message.tool_calls)
 

@@ -16,13 +16,12 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
 from langchain_capplug._sampling import (
     CANDIDATE_TAGS,
+    SamplerCache,
     acollect,
     child_callbacks,
     collect,
-    sampling_copy,
     supports_native_n,
     unwrap,
-    without_retries,
 )
 from langchain_capplug._selection import load_scorer, select, with_metadata
 
@@ -86,7 +85,7 @@ class CappyBestOfN(BaseChatModel):
         default=DEFAULT_RETRY, description="Retry policy for each upstream call; None: no retries."
     )
 
-    _prepared: dict[int, BaseChatModel] = PrivateAttr(default_factory=dict)
+    _samplers: SamplerCache = PrivateAttr(default_factory=SamplerCache)
 
     @field_validator("llm")
     @classmethod
@@ -141,10 +140,10 @@ class CappyBestOfN(BaseChatModel):
     def _sampler(self) -> tuple[BaseChatModel, dict[str, Any]]:
         """The model to sample from (temperature > 0, SDK retries off) and its bound kwargs."""
         model, bound = unwrap(self.llm)
-        if id(model) not in self._prepared:
-            ready = without_retries(model) if self.retry is not None else model
-            self._prepared[id(model)] = sampling_copy(ready, self.temperature)
-        return self._prepared[id(model)], bound
+        sampler = self._samplers.get(
+            model, temperature=self.temperature, retries_off=self.retry is not None
+        )
+        return sampler, bound
 
     def _call_options(
         self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]

@@ -24,10 +24,9 @@ from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
 from langchain_capplug._sampling import (
     candidate_text,
     collect,
-    sampling_copy,
+    sampler_for,
     supports_native_n,
     unwrap,
-    without_retries,
 )
 
 __all__ = ["ChatModelCandidateSource"]
@@ -54,8 +53,7 @@ class ChatModelCandidateSource:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1; got {n!r}")
         model, self._bound = unwrap(llm)
-        ready = without_retries(model) if retry is not None else model
-        self._model = sampling_copy(ready, temperature)
+        self._model = sampler_for(model, temperature=temperature, retries_off=retry is not None)
         self.n = n
         self.retry = retry
         self.max_concurrency = max_concurrency

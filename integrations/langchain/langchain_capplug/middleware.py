@@ -22,7 +22,7 @@ except ImportError as error:  # pragma: no cover - exercised only without langch
         "CappyBestOfNMiddleware needs the langchain package: pip install 'langchain-capplug[agents]'"
     ) from error
 
-from langchain_capplug._sampling import has_tool_calls, sampling_copy, without_retries
+from langchain_capplug._sampling import SamplerCache, has_tool_calls
 from langchain_capplug._selection import load_scorer, select, with_metadata
 
 __all__ = ["CappyBestOfNMiddleware"]
@@ -77,6 +77,7 @@ class CappyBestOfNMiddleware(AgentMiddleware):
         self.min_candidates = min_candidates
         self.max_concurrency = max_concurrency
         self.retry = retry
+        self._samplers = SamplerCache()
 
     @property
     def name(self) -> str:
@@ -85,8 +86,10 @@ class CappyBestOfNMiddleware(AgentMiddleware):
     # ------------------------------------------------------------------ helpers
 
     def _sampling_request(self, request: ModelRequest) -> ModelRequest:
-        model = without_retries(request.model) if self.retry is not None else request.model
-        return request.override(model=sampling_copy(model, self.temperature))
+        sampler = self._samplers.get(
+            request.model, temperature=self.temperature, retries_off=self.retry is not None
+        )
+        return request.override(model=sampler)
 
     def _call(self, handler: Callable[[ModelRequest], Any], request: ModelRequest) -> Any:
         return handler(request) if self.retry is None else self.retry.call(handler, request)
