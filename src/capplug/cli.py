@@ -914,11 +914,32 @@ def _add_adapters_parser(sub: Any) -> None:
             "adapter without the definition, + lambda-kl * KL from the teacher LoRA with the "
             "definition, + lambda-weights * the distance of the generated update B@A from the "
             "teacher's. The first --reconstruction-steps train on the weight distance alone. "
+            "Without --teachers (or for a task that has none) the KL is taken from the base "
+            "model reading the definition, and there is no weight term. "
             "Run the same command again to resume."
         ),
     )
     hyper.add_argument(
-        "--teachers", required=True, metavar="DIR", help="the folder `train-lora --all` wrote"
+        "--teachers",
+        metavar="DIR",
+        help="the folder `train-lora --all` wrote (default: train without teachers)",
+    )
+    hyper.add_argument(
+        "--task",
+        action="append",
+        metavar="NAME",
+        help="train on these tasks only (repeatable; default: the teachers' tasks, or all 44 "
+        "Natural-Instructions train tasks without --teachers)",
+    )
+    hyper.add_argument("--r", type=int, default=8, help="rank, without teachers (default: 8)")
+    hyper.add_argument(
+        "--alpha", type=int, default=16, help="alpha, without teachers (default: 16)"
+    )
+    hyper.add_argument(
+        "--target-modules",
+        default="q_proj,v_proj",
+        metavar="NAMES",
+        help="comma-separated adapted layers, without teachers (default: q_proj,v_proj)",
     )
     hyper.add_argument("--out", required=True, metavar="DIR", help="run folder and hypernetwork")
     hyper.add_argument(
@@ -936,7 +957,9 @@ def _add_adapters_parser(sub: Any) -> None:
     hyper.add_argument("--hidden-dim", type=int, default=256, help="trunk width (default: 256)")
     hyper.add_argument("--steps", type=int, help="optimizer steps in all (default: 1000)")
     hyper.add_argument(
-        "--reconstruction-steps", type=int, help="weight-distance-only warm start (default: 200)"
+        "--reconstruction-steps",
+        type=int,
+        help="weight-distance-only warm start (default: 200 with --teachers, else 0)",
     )
     hyper.add_argument("--tasks-per-step", type=int, help="tasks per step (default: 4)")
     hyper.add_argument("--examples-per-task", type=int, help="examples per task (default: 2)")
@@ -1093,7 +1116,10 @@ def _lora_summary(result: Any) -> tuple[str, str, str]:
 
 def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
     train = _adapters_module("train_hypernet")
-    teachers = train.find_teachers(args.teachers)  # fails before any model loads
+    # find_teachers fails before any model loads
+    teachers = train.find_teachers(args.teachers) if args.teachers else None
+    if teachers is None and args.reconstruction_steps is None:
+        args.reconstruction_steps = 0
     given = {
         "steps": args.steps,
         "reconstruction_steps": args.reconstruction_steps,
@@ -1115,6 +1141,10 @@ def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         hidden_dim=args.hidden_dim,
         config=config,
+        task_names=args.task,
+        r=args.r,
+        alpha=args.alpha,
+        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
         device=args.device,
         archive=args.archive,
     )

@@ -427,6 +427,64 @@ def test_training_refuses_teachers_that_disagree(
         _train(mixed, toys, chat, tmp_path / "out", tiny_bert_backbone)
 
 
+def test_training_without_teachers_distils_the_definition(toys, chat, tmp_path, tiny_bert_backbone):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="reconstruction_steps=0"):
+        _train(None, toys, chat, tmp_path / "refused", tiny_bert_backbone)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+    config = replace(TRAIN, reconstruction_steps=0, steps=4, eval_every=2)
+    result = train_hypernetwork(
+        None,
+        tmp_path / "free",
+        chat=chat,
+        tasks=toys,
+        encoder=str(tiny_bert_backbone),
+        hidden_dim=32,
+        r=2,
+        alpha=4,
+        target_modules=["v_proj"],
+        config=config,
+        progress=False,
+    )
+    assert result.tasks == sorted(toys)
+    steps = [
+        json.loads(line)
+        for line in (tmp_path / "free" / "train_log.jsonl").read_text().splitlines()
+        if "phase" in line
+    ]
+    assert [e["phase"] for e in steps] == ["full"] * 4
+    assert all({"pred", "kl"} <= set(e) and "weights" not in e for e in steps)
+    assert all(e["kl"] > 0 for e in steps)  # the base model reading the definition teaches
+    summary = json.loads((tmp_path / "free" / "training_summary.json").read_text())
+    assert summary["teachers"] == []
+    loaded = Hypernetwork.from_pretrained(tmp_path / "free")
+    assert (loaded.config.r, loaded.config.alpha, loaded.config.module_types) == (2, 4, ["v_proj"])
+
+
+def test_training_mixes_tasks_with_and_without_teachers(
+    teachers, toys, chat, tmp_path, tiny_bert_backbone
+):
+    import shutil
+
+    names = sorted(toys)
+    partial = tmp_path / "partial"
+    shutil.copytree(teachers / task_folder_name(names[0]), partial / "a")
+    result = _train(partial, toys, chat, tmp_path / "out", tiny_bert_backbone, task_names=names)
+    assert result.tasks == names
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["teachers"] == [names[0]]
+    steps = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+        if "phase" in line
+    ]
+    # The warm start and the weight term see the one task that has a teacher.
+    assert all(e["weights"] > 0 for e in steps if e["phase"] == "reconstruction")
+    assert steps[2]["weights"] < steps[0]["weights"]
+
+
 # -------------------------------------------------------------------------------- CLI
 
 

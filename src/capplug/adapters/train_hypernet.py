@@ -1,5 +1,10 @@
 """Training the hypernetwork with TAGI's objective, from the teacher LoRAs of the train tasks.
 
+Teachers are optional, per task: a task without a teacher LoRA trains on ``L_pred`` and on the
+KL from the *base model reading the definition* (distilling the instruction into the adapter,
+as Text-to-LoRA's supervised mode plus context distillation), and has no ``L_weights`` term. A
+run with no teachers at all needs ``reconstruction_steps=0``.
+
 For a batch of (task, example) pairs the hypernetwork writes each task's adapter from the task's
 definition, and the loss is
 
@@ -40,7 +45,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,7 +229,7 @@ def relative_weight_error(
 
 
 def train_hypernetwork(
-    teachers: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    teachers: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None,
     out: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] = DEFAULT_MODEL,
@@ -232,6 +237,10 @@ def train_hypernetwork(
     encoder: str = "minilm",
     hidden_dim: int = 256,
     config: HypernetTrainConfig | None = None,
+    task_names: Sequence[str] | None = None,
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
     tasks: Mapping[str, Task] | None = None,
     chat: LocalChatModel | None = None,
     device: str | torch.device | None = None,
@@ -243,11 +252,15 @@ def train_hypernetwork(
 
     Args:
         teachers: the folder :func:`~capplug.adapters.lora.train_all` wrote, or
-            ``{task name: adapter folder}``.
+            ``{task name: adapter folder}``, or ``None`` to train without teachers.
         out: the run folder; it ends up a hypernetwork folder (:meth:`Hypernetwork.from_pretrained`).
         base: the base model the teachers adapt (default: the packaged SmolLM2-135M-Instruct).
         hypernetwork: a fresh one to train; by default one is built for ``base`` with the
-            teachers' rank, alpha and target modules, ``encoder`` and ``hidden_dim``.
+            teachers' rank, alpha and target modules (``r``, ``alpha`` and ``target_modules``
+            when there are no teachers), ``encoder`` and ``hidden_dim``.
+        task_names: the tasks to train on (default: the teachers' tasks; with no teachers, every
+            task of ``tasks``, or all Natural-Instructions train tasks). A task without a teacher
+            learns from ``L_pred`` and the KL from the base model reading the definition.
         tasks: the loaded tasks by name (default: loaded from BIG-bench).
         chat: the base model already loaded; it is frozen and put in eval mode.
 
@@ -260,13 +273,25 @@ def train_hypernetwork(
         WrongBaseModelError: a teacher made for another base model.
     """
     config = config or HypernetTrainConfig()
-    teacher_folders = (
-        {str(k): Path(v) for k, v in teachers.items()}
-        if isinstance(teachers, Mapping)
-        else find_teachers(teachers)
-    )
-    if not teacher_folders:
-        raise ValueError("teachers is empty; give at least one task's teacher adapter")
+    if teachers is None:
+        teacher_folders: dict[str, Path] = {}
+    elif isinstance(teachers, Mapping):
+        teacher_folders = {str(k): Path(v) for k, v in teachers.items()}
+        if not teacher_folders:
+            raise ValueError(
+                "teachers is empty; give at least one task's teacher adapter, or None to train "
+                "without teachers"
+            )
+    else:
+        teacher_folders = find_teachers(teachers)
+    names = _task_list(task_names, teacher_folders, tasks)
+    teacher_folders = {n: f for n, f in teacher_folders.items() if n in names}
+    if not teacher_folders and config.reconstruction_steps > 0:
+        raise ValueError(
+            f"the reconstruction warm start ({config.reconstruction_steps} steps) learns from "
+            f"teacher adapters, and none of the {len(names)} task(s) has one: set "
+            f"reconstruction_steps=0 or give teachers"
+        )
     if chat is None:
         chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
         base_ref = os.fspath(base)
@@ -274,9 +299,11 @@ def train_hypernetwork(
         base_ref = chat.name
     identity = model_identity(base_ref, chat.model.config)
     shapes = linear_shapes(chat.model)
-    names = sorted(teacher_folders)
-    files = [read_adapter(teacher_folders[n], identity=identity, shapes=shapes) for n in names]
-    _check_teachers_agree(names, files)
+    files = {
+        n: read_adapter(teacher_folders[n], identity=identity, shapes=shapes)
+        for n in sorted(teacher_folders)
+    }
+    _check_teachers_agree(list(files), list(files.values()))
     loaded = _load_tasks(names, tasks, archive)
     folder = Path(out).expanduser().resolve()
     checkpoint = folder / "checkpoint"
@@ -284,13 +311,16 @@ def train_hypernetwork(
         raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         hypernetwork = Hypernetwork(HypernetworkConfig(**raw))
     elif hypernetwork is None:
-        first = files[0].config
+        if files:
+            first = next(iter(files.values()))
+            r, alpha = first.config.r, int(first.config.lora_alpha)
+            target_modules = sorted({m.rsplit(".", 1)[-1] for m in first.modules})
         hypernetwork = Hypernetwork.from_base(
             base_ref,
             encoder=encoder,
-            r=first.r,
-            alpha=int(first.lora_alpha),
-            target_modules=sorted({m.rsplit(".", 1)[-1] for m in files[0].modules}),
+            r=r,
+            alpha=alpha,
+            target_modules=list(target_modules),
             hidden_dim=hidden_dim,
             seed=config.seed,
         )
@@ -301,10 +331,8 @@ def train_hypernetwork(
         )
     run_id = tr.fingerprint(
         {
-            "teachers": {
-                n: sha256_file(f.folder / ADAPTER_WEIGHTS)
-                for n, f in zip(names, files, strict=True)
-            },
+            "tasks": names,
+            "teachers": {n: sha256_file(f.folder / ADAPTER_WEIGHTS) for n, f in files.items()},
             "base": identity.name,
             "hypernetwork": asdict(hypernetwork.config),
             "settings": config.run_settings(),
@@ -334,7 +362,30 @@ def train_hypernetwork(
         run.injection.remove()
 
 
+def _task_list(
+    given: Sequence[str] | None,
+    teachers: Mapping[str, Path],
+    tasks: Mapping[str, Task] | None,
+) -> list[str]:
+    if given is not None:
+        if isinstance(given, str):
+            raise TypeError("task_names must be a list of task names, not one string")
+        names = sorted(set(given))
+        if not names:
+            raise ValueError("task_names is empty; leave it out to train on every train task")
+        return names
+    if teachers:
+        return sorted(teachers)
+    if tasks is not None:
+        return sorted(tasks)
+    from capplug.adapters.lora import train_task_names
+
+    return sorted(train_task_names())
+
+
 def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
+    if not files:
+        return
     first = files[0]
     want = (first.config.r, first.config.lora_alpha, sorted(first.modules))
     for name, adapter in zip(names, files, strict=True):
@@ -371,7 +422,7 @@ class _Run:
         hypernetwork: Hypernetwork,
         chat: LocalChatModel,
         names: list[str],
-        files: list[AdapterFiles],
+        files: dict[str, AdapterFiles],
         tasks: dict[str, Task],
         folder: Path,
         config: HypernetTrainConfig,
@@ -391,13 +442,28 @@ class _Run:
         }
         device = chat.device
         hconf = hypernetwork.config
-        # Teachers stacked like the hypernetwork's output: {type: (A [N, L, r, in], B [N, L, out, r])}.
+        # Teachers stacked like the hypernetwork's output: {type: (A [N, L, r, in], B [N, L, out, r])};
+        # a task without a teacher gets zeros, so "the teacher" is the base model itself.
         self.teacher: Factors = {}
+        self.with_teacher = [t for t, n in enumerate(names) if n in files]
+        rank = next(iter(files.values())).config.r if files else hconf.r
         for module_type, paths in hconf.module_paths.items():
-            a = torch.stack([torch.stack([f.factors(p)[0] for p in paths]) for f in files])
-            b = torch.stack([torch.stack([f.factors(p)[1] for p in paths]) for f in files])
-            self.teacher[module_type] = (a.float().to(device), b.float().to(device))
-        self.teacher_scaling = files[0].scaling
+            a_all, b_all = [], []
+            for n in names:
+                if n in files:
+                    pairs = [files[n].factors(p) for p in paths]
+                    a_all.append(torch.stack([a for a, _ in pairs]).float())
+                    b_all.append(torch.stack([b for _, b in pairs]).float())
+                else:
+                    fan_in, fan_out = hconf.module_shapes[module_type]
+                    a_all.append(torch.zeros(len(paths), rank, fan_in))
+                    b_all.append(torch.zeros(len(paths), fan_out, rank))
+            self.teacher[module_type] = (
+                torch.stack(a_all).to(device),
+                torch.stack(b_all).to(device),
+            )
+        self.with_teacher_set = set(self.with_teacher)
+        self.teacher_scaling = next(iter(files.values())).scaling if files else hconf.scaling
         chat.model.requires_grad_(False)
         chat.model.eval()
         self.injection = LoraInjection(
@@ -463,10 +529,18 @@ class _Run:
             for m, (a, b) in self.teacher.items()
         }
         losses: dict[str, torch.Tensor] = {}
-        if weights_only or config.lambda_weights > 0:
+        taught_rows = [i for i, t in enumerate(task_ids) if t in self.with_teacher_set]
+        if taught_rows and (weights_only or config.lambda_weights > 0):
+            keep = torch.tensor(taught_rows, device=self.chat.device)
             losses["weights"] = relative_weight_error(
-                generated,
-                teacher,
+                {
+                    m: (a.index_select(0, keep), b.index_select(0, keep))
+                    for m, (a, b) in generated.items()
+                },
+                {
+                    m: (a.index_select(0, keep), b.index_select(0, keep))
+                    for m, (a, b) in teacher.items()
+                },
                 scaling=hnet.config.scaling,
                 teacher_scaling=self.teacher_scaling,
             )
@@ -577,7 +651,6 @@ class _Run:
         running: dict[str, list[float]] = {}
         bar = tr.progress(config.steps, state["step"], "hypernetwork", enabled=progress)
         hnet.train()
-        all_tasks = list(range(len(self.names)))
         while state["step"] < config.steps:
             step = state["step"]
             weights_only = step < config.reconstruction_steps
@@ -587,7 +660,7 @@ class _Run:
             )
             with timer.step():
                 if weights_only:
-                    losses = self._losses(all_tasks, [], weights_only=True)
+                    losses = self._losses(self.with_teacher, [], weights_only=True)
                 else:
                     rows = self._draw(step)
                     losses = self._losses(sorted({t for t, _ in rows}), rows, weights_only=False)
@@ -647,6 +720,7 @@ class _Run:
             "run_id": self.run_id,
             "base_model": hnet.config.base_model,
             "tasks": self.names,
+            "teachers": [self.names[t] for t in self.with_teacher],
             "steps": state["step"],
             "best_eval": state["best_eval"],
             "wall_seconds": round(wall, 1),
