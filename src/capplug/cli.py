@@ -593,6 +593,22 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
         "--max-adapters", type=int, metavar="N", help="keep at most N adapters in the store (LRU)"
     )
     adapters.add_argument(
+        "--check-hits",
+        type=float,
+        metavar="BAR",
+        help="check every hit with the scorer: answer the instruction (and --hit-probe) with the "
+        "cached adapter and refuse the hit when the answer scores below BAR in [0, 1]",
+    )
+    adapters.add_argument(
+        "--hit-probe", metavar="TEXT", help="input answered after the instruction when checking"
+    )
+    adapters.add_argument(
+        "--scorer",
+        default="capplug-default",
+        metavar="REF",
+        help="the scorer that checks hits (default: capplug-default)",
+    )
+    adapters.add_argument(
         "--max-loaded",
         type=int,
         default=8,
@@ -614,6 +630,10 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
     _check_bind(args)
     if not 0.0 <= args.threshold <= 1.0:
         raise _UsageError(f"--threshold must be between 0 and 1; got {args.threshold}")
+    if args.check_hits is not None and not 0.0 <= args.check_hits <= 1.0:
+        raise _UsageError(f"--check-hits must be between 0 and 1; got {args.check_hits}")
+    if args.hit_probe is not None and args.check_hits is None:
+        raise _UsageError("--hit-probe applies with --check-hits BAR only")
     for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
         if value is not None and value < 1:
             raise _UsageError(f"{flag} must be >= 1; got {value}")
@@ -657,6 +677,14 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
             )
         generator, version = hypernet.generate, _hypernetwork_version(hypernet)
     model = model or _LOCAL_CHAT_MODEL
+    runtime = AdapterRuntime.from_pretrained(model, max_loaded=args.max_loaded, device=args.device)
+    check = None
+    if args.check_hits is not None:
+        from capplug.adapters.hit_check import ScorerHitCheck
+        from capplug.scoring import Scorer
+
+        scorer = Scorer.from_pretrained(args.scorer, device=args.device)
+        check = ScorerHitCheck(runtime, scorer, bar=args.check_hits, probe=args.hit_probe)
     store = AdapterStore(
         args.store,
         base_model=model,
@@ -665,8 +693,8 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         hypernetwork_version=version,
         threshold=args.threshold,
         max_adapters=args.max_adapters,
+        verify_hit=check,
     )
-    runtime = AdapterRuntime.from_pretrained(model, max_loaded=args.max_loaded, device=args.device)
     app = create_adapter_app(
         store, runtime, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap
     )

@@ -577,6 +577,41 @@ def test_fuzzed_requests_never_fail_the_server(
 # ------------------------------------------------------------------------------------ CLI
 
 
+def test_hit_check_refuses_a_weak_hit_and_shares_the_runtime_lock(
+    tmp_path: Path, tiny_dir: Path, runtime: AdapterRuntime, hypernet: Hypernetwork
+) -> None:
+    from capplug import Scorer
+    from capplug.adapters.hit_check import ScorerHitCheck
+    from capplug.testing import save_tiny_scorer
+
+    scorer = Scorer.from_pretrained(save_tiny_scorer(tmp_path / "scorer"), device="cpu")
+    check = ScorerHitCheck(runtime, scorer, bar=1.0, max_new_tokens=2)
+    try:
+        with _store(tmp_path / "checked", tiny_dir, hypernet.generate, verify_hit=check) as store:
+            app = create_adapter_app(store, runtime, model_name=BASE_NAME, max_tokens_cap=8)
+            # The check generates with the service's runtime: both hold one lock.
+            assert app.state.adapter_service.lock is check.lock
+            with TestClient(app) as client:
+                first = client.post("/v1/adapters", json={"instruction": TRANSLATE})
+                second = client.post("/v1/adapters", json={"instruction": TRANSLATE_AGAIN})
+            assert first.status_code == 201 and second.status_code == 201, second.text
+            made = second.json()
+            assert made["hit"] is False and made["id"] != first.json()["id"]
+            (refused,) = check.history
+            assert refused.adapter_id == first.json()["id"] and not refused.accepted
+            assert len(store) == 2
+    finally:
+        for name in runtime.loaded:
+            runtime.remove(name)
+
+
+def test_cli_serve_adapters_checks_its_hit_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "adapters", "--no-hypernet", "--check-hits", "1.5"]) == 2
+    assert "--check-hits must be between 0 and 1" in capsys.readouterr().err
+    assert main(["serve", "adapters", "--no-hypernet", "--hit-probe", "a cat"]) == 2
+    assert "--hit-probe applies with --check-hits" in capsys.readouterr().err
+
+
 def test_cli_serve_adapters_refuses_to_listen_beyond_loopback_without_a_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -585,8 +620,11 @@ def test_cli_serve_adapters_refuses_to_listen_beyond_loopback_without_a_key(
 
 
 def test_cli_serve_adapters_without_a_hypernetwork_says_what_still_works(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import capplug.adapters.hypernetwork as hypernetwork_module
+
+    monkeypatch.setattr(hypernetwork_module, "BUNDLED_DIR", tmp_path / "no-bundle")
     assert main(["serve", "adapters", "--store", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "--hypernet DIR" in err and "--no-hypernet" in err and "by id" in err

@@ -569,6 +569,55 @@ def test_verify_hit_refusal_makes_a_fresh_adapter(
         assert again.hit and again.record.id == fresh.record.id
 
 
+def test_scorer_hit_check_answers_a_probe_and_keeps_or_refuses_the_hit(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    from capplug import Scorer
+    from capplug.adapters.hit_check import ScorerHitCheck
+    from capplug.adapters.runtime import AdapterRuntime
+    from capplug.testing import save_tiny_scorer
+
+    runtime = AdapterRuntime.from_pretrained(tiny_llama, device="cpu", max_loaded=4)
+    scorer = Scorer.from_pretrained(save_tiny_scorer(tmp_path / "scorer"), device="cpu")
+    check = ScorerHitCheck(runtime, scorer, bar=0.0, probe="the cat sat", max_new_tokens=3)
+    with AdapterStore(
+        tmp_path / "store",
+        base_model=str(tiny_llama),
+        embedding_function=WordHashEmbedding(),
+        generator=generator,
+        verify_hit=check,
+    ) as store:
+        first = store.get_or_create(TRANSLATE)
+        assert not first.hit and not check.history  # a miss is never checked
+        hit = store.get_or_create(TRANSLATE)
+        assert hit.hit and hit.record.id == first.record.id
+        (kept,) = check.history
+        assert kept.accepted and kept.adapter_id == first.record.id
+        assert kept.prompt == f"{TRANSLATE}\n\nthe cat sat"  # the instruction, then the probe
+        assert kept.score == pytest.approx(scorer.score(kept.prompt, [kept.answer])[0])
+        assert first.record.id in runtime  # the checked adapter stays attached for the answer
+
+        check.bar = 1.0  # no answer scores 1.0 exactly: every hit is refused
+        fresh = store.get_or_create(TRANSLATE)
+        assert not fresh.hit and fresh.rejected == (first.record.id,)
+        assert fresh.record.id != first.record.id and not check.history[-1].accepted
+
+        # A hit whose file changed is refused before anything reaches the model.
+        check.bar = 0.0
+        weights = fresh.record.folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8])
+        with pytest.raises(CorruptAdapterError):
+            store.get_or_create(TRANSLATE)
+        assert fresh.record.id not in runtime
+
+    with pytest.raises(ValueError, match="bar"):
+        ScorerHitCheck(runtime, scorer, bar=1.5)
+    with pytest.raises(TypeError, match="probe"):
+        ScorerHitCheck(runtime, scorer, probe=3)  # type: ignore[arg-type]
+    callable_probe = ScorerHitCheck(runtime, scorer, probe=lambda text: None)
+    assert callable_probe.prompt("  Say hi.  ") == "Say hi."
+
+
 # -------------------------------------------------------------------------------- processes
 
 

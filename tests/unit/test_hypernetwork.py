@@ -203,7 +203,10 @@ def test_save_and_load_round_trip(hypernet, tmp_path):
     assert half.generate(INSTRUCTION)[0].keys() == first.keys()
 
 
-def test_loading_refuses_missing_and_broken_hypernetworks(hypernet, tmp_path):
+def test_loading_refuses_missing_and_broken_hypernetworks(hypernet, tmp_path, monkeypatch):
+    import capplug.adapters.hypernetwork as hypernetwork_module
+
+    monkeypatch.setattr(hypernetwork_module, "BUNDLED_DIR", tmp_path / "no-bundle")
     with pytest.raises(ModelNotFoundError, match="is not bundled with this install"):
         Hypernetwork.from_pretrained()
     with pytest.raises(ModelNotFoundError, match="does not exist"):
@@ -525,8 +528,11 @@ def test_cli_generate_and_answer(hypernet, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
-def test_cli_adapter_error_paths(hypernet, tmp_path, capsys):
+def test_cli_adapter_error_paths(hypernet, tmp_path, capsys, monkeypatch):
+    import capplug.adapters.hypernetwork as hypernetwork_module
+
     folder = hypernet.save_pretrained(tmp_path / "hn")
+    monkeypatch.setattr(hypernetwork_module, "BUNDLED_DIR", tmp_path / "no-bundle")
     out = str(tmp_path / "a")
     assert (
         main(

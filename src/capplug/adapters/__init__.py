@@ -4,7 +4,10 @@
   generation where each prompt picks its adapter;
 - :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on Natural-Instructions train tasks;
 - :class:`Hypernetwork`: instruction text -> LoRA weights in one forward pass;
-- :func:`train_hypernetwork`: TAGI's objective (prediction + distillation + weight matching);
+- :func:`train_hypernetwork`: TAGI's objective (prediction + distillation + weight matching),
+  with teacher LoRAs or without;
+- :class:`AdapterStore`: adapters indexed in Chroma by instruction, reused for similar ones;
+  :class:`ScorerHitCheck` checks a hit with the scorer before it is used;
 - :func:`read_adapter` / :func:`write_peft_folder`: the standard peft folder, checked before use.
 
 Needs peft: ``pip install 'capplug[adapters]'``.
@@ -39,6 +42,8 @@ _EXPORTS = {
     "find_teachers": "train_hypernet",
     "train_hypernetwork": "train_hypernet",
     "AdapterStore": "store",
+    "HitCheckRecord": "hit_check",
+    "ScorerHitCheck": "hit_check",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -477,28 +477,7 @@ class AdapterStore:
             CorruptAdapterError: a file is missing or changed since it was stored.
         """
         record = self.get(adapter_id)
-        paths = AdapterPaths(
-            record.id,
-            record.folder,
-            record.folder / ADAPTER_WEIGHTS,
-            record.folder / ADAPTER_CONFIG,
-        )
-        for path, expected in (
-            (paths.weights, record.sha256),
-            (paths.config, record.config_sha256),
-        ):
-            if not path.is_file():
-                raise CorruptAdapterError(
-                    f"adapter {record.id}: {path} is missing; `capplug adapters verify --repair` "
-                    f"drops its index row"
-                )
-            actual = sha256_file(path)
-            if actual != expected:
-                raise CorruptAdapterError(
-                    f"adapter {record.id}: {path.name} has sha256 {actual[:12]}..., the index "
-                    f"recorded {expected[:12]}...: the file changed or is corrupt; "
-                    f"`capplug adapters verify --repair` sets it aside"
-                )
+        paths = checked_paths(record)
         self._mark_used(record.id)
         return paths
 
@@ -1292,6 +1271,34 @@ def _targets(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(sorted(value or ()))
+
+
+def checked_paths(record: AdapterRecord) -> AdapterPaths:
+    """The record's folder and files, after checking both against their recorded sha256.
+
+    Raises:
+        CorruptAdapterError: a file is missing or changed since it was stored.
+    """
+    paths = AdapterPaths(
+        record.id,
+        record.folder,
+        record.folder / ADAPTER_WEIGHTS,
+        record.folder / ADAPTER_CONFIG,
+    )
+    for path, expected in ((paths.weights, record.sha256), (paths.config, record.config_sha256)):
+        if not path.is_file():
+            raise CorruptAdapterError(
+                f"adapter {record.id}: {path} is missing; `capplug adapters verify --repair` "
+                f"drops its index row"
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CorruptAdapterError(
+                f"adapter {record.id}: {path.name} has sha256 {actual[:12]}..., the index "
+                f"recorded {expected[:12]}...: the file changed or is corrupt; "
+                f"`capplug adapters verify --repair` sets it aside"
+            )
+    return paths
 
 
 def _files_present(record: AdapterRecord) -> bool:

@@ -394,6 +394,7 @@ class _Service:
         max_messages: int,
         max_tokens_cap: int,
         max_n: int,
+        lock: Any = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -403,7 +404,7 @@ class _Service:
         self.max_messages = max_messages
         self.max_tokens_cap = max_tokens_cap
         self.max_n = max_n
-        self.lock = threading.Lock()
+        self.lock = lock if lock is not None else threading.Lock()
         # Lookups and creations one at a time too, beside generation: the embedding model's
         # fast tokenizer is not safe to call from several threads at once ("Already borrowed").
         self.store_lock = threading.Lock()
@@ -778,6 +779,10 @@ def create_adapter_app(
         max_messages=max_messages,
         max_tokens_cap=max_tokens_cap,
         max_n=max_n,
+        # A hit check generates with the same runtime (inside lookups): one lock for both.
+        lock=getattr(store.verify_hit, "lock", None)
+        if getattr(store.verify_hit, "runtime", None) is runtime
+        else None,
     )
     created = int(time.time())
     card = {"id": name, "object": "model", "created": created, "owned_by": "capplug"}
