@@ -119,8 +119,10 @@ def finished_lora(folder: Path, task: str | None = None) -> dict[str, Any] | Non
 class AnswerCache:
     """Answers of one (variant, task), by example index; written after every batch."""
 
-    def __init__(self, variant: str, task: str, source: dict[str, Any]) -> None:
-        self.path = cache_home() / "bench-cache" / NAME / variant / f"{short(task)}.json"
+    def __init__(
+        self, variant: str, task: str, source: dict[str, Any], *, bench: str = NAME
+    ) -> None:
+        self.path = cache_home() / "bench-cache" / bench / variant / f"{short(task)}.json"
         self.source = source
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if data.get("source") != source:
