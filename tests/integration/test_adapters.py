@@ -59,3 +59,23 @@ def test_untrained_hypernetwork_writes_an_adapter_peft_loads_and_answers_with(
     )
     assert with_adapter.strip() == peft_answer.strip()
     assert with_adapter == bare
+
+
+def test_bundled_hypernetwork_loads_offline_and_writes_instruction_specific_adapters() -> None:
+    from capplug.adapters.hypernetwork import BUNDLED_DIR, DEFAULT_HYPERNETWORK, WEIGHTS_FILE
+
+    weights = BUNDLED_DIR / DEFAULT_HYPERNETWORK / WEIGHTS_FILE
+    assert weights.stat().st_size <= 20 * 1024 * 1024  # what the package may carry
+    hypernet = Hypernetwork.from_pretrained()  # by default: the bundled one
+    assert hypernet.config.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sentiment, _ = hypernet.generate("Classify the movie review as positive or negative.")
+    questions, config = hypernet.generate("Write a question about the paragraph.")
+    assert config.r == 8 and sorted(config.target_modules) == ["q_proj", "v_proj"]
+    # Trained, so the adapter depends on the instruction: not one adapter for everything.
+    differences = [
+        (sentiment[k] - questions[k]).norm() / sentiment[k].norm().clamp(min=1e-12)
+        for k in sentiment
+        if "lora_B" in k
+    ]
+    assert float(torch.stack(differences).mean()) > 0.01
+    assert all(torch.isfinite(t).all() for t in sentiment.values())
