@@ -996,6 +996,11 @@ def _add_adapters_parser(sub: Any) -> None:
     hyper.add_argument(
         "--lambda-weights", type=float, help="weight of the weight-distance term (default: 1.0)"
     )
+    hyper.add_argument(
+        "--student-definition-rate",
+        type=float,
+        help="share of rows whose student also reads the definition (default: 0)",
+    )
     hyper.add_argument("--max-length", type=int, help="tokens per example (default: 256)")
     hyper.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
     hyper.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
@@ -1156,6 +1161,7 @@ def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "lambda_kl": args.lambda_kl,
         "lambda_weights": args.lambda_weights,
+        "student_definition_rate": args.student_definition_rate,
         "max_length": args.max_length,
         "precision": args.precision,
         "eval_every": args.eval_every,

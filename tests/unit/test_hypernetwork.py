@@ -466,6 +466,40 @@ def test_training_without_teachers_distils_the_definition(toys, chat, tmp_path, 
     assert (loaded.config.r, loaded.config.alpha, loaded.config.module_types) == (2, 4, ["v_proj"])
 
 
+def test_students_can_read_the_definition_on_a_share_of_rows(
+    toys, chat, tmp_path, tiny_bert_backbone, monkeypatch
+):
+    from dataclasses import replace
+
+    import capplug.adapters.train_hypernet as module
+
+    seen: list[bool] = []
+    encode = module.encode_example
+
+    def spy(chat_model, *, definition=None, **kwargs):
+        seen.append(definition is not None)
+        return encode(chat_model, definition=definition, **kwargs)
+
+    monkeypatch.setattr(module, "encode_example", spy)
+    config = replace(
+        TRAIN, reconstruction_steps=0, steps=6, lambda_kl=0.0, student_definition_rate=0.5
+    )
+    train_hypernetwork(
+        None,
+        tmp_path / "mixed",
+        chat=chat,
+        tasks=toys,
+        encoder=str(tiny_bert_backbone),
+        hidden_dim=32,
+        config=config,
+        progress=False,
+    )
+    # Without the KL term only students are encoded: some with the definition, some without.
+    assert any(seen) and not all(seen)
+    with pytest.raises(ValueError, match="student_definition_rate"):
+        replace(TRAIN, student_definition_rate=1.5)
+
+
 def test_training_mixes_tasks_with_and_without_teachers(
     teachers, toys, chat, tmp_path, tiny_bert_backbone
 ):

@@ -106,6 +106,9 @@ class HypernetTrainConfig:
     lambda_kl: float = 1.0
     lambda_weights: float = 1.0
     kl_temperature: float = 1.0
+    student_definition_rate: float = 0.0
+    """Share of training rows whose student also reads the definition (0: never, as in TAGI);
+    above 0 the adapters also learn to work beside the definition in the prompt."""
     max_length: int = 256
     max_answer_tokens: int = 64
     precision: tr.Precision = "fp32"
@@ -141,6 +144,9 @@ class HypernetTrainConfig:
         tr.check_float(self.max_grad_norm, "max_grad_norm")
         for name in ("weight_decay", "lambda_kl", "lambda_weights"):
             tr.check_float(getattr(self, name), name, inclusive=True)
+        rate = self.student_definition_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"student_definition_rate must be in [0, 1]; got {rate!r}")
         if self.max_answer_tokens >= self.max_length:
             raise ValueError(
                 f"max_answer_tokens ({self.max_answer_tokens}) must be below max_length "
@@ -153,6 +159,8 @@ class HypernetTrainConfig:
         settings = asdict(self)
         for name in ("checkpoint_every", "log_every"):
             settings.pop(name)
+        if not self.student_definition_rate:
+            settings.pop("student_definition_rate")  # runs from before the setting still resume
         return settings
 
 
@@ -489,8 +497,9 @@ class _Run:
             )
         return self._encoded[key]
 
-    def _draw(self, step: int) -> list[tuple[int, Example]]:
-        """(task index, example) pairs of one step, fixed by the seed and the step alone."""
+    def _draw(self, step: int) -> tuple[list[tuple[int, Example]], list[bool]]:
+        """(task index, example) pairs of one step, and whether each row's student reads the
+        definition; fixed by the seed and the step alone."""
         config = self.config
         rng = random.Random(config.seed * 1_000_003 + step)
         chosen = rng.sample(range(len(self.names)), min(config.tasks_per_step, len(self.names)))
@@ -503,7 +512,9 @@ class _Run:
                 else [rng.choice(pool) for _ in range(config.examples_per_task)]
             )
             rows += [(t, e) for e in picks]
-        return rows
+        rate = config.student_definition_rate
+        shown = [rate > 0 and rng.random() < rate for _ in rows]
+        return rows, shown
 
     # ------------------------------------------------------------------------------ losses
 
@@ -520,7 +531,12 @@ class _Run:
         return per_module
 
     def _losses(
-        self, task_ids: list[int], rows: list[tuple[int, Example]], *, weights_only: bool
+        self,
+        task_ids: list[int],
+        rows: list[tuple[int, Example]],
+        *,
+        weights_only: bool,
+        shown: list[bool] | None = None,
     ) -> dict[str, torch.Tensor]:
         config, hnet = self.config, self.hypernetwork
         assert self.embeddings is not None
@@ -552,8 +568,10 @@ class _Run:
         position = {t: i for i, t in enumerate(task_ids)}
         row_index = torch.tensor([position[t] for t, _ in rows], device=self.chat.device)
         names = [self.names[t] for t, _ in rows]
+        shown = shown or [False] * len(rows)
         student_batch = [
-            self._encode(n, e, definition=False) for n, (_, e) in zip(names, rows, strict=True)
+            self._encode(n, e, definition=d)
+            for n, (_, e), d in zip(names, rows, shown, strict=True)
         ]
         student = self._student(generated, row_index, student_batch)
         losses["pred"] = student.cross_entropy()
@@ -664,8 +682,10 @@ class _Run:
                 if weights_only:
                     losses = self._losses(self.with_teacher, [], weights_only=True)
                 else:
-                    rows = self._draw(step)
-                    losses = self._losses(sorted({t for t, _ in rows}), rows, weights_only=False)
+                    rows, shown = self._draw(step)
+                    losses = self._losses(
+                        sorted({t for t, _ in rows}), rows, weights_only=False, shown=shown
+                    )
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
                 optimizer.step()
