@@ -48,3 +48,13 @@ def bar_chart(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(folder: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
+    """``<folder>/<name>.json`` (the raw result) and ``<name>.md`` (``lines``), echoed to stdout."""
+    from capplug._cache import write_json_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{name}.json", result)
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _report import write_results
 from instruction_to_adapter import (
     DEFAULT_HYPERNET,
     MAX_NEW_TOKENS,
@@ -48,7 +49,6 @@ from instruction_to_adapter import (
     test_examples,
 )
 
-from capplug._cache import write_json_atomic
 from capplug.data import bigbench
 from capplug.data.bigbench import Task, task_names
 from capplug.data.labels import rouge_l
@@ -241,11 +241,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_report(result: dict[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"{NAME}.json", result)
-    lines = report_lines(result)
-    (folder / f"{NAME}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(folder, NAME, result, report_lines(result))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

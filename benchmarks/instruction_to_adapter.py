@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _report import bar_chart, task_table
+from _report import bar_chart, task_table, write_results
 
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data import bigbench
@@ -472,11 +472,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_report(result: dict[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"{NAME}.json", result)
-    lines = report_lines(result)
-    (folder / f"{NAME}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(folder, NAME, result, report_lines(result))
     shown = [v for v in VARIANTS if result["mean"][v] is not None]
     bar_chart(
         folder / f"{NAME}.png",
