@@ -41,6 +41,7 @@ wall on the two cores: the bundled hypernetwork's 500 steps took about 70 minute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -601,10 +602,13 @@ class _Run:
             return answer_logits(self.chat, self.chat.model, batch)
 
     def _teacher(self, teacher: Factors, rows: torch.Tensor, batch: list[Encoded]) -> AnswerLogits:
-        with (
-            self.injection.apply(self._factors_for_rows(teacher, rows), self.teacher_scaling),
-            tr.autocast(self.chat.device, self.config.precision),
-        ):
+        # Without any teacher LoRA (all zeros) the teacher is the bare base model: no hooks.
+        injected = (
+            self.injection.apply(self._factors_for_rows(teacher, rows), self.teacher_scaling)
+            if self.with_teacher
+            else contextlib.nullcontext()
+        )
+        with injected, tr.autocast(self.chat.device, self.config.precision):
             return answer_logits(self.chat, self.chat.model, batch)
 
     @torch.no_grad()
