@@ -983,6 +983,12 @@ def _add_adapters_parser(sub: Any) -> None:
         help="instruction encoder: a sentence encoder (default: minilm) or 'base'",
     )
     hyper.add_argument("--hidden-dim", type=int, default=256, help="trunk width (default: 256)")
+    hyper.add_argument(
+        "--init-from",
+        metavar="REF",
+        help="train a trained hypernetwork further (a folder, or "
+        "capplug-hypernet-smollm2); its shape wins over --r, --encoder and the rest",
+    )
     hyper.add_argument("--steps", type=int, help="optimizer steps in all (default: 1000)")
     hyper.add_argument(
         "--reconstruction-steps",
@@ -1174,6 +1180,7 @@ def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
         base=args.base,
         encoder=args.encoder,
         hidden_dim=args.hidden_dim,
+        init_from=args.init_from,
         config=config,
         task_names=args.task,
         r=args.r,
@@ -1186,7 +1193,7 @@ def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
     print(
         f"hypernetwork trained {result.steps} steps on {len(result.tasks)} tasks in "
         f"{result.wall_seconds / 60:.1f} min; best held-out L_pred "
-        f"{best.get('eval_pred', float('nan')):.3f}"
+        f"{best.get('eval_pred', float('nan')):.3f} (step {best.get('step', '-')})"
     )
     print(result.out_dir)
     return 0

@@ -500,6 +500,48 @@ def test_students_can_read_the_definition_on_a_share_of_rows(
         replace(TRAIN, student_definition_rate=1.5)
 
 
+def test_training_goes_on_from_a_trained_hypernetwork(toys, chat, tmp_path, tiny_bert_backbone):
+    from dataclasses import replace
+
+    first = replace(TRAIN, reconstruction_steps=0, steps=2, eval_every=2)
+    kwargs = dict(chat=chat, tasks=toys, encoder=str(tiny_bert_backbone), hidden_dim=32, r=2)
+    train_hypernetwork(None, tmp_path / "v1", config=first, progress=False, **kwargs)
+    start = load_file(tmp_path / "v1" / "model.safetensors")
+
+    more = replace(first, steps=4, student_definition_rate=0.5)
+    result = train_hypernetwork(
+        None, tmp_path / "v2", init_from=tmp_path / "v1", config=more, progress=False, **kwargs
+    )
+    log = [
+        json.loads(line) for line in (tmp_path / "v2" / "train_log.jsonl").read_text().splitlines()
+    ]
+    evals = [e for e in log if "eval_pred" in e]
+    # The starting point is measured first, and with students reading the definition the
+    # held-out loss is also taken with it; "best" is picked on the mean of both.
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all("eval_pred_definition" in e for e in evals)
+    assert all(
+        e["eval_select"] == pytest.approx((e["eval_pred"] + e["eval_pred_definition"]) / 2)
+        for e in evals
+    )
+    assert result.best_eval["eval_select"] == min(e["eval_select"] for e in evals)
+    # It starts from the v1 weights: step 0 measures exactly what v1 measured last.
+    v1 = json.loads((tmp_path / "v1" / "training_summary.json").read_text())
+    assert evals[0]["eval_pred"] == pytest.approx(v1["best_eval"]["eval_pred"], rel=1e-5)
+    after = load_file(tmp_path / "v2" / "model.safetensors")
+    assert result.best_eval["step"] == 0 or any(not torch.equal(after[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="hypernetwork or init_from"):
+        train_hypernetwork(
+            None,
+            tmp_path / "both",
+            init_from=tmp_path / "v1",
+            hypernetwork=Hypernetwork.from_pretrained(tmp_path / "v1"),
+            config=more,
+            progress=False,
+            **kwargs,
+        )
+
+
 def test_training_mixes_tasks_with_and_without_teachers(
     teachers, toys, chat, tmp_path, tiny_bert_backbone
 ):

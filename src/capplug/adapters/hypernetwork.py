@@ -530,7 +530,7 @@ def _hypernetwork_folder(ref: str | os.PathLike[str]) -> Path:
             raise ModelNotFoundError(
                 f"the default hypernetwork {DEFAULT_HYPERNETWORK!r} is not bundled with this "
                 f"install of capplug yet; train one with `capplug adapters train-hypernet "
-                f"--teachers DIR --out DIR` and pass that folder (--hypernet DIR)"
+                f"--out DIR` and pass that folder (--hypernet DIR)"
             )
         return folder
     folder = resolve(text)

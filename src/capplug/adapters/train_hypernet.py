@@ -72,7 +72,13 @@ from capplug.adapters.adapter_folder import (
     model_identity,
     read_adapter,
 )
-from capplug.adapters.hypernetwork import CONFIG_FILE, Hypernetwork, HypernetworkConfig
+from capplug.adapters.hypernetwork import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Hypernetwork,
+    HypernetworkConfig,
+    _hypernetwork_folder,
+)
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 
@@ -245,6 +251,7 @@ def train_hypernetwork(
     *,
     base: str | os.PathLike[str] = DEFAULT_MODEL,
     hypernetwork: Hypernetwork | None = None,
+    init_from: str | os.PathLike[str] | None = None,
     encoder: str = "minilm",
     hidden_dim: int = 256,
     config: HypernetTrainConfig | None = None,
@@ -269,6 +276,9 @@ def train_hypernetwork(
         hypernetwork: a fresh one to train; by default one is built for ``base`` with the
             teachers' rank, alpha and target modules (``r``, ``alpha`` and ``target_modules``
             when there are no teachers), ``encoder`` and ``hidden_dim``.
+        init_from: start from a trained hypernetwork instead (a folder, or the bundled
+            default's name) and train it further; its shape wins over ``r``, ``encoder`` and
+            the rest, and its weights' hash is part of the run's settings.
         task_names: the tasks to train on (default: the teachers' tasks; with no teachers, every
             task of ``tasks``, or all Natural-Instructions train tasks). A task without a teacher
             learns from ``L_pred`` and the KL from the base model reading the definition.
@@ -318,6 +328,13 @@ def train_hypernetwork(
     loaded = _load_tasks(names, tasks, archive)
     folder = Path(out).expanduser().resolve()
     checkpoint = folder / "checkpoint"
+    init_hash = None
+    if init_from is not None:
+        if hypernetwork is not None:
+            raise ValueError("give either hypernetwork or init_from, not both")
+        hypernetwork = Hypernetwork.from_pretrained(init_from, device="cpu").float()
+        hypernetwork.train()
+        init_hash = sha256_file(_hypernetwork_folder(init_from) / WEIGHTS_FILE)
     if (checkpoint / CONFIG_FILE).is_file():
         raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         hypernetwork = Hypernetwork(HypernetworkConfig(**raw))
@@ -347,6 +364,7 @@ def train_hypernetwork(
             "base": identity.name,
             "hypernetwork": asdict(hypernetwork.config),
             "settings": config.run_settings(),
+            **({"init": init_hash} if init_hash else {}),
         }
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,6 +385,7 @@ def train_hypernetwork(
             f"out folder"
         )
     run = _Run(hypernetwork, chat, names, files, loaded, folder, config, run_id)
+    run.evaluate_start = init_hash is not None  # the starting point is a candidate for "best"
     try:
         return run.train(progress=progress, on_step=on_step)
     finally:
@@ -477,6 +496,7 @@ class _Run:
         self.teacher_scaling = next(iter(files.values())).scaling if files else hconf.scaling
         chat.model.requires_grad_(False)
         chat.model.eval()
+        self.evaluate_start = False
         self.injection = LoraInjection(
             chat.model, [p for ps in hconf.module_paths.values() for p in ps]
         )
@@ -624,13 +644,35 @@ class _Run:
         size = self.config.tasks_per_step * self.config.examples_per_task
         for start in range(0, len(pairs), size):
             chunk = pairs[start : start + size]
-            losses = self._losses(sorted({t for t, _ in chunk}), chunk, weights_only=False)
+            ids = sorted({t for t, _ in chunk})
+            losses = self._losses(ids, chunk, weights_only=False)
+            if self.config.student_definition_rate > 0:
+                # The adapter is also trained to work beside the definition: measure that too.
+                shown = self._losses(ids, chunk, weights_only=False, shown=[True] * len(chunk))
+                losses["pred_definition"] = shown["pred"]
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.item() * len(chunk)
         hnet.train(was_training)
-        return {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
+        metrics = {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
+        # The best checkpoint is picked on the answer loss the adapter is trained for: without
+        # the definition, and (when students also read it) the mean of with and without.
+        metrics["eval_select"] = (
+            (metrics["eval_pred"] + metrics["eval_pred_definition"]) / 2
+            if "eval_pred_definition" in metrics
+            else metrics["eval_pred"]
+        )
+        return metrics
 
     # ------------------------------------------------------------------------------- loop
+
+    def _keep_if_best(self, state: dict[str, Any], metrics: dict[str, float], log: Path) -> None:
+        if not metrics:
+            return
+        tr.append_log(log, {"step": state["step"], **metrics})
+        best = state["best_eval"]
+        if best is None or metrics["eval_select"] < best.get("eval_select", best["eval_pred"]):
+            state["best_eval"] = {"step": state["step"], **metrics}
+            self.hypernetwork.save_pretrained(self.folder / "best")
 
     def train(
         self, *, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None
@@ -669,6 +711,8 @@ class _Run:
         self.embeddings = hnet.embed(
             [self.tasks[n].definition or "" for n in self.names], warn=False
         )
+        if self.evaluate_start and state["step"] == 0 and config.reconstruction_steps == 0:
+            self._keep_if_best(state, self._evaluate(), log_path)
         started = time.monotonic()
         resumed_wall = state["elapsed_seconds"]
         timer = tr.StepTimer()
@@ -715,13 +759,7 @@ class _Run:
                 tr.append_log(log_path, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
             if not weights_only and (state["step"] % config.eval_every == 0 or done):
-                metrics = self._evaluate()
-                if metrics:
-                    tr.append_log(log_path, {"step": state["step"], **metrics})
-                    best = state["best_eval"]
-                    if best is None or metrics["eval_pred"] < best["eval_pred"]:
-                        state["best_eval"] = {"step": state["step"], **metrics}
-                        hnet.save_pretrained(self.folder / "best")
+                self._keep_if_best(state, self._evaluate(), log_path)
             if state["step"] % config.checkpoint_every == 0 and not done:
                 state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
                 # The config travels with the weights, so a resume rebuilds the same shape.
