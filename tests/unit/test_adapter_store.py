@@ -829,3 +829,18 @@ def test_an_encoder_onnx_cannot_reproduce_stays_on_pytorch(monkeypatch) -> None:
         SentenceEncoderEmbeddingFunction(backend="onnx")([TRANSLATE])
     with pytest.raises(ValueError, match="backend"):
         SentenceEncoderEmbeddingFunction(backend="tpu")
+
+
+def test_onnx_exports_are_shared_by_every_install_of_the_same_encoder(tmp_path) -> None:
+    from capplug.adapters._onnx_encoder import _fingerprint
+
+    def install(where: str, weights: bytes) -> Path:
+        folder = tmp_path / where / "all-MiniLM-L6-v2"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(weights)
+        (folder / "config.json").write_text('{"hidden_size": 384}')
+        return folder
+
+    first, second = install("venv-a", b"weights"), install("venv-b", b"weights")
+    assert _fingerprint(first) == _fingerprint(second)  # one export, whatever the path
+    assert _fingerprint(install("venv-c", b"other weights")) != _fingerprint(first)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from capplug._cache import cache_home, lock_for
+from capplug._cache import cache_home, lock_for, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,13 @@ def _layout(folder: Path) -> tuple[int, bool]:
 
 
 def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256(str(folder.resolve()).encode())
+    """The encoder's identity by content, so every install of the same weights shares one export."""
+    digest = hashlib.sha256()
     for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
-        stat = (folder / name).stat()
-        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(f"{name}:{sha256_file(folder / name)}".encode())
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
     return digest.hexdigest()[:16]
 
 
