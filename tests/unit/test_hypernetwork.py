@@ -527,6 +527,8 @@ def test_training_goes_on_from_a_trained_hypernetwork(toys, chat, tmp_path, tiny
     assert result.best_eval["eval_select"] == min(e["eval_select"] for e in evals)
     # It starts from the v1 weights: step 0 measures exactly what v1 measured last.
     v1 = json.loads((tmp_path / "v1" / "training_summary.json").read_text())
+    v2 = json.loads((tmp_path / "v2" / "training_summary.json").read_text())
+    assert v2["init_from"]["from"] == str(tmp_path / "v1") and len(v2["init_from"]["sha256"]) == 64
     assert evals[0]["eval_pred"] == pytest.approx(v1["best_eval"]["eval_pred"], rel=1e-5)
     after = load_file(tmp_path / "v2" / "model.safetensors")
     assert result.best_eval["step"] == 0 or any(not torch.equal(after[k], start[k]) for k in start)

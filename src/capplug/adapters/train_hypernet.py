@@ -385,7 +385,9 @@ def train_hypernetwork(
             f"out folder"
         )
     run = _Run(hypernetwork, chat, names, files, loaded, folder, config, run_id)
-    run.evaluate_start = init_hash is not None  # the starting point is a candidate for "best"
+    if init_from is not None:
+        run.init = {"from": os.fspath(init_from), "sha256": init_hash}
+        run.evaluate_start = True  # the starting point is a candidate for "best"
     try:
         return run.train(progress=progress, on_step=on_step)
     finally:
@@ -497,6 +499,7 @@ class _Run:
         chat.model.requires_grad_(False)
         chat.model.eval()
         self.evaluate_start = False
+        self.init: dict[str, Any] | None = None
         self.injection = LoraInjection(
             chat.model, [p for ps in hconf.module_paths.values() for p in ps]
         )
@@ -792,6 +795,7 @@ class _Run:
             "machine": tr.machine(device),
             "settings": asdict(config),
             "parameters": sum(p.numel() for p in hnet.parameters()),
+            **({"init_from": self.init} if self.init else {}),
         }
         write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
         shutil.rmtree(checkpoint, ignore_errors=True)
