@@ -328,16 +328,17 @@ def train_hypernetwork(
     loaded = _load_tasks(names, tasks, archive)
     folder = Path(out).expanduser().resolve()
     checkpoint = folder / "checkpoint"
-    init_hash = None
+    init: dict[str, str] | None = None
     if init_from is not None:
         if hypernetwork is not None:
             raise ValueError("give either hypernetwork or init_from, not both")
-        hypernetwork = Hypernetwork.from_pretrained(init_from, device="cpu").float()
-        hypernetwork.train()
-        init_hash = sha256_file(_hypernetwork_folder(init_from) / WEIGHTS_FILE)
+        init_weights = _hypernetwork_folder(init_from) / WEIGHTS_FILE
+        init = {"from": os.fspath(init_from), "sha256": sha256_file(init_weights)}
     if (checkpoint / CONFIG_FILE).is_file():
         raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         hypernetwork = Hypernetwork(HypernetworkConfig(**raw))
+    elif init_from is not None:
+        hypernetwork = Hypernetwork.from_pretrained(init_from, device="cpu")
     elif hypernetwork is None:
         if files:
             first = next(iter(files.values()))
@@ -364,7 +365,7 @@ def train_hypernetwork(
             "base": identity.name,
             "hypernetwork": asdict(hypernetwork.config),
             "settings": config.run_settings(),
-            **({"init": init_hash} if init_hash else {}),
+            **({"init": init["sha256"]} if init else {}),
         }
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,10 +385,7 @@ def train_hypernetwork(
             f"{folder} holds a hypernetwork trained with other settings or teachers; give a new "
             f"out folder"
         )
-    run = _Run(hypernetwork, chat, names, files, loaded, folder, config, run_id)
-    if init_from is not None:
-        run.init = {"from": os.fspath(init_from), "sha256": init_hash}
-        run.evaluate_start = True  # the starting point is a candidate for "best"
+    run = _Run(hypernetwork, chat, names, files, loaded, folder, config, run_id, init=init)
     try:
         return run.train(progress=progress, on_step=on_step)
     finally:
@@ -459,6 +457,8 @@ class _Run:
         folder: Path,
         config: HypernetTrainConfig,
         run_id: str,
+        *,
+        init: dict[str, str] | None = None,
     ) -> None:
         self.hypernetwork = hypernetwork.to(chat.device)
         self.chat = chat
@@ -498,8 +498,7 @@ class _Run:
         self.teacher_scaling = next(iter(files.values())).scaling if files else hconf.scaling
         chat.model.requires_grad_(False)
         chat.model.eval()
-        self.evaluate_start = False
-        self.init: dict[str, Any] | None = None
+        self.init = init  # where a further-trained run started, for its summary
         self.injection = LoraInjection(
             chat.model, [p for ps in hconf.module_paths.values() for p in ps]
         )
@@ -714,7 +713,8 @@ class _Run:
         self.embeddings = hnet.embed(
             [self.tasks[n].definition or "" for n in self.names], warn=False
         )
-        if self.evaluate_start and state["step"] == 0 and config.reconstruction_steps == 0:
+        # A trained starting point is itself a candidate for "best".
+        if self.init and state["step"] == 0 and config.reconstruction_steps == 0:
             self._keep_if_best(state, self._evaluate(), log_path)
         started = time.monotonic()
         resumed_wall = state["elapsed_seconds"]
