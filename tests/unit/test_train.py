@@ -34,6 +34,15 @@ CONFIG = dict(
 )
 
 
+def test_heldout_cap_never_splits_an_example_across_train_and_heldout() -> None:
+    # Ten pairs per example: a cap of 15 pairs falls in the middle of the second held-out example.
+    pairs = [LabelledPair(f"q{g}", f"r{i}", 1.0, f"g{g}") for g in range(200) for i in range(10)]
+    train, heldout = split_heldout(pairs, fraction=0.5, max_pairs=15, seed=0)
+    assert {p.group for p in train}.isdisjoint({p.group for p in heldout})
+    assert len({p.group for p in heldout}) == 2 and len(heldout) == 20
+    assert len(train) + len(heldout) == len(pairs)
+
+
 def test_training_learns_the_labels_and_writes_a_loadable_model(
     tiny_bert_backbone: Path, tmp_path: Path
 ) -> None:

@@ -96,9 +96,13 @@ def split_heldout(
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1); got {fraction}")
     train, heldout = [], []
+    held_groups: set[str] = set()  # a group once held out stays whole, even past the cap
     for pair in pairs:
-        bucket = int(hashlib.sha1(f"{seed}:{pair.group}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (heldout if bucket < fraction and len(heldout) < max_pairs else train).append(pair)
+        if pair.group not in held_groups:
+            digest = hashlib.sha1(f"{seed}:{pair.group}".encode()).hexdigest()[:8]
+            if int(digest, 16) / 0xFFFFFFFF < fraction and len(heldout) < max_pairs:
+                held_groups.add(pair.group)
+        (heldout if pair.group in held_groups else train).append(pair)
     if not train:
         raise ValueError("no training pairs are left after cutting the held-out slice")
     return train, heldout
