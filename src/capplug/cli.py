@@ -427,10 +427,16 @@ def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str
         config=config,
         data_description=description,
     )
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "pairs")
+
+    def shown(values: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "pairs") or "n/a"
+
     print(
-        f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; held-out: {metrics or 'n/a'}"
+        f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; "
+        f"held-out: {shown(result.metrics)}"
     )
+    if result.metrics_before:
+        print(f"held-out before training: {shown(result.metrics_before)}")
     print(result.out_dir)
     return 0
 

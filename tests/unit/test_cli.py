@@ -145,3 +145,55 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert info.value.code == 0
         assert "usage: capplug" in capsys.readouterr().out
+
+
+def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
+    tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = []
+    for i in range(40):
+        question = f"what is {i % 5} plus one ?"
+        rows.append({"instruction": question, "response": "the answer is one", "label": 1.0})
+        rows.append(
+            {"instruction": question, "response": "cat dog", "reference": "the answer is one"}
+        )
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out_dir = tmp_path / "adapted"
+    code, out, _ = run(
+        capsys,
+        "adapt",
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--data",
+        str(data),
+        "--out",
+        str(out_dir),
+        "--epochs",
+        "1",
+        "--heldout",
+        "0.3",
+        "--device",
+        "cpu",
+    )
+    assert code == 0
+    assert "held-out before training: loss" in out
+    summary = json.loads((out_dir / "training_summary.json").read_text())
+    assert summary["metrics_before"]["loss"] > 0 and summary["train_pairs"] > 0
+    assert Scorer.from_pretrained(out_dir).score("what is 1 plus one ?", ["the answer is one"])
+    saved = (out_dir / "model.safetensors").read_bytes()
+    # Other settings into the same folder are refused, and the finished model is untouched.
+    code, _, err = run(
+        capsys,
+        "adapt",
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--data",
+        str(data),
+        "--out",
+        str(out_dir),
+        "--epochs",
+        "2",
+    )
+    assert code != 0 and "nothing was changed" in err
+    assert (out_dir / "model.safetensors").read_bytes() == saved

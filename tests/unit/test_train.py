@@ -71,6 +71,36 @@ def test_training_learns_the_labels_and_writes_a_loadable_model(
     assert "steps:" in card and "wall time" in card and "pairwise_accuracy" in card
 
 
+def test_training_that_only_makes_the_heldout_worse_returns_the_starting_scorer(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
+    # Labels flipped in training but not in the held-out slice: every step is worse than the start.
+    train, heldout = split_heldout(toy_pairs(), fraction=0.25, seed=1)
+    flipped = [LabelledPair(p.instruction, p.response, 1.0 - p.label, p.group) for p in train]
+    scorer = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    question, answers = "what is 2 plus one ?", ["yes the answer is one", "no cat dog sat"]
+    start = scorer.score(question, answers)
+    result = train_scorer(
+        scorer,
+        flipped,
+        tmp_path / "run",
+        eval_pairs=heldout,
+        config=TrainConfig(**{**CONFIG, "epochs": 4}),
+        progress=False,
+    )
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["metrics"]["loss"] == pytest.approx(summary["metrics_before"]["loss"], abs=1e-5)
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
+    later = [e["eval"]["loss"] for e in log if "eval" in e and e["step"] > 0]
+    assert later and min(later) > summary["metrics_before"]["loss"]
+    assert result.steps > 0
+    reloaded = Scorer.from_pretrained(tmp_path / "run").score(question, answers)
+    assert reloaded == pytest.approx(start, abs=1e-4)
+    assert "before training" in (tmp_path / "run" / "README.md").read_text()
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(
     tiny_bert_backbone: Path, tmp_path: Path
 ) -> None:

@@ -87,6 +87,8 @@ class TrainResult:
     wall_seconds: float
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    """Held-out metrics of the scorer as it was given, before the first step."""
 
 
 def split_heldout(
@@ -183,6 +185,14 @@ def train_scorer(
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
+        if encoded_eval:
+            # The starting point is measured too: adapting a trained scorer must beat it to count,
+            # and the card shows both figures.
+            before = _evaluate(scorer, encoded_eval, eval_pairs, config)
+            state["eval_before"] = before
+            state["best_eval_loss"] = before["loss"]
+            _append_log(out / "train_log.jsonl", {"step": 0, "eval": before})
+            scorer.save_pretrained(out / "best")
 
     history: list[dict[str, Any]] = []
     log_path = out / "train_log.jsonl"
@@ -263,6 +273,13 @@ def train_scorer(
     bar.close()
     model.eval()
 
+    if state["best_eval_loss"] is not None and state["best_eval_loss"] == state.get(
+        "eval_before", {}
+    ).get("loss"):
+        logger.warning(
+            "capplug: no step beat the starting scorer on the held-out pairs; the output is the"
+            " starting scorer unchanged"
+        )
     if (out / "best" / "config.json").is_file():
         final = Scorer.from_pretrained(out / "best", device=device, max_length=scorer.max_length)
         scorer.model.load_state_dict(final.model.state_dict())
@@ -287,6 +304,7 @@ def train_scorer(
         wall_seconds=wall,
         stopped_early=state["stopped_early"],
         history=history,
+        metrics_before=state.get("eval_before", {}),
     )
 
 
@@ -493,6 +511,7 @@ def _write_final(
         "wall_seconds": round(wall, 1),
         "machine": _machine(scorer.device),
         "metrics": metrics,
+        "metrics_before": state.get("eval_before", {}),
         "config": asdict(config),
     }
     write_json_atomic(out / "training_summary.json", card)
@@ -507,8 +526,13 @@ def _write_final(
         f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
         "- held-out metrics: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs"),
-        "",
     ]
+    if card["metrics_before"]:
+        lines.append(
+            "- held-out metrics before training: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in card["metrics_before"].items() if k != "pairs")
+        )
+    lines.append("")
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
