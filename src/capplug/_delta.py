@@ -32,7 +32,12 @@ _TOKENIZER_FILES = (
 
 
 def is_delta(folder: Path) -> bool:
-    return (folder / DELTA_MANIFEST).is_file()
+    """A stored delta (manifest and changed tensors), not a checkpoint rebuilt from one."""
+    return (
+        (folder / DELTA_MANIFEST).is_file()
+        and (folder / DELTA_WEIGHTS).is_file()
+        and not (folder / "model.safetensors").is_file()
+    )
 
 
 def export_delta(

@@ -268,6 +268,10 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
         raise TypeError(f"model reference must be a non-empty string or path; got {ref!r}")
     path = Path(ref).expanduser()
     if path.is_dir():
+        from capplug import _delta
+
+        if _delta.is_delta(path):  # a stored delta over a packaged backbone, e.g. a copied default
+            return _delta.materialize(path.resolve(), path.resolve().name)
         return path.resolve()
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ModelNotFoundError(f"model folder {ref!r} does not exist")

@@ -29,6 +29,12 @@ def test_delta_holds_only_what_changed_and_rebuilds_the_same_scorer(
     assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
     assert not (delta / "tokenizer.json").exists()  # the backbone's own tokenizer is used
 
+    # A delta folder given by path loads like the bundled one (e.g. to adapt from a copy of it).
+    np.testing.assert_allclose(
+        Scorer.from_pretrained(delta).score("capital of france ?", ["paris"]),
+        scorer.score("capital of france ?", ["paris"]),
+        atol=1e-3,
+    )
     rebuilt = materialize(delta, "tiny")
     assert (rebuilt / "tokenizer.json").is_file()
     assert materialize(delta, "tiny") == rebuilt  # built once
