@@ -21,6 +21,7 @@ from capplug.errors import CheckpointError
 
 DELTA_MANIFEST = "capplug-delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
+_FULL_WEIGHTS = "model.safetensors"  # a whole checkpoint, as save_pretrained writes it
 _COPIED = ("config.json", "README.md")
 # Training never changes the tokenizer: the rebuilt checkpoint takes the backbone's own files.
 _TOKENIZER_FILES = (
@@ -36,7 +37,7 @@ def is_delta(folder: Path) -> bool:
     return (
         (folder / DELTA_MANIFEST).is_file()
         and (folder / DELTA_WEIGHTS).is_file()
-        and not (folder / "model.safetensors").is_file()
+        and not (folder / _FULL_WEIGHTS).is_file()
     )
 
 
@@ -51,9 +52,9 @@ def export_delta(
     from capplug.models import resolve
 
     trained, out = Path(trained), Path(out)
-    state = load_file(trained / "model.safetensors")
+    state = load_file(trained / _FULL_WEIGHTS)
     base_folder = resolve(base)
-    base_state = load_file(base_folder / "model.safetensors")
+    base_state = load_file(base_folder / _FULL_WEIGHTS)
     from_base: dict[str, str] = {}
     delta: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -71,7 +72,7 @@ def export_delta(
             tmp / DELTA_MANIFEST,
             {
                 "base": base,
-                "base_sha256": sha256_file(base_folder / "model.safetensors"),
+                "base_sha256": sha256_file(base_folder / _FULL_WEIGHTS),
                 "from_base": from_base,
                 "delta_sha256": sha256_file(tmp / DELTA_WEIGHTS),
                 "delta_dtype": str(dtype).removeprefix("torch."),
@@ -86,17 +87,17 @@ def materialize(folder: Path, name: str) -> Path:
 
     manifest = json.loads((folder / DELTA_MANIFEST).read_text())
     final = cache_home() / "models" / f"{name}-{manifest['delta_sha256'][:12]}"
-    if (final / "model.safetensors").is_file() and (final / DELTA_MANIFEST).is_file():
+    if (final / _FULL_WEIGHTS).is_file() and (final / DELTA_MANIFEST).is_file():
         return final
     with lock_for(f"delta-{final.name}"):
-        if (final / "model.safetensors").is_file() and (final / DELTA_MANIFEST).is_file():
+        if (final / _FULL_WEIGHTS).is_file() and (final / DELTA_MANIFEST).is_file():
             return final
         if sha256_file(folder / DELTA_WEIGHTS) != manifest["delta_sha256"]:
             raise CheckpointError(
                 f"{folder / DELTA_WEIGHTS} is damaged (sha256 mismatch); reinstall capplug"
             )
         base_folder = resolve(manifest["base"])
-        base_state = load_file(base_folder / "model.safetensors")
+        base_state = load_file(base_folder / _FULL_WEIGHTS)
         delta = load_file(folder / DELTA_WEIGHTS)
         state: dict[str, torch.Tensor] = {}
         for key, base_key in manifest["from_base"].items():
@@ -110,7 +111,7 @@ def materialize(folder: Path, name: str) -> Path:
         with staging_dir(final) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in state.items()},
-                tmp / "model.safetensors",
+                tmp / _FULL_WEIGHTS,
                 metadata={"format": "pt"},
             )
             for name in _TOKENIZER_FILES:

@@ -413,7 +413,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str) -> int:
     from capplug.data.rows import read_labelled_pairs
-    from capplug.scoring.train import split_heldout, train_scorer
+    from capplug.scoring.train import format_metrics, split_heldout, train_scorer
 
     config = _train_config(args)
     pairs = read_labelled_pairs(args.data)  # every row is checked before a model loads
@@ -427,16 +427,12 @@ def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str
         config=config,
         data_description=description,
     )
-
-    def shown(values: dict[str, float]) -> str:
-        return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "pairs") or "n/a"
-
     print(
         f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; "
-        f"held-out: {shown(result.metrics)}"
+        f"held-out: {format_metrics(result.metrics)}"
     )
     if result.metrics_before:
-        print(f"held-out before training: {shown(result.metrics_before)}")
+        print(f"held-out before training: {format_metrics(result.metrics_before)}")
     print(result.out_dir)
     return 0
 

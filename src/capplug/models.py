@@ -270,9 +270,9 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
     if path.is_dir():
         from capplug import _delta
 
-        if _delta.is_delta(path):  # a stored delta over a packaged backbone, e.g. a copied default
-            return _delta.materialize(path.resolve(), path.resolve().name)
-        return path.resolve()
+        folder = path.resolve()
+        # A stored delta over a packaged backbone (e.g. a copy of the default) is rebuilt once.
+        return _delta.materialize(folder, folder.name) if _delta.is_delta(folder) else folder
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ModelNotFoundError(f"model folder {ref!r} does not exist")
     bundled = bundled_path(ref)

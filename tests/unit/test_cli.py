@@ -160,22 +160,8 @@ def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out_dir = tmp_path / "adapted"
-    code, out, _ = run(
-        capsys,
-        "adapt",
-        "--scorer",
-        str(tiny_bert_scorer),
-        "--data",
-        str(data),
-        "--out",
-        str(out_dir),
-        "--epochs",
-        "1",
-        "--heldout",
-        "0.3",
-        "--device",
-        "cpu",
-    )
+    adapt = ("adapt", "--scorer", str(tiny_bert_scorer), "--data", str(data), "--out", str(out_dir))
+    code, out, _ = run(capsys, *adapt, "--epochs", "1", "--heldout", "0.3", "--device", "cpu")
     assert code == 0
     assert "held-out before training: loss" in out
     summary = json.loads((out_dir / "training_summary.json").read_text())
@@ -183,17 +169,6 @@ def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
     assert Scorer.from_pretrained(out_dir).score("what is 1 plus one ?", ["the answer is one"])
     saved = (out_dir / "model.safetensors").read_bytes()
     # Other settings into the same folder are refused, and the finished model is untouched.
-    code, _, err = run(
-        capsys,
-        "adapt",
-        "--scorer",
-        str(tiny_bert_scorer),
-        "--data",
-        str(data),
-        "--out",
-        str(out_dir),
-        "--epochs",
-        "2",
-    )
+    code, _, err = run(capsys, *adapt, "--epochs", "2")
     assert code != 0 and "nothing was changed" in err
     assert (out_dir / "model.safetensors").read_bytes() == saved

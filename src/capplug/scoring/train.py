@@ -37,7 +37,7 @@ from capplug._checkpoint import optimizer_tensors, restore_optimizer
 from capplug.data.rows import LabelledPair
 from capplug.scoring.model import Scorer, _Pair
 
-__all__ = ["TrainConfig", "TrainResult", "split_heldout", "train_scorer"]
+__all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics_before: dict[str, float] = field(default_factory=dict)
     """Held-out metrics of the scorer as it was given, before the first step."""
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``loss 0.4733, pearson 0.4348, ...`` (the pair count left out), or ``n/a``."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs") or "n/a"
 
 
 def split_heldout(
@@ -173,6 +178,7 @@ def train_scorer(
         "stopped_early": False,
     }
     checkpoint = out / "checkpoint"
+    log_path = out / "train_log.jsonl"
     if (checkpoint / STATE_FILE).is_file():
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
         logger.warning("capplug: resuming training at step %d of %d", state["step"], total_steps)
@@ -191,11 +197,10 @@ def train_scorer(
             before = _evaluate(scorer, encoded_eval, eval_pairs, config)
             state["eval_before"] = before
             state["best_eval_loss"] = before["loss"]
-            _append_log(out / "train_log.jsonl", {"step": 0, "eval": before})
+            _append_log(log_path, {"step": 0, "eval": before})
             scorer.save_pretrained(out / "best")
 
     history: list[dict[str, Any]] = []
-    log_path = out / "train_log.jsonl"
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -273,9 +278,8 @@ def train_scorer(
     bar.close()
     model.eval()
 
-    if state["best_eval_loss"] is not None and state["best_eval_loss"] == state.get(
-        "eval_before", {}
-    ).get("loss"):
+    before = state.get("eval_before")
+    if before and state["best_eval_loss"] == before["loss"]:
         logger.warning(
             "capplug: no step beat the starting scorer on the held-out pairs; the output is the"
             " starting scorer unchanged"
@@ -524,13 +528,11 @@ def _write_final(
         f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
         f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss})",
         f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
-        "- held-out metrics: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs"),
+        f"- held-out metrics: {format_metrics(metrics)}",
     ]
     if card["metrics_before"]:
         lines.append(
-            "- held-out metrics before training: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in card["metrics_before"].items() if k != "pairs")
+            f"- held-out metrics before training: {format_metrics(card['metrics_before'])}"
         )
     lines.append("")
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
