@@ -386,6 +386,13 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
     group.add_argument(
         "--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)"
     )
+    group.add_argument(
+        "--rank-weight",
+        type=float,
+        default=0.0,
+        help="weight of a pairwise ranking loss within each example's responses, added to the"
+        " pointwise loss (default: 0, pointwise only)",
+    )
     group.add_argument("--seed", type=int, default=0)
     _add_device_option(group)
 
@@ -398,6 +405,8 @@ def _train_config(args: argparse.Namespace) -> Any:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0 or args.epochs <= 0:
         raise _UsageError("--lr and --epochs must be positive")
+    if args.rank_weight < 0:
+        raise _UsageError(f"--rank-weight must be >= 0; got {args.rank_weight}")
     return TrainConfig(
         learning_rate=args.lr,
         batch_size=args.batch_size,
@@ -408,6 +417,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         eval_every=args.eval_every,
         patience=args.patience,
         seed=args.seed,
+        rank_weight=args.rank_weight,
     )
 
 

@@ -161,11 +161,25 @@ def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out_dir = tmp_path / "adapted"
     adapt = ("adapt", "--scorer", str(tiny_bert_scorer), "--data", str(data), "--out", str(out_dir))
-    code, out, _ = run(capsys, *adapt, "--epochs", "1", "--heldout", "0.3", "--device", "cpu")
+    code, _, err = run(capsys, *adapt, "--rank-weight", "-1")
+    assert code == 2 and "--rank-weight must be >= 0" in err and not out_dir.exists()
+    code, out, _ = run(
+        capsys,
+        *adapt,
+        "--epochs",
+        "1",
+        "--heldout",
+        "0.3",
+        "--rank-weight",
+        "0.5",
+        "--device",
+        "cpu",
+    )
     assert code == 0
-    assert "held-out before training: loss" in out
+    assert "held-out before training: loss" in out and "rank_loss" in out
     summary = json.loads((out_dir / "training_summary.json").read_text())
     assert summary["metrics_before"]["loss"] > 0 and summary["train_pairs"] > 0
+    assert summary["config"]["rank_weight"] == 0.5
     assert Scorer.from_pretrained(out_dir).score("what is 1 plus one ?", ["the answer is one"])
     saved = (out_dir / "model.safetensors").read_bytes()
     # Other settings into the same folder are refused, and the finished model is untouched.

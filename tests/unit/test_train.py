@@ -11,7 +11,14 @@ import torch
 
 from capplug import Scorer
 from capplug.data.rows import LabelledPair, RowError, read_labelled_pairs
-from capplug.scoring.train import TrainConfig, split_heldout, train_scorer
+from capplug.scoring.train import (
+    TrainConfig,
+    _epoch_batches,
+    _group_ids,
+    _rank_loss,
+    split_heldout,
+    train_scorer,
+)
 
 
 def toy_pairs(n: int = 48) -> list[LabelledPair]:
@@ -101,11 +108,12 @@ def test_training_that_only_makes_the_heldout_worse_returns_the_starting_scorer(
     assert "before training" in (tmp_path / "run" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("rank_weight", [0.0, 1.0], ids=["pointwise", "with-ranking"])
 def test_an_interrupted_run_resumes_to_the_same_weights(
-    tiny_bert_backbone: Path, tmp_path: Path
+    tiny_bert_backbone: Path, tmp_path: Path, rank_weight: float
 ) -> None:
     pairs = toy_pairs(32)
-    config = TrainConfig(**{**CONFIG, "patience": None})
+    config = TrainConfig(**{**CONFIG, "patience": None, "rank_weight": rank_weight})
 
     straight = Scorer.from_backbone(tiny_bert_backbone, seed=0)
     train_scorer(straight, pairs, tmp_path / "straight", config=config, progress=False)
@@ -132,6 +140,62 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         straight.model.state_dict().items(), second.model.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def graded_pairs(n: int) -> list[LabelledPair]:
+    """Three responses an example, graded 1 / 0.5 / 0."""
+    pairs = []
+    for i in range(n):
+        question = f"what is {i % 5} plus one ?"
+        for response, label in (("yes the answer is one", 1.0), ("maybe one", 0.5), ("cat", 0.0)):
+            pairs.append(LabelledPair(question, response, label, f"g{i}"))
+    return pairs
+
+
+def test_ranking_loss_batches_whole_examples_and_scores_the_order() -> None:
+    config = TrainConfig(batch_size=8, rank_weight=1.0)
+    pairs = graded_pairs(40)
+    groups = _group_ids(pairs)
+    batches = _epoch_batches([(None, p.label) for p in pairs], config, 0, groups)  # type: ignore[misc]
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs)))
+    assert all(len(b) <= 8 for b in batches)
+    for batch in batches:  # every example's three responses sit in one batch
+        assert all(
+            groups.count(g) == [groups[i] for i in batch].count(g)
+            for g in {groups[i] for i in batch}
+        )
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    ids = torch.tensor([0, 0, 1, 2])  # only the first two responses belong to one example
+    assert _rank_loss(torch.zeros(4), labels, ids).item() == pytest.approx(np.log(2))
+    ordered = _rank_loss(torch.tensor([4.0, -4.0, 0.0, 9.0]), labels, ids).item()
+    assert ordered == pytest.approx(np.log1p(np.exp(-8.0)))  # the cross-example 9.0 is ignored
+    with pytest.raises(ValueError, match="rank_weight"):
+        train_scorer(None, pairs, "unused", config=TrainConfig(rank_weight=-1.0))  # type: ignore[arg-type]
+
+
+def test_training_with_the_ranking_loss_orders_each_examples_responses(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
+    train, heldout = split_heldout(graded_pairs(48), fraction=0.25, seed=1)
+    scorer = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    result = train_scorer(
+        scorer,
+        train,
+        tmp_path / "run",
+        eval_pairs=heldout,
+        config=TrainConfig(**{**CONFIG, "epochs": 8, "rank_weight": 1.0}),
+        progress=False,
+    )
+    assert result.metrics["pairwise_accuracy"] == 1.0
+    assert result.metrics["rank_loss"] < result.metrics_before["rank_loss"]
+    assert result.metrics["loss"] == pytest.approx(
+        result.metrics["pointwise_loss"] + result.metrics["rank_loss"], rel=1e-5
+    )
+    good, middling, bad = Scorer.from_pretrained(tmp_path / "run").score(
+        "what is 2 plus one ?", ["yes the answer is one", "maybe one", "cat"]
+    )
+    assert good > middling > bad
+    assert "+ 1.0 x rank" in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_a_finished_run_is_never_overwritten(tiny_bert_backbone: Path, tmp_path: Path) -> None:

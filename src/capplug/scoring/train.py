@@ -62,6 +62,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     loss: Literal["bce", "mse"] = "bce"
     """``bce``: binary cross-entropy of the sigmoid against soft labels; ``mse`` on the score."""
+    rank_weight: float = 0.0
+    """Weight of a pairwise ranking loss added to the pointwise one. For two responses to the
+    same example whose labels differ, it is a logistic loss on the gap between their logits,
+    weighted by the gap between their labels: it asks the scorer to order an example's
+    responses, which is what best-of-n selection and multiple choice use. Batches then hold
+    whole examples so that their responses meet. 0 (the default) trains pointwise only."""
     max_length: int = 256
     """Token cap per pair during training (shorter trains faster; scoring may use more)."""
     eval_every: int = 200
@@ -134,6 +140,8 @@ def train_scorer(
     config = config or TrainConfig()
     if not train_pairs:
         raise ValueError("train_pairs is empty; there is nothing to train on")
+    if config.rank_weight < 0:
+        raise ValueError(f"rank_weight must be >= 0; got {config.rank_weight}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(train_pairs, config)
@@ -164,6 +172,7 @@ def train_scorer(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
 
     encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
+    train_groups = _group_ids(train_pairs)
     encoded_eval = _encode_pairs(scorer, eval_pairs[: config.max_eval_pairs], config.max_length)
 
     state = {
@@ -209,7 +218,7 @@ def train_scorer(
     running: list[float] = []
     resumed_wall = state["elapsed_seconds"]
     while state["step"] < total_steps and not state["stopped_early"]:
-        batches = _epoch_batches(encoded_train, config, state["epoch"])
+        batches = _epoch_batches(encoded_train, config, state["epoch"], train_groups)
         while state["batch_in_epoch"] < len(batches) and state["step"] < total_steps:
             optimizer.zero_grad(set_to_none=True)
             for _ in range(config.grad_accum):
@@ -221,7 +230,11 @@ def train_scorer(
                 labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(**inputs).logits[:, 0].float()
-                loss = _loss(logits, labels, config.loss) / config.grad_accum
+                loss = _loss(logits, labels, config.loss)
+                if config.rank_weight > 0:
+                    groups = torch.tensor([train_groups[i] for i in batch], device=device)
+                    loss = loss + config.rank_weight * _rank_loss(logits, labels, groups)
+                loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
                 running.append(loss.item() * config.grad_accum)
             scaler.unscale_(optimizer)
@@ -323,11 +336,40 @@ def _encode_pairs(
     return [(e, p.label) for e, p in zip(encoded, pairs, strict=True)]
 
 
+def _group_ids(pairs: Sequence[LabelledPair]) -> list[int]:
+    ids: dict[str, int] = {}
+    return [ids.setdefault(p.group, len(ids)) for p in pairs]
+
+
 def _epoch_batches(
-    encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int
+    encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int, groups: Sequence[int]
 ) -> list[list[int]]:
-    """Shuffled batches of similar lengths; the same for a given seed and epoch, so resume is exact."""
+    """Shuffled batches; the same for a given seed and epoch, so resume is exact.
+
+    Pointwise training batches pairs of similar lengths. With a ranking loss a batch holds whole
+    examples instead (an example larger than a batch is cut into batch-sized pieces), so the
+    responses of one example meet.
+    """
     rng = random.Random(config.seed * 1_000_003 + epoch)
+    if config.rank_weight > 0:
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, group in enumerate(groups):
+            members[group].append(i)
+        units = list(members.values())
+        rng.shuffle(units)
+        batches, current = [], []
+        for unit in units:
+            rng.shuffle(unit)
+            for start in range(0, len(unit), config.batch_size):
+                piece = unit[start : start + config.batch_size]
+                if len(current) + len(piece) > config.batch_size:
+                    batches.append(current)
+                    current = []
+                current += piece
+        if current:
+            batches.append(current)
+        rng.shuffle(batches)
+        return batches
     order = list(range(len(encoded)))
     rng.shuffle(order)
     chunk = config.batch_size * 50
@@ -345,6 +387,17 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor
     if kind == "bce":
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
     return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
+
+
+def _rank_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Label-gap-weighted logistic loss over the ordered pairs of one group; 0 when none differ."""
+    label_gap = labels[:, None] - labels[None, :]
+    mask = (groups[:, None] == groups[None, :]) & (label_gap > 1e-6)
+    if not bool(mask.any()):
+        return logits.sum() * 0.0  # keeps the graph, so backward() works on any batch
+    weight = label_gap[mask]
+    logit_gap = (logits[:, None] - logits[None, :])[mask]
+    return (weight * torch.nn.functional.softplus(-logit_gap)).sum() / weight.sum()
 
 
 @torch.inference_mode()
@@ -365,6 +418,13 @@ def _evaluate(
     groups: dict[str, list[int]] = defaultdict(list)
     for i, pair in enumerate(pairs[: len(encoded)]):
         groups[pair.group].append(i)
+    extra: dict[str, float] = {}
+    if config.rank_weight > 0:
+        # The held-out loss follows the training objective, so early stopping and "best" do too.
+        ids = torch.tensor(_group_ids(pairs[: len(encoded)]))
+        rank = _rank_loss(torch.from_numpy(logits), torch.from_numpy(labels), ids).item()
+        extra = {"pointwise_loss": loss, "rank_loss": rank}
+        loss += config.rank_weight * rank
     right = total = 0
     for members in groups.values():
         for a in members:
@@ -372,7 +432,7 @@ def _evaluate(
                 if labels[a] > labels[b] + 1e-6:
                     total += 1
                     right += scores[a] > scores[b]
-    metrics = {"loss": loss, "pairs": float(len(encoded))}
+    metrics = {"loss": loss, "pairs": float(len(encoded)), **extra}
     if len(encoded) > 1 and labels.std() > 0 and scores.std() > 0:
         metrics["pearson"] = float(np.corrcoef(scores, labels)[0, 1])
     if total:
@@ -526,7 +586,7 @@ def _write_final(
         "Load it with `capplug.Scorer.from_pretrained(<this folder>)`.",
         "",
         f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
-        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss})",
+        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss}{f' + {config.rank_weight} x rank' if config.rank_weight else ''})",
         f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
         f"- held-out metrics: {format_metrics(metrics)}",
     ]
