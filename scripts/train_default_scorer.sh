@@ -2,8 +2,8 @@
 # Reproduce capplug's bundled default scorer (src/capplug/checkpoints/capplug-default).
 # Every step resumes where it stopped: run it again after an interruption.
 # On a 2-core CPU: stage 1 about 1.5 minutes of data and 80 minutes of training; stage 2 about
-# 80 minutes of candidate generation and 30 minutes of training. On a GPU the same commands run
-# on it by themselves.
+# 80 minutes of candidate generation and 30 minutes of training; stage 3 about 20 minutes of
+# training. On a GPU the same commands run on it by themselves.
 set -eu
 WORK="${CAPPLUG_WORK:-${CAPPLUG_HOME:-$HOME/.cache/capplug}/work}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -24,5 +24,11 @@ HERE="$(dirname "$0")"
   $(sed 's/^/--task /' "$HERE/scorer_data_v2_tasks.txt")
 "$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v1-delta" --data "$WORK/scorer-data-v2/shards" \
   --out "$WORK/scorer-run-v2" --epochs 1 --max-steps 600 --lr 3e-5 --eval-every 100 --patience 4
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v2', 'src/capplug/checkpoints/capplug-default', base='minilm')"
+"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v2', '$WORK/scorer-v2-delta', base='minilm')"
+
+# Stage 3: the same data with a pairwise ranking loss beside the pointwise one; from stage 2.
+"$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v2-delta" --data "$WORK/scorer-data-v2/shards" \
+  --out "$WORK/scorer-run-v3-rank" --epochs 1 --max-steps 250 --lr 2e-5 --rank-weight 1.0 \
+  --eval-every 50 --patience 4
+"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v3-rank', 'src/capplug/checkpoints/capplug-default', base='minilm')"
 # (README.md in that folder is written by hand from both runs' training_summary.json.)
