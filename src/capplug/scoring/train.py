@@ -389,13 +389,18 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor
     return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
 
 
+def _ordered_pairs(labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``mask[a, b]``: a and b answer the same example and a's label is the higher one."""
+    label_gap = labels[:, None] - labels[None, :]
+    return (groups[:, None] == groups[None, :]) & (label_gap > 1e-6)
+
+
 def _rank_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Label-gap-weighted logistic loss over the ordered pairs of one group; 0 when none differ."""
-    label_gap = labels[:, None] - labels[None, :]
-    mask = (groups[:, None] == groups[None, :]) & (label_gap > 1e-6)
+    mask = _ordered_pairs(labels, groups)
     if not bool(mask.any()):
         return logits.sum() * 0.0  # keeps the graph, so backward() works on any batch
-    weight = label_gap[mask]
+    weight = (labels[:, None] - labels[None, :])[mask]
     logit_gap = (logits[:, None] - logits[None, :])[mask]
     return (weight * torch.nn.functional.softplus(-logit_gap)).sum() / weight.sum()
 
@@ -415,23 +420,16 @@ def _evaluate(
     labels = np.array([e[1] for e in encoded], dtype=np.float32)
     loss = _loss(torch.from_numpy(logits), torch.from_numpy(labels), config.loss).item()
     scores = 1.0 / (1.0 + np.exp(-logits))
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, pair in enumerate(pairs[: len(encoded)]):
-        groups[pair.group].append(i)
+    groups = torch.tensor(_group_ids(pairs[: len(encoded)]))
     extra: dict[str, float] = {}
     if config.rank_weight > 0:
         # The held-out loss follows the training objective, so early stopping and "best" do too.
-        ids = torch.tensor(_group_ids(pairs[: len(encoded)]))
-        rank = _rank_loss(torch.from_numpy(logits), torch.from_numpy(labels), ids).item()
+        rank = _rank_loss(torch.from_numpy(logits), torch.from_numpy(labels), groups).item()
         extra = {"pointwise_loss": loss, "rank_loss": rank}
         loss += config.rank_weight * rank
-    right = total = 0
-    for members in groups.values():
-        for a in members:
-            for b in members:
-                if labels[a] > labels[b] + 1e-6:
-                    total += 1
-                    right += scores[a] > scores[b]
+    ordered = _ordered_pairs(torch.from_numpy(labels), groups).numpy()
+    total = int(ordered.sum())
+    right = int((scores[:, None] > scores[None, :])[ordered].sum())
     metrics = {"loss": loss, "pairs": float(len(encoded)), **extra}
     if len(encoded) > 1 and labels.std() > 0 and scores.std() > 0:
         metrics["pearson"] = float(np.corrcoef(scores, labels)[0, 1])
