@@ -16,6 +16,10 @@ be run, stopped and run again. `--generate-only` fills the cache without scoring
     python benchmarks/rerank_generation.py [--scorer REF] [--adapt-examples 32] [--tasks ...]
 
 Writes benchmarks/results/rerank_generation.{json,md,png}.
+
+Choices about the adapted scorer (such as `--adapt-rank-weight`) are made on train tasks, never on
+dev: `--split train --tasks T ... --out FILE` runs the same protocol on generative train tasks
+and writes only FILE, leaving the committed dev results alone.
 """
 
 from __future__ import annotations
@@ -91,7 +95,9 @@ class CandidateCache:
         return self.data[str(example.index)]
 
 
-def adapt_scorer(base: str, train: list[Example], cache: CandidateCache, task: str) -> Any:
+def adapt_scorer(
+    base: str, train: list[Example], cache: CandidateCache, task: str, rank_weight: float = 0.0
+) -> Any:
     """The default scorer adapted on the task's train examples (candidates labelled by Rouge-L)."""
     from capplug import Scorer
     from capplug.data.labels import label_candidates, reference_rows
@@ -107,7 +113,12 @@ def adapt_scorer(base: str, train: list[Example], cache: CandidateCache, task: s
     scorer = Scorer.from_pretrained(base)
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            epochs=3, learning_rate=2e-5, batch_size=16, eval_every=10**9, patience=None
+            epochs=3,
+            learning_rate=2e-5,
+            batch_size=16,
+            eval_every=10**9,
+            patience=None,
+            rank_weight=rank_weight,
         )
         train_scorer(
             scorer, pairs, Path(out) / "run", config=config, progress=False, data_description=task
@@ -116,9 +127,7 @@ def adapt_scorer(base: str, train: list[Example], cache: CandidateCache, task: s
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    tasks = args.tasks or task_names("dev", "rerank_generation") + task_names(
-        "dev", "instruction_to_adapter"
-    )
+    tasks = args.tasks or dev_tasks()
     model = scorer = None
     per_task: dict[str, dict[str, float]] = {}
     for task in tasks:
@@ -138,7 +147,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             from capplug import Scorer
 
             scorer = Scorer.from_pretrained(args.scorer)
-        adapted = adapt_scorer(args.scorer, adapt_examples, cache, task) if adapt_examples else None
+        adapted = (
+            adapt_scorer(args.scorer, adapt_examples, cache, task, args.adapt_rank_weight)
+            if adapt_examples
+            else None
+        )
         rng = random.Random(args.seed)
         picks: dict[str, list[float]] = {name: [] for name in LABELS}
         for example in test:
@@ -174,12 +187,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "lm": args.lm,
         "limit": args.limit,
         "adapt_examples": args.adapt_examples,
+        "adapt_rank_weight": args.adapt_rank_weight,
+        "split": args.split,
         "seed": args.seed,
         "tasks": per_task,
         "mean": mean,
         "best_baseline": best_baseline,
         "gap_closed": closed,
     }
+
+
+def dev_tasks() -> list[str]:
+    return task_names("dev", "rerank_generation") + task_names("dev", "instruction_to_adapter")
 
 
 def write_report(result: dict[str, Any]) -> None:
@@ -213,21 +232,53 @@ def main() -> None:
         default=32,
         help="train examples per task for adaptation (0 skips)",
     )
-    parser.add_argument("--tasks", nargs="*", help="a subset of the dev generation tasks")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        help="a subset of the dev generation tasks (required with --split train)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("dev", "train"),
+        default="dev",
+        help="train: run the protocol on train tasks, for choices about adaptation (needs --out)",
+    )
+    parser.add_argument("--out", type=Path, help="with --split train: where to write the JSON")
+    parser.add_argument(
+        "--adapt-rank-weight",
+        type=float,
+        default=0.0,
+        help="weight of the pairwise ranking loss when adapting (0: pointwise only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="instructions per generation call")
     parser.add_argument(
         "--generate-only", action="store_true", help="fill the candidate cache and stop"
     )
     args = parser.parse_args()
-    allowed = set(
-        task_names("dev", "rerank_generation") + task_names("dev", "instruction_to_adapter")
-    )
-    if args.tasks and not set(args.tasks) <= allowed:
-        parser.error("--tasks must be dev.rerank_generation or dev.instruction_to_adapter tasks")
+    if args.adapt_rank_weight < 0:
+        parser.error("--adapt-rank-weight must be >= 0")
+    if args.split == "dev":
+        if args.out is not None:
+            parser.error("--out is for --split train; dev results go to benchmarks/results/")
+        if args.tasks and not set(args.tasks) <= set(dev_tasks()):
+            parser.error(
+                "--tasks must be dev.rerank_generation or dev.instruction_to_adapter tasks"
+            )
+    else:
+        if not args.tasks or (args.out is None and not args.generate_only):
+            parser.error("--split train needs --tasks and --out")
+        if not set(args.tasks) <= set(task_names("train")):
+            parser.error("with --split train, --tasks must be train tasks")
     result = evaluate(args)
-    if result:
+    if not result:
+        return
+    if args.split == "dev":
         write_report(result)
+    else:
+        write_json_atomic(args.out, result)
+        print(json.dumps({k: round(v, 2) for k, v in result["mean"].items()}))
+        print({k: round(100 * v) for k, v in result["gap_closed"].items()})
 
 
 if __name__ == "__main__":
