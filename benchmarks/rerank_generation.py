@@ -207,10 +207,14 @@ def write_report(result: dict[str, Any]) -> None:
     columns = [c for c in LABELS if c in result["mean"]]
     lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
-    for name, share in result["gap_closed"].items():
-        lines.append(
-            f"{LABELS[name]}: closes {100 * share:.0f}% of the gap between the best baseline and the oracle."
+    for name in sorted(result["gap_closed"], key=list(LABELS).index):
+        share = result["gap_closed"][name]
+        where = (
+            f"closes {100 * share:.0f}% of the gap between the best baseline and the oracle."
+            if share >= 0
+            else f"is below the best baseline, by {-100 * share:.0f}% of its gap to the oracle."
         )
+        lines.append(f"{LABELS[name]}: {where}")
     (RESULTS / "rerank_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     bar_chart(
