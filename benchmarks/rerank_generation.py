@@ -201,9 +201,8 @@ def dev_tasks() -> list[str]:
     return task_names("dev", "rerank_generation") + task_names("dev", "instruction_to_adapter")
 
 
-def write_report(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "rerank_generation.json", result)
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The per-task table and each scorer's share of the gap, as Markdown lines."""
     columns = [c for c in LABELS if c in result["mean"]]
     lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
@@ -215,8 +214,16 @@ def write_report(result: dict[str, Any]) -> None:
             else f"is below the best baseline, by {-100 * share:.0f}% of its gap to the oracle."
         )
         lines.append(f"{LABELS[name]}: {where}")
+    return lines
+
+
+def write_report(result: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / "rerank_generation.json", result)
+    lines = report_lines(result)
     (RESULTS / "rerank_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    columns = [c for c in LABELS if c in result["mean"]]
     bar_chart(
         RESULTS / "rerank_generation.png",
         [LABELS[c] for c in columns],
@@ -281,8 +288,7 @@ def main() -> None:
         write_report(result)
     else:
         write_json_atomic(args.out, result)
-        print(json.dumps({k: round(v, 2) for k, v in result["mean"].items()}))
-        print({k: round(100 * v) for k, v in result["gap_closed"].items()})
+        print("\n".join(report_lines(result)))
 
 
 if __name__ == "__main__":

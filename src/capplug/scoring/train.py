@@ -418,16 +418,17 @@ def _evaluate(
     for batch in scorer._batches([e[0] for e in encoded]):
         logits[batch] = scorer._forward([encoded[i][0] for i in batch]).cpu().numpy()
     labels = np.array([e[1] for e in encoded], dtype=np.float32)
-    loss = _loss(torch.from_numpy(logits), torch.from_numpy(labels), config.loss).item()
+    logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels)
+    loss = _loss(logits_t, labels_t, config.loss).item()
     scores = 1.0 / (1.0 + np.exp(-logits))
     groups = torch.tensor(_group_ids(pairs[: len(encoded)]))
     extra: dict[str, float] = {}
     if config.rank_weight > 0:
         # The held-out loss follows the training objective, so early stopping and "best" do too.
-        rank = _rank_loss(torch.from_numpy(logits), torch.from_numpy(labels), groups).item()
+        rank = _rank_loss(logits_t, labels_t, groups).item()
         extra = {"pointwise_loss": loss, "rank_loss": rank}
         loss += config.rank_weight * rank
-    ordered = _ordered_pairs(torch.from_numpy(labels), groups).numpy()
+    ordered = _ordered_pairs(labels_t, groups).numpy()
     total = int(ordered.sum())
     right = int((scores[:, None] > scores[None, :])[ordered].sum())
     metrics = {"loss": loss, "pairs": float(len(encoded)), **extra}
