@@ -168,6 +168,14 @@ def _parser() -> argparse.ArgumentParser:
         help="only the first N drawn examples of each task get sampled candidates (default: all)",
     )
     build.add_argument(
+        "--sample-skip",
+        type=int,
+        default=0,
+        metavar="K",
+        help="pass over the first K drawn examples before sampling (so a second build with "
+        "K = the first one's --sample-per-task samples new examples of the same draw)",
+    )
+    build.add_argument(
         "--endpoint",
         metavar="URL",
         help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
@@ -491,6 +499,7 @@ def _run_data_build(args: argparse.Namespace) -> int:
         max_options=args.max_options,
         seed=args.seed,
         sample_per_task=args.sample_per_task,
+        sample_skip=args.sample_skip,
     )
     result = build_dataset(
         args.out, config=config, source=source, tasks=args.task, archive=args.archive

@@ -142,11 +142,27 @@ def test_sampling_can_be_capped_per_task_and_old_builds_still_resume(tmp_path: P
     assert len(sampled_examples) == 2 and len(gold_examples) == 4
     assert sampled_examples < gold_examples
 
+    # a second build that skips the first two samples the other two drawn examples
+    build_dataset(
+        tmp_path / "b2",
+        config=BuildConfig(max_per_task=4, sample_per_task=2, sample_skip=2),
+        source=source,
+        tasks=[GEN_TASK],
+        progress=False,
+        task_loader=fake_loader([]),
+    )
+    rows2 = read(tmp_path / "b2", GEN_TASK)
+    sampled2 = {r["example_id"] for r in rows2 if r["source"] == "sampled"}
+    assert {r["example_id"] for r in rows2 if r["source"] == "gold"} == gold_examples
+    assert len(sampled2) == 2 and sampled2 == gold_examples - sampled_examples
+    with pytest.raises(ValueError, match="sample_skip must be >= 0"):
+        build_dataset(tmp_path / "b3", config=BuildConfig(sample_skip=-1), progress=False)
+
     # a build.json written before sample_per_task existed resumes with the default
     state_file = tmp_path / "c" / "build.json"
     build_dataset(tmp_path / "c", tasks=[GEN_TASK], progress=False, task_loader=fake_loader([]))
     state = json.loads(state_file.read_text())
-    del state["config"]["sample_per_task"]
+    del state["config"]["sample_per_task"], state["config"]["sample_skip"]
     state_file.write_text(json.dumps(state))
     calls: list[str] = []
     result = build_dataset(

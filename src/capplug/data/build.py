@@ -148,6 +148,9 @@ class BuildConfig:
     sample_per_task: int | None = None
     """Examples per task that get sampled candidates (the first of the drawn ones); ``None``: all.
     Sampling is the slow part of a build, so a cap lets every task contribute some."""
+    sample_skip: int = 0
+    """Drawn examples passed over before the sampled ones: a second build with ``sample_skip``
+    equal to the first one's ``sample_per_task`` samples new examples of the same draw."""
 
 
 @dataclass
@@ -183,6 +186,8 @@ def build_dataset(
         raise ValueError("max_per_task and max_options must be >= 1")
     if config.sample_per_task is not None and config.sample_per_task < 0:
         raise ValueError("sample_per_task must be >= 0 (or None for every drawn example)")
+    if config.sample_skip < 0:
+        raise ValueError(f"sample_skip must be >= 0; got {config.sample_skip}")
     if source is not None and config.generator != source.name:
         config = BuildConfig(**{**asdict(config), "generator": source.name})
     allowed = task_names("train")
@@ -246,7 +251,8 @@ def _rows(
             options = positives[: config.max_options] + rng.sample(others, min(room, len(others)))
         kept += options
     if source is not None:
-        chosen = examples if config.sample_per_task is None else examples[: config.sample_per_task]
+        end = None if config.sample_per_task is None else config.sample_skip + config.sample_per_task
+        chosen = examples[config.sample_skip : end]
         sampled = source.candidates([e.prompt for e in chosen]) if chosen else []
         for example, candidates in zip(chosen, sampled, strict=True):
             kept += label_candidates(example, candidates)
