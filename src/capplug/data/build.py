@@ -251,7 +251,9 @@ def _rows(
             options = positives[: config.max_options] + rng.sample(others, min(room, len(others)))
         kept += options
     if source is not None:
-        end = None if config.sample_per_task is None else config.sample_skip + config.sample_per_task
+        end = (
+            None if config.sample_per_task is None else config.sample_skip + config.sample_per_task
+        )
         chosen = examples[config.sample_skip : end]
         sampled = source.candidates([e.prompt for e in chosen]) if chosen else []
         for example, candidates in zip(chosen, sampled, strict=True):
