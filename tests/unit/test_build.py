@@ -126,35 +126,28 @@ def test_only_train_tasks_are_built(tmp_path: Path) -> None:
 def test_sampling_can_be_capped_per_task_and_old_builds_still_resume(tmp_path: Path) -> None:
     import json
 
-    source = EchoSource()
-    config = BuildConfig(max_per_task=4, sample_per_task=2)
-    build_dataset(
-        tmp_path / "b",
-        config=config,
-        source=source,
-        tasks=[GEN_TASK],
-        progress=False,
-        task_loader=fake_loader([]),
-    )
-    rows = read(tmp_path / "b", GEN_TASK)
-    sampled_examples = {r["example_id"] for r in rows if r["source"] == "sampled"}
-    gold_examples = {r["example_id"] for r in rows if r["source"] == "gold"}
-    assert len(sampled_examples) == 2 and len(gold_examples) == 4
-    assert sampled_examples < gold_examples
+    def ids_by_source(folder: str, **settings: int) -> dict[str, set[int]]:
+        build_dataset(
+            tmp_path / folder,
+            config=BuildConfig(max_per_task=4, **settings),
+            source=EchoSource(),
+            tasks=[GEN_TASK],
+            progress=False,
+            task_loader=fake_loader([]),
+        )
+        ids: dict[str, set[int]] = {}
+        for r in read(tmp_path / folder, GEN_TASK):
+            ids.setdefault(r["source"], set()).add(r["example_id"])
+        return ids
+
+    first = ids_by_source("b", sample_per_task=2)
+    assert len(first["sampled"]) == 2 and len(first["gold"]) == 4
+    assert first["sampled"] < first["gold"]
 
     # a second build that skips the first two samples the other two drawn examples
-    build_dataset(
-        tmp_path / "b2",
-        config=BuildConfig(max_per_task=4, sample_per_task=2, sample_skip=2),
-        source=source,
-        tasks=[GEN_TASK],
-        progress=False,
-        task_loader=fake_loader([]),
-    )
-    rows2 = read(tmp_path / "b2", GEN_TASK)
-    sampled2 = {r["example_id"] for r in rows2 if r["source"] == "sampled"}
-    assert {r["example_id"] for r in rows2 if r["source"] == "gold"} == gold_examples
-    assert len(sampled2) == 2 and sampled2 == gold_examples - sampled_examples
+    second = ids_by_source("b2", sample_per_task=2, sample_skip=2)
+    assert second["gold"] == first["gold"]
+    assert second["sampled"] == first["gold"] - first["sampled"]
     with pytest.raises(ValueError, match="sample_skip must be >= 0"):
         build_dataset(tmp_path / "b3", config=BuildConfig(sample_skip=-1), progress=False)
 
