@@ -201,9 +201,14 @@ def dev_tasks() -> list[str]:
     return task_names("dev", "rerank_generation") + task_names("dev", "instruction_to_adapter")
 
 
+def columns_of(result: dict[str, Any]) -> list[str]:
+    """The selectors a result holds, in LABELS order (its JSON keeps keys sorted)."""
+    return [c for c in LABELS if c in result["mean"]]
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     """The per-task table and each scorer's share of the gap, as Markdown lines."""
-    columns = [c for c in LABELS if c in result["mean"]]
+    columns = columns_of(result)
     lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
     for name in sorted(result["gap_closed"], key=list(LABELS).index):
@@ -223,7 +228,7 @@ def write_report(result: dict[str, Any]) -> None:
     lines = report_lines(result)
     (RESULTS / "rerank_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    columns = [c for c in LABELS if c in result["mean"]]
+    columns = columns_of(result)
     bar_chart(
         RESULTS / "rerank_generation.png",
         [LABELS[c] for c in columns],
