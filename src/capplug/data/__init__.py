@@ -12,7 +12,9 @@ from capplug.data.bigbench import (
 )
 from capplug.data.labels import (
     LabelledRow,
+    clipped_variants,
     label_candidates,
+    label_clipped,
     normalised_option_scores,
     reference_rows,
     rouge_l,
@@ -23,9 +25,11 @@ __all__ = [
     "Example",
     "LabelledRow",
     "Task",
+    "clipped_variants",
     "extract_tasks",
     "is_test_example",
     "label_candidates",
+    "label_clipped",
     "load_task",
     "normalised_option_scores",
     "parse_task",

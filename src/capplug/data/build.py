@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from capplug._cache import write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
-from capplug.data.labels import LabelledRow, label_candidates, reference_rows
+from capplug.data.labels import LabelledRow, label_candidates, label_clipped, reference_rows
 
 __all__ = [
     "BuildConfig",
@@ -31,6 +31,7 @@ __all__ = [
     "EndpointCandidateSource",
     "LocalCandidateSource",
     "build_dataset",
+    "clip_build",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class BuildConfig:
     sample_skip: int = 0
     """Drawn examples passed over before the sampled ones: a second build with ``sample_skip``
     equal to the first one's ``sample_per_task`` samples new examples of the same draw."""
+    clip_candidates: bool = False
+    """Also label each sampled candidate's first line and first sentence (``clipped`` rows), so
+    a scorer sees short right answers beside the long ones that drift on."""
 
 
 @dataclass
@@ -257,8 +261,84 @@ def _rows(
         chosen = examples[config.sample_skip : end]
         sampled = source.candidates([e.prompt for e in chosen]) if chosen else []
         for example, candidates in zip(chosen, sampled, strict=True):
-            kept += label_candidates(example, candidates)
+            rows = label_candidates(example, candidates)
+            kept += rows
+            if config.clip_candidates:
+                kept += label_clipped(example, rows)
     return kept
+
+
+def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> BuildResult:
+    """Copy a finished build into ``out_dir`` with its sampled candidates' clipped variants added.
+
+    The result holds the same rows as building with ``clip_candidates=True`` would, without
+    sampling again: the references to label against are the build's own ``gold`` rows. Shards
+    already in ``out_dir`` are skipped, so a stopped run resumes; ``src_dir`` is only read.
+
+    Raises:
+        FileNotFoundError: ``src_dir`` holds no build.
+        ValueError: ``src_dir`` already has clipped rows, or ``out_dir`` holds another build.
+    """
+    import pyarrow.parquet as pq
+
+    src = Path(src_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().resolve()
+    if not (src / BUILD_FILE).is_file():
+        raise FileNotFoundError(
+            f"{src} holds no {BUILD_FILE}: give a folder `capplug data build` wrote"
+        )
+    if out == src:
+        raise ValueError("out_dir must differ from src_dir: the source build is only read")
+    source_state = json.loads((src / BUILD_FILE).read_text())
+    recorded = {**asdict(BuildConfig()), **(source_state.get("config") or {})}
+    if recorded["clip_candidates"]:
+        raise ValueError(f"{src} already holds clipped candidates")
+    if not recorded["generator"]:
+        raise ValueError(
+            f"{src} was built without --generator: it has no sampled candidates to clip"
+        )
+    config = BuildConfig(**{**recorded, "clip_candidates": True})
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    state = _load_state(out, config)
+    started = time.monotonic()
+    written = skipped = 0
+    from tqdm.auto import tqdm
+
+    names = [name for name in source_state.get("shards", {}) if _shard_path(src, name).is_file()]
+    bar = tqdm(names, desc="clipping", unit="task", disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        shard = _shard_path(out, name)
+        if shard.is_file() and name in state["shards"]:
+            skipped += 1
+            continue
+        rows = [LabelledRow(**r) for r in pq.read_table(_shard_path(src, name)).to_pylist()]
+        by_example: dict[int, list[LabelledRow]] = defaultdict(list)
+        for row in rows:
+            by_example[row.example_id].append(row)
+        out_rows: list[LabelledRow] = []
+        for example_id, group in by_example.items():
+            out_rows += group
+            targets = [r.response for r in group if r.source == "gold"]
+            if not targets or not any(r.source == "sampled" for r in group):
+                continue
+            example = Example(
+                task=name,
+                index=example_id,
+                input="",
+                prompt=group[0].instruction,
+                query="",
+                targets=targets,
+            )
+            out_rows += label_clipped(example, group)
+        _write_shard(shard, out_rows)
+        state["shards"][name] = {
+            "rows": len(out_rows),
+            "examples": source_state["shards"][name].get("examples", len(by_example)),
+        }
+        write_json_atomic(out / BUILD_FILE, state)
+        written += 1
+    total = sum(s["rows"] for s in state["shards"].values())
+    return BuildResult(out, written, skipped, total, time.monotonic() - started)
 
 
 def _write_shard(path: Path, rows: list[LabelledRow]) -> None:

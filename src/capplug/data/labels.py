@@ -5,14 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from capplug.data.bigbench import Example, Task
 
-Source = Literal["gold", "negative", "option", "sampled"]
+Source = Literal["gold", "negative", "option", "sampled", "clipped"]
 Candidate = str | tuple[str, str | Mapping[str, Any]]
+
+# The end of a sentence: ., ! or ? (after any closing quote or bracket), then white space.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+CLIPS = ("first_line", "first_sentence")
 
 # Random draws before falling back to a scan when looking for another example's reference.
 _NEGATIVE_DRAWS = 32
@@ -30,7 +35,8 @@ class LabelledRow:
     """How correct the response is, in [0, 1]."""
     source: Source
     generator: str = ""
-    """Generator settings as JSON for ``sampled`` rows; empty for the others."""
+    """Generator settings for ``sampled`` rows, with ``+first_line`` or ``+first_sentence``
+    for ``clipped`` ones; empty for the others."""
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict (one column per field)."""
@@ -163,6 +169,64 @@ def label_candidates(
             )
         )
     return rows
+
+
+def clipped_variants(text: str) -> list[tuple[str, str]]:
+    """The shorter answers a model stopped early would have given: ``(clip, text)`` pairs.
+
+    ``first_line`` is the first non-empty line and ``first_sentence`` that line up to its first
+    sentence end; each is given only when it is shorter than what comes before it (so a
+    one-line, one-sentence answer has no variants). Decimals such as ``3.5`` are not sentence
+    ends: a sentence ends at ., ! or ? followed by white space.
+    """
+    whole = text.strip()
+    lines = [line.strip() for line in whole.splitlines() if line.strip()]
+    if not lines:
+        return []
+    variants: list[tuple[str, str]] = []
+    first_line = lines[0]
+    if first_line != whole:
+        variants.append(("first_line", first_line))
+    end = _SENTENCE_END.search(first_line)
+    if end is not None and end.end() < len(first_line):
+        variants.append(("first_sentence", first_line[: end.end()].strip()))
+    return variants
+
+
+def label_clipped(example: Example, rows: Iterable[LabelledRow]) -> list[LabelledRow]:
+    """Label the clipped variants of an example's ``sampled`` rows by Rouge-L (``clipped``).
+
+    Generated answers often hold the right short answer and then drift on; the variants put
+    that short answer beside the long one, labelled by the same Rouge-L, so a scorer learns
+    when stopping early is better and when it loses content. A variant that repeats one of the
+    rows' texts (or an earlier variant) is dropped.
+    """
+    if not example.targets:
+        raise ValueError(
+            f"example {example.index} of task {example.task!r} has no references to label against"
+        )
+    rows = list(rows)
+    seen = {row.response.strip() for row in rows}
+    clipped: list[LabelledRow] = []
+    for row in rows:
+        if row.source != "sampled":
+            continue
+        for clip, text in clipped_variants(row.response):
+            if text in seen:
+                continue
+            seen.add(text)
+            clipped.append(
+                LabelledRow(
+                    task=row.task,
+                    example_id=row.example_id,
+                    instruction=row.instruction,
+                    response=text,
+                    label=rouge_l(text, example.targets),
+                    source="clipped",
+                    generator=f"{row.generator}+{clip}",
+                )
+            )
+    return clipped
 
 
 def _draw_negative(
