@@ -3,7 +3,8 @@
 # Every step resumes where it stopped: run it again after an interruption.
 # On a 2-core CPU: stage 1 about 1.5 minutes of data and 80 minutes of training; stage 2 about
 # 80 minutes of candidate generation and 30 minutes of training; stage 3 about 20 minutes of
-# training. On a GPU the same commands run on it by themselves.
+# training; stage 4 about 45 minutes of candidate generation and 20 minutes of training. On a
+# GPU the same commands run on it by themselves.
 set -eu
 WORK="${CAPPLUG_WORK:-${CAPPLUG_HOME:-$HOME/.cache/capplug}/work}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -30,5 +31,21 @@ HERE="$(dirname "$0")"
 "$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v2-delta" --data "$WORK/scorer-data-v2/shards" \
   --out "$WORK/scorer-run-v3-rank" --epochs 1 --max-steps 250 --lr 2e-5 --rank-weight 1.0 \
   --eval-every 50 --patience 4
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v3-rank', 'src/capplug/checkpoints/capplug-default', base='minilm')"
-# (README.md in that folder is written by hand from both runs' training_summary.json.)
+"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v3-rank', '$WORK/scorer-v3-delta', base='minilm')"
+
+# Stage 4: clipped candidates. SmolLM2's candidates for 2 further examples of each of the 180
+# generative tasks of stage 2's list; then every sampled candidate of both builds also clipped
+# to its first line and first sentence (Rouge-labelled), so short right answers sit beside
+# long ones that drift on; both builds merged (shared rows once); adapted from stage 3.
+"$PY" -m capplug.cli data build --split train --out "$WORK/scorer-data-v3" --max-per-task 16 \
+  --generator smollm2-135m-instruct --recipe fast --sample-per-task 2 --sample-skip 2 \
+  $(sed 's/^/--task /' "$HERE/scorer_data_v3_tasks.txt")
+"$PY" -m capplug.cli data clip "$WORK/scorer-data-v2" --out "$WORK/scorer-data-v2-clip"
+"$PY" -m capplug.cli data clip "$WORK/scorer-data-v3" --out "$WORK/scorer-data-v3-clip"
+"$PY" -m capplug.cli data merge "$WORK/scorer-data-v2-clip" "$WORK/scorer-data-v3-clip" \
+  --out "$WORK/scorer-data-v5"
+"$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v3-delta" --data "$WORK/scorer-data-v5/shards" \
+  --out "$WORK/scorer-run-v5" --epochs 1 --max-steps 250 --lr 2e-5 --rank-weight 1.0 \
+  --eval-every 50 --patience 4
+"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v5', 'src/capplug/checkpoints/capplug-default', base='minilm')"
+# (README.md in that folder is written by hand from the runs' training_summary.json.)
