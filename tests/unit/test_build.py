@@ -270,19 +270,15 @@ def test_merged_builds_keep_every_row_once_and_resume(
         return read(tmp_path / folder, GEN_TASK)
 
     first, second = build("a", EchoSource()), build("b", RamblingSource(), sample_skip=2)
-    assert (
-        main(
-            [
-                "data",
-                "merge",
-                str(tmp_path / "a"),
-                str(tmp_path / "b"),
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 0
-    )
+    merge = [
+        "data",
+        "merge",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main(merge) == 0
     assert "1 written" in capsys.readouterr().out
     merged = read(tmp_path / "m", GEN_TASK)
     key = lambda r: (r["example_id"], r["source"], r["response"])  # noqa: E731
@@ -292,19 +288,7 @@ def test_merged_builds_keep_every_row_once_and_resume(
     assert {r["generator"] for r in merged if r["source"] == "sampled"} == {"echo", "beam4", "s"}
 
     # a rerun skips the shard; other sources into the same folder are refused
-    assert (
-        main(
-            [
-                "data",
-                "merge",
-                str(tmp_path / "a"),
-                str(tmp_path / "b"),
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 0
-    )
+    assert main(merge) == 0
     assert "1 already there" in capsys.readouterr().out
     with pytest.raises(ValueError, match="another build or merge"):
         merge_builds([tmp_path / "b", tmp_path / "a"], tmp_path / "m", progress=False)

@@ -204,22 +204,39 @@ def build_dataset(
     out = Path(out_dir).expanduser().resolve()
     (out / "shards").mkdir(parents=True, exist_ok=True)
     state = _load_state(out, config)
-    started = time.monotonic()
-    written = skipped = 0
+
+    def task_rows(name: str) -> tuple[list[LabelledRow], int]:
+        task = task_loader(name, archive=archive) if archive is not None else task_loader(name)
+        examples = _draw(task.examples, config, name)
+        return _rows(examples, config, source), len(examples)
+
+    return _write_shards(out, state, names, task_rows, desc="building", progress=progress)
+
+
+def _write_shards(
+    out: Path,
+    state: dict[str, Any],
+    names: Sequence[str],
+    task_rows: Callable[[str], tuple[list[LabelledRow], int]],
+    *,
+    desc: str,
+    progress: bool,
+) -> BuildResult:
+    """Write each task's shard that ``state`` does not list yet, recording it after each one."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(names, desc="building", unit="task", disable=not progress, dynamic_ncols=True)
+    started = time.monotonic()
+    written = skipped = 0
+    bar = tqdm(names, desc=desc, unit="task", disable=not progress, dynamic_ncols=True)
     for name in bar:
         shard = _shard_path(out, name)
         if shard.is_file() and name in state["shards"]:
             skipped += 1
             continue
         bar.set_postfix_str(name[-40:])
-        task = task_loader(name, archive=archive) if archive is not None else task_loader(name)
-        examples = _draw(task.examples, config, name)
-        rows = _rows(examples, config, source)
+        rows, examples = task_rows(name)
         _write_shard(shard, rows)
-        state["shards"][name] = {"rows": len(rows), "examples": len(examples)}
+        state["shards"][name] = {"rows": len(rows), "examples": examples}
         write_json_atomic(out / BUILD_FILE, state)
         written += 1
     total = sum(s["rows"] for s in state["shards"].values())
@@ -305,17 +322,9 @@ def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = Tru
     config = BuildConfig(**{**recorded, "clip_candidates": True})
     (out / "shards").mkdir(parents=True, exist_ok=True)
     state = _load_state(out, config)
-    started = time.monotonic()
-    written = skipped = 0
-    from tqdm.auto import tqdm
-
     names = [name for name in source_state.get("shards", {}) if _shard_path(src, name).is_file()]
-    bar = tqdm(names, desc="clipping", unit="task", disable=not progress, dynamic_ncols=True)
-    for name in bar:
-        shard = _shard_path(out, name)
-        if shard.is_file() and name in state["shards"]:
-            skipped += 1
-            continue
+
+    def task_rows(name: str) -> tuple[list[LabelledRow], int]:
         rows = [LabelledRow(**r) for r in pq.read_table(_shard_path(src, name)).to_pylist()]
         by_example: dict[int, list[LabelledRow]] = defaultdict(list)
         for row in rows:
@@ -335,15 +344,9 @@ def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = Tru
                 targets=targets,
             )
             out_rows += label_clipped(example, group)
-        _write_shard(shard, out_rows)
-        state["shards"][name] = {
-            "rows": len(out_rows),
-            "examples": source_state["shards"][name].get("examples", len(by_example)),
-        }
-        write_json_atomic(out / BUILD_FILE, state)
-        written += 1
-    total = sum(s["rows"] for s in state["shards"].values())
-    return BuildResult(out, written, skipped, total, time.monotonic() - started)
+        return out_rows, source_state["shards"][name].get("examples", len(by_example))
+
+    return _write_shards(out, state, names, task_rows, desc="clipping", progress=progress)
 
 
 def _write_shard(path: Path, rows: list[LabelledRow]) -> None:
@@ -435,23 +438,15 @@ def merge_builds(
                 f"--out folder"
             )
     else:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         state = {"merged_from": merged_from, "columns": list(COLUMNS), "shards": {}}
         write_json_atomic(path, state)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(name for st in states for name in st.get("shards", {})))
-    started = time.monotonic()
-    written = skipped = 0
-    from tqdm.auto import tqdm
 
-    for name in tqdm(names, desc="merging", unit="task", disable=not progress, dynamic_ncols=True):
-        shard = _shard_path(out, name)
-        if shard.is_file() and name in state["shards"]:
-            skipped += 1
-            continue
+    def task_rows(name: str) -> tuple[list[LabelledRow], int]:
         rows: list[LabelledRow] = []
         seen: set[tuple[int, str, str]] = set()
-        examples: set[int] = set()
         for src in srcs:
             part = _shard_path(src, name)
             if not part.is_file():
@@ -460,11 +455,7 @@ def merge_builds(
                 key = (raw["example_id"], raw["source"], raw["response"])
                 if key not in seen:
                     seen.add(key)
-                    examples.add(raw["example_id"])
                     rows.append(LabelledRow(**raw))
-        _write_shard(shard, rows)
-        state["shards"][name] = {"rows": len(rows), "examples": len(examples)}
-        write_json_atomic(path, state)
-        written += 1
-    total = sum(s["rows"] for s in state["shards"].values())
-    return BuildResult(out, written, skipped, total, time.monotonic() - started)
+        return rows, len({row.example_id for row in rows})
+
+    return _write_shards(out, state, names, task_rows, desc="merging", progress=progress)
