@@ -174,10 +174,10 @@ def test_clipped_rows_are_labelled_against_the_references_and_not_repeated() -> 
         ],
     )
     # every clip would be "Madrid.", which is already a sampled candidate: nothing repeats it
-    assert label_clipped(example, rows) == []
+    assert label_clipped(rows, example.targets) == []
     long_only = label_candidates(example, [("Madrid. It moved there in 1561 with the court.", "s")])
-    (short,) = label_clipped(example, long_only)
+    (short,) = label_clipped(long_only, example.targets)
     assert short.source == "clipped" and short.generator == "s+first_sentence"
     assert short.response == "Madrid." and short.label == pytest.approx(1.0)
     assert long_only[0].label < 0.5  # the short answer is the better one, and labelled so
-    assert label_clipped(example, reference_rows([example])) == []  # only sampled rows clip
+    assert label_clipped(reference_rows([example]), example.targets) == []  # only sampled rows clip

@@ -282,7 +282,7 @@ def _rows(
             rows = label_candidates(example, candidates)
             kept += rows
             if config.clip_candidates:
-                kept += label_clipped(example, rows)
+                kept += label_clipped(rows, example.targets)
     return kept
 
 
@@ -301,13 +301,9 @@ def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = Tru
 
     src = Path(src_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
-    if not (src / BUILD_FILE).is_file():
-        raise FileNotFoundError(
-            f"{src} holds no {BUILD_FILE}: give a folder `capplug data build` wrote"
-        )
+    source_state = _read_build(src)
     if out == src:
         raise ValueError("out_dir must differ from src_dir: the source build is only read")
-    source_state = json.loads((src / BUILD_FILE).read_text())
     if "merged_from" in source_state:
         raise ValueError(
             f"{src} is a merge of builds: clip each build, then merge the clipped ones"
@@ -330,20 +326,11 @@ def clip_build(src_dir: str | Path, out_dir: str | Path, *, progress: bool = Tru
         for row in rows:
             by_example[row.example_id].append(row)
         out_rows: list[LabelledRow] = []
-        for example_id, group in by_example.items():
+        for group in by_example.values():
             out_rows += group
-            targets = [r.response for r in group if r.source == "gold"]
-            if not targets or not any(r.source == "sampled" for r in group):
-                continue
-            example = Example(
-                task=name,
-                index=example_id,
-                input="",
-                prompt=group[0].instruction,
-                query="",
-                targets=targets,
-            )
-            out_rows += label_clipped(example, group)
+            references = [r.response for r in group if r.source == "gold"]
+            if references:
+                out_rows += label_clipped(group, references)
         return out_rows, source_state["shards"][name].get("examples", len(by_example))
 
     return _write_shards(out, state, names, task_rows, desc="clipping", progress=progress)
@@ -377,6 +364,15 @@ def _write_shard(path: Path, rows: list[LabelledRow]) -> None:
 
 def _shard_path(out: Path, task: str) -> Path:
     return out / "shards" / (task.replace("/", "__") + ".parquet")
+
+
+def _read_build(folder: Path) -> dict[str, Any]:
+    """The ``build.json`` of a finished build (or merge) that is read, never written."""
+    if not (folder / BUILD_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no {BUILD_FILE}: give a folder `capplug data build` wrote"
+        )
+    return json.loads((folder / BUILD_FILE).read_text())
 
 
 def _load_state(out: Path, config: BuildConfig) -> dict[str, Any]:
@@ -419,13 +415,7 @@ def merge_builds(
         raise ValueError(f"give at least two builds to merge; got {len(srcs)}")
     if out in srcs:
         raise ValueError("out_dir must differ from every source: the sources are only read")
-    states = []
-    for src in srcs:
-        if not (src / BUILD_FILE).is_file():
-            raise FileNotFoundError(
-                f"{src} holds no {BUILD_FILE}: give folders `capplug data build` wrote"
-            )
-        states.append(json.loads((src / BUILD_FILE).read_text()))
+    states = [_read_build(src) for src in srcs]
     merged_from = [
         {"path": str(src), "config": st.get("config")} for src, st in zip(srcs, states, strict=True)
     ]
@@ -438,7 +428,6 @@ def merge_builds(
                 f"--out folder"
             )
     else:
-        out.mkdir(parents=True, exist_ok=True)
         state = {"merged_from": merged_from, "columns": list(COLUMNS), "shards": {}}
         write_json_atomic(path, state)
     (out / "shards").mkdir(parents=True, exist_ok=True)

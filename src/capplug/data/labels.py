@@ -7,7 +7,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from capplug.data.bigbench import Example, Task
@@ -17,7 +17,6 @@ Candidate = str | tuple[str, str | Mapping[str, Any]]
 
 # The end of a sentence: ., ! or ? (after any closing quote or bracket), then white space.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
-CLIPS = ("first_line", "first_sentence")
 
 # Random draws before falling back to a scan when looking for another example's reference.
 _NEGATIVE_DRAWS = 32
@@ -193,18 +192,14 @@ def clipped_variants(text: str) -> list[tuple[str, str]]:
     return variants
 
 
-def label_clipped(example: Example, rows: Iterable[LabelledRow]) -> list[LabelledRow]:
-    """Label the clipped variants of an example's ``sampled`` rows by Rouge-L (``clipped``).
+def label_clipped(rows: Iterable[LabelledRow], references: Sequence[str]) -> list[LabelledRow]:
+    """Label the clipped variants of one example's ``sampled`` rows by Rouge-L (``clipped``).
 
     Generated answers often hold the right short answer and then drift on; the variants put
-    that short answer beside the long one, labelled by the same Rouge-L, so a scorer learns
-    when stopping early is better and when it loses content. A variant that repeats one of the
-    rows' texts (or an earlier variant) is dropped.
+    that short answer beside the long one, labelled by the same Rouge-L against the example's
+    ``references``, so a scorer learns when stopping early is better and when it loses content.
+    A variant that repeats one of the rows' texts (or an earlier variant) is dropped.
     """
-    if not example.targets:
-        raise ValueError(
-            f"example {example.index} of task {example.task!r} has no references to label against"
-        )
     rows = list(rows)
     seen = {row.response.strip() for row in rows}
     clipped: list[LabelledRow] = []
@@ -215,13 +210,12 @@ def label_clipped(example: Example, rows: Iterable[LabelledRow]) -> list[Labelle
             if text in seen:
                 continue
             seen.add(text)
+            label = rouge_l(text, references)
             clipped.append(
-                LabelledRow(
-                    task=row.task,
-                    example_id=row.example_id,
-                    instruction=row.instruction,
+                replace(
+                    row,
                     response=text,
-                    label=rouge_l(text, example.targets),
+                    label=label,
                     source="clipped",
                     generator=f"{row.generator}+{clip}",
                 )
