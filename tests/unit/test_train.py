@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,21 @@ def test_heldout_cap_never_splits_an_example_across_train_and_heldout() -> None:
     assert {p.group for p in train}.isdisjoint({p.group for p in heldout})
     assert len({p.group for p in heldout}) == 2 and len(heldout) == 20
     assert len(train) + len(heldout) == len(pairs)
+
+
+def test_heldout_slice_under_the_cap_does_not_depend_on_row_order() -> None:
+    # 400 examples of 5 pairs, about 100 eligible at fraction 0.25: a cap of 50 pairs binds.
+    pairs = [LabelledPair(f"q{g}", f"r{i}", 1.0, f"g{g}") for g in range(400) for i in range(5)]
+    shuffled = list(pairs)
+    random.Random(3).shuffle(shuffled)
+    _, heldout = split_heldout(pairs, fraction=0.25, max_pairs=50, seed=0)
+    _, heldout_shuffled = split_heldout(shuffled, fraction=0.25, max_pairs=50, seed=0)
+    assert len(heldout) == 50
+    assert {p.group for p in heldout} == {p.group for p in heldout_shuffled}
+    # Uncapped, every eligible group is held out, whatever the order.
+    _, all_eligible = split_heldout(shuffled, fraction=0.25, max_pairs=10**6, seed=0)
+    assert {p.group for p in heldout} < {p.group for p in all_eligible}
+    assert 60 < len({p.group for p in all_eligible}) < 140
 
 
 def test_training_learns_the_labels_and_writes_a_loadable_model(

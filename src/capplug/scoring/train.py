@@ -105,20 +105,37 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def split_heldout(
     pairs: Sequence[LabelledPair], *, fraction: float = 0.05, max_pairs: int = 2000, seed: int = 0
 ) -> tuple[list[LabelledPair], list[LabelledPair]]:
-    """Cut a held-out slice by group, so no example's pairs sit on both sides."""
+    """Cut a held-out slice by group, so no example's pairs sit on both sides.
+
+    A group is eligible when the hash of ``seed`` and its name falls below ``fraction``. When the
+    eligible groups hold more than ``max_pairs`` pairs, whole groups are taken in hash order until
+    the cap is reached, so the slice depends only on the groups present, never on the order of
+    the rows (shuffled or re-sharded data gets the same slice).
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1); got {fraction}")
-    train, heldout = [], []
-    held_groups: set[str] = set()  # a group once held out stays whole, even past the cap
+    sizes: dict[str, int] = {}
     for pair in pairs:
-        if pair.group not in held_groups:
-            digest = hashlib.sha1(f"{seed}:{pair.group}".encode()).hexdigest()[:8]
-            if int(digest, 16) / 0xFFFFFFFF < fraction and len(heldout) < max_pairs:
-                held_groups.add(pair.group)
-        (heldout if pair.group in held_groups else train).append(pair)
+        sizes[pair.group] = sizes.get(pair.group, 0) + 1
+    ranked = sorted((_group_hash(seed, group), group) for group in sizes)
+    held_groups: set[str] = set()
+    held = 0
+    for value, group in ranked:
+        if value >= fraction or held >= max_pairs:
+            break
+        held_groups.add(group)  # a group once held out stays whole, even past the cap
+        held += sizes[group]
+    train = [p for p in pairs if p.group not in held_groups]
+    heldout = [p for p in pairs if p.group in held_groups]
     if not train:
         raise ValueError("no training pairs are left after cutting the held-out slice")
     return train, heldout
+
+
+def _group_hash(seed: int, group: str) -> float:
+    """A group's place in [0, 1], fixed by the seed and its name alone."""
+    digest = hashlib.sha1(f"{seed}:{group}".encode()).hexdigest()[:8]
+    return int(digest, 16) / 0xFFFFFFFF
 
 
 def train_scorer(
