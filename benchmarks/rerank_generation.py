@@ -174,13 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(task, {k: round(v, 1) for k, v in row.items()})
     if args.generate_only:
         return {}
-    columns = [c for c in LABELS if all(c in r for r in per_task.values())]
-    mean = {c: float(np.mean([r[c] for r in per_task.values()])) for c in columns}
-    best_baseline = max(mean[b] for b in BASELINES)
-    gap = mean["oracle"] - best_baseline
-    closed = {
-        c: (mean[c] - best_baseline) / gap for c in ("scorer", "adapted") if c in mean and gap > 0
-    }
+    mean, best_baseline, closed = summarise(list(per_task.values()))
     return {
         "benchmark": "rerank_generation",
         "scorer": args.scorer,
@@ -195,6 +189,45 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "best_baseline": best_baseline,
         "gap_closed": closed,
     }
+
+
+def summarise(rows: list[dict[str, float]]) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Mean per selector over ``rows`` (tasks), the best baseline, and each scorer's gap closed."""
+    columns = [c for c in LABELS if all(c in r for r in rows)]
+    mean = {c: float(np.mean([r[c] for r in rows])) for c in columns}
+    best_baseline = max(mean[b] for b in BASELINES)
+    gap = mean["oracle"] - best_baseline
+    closed = {
+        c: (mean[c] - best_baseline) / gap for c in ("scorer", "adapted") if c in mean and gap > 0
+    }
+    return mean, best_baseline, closed
+
+
+def group_lines(result: dict[str, Any]) -> list[str]:
+    """Per dev group (rerank_generation, instruction_to_adapter): a Markdown table of its means."""
+    groups = {
+        f"{len(tasks)} `dev.{group}`": tasks
+        for group in ("rerank_generation", "instruction_to_adapter")
+        if (tasks := [t for t in task_names("dev", group) if t in result["tasks"]])
+    }
+    if len(groups) < 2:
+        return []
+    short = {"scorer": "zero-shot", "adapted": "adapted"}
+    scorers = [c for c in short if c in result["mean"]]
+    names = [short[c] for c in scorers]
+    lines = [
+        f"| tasks | best baseline | {' | '.join(names)} | oracle | gap closed ({' / '.join(names)}) |",
+        "| --- | " + " | ".join("---:" for _ in range(len(scorers) + 3)) + " |",
+    ]
+    for name, tasks in groups.items():
+        mean, best, closed = summarise([result["tasks"][t] for t in tasks])
+        shares = " / ".join(f"{100 * closed[c]:.0f}%" for c in scorers if c in closed)
+        lines.append(
+            f"| {name} | {best:.1f} | "
+            + " | ".join(f"{mean[c]:.1f}" for c in scorers)
+            + f" | {mean['oracle']:.1f} | {shares} |"
+        )
+    return lines
 
 
 def dev_tasks() -> list[str]:
@@ -219,6 +252,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             else f"is below the best baseline, by {-100 * share:.0f}% of its gap to the oracle."
         )
         lines.append(f"{LABELS[name]}: {where}")
+    groups = group_lines(result)
+    if groups:
+        lines += ["", "By group of dev tasks (means over each group's tasks):", "", *groups]
     return lines
 
 

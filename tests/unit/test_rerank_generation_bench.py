@@ -1,0 +1,66 @@
+"""benchmarks/rerank_generation.py's report: the overall means and the per-group table."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from capplug.data.bigbench import task_names
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def bench() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("rerank_generation")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def row(base: float, scorer: float, adapted: float, oracle: float) -> dict[str, float]:
+    return {
+        "beam": base,
+        "lm-sum": base - 1,
+        "lm-mean": base,
+        "scorer": scorer,
+        "adapted": adapted,
+        "oracle": oracle,
+        "examples": 30,
+    }
+
+
+def result_of(bench: ModuleType, tasks: dict[str, dict[str, float]]) -> dict:
+    mean, best, closed = bench.summarise(list(tasks.values()))
+    return {"tasks": tasks, "mean": mean, "best_baseline": best, "gap_closed": closed}
+
+
+def test_each_dev_group_gets_its_own_means_and_gap_closed(bench: ModuleType) -> None:
+    rerank = task_names("dev", "rerank_generation")[:2]
+    i2a = task_names("dev", "instruction_to_adapter")[:1]
+    tasks = {
+        rerank[0]: row(20, 25, 30, 40),
+        rerank[1]: row(10, 15, 20, 20),  # group: baseline 15, zero-shot 20, adapted 25, oracle 30
+        i2a[0]: row(10, 5, 40, 70),  # baseline 10, oracle 70: zero-shot below, adapted at half
+    }
+    result = result_of(bench, tasks)
+    # Overall: baseline 40/3, oracle 130/3, adapted 90/3: (90 - 40) / (130 - 40) = 56%.
+    assert result["gap_closed"]["adapted"] == pytest.approx(50 / 90)
+    table = bench.report_lines(result)
+    assert "| 2 `dev.rerank_generation` | 15.0 | 20.0 | 25.0 | 30.0 | 33% / 67% |" in table
+    assert "| 1 `dev.instruction_to_adapter` | 10.0 | 5.0 | 40.0 | 70.0 | -8% / 50% |" in table
+
+
+def test_a_run_on_one_group_or_on_train_tasks_has_no_group_table(bench: ModuleType) -> None:
+    one_group = {t: row(10, 12, 14, 20) for t in task_names("dev", "rerank_generation")[:2]}
+    assert bench.group_lines(result_of(bench, one_group)) == []
+    train = {t: row(10, 12, 14, 20) for t in task_names("train")[:3]}
+    lines = bench.report_lines(result_of(bench, train))
+    assert not any("dev." in line for line in lines)
+    assert lines[-1].startswith("capplug scorer (adapted): closes 40%")
