@@ -242,7 +242,9 @@ def columns_of(result: dict[str, Any]) -> list[str]:
 def report_lines(result: dict[str, Any]) -> list[str]:
     """The per-task table and each scorer's share of the gap, as Markdown lines."""
     columns = columns_of(result)
-    lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{v:.1f}")
+    order = {task: i for i, task in enumerate(dev_tasks())}  # the JSON keeps task names sorted
+    tasks = {t: result["tasks"][t] for t in sorted(result["tasks"], key=lambda t: order.get(t, -1))}
+    lines = task_table(columns, LABELS, tasks, result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
     for name in sorted(result["gap_closed"], key=list(LABELS).index):
         share = result["gap_closed"][name]
