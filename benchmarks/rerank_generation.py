@@ -9,7 +9,7 @@ of the candidate each selector picks, and the share of the gap between the best 
 baseline (beam search, self-scoring by summed or mean log-probability) and the oracle that a
 selector closes.
 
-Generating candidates is the slow part (about 10 s per instruction on a 2-core CPU); it is
+Generating candidates is the slow part (4-12 s per instruction on a 2-core CPU); it is
 cached per task under $CAPPLUG_HOME/bench-cache and resumes where it stopped, so the script can
 be run, stopped and run again. `--generate-only` fills the cache without scoring.
 
