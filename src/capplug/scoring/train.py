@@ -22,7 +22,7 @@ import platform
 import random
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,9 +114,7 @@ def split_heldout(
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1); got {fraction}")
-    sizes: dict[str, int] = {}
-    for pair in pairs:
-        sizes[pair.group] = sizes.get(pair.group, 0) + 1
+    sizes = Counter(pair.group for pair in pairs)
     ranked = sorted((_group_hash(seed, group), group) for group in sizes)
     held_groups: set[str] = set()
     held = 0
