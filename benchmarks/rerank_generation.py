@@ -40,6 +40,7 @@ from capplug.data.labels import rouge_l
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("beam", "lm-sum", "lm-mean")
+GROUPS = ("rerank_generation", "instruction_to_adapter")  # the dev task groups this runs on
 LABELS = {
     "beam": "beam search",
     "random": "random candidate",
@@ -207,7 +208,7 @@ def group_lines(result: dict[str, Any]) -> list[str]:
     """Per dev group (rerank_generation, instruction_to_adapter): a Markdown table of its means."""
     groups = {
         f"{len(tasks)} `dev.{group}`": tasks
-        for group in ("rerank_generation", "instruction_to_adapter")
+        for group in GROUPS
         if (tasks := [t for t in task_names("dev", group) if t in result["tasks"]])
     }
     if len(groups) < 2:
@@ -231,7 +232,7 @@ def group_lines(result: dict[str, Any]) -> list[str]:
 
 
 def dev_tasks() -> list[str]:
-    return task_names("dev", "rerank_generation") + task_names("dev", "instruction_to_adapter")
+    return [task for group in GROUPS for task in task_names("dev", group)]
 
 
 def columns_of(result: dict[str, Any]) -> list[str]:
