@@ -97,7 +97,13 @@ class CandidateCache:
 
 
 def adapt_scorer(
-    base: str, train: list[Example], cache: CandidateCache, task: str, rank_weight: float = 0.0
+    base: str,
+    train: list[Example],
+    cache: CandidateCache,
+    task: str,
+    rank_weight: float = 0.0,
+    epochs: float = 3.0,
+    learning_rate: float = 2e-5,
 ) -> Any:
     """The default scorer adapted on the task's train examples (candidates labelled by Rouge-L)."""
     from capplug import Scorer
@@ -114,8 +120,8 @@ def adapt_scorer(
     scorer = Scorer.from_pretrained(base)
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            epochs=3,
-            learning_rate=2e-5,
+            epochs=epochs,
+            learning_rate=learning_rate,
             batch_size=16,
             eval_every=10**9,
             patience=None,
@@ -149,7 +155,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
             scorer = Scorer.from_pretrained(args.scorer)
         adapted = (
-            adapt_scorer(args.scorer, adapt_examples, cache, task, args.adapt_rank_weight)
+            adapt_scorer(
+                args.scorer,
+                adapt_examples,
+                cache,
+                task,
+                args.adapt_rank_weight,
+                args.adapt_epochs,
+                args.adapt_lr,
+            )
             if adapt_examples
             else None
         )
@@ -183,6 +197,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "limit": args.limit,
         "adapt_examples": args.adapt_examples,
         "adapt_rank_weight": args.adapt_rank_weight,
+        "adapt_epochs": args.adapt_epochs,
+        "adapt_lr": args.adapt_lr,
         "split": args.split,
         "seed": args.seed,
         "tasks": per_task,
@@ -306,6 +322,18 @@ def main() -> None:
         help="weight of the pairwise ranking loss when adapting (default 1.0, chosen on train "
         "tasks; 0: pointwise only, as `capplug adapt` defaults)",
     )
+    parser.add_argument(
+        "--adapt-epochs",
+        type=float,
+        default=3.0,
+        help="passes over the task's examples when adapting (default 3, as `capplug adapt`)",
+    )
+    parser.add_argument(
+        "--adapt-lr",
+        type=float,
+        default=2e-5,
+        help="peak learning rate when adapting (default 2e-5, as `capplug adapt`)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="instructions per generation call")
     parser.add_argument(
@@ -314,6 +342,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.adapt_rank_weight < 0:
         parser.error("--adapt-rank-weight must be >= 0")
+    if args.adapt_epochs <= 0 or args.adapt_lr <= 0:
+        parser.error("--adapt-epochs and --adapt-lr must be positive")
     if args.split == "dev":
         if args.out is not None:
             parser.error("--out is for --split train; dev results go to benchmarks/results/")

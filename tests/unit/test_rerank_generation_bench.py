@@ -64,3 +64,21 @@ def test_a_run_on_one_group_or_on_train_tasks_has_no_group_table(bench: ModuleTy
     lines = bench.report_lines(result_of(bench, train))
     assert not any("dev." in line for line in lines)
     assert lines[-1].startswith("capplug scorer (adapted): closes 40%")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--adapt-lr", "0"], ["--adapt-epochs", "-1"], ["--adapt-rank-weight", "-0.5"]],
+)
+def test_adaptation_settings_are_checked_before_any_work(
+    bench: ModuleType, flags: list[str], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def no_work(args):  # the run must stop at the argument check
+        raise AssertionError("evaluate was reached")
+
+    monkeypatch.setattr(bench, "evaluate", no_work)
+    monkeypatch.setattr(sys, "argv", ["rerank_generation.py", *flags])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2
+    assert "must be" in capsys.readouterr().err
