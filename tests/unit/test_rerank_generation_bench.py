@@ -82,3 +82,37 @@ def test_adaptation_settings_are_checked_before_any_work(
         bench.main()
     assert stop.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_adaptation_trains_with_the_chosen_recipe_and_clipped_candidates_on_request(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import capplug
+    import capplug.scoring.train as train_module
+    from capplug.data.bigbench import Example
+
+    seen: list[tuple[list, object]] = []
+    monkeypatch.setattr(capplug.Scorer, "from_pretrained", classmethod(lambda cls, ref: ref))
+    monkeypatch.setattr(
+        train_module,
+        "train_scorer",
+        lambda scorer, pairs, out, *, config, **kw: seen.append((pairs, config)),
+    )
+    examples = [
+        Example("t", i, f"in {i}", f"Q: in {i}\nA: ", f"Q: in {i}\nA: ", [f"answer {i}"])
+        for i in range(2)
+    ]
+
+    class Cache:
+        def get(self, example):
+            return [{"text": f"answer {example.index}. Then more.\nAnd more.", "strategy": "beam"}]
+
+    for clip in (False, True):
+        bench.adapt_scorer("base", examples, Cache(), "t", 1.0, clip=clip)
+    (plain, config), (clipped, _) = seen
+    assert (config.epochs, config.learning_rate, config.rank_weight) == (6.0, 5e-5, 1.0)
+    # per example: reference, another example's reference as negative, the candidate ...
+    assert len(plain) == 2 * 3
+    # ... and with clipping its first line and first sentence, the latter labelled 1.0
+    assert len(clipped) == 2 * 5
+    assert {p.response: p.label for p in clipped}["answer 0."] == pytest.approx(1.0)
