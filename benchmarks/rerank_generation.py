@@ -17,9 +17,9 @@ be run, stopped and run again. `--generate-only` fills the cache without scoring
 
 Writes benchmarks/results/rerank_generation.{json,md,png}.
 
-Choices about the adapted scorer (`--adapt-rank-weight`, `--adapt-epochs`, `--adapt-lr`) are made on train tasks, never on
-dev: `--split train --tasks T ... --out FILE` runs the same protocol on generative train tasks
-and writes only FILE, leaving the committed dev results alone.
+Choices about the adapted scorer (`--adapt-rank-weight`, `--adapt-epochs`, `--adapt-lr`) are
+made on train tasks, never on dev: `--split train --tasks T ... --out FILE` runs the same
+protocol on generative train tasks and writes only FILE, leaving the committed dev results alone.
 """
 
 from __future__ import annotations
