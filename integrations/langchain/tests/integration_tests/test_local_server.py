@@ -47,7 +47,7 @@ def scorer() -> Scorer:
     return Scorer()
 
 
-def chat(url: str) -> ChatOpenAI:
+def chat(url: str, **settings) -> ChatOpenAI:
     return ChatOpenAI(
         model=MODEL,
         base_url=f"{url}/v1",
@@ -55,13 +55,16 @@ def chat(url: str) -> ChatOpenAI:
         temperature=0,
         max_tokens=24,
         timeout=120,
+        **settings,
     )
 
 
 def test_best_of_n_through_chat_openai(server, scorer):
     url, app = server
     before = app.requests
-    best = CappyBestOfN(llm=chat(url), scorer=scorer, n=4)
+    # The server derives each choice's generator from the request's seed: without one, four
+    # samples of a one-line answer from a small model are now and then all the same.
+    best = CappyBestOfN(llm=chat(url, seed=0), scorer=scorer, n=4)
     reply = best.invoke(QUESTION)
     meta = reply.response_metadata["capplug"]
     assert app.requests - before == 1  # native n: one request for all four candidates
