@@ -40,6 +40,7 @@ from capplug.data.labels import rouge_l
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("beam", "lm-sum", "lm-mean")
+ADAPT_EPOCHS, ADAPT_LR = 6.0, 5e-5  # how the benchmark adapts, chosen on train tasks (README)
 GROUPS = ("rerank_generation", "instruction_to_adapter")  # the dev task groups this runs on
 LABELS = {
     "beam": "beam search",
@@ -102,8 +103,8 @@ def adapt_scorer(
     cache: CandidateCache,
     task: str,
     rank_weight: float = 0.0,
-    epochs: float = 6.0,
-    learning_rate: float = 5e-5,
+    epochs: float = ADAPT_EPOCHS,
+    learning_rate: float = ADAPT_LR,
     clip: bool = False,
 ) -> Any:
     """The default scorer adapted on the task's train examples (candidates labelled by Rouge-L;
@@ -165,10 +166,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 adapt_examples,
                 cache,
                 task,
-                args.adapt_rank_weight,
-                args.adapt_epochs,
-                args.adapt_lr,
-                args.adapt_clip,
+                rank_weight=args.adapt_rank_weight,
+                epochs=args.adapt_epochs,
+                learning_rate=args.adapt_lr,
+                clip=args.adapt_clip,
             )
             if adapt_examples
             else None
@@ -332,16 +333,16 @@ def main() -> None:
     parser.add_argument(
         "--adapt-epochs",
         type=float,
-        default=6.0,
-        help="passes over the task's examples when adapting (default 6, chosen on train tasks; "
-        "`capplug adapt` defaults to 3)",
+        default=ADAPT_EPOCHS,
+        help="passes over the task's examples when adapting (default %(default)s, chosen on train "
+        "tasks; `capplug adapt` has its own default)",
     )
     parser.add_argument(
         "--adapt-lr",
         type=float,
-        default=5e-5,
-        help="peak learning rate when adapting (default 5e-5, chosen on train tasks; "
-        "`capplug adapt` defaults to 2e-5)",
+        default=ADAPT_LR,
+        help="peak learning rate when adapting (default %(default)s, chosen on train tasks; "
+        "`capplug adapt` has its own default)",
     )
     parser.add_argument(
         "--adapt-clip",
