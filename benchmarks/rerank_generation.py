@@ -7,7 +7,8 @@ each of plain sampling, temperature 0.9, top-k 40 and top-p 0.95; at most 64 new
 with fixed seeds and cached so every selector sees the same candidates. Reported: mean Rouge-L F
 of the candidate each selector picks, and the share of the gap between the best non-oracle
 baseline (beam search, self-scoring by summed or mean log-probability) and the oracle that a
-selector closes.
+selector closes, each with a 95% interval from a paired bootstrap over the test examples (the
+results JSON keeps every example's Rouge-L under every selector for this).
 
 Generating candidates is the slow part (4-12 s per instruction on a 2-core CPU); it is
 cached per task under $CAPPLUG_HOME/bench-cache and resumes where it stopped, so the script can
@@ -190,10 +191,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             if adapted is not None:
                 picks["adapted"].append(rouge[int(np.argmax(adapted.score(example.prompt, texts)))])
             picks["oracle"].append(max(rouge))
-        row = {name: 100 * float(np.mean(v)) for name, v in picks.items() if v}
-        row["examples"] = len(test)
-        per_task[task] = row
+        row: dict[str, Any] = {name: 100 * float(np.mean(v)) for name, v in picks.items() if v}
         print(task, {k: round(v, 1) for k, v in row.items()})
+        row["examples"] = len(test)
+        # Each test example's Rouge-L under every selector, for paired intervals (interval_lines).
+        row["per_example"] = {
+            name: [round(100 * x, 3) for x in v] for name, v in picks.items() if v
+        }
+        per_task[task] = row
     if args.generate_only:
         return {}
     mean, best_baseline, closed = summarise(list(per_task.values()))
@@ -226,6 +231,65 @@ def summarise(rows: list[dict[str, float]]) -> tuple[dict[str, float], float, di
         c: (mean[c] - best_baseline) / gap for c in ("scorer", "adapted") if c in mean and gap > 0
     }
     return mean, best_baseline, closed
+
+
+def paired_intervals(
+    result: dict[str, Any], resamples: int = 2000, seed: int = 0
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """95% paired-bootstrap intervals, per scorer, of its margin over the best baseline (points)
+    and of its share of the gap to the oracle.
+
+    Each resample draws every task's test examples with replacement, the same draw for all
+    selectors, and recomputes what ``summarise`` reports from it (the best baseline is picked
+    again in every resample). Empty when a task's result lacks its per-example scores."""
+    tasks = list(result["tasks"].values())
+    if not tasks or any("per_example" not in t for t in tasks):
+        return {}
+    columns = [c for c in LABELS if all(c in t["per_example"] for t in tasks)]
+    rng = np.random.default_rng(seed)
+    means = {c: np.zeros(resamples) for c in columns}
+    for task in tasks:
+        scores = {c: np.asarray(task["per_example"][c], dtype=float) for c in columns}
+        n = len(scores[columns[0]])
+        draw = rng.integers(0, n, size=(resamples, n))
+        for c in columns:
+            means[c] += scores[c][draw].mean(axis=1) / len(tasks)
+    best = np.max([means[b] for b in BASELINES], axis=0)
+    gap = means["oracle"] - best
+    out = {}
+    for c in ("scorer", "adapted"):
+        if c not in means:
+            continue
+        margin = means[c] - best
+        share = np.divide(margin, gap, out=np.full_like(margin, np.nan), where=gap > 0)
+        out[c] = {
+            "margin": tuple(np.percentile(margin, [2.5, 97.5])),
+            "gap_closed": tuple(np.nanpercentile(share, [2.5, 97.5])),
+        }
+    return out
+
+
+def interval_lines(result: dict[str, Any]) -> list[str]:
+    """The paired intervals as Markdown lines (none for results without per-example scores)."""
+    intervals = paired_intervals(result)
+    if not intervals:
+        return []
+    best = max(BASELINES, key=lambda b: result["mean"][b])
+    n = sum(t["examples"] for t in result["tasks"].values())
+    lines = [
+        f"95% intervals, from 2,000 paired bootstrap resamples of the {n} test examples within "
+        "their tasks:",
+        "",
+    ]
+    for c, interval in intervals.items():
+        margin = result["mean"][c] - result["mean"][best]
+        (lo, hi), (slo, shi) = interval["margin"], interval["gap_closed"]
+        lines.append(
+            f"- {LABELS[c]}: {margin:+.1f} points against the best baseline ({LABELS[best]}), "
+            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {100 * result['gap_closed'][c]:.0f}%, "
+            f"interval {100 * slo:.0f}% to {100 * shi:.0f}%."
+        )
+    return lines
 
 
 def group_lines(result: dict[str, Any]) -> list[str]:
@@ -279,6 +343,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             else f"is below the best baseline, by {-100 * share:.0f}% of its gap to the oracle."
         )
         lines.append(f"{LABELS[name]}: {where}")
+    intervals = interval_lines(result)
+    if intervals:
+        lines += ["", *intervals]
     groups = group_lines(result)
     if groups:
         lines += ["", "By group of dev tasks (means over each group's tasks):", "", *groups]

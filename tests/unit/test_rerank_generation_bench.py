@@ -116,3 +116,46 @@ def test_adaptation_trains_with_the_chosen_recipe_and_clipped_candidates_on_requ
     # ... and with clipping its first line and first sentence, the latter labelled 1.0
     assert len(clipped) == 2 * 5
     assert {p.response: p.label for p in clipped}["answer 0."] == pytest.approx(1.0)
+
+
+def with_examples(base: list[float], scorer: list[float], oracle: list[float]) -> dict:
+    """A task row with per-example Rouge-L: all three baselines pick ``base``."""
+    per_example = {"beam": base, "lm-sum": base, "lm-mean": base}
+    per_example |= {"scorer": scorer, "adapted": scorer, "oracle": oracle}
+    row = {name: sum(v) / len(v) for name, v in per_example.items()}
+    return row | {"examples": len(base), "per_example": per_example}
+
+
+def test_paired_intervals_separate_a_steady_gain_from_a_noisy_tie(bench: ModuleType) -> None:
+    tasks = task_names("dev", "rerank_generation")[:2]
+    # Scorer 2 points above the baseline on every example: the interval is 2 to 2, and it
+    # closes 2 of the 10 points to the oracle on every resample.
+    steady = {
+        t: with_examples([10.0, 30.0] * 10, [12.0, 32.0] * 10, [20.0, 40.0] * 10) for t in tasks
+    }
+    result = result_of(bench, steady)
+    interval = bench.paired_intervals(result)["scorer"]
+    assert interval["margin"] == pytest.approx((2.0, 2.0))
+    assert interval["gap_closed"] == pytest.approx((0.2, 0.2))
+    # Same means, but the scorer wins by 20 on half the examples and loses by 20 on the
+    # others: level on average, and the interval must say that it could be either side.
+    noisy = {
+        t: with_examples([10.0, 30.0] * 10, [30.0, 10.0] * 10, [40.0, 40.0] * 10) for t in tasks
+    }
+    lo, hi = bench.paired_intervals(result_of(bench, noisy))["scorer"]["margin"]
+    assert lo < -2 and hi > 2
+    lines = bench.report_lines(result_of(bench, noisy))
+    assert any(
+        line.startswith("- capplug scorer (zero-shot): +0.0 points against the best baseline")
+        for line in lines
+    )
+    assert "95% intervals, from 2,000 paired bootstrap resamples of the 40 test examples" in (
+        "\n".join(lines)
+    )
+
+
+def test_results_without_per_example_scores_report_no_intervals(bench: ModuleType) -> None:
+    tasks = {t: row(10, 12, 14, 20) for t in task_names("dev", "rerank_generation")[:2]}
+    result = result_of(bench, tasks)
+    assert bench.paired_intervals(result) == {}
+    assert not any("interval" in line for line in bench.report_lines(result))
