@@ -233,6 +233,11 @@ def summarise(rows: list[dict[str, float]]) -> tuple[dict[str, float], float, di
     return mean, best_baseline, closed
 
 
+def percent(share: float) -> str:
+    """A share as a whole percentage; a share that rounds to zero prints as 0%, never -0%."""
+    return f"{round(100 * share)}%"
+
+
 def paired_intervals(
     result: dict[str, Any], resamples: int = 2000, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float]]]:
@@ -242,7 +247,7 @@ def paired_intervals(
     Each resample draws every task's test examples with replacement, the same draw for all
     selectors, and recomputes what ``summarise`` reports from it (the best baseline is picked
     again in every resample). Empty when a task's result lacks its per-example scores."""
-    tasks = list(result["tasks"].values())
+    tasks = [result["tasks"][name] for name in sorted(result["tasks"])]  # same draws on reload
     if not tasks or any("per_example" not in t for t in tasks):
         return {}
     columns = [c for c in LABELS if all(c in t["per_example"] for t in tasks)]
@@ -286,8 +291,8 @@ def interval_lines(result: dict[str, Any]) -> list[str]:
         (lo, hi), (slo, shi) = interval["margin"], interval["gap_closed"]
         lines.append(
             f"- {LABELS[c]}: {margin:+.1f} points against the best baseline ({LABELS[best]}), "
-            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {100 * result['gap_closed'][c]:.0f}%, "
-            f"interval {100 * slo:.0f}% to {100 * shi:.0f}%."
+            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {percent(result['gap_closed'][c])}, "
+            f"interval {percent(slo)} to {percent(shi)}."
         )
     return lines
 
@@ -310,7 +315,7 @@ def group_lines(result: dict[str, Any]) -> list[str]:
     ]
     for name, tasks in groups.items():
         mean, best, closed = summarise([result["tasks"][t] for t in tasks])
-        shares = " / ".join(f"{100 * closed[c]:.0f}%" for c in scorers if c in closed)
+        shares = " / ".join(percent(closed[c]) for c in scorers if c in closed)
         lines.append(
             f"| {name} | {best:.1f} | "
             + " | ".join(f"{mean[c]:.1f}" for c in scorers)
@@ -338,9 +343,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     for name in sorted(result["gap_closed"], key=list(LABELS).index):
         share = result["gap_closed"][name]
         where = (
-            f"closes {100 * share:.0f}% of the gap between the best baseline and the oracle."
+            f"closes {percent(share)} of the gap between the best baseline and the oracle."
             if share >= 0
-            else f"is below the best baseline, by {-100 * share:.0f}% of its gap to the oracle."
+            else f"is below the best baseline, by {percent(-share)} of its gap to the oracle."
         )
         lines.append(f"{LABELS[name]}: {where}")
     intervals = interval_lines(result)

@@ -144,6 +144,11 @@ def test_paired_intervals_separate_a_steady_gain_from_a_noisy_tie(bench: ModuleT
     }
     lo, hi = bench.paired_intervals(result_of(bench, noisy))["scorer"]["margin"]
     assert lo < -2 and hi > 2
+    # the results JSON keeps task names sorted: reloading it must give the same intervals
+    noisy[tasks[0]] = with_examples([10.0, 30.0] * 10, [30.0, 10.0, 10.0, 30.0] * 5, [40.0] * 20)
+    forward = bench.paired_intervals(result_of(bench, noisy))
+    backward = bench.paired_intervals(result_of(bench, dict(reversed(noisy.items()))))
+    assert forward == backward
     lines = bench.report_lines(result_of(bench, noisy))
     assert any(
         line.startswith("- capplug scorer (zero-shot): +0.0 points against the best baseline")
@@ -159,3 +164,16 @@ def test_results_without_per_example_scores_report_no_intervals(bench: ModuleTyp
     result = result_of(bench, tasks)
     assert bench.paired_intervals(result) == {}
     assert not any("interval" in line for line in bench.report_lines(result))
+
+
+def test_a_share_that_rounds_to_zero_is_printed_as_zero(bench: ModuleType) -> None:
+    rerank = task_names("dev", "rerank_generation")[:1]
+    i2a = task_names("dev", "instruction_to_adapter")[:1]
+    # zero-shot a hair below the baseline: -0.1% of the gap, which must not print as "-0%"
+    tasks = {rerank[0]: row(10, 9.99, 15, 20), i2a[0]: row(10, 9.99, 15, 20)}
+    lines = bench.report_lines(result_of(bench, tasks))
+    assert "| 1 `dev.rerank_generation` | 10.0 | 10.0 | 15.0 | 20.0 | 0% / 50% |" in lines
+    assert (
+        "capplug scorer (zero-shot): is below the best baseline, by 0% of its gap to the oracle."
+        in lines
+    )
