@@ -238,27 +238,37 @@ def percent(share: float) -> str:
     return f"{round(100 * share)}%"
 
 
+def resampled_means(
+    tasks: list[dict[str, list[float]]], resamples: int = 2000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per bootstrap resample, each column's mean over ``tasks`` of its per-example scores.
+
+    ``tasks`` holds, per task, one list of per-example scores per column (the same examples
+    in every column). Each resample draws every task's examples with replacement, the same draw
+    for all columns, so differences between columns are paired."""
+    columns = [c for c in tasks[0] if all(c in t for t in tasks)]
+    rng = np.random.default_rng(seed)
+    means = {c: np.zeros(resamples) for c in columns}
+    for task in tasks:
+        n = len(task[columns[0]])
+        draw = rng.integers(0, n, size=(resamples, n))
+        for c in columns:
+            means[c] += np.asarray(task[c], dtype=float)[draw].mean(axis=1) / len(tasks)
+    return means
+
+
 def paired_intervals(
     result: dict[str, Any], resamples: int = 2000, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """95% paired-bootstrap intervals, per scorer, of its margin over the best baseline (points)
     and of its share of the gap to the oracle.
 
-    Each resample draws every task's test examples with replacement, the same draw for all
-    selectors, and recomputes what ``summarise`` reports from it (the best baseline is picked
-    again in every resample). Empty when a task's result lacks its per-example scores."""
+    Recomputes what ``summarise`` reports on every resample of ``resampled_means`` (the best
+    baseline is picked again in each). Empty when a task's result lacks its per-example scores."""
     tasks = [result["tasks"][name] for name in sorted(result["tasks"])]  # same draws on reload
     if not tasks or any("per_example" not in t for t in tasks):
         return {}
-    columns = [c for c in LABELS if all(c in t["per_example"] for t in tasks)]
-    rng = np.random.default_rng(seed)
-    means = {c: np.zeros(resamples) for c in columns}
-    for task in tasks:
-        scores = {c: np.asarray(task["per_example"][c], dtype=float) for c in columns}
-        n = len(scores[columns[0]])
-        draw = rng.integers(0, n, size=(resamples, n))
-        for c in columns:
-            means[c] += scores[c][draw].mean(axis=1) / len(tasks)
+    means = resampled_means([t["per_example"] for t in tasks], resamples, seed)
     best = np.max([means[b] for b in BASELINES], axis=0)
     gap = means["oracle"] - best
     out = {}
