@@ -85,6 +85,11 @@ def compare(
         f"| **mean** | **{best:.1f}** | **{mean_a['scorer']:.1f}** | **{mean_a[selector]:.1f}** | "
         f"**{mean_b[selector]:.1f}** | **{mean_a['oracle']:.1f}** |"
     )
+    lines += [
+        "",
+        "Best baseline: per task, the best of beam search and self-scoring on that task; in the "
+        "mean row, the best of their means over the tasks, the baseline the gap is measured from.",
+    ]
     means = resampled_means(
         [
             {"before": a["per_example"][selector], "after": b["per_example"][selector]}
