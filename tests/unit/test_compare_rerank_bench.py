@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def compare() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("compare_rerank")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def compare(import_benchmark) -> ModuleType:
+    return import_benchmark("compare_rerank")
 
 
 def task_row(adapted: list[float], oracle: list[float] | None = None) -> dict:

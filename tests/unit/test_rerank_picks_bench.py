@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from capplug.data.bigbench import Example
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def picks() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("rerank_picks")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def picks(import_benchmark) -> ModuleType:
+    return import_benchmark("rerank_picks")
 
 
 class Longest:
