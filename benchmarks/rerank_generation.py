@@ -41,7 +41,8 @@ from capplug.data.labels import rouge_l
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("beam", "lm-sum", "lm-mean")
-ADAPT_EPOCHS, ADAPT_LR = 6.0, 5e-5  # how the benchmark adapts, chosen on train tasks (README)
+# how the benchmark adapts, chosen on train tasks (README)
+ADAPT_EPOCHS, ADAPT_LR, ADAPT_RANK_WEIGHT = 6.0, 5e-5, 1.0
 GROUPS = ("rerank_generation", "instruction_to_adapter")  # the dev task groups this runs on
 LABELS = {
     "beam": "beam search",
@@ -60,6 +61,11 @@ def split(task: str, limit: int) -> tuple[list[Example], list[Example]]:
     test = [e for e in examples if e.is_test][:limit]
     train = [e for e in examples if not e.is_test]
     return test, train
+
+
+def adaptation_examples(task: str, train: list[Example], n: int) -> list[Example]:
+    """The ``n`` train examples a task's scorer is adapted on (a fixed draw per task)."""
+    return random.Random(task).sample(train, min(n, len(train)))
 
 
 class CandidateCache:
@@ -146,7 +152,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     per_task: dict[str, dict[str, float]] = {}
     for task in tasks:
         test, train = split(task, args.limit)
-        adapt_examples = random.Random(task).sample(train, min(args.adapt_examples, len(train)))
+        adapt_examples = adaptation_examples(task, train, args.adapt_examples)
         cache = CandidateCache(task, args.seed)
         if cache.missing(test + adapt_examples):
             if model is None:
@@ -408,8 +414,8 @@ def main() -> None:
     parser.add_argument(
         "--adapt-rank-weight",
         type=float,
-        default=1.0,
-        help="weight of the pairwise ranking loss when adapting (default 1.0, chosen on train "
+        default=ADAPT_RANK_WEIGHT,
+        help="weight of the pairwise ranking loss when adapting (default %(default)s, chosen on train "
         "tasks; 0: pointwise only, as `capplug adapt` defaults)",
     )
     parser.add_argument(

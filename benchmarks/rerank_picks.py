@@ -11,11 +11,19 @@ rerank_generation and draws nothing: run that first.
 from __future__ import annotations
 
 import argparse
-import random
 from collections import Counter
 
 import numpy as np
-from rerank_generation import ADAPT_EPOCHS, ADAPT_LR, CandidateCache, adapt_scorer, dev_tasks, split
+from rerank_generation import (
+    ADAPT_EPOCHS,
+    ADAPT_LR,
+    ADAPT_RANK_WEIGHT,
+    CandidateCache,
+    adapt_scorer,
+    adaptation_examples,
+    dev_tasks,
+    split,
+)
 
 from capplug.data.labels import rouge_l
 
@@ -55,14 +63,14 @@ def main() -> None:
     parser.add_argument("--adapt-examples", type=int, default=16, help="0 skips adaptation")
     parser.add_argument("--adapt-epochs", type=float, default=ADAPT_EPOCHS)
     parser.add_argument("--adapt-lr", type=float, default=ADAPT_LR)
-    parser.add_argument("--adapt-rank-weight", type=float, default=1.0)
+    parser.add_argument("--adapt-rank-weight", type=float, default=ADAPT_RANK_WEIGHT)
     parser.add_argument("--seed", type=int, default=0, help="the candidate cache's seed")
     parser.add_argument("--width", type=int, default=60, help="characters shown per candidate")
     args = parser.parse_args()
     if args.task not in dev_tasks():
         parser.error("TASK must be a dev.rerank_generation or dev.instruction_to_adapter task")
     test, train = split(args.task, args.limit)
-    adapt_examples = random.Random(args.task).sample(train, min(args.adapt_examples, len(train)))
+    adapt_examples = adaptation_examples(args.task, train, args.adapt_examples)
     cache = CandidateCache(args.task, args.seed)
     if missing := cache.missing(test + adapt_examples):
         parser.exit(
