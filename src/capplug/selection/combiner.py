@@ -1,0 +1,166 @@
+"""How per-candidate signals become one choice: a linear model over within-set z-scores.
+
+Each signal is first put on a common footing inside one candidate set (its z-score over the set:
+only how a candidate compares with the others counts, never the raw scale, which differs between
+models, prompts and APIs). The fused score is a weighted sum of those z-scores, and the
+probability that a candidate is the best one is its softmax over the set (a conditional logit).
+
+Weights are fitted per subset of signals, so a missing signal (no log-probabilities from an API,
+say) uses weights fitted without it rather than a zero in its place. They live in the scorer
+checkpoint's ``config.json`` under ``capplug_selection``: readable, and swappable without code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CONFIG_KEY", "SIGNALS", "Combiner", "fit_weights", "zscores"]
+
+CONFIG_KEY = "capplug_selection"
+"""The key in a scorer checkpoint's ``config.json`` that holds its selection weights."""
+
+SIGNALS = ("scorer", "agreement", "logprob", "logprob_mean", "length")
+"""Every signal the core knows, in a fixed order.
+
+- ``scorer``: the scorer's score (as a logit);
+- ``agreement``: mean Rouge-L F to the other candidates (:mod:`capplug.selection.agreement`);
+- ``logprob``: the generator's summed token log-probability of the candidate;
+- ``logprob_mean``: the same per token (needs token counts);
+- ``length``: log(1 + words), a length prior.
+"""
+
+
+def _key(signals: Iterable[str]) -> str:
+    return "+".join(sorted(signals))
+
+
+def zscores(values: np.ndarray) -> np.ndarray:
+    """Values standardised within their set; a set with no spread gets zeros."""
+    values = np.asarray(values, dtype=float)
+    spread = values.std()
+    if values.size < 2 or spread < 1e-9:
+        return np.zeros_like(values)
+    return (values - values.mean()) / spread
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """Weights over within-set z-scored signals, one weight set per subset of signals."""
+
+    weights: Mapping[str, Mapping[str, float]]
+    """Keyed by the subset's signal names sorted and joined with ``+`` (``"agreement+scorer"``)."""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    """How the weights were fitted (data, settings, held-out figures); informational."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, Mapping) or not self.weights:
+            raise ValueError("weights must map at least one signal subset to its weights")
+        for key, table in self.weights.items():
+            names = key.split("+")
+            unknown = [n for n in names if n not in SIGNALS]
+            if unknown or _key(names) != key:
+                raise ValueError(
+                    f"weights key {key!r} must be signal names from {SIGNALS} sorted and joined "
+                    f"with '+'"
+                )
+            if set(table) != set(names):
+                raise ValueError(f"weights[{key!r}] must give one weight per signal in its key")
+            for name, value in table.items():
+                if not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ValueError(f"weights[{key!r}][{name!r}] must be a finite number")
+
+    def subsets(self) -> list[frozenset[str]]:
+        return [frozenset(k.split("+")) for k in self.weights]
+
+    def weights_for(self, available: Iterable[str]) -> dict[str, float]:
+        """The weights fitted for exactly ``available``, else for its largest fitted subset."""
+        have = frozenset(available)
+        exact = self.weights.get(_key(have))
+        if exact is not None:
+            return dict(exact)
+        fitting = [s for s in self.subsets() if s <= have]
+        if not fitting:
+            raise ValueError(
+                f"no selection weights fit the available signals {sorted(have)}; the combiner "
+                f"has weights for {sorted(self.weights)}"
+            )
+        best = max(fitting, key=lambda s: (len(s), _key(s)))
+        return dict(self.weights[_key(best)])
+
+    def fuse(self, signals: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+        """Fused score per candidate from raw signal arrays (already transformed), and the weights."""
+        weights = self.weights_for(signals)
+        n = len(next(iter(signals.values())))
+        total = np.zeros(n)
+        for name, weight in weights.items():
+            total += weight * zscores(signals[name])
+        return total, weights
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "weights": {k: dict(v) for k, v in sorted(self.weights.items())},
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Combiner:
+        if not isinstance(config, Mapping) or config.get("version") != 1:
+            raise ValueError(
+                f"{CONFIG_KEY} must be an object with version 1 and weights; got {config!r:.120}"
+            )
+        return cls(
+            {k: {n: float(w) for n, w in v.items()} for k, v in config["weights"].items()},
+            dict(config.get("info", {})),
+        )
+
+
+def fit_weights(
+    sets: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray]],
+    signals: Sequence[str],
+    *,
+    temperature: float = 0.05,
+    l2: float = 1e-2,
+) -> dict[str, float]:
+    """Weights for ``signals`` that make the softmax of the fused score pick the best candidates.
+
+    Each set is ``(signal arrays, quality)``: raw transformed signals per candidate and each
+    candidate's quality (Rouge-L against the reference, or an option's target score). The target
+    distribution is the softmax of quality / ``temperature``; the loss is the cross-entropy of
+    the fused softmax against it, averaged over sets, plus ``l2`` times the squared weights.
+    """
+    from scipy.optimize import minimize
+
+    names = list(signals)
+    usable = [(s, q) for s, q in sets if len(q) >= 2 and np.ptp(q) > 0]
+    if not usable:
+        raise ValueError("no candidate set has two candidates of different quality to learn from")
+    width = max(len(q) for _, q in usable)
+    x = np.zeros((len(usable), width, len(names)))
+    target = np.zeros((len(usable), width))
+    mask = np.zeros((len(usable), width), dtype=bool)
+    for g, (values, quality) in enumerate(usable):
+        n = len(quality)
+        for k, name in enumerate(names):
+            x[g, :n, k] = zscores(values[name])
+        t = np.exp((quality - quality.max()) / temperature)
+        target[g, :n] = t / t.sum()
+        mask[g, :n] = True
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        s = np.where(mask, x @ w, -np.inf)
+        s = s - s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        logp = np.where(mask, np.log(np.maximum(p, 1e-300)), 0.0)
+        value = -(target * logp).sum() / len(usable) + l2 * float(w @ w)
+        grad = -np.einsum("gn,gnk->k", target - p, x) / len(usable) + 2 * l2 * w
+        return value, grad
+
+    result = minimize(loss, np.zeros(len(names)), jac=True, method="L-BFGS-B")
+    return {name: float(v) for name, v in zip(names, result.x, strict=True)}

@@ -1,0 +1,307 @@
+"""The one place where candidates become a choice.
+
+:class:`Reranker` gathers each signal for a candidate set (the scorer, agreement among the
+candidates, the generator's log-probabilities, a length prior), fuses them with a
+:class:`~capplug.selection.combiner.Combiner`, and returns a :class:`Selection`: the chosen
+index into the caller's list, every candidate's fused score and raw signals, and the weights
+used. Every surface (``Scorer``-free Python calls, the proxy, the LangChain components, the
+adapter hit check) chooses through it, and :meth:`Selection.metadata` is the one ``capplug``
+metadata schema they all report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capplug.scoring.formatting import Instruction, check_responses
+from capplug.selection.agreement import rouge_agreement, word_counts
+from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
+
+__all__ = ["Reranker", "Scored", "Selection", "check_logprobs", "load_combiner", "signal_values"]
+
+DEFAULT_COMBINER = Combiner(
+    {"agreement+length+scorer": {"scorer": 1.0, "agreement": 1.0, "length": 0.0}},
+    {"note": "fallback when a checkpoint records no selection weights"},
+)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate: its index in the caller's list, fused score, and raw signals."""
+
+    index: int
+    response: str
+    score: float
+    """The fused selector's probability that this candidate is the best of the set."""
+    signals: Mapping[str, float]
+    """Raw value of every signal used: ``scorer`` in [0, 1], ``agreement`` in [0, 1],
+    ``logprob`` (summed), ``logprob_mean``, ``length`` (words)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen candidate, with every candidate's scores and the weights that chose it."""
+
+    index: int
+    """Position of the chosen candidate in the list passed in (the first of equal repeats)."""
+    response: str
+    score: float
+    signals: Mapping[str, float]
+    candidates: tuple[Scored, ...]
+    """Every candidate, in the order passed in."""
+    weights: Mapping[str, float]
+    """The combiner weights applied to the within-set z-scores of each signal."""
+
+    def ranking(self) -> list[Scored]:
+        """Candidates best first (ties keep input order)."""
+        return sorted(self.candidates, key=lambda c: -c.score)
+
+    def metadata(self) -> dict[str, Any]:
+        """The ``capplug`` metadata every surface reports (JSON-ready).
+
+        ``chosen`` indexes ``candidates``; ``scores`` are the fused scores in that order;
+        ``signals`` maps each signal to its raw value per candidate; ``weights`` are the fused
+        weights over within-set z-scores.
+        """
+        return {
+            "chosen": self.index,
+            "candidates": [c.response for c in self.candidates],
+            "scores": [round(c.score, 6) for c in self.candidates],
+            "signals": {
+                name: [_json_number(c.signals[name]) for c in self.candidates]
+                for name in self.signals
+            },
+            "weights": {k: round(v, 6) for k, v in self.weights.items()},
+        }
+
+
+def _json_number(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def check_logprobs(values: Any, n: int, *, argument: str = "logprobs") -> np.ndarray | None:
+    """``values`` as a float array of length ``n`` (or ``None``), else a ValueError naming it."""
+    if values is None:
+        return None
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise TypeError(
+            f"{argument} must be a list of numbers, one per candidate, or None; "
+            f"got {type(values).__name__}"
+        )
+    if len(values) != n:
+        raise ValueError(
+            f"{argument} must have one value per candidate: {n} candidates, {len(values)} values"
+        )
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing and len(missing) < n:
+        raise ValueError(
+            f"{argument} mixes numbers and None (None at {missing[:5]}); give a value for every "
+            f"candidate, or pass {argument}=None"
+        )
+    if missing:
+        return None
+    out = np.empty(n)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
+            raise TypeError(f"{argument}[{i}] must be a number; got {type(v).__name__}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{argument}[{i}] must be finite; got {v}")
+        out[i] = float(v)
+    return out
+
+
+def signal_values(
+    texts: Sequence[str],
+    *,
+    scores: np.ndarray | None = None,
+    logprobs: np.ndarray | None = None,
+    token_counts: np.ndarray | None = None,
+    use: Sequence[str] = SIGNALS,
+) -> dict[str, np.ndarray]:
+    """Per-candidate signal arrays, transformed for fusing (the scorer's score as a logit).
+
+    A signal is present when its inputs are (``scores``, ``logprobs``, ``token_counts``) and it
+    is in ``use``. Fitting and selection both go through here, so they see the same values.
+    """
+    out: dict[str, np.ndarray] = {}
+    if "scorer" in use and scores is not None:
+        p = np.clip(np.asarray(scores, dtype=float), 1e-4, 1 - 1e-4)
+        out["scorer"] = np.log(p) - np.log1p(-p)
+    if "agreement" in use:
+        out["agreement"] = rouge_agreement(texts)
+    if "logprob" in use and logprobs is not None:
+        out["logprob"] = np.asarray(logprobs, dtype=float)
+    if "logprob_mean" in use and logprobs is not None and token_counts is not None:
+        out["logprob_mean"] = np.asarray(logprobs, dtype=float) / np.maximum(token_counts, 1)
+    if "length" in use:
+        out["length"] = np.log1p(word_counts(texts))
+    return out
+
+
+class Reranker:
+    """Best-of-n selection that fuses the scorer, agreement and log-probabilities.
+
+    ``Reranker()`` loads the bundled scorer and the selection weights stored with it. Every
+    signal is optional: pass ``logprobs`` when the generator returns them; without them the
+    weights fitted without log-probabilities apply.
+
+    Args:
+        scorer: a :class:`capplug.Scorer`, a reference to load one, or ``None`` for no scorer.
+        combiner: the weights; default: those recorded in the scorer checkpoint's config.
+        signals: restrict the signals used (default: all of :data:`SIGNALS` available).
+        lm: a local causal LM (a :class:`capplug.llms.LocalChatModel` or a reference) that
+            computes each candidate's log-likelihood when ``logprobs`` is not given.
+    """
+
+    def __init__(
+        self,
+        scorer: Any = "capplug-default",
+        *,
+        combiner: Combiner | None = None,
+        signals: Sequence[str] | None = None,
+        lm: Any = None,
+    ) -> None:
+        from capplug.scoring import Scorer
+
+        if isinstance(scorer, str | os.PathLike):
+            ref = scorer
+            scorer = Scorer.from_pretrained(scorer)
+            combiner = combiner or load_combiner(ref)
+        elif scorer is not None and not callable(getattr(scorer, "score", None)):
+            raise TypeError(
+                f"scorer must be a capplug Scorer, a reference, or None; got {type(scorer).__name__}"
+            )
+        self.scorer = scorer
+        self.combiner = combiner or DEFAULT_COMBINER
+        if signals is None:
+            signals = SIGNALS
+        unknown = [s for s in signals if s not in SIGNALS]
+        if unknown:
+            raise ValueError(f"signals must be names from {SIGNALS}; got {unknown}")
+        self.signals = tuple(s for s in SIGNALS if s in signals)
+        if isinstance(lm, str | os.PathLike):
+            from capplug.llms import LocalChatModel
+
+            lm = LocalChatModel.from_pretrained(lm)
+        self.lm = lm
+
+    def __repr__(self) -> str:
+        return f"Reranker(scorer={self.scorer!r}, signals={self.signals}, lm={self.lm!r})"
+
+    def select(
+        self,
+        instruction: Instruction,
+        candidates: Sequence[str],
+        *,
+        logprobs: Sequence[float | None] | None = None,
+        token_counts: Sequence[int] | None = None,
+    ) -> Selection:
+        """Choose the best of ``candidates`` for ``instruction``.
+
+        Args:
+            instruction: the prompt (a string or a chat).
+            candidates: the responses; repeats are scored once, empty strings are allowed.
+            logprobs: each candidate's summed token log-probability under the model that wrote
+                it, or ``None``.
+            token_counts: each candidate's number of tokens (adds the per-token mean).
+
+        Raises:
+            ValueError / TypeError: naming the argument, for no candidates, non-strings,
+                ``logprobs`` of the wrong length, NaN or infinite values, or numbers mixed with
+                ``None``.
+        """
+        texts = check_responses(candidates, argument="candidates")
+        lp = check_logprobs(logprobs, len(texts))
+        counts = check_logprobs(token_counts, len(texts), argument="token_counts")
+        if counts is not None and lp is None:
+            raise ValueError("token_counts needs logprobs: the mean is logprob / token_count")
+        if lp is None and self.lm is not None and len(texts) > 1 and (
+            {"logprob", "logprob_mean"} & set(self.signals)
+        ):
+            lp, counts = self._lm_logprobs(instruction, texts)
+        scores = None
+        if self.scorer is not None and "scorer" in self.signals and len(texts) > 1:
+            distinct = list(dict.fromkeys(texts))
+            by_text = dict(
+                zip(distinct, self.scorer.score(instruction, distinct), strict=True)
+            )
+            scores = np.array([by_text[t] for t in texts], dtype=float)
+        values = signal_values(
+            texts, scores=scores, logprobs=lp, token_counts=counts, use=self.signals
+        )
+        if len(texts) == 1:  # nothing to choose between: no signal is computed
+            only = Scored(0, texts[0], 1.0, {})
+            return Selection(0, texts[0], 1.0, {}, (only,), {})
+        fused, weights = self.combiner.fuse(values)
+        probability = np.exp(fused - fused.max())
+        probability /= probability.sum()
+        raw = {
+            "scorer": scores,
+            "agreement": values.get("agreement"),
+            "logprob": lp,
+            "logprob_mean": values.get("logprob_mean"),
+            "length": word_counts(texts),
+        }
+        used = [n for n in self.signals if n in values]
+        items = tuple(
+            Scored(i, texts[i], float(probability[i]), {n: float(raw[n][i]) for n in used})
+            for i in range(len(texts))
+        )
+        chosen = items[int(np.argmax(fused))]  # first of equal scores: the earliest repeat
+        return Selection(
+            chosen.index, chosen.response, chosen.score, chosen.signals, items, weights
+        )
+
+    def rank(
+        self,
+        instruction: Instruction,
+        candidates: Sequence[str],
+        *,
+        logprobs: Sequence[float | None] | None = None,
+        token_counts: Sequence[int] | None = None,
+        top_k: int | None = None,
+    ) -> list[Scored]:
+        """Candidates best first, each with its index into ``candidates``."""
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+        selection = self.select(
+            instruction, candidates, logprobs=logprobs, token_counts=token_counts
+        )
+        return selection.ranking()[:top_k]
+
+    def _lm_logprobs(
+        self, instruction: Instruction, texts: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        distinct = list(dict.fromkeys(texts))
+        values = self.lm.log_likelihood([instruction] * len(distinct), distinct)
+        by_text = dict(zip(distinct, values, strict=True))
+        # An empty reply has no tokens: its sum is 0, which ranks it above every real answer.
+        lowest = min(v[0] for v in values)
+        sums = np.array([by_text[t][0] if by_text[t][2] else lowest for t in texts], dtype=float)
+        counts = np.array([max(by_text[t][2], 1) for t in texts], dtype=float)
+        return sums, counts
+
+
+def load_combiner(ref: str | os.PathLike[str]) -> Combiner:
+    """The selection weights recorded in a scorer checkpoint's ``config.json`` (or the fallback)."""
+    import json
+
+    from capplug.models import resolve
+
+    try:
+        folder = Path(resolve(ref))
+    except Exception:  # a reference the scorer loaded but resolve cannot place: no weights
+        return DEFAULT_COMBINER
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return DEFAULT_COMBINER
+    recorded = json.loads(config_path.read_text()).get(CONFIG_KEY)
+    return DEFAULT_COMBINER if recorded is None else Combiner.from_config(recorded)
+
