@@ -62,6 +62,8 @@ def compare(
         if selector not in a["per_example"] or selector not in b["per_example"]:
             raise ComparisonError(f"{task}: a result has no {selector!r} selector")
         for name in SAME_CANDIDATES:
+            if name not in a["per_example"] or name not in b["per_example"]:
+                continue  # results from before the selector existed (mbr)
             if a["per_example"][name] != b["per_example"][name]:
                 raise ComparisonError(
                     f"{task}: the runs saw different candidates ({LABELS[name]} differs)"
@@ -74,7 +76,7 @@ def compare(
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for task, a, b in rows:
-        best = max(a[c] for c in BASELINES)
+        best = max(a[c] for c in BASELINES if c in a)
         lines.append(
             f"| {task} | {best:.1f} | {a['scorer']:.1f} | {a[selector]:.1f} | "
             f"{b[selector]:.1f} | {a['oracle']:.1f} |"

@@ -38,9 +38,12 @@ from _report import bar_chart, task_table
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import rouge_l
+from capplug.selection import rouge_agreement
 
 RESULTS = Path(__file__).parent / "results"
-BASELINES = ("beam", "lm-sum", "lm-mean")
+BASELINES = ("beam", "lm-sum", "lm-mean", "mbr")
+# what a user of an API without log-probabilities can compare against
+NO_LOGPROB_BASELINES = ("beam", "mbr")
 # how the benchmark adapts, chosen on train tasks (README)
 ADAPT_EPOCHS, ADAPT_LR, ADAPT_RANK_WEIGHT = 6.0, 5e-5, 1.0
 GROUPS = ("rerank_generation", "instruction_to_adapter")  # the dev task groups this runs on
@@ -50,10 +53,46 @@ LABELS = {
     "mean": "mean of candidates",
     "lm-sum": "self-score (sum log-prob)",
     "lm-mean": "self-score (mean log-prob)",
+    "mbr": "agreement (MBR, Rouge-L)",
     "scorer": "capplug scorer (zero-shot)",
+    "fused": "capplug fused selection",
+    "fused-no-logprobs": "fused, without log-probs",
+    **{f"fused-no-{s}": f"fused, without {s}" for s in ("scorer", "agreement", "length")},
+    "fused-no-logprob-mean": "fused, without logprob_mean",
     "adapted": "capplug scorer (adapted)",
     "oracle": "oracle",
 }
+# Each fused column: the signals it may use (the default selector's weights for that subset).
+FUSED = {
+    "fused": ("scorer", "agreement", "logprob", "logprob_mean", "length"),
+    "fused-no-logprobs": ("scorer", "agreement", "length"),
+    "fused-no-scorer": ("agreement", "logprob", "logprob_mean", "length"),
+    "fused-no-agreement": ("scorer", "logprob", "logprob_mean", "length"),
+    "fused-no-length": ("scorer", "agreement", "logprob", "logprob_mean"),
+    "fused-no-logprob-mean": ("scorer", "agreement", "logprob", "length"),
+}
+# The selectors whose margin over the best baseline gets an interval, with their baselines.
+MARGINS = {
+    "scorer": BASELINES,
+    "fused": BASELINES,
+    "fused-no-logprobs": NO_LOGPROB_BASELINES,
+    "adapted": BASELINES,
+}
+
+
+class _ScoreMemo:
+    """A scorer that scores each (instruction, response) once, for the fused columns."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def score(self, instruction: str, responses: list[str]) -> list[float]:
+        todo = [r for r in dict.fromkeys(responses) if (instruction, r) not in self.seen]
+        if todo:
+            for r, v in zip(todo, self.scorer.score(instruction, todo), strict=True):
+                self.seen[(instruction, r)] = float(v)
+        return [self.seen[(instruction, r)] for r in responses]
 
 
 def split(task: str, limit: int) -> tuple[list[Example], list[Example]]:
@@ -102,6 +141,12 @@ class CandidateCache:
 
     def get(self, example: Example) -> list[dict[str, Any]]:
         return self.data[str(example.index)]
+
+
+def _tokens(candidate: dict[str, Any]) -> int:
+    """Token count of a cached candidate from its sum and mean (caches before n_tokens)."""
+    mean = candidate["mean_logprob"]
+    return max(1, round(candidate["sum_logprob"] / mean)) if mean else 1
 
 
 def adapt_scorer(
@@ -165,8 +210,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if scorer is None:
             from capplug import Scorer
+            from capplug.selection import Reranker, load_combiner
 
-            scorer = Scorer.from_pretrained(args.scorer)
+            scorer = _ScoreMemo(Scorer.from_pretrained(args.scorer))
+            combiner = load_combiner(args.scorer)
+            fused = {
+                name: Reranker(scorer, combiner=combiner, signals=signals)
+                for name, signals in FUSED.items()
+            }
         adapted = (
             adapt_scorer(
                 args.scorer,
@@ -194,6 +245,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             picks["lm-sum"].append(rouge[int(np.argmax([c["sum_logprob"] for c in candidates]))])
             picks["lm-mean"].append(rouge[int(np.argmax([c["mean_logprob"] for c in candidates]))])
             picks["scorer"].append(rouge[int(np.argmax(scorer.score(example.prompt, texts)))])
+            picks["mbr"].append(rouge[int(np.argmax(rouge_agreement(texts)))])
+            sums = [c["sum_logprob"] for c in candidates]
+            counts = [c.get("n_tokens") or _tokens(c) for c in candidates]
+            for name, ranker in fused.items():
+                pick = ranker.select(example.prompt, texts, logprobs=sums, token_counts=counts)
+                picks[name].append(rouge[pick.index])
             if adapted is not None:
                 picks["adapted"].append(rouge[int(np.argmax(adapted.score(example.prompt, texts)))])
             picks["oracle"].append(max(rouge))
@@ -231,11 +288,9 @@ def summarise(rows: list[dict[str, float]]) -> tuple[dict[str, float], float, di
     """Mean per selector over ``rows`` (tasks), the best baseline, and each scorer's gap closed."""
     columns = [c for c in LABELS if all(c in r for r in rows)]
     mean = {c: float(np.mean([r[c] for r in rows])) for c in columns}
-    best_baseline = max(mean[b] for b in BASELINES)
+    best_baseline = max(mean[b] for b in BASELINES if b in mean)  # older results lack mbr
     gap = mean["oracle"] - best_baseline
-    closed = {
-        c: (mean[c] - best_baseline) / gap for c in ("scorer", "adapted") if c in mean and gap > 0
-    }
+    closed = {c: (mean[c] - best_baseline) / gap for c in MARGINS if c in mean and gap > 0}
     return mean, best_baseline, closed
 
 
@@ -275,12 +330,13 @@ def paired_intervals(
     if not tasks or any("per_example" not in t for t in tasks):
         return {}
     means = resampled_means([t["per_example"] for t in tasks], resamples, seed)
-    best = np.max([means[b] for b in BASELINES], axis=0)
-    gap = means["oracle"] - best
     out = {}
-    for c in ("scorer", "adapted"):
-        if c not in means:
+    for c, wanted in MARGINS.items():
+        baselines = [b for b in wanted if b in means]
+        if c not in means or not baselines:
             continue
+        best = np.max([means[b] for b in baselines], axis=0)
+        gap = means["oracle"] - best
         margin = means[c] - best
         share = np.divide(margin, gap, out=np.full_like(margin, np.nan), where=gap > 0)
         out[c] = {
@@ -295,7 +351,6 @@ def interval_lines(result: dict[str, Any]) -> list[str]:
     intervals = paired_intervals(result)
     if not intervals:
         return []
-    best = max(BASELINES, key=lambda b: result["mean"][b])
     n = sum(t["examples"] for t in result["tasks"].values())
     lines = [
         f"95% intervals, from 2,000 paired bootstrap resamples of the {n} test examples within "
@@ -303,11 +358,15 @@ def interval_lines(result: dict[str, Any]) -> list[str]:
         "",
     ]
     for c, interval in intervals.items():
+        baselines = MARGINS[c]
+        best = max((b for b in baselines if b in result["mean"]), key=result["mean"].get)
         margin = result["mean"][c] - result["mean"][best]
+        gap = result["mean"]["oracle"] - result["mean"][best]
         (lo, hi), (slo, shi) = interval["margin"], interval["gap_closed"]
+        which = "best baseline" if baselines == BASELINES else "best baseline without log-probs"
         lines.append(
-            f"- {LABELS[c]}: {margin:+.1f} points against the best baseline ({LABELS[best]}), "
-            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {percent(result['gap_closed'][c])}, "
+            f"- {LABELS[c]}: {margin:+.1f} points against the {which} ({LABELS[best]}), "
+            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {percent(margin / gap)}, "
             f"interval {percent(slo)} to {percent(shi)}."
         )
     return lines
@@ -322,7 +381,12 @@ def group_lines(result: dict[str, Any]) -> list[str]:
     }
     if len(groups) < 2:
         return []
-    short = {"scorer": "zero-shot", "adapted": "adapted"}
+    short = {
+        "scorer": "zero-shot",
+        "fused": "fused",
+        "fused-no-logprobs": "fused, no log-probs",
+        "adapted": "adapted",
+    }
     scorers = [c for c in short if c in result["mean"]]
     names = [short[c] for c in scorers]
     lines = [

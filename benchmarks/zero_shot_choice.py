@@ -35,6 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("scorer", "lm", "cosine")
 LABELS = {
     "scorer": "capplug scorer",
+    "fused": "capplug fused (scorer + log-lik)",
     "lm-sum": "SmolLM2-135M log-lik (sum)",
     "lm-mean": "SmolLM2-135M log-lik (length-norm.)",
     "cosine": "MiniLM cosine",
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             )
             row["scorer"] = float(np.mean(hits(examples, regroup(flat, sizes))))
+            scores_flat = flat
         if "lm" in args.methods:
             flat = cached(
                 "lm",
@@ -146,8 +148,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 ],
             )
+            lm_flat = flat
             row["lm-sum"] = float(np.mean(hits(examples, regroup([f[0] for f in flat], sizes))))
             row["lm-mean"] = float(np.mean(hits(examples, regroup([f[1] for f in flat], sizes))))
+        if "scorer" in args.methods and "lm" in args.methods:
+            # The default selector, called as a user with log-likelihoods would call it.
+            table = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
+            ranker = _fused_ranker(args.scorer, table)
+            picks = []
+            for example, lm_scores in zip(examples, regroup(lm_flat, sizes), strict=True):
+                keys = list(example.target_scores)
+                sums = [v[0] for v in lm_scores]
+                picks.append(
+                    [
+                        float(i == ranker.select(example.prompt, keys, logprobs=sums).index)
+                        for i in range(len(keys))
+                    ]
+                )
+            row["fused"] = float(np.mean(hits(examples, picks)))
         if "cosine" in args.methods:
             flat = cached(
                 "cosine",
@@ -158,12 +176,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_task[task] = row
         print(task, {k: round(v, 3) for k, v in row.items()})
 
-    columns = [
-        c
-        for c in ("scorer", "lm-sum", "lm-mean", "cosine", "chance")
-        if all(c in r for r in per_task.values())
-    ]
+    columns = [c for c in LABELS if all(c in r for r in per_task.values())]
     means = {c: float(np.mean([r[c] for r in per_task.values()])) for c in columns}
+    # BENCHMARKS.md: the mean again without any task that alone moves it by over 2 points.
+    movers = [
+        t
+        for t in per_task
+        if len(per_task) > 1
+        and any(
+            abs(means[c] - np.mean([r[c] for u, r in per_task.items() if u != t])) > 0.02
+            for c in columns
+        )
+    ]
+    rest = [r for t, r in per_task.items() if t not in movers]
+    without = {c: float(np.mean([r[c] for r in rest])) for c in columns} if movers and rest else {}
     return {
         "benchmark": "zero_shot_choice",
         "scorer": args.scorer,
@@ -172,8 +198,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "limit": args.limit,
         "tasks": per_task,
         "mean": means,
+        "mean_without": {"tasks": movers, "mean": without} if without else {},
+        "above_chance": {
+            c: sum(r[c] > r["chance"] for r in per_task.values()) for c in columns if c != "chance"
+        },
         "seconds": timings,
     }
+
+
+def _fused_ranker(ref: str, table: dict[tuple[str, str], float]) -> Any:
+    """capplug's default selector over already computed scorer scores (looked up, not rerun)."""
+    from capplug.selection import Reranker, load_combiner
+
+    class Lookup:
+        def score(self, instruction: str, responses: list[str]) -> list[float]:
+            return [table[(instruction, r)] for r in responses]
+
+    return Reranker(Lookup(), combiner=load_combiner(ref))
 
 
 def _load_scorer(ref: str) -> Any:
@@ -226,6 +267,23 @@ def write_report(result: dict[str, Any]) -> None:
     write_json_atomic(RESULTS / "zero_shot_choice.json", result)
     columns = [c for c in LABELS if c in result["mean"]]
     lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}")
+    extra = result.get("mean_without") or {}
+    if extra:
+        lines += [
+            "",
+            f"Mean without {', '.join(f'`{t}`' for t in extra['tasks'])} (each alone moves a "
+            "mean by over 2 points): "
+            + ", ".join(f"{LABELS[c]} {100 * v:.1f}" for c, v in extra["mean"].items())
+            + ".",
+        ]
+    counts = result.get("above_chance") or {}
+    if counts:
+        lines += [
+            "",
+            f"Tasks above chance (of {len(result['tasks'])}): "
+            + ", ".join(f"{LABELS[c]} {n}" for c, n in counts.items())
+            + ".",
+        ]
     (RESULTS / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     bar_chart(

@@ -55,9 +55,7 @@ def export(out: Path) -> None:
     rows: list[dict[str, Any]] = []
     for name in task_names("train"):
         task = load_task(name)
-        usable = [
-            e for e in task.examples if e.targets and len(e.prompt) <= MAX_PROMPT_CHARS
-        ]
+        usable = [e for e in task.examples if e.targets and len(e.prompt) <= MAX_PROMPT_CHARS]
         if task.is_multiple_choice:
             for e in _draw(usable, MC_PER_TASK, name):
                 rows.append(_row("train-mc", e, options=list(e.target_scores)))

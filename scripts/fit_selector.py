@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draw_candidates import read_drawn  # noqa: E402
+from draw_candidates import read_drawn
 
-from capplug.selection import SIGNALS, Combiner, fit_weights, signal_values  # noqa: E402
-from capplug.selection.combiner import CONFIG_KEY  # noqa: E402
+from capplug.selection import SIGNALS, Combiner, fit_weights, signal_values
+from capplug.selection.combiner import CONFIG_KEY
 
 GRID = [(t, l2) for t in (0.02, 0.05, 0.2) for l2 in (1e-3, 1e-2, 1e-1)]
 
@@ -41,15 +41,19 @@ def held_out(task: str) -> bool:
     return zlib.crc32(family(task).encode()) % 5 == 0
 
 
-def load_sets(drawn: Path, scorer_ref: str) -> dict[str, list[dict[str, Any]]]:
+def load_sets(
+    drawn: Path, scorer_ref: str, kinds: tuple[str, ...] = ("gen", "mc")
+) -> dict[str, list[dict[str, Any]]]:
     """Per kind ("gen", "mc"): candidate sets with signals, quality and task."""
     from capplug.data.bigbench import load_task
     from capplug.data.labels import normalised_option_scores, rouge_l
 
     tag = scorer_ref.replace("/", "_")
-    out: dict[str, list[dict[str, Any]]] = {"gen": [], "mc": []}
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     tasks: dict[str, Any] = {}
     for kind, group in (("gen", "train-gen"), ("mc", "train-mc")):
+        if kind not in kinds:
+            continue
         scores = json.loads((drawn / f"{group}.scores-{tag}.json").read_text())
         for row in read_drawn(drawn / f"{group}.jsonl.gz"):
             key = f"{row['task']}#{row['index']}"
@@ -105,16 +109,19 @@ def main() -> None:
     parser.add_argument("drawn", type=Path)
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--kinds", nargs="*", default=["gen", "mc"], choices=["gen", "mc"])
     parser.add_argument("--report", type=Path, help="write the held-out figures as JSON here")
     args = parser.parse_args()
-    data = load_sets(args.drawn, args.scorer)
+    data = load_sets(args.drawn, args.scorer, tuple(args.kinds))
     report: dict[str, Any] = {}
     chosen: dict[str, tuple[float, float]] = {}
     for kind, sets in data.items():
         fit_sets = [s for s in sets if not held_out(s["task"])]
         test_sets = [s for s in sets if held_out(s["task"])]
         n_tasks = len({s["task"] for s in test_sets})
-        print(f"\n== {kind}: {len(fit_sets)} sets to fit, {len(test_sets)} held out ({n_tasks} tasks)")
+        print(
+            f"\n== {kind}: {len(fit_sets)} sets to fit, {len(test_sets)} held out ({n_tasks} tasks)"
+        )
         full = tuple(SIGNALS)
         best = max(GRID, key=lambda g: pick_quality(test_sets, fit(fit_sets, full, *g), kind))
         chosen[kind] = best
@@ -138,14 +145,14 @@ def main() -> None:
             weights = fit(fit_sets, subset, *best)
             rows["fused " + "+".join(subset)] = pick_quality(test_sets, weights, kind)
         rows["oracle"] = pick_quality(
-            [{**s, "values": {"q": s["quality"]}} for s in test_sets], {"q": 1.0}, kind
+            [{**s, "values": {"scorer": s["quality"]}} for s in test_sets], {"scorer": 1.0}, kind
         )
         for name, value in rows.items():
             print(f"  {value:6.1f}  {name}")
         report[kind] = {"settings": best, "held_out": rows, "tasks": n_tasks}
     # Cross-kind check: weights fitted on one kind, used on the other's held-out sets.
     full = tuple(SIGNALS)
-    for a, b in (("gen", "mc"), ("mc", "gen")):
+    for a, b in (("gen", "mc"), ("mc", "gen")) if len(data) == 2 else ():
         weights = fit([s for s in data[a] if not held_out(s["task"])], full, *chosen[a])
         value = pick_quality([s for s in data[b] if held_out(s["task"])], weights, b)
         print(f"weights fitted on {a}, held-out {b}: {value:.1f}")

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draw_candidates import read_drawn  # noqa: E402
+from draw_candidates import read_drawn
 
-from capplug._cache import write_json_atomic  # noqa: E402
+from capplug._cache import write_json_atomic
 
 
 def score_group(drawn: Path, group: str, scorer_ref: str, prompts: dict) -> None:
@@ -25,7 +25,19 @@ def score_group(drawn: Path, group: str, scorer_ref: str, prompts: dict) -> None
 
     out = drawn / f"{group}.scores-{scorer_ref.replace('/', '_')}.json"
     done = json.loads(out.read_text()) if out.is_file() else {}
-    rows = [r for r in read_drawn(drawn / f"{group}.jsonl.gz") if f"{r['task']}#{r['index']}" not in done]
+    rows = [
+        r
+        for r in read_drawn(drawn / f"{group}.jsonl.gz")
+        if f"{r['task']}#{r['index']}" not in done
+    ]
+    # Round robin over tasks (every task's first example, then every task's second...), so a
+    # run stopped early has scored a balanced sample of tasks.
+    seen: dict[str, int] = {}
+    rank = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        rank.append(seen[r["task"]])
+    rows = [r for _, _, r in sorted(zip(rank, range(len(rows)), rows), key=lambda x: x[:2])]
     print(f"{group}: {len(rows)} to score ({len(done)} done)", flush=True)
     scorer = Scorer.from_pretrained(scorer_ref)
     started = time.monotonic()
@@ -46,7 +58,10 @@ def score_group(drawn: Path, group: str, scorer_ref: str, prompts: dict) -> None
             by_text = dict(zip(distinct, scores[offset : offset + len(distinct)], strict=True))
             done[key] = [round(by_text[t], 6) for t in texts]
         write_json_atomic(out, done)
-        print(f"{group}: {start + len(chunk)}/{len(rows)} in {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"{group}: {start + len(chunk)}/{len(rows)} in {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
 
 
 def main() -> None:

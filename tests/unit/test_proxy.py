@@ -207,7 +207,8 @@ def test_returns_the_best_of_n_with_scores_and_summed_usage() -> None:
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
     meta = reply["capplug"]
-    assert meta["scores"] == [0.2, 0.9, 0.1]
+    assert meta["signals"]["scorer"] == [0.2, 0.9, 0.1]
+    assert sum(meta["scores"]) == pytest.approx(1.0, abs=1e-5)  # the fused probabilities
     assert meta["chosen"] == 1 and meta["returned"] == [1]
     assert meta["n_requested"] == 3 and meta["n_received"] == 3
     assert meta["failures"] == 0 and meta["errors"] == []
@@ -224,9 +225,11 @@ def test_the_real_scorer_picks_its_own_favourite(tiny_scorer: Scorer) -> None:
         response = post(client)
     reply = ok(response)
     expected = tiny_scorer.score(MESSAGES, texts)
-    assert reply["capplug"]["scores"] == pytest.approx(expected, abs=1e-6)
-    best = max(range(len(texts)), key=expected.__getitem__)
-    assert reply["choices"][0]["message"]["content"] == texts[best]
+    meta = reply["capplug"]
+    assert meta["signals"]["scorer"] == pytest.approx(expected, abs=1e-6)
+    # The selection core chose: its best fused score is the answer returned.
+    best = max(range(len(texts)), key=meta["scores"].__getitem__)
+    assert meta["chosen"] == best and reply["choices"][0]["message"]["content"] == texts[best]
     timing = server_timing(response)
     assert set(timing) == {"upstream", "scoring", "total"}
     assert timing["scoring"] > 0 and timing["upstream"] > 0
@@ -328,6 +331,33 @@ def test_a_request_the_upstream_refuses_is_relayed_as_it_is(sleeps: Sleeps) -> N
     assert [b.get("n") for b in upstream.bodies()] == [4, None]
 
 
+def test_upstream_log_probabilities_drive_the_choice_when_every_candidate_has_them() -> None:
+    from types import SimpleNamespace
+
+    from capplug.selection import Combiner
+
+    weights = Combiner({"logprob+scorer": {"logprob": 2.0, "scorer": 1.0}, "scorer": {"scorer": 1}})
+    scorer = LookupScorer({"Lyon": 0.6, "Paris": 0.5})
+    scorer.model = SimpleNamespace(config=SimpleNamespace(capplug_selection=weights.to_config()))
+
+    def with_logprobs(values: list[float | None]) -> dict[str, Any]:
+        reply = completion(["Lyon", "Paris"])
+        for choice, value in zip(reply["choices"], values, strict=True):
+            if value is not None:
+                choice["logprobs"] = {"content": [{"token": "x", "logprob": value}]}
+        return reply
+
+    replies = iter([with_logprobs([-5.0, -0.1]), with_logprobs([None, -0.1])])
+    upstream = Upstream(lambda r: httpx2.Response(200, json=next(replies)))
+    with proxy(upstream, scorer, n=2) as client:
+        sure, unsure = ok(post(client)), ok(post(client))
+    assert sure["choices"][0]["message"]["content"] == "Paris"
+    assert sure["capplug"]["signals"]["logprob"] == [-5.0, -0.1]
+    # One candidate without logprobs: the scorer alone decides, and says so in the weights.
+    assert unsure["choices"][0]["message"]["content"] == "Lyon"
+    assert unsure["capplug"]["weights"] == {"scorer": 1.0}
+
+
 def test_the_request_n_gets_the_top_n_distinct_answers_first() -> None:
     texts = ["B", "A", "B ", "C", "A"]  # "B " repeats "B" up to whitespace
     upstream = Upstream(lambda r: httpx2.Response(200, json=completion(texts)))
@@ -337,7 +367,7 @@ def test_the_request_n_gets_the_top_n_distinct_answers_first() -> None:
     assert [c["message"]["content"] for c in reply["choices"]] == ["B", "A", "C", "B "]
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
     assert reply["capplug"]["returned"] == [0, 1, 3, 2]
-    assert reply["capplug"]["scores"] == [0.9, 0.5, 0.9, 0.1, 0.5]
+    assert reply["capplug"]["signals"]["scorer"] == [0.9, 0.5, 0.9, 0.1, 0.5]
     # Repeats are scored once.
     assert scorer.calls[0][1] == ["B", "A", "C"]
 
@@ -447,7 +477,7 @@ def test_openai_sdk_reads_the_reranked_answer_and_stream() -> None:
 
     reply, chunks = asyncio.run(scenario())
     assert reply.choices[0].message.content == "Paris"
-    assert reply.capplug["scores"] == [0.0, 0.7]  # the extra field, as the SDK keeps it
+    assert reply.capplug["signals"]["scorer"] == [0.0, 0.7]  # the extra field, as the SDK keeps it
     assert reply.usage is not None and reply.usage.total_tokens == 12
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Paris"

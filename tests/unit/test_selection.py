@@ -185,7 +185,9 @@ def test_unknown_signal_names_are_refused():
 
 
 def test_combiner_uses_the_largest_fitted_subset_and_round_trips_through_config():
-    both = Combiner({"agreement+scorer": {"scorer": 1.0, "agreement": 2.0}, "scorer": {"scorer": 1}})
+    both = Combiner(
+        {"agreement+scorer": {"scorer": 1.0, "agreement": 2.0}, "scorer": {"scorer": 1}}
+    )
     assert both.weights_for({"scorer", "agreement", "length"}) == {"scorer": 1.0, "agreement": 2.0}
     assert both.weights_for({"scorer", "length"}) == {"scorer": 1.0}
     with pytest.raises(ValueError, match="no selection weights fit"):

@@ -1,4 +1,4 @@
-"""Scoring candidate messages and choosing one: shared by the best-of-n model and the middleware."""
+"""Choosing among candidate messages: capplug's selection core, fed from LangChain messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from langchain_capplug._sampling import candidate_text, dedupe, has_tool_calls, short_error
+from langchain_capplug._sampling import candidate_text, has_tool_calls, short_error
 
 
 def load_scorer(scorer: Any) -> Any:
@@ -25,6 +25,15 @@ def load_scorer(scorer: Any) -> Any:
     return scorer
 
 
+def load_reranker(scorer: Any) -> Any:
+    """A capplug ``Reranker``: given, or built on a scorer object, reference or ``None``."""
+    from capplug.selection import Reranker
+
+    if isinstance(scorer, Reranker):
+        return scorer
+    return Reranker(load_scorer(scorer))
+
+
 @dataclass
 class Selection:
     """The outcome of choosing among candidates; ``metadata`` goes into ``response_metadata``."""
@@ -33,8 +42,15 @@ class Selection:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def message_logprobs(message: BaseMessage) -> tuple[float, int] | None:
+    """A candidate's summed token log-probability and token count, when the model sent them."""
+    from capplug.selection import openai_logprobs
+
+    return openai_logprobs(message.response_metadata.get("logprobs"))
+
+
 def select(
-    scorer: Any,
+    reranker: Any,
     conversation: Sequence[BaseMessage],
     messages: Sequence[BaseMessage],
     *,
@@ -42,10 +58,12 @@ def select(
     failures: Sequence[BaseException] = (),
     score_tool_calls: bool = False,
 ) -> Selection:
-    """Choose the best of ``messages`` for ``conversation``.
+    """Choose the best of ``messages`` for ``conversation`` with capplug's selection core.
 
-    Repeats are scored once. When tool calls are not scored and any candidate carries them, the
-    first such candidate is chosen unscored (``scores`` is ``None`` and ``reason`` says why).
+    When tool calls are not scored and any candidate carries them, the first such candidate is
+    chosen unscored (``scores`` is ``None`` and ``reason`` says why). Otherwise every candidate
+    goes to the core (repeats are scored once and count towards agreement), with log-probabilities
+    when every candidate carries them.
     """
     if not messages:
         raise ValueError("no candidates to choose from")
@@ -69,14 +87,16 @@ def select(
                     "reason": "tool calls are passed through unscored (score_tool_calls=False)",
                 },
             )
-    distinct = dedupe(messages)
-    texts = [candidate_text(messages[i]) for i in distinct]
-    scores = [float(s) for s in scorer.score(list(conversation), texts)]
-    best = max(range(len(texts)), key=scores.__getitem__)
-    return Selection(
-        distinct[best],
-        {**base, "candidates": texts, "scores": scores, "chosen": best},
+    texts = [candidate_text(m) for m in messages]
+    found = [message_logprobs(m) for m in messages]
+    have = all(f is not None for f in found)
+    selection = reranker.select(
+        list(conversation),
+        texts,
+        logprobs=[f[0] for f in found] if have else None,  # type: ignore[index]
+        token_counts=[f[1] for f in found] if have else None,  # type: ignore[index]
     )
+    return Selection(selection.index, {**base, **selection.metadata()})
 
 
 def with_metadata(message: BaseMessage, metadata: dict[str, Any]) -> BaseMessage:

@@ -23,7 +23,7 @@ from langchain_capplug._sampling import (
     supports_native_n,
     unwrap,
 )
-from langchain_capplug._selection import load_scorer, select, with_metadata
+from langchain_capplug._selection import load_reranker, select, with_metadata
 
 __all__ = ["CappyBestOfN"]
 
@@ -68,7 +68,8 @@ class CappyBestOfN(BaseChatModel):
     llm: Runnable = Field(description="The chat model to sample from (optionally bound).")
     scorer: Any = Field(
         default=None,
-        description="A capplug Scorer, a scorer reference, or None for capplug's default scorer.",
+        description="A capplug Scorer, a scorer reference, a capplug Reranker (the selection core "
+        "with its weights), or None for capplug's default scorer and its selection weights.",
     )
     n: int = Field(default=4, ge=1, le=128, description="Candidates to request per call.")
     temperature: float = Field(
@@ -86,6 +87,7 @@ class CappyBestOfN(BaseChatModel):
     )
 
     _samplers: SamplerCache = PrivateAttr(default_factory=SamplerCache)
+    _reranker: Any = PrivateAttr(default=None)
 
     @field_validator("llm")
     @classmethod
@@ -95,7 +97,8 @@ class CappyBestOfN(BaseChatModel):
 
     @model_validator(mode="after")
     def _load(self) -> CappyBestOfN:
-        self.scorer = load_scorer(self.scorer)
+        self._reranker = load_reranker(self.scorer)
+        self.scorer = self._reranker.scorer
         if self.min_candidates > self.n:
             raise ValueError(f"min_candidates ({self.min_candidates}) exceeds n ({self.n})")
         return self
@@ -239,7 +242,7 @@ class CappyBestOfN(BaseChatModel):
                 f"{self.min_candidates}"
             )
         selection = select(
-            self.scorer,
+            self._reranker,
             conversation,
             received,
             n_requested=self.n,

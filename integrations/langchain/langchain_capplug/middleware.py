@@ -23,7 +23,7 @@ except ImportError as error:  # pragma: no cover - exercised only without langch
     ) from error
 
 from langchain_capplug._sampling import SamplerCache, has_tool_calls
-from langchain_capplug._selection import load_scorer, select, with_metadata
+from langchain_capplug._selection import load_reranker, select, with_metadata
 
 __all__ = ["CappyBestOfNMiddleware"]
 
@@ -70,7 +70,8 @@ class CappyBestOfNMiddleware(AgentMiddleware):
             raise ValueError(f"min_candidates must be between 1 and n ({n}); got {min_candidates}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling; got {temperature}")
-        self.scorer = load_scorer(scorer)
+        self._reranker = load_reranker(scorer)
+        self.scorer = self._reranker.scorer
         self.n = n
         self.temperature = temperature
         self.score_tool_calls = score_tool_calls
@@ -114,7 +115,7 @@ class CappyBestOfNMiddleware(AgentMiddleware):
             conversation.insert(0, request.system_message)
         messages = [_ai_message(r) for r in responses]
         selection = select(
-            self.scorer,
+            self._reranker,
             conversation,
             messages,
             n_requested=self.n,

@@ -7,7 +7,12 @@ from capplug.selection.core import (
     Scored,
     Selection,
     check_logprobs,
+    choose,
+    combiner_of,
+    dedupe_key,
     load_combiner,
+    openai_logprobs,
+    score_distinct,
     signal_values,
 )
 
@@ -19,10 +24,15 @@ __all__ = [
     "Scored",
     "Selection",
     "check_logprobs",
+    "choose",
+    "combiner_of",
+    "dedupe_key",
     "fit_weights",
     "load_combiner",
+    "openai_logprobs",
     "rouge_agreement",
     "rouge_l_f",
+    "score_distinct",
     "signal_values",
     "zscores",
 ]

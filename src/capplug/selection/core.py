@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,19 @@ from capplug.scoring.formatting import Instruction, check_responses
 from capplug.selection.agreement import rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
 
-__all__ = ["Reranker", "Scored", "Selection", "check_logprobs", "load_combiner", "signal_values"]
+__all__ = [
+    "Reranker",
+    "Scored",
+    "Selection",
+    "check_logprobs",
+    "choose",
+    "combiner_of",
+    "dedupe_key",
+    "load_combiner",
+    "openai_logprobs",
+    "score_distinct",
+    "signal_values",
+]
 
 DEFAULT_COMBINER = Combiner(
     {"agreement+length+scorer": {"scorer": 1.0, "agreement": 1.0, "length": 0.0}},
@@ -145,6 +157,95 @@ def signal_values(
     return out
 
 
+def openai_logprobs(logprobs: Any) -> tuple[float, int] | None:
+    """``(sum, token count)`` of an OpenAI ``choice.logprobs`` object, or ``None`` without one.
+
+    Reads ``content`` (a list of ``{"token", "logprob"}``), also when given as attribute objects
+    (the ``openai`` SDK's) or nested under ``logprobs`` (LangChain's ``response_metadata``).
+    Non-finite values make the whole candidate's log-probability unknown.
+    """
+    if logprobs is None:
+        return None
+    content = (
+        logprobs.get("content")
+        if isinstance(logprobs, Mapping)
+        else getattr(logprobs, "content", None)
+    )
+    if not isinstance(content, list) or not content:
+        return None
+    total = 0.0
+    for token in content:
+        value = (
+            token.get("logprob") if isinstance(token, Mapping) else getattr(token, "logprob", None)
+        )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return None
+        total += float(value)
+    return total, len(content)
+
+
+def dedupe_key(text: str) -> str:
+    """Candidates equal up to whitespace are one candidate: scored once, counted as repeats."""
+    return " ".join(text.split())
+
+
+def score_distinct(
+    score: Callable[[Any, list[str]], Sequence[float]], instruction: Any, texts: Sequence[str]
+) -> np.ndarray:
+    """``score(instruction, texts)`` calling ``score`` once on the distinct texts only."""
+    first: dict[str, str] = {}
+    for t in texts:
+        first.setdefault(dedupe_key(t), t)
+    distinct = list(first.values())
+    values = dict(zip(first, score(instruction, distinct), strict=True))
+    return np.array([values[dedupe_key(t)] for t in texts], dtype=float)
+
+
+def choose(
+    texts: Sequence[str],
+    *,
+    scores: np.ndarray | None = None,
+    logprobs: np.ndarray | None = None,
+    token_counts: np.ndarray | None = None,
+    combiner: Combiner,
+    signals: Sequence[str] = SIGNALS,
+) -> Selection:
+    """Fuse the given signals of ``texts`` and choose; inputs already validated.
+
+    The selection policy, written once: every surface that has its candidates' scorer scores
+    (and log-probabilities, when it has them) calls this.
+    """
+    if len(texts) == 1:  # nothing to choose between: no signal is computed
+        only = Scored(0, texts[0], 1.0, {})
+        return Selection(0, texts[0], 1.0, {}, (only,), {})
+    if scores is not None and not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite numbers, one per candidate")
+    values = signal_values(
+        texts, scores=scores, logprobs=logprobs, token_counts=token_counts, use=signals
+    )
+    fused, weights = combiner.fuse(values)
+    probability = np.exp(fused - fused.max())
+    probability /= probability.sum()
+    raw = {
+        "scorer": scores,
+        "agreement": values.get("agreement"),
+        "logprob": logprobs,
+        "logprob_mean": values.get("logprob_mean"),
+        "length": word_counts(texts),
+    }
+    used = [n for n in SIGNALS if n in values]
+    items = tuple(
+        Scored(i, texts[i], float(probability[i]), {n: float(raw[n][i]) for n in used})
+        for i in range(len(texts))
+    )
+    chosen = items[int(np.argmax(fused))]  # first of equal scores: the earliest repeat
+    return Selection(chosen.index, chosen.response, chosen.score, chosen.signals, items, weights)
+
+
 class Reranker:
     """Best-of-n selection that fuses the scorer, agreement and log-probabilities.
 
@@ -171,13 +272,13 @@ class Reranker:
         from capplug.scoring import Scorer
 
         if isinstance(scorer, str | os.PathLike):
-            ref = scorer
             scorer = Scorer.from_pretrained(scorer)
-            combiner = combiner or load_combiner(ref)
         elif scorer is not None and not callable(getattr(scorer, "score", None)):
             raise TypeError(
                 f"scorer must be a capplug Scorer, a reference, or None; got {type(scorer).__name__}"
             )
+        if combiner is None:
+            combiner = combiner_of(scorer)
         self.scorer = scorer
         self.combiner = combiner or DEFAULT_COMBINER
         if signals is None:
@@ -222,41 +323,23 @@ class Reranker:
         counts = check_logprobs(token_counts, len(texts), argument="token_counts")
         if counts is not None and lp is None:
             raise ValueError("token_counts needs logprobs: the mean is logprob / token_count")
-        if lp is None and self.lm is not None and len(texts) > 1 and (
-            {"logprob", "logprob_mean"} & set(self.signals)
+        if (
+            lp is None
+            and self.lm is not None
+            and len(texts) > 1
+            and ({"logprob", "logprob_mean"} & set(self.signals))
         ):
             lp, counts = self._lm_logprobs(instruction, texts)
         scores = None
         if self.scorer is not None and "scorer" in self.signals and len(texts) > 1:
-            distinct = list(dict.fromkeys(texts))
-            by_text = dict(
-                zip(distinct, self.scorer.score(instruction, distinct), strict=True)
-            )
-            scores = np.array([by_text[t] for t in texts], dtype=float)
-        values = signal_values(
-            texts, scores=scores, logprobs=lp, token_counts=counts, use=self.signals
-        )
-        if len(texts) == 1:  # nothing to choose between: no signal is computed
-            only = Scored(0, texts[0], 1.0, {})
-            return Selection(0, texts[0], 1.0, {}, (only,), {})
-        fused, weights = self.combiner.fuse(values)
-        probability = np.exp(fused - fused.max())
-        probability /= probability.sum()
-        raw = {
-            "scorer": scores,
-            "agreement": values.get("agreement"),
-            "logprob": lp,
-            "logprob_mean": values.get("logprob_mean"),
-            "length": word_counts(texts),
-        }
-        used = [n for n in self.signals if n in values]
-        items = tuple(
-            Scored(i, texts[i], float(probability[i]), {n: float(raw[n][i]) for n in used})
-            for i in range(len(texts))
-        )
-        chosen = items[int(np.argmax(fused))]  # first of equal scores: the earliest repeat
-        return Selection(
-            chosen.index, chosen.response, chosen.score, chosen.signals, items, weights
+            scores = score_distinct(self.scorer.score, instruction, texts)
+        return choose(
+            texts,
+            scores=scores,
+            logprobs=lp,
+            token_counts=counts,
+            combiner=self.combiner,
+            signals=self.signals,
         )
 
     def rank(
@@ -269,7 +352,9 @@ class Reranker:
         top_k: int | None = None,
     ) -> list[Scored]:
         """Candidates best first, each with its index into ``candidates``."""
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}")
         selection = self.select(
             instruction, candidates, logprobs=logprobs, token_counts=token_counts
@@ -289,6 +374,13 @@ class Reranker:
         return sums, counts
 
 
+def combiner_of(scorer: Any) -> Combiner:
+    """The selection weights a loaded scorer's checkpoint records, or the fallback weights."""
+    config = getattr(getattr(scorer, "model", None), "config", None)
+    recorded = getattr(config, CONFIG_KEY, None)
+    return DEFAULT_COMBINER if recorded is None else Combiner.from_config(recorded)
+
+
 def load_combiner(ref: str | os.PathLike[str]) -> Combiner:
     """The selection weights recorded in a scorer checkpoint's ``config.json`` (or the fallback)."""
     import json
@@ -304,4 +396,3 @@ def load_combiner(ref: str | os.PathLike[str]) -> Combiner:
         return DEFAULT_COMBINER
     recorded = json.loads(config_path.read_text()).get(CONFIG_KEY)
     return DEFAULT_COMBINER if recorded is None else Combiner.from_config(recorded)
-

@@ -19,7 +19,10 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
     itself asks for ``n`` > 1; fewer when fewer arrived), with ``usage`` summed over every
     upstream call and a ``capplug`` object: ``n_requested``, ``n_received``, ``failures`` and
     ``errors`` (candidate requests that failed after retries; the best of the rest is
-    returned), ``scores`` (one per candidate received, in the order received), ``chosen`` (the
+    returned), ``scores`` (the selection core's fused score of each candidate received, in the
+    order received), ``signals`` (each signal's raw value per candidate: the scorer's score,
+    agreement with the other candidates, and the upstream's log-probabilities when every
+    candidate came with ``logprobs``), ``weights`` (how the signals were fused), ``chosen`` (the
     best candidate's index in that order), ``returned`` (the indices of the returned choices),
     ``upstream_calls``, ``native_n``, ``upstream_seconds``, ``scoring_seconds`` and ``reason``
     (why the candidates were not scored, else ``null``). Headers ``X-Capplug-Candidates`` and
@@ -98,6 +101,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx2
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -121,6 +125,7 @@ from capplug.llms.retry import (
     retry_after_seconds,
 )
 from capplug.scoring.formatting import flatten_chat
+from capplug.selection import choose, combiner_of, dedupe_key, openai_logprobs
 from capplug.serve._http import (
     BEARER,
     APIError,
@@ -600,7 +605,8 @@ class _Collected:
 @dataclass
 class _Selection:
     order: list[int]
-    scores: list[float | None] | None
+    selection: dict[str, Any] | None
+    """The selection core's metadata (fused scores, signals, weights); None when unscored."""
     reason: str | None
     seconds: float = 0.0
 
@@ -762,6 +768,7 @@ class _Proxy:
         self.transport = transport
         self.metrics = _Metrics()
         self.scoring = _ScoringQueue(scorer)
+        self.combiner = combiner_of(scorer)
         self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
         self._ignores_n: OrderedDict[str, str] = OrderedDict()
         self._client: httpx2.AsyncClient | None = None
@@ -907,15 +914,9 @@ class _Proxy:
             reason = "a candidate calls tools; tool calls are passed through unscored"
             return _Selection((with_tools + rest)[:want], None, reason)
         texts = [_candidate_text(c) for c in choices]
-        first_of: dict[str, int] = {}
-        unique: list[str] = []
-        slots: list[int] = []
-        for text in texts:
-            key = " ".join(text.split())
-            if key not in first_of:
-                first_of[key] = len(unique)
-                unique.append(text)
-            slots.append(first_of[key])
+        keys = [dedupe_key(t) for t in texts]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        unique = [texts[i] for i in sorted(first.values())]
         started = time.perf_counter()
         try:
             unique_scores = await self.scoring.score(instruction, unique)
@@ -925,21 +926,25 @@ class _Proxy:
             logger.error("scoring failed; answering unscored: %s", _describe(error))
             reason = f"scoring failed ({_describe(error)}); candidates are in the order received"
             return _Selection(list(range(len(choices)))[:want], None, reason, seconds)
+        by_key = dict(zip((dedupe_key(t) for t in unique), unique_scores, strict=True))
+        scores = np.array([by_key[k] for k in keys], dtype=float)
+        found = [openai_logprobs(c.get("logprobs")) for c in choices]
+        have = all(f is not None for f in found)
+        chosen = choose(
+            texts,
+            scores=scores if np.all(np.isfinite(scores)) else None,
+            logprobs=np.array([f[0] for f in found]) if have else None,  # type: ignore[index]
+            token_counts=np.array([f[1] for f in found]) if have else None,  # type: ignore[index]
+            combiner=self.combiner,
+        )
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
-        scores: list[float | None] = [
-            s if math.isfinite(s) else None for s in (unique_scores[slot] for slot in slots)
-        ]
-
-        repeats = [slots.index(slot) != i for i, slot in enumerate(slots)]
-
-        def rank(i: int) -> tuple[bool, float]:
-            # Distinct answers before repeats, then best first; ties keep the order received.
-            score = scores[i]
-            return repeats[i], -(score if score is not None else -math.inf)
-
-        order = sorted(range(len(choices)), key=rank)
-        return _Selection(order[:want], scores, None, seconds)
+        fused = [c.score for c in chosen.candidates]
+        repeats = [first[k] != i for i, k in enumerate(keys)]
+        # Distinct answers before repeats, then best first; ties keep the order received.
+        order = sorted(range(len(choices)), key=lambda i: (repeats[i], -fused[i]))
+        order.remove(chosen.index)
+        return _Selection([chosen.index, *order][:want], chosen.metadata(), None, seconds)
 
     # ------------------------------------------------------------------ routes
 
@@ -990,7 +995,9 @@ class _Proxy:
             "n_received": len(collected.choices),
             "failures": len(collected.failures),
             "errors": [_describe(e) for e in collected.failures],
-            "scores": selection.scores,
+            "scores": selection.selection["scores"] if selection.selection else None,
+            "signals": selection.selection["signals"] if selection.selection else None,
+            "weights": selection.selection["weights"] if selection.selection else None,
             "chosen": selection.order[0],
             "returned": selection.order,
             "upstream_calls": collected.calls,

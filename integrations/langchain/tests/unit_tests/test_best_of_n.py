@@ -46,10 +46,12 @@ def test_native_n_asks_once_and_returns_the_best_with_metadata():
     assert script.calls[0]["temperature"] == 0.8  # a model at temperature 0 is sampled warmer
     meta = reply.response_metadata["capplug"]
     assert meta["n_requested"] == 4 and meta["n_received"] == 4 and meta["failures"] == 0
-    assert meta["candidates"] == ["It is Lyon.", "London, I think.", "Paris."]  # repeat dropped
+    assert meta["candidates"] == REPLIES  # every candidate received; repeats count as agreement
     assert meta["candidates"][meta["chosen"]] == "Paris."
     assert meta["scores"][meta["chosen"]] == max(meta["scores"])
+    assert set(meta["signals"]) >= {"scorer", "agreement"} and meta["weights"]
     assert scorer.calls[0][0][0].content == "What is the capital of France?"
+    assert scorer.calls[0][1] == ["It is Lyon.", "London, I think.", "Paris."]  # repeat scored once
 
 
 def test_models_without_n_get_concurrent_calls_and_the_users_model_is_untouched():
@@ -231,6 +233,25 @@ def test_a_real_scorer_checkpoint_drives_the_choice(tiny_scorer):
     reply = best.invoke("What is the capital of France?")
     meta = reply.response_metadata["capplug"]
     expected = tiny_scorer.score("What is the capital of France?", meta["candidates"])
-    assert meta["scores"] == pytest.approx(expected)
-    assert all(0.0 <= s <= 1.0 for s in meta["scores"])
+    assert meta["signals"]["scorer"] == pytest.approx(expected, abs=1e-6)
+    assert sum(meta["scores"]) == pytest.approx(1.0, abs=1e-5)  # the fused choice's probabilities
     assert reply.content == meta["candidates"][meta["chosen"]]
+
+
+def test_log_probabilities_sent_with_the_candidates_drive_the_choice():
+    from capplug.selection import Combiner, Reranker
+    from langchain_capplug._selection import select
+
+    def reply(text: str, logprobs: list[float]) -> AIMessage:
+        content = [{"token": t, "logprob": v} for t, v in zip(text.split(), logprobs, strict=True)]
+        return AIMessage(content=text, response_metadata={"logprobs": {"content": content}})
+
+    weights = Combiner({"logprob": {"logprob": 1.0}, "agreement": {"agreement": 1.0}})
+    ranker = Reranker(KeywordScorer(), combiner=weights, signals=("logprob", "agreement"))
+    question = [HumanMessage("What is the capital of France?")]
+    sure = [reply("Paris.", [-0.1]), reply("Lyon.", [-3.0]), reply("Lyon.", [-3.0])]
+    chosen = select(ranker, question, sure, n_requested=3)
+    assert chosen.index == 0 and chosen.metadata["signals"]["logprob"] == [-0.1, -3.0, -3.0]
+    # One candidate without log-probabilities: none are used, and agreement decides.
+    unsure = [*sure[:2], AIMessage(content="Lyon.")]
+    assert select(ranker, question, unsure, n_requested=3).index == 1
