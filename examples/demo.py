@@ -1,5 +1,6 @@
-"""capplug tour: score and rank candidate answers with the bundled scorer, then best-of-n,
-from the local model directly and through LangChain, and last an instruction turned into a LoRA
+"""capplug tour: choose among candidate answers with capplug's selector (the bundled scorer,
+agreement among the candidates and a language model's log-probabilities), then best-of-n, from
+the local model directly and through LangChain, and last an instruction turned into a LoRA
 adapter by the bundled hypernetwork, cached in the adapter store and reused for a similar one.
 
 Run it with `make demo` (which installs first) or `python examples/demo.py`. No model hub is
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from capplug import Scorer
+from capplug import Reranker
 
 EXAMPLES = [
     (
@@ -46,7 +47,7 @@ EXAMPLES = [
 ]
 
 
-def show(title: str, instruction: object, responses: list[str], scorer: Scorer) -> None:
+def show(title: str, instruction: object, responses: list[str], reranker: Reranker) -> None:
     print(f"\n== {title}")
     text = (
         instruction
@@ -54,41 +55,53 @@ def show(title: str, instruction: object, responses: list[str], scorer: Scorer) 
         else " | ".join(t["content"] for t in instruction)
     )
     print(f"instruction: {text}")
-    print(f"{'rank':>4}  {'score':>6}  response")
-    for position, item in enumerate(scorer.rank(instruction, responses), start=1):
-        print(f"{position:>4}  {item.score:6.3f}  {item.response}")
+    print(f"{'rank':>4}  {'score':>6}  {'scorer':>6}  {'log-lik':>7}  response")
+    for position, item in enumerate(reranker.rank(instruction, responses), start=1):
+        scorer, loglik = item.signals.get("scorer", 0.0), item.signals.get("logprob", 0.0)
+        print(f"{position:>4}  {item.score:6.3f}  {scorer:6.3f}  {loglik:7.1f}  {item.response}")
 
 
-def best_of_n(scorer: Scorer, instruction: str, n: int = 8) -> None:
-    """Sample n answers from the local model and let the scorer pick one."""
-    from capplug.llms import LocalChatModel, SamplingRecipe, SamplingStrategy
+def best_of_n(reranker: Reranker, instruction: str, n: int = 8) -> None:
+    """Sample n answers from the local model and choose one with their log-probabilities."""
+    from capplug.llms import SamplingRecipe, SamplingStrategy
 
-    model = LocalChatModel.from_pretrained("smollm2-135m-instruct")
+    model = reranker.lm
     recipe = SamplingRecipe((SamplingStrategy(n=n, temperature=0.9),), max_new_tokens=48)
     started = time.perf_counter()
     candidates = model.sample_candidates([instruction], recipe=recipe, seed=0, progress=False)[0]
     generated = time.perf_counter() - started
-    texts = list(dict.fromkeys(c.text for c in candidates))  # identical samples are scored once
     started = time.perf_counter()
-    ranked = scorer.rank(instruction, texts)
-    scored = time.perf_counter() - started
-    print(f"\n== best of {n} from SmolLM2-135M-Instruct ({len(texts)} distinct)")
+    selection = reranker.select(
+        instruction,
+        [c.text for c in candidates],
+        logprobs=[c.sum_logprob for c in candidates],  # free: the sampler computed them
+        token_counts=[c.n_tokens for c in candidates],
+    )
+    chosen = time.perf_counter() - started
+    distinct = len({c.text for c in candidates})
+    print(f"\n== best of {n} from SmolLM2-135M-Instruct ({distinct} distinct)")
     print(f"instruction: {instruction}")
     print(f"{'rank':>4}  {'score':>6}  candidate")
-    for position, item in enumerate(ranked, start=1):
+    seen = set()
+    for position, item in enumerate(selection.ranking(), start=1):
+        if item.response in seen:
+            continue
+        seen.add(item.response)
         print(f"{position:>4}  {item.score:6.3f}  {item.response.replace(chr(10), ' ')[:90]}")
-    print(f"chosen: {ranked[0].response!r}")
-    print(f"generating took {generated:.1f}s, scoring {1000 * scored:.0f} ms")
+    print(f"chosen: {selection.response!r}")
+    print(f"generating took {generated:.1f}s, choosing {1000 * chosen:.0f} ms")
 
 
 def main() -> None:
     started = time.perf_counter()
-    scorer = Scorer()  # the bundled default scorer
-    print(f"loaded {scorer} in {time.perf_counter() - started:.1f}s")
+    # The bundled scorer and its selection weights; the local model scores each option's
+    # log-likelihood when the candidates come without log-probabilities of their own.
+    reranker = Reranker(lm="smollm2-135m-instruct")
+    print(f"loaded the selector in {time.perf_counter() - started:.1f}s")
     for number, (instruction, responses) in enumerate(EXAMPLES, start=1):
-        show(f"example {number}", instruction, responses, scorer)
-    best_of_n(scorer, "Name three primary colors.")
-    langchain_step(scorer)
+        show(f"example {number}", instruction, responses, reranker)
+    best_of_n(reranker, "Name three primary colors.")
+    langchain_step(reranker)
     adapter_step()
 
 
@@ -102,7 +115,7 @@ def adapter_step() -> None:
         print(f"\n(skipping the adapter step: {error}; pip install 'capplug[adapters]')")
 
 
-def langchain_step(scorer: Scorer) -> None:
+def langchain_step(reranker: Reranker) -> None:
     """The same through LangChain: ChatOpenAI on a local endpoint, wrapped in CappyBestOfN."""
     try:
         import langchain_openai  # noqa: F401
@@ -115,7 +128,7 @@ def langchain_step(scorer: Scorer) -> None:
         return
     with local_endpoint() as base_url:
         langchain_best_of_n(
-            "What is the largest planet in the solar system?", base_url, scorer=scorer
+            "What is the largest planet in the solar system?", base_url, scorer=reranker
         )
 
 

@@ -3,6 +3,7 @@
 from capplug.errors import CapplugError, CheckpointError, ModelNotFoundError, PackageFetchError
 from capplug.models import resolve
 from capplug.scoring import Ranked, Scorer, TruncationWarning, flatten_chat
+from capplug.selection import Reranker, Scored, Selection
 
 __version__ = "0.1.0"
 
@@ -12,7 +13,10 @@ __all__ = [
     "ModelNotFoundError",
     "PackageFetchError",
     "Ranked",
+    "Reranker",
+    "Scored",
     "Scorer",
+    "Selection",
     "TruncationWarning",
     "__version__",
     "flatten_chat",

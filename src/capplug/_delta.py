@@ -10,6 +10,7 @@ reuses an old rebuild.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -87,10 +88,15 @@ def materialize(folder: Path, name: str) -> Path:
 
     manifest = json.loads((folder / DELTA_MANIFEST).read_text())
     final = cache_home() / "models" / f"{name}-{manifest['delta_sha256'][:12]}"
-    if (final / _FULL_WEIGHTS).is_file() and (final / DELTA_MANIFEST).is_file():
+    if _complete(final) and not _stale_files(folder, final):
         return final
     with lock_for(f"delta-{final.name}"):
-        if (final / _FULL_WEIGHTS).is_file() and (final / DELTA_MANIFEST).is_file():
+        if _complete(final):
+            # Same weights; a changed config (new selection weights, say) is copied over.
+            for item in _stale_files(folder, final):
+                tmp = final / f".{item.name}.tmp"
+                shutil.copy2(item, tmp)
+                os.replace(tmp, final / item.name)
             return final
         if sha256_file(folder / DELTA_WEIGHTS) != manifest["delta_sha256"]:
             raise CheckpointError(
@@ -121,6 +127,24 @@ def materialize(folder: Path, name: str) -> Path:
                 if item.name != DELTA_WEIGHTS and item.is_file():
                     shutil.copy2(item, tmp / item.name)
     return final
+
+
+def _complete(final: Path) -> bool:
+    return (final / _FULL_WEIGHTS).is_file() and (final / DELTA_MANIFEST).is_file()
+
+
+def _stale_files(folder: Path, final: Path) -> list[Path]:
+    """The delta folder's small files (config, card) that the rebuilt folder lacks or differs in."""
+    return [
+        item
+        for item in folder.iterdir()
+        if item.name != DELTA_WEIGHTS
+        and item.is_file()
+        and (
+            not (final / item.name).is_file()
+            or (final / item.name).read_bytes() != item.read_bytes()
+        )
+    ]
 
 
 def _base_key(key: str, base_state: dict[str, torch.Tensor]) -> str | None:

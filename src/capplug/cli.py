@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -120,6 +121,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     _training_options(adapt, epochs=3.0, lr=2e-5)
     adapt.set_defaults(run=_run_adapt)
+
+    selector = sub.add_parser(
+        "fit-selector",
+        help="refit the selection weights (scorer, agreement, log-probs) on your candidate sets",
+        description=(
+            "Fit the weights that fuse the scorer, agreement among candidates and log-"
+            "probabilities, from a JSONL of candidate sets whose quality you know, and store "
+            "them in a scorer checkpoint's config.json (capplug_selection), where Reranker "
+            "finds them. Each line: 'instruction', 'candidates' (a list), and 'quality' (one "
+            "number per candidate) or 'reference' (Rouge-L to it is the quality); optionally "
+            "'logprobs' (summed per candidate), 'token_counts' and 'group' (every group weighs "
+            "the same)."
+        ),
+    )
+    selector.add_argument("--data", required=True, metavar="FILE", help="candidate sets (JSONL)")
+    selector.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help=f"the scorer whose scores are a signal (default: {DEFAULT_SCORER})",
+    )
+    selector.add_argument(
+        "--into",
+        required=True,
+        metavar="FOLDER",
+        help="the scorer checkpoint folder to write the weights into (e.g. your adapted scorer)",
+    )
+    selector.add_argument("--temperature", type=float, default=0.05, help="target sharpness")
+    selector.add_argument("--l2", type=float, default=1e-2, help="weight decay of the fit")
+    _add_device_option(selector)
+    selector.set_defaults(run=_run_fit_selector)
 
     data = sub.add_parser("data", help="build weakly labelled training data")
     data_sub = data.add_subparsers(title="data commands", metavar="ACTION")
@@ -504,6 +536,41 @@ def _run_adapt(args: argparse.Namespace) -> int:
         lambda: Scorer.from_pretrained(args.scorer, device=args.device),
         f"{args.data} (adapted from {args.scorer})",
     )
+
+
+def _run_fit_selector(args: argparse.Namespace) -> int:
+    from capplug import Scorer
+    from capplug.selection import SIGNALS
+    from capplug.selection.fit import candidate_sets, fit_combiner, pick_quality, write_combiner
+
+    if args.temperature <= 0 or args.l2 < 0:
+        raise _UsageError("--temperature must be > 0 and --l2 >= 0")
+    into = Path(args.into)
+    if not (into / "config.json").is_file():
+        raise _UsageError(f"--into {into} is not a scorer checkpoint folder (no config.json)")
+    rows = []
+    with open(args.data, encoding="utf-8") as handle:
+        for n, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise _UsageError(f"{args.data}, line {n}: not JSON ({exc.msg})") from None
+    scorer = Scorer.from_pretrained(args.scorer, device=args.device)
+    sets = candidate_sets(rows, scorer)
+    combiner = fit_combiner(
+        sets, temperature=args.temperature, l2=args.l2, info={"fitted_on": str(args.data)}
+    )
+    present = [s for s in SIGNALS if all(s in c.values for c in sets)]
+    full = combiner.weights_for(present)
+    print(f"fitted {len(combiner.weights)} weight sets on {len(sets)} candidate sets")
+    print(f"weights with every signal: {json.dumps({k: round(v, 3) for k, v in full.items()})}")
+    print(
+        f"mean quality of the pick on these sets: fused {pick_quality(sets, full):.3f}, "
+        f"scorer alone {pick_quality(sets, {'scorer': 1.0}):.3f}"
+    )
+    print(f"wrote {write_combiner(combiner, into)}")
+    return 0
 
 
 def _run_data_build(args: argparse.Namespace) -> int:

@@ -186,3 +186,71 @@ def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
     code, _, err = run(capsys, *adapt, "--epochs", "2")
     assert code != 0 and "nothing was changed" in err
     assert (out_dir / "model.safetensors").read_bytes() == saved
+
+
+def test_fit_selector_learns_that_agreement_tracks_quality_and_writes_the_weights(
+    tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from capplug.selection import Reranker
+
+    checkpoint = tmp_path / "mine"
+    shutil.copytree(tiny_bert_scorer, checkpoint)
+    rows = []
+    for i in range(30):  # the majority answer is the right one; the odd ones out are wrong
+        right, wrong = f"answer {i}", f"nonsense {i} {i + 1}"
+        rows.append(
+            {
+                "instruction": f"question {i}",
+                "candidates": [right, right, wrong, f"other {i}", right],
+                "quality": [1.0, 1.0, 0.0, 0.0, 1.0],
+                "group": f"task{i % 3}",
+            }
+        )
+    data = tmp_path / "sets.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = run(
+        capsys,
+        "fit-selector",
+        "--data",
+        str(data),
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--into",
+        str(checkpoint),
+    )
+    assert code == 0, err
+    assert "wrote" in out and "fused 1.000" in out
+    ranker = Reranker(str(checkpoint))
+    weights = ranker.combiner.weights_for(["scorer", "agreement", "length"])
+    assert weights["agreement"] > 0.5
+    assert ranker.select("q", ["x", "y y", "y y"]).response == "y y"
+
+
+def test_fit_selector_names_a_bad_line(tiny_bert_scorer: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "sets.jsonl"
+    data.write_text('{"instruction": "q", "candidates": ["a", "b"], "quality": [1, 0]}\n{oops\n')
+    code, _, err = run(
+        capsys,
+        "fit-selector",
+        "--data",
+        str(data),
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--into",
+        str(tiny_bert_scorer),
+    )
+    assert code == 2 and "line 2: not JSON" in err
+    data.write_text('{"instruction": "q", "candidates": ["a", "b"], "quality": [1]}\n')
+    code, _, err = run(
+        capsys,
+        "fit-selector",
+        "--data",
+        str(data),
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--into",
+        str(tiny_bert_scorer),
+    )
+    assert code == 2 and "row 1: quality must have one value per candidate" in err

@@ -57,3 +57,25 @@ def test_a_damaged_delta_is_refused(
         handle.write(b"\x00\x01\x02\x03")
     with pytest.raises(CheckpointError, match="damaged"):
         materialize(delta, "tiny")
+
+
+def test_a_changed_config_reaches_the_rebuilt_checkpoint_without_a_rebuild(
+    tiny_bert_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from capplug.selection import Combiner, Reranker
+    from capplug.selection.fit import write_combiner
+
+    monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "home"))
+    trained = Scorer.from_backbone(tiny_bert_backbone, seed=0).save_pretrained(tmp_path / "trained")
+    delta = export_delta(trained, tmp_path / "delta", base=str(tiny_bert_backbone))
+    rebuilt = materialize(delta, "tiny")
+    weights_file = (rebuilt / "model.safetensors").stat().st_mtime_ns
+    # New selection weights shipped in the delta's config (an upgrade): picked up, not rebuilt.
+    write_combiner(Combiner({"agreement": {"agreement": 3.0}}), delta)
+    assert materialize(delta, "tiny") == rebuilt
+    assert "capplug_selection" in json.loads((rebuilt / "config.json").read_text())
+    assert (rebuilt / "model.safetensors").stat().st_mtime_ns == weights_file
+    ranker = Reranker(Scorer.from_pretrained(delta))
+    assert ranker.combiner.weights == {"agreement": {"agreement": 3.0}}

@@ -190,6 +190,8 @@ def test_combiner_uses_the_largest_fitted_subset_and_round_trips_through_config(
     )
     assert both.weights_for({"scorer", "agreement", "length"}) == {"scorer": 1.0, "agreement": 2.0}
     assert both.weights_for({"scorer", "length"}) == {"scorer": 1.0}
+    # No fitted set within what is available: the closest one, its missing signals dropped.
+    assert both.weights_for({"agreement", "length"}) == {"agreement": 2.0}
     with pytest.raises(ValueError, match="no selection weights fit"):
         both.weights_for({"length"})
     assert Combiner.from_config(json.loads(json.dumps(both.to_config()))) == both

@@ -78,19 +78,27 @@ class Combiner:
         return [frozenset(k.split("+")) for k in self.weights]
 
     def weights_for(self, available: Iterable[str]) -> dict[str, float]:
-        """The weights fitted for exactly ``available``, else for its largest fitted subset."""
+        """The weights fitted for exactly ``available``, else for its largest fitted subset.
+
+        When no fitted subset lies within ``available``, the fitted set sharing the most signals
+        with it is used with its missing signals dropped (marginalised).
+        """
         have = frozenset(available)
         exact = self.weights.get(_key(have))
         if exact is not None:
             return dict(exact)
         fitting = [s for s in self.subsets() if s <= have]
-        if not fitting:
+        if fitting:
+            best = max(fitting, key=lambda s: (len(s), _key(s)))
+            return dict(self.weights[_key(best)])
+        overlap = max(self.subsets(), key=lambda s: (len(s & have), -len(s - have), _key(s)))
+        kept = {n: w for n, w in self.weights[_key(overlap)].items() if n in have}
+        if not kept:
             raise ValueError(
                 f"no selection weights fit the available signals {sorted(have)}; the combiner "
                 f"has weights for {sorted(self.weights)}"
             )
-        best = max(fitting, key=lambda s: (len(s), _key(s)))
-        return dict(self.weights[_key(best)])
+        return kept
 
     def fuse(self, signals: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
         """Fused score per candidate from raw signal arrays (already transformed), and the weights."""
@@ -126,24 +134,36 @@ def fit_weights(
     *,
     temperature: float = 0.05,
     l2: float = 1e-2,
+    set_weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Weights for ``signals`` that make the softmax of the fused score pick the best candidates.
 
     Each set is ``(signal arrays, quality)``: raw transformed signals per candidate and each
     candidate's quality (Rouge-L against the reference, or an option's target score). The target
     distribution is the softmax of quality / ``temperature``; the loss is the cross-entropy of
-    the fused softmax against it, averaged over sets, plus ``l2`` times the squared weights.
+    the fused softmax against it, averaged over sets (weighted by ``set_weights``, say to let
+    every task family count the same), plus ``l2`` times the squared weights.
     """
     from scipy.optimize import minimize
 
     names = list(signals)
-    usable = [(s, q) for s, q in sets if len(q) >= 2 and np.ptp(q) > 0]
+    if set_weights is None:
+        set_weights = [1.0] * len(sets)
+    if len(set_weights) != len(sets):
+        raise ValueError(f"set_weights must have one weight per set; got {len(set_weights)}")
+    kept = [
+        (s, q, w) for (s, q), w in zip(sets, set_weights, strict=True)
+        if len(q) >= 2 and np.ptp(q) > 0
+    ]
+    usable = [(s, q) for s, q, _ in kept]
     if not usable:
         raise ValueError("no candidate set has two candidates of different quality to learn from")
     width = max(len(q) for _, q in usable)
     x = np.zeros((len(usable), width, len(names)))
     target = np.zeros((len(usable), width))
     mask = np.zeros((len(usable), width), dtype=bool)
+    share = np.array([w for _, _, w in kept], dtype=float)
+    share = share / share.sum()
     for g, (values, quality) in enumerate(usable):
         n = len(quality)
         for k, name in enumerate(names):
@@ -158,8 +178,8 @@ def fit_weights(
         p = np.exp(s)
         p /= p.sum(axis=1, keepdims=True)
         logp = np.where(mask, np.log(np.maximum(p, 1e-300)), 0.0)
-        value = -(target * logp).sum() / len(usable) + l2 * float(w @ w)
-        grad = -np.einsum("gn,gnk->k", target - p, x) / len(usable) + 2 * l2 * w
+        value = -(share[:, None] * target * logp).sum() + l2 * float(w @ w)
+        grad = -np.einsum("g,gn,gnk->k", share, target - p, x) + 2 * l2 * w
         return value, grad
 
     result = minimize(loss, np.zeros(len(names)), jac=True, method="L-BFGS-B")
