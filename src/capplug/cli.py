@@ -926,6 +926,13 @@ def _add_proxy_parser(sub: Any) -> None:
         help="auto: ask for N choices in one request, fanning out where the upstream ignores "
         "it; never: always N single requests (default: auto)",
     )
+    proxy.add_argument(
+        "--no-logprobs",
+        dest="request_logprobs",
+        action="store_false",
+        help="do not ask the upstream for logprobs (by default they are asked for as a "
+        "selection signal when the request does not say, and dropped where refused)",
+    )
     proxy.set_defaults(run=_run_proxy)
 
 
@@ -951,6 +958,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
         upstream_api_key=args.upstream_api_key,
         max_body_bytes=args.max_body_bytes,
         native_n=args.native_n,
+        request_logprobs=args.request_logprobs,
     )
     upstream = urlsplit(args.upstream)
     shown = upstream._replace(netloc=upstream.netloc.rpartition("@")[2]).geturl()  # no userinfo

@@ -190,7 +190,7 @@ def test_returns_the_best_of_n_with_scores_and_summed_usage() -> None:
 
     # One upstream request, asking for the 3 candidates natively, without streaming.
     (sent,) = upstream.bodies()
-    assert sent == {**CHAT, "n": 3}
+    assert sent == {**CHAT, "n": 3, "logprobs": True}  # logprobs: a selection signal
     assert upstream.requests[0].headers["authorization"] == "Bearer sk-client"
 
     # A standard chat completion, from the upstream's, whose one choice is the best candidate.
@@ -356,6 +356,33 @@ def test_upstream_log_probabilities_drive_the_choice_when_every_candidate_has_th
     # One candidate without logprobs: the scorer alone decides, and says so in the weights.
     assert unsure["choices"][0]["message"]["content"] == "Lyon"
     assert unsure["capplug"]["weights"] == {"scorer": 1.0}
+
+
+def test_logprobs_are_asked_for_dropped_where_refused_and_never_leak_to_the_client() -> None:
+    refusal = {"error": {"message": "logprobs is not supported", "param": "logprobs"}}
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        if body["model"] == "no-logprobs" and "logprobs" in body:
+            return httpx2.Response(400, json=refusal)
+        reply = completion(["Lyon", "Paris"])
+        if body.get("logprobs"):
+            for choice in reply["choices"]:
+                choice["logprobs"] = {"content": [{"token": "x", "logprob": -1.0}]}
+        return httpx2.Response(200, json=reply)
+
+    upstream = Upstream(answer)
+    with proxy(upstream, LookupScorer({"Paris": 0.9}), n=2) as client:
+        plain = ok(post(client))
+        asked = ok(post(client, {**CHAT, "logprobs": True}))
+        refused = [ok(post(client, {**CHAT, "model": "no-logprobs"})) for _ in range(2)]
+    assert plain["choices"][0]["logprobs"] is None  # the client did not ask
+    assert plain["capplug"]["signals"]["logprob"] == [-1.0, -1.0]  # but selection used them
+    assert asked["choices"][0]["logprobs"]["content"][0]["logprob"] == -1.0
+    assert [r["choices"][0]["message"]["content"] for r in refused] == ["Paris", "Paris"]
+    sent = [b for b in upstream.bodies() if b["model"] == "no-logprobs"]
+    # Refused once, asked again without; the second request does not ask at all.
+    assert ["logprobs" in b for b in sent] == [True, True, False, False]
 
 
 def test_the_request_n_gets_the_top_n_distinct_answers_first() -> None:

@@ -152,7 +152,8 @@ def fit_weights(
     if len(set_weights) != len(sets):
         raise ValueError(f"set_weights must have one weight per set; got {len(set_weights)}")
     kept = [
-        (s, q, w) for (s, q), w in zip(sets, set_weights, strict=True)
+        (s, q, w)
+        for (s, q), w in zip(sets, set_weights, strict=True)
         if len(q) >= 2 and np.ptp(q) > 0
     ]
     usable = [(s, q) for s, q, _ in kept]

@@ -534,6 +534,14 @@ def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
     return message if isinstance(message, Mapping) else {}
 
 
+def _refused(failure: Any) -> bool:
+    """A 400/422 that names ``logprobs``: the parameter the proxy added, not the request."""
+    error = failure.error
+    if not (isinstance(error, UpstreamHTTPError) and error.status in (400, 422)):
+        return False
+    return "logprobs" in f"{error} {json.dumps(error.body, default=str)}".lower()
+
+
 def _has_tool_calls(choice: Mapping[str, Any]) -> bool:
     message = _message(choice)
     return bool(message.get("tool_calls") or message.get("function_call"))
@@ -752,6 +760,7 @@ class _Proxy:
         sampling_temperature: float | None,
         max_connections: int,
         transport: httpx2.AsyncBaseTransport | None,
+        request_logprobs: bool = True,
     ) -> None:
         parts = urlsplit(upstream)
         self.base = upstream.rstrip("/")
@@ -771,6 +780,8 @@ class _Proxy:
         self.combiner = combiner_of(scorer)
         self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
         self._ignores_n: OrderedDict[str, str] = OrderedDict()
+        self.request_logprobs = request_logprobs
+        self._refuses_logprobs: OrderedDict[str, str] = OrderedDict()
         self._client: httpx2.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -967,13 +978,35 @@ class _Proxy:
         model = body.get("model")
         headers = self.forward_headers(request.headers, reencoded=True)
 
+        model_name = model if isinstance(model, str) else ""
+        client_logprobs = body.get("logprobs") is True
+        ask_logprobs = (
+            self.request_logprobs
+            and "logprobs" not in body
+            and model_name not in self._refuses_logprobs
+        )
+        if ask_logprobs:
+            payload["logprobs"] = True  # a selection signal; stripped again below
         started = time.perf_counter()
         try:
-            collected = await self.collect(
-                payload, headers, n, model if isinstance(model, str) else ""
-            )
+            collected = await self.collect(payload, headers, n, model_name)
         except _UpstreamFailure as failure:
-            raise self._upstream_error(failure) from failure
+            if not (ask_logprobs and _refused(failure)):
+                raise self._upstream_error(failure) from failure
+            # Perhaps the logprobs we added: ask once more without them, as the client did.
+            payload.pop("logprobs")
+            try:
+                collected = await self.collect(payload, headers, n, model_name)
+            except _UpstreamFailure as again:
+                raise self._upstream_error(again) from again
+            self._refuses_logprobs[model_name] = _describe(failure.error)
+            while len(self._refuses_logprobs) > _MAX_REMEMBERED_MODELS:
+                self._refuses_logprobs.popitem(last=False)
+            logger.info(
+                "the upstream %s refused logprobs for model %r; not asking for them again",
+                self.name,
+                model_name,
+            )
         upstream_seconds = time.perf_counter() - started
         self.metrics.upstream_seconds.observe(upstream_seconds)
         self.metrics.candidates.inc(len(collected.choices))
@@ -1008,6 +1041,8 @@ class _Proxy:
         }
         usage = _summed_usage(collected.replies)
         returned = [{**collected.choices[i], "index": j} for j, i in enumerate(selection.order)]
+        if not client_logprobs:
+            returned = [{**c, "logprobs": None} for c in returned]
         headers_out = {
             **collected.headers,
             "X-Capplug-Candidates": str(len(collected.choices)),
@@ -1166,6 +1201,7 @@ def create_proxy_app(
     sampling_temperature: float | None = 0.8,
     max_connections: int = 256,
     transport: httpx2.AsyncBaseTransport | None = None,
+    request_logprobs: bool = True,
 ) -> FastAPI:
     """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
 
@@ -1190,6 +1226,9 @@ def create_proxy_app(
             ``temperature: 0`` (greedy candidates would all be the same); ``None`` keeps 0.
         max_connections: the most connections open to the upstream at once.
         transport: an ``httpx2`` transport for the upstream (tests pass a mock one).
+        request_logprobs: ask the upstream for ``logprobs`` (a selection signal) when the
+            request does not say; a model whose upstream refuses them (400) is asked again
+            without, and not asked again. The client gets ``logprobs`` only if it asked.
     """
     if not isinstance(upstream, str) or not upstream:
         raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
@@ -1237,6 +1276,7 @@ def create_proxy_app(
         sampling_temperature=sampling_temperature,
         max_connections=max_connections,
         transport=transport,
+        request_logprobs=bool(request_logprobs),
     )
 
     @asynccontextmanager
