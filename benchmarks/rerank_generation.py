@@ -26,6 +26,7 @@ protocol on generative train tasks and writes only FILE, leaving the committed d
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import tempfile
@@ -80,19 +81,52 @@ MARGINS = {
 }
 
 
-class _ScoreMemo:
-    """A scorer that scores each (instruction, response) once, for the fused columns."""
+class ScoreCache:
+    """The scorer's score of every cached candidate, per (scorer, task), written as it goes."""
 
-    def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-        self.seen: dict[tuple[str, str], float] = {}
+    def __init__(self, task: str, seed: int, scorer_ref: str) -> None:
+        name = task.replace("/", "__")
+        tag = hashlib.sha1(_scorer_stamp(scorer_ref).encode()).hexdigest()[:12]
+        self.path = cache_home() / "bench-cache" / f"rerank-scores-{tag}-{name}-seed{seed}.json"
+        self.data: dict[str, list[float]] = (
+            json.loads(self.path.read_text()) if self.path.is_file() else {}
+        )
+        self.dirty = False
 
-    def score(self, instruction: str, responses: list[str]) -> list[float]:
-        todo = [r for r in dict.fromkeys(responses) if (instruction, r) not in self.seen]
-        if todo:
-            for r, v in zip(todo, self.scorer.score(instruction, todo), strict=True):
-                self.seen[(instruction, r)] = float(v)
-        return [self.seen[(instruction, r)] for r in responses]
+    def scores(self, scorer: Any, example: Example, texts: list[str]) -> list[float]:
+        key = str(example.index)
+        if key not in self.data or len(self.data[key]) != len(texts):
+            distinct = list(dict.fromkeys(texts))
+            by_text = dict(zip(distinct, scorer().score(example.prompt, distinct), strict=True))
+            self.data[key] = [float(by_text[t]) for t in texts]
+            self.dirty = True
+        return self.data[key]
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json_atomic(self.path, self.data)
+            self.dirty = False
+
+
+def _scorer_stamp(ref: str) -> str:
+    """What identifies a scorer's weights: its folder and the size of its weight files."""
+    from capplug import resolve
+
+    try:
+        folder = resolve(ref)
+    except Exception:  # an unresolvable reference is identified by its name
+        return ref
+    files = sorted(p for p in folder.glob("*.safetensors"))
+    return ":".join([str(folder), *(f"{p.name}:{p.stat().st_size}" for p in files)])
+
+
+class _Lookup:
+    """A scorer that answers from the scores already computed for the current example."""
+
+    table: dict[str, float]
+
+    def score(self, instruction: Any, responses: list[str]) -> list[float]:
+        return [self.table[r] for r in responses]
 
 
 def split(task: str, limit: int) -> tuple[list[Example], list[Example]]:
@@ -193,7 +227,18 @@ def adapt_scorer(
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tasks = args.tasks or dev_tasks()
-    model = scorer = None
+    model = fused = None
+    lookup = _Lookup()
+    loaded: list[Any] = []
+
+    def load_scorer() -> Any:
+        """The scorer, loaded the first time a score is not in the cache."""
+        if not loaded:
+            from capplug import Scorer
+
+            loaded.append(Scorer.from_pretrained(args.scorer))
+        return loaded[0]
+
     per_task: dict[str, dict[str, float]] = {}
     for task in tasks:
         test, train = split(task, args.limit)
@@ -208,16 +253,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if args.generate_only:
             print(f"{task}: {len(test) + len(adapt_examples)} instructions cached")
             continue
-        if scorer is None:
-            from capplug import Scorer
+        if fused is None:
             from capplug.selection import Reranker, load_combiner
 
-            scorer = _ScoreMemo(Scorer.from_pretrained(args.scorer))
             combiner = load_combiner(args.scorer)
             fused = {
-                name: Reranker(scorer, combiner=combiner, signals=signals)
+                name: Reranker(lookup, combiner=combiner, signals=signals)
                 for name, signals in FUSED.items()
             }
+        score_cache = ScoreCache(task, args.seed, args.scorer)
         adapted = (
             adapt_scorer(
                 args.scorer,
@@ -244,7 +288,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             picks["mean"].append(float(np.mean(rouge)))
             picks["lm-sum"].append(rouge[int(np.argmax([c["sum_logprob"] for c in candidates]))])
             picks["lm-mean"].append(rouge[int(np.argmax([c["mean_logprob"] for c in candidates]))])
-            picks["scorer"].append(rouge[int(np.argmax(scorer.score(example.prompt, texts)))])
+            scores = score_cache.scores(load_scorer, example, texts)
+            lookup.table = dict(zip(texts, scores, strict=True))
+            picks["scorer"].append(rouge[int(np.argmax(scores))])
             picks["mbr"].append(rouge[int(np.argmax(rouge_agreement(texts)))])
             sums = [c["sum_logprob"] for c in candidates]
             counts = [c.get("n_tokens") or _tokens(c) for c in candidates]
@@ -254,6 +300,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             if adapted is not None:
                 picks["adapted"].append(rouge[int(np.argmax(adapted.score(example.prompt, texts)))])
             picks["oracle"].append(max(rouge))
+        score_cache.save()
         row: dict[str, Any] = {name: 100 * float(np.mean(v)) for name, v in picks.items() if v}
         print(task, {k: round(v, 1) for k, v in row.items()})
         row["examples"] = len(test)

@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
