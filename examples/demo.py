@@ -55,17 +55,17 @@ def show(title: str, instruction: object, responses: list[str], reranker: Rerank
         else " | ".join(t["content"] for t in instruction)
     )
     print(f"instruction: {text}")
-    print(f"{'rank':>4}  {'score':>6}  {'scorer':>6}  {'log-lik':>7}  response")
+    print(f"{'rank':>4}  {'score':>6}  {'scorer':>6}  {'agree':>6}  response")
     for position, item in enumerate(reranker.rank(instruction, responses), start=1):
-        scorer, loglik = item.signals.get("scorer", 0.0), item.signals.get("logprob", 0.0)
-        print(f"{position:>4}  {item.score:6.3f}  {scorer:6.3f}  {loglik:7.1f}  {item.response}")
+        scorer, agree = item.signals.get("scorer", 0.0), item.signals.get("agreement", 0.0)
+        print(f"{position:>4}  {item.score:6.3f}  {scorer:6.3f}  {agree:6.3f}  {item.response}")
 
 
 def best_of_n(reranker: Reranker, instruction: str, n: int = 8) -> None:
     """Sample n answers from the local model and choose one with their log-probabilities."""
-    from capplug.llms import SamplingRecipe, SamplingStrategy
+    from capplug.llms import LocalChatModel, SamplingRecipe, SamplingStrategy
 
-    model = reranker.lm
+    model = LocalChatModel.from_pretrained("smollm2-135m-instruct")
     recipe = SamplingRecipe((SamplingStrategy(n=n, temperature=0.9),), max_new_tokens=48)
     started = time.perf_counter()
     candidates = model.sample_candidates([instruction], recipe=recipe, seed=0, progress=False)[0]
@@ -94,9 +94,9 @@ def best_of_n(reranker: Reranker, instruction: str, n: int = 8) -> None:
 
 def main() -> None:
     started = time.perf_counter()
-    # The bundled scorer and its selection weights; the local model scores each option's
-    # log-likelihood when the candidates come without log-probabilities of their own.
-    reranker = Reranker(lm="smollm2-135m-instruct")
+    # The bundled scorer and its selection weights. These fixed answers come with no
+    # log-probabilities, so the weights fitted for scorer, agreement and length apply.
+    reranker = Reranker()
     print(f"loaded the selector in {time.perf_counter() - started:.1f}s")
     for number, (instruction, responses) in enumerate(EXAMPLES, start=1):
         show(f"example {number}", instruction, responses, reranker)

@@ -44,6 +44,8 @@ SUBSETS = [
     ("scorer", "agreement"),
     ("scorer", "logprob"),
     ("agreement", "logprob"),
+    ("scorer", "agreement", "logprob", "logprob_mean", "length"),
+    ("scorer", "agreement", "length", "echo"),
 ]
 
 
@@ -82,7 +84,13 @@ def load_sets(drawn: Path, scorer_ref: str, kind: str) -> list[tuple[str, Candid
             counts = np.array([max(v[2], 1) for v in row["options"]], dtype=float)
             norm = normalised_option_scores(example.target_scores)
             quality = np.array([float(norm[t] == 1.0) for t in texts])
-        values = signal_values(texts, scores=np.array(scores[key]), logprobs=lp, token_counts=counts)
+        values = signal_values(
+            texts,
+            scores=np.array(scores[key]),
+            logprobs=lp,
+            token_counts=counts,
+            instruction=example.prompt,
+        )
         out.append((row["task"], CandidateSet(values, quality, family(row["task"]))))
     return out
 

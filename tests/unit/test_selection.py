@@ -11,6 +11,7 @@ from rouge_score import rouge_scorer
 
 from capplug.selection import (
     Combiner,
+    echo,
     Reranker,
     fit_weights,
     rouge_agreement,
@@ -68,6 +69,22 @@ def test_agreement_counts_repeats_and_favours_the_majority():
 def test_agreement_of_one_text_is_zero_and_of_cjk_text_is_per_character():
     assert rouge_agreement(["only"]).tolist() == [0.0]
     assert rouge_l_f("北京是首都", "首都是北京") > 0
+
+
+def test_echo_is_the_share_of_a_candidate_that_repeats_the_instruction():
+    prompt = "Translate to French: Good morning, my friend."
+    values = echo(prompt, ["Good morning, my friend.", "Bonjour, mon ami.", "Good day", ""])
+    assert values.tolist() == [1.0, 0.0, 0.5, 0.0]
+
+
+def test_the_choice_follows_echo_and_only_signals_with_weights_are_computed():
+    prompt = "Rewrite in the past tense: I walk home."
+    texts = ["I walked home.", "She sings."]
+    ranker = Reranker(None, combiner=combiner(echo=1.0))
+    assert ranker.signals == ("echo",)
+    assert ranker.select(prompt, texts).index == 0
+    assert Reranker(None, combiner=combiner(echo=-1.0)).select(prompt, texts).index == 1
+    assert set(ranker.select(prompt, texts).signals) == {"echo"}
 
 
 # ------------------------------------------------------------------------------- the choice

@@ -1,6 +1,6 @@
 """The one best-of-n core: signals, their combiner, and the ``capplug`` metadata schema."""
 
-from capplug.selection.agreement import rouge_agreement, rouge_l_f
+from capplug.selection.agreement import echo, rouge_agreement, rouge_l_f
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner, fit_weights, zscores
 from capplug.selection.core import (
     Reranker,
@@ -27,6 +27,7 @@ __all__ = [
     "choose",
     "combiner_of",
     "dedupe_key",
+    "echo",
     "fit_weights",
     "load_combiner",
     "openai_logprobs",

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["rouge_agreement", "rouge_l_f", "tokens"]
+__all__ = ["echo", "rouge_agreement", "rouge_l_f", "tokens", "word_counts"]
 
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W_]+")
 
@@ -83,3 +83,17 @@ def rouge_agreement(texts: Sequence[str]) -> np.ndarray:
 def word_counts(texts: Sequence[str]) -> np.ndarray:
     """Words per text, as :func:`tokens` counts them."""
     return np.array([len(tokens(t)) for t in texts], dtype=float)
+
+
+def echo(instruction: str, texts: Sequence[str]) -> np.ndarray:
+    """How much of each text repeats the instruction: its longest common subsequence with the
+    instruction over its own length (1.0: a copy of part of the prompt; 0.0 for no words)."""
+    source = tokens(instruction)
+    out = np.zeros(len(texts))
+    cache: dict[str, float] = {}
+    for i, text in enumerate(texts):
+        if text not in cache:
+            words = tokens(text)
+            cache[text] = _lcs(_masks(words), len(words), source) / len(words) if words else 0.0
+        out[i] = cache[text]
+    return out

@@ -24,14 +24,15 @@ __all__ = ["CONFIG_KEY", "SIGNALS", "Combiner", "fit_weights", "zscores"]
 CONFIG_KEY = "capplug_selection"
 """The key in a scorer checkpoint's ``config.json`` that holds its selection weights."""
 
-SIGNALS = ("scorer", "agreement", "logprob", "logprob_mean", "length")
+SIGNALS = ("scorer", "agreement", "logprob", "logprob_mean", "length", "echo")
 """Every signal the core knows, in a fixed order.
 
 - ``scorer``: the scorer's score (as a logit);
 - ``agreement``: mean Rouge-L F to the other candidates (:mod:`capplug.selection.agreement`);
 - ``logprob``: the generator's summed token log-probability of the candidate;
 - ``logprob_mean``: the same per token (needs token counts);
-- ``length``: log(1 + words), a length prior.
+- ``length``: log(1 + words), a length prior;
+- ``echo``: the share of the candidate's words that repeat the instruction, in order.
 """
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from capplug.scoring.formatting import Instruction, check_responses
-from capplug.selection.agreement import rouge_agreement, word_counts
+from capplug.scoring.formatting import flatten_chat
+from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
 
 __all__ = [
@@ -135,6 +136,7 @@ def signal_values(
     scores: np.ndarray | None = None,
     logprobs: np.ndarray | None = None,
     token_counts: np.ndarray | None = None,
+    instruction: Any = None,
     use: Sequence[str] = SIGNALS,
 ) -> dict[str, np.ndarray]:
     """Per-candidate signal arrays, transformed for fusing (the scorer's score as a logit).
@@ -154,6 +156,8 @@ def signal_values(
         out["logprob_mean"] = np.asarray(logprobs, dtype=float) / np.maximum(token_counts, 1)
     if "length" in use:
         out["length"] = np.log1p(word_counts(texts))
+    if "echo" in use and instruction is not None:
+        out["echo"] = echo(flatten_chat(instruction), texts)
     return out
 
 
@@ -211,6 +215,7 @@ def choose(
     scores: np.ndarray | None = None,
     logprobs: np.ndarray | None = None,
     token_counts: np.ndarray | None = None,
+    instruction: Any = None,
     combiner: Combiner,
     signals: Sequence[str] = SIGNALS,
 ) -> Selection:
@@ -225,7 +230,12 @@ def choose(
     if scores is not None and not np.all(np.isfinite(scores)):
         raise ValueError("scores must be finite numbers, one per candidate")
     values = signal_values(
-        texts, scores=scores, logprobs=logprobs, token_counts=token_counts, use=signals
+        texts,
+        scores=scores,
+        logprobs=logprobs,
+        token_counts=token_counts,
+        instruction=instruction,
+        use=signals,
     )
     fused, weights = combiner.fuse(values)
     probability = np.exp(fused - fused.max())
@@ -236,6 +246,7 @@ def choose(
         "logprob": logprobs,
         "logprob_mean": values.get("logprob_mean"),
         "length": word_counts(texts),
+        "echo": values.get("echo"),
     }
     used = [n for n in SIGNALS if n in values]
     items = tuple(
@@ -256,7 +267,7 @@ class Reranker:
     Args:
         scorer: a :class:`capplug.Scorer`, a reference to load one, or ``None`` for no scorer.
         combiner: the weights; default: those recorded in the scorer checkpoint's config.
-        signals: restrict the signals used (default: all of :data:`SIGNALS` available).
+        signals: restrict the signals used (default: those the combiner has weights for).
         lm: a local causal LM (a :class:`capplug.llms.LocalChatModel` or a reference) that
             computes each candidate's log-likelihood when ``logprobs`` is not given.
     """
@@ -281,8 +292,8 @@ class Reranker:
             combiner = combiner_of(scorer)
         self.scorer = scorer
         self.combiner = combiner or DEFAULT_COMBINER
-        if signals is None:
-            signals = SIGNALS
+        if signals is None:  # what the weights can use: a signal no weight set has is not computed
+            signals = {name for key in self.combiner.weights for name in key.split("+")}
         unknown = [s for s in signals if s not in SIGNALS]
         if unknown:
             raise ValueError(f"signals must be names from {SIGNALS}; got {unknown}")
@@ -338,6 +349,7 @@ class Reranker:
             scores=scores,
             logprobs=lp,
             token_counts=counts,
+            instruction=instruction,
             combiner=self.combiner,
             signals=self.signals,
         )

@@ -68,7 +68,13 @@ def candidate_sets(rows: Iterable[Mapping[str, Any]], scorer: Any = None) -> lis
         scores = None
         if scorer is not None:
             scores = score_distinct(scorer.score, row.get("instruction", ""), texts)
-        values = signal_values(texts, scores=scores, logprobs=logprobs, token_counts=counts)
+        values = signal_values(
+            texts,
+            scores=scores,
+            logprobs=logprobs,
+            token_counts=counts,
+            instruction=row.get("instruction"),
+        )
         out.append(CandidateSet(values, quality, str(row.get("group", ""))))
     return out
 

@@ -946,6 +946,7 @@ class _Proxy:
             scores=scores if np.all(np.isfinite(scores)) else None,
             logprobs=np.array([f[0] for f in found]) if have else None,  # type: ignore[index]
             token_counts=np.array([f[1] for f in found]) if have else None,  # type: ignore[index]
+            instruction=instruction,
             combiner=self.combiner,
         )
         seconds = time.perf_counter() - started
