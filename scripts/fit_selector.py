@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draw_candidates import read_drawn  # noqa: E402
+from draw_candidates import read_drawn
 
-from capplug.selection import SIGNALS, signal_values  # noqa: E402
-from capplug.selection.fit import (  # noqa: E402
+from capplug.selection import SIGNALS, signal_values
+from capplug.selection.fit import (
     CandidateSet,
     fit_combiner,
     pick_quality,
@@ -124,7 +124,9 @@ def main() -> None:
     parser.add_argument("drawn", type=Path)
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--kinds", nargs="*", default=["gen", "mc"], choices=["gen", "mc"])
-    parser.add_argument("--write", action="store_true", help="store the gen weights in the checkpoint")
+    parser.add_argument(
+        "--write", action="store_true", help="store the gen weights in the checkpoint"
+    )
     parser.add_argument("--report", type=Path, help="write the held-out figures as JSON here")
     args = parser.parse_args()
     data = {kind: load_sets(args.drawn, args.scorer, kind) for kind in args.kinds}

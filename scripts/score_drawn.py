@@ -37,7 +37,9 @@ def score_group(drawn: Path, group: str, scorer_ref: str, prompts: dict) -> None
     for r in rows:
         seen[r["task"]] = seen.get(r["task"], 0) + 1
         rank.append(seen[r["task"]])
-    rows = [r for _, _, r in sorted(zip(rank, range(len(rows)), rows), key=lambda x: x[:2])]
+    rows = [
+        r for _, _, r in sorted(zip(rank, range(len(rows)), rows, strict=True), key=lambda x: x[:2])
+    ]
     print(f"{group}: {len(rows)} to score ({len(done)} done)", flush=True)
     scorer = Scorer.from_pretrained(scorer_ref)
     started = time.monotonic()

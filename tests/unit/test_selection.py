@@ -11,8 +11,8 @@ from rouge_score import rouge_scorer
 
 from capplug.selection import (
     Combiner,
-    echo,
     Reranker,
+    echo,
     fit_weights,
     rouge_agreement,
     rouge_l_f,

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from capplug.scoring.formatting import Instruction, check_responses
-from capplug.scoring.formatting import flatten_chat
+from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
 
