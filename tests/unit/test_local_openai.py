@@ -254,7 +254,16 @@ def test_stream_usage_comes_last_when_asked(client: TestClient) -> None:
         (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [""]}', "stop", None),
         (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream", None),
         (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{}]}', "tools", None),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', "logprobs", None),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 2}',
+            "top_logprobs",
+            None,
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}',
+            "logprobs",
+            None,
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(
@@ -267,6 +276,34 @@ def test_bad_requests_get_openai_errors(
     assert error["param"] == param
     if code is not None:
         assert error["code"] == code
+
+
+def test_logprobs_come_back_in_openai_schema_and_sum_to_the_candidates(
+    client: TestClient, llm: LocalChatModel
+) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "n": 2,
+        "temperature": 0.9,
+        "seed": 3,
+        "max_tokens": 12,
+        "logprobs": True,
+    }
+    reply = client.post("/v1/chat/completions", json=body).json()
+    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()
+    for choice, other in zip(reply["choices"], plain["choices"], strict=True):
+        content = choice["logprobs"]["content"]
+        assert content and all(
+            isinstance(t["logprob"], float) and t["logprob"] <= 0 for t in content
+        )
+        assert all(t["top_logprobs"] == [] and isinstance(t["bytes"], list) for t in content)
+        assert choice["message"]["content"] == other["message"]["content"]  # same draw
+        assert other["logprobs"] is None
+    # What the selection core reads from them: a sum and a token count per candidate.
+    from capplug.selection import openai_logprobs
+
+    total, count = openai_logprobs(reply["choices"][0]["logprobs"])
+    assert count == len(reply["choices"][0]["logprobs"]["content"]) and total < 0
 
 
 def test_too_long_a_prompt_is_a_400_not_a_truncation(client: TestClient) -> None:

@@ -219,6 +219,8 @@ class Candidate:
     """False when the candidate was cut at ``max_new_tokens`` instead of ending its turn."""
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     """The generated token ids, end-of-turn token included when ``finished``."""
+    token_logprobs: tuple[float, ...] = field(default=(), repr=False)
+    """Each generated token's log-probability (as ``sum_logprob`` counts them), in order."""
 
 
 # ------------------------------------------------------------------------------------- model
@@ -436,10 +438,13 @@ class LocalChatModel:
         width = batch["input_ids"].shape[1]
         completions = [self._completion(row) for row in out[:, width:].tolist()]
         prompts = [p for p in ids for _ in range(strategy.n)]
-        scores = self._score_ids(prompts, [c for c, _ in completions])
+        per_token: list[list[float]] = []
+        scores = self._score_ids(prompts, [c for c, _ in completions], per_token=per_token)
         candidates = [
-            self._candidate(tokens, finished, strategy.name, score)
-            for (tokens, finished), score in zip(completions, scores, strict=True)
+            self._candidate(tokens, finished, strategy.name, score, values)
+            for (tokens, finished), score, values in zip(
+                completions, scores, per_token, strict=True
+            )
         ]
         return [candidates[p * strategy.n : (p + 1) * strategy.n] for p in range(len(ids))]
 
@@ -472,7 +477,9 @@ class LocalChatModel:
             values = logprobs[r, : len(tokens)].tolist()
             total = math.fsum(values)
             score = (total, total / len(tokens) if tokens else float("-inf"), len(tokens))
-            candidates.append(self._candidate(tokens, finished, rows[r].strategy.name, score))
+            candidates.append(
+                self._candidate(tokens, finished, rows[r].strategy.name, score, values)
+            )
         return candidates
 
     def _prefill(self, batch: Mapping[str, torch.Tensor], repeats: int) -> Any | None:
@@ -511,6 +518,7 @@ class LocalChatModel:
         finished: bool,
         strategy: str,
         score: tuple[float, float, int],
+        token_logprobs: Sequence[float] = (),
     ) -> Candidate:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return Candidate(
@@ -521,6 +529,7 @@ class LocalChatModel:
             n_tokens=score[2],
             finished=finished,
             token_ids=tuple(tokens),
+            token_logprobs=tuple(float(v) for v in token_logprobs),
         )
 
     # -------------------------------------------------------------------------- likelihood
@@ -590,8 +599,12 @@ class LocalChatModel:
         *,
         batch_size: int = 16,
         progress: bool = False,
+        per_token: list[list[float]] | None = None,
     ) -> list[tuple[float, float, int]]:
+        """(sum, mean, count) of each continuation's log-probabilities; with ``per_token``, also
+        fills it with each continuation's values, in input order."""
         results: list[tuple[float, float, int]] = [(0.0, float("-inf"), 0)] * len(prompts)
+        values_of: list[list[float]] = [[] for _ in prompts]
         todo = [i for i, c in enumerate(continuations) if c]
         todo.sort(key=lambda i: len(prompts[i]) + len(continuations[i]))
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -604,7 +617,10 @@ class LocalChatModel:
                 ):
                     total = math.fsum(values)
                     results[i] = (total, total / len(values), len(values))
+                    values_of[i] = values
                 bar.update(1)
+        if per_token is not None:
+            per_token[:] = values_of
         return results
 
     def _continuation_logprobs(

@@ -149,12 +149,16 @@ def _unsupported(message: str, param: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
-def check_supported(request: ChatRequest, *, stream: bool) -> None:
-    """400 for ``tools``, ``logprobs``, ``stream`` (unless ``stream``) and a non-text
-    ``response_format``, checked in that order."""
-    for name, given in (("tools", request.tools), ("logprobs", request.logprobs)):
+def check_supported(request: ChatRequest, *, stream: bool, logprobs: bool = False) -> None:
+    """400 for ``tools``, ``logprobs`` (unless ``logprobs``; ``top_logprobs`` above 0 always),
+    ``stream`` (unless ``stream``) and a non-text ``response_format``, in that order."""
+    for name, given in (("tools", request.tools), ("logprobs", request.logprobs and not logprobs)):
         if given:
             raise _unsupported(f"{name} are not supported by this server", name)
+    if getattr(request, "top_logprobs", None):
+        raise _unsupported(
+            "top_logprobs are not supported by this server; send 0 or leave it out", "top_logprobs"
+        )
     if not stream and request.stream:
         raise _unsupported("stream is not supported by this server; send stream: false", "stream")
     if request.response_format and request.response_format.get("type", "text") != "text":
@@ -268,8 +272,12 @@ def completion_json(
     model_name: str,
     choices: Iterable[tuple[str, str]],
     usage: dict[str, int],
+    logprobs: Sequence[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """OpenAI's ``chat.completion`` object; ``choices`` are (text, finish reason) pairs."""
+    """OpenAI's ``chat.completion`` object; ``choices`` are (text, finish reason) pairs, and
+    ``logprobs`` each choice's ``{"content": [...]}`` object when the request asked for them."""
+    choices = list(choices)
+    logprobs = list(logprobs) if logprobs is not None else [None] * len(choices)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -279,7 +287,7 @@ def completion_json(
             {
                 "index": i,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs[i],
                 "finish_reason": finish,
             }
             for i, (text, finish) in enumerate(choices)

@@ -24,9 +24,12 @@ events, so ``stream=true`` changes the transport, not the time to the first toke
 
 Generation runs in a worker thread, never on the event loop, and one at a time per model. The request's ``model`` is accepted
 whatever it names (this is a drop-in local endpoint) and the response names the served model.
-Options this server cannot honour and that would change the reply's shape (``tools``,
-``logprobs``, a non-text ``response_format``) are refused with a 400; other OpenAI options
-(penalties, ``logit_bias``, ``user``, ...) are accepted and ignored.
+``logprobs: true`` returns each choice's token log-probabilities in OpenAI's schema
+(``choices[i].logprobs.content``: ``token``, ``logprob``, ``bytes``, and an empty
+``top_logprobs``; streamed whole with the choice's last chunk). Options this server cannot honour
+and that would change the reply's shape (``tools``, ``top_logprobs`` above 0, a non-text
+``response_format``) are refused with a 400; other OpenAI options (penalties, ``logit_bias``,
+``user``, ...) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class _ChatCompletionRequest(BaseModel):
     stream_options: _StreamOptions | None = None
     tools: list[Any] | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
 
 
@@ -148,10 +152,11 @@ class _Plan(_chat.Sampling):
 
     stream: bool
     include_usage: bool
+    logprobs: bool = False
 
 
 def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -> _Plan:
-    _chat.check_supported(request, stream=True)
+    _chat.check_supported(request, stream=True, logprobs=True)
     n = _chat.choices_wanted(request, max_n)
     max_tokens = _chat.max_tokens_wanted(request, max_tokens_cap)
     sampling_asked = request.temperature is not None or request.top_p is not None
@@ -169,6 +174,7 @@ def _plan(request: _ChatCompletionRequest, *, max_n: int, max_tokens_cap: int) -
         include_usage=bool(
             request.stream and request.stream_options and request.stream_options.include_usage
         ),
+        logprobs=bool(request.logprobs),
     )
 
 
@@ -200,21 +206,56 @@ class _Choice:
     text: str
     finish_reason: Literal["stop", "length"]
     tokens: int
+    logprobs: dict[str, Any] | None = None
 
 
-def _choice(model: LocalChatModel, candidate: Candidate, stops: list[str]) -> _Choice:
+def _choice(
+    model: LocalChatModel, candidate: Candidate, stops: list[str], *, logprobs: bool
+) -> _Choice:
     text = _chat.cut_at_stop(candidate.text, stops)
     if text is not None:
         tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return _Choice(text=text, finish_reason="stop", tokens=tokens)
-    finish = "stop" if candidate.finished else "length"
-    return _Choice(text=candidate.text, finish_reason=finish, tokens=candidate.n_tokens)
+        finish: Literal["stop", "length"] = "stop"
+    else:
+        text, tokens = candidate.text, candidate.n_tokens
+        finish = "stop" if candidate.finished else "length"
+    content = _token_logprobs(model, candidate, text) if logprobs else None
+    return _Choice(text, finish, tokens, None if content is None else {"content": content})
+
+
+def _token_logprobs(model: LocalChatModel, candidate: Candidate, text: str) -> list[dict[str, Any]]:
+    """OpenAI's per-token ``logprobs.content`` for the tokens that make up ``text``.
+
+    The end-of-turn token is left out (OpenAI reports content tokens only), and so are tokens
+    past a stop sequence that cut the reply.
+    """
+    out: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for token, value in zip(candidate.token_ids, candidate.token_logprobs, strict=False):
+        if token in model.eos_token_ids:
+            break
+        ids.append(token)
+        if len(model.tokenizer.decode(ids, skip_special_tokens=True).strip()) > len(text):
+            break
+        piece = model.tokenizer.decode([token])
+        out.append(
+            {
+                "token": piece,
+                "logprob": value,
+                "bytes": list(piece.encode("utf-8")),
+                "top_logprobs": [],
+            }
+        )
+    return out
 
 
 def _answer(model: LocalChatModel, plan: _Plan) -> tuple[int, list[_Choice]]:
     """Prompt tokens and choices for a request; tokenizes and generates, so run it in a thread."""
     prompt = _chat.prompt_tokens(model, plan.chat, plan.max_tokens)
-    choices = [_choice(model, candidate, plan.stops) for candidate in _candidates(model, plan)]
+    choices = [
+        _choice(model, candidate, plan.stops, logprobs=plan.logprobs)
+        for candidate in _candidates(model, plan)
+    ]
     return prompt, choices
 
 
@@ -229,7 +270,9 @@ def _completion(
     completion_id: str, model_name: str, choices: Sequence[_Choice], usage: dict[str, int]
 ) -> dict[str, Any]:
     pairs = [(choice.text, choice.finish_reason) for choice in choices]
-    return _chat.completion_json(completion_id, model_name, pairs, usage)
+    return _chat.completion_json(
+        completion_id, model_name, pairs, usage, [choice.logprobs for choice in choices]
+    )
 
 
 def _events(
@@ -261,14 +304,20 @@ def _events(
             chunk["usage"] = usage_
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    def delta(index: int, content: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
+    def delta(
+        index: int,
+        content: dict[str, str],
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish}
 
     for i, choice in enumerate(choices):
         yield event([delta(i, {"role": "assistant", "content": ""})])
         for piece in re.findall(r"\s*\S+|\s+$", choice.text):
             yield event([delta(i, {"content": piece})])
-        yield event([delta(i, {}, choice.finish_reason)])
+        # The choice's token log-probabilities arrive whole, with its finish reason.
+        yield event([delta(i, {}, choice.finish_reason, choice.logprobs)])
     if include_usage:
         yield event([], usage)
     yield "data: [DONE]\n\n"
