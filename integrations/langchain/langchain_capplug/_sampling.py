@@ -2,14 +2,13 @@
 
 Shared by the best-of-n chat model and the agent middleware: how to unwrap a bound model, how to
 make a sampling copy of a model (temperature > 0, SDK retries off), how to turn a candidate into
-the text the scorer reads, and de-duplication.
+the text the scorer reads (de-duplication is capplug.selection's).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -147,18 +146,6 @@ def candidate_text(message: BaseMessage) -> str:
         calls = [{"name": c["name"], "args": c["args"]} for c in message.tool_calls]
         text = (text + "\n" if text else "") + json.dumps(calls, sort_keys=True, default=str)
     return text
-
-
-def dedupe(messages: Sequence[BaseMessage]) -> list[int]:
-    """Indices of the first occurrence of each distinct candidate (whitespace-insensitive)."""
-    seen: set[str] = set()
-    keep: list[int] = []
-    for i, message in enumerate(messages):
-        key = " ".join(candidate_text(message).split())
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return keep
 
 
 def short_error(error: BaseException, limit: int = 300) -> str:
