@@ -72,13 +72,16 @@ def test_openai_sdk_gets_the_best_candidate_of_the_local_model(
     meta = reply.capplug
     assert meta["n_requested"] == 3 and meta["n_received"] == 3 and meta["native_n"] is True
     assert meta["upstream_calls"] == 1 and meta["failures"] == 0
-    # All three candidates come back (the request asked for n=3), best first, and the scores
-    # are the scorer's own for the conversation.
+    # All three candidates come back (the request asked for n=3), best first by the fused
+    # score; the scorer's signal is its own score for the conversation, and the local model's
+    # logprobs (asked for by the proxy, not returned to this client) are a signal too.
     texts = [c.message.content for c in reply.choices]
     assert all(texts)
     by_candidate = dict(zip(meta["returned"], texts, strict=True))
     received = [by_candidate[i] for i in range(3)]
-    assert meta["scores"] == pytest.approx(scorer.score(QUESTION, received), abs=1e-5)
+    assert meta["signals"]["scorer"] == pytest.approx(scorer.score(QUESTION, received), abs=1e-5)
+    assert len(meta["signals"]["logprob"]) == 3 and all(v < 0 for v in meta["signals"]["logprob"])
+    assert all(c.logprobs is None for c in reply.choices)
     ordered = [meta["scores"][i] for i in meta["returned"]]
     assert ordered == sorted(ordered, reverse=True) or len(set(texts)) < 3
     assert meta["chosen"] == meta["returned"][0]

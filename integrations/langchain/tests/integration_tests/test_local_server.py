@@ -71,7 +71,17 @@ def test_best_of_n_through_chat_openai(server, scorer):
     assert meta["n_requested"] == 4 and meta["n_received"] == 4 and meta["failures"] == 0
     assert len(meta["candidates"]) >= 2  # sampled at temperature 0.8, so they differ
     assert reply.content == meta["candidates"][meta["chosen"]]
-    assert meta["scores"] == pytest.approx(scorer.score(QUESTION, meta["candidates"]), abs=1e-5)
+    signal = scorer.score(QUESTION, meta["candidates"])
+    assert meta["signals"]["scorer"] == pytest.approx(signal, abs=1e-5)
+    assert "logprob" not in meta["signals"]  # ChatOpenAI did not ask for them
+
+
+def test_best_of_n_uses_the_log_probabilities_chat_openai_asks_for(server, scorer):
+    url, _ = server
+    best = CappyBestOfN(llm=chat(url, seed=0, logprobs=True), scorer=scorer, n=4)
+    meta = best.invoke(QUESTION).response_metadata["capplug"]
+    assert len(meta["signals"]["logprob"]) == 4 and all(v < 0 for v in meta["signals"]["logprob"])
+    assert "logprob" in meta["weights"]
 
 
 def test_async_best_of_n_and_the_callback_handler(server, scorer):
