@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -23,7 +22,9 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding
 
-from capplug.llms.retry import RetryPolicy, gather_best_effort, is_retryable
+from capplug.llms.collect import acollect as acollect_n
+from capplug.llms.collect import collect as collect_n
+from capplug.llms.retry import RetryPolicy
 
 logger = logging.getLogger("langchain_capplug")
 
@@ -184,35 +185,18 @@ def collect(
 ) -> tuple[list[BaseMessage], list[BaseException]]:
     """``n`` candidate messages from ``model``: ``(received, failures)``.
 
-    With ``native``, one ``generate(n=n)`` call first; a shortfall (or a native call refused
-    outright) is made up by concurrent single calls. A native call whose retries ran out is
-    raised: more calls would meet the same. Each call goes through ``retry``.
+    By capplug's one policy (:mod:`capplug.llms.collect`): with ``native``, one
+    ``generate(n=n)`` call first, then concurrent single calls for any shortfall. Each call
+    goes through ``retry``.
     """
 
-    def call(**extra: Any) -> LLMResult:
+    def call(n: int | None) -> list[BaseMessage]:
+        extra = {} if n is None else {"n": n}
         if retry is None:
-            return model.generate([messages], **options, **extra)
-        return retry.call(model.generate, [messages], **options, **extra)
+            return _messages(model.generate([messages], **options, **extra))
+        return _messages(retry.call(model.generate, [messages], **options, **extra))
 
-    received: list[BaseMessage] = []
-    failures: list[BaseException] = []
-    if native and n > 1:
-        try:
-            received += _messages(call(n=n))
-        except Exception as error:
-            if is_retryable(error):
-                raise
-            failures.append(error)  # refused outright (e.g. no `n`): fan out instead
-    missing = n - len(received)
-    if missing > 0:
-        with ThreadPoolExecutor(min(missing, max_concurrency)) as pool:
-            futures = [pool.submit(call) for _ in range(missing)]
-            for future in futures:
-                try:
-                    received += _messages(future.result())
-                except Exception as error:
-                    failures.append(error)
-    return received, failures
+    return collect_n(call, n, native=native, max_concurrency=max_concurrency)
 
 
 async def acollect(
@@ -227,26 +211,10 @@ async def acollect(
 ) -> tuple[list[BaseMessage], list[BaseException]]:
     """The async counterpart of :func:`collect`."""
 
-    async def call(**extra: Any) -> LLMResult:
+    async def call(n: int | None) -> list[BaseMessage]:
+        extra = {} if n is None else {"n": n}
         if retry is None:
-            return await model.agenerate([messages], **options, **extra)
-        return await retry.acall(model.agenerate, [messages], **options, **extra)
+            return _messages(await model.agenerate([messages], **options, **extra))
+        return _messages(await retry.acall(model.agenerate, [messages], **options, **extra))
 
-    received: list[BaseMessage] = []
-    failures: list[BaseException] = []
-    if native and n > 1:
-        try:
-            received += _messages(await call(n=n))
-        except Exception as error:
-            if is_retryable(error):
-                raise
-            failures.append(error)
-    missing = n - len(received)
-    if missing > 0:
-        results, lost = await gather_best_effort(
-            (call() for _ in range(missing)), min_successes=0, max_concurrency=max_concurrency
-        )
-        for result in results:
-            received += _messages(result)
-        failures += lost
-    return received, failures
+    return await acollect_n(call, n, native=native, max_concurrency=max_concurrency)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, is_retryable, without_sdk_retries
+from capplug.llms.collect import collect
+from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, without_sdk_retries
 from capplug.scoring.formatting import Instruction, chat_turns
 
 __all__ = ["ENDPOINT_RECIPE", "EndpointSampling", "OpenAICompatibleModel"]
@@ -128,28 +128,14 @@ class OpenAICompatibleModel:
     ) -> list[str]:
         """``sampling.n`` answers to one prompt; raises when none arrived."""
         messages = [{"role": role, "content": text} for role, text in chat_turns(prompt)]
-        texts: list[str] = []
-        try:
-            texts = self._request(messages, sampling.n, sampling, max_tokens, seed)[: sampling.n]
-        except Exception as error:
-            if is_retryable(error) or sampling.n == 1:
-                raise  # retries ran out, or nothing to fall back to
-        missing = sampling.n - len(texts)
-        if missing > 0:  # an endpoint that ignores or refuses `n`
-            with ThreadPoolExecutor(min(missing, self.max_concurrency)) as pool:
-                futures = [
-                    pool.submit(self._request, messages, 1, sampling, max_tokens, seed)
-                    for _ in range(missing)
-                ]
-                errors = []
-                for future in futures:
-                    try:
-                        texts += future.result()[:1]
-                    except Exception as error:
-                        errors.append(error)
-                if not texts and errors:
-                    raise errors[-1]
-        return texts
+        texts, errors = collect(
+            lambda n: self._request(messages, n or 1, sampling, max_tokens, seed),
+            sampling.n,
+            max_concurrency=self.max_concurrency,
+        )
+        if not texts and errors:
+            raise errors[-1]  # nothing arrived
+        return texts[: sampling.n]
 
     def candidates(
         self,
