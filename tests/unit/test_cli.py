@@ -230,27 +230,10 @@ def test_fit_selector_learns_that_agreement_tracks_quality_and_writes_the_weight
 
 def test_fit_selector_names_a_bad_line(tiny_bert_scorer: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "sets.jsonl"
+    args = ("fit-selector", "--data", str(data), "--scorer", str(tiny_bert_scorer))
     data.write_text('{"instruction": "q", "candidates": ["a", "b"], "quality": [1, 0]}\n{oops\n')
-    code, _, err = run(
-        capsys,
-        "fit-selector",
-        "--data",
-        str(data),
-        "--scorer",
-        str(tiny_bert_scorer),
-        "--into",
-        str(tiny_bert_scorer),
-    )
+    code, _, err = run(capsys, *args, "--into", str(tiny_bert_scorer))
     assert code == 2 and "line 2: not JSON" in err
     data.write_text('{"instruction": "q", "candidates": ["a", "b"], "quality": [1]}\n')
-    code, _, err = run(
-        capsys,
-        "fit-selector",
-        "--data",
-        str(data),
-        "--scorer",
-        str(tiny_bert_scorer),
-        "--into",
-        str(tiny_bert_scorer),
-    )
+    code, _, err = run(capsys, *args, "--into", str(tiny_bert_scorer))
     assert code == 2 and "row 1: quality must have one value per candidate" in err
