@@ -112,9 +112,27 @@ def sampling_copy(model: BaseChatModel, temperature: float) -> BaseChatModel:
     return model.model_copy(update={"temperature": temperature})
 
 
-def sampler_for(model: BaseChatModel, *, temperature: float, retries_off: bool) -> BaseChatModel:
-    """``model`` ready to draw candidates: SDK retries off (when capplug retries), temperature > 0."""
-    return sampling_copy(without_retries(model) if retries_off else model, temperature)
+def with_logprobs(model: BaseChatModel) -> BaseChatModel:
+    """``model`` asking for token log-probabilities (a selection signal), when it has a
+    ``logprobs`` setting the user left unset (``ChatOpenAI`` and its kin); else ``model``."""
+    if "logprobs" not in type(model).model_fields or getattr(model, "logprobs", None) is not None:
+        return model
+    return model.model_copy(update={"logprobs": True})
+
+
+def names_logprobs(error: BaseException) -> bool:
+    """Whether an error is a refusal of ``logprobs`` (a 400 or 422 that names them)."""
+    status = getattr(error, "status_code", None) or getattr(error, "status", None)
+    return status in (400, 422) and "logprobs" in str(error).lower()
+
+
+def sampler_for(
+    model: BaseChatModel, *, temperature: float, retries_off: bool, logprobs: bool = False
+) -> BaseChatModel:
+    """``model`` ready to draw candidates: SDK retries off (when capplug retries), temperature > 0,
+    and with ``logprobs``, asking for log-probabilities where it can."""
+    sampler = sampling_copy(without_retries(model) if retries_off else model, temperature)
+    return with_logprobs(sampler) if logprobs else sampler
 
 
 class SamplerCache:
@@ -125,15 +143,33 @@ class SamplerCache:
     """
 
     def __init__(self) -> None:
-        self._copies: dict[tuple[int, float, bool], tuple[BaseChatModel, BaseChatModel]] = {}
+        self._copies: dict[tuple[int, float, bool, bool], tuple[BaseChatModel, BaseChatModel]] = {}
+        self._refuse_logprobs: set[int] = set()
 
-    def get(self, model: BaseChatModel, *, temperature: float, retries_off: bool) -> BaseChatModel:
-        key = (id(model), temperature, retries_off)
+    def get(
+        self,
+        model: BaseChatModel,
+        *,
+        temperature: float,
+        retries_off: bool,
+        logprobs: bool = False,
+    ) -> BaseChatModel:
+        logprobs = logprobs and id(model) not in self._refuse_logprobs
+        key = (id(model), temperature, retries_off, logprobs)
         entry = self._copies.get(key)
         if entry is None or entry[0] is not model:
-            entry = (model, sampler_for(model, temperature=temperature, retries_off=retries_off))
+            sampler = sampler_for(
+                model, temperature=temperature, retries_off=retries_off, logprobs=logprobs
+            )
+            entry = (model, sampler)
             self._copies[key] = entry
         return entry[1]
+
+    def refuses_logprobs(self, model: BaseChatModel) -> None:
+        """Remember that ``model``'s endpoint refused ``logprobs``: stop asking for them."""
+        if id(model) not in self._refuse_logprobs:
+            logger.info("%s refused logprobs; not asking for them again", type(model).__name__)
+        self._refuse_logprobs.add(id(model))
 
 
 def has_tool_calls(message: BaseMessage) -> bool:

@@ -20,6 +20,7 @@ from langchain_capplug._sampling import (
     acollect,
     child_callbacks,
     collect,
+    names_logprobs,
     supports_native_n,
     unwrap,
 )
@@ -80,6 +81,12 @@ class CappyBestOfN(BaseChatModel):
         description="Request n choices in one call; None: when the model has an `n` setting.",
     )
     min_candidates: int = Field(default=1, ge=1)
+    request_logprobs: bool = Field(
+        default=True,
+        description="Ask the model for token log-probabilities (a selection signal) when it has "
+        "an unset `logprobs` setting; an endpoint that refuses them is asked again without, and "
+        "not asked again.",
+    )
     score_tool_calls: bool = False
     max_concurrency: int = Field(default=8, ge=1, description="Concurrent fan-out calls.")
     retry: RetryPolicy | None = Field(
@@ -140,19 +147,35 @@ class CappyBestOfN(BaseChatModel):
 
     # ------------------------------------------------------------------ candidates
 
-    def _sampler(self) -> tuple[BaseChatModel, dict[str, Any]]:
-        """The model to sample from (temperature > 0, SDK retries off) and its bound kwargs."""
+    def _sampler(self, *, logprobs: bool = False) -> tuple[BaseChatModel, dict[str, Any]]:
+        """The model to sample from (temperature > 0, SDK retries off, with ``logprobs`` asking
+        for them where it can) and its bound kwargs."""
         model, bound = unwrap(self.llm)
         sampler = self._samplers.get(
-            model, temperature=self.temperature, retries_off=self.retry is not None
+            model,
+            temperature=self.temperature,
+            retries_off=self.retry is not None,
+            logprobs=logprobs,
         )
         return sampler, bound
+
+    def _refused_logprobs(
+        self, sampler: BaseChatModel, received: list[Any], failures: list[BaseException]
+    ) -> bool:
+        """True (and remembered) when nothing arrived because the endpoint refused logprobs."""
+        plain, _ = self._sampler()
+        if sampler is plain or received or not failures:
+            return False
+        if not all(names_logprobs(f) for f in failures):
+            return False
+        self._samplers.refuses_logprobs(unwrap(self.llm)[0])
+        return True
 
     def _call_options(
         self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]
     ) -> tuple[BaseChatModel, dict[str, Any]]:
         """The sampling model and the options of each candidate call (bound ones first)."""
-        sampler, bound = self._sampler()
+        sampler, bound = self._sampler(logprobs=self.request_logprobs)
         options = {
             **bound,
             **kwargs,
@@ -182,6 +205,8 @@ class CappyBestOfN(BaseChatModel):
             retry=self.retry,
             max_concurrency=self.max_concurrency,
         )
+        if self._refused_logprobs(sampler, received, failures):
+            return self._generate(messages, stop, run_manager, **kwargs)
         return self._choose(messages, received, failures)
 
     async def _agenerate(
@@ -201,6 +226,8 @@ class CappyBestOfN(BaseChatModel):
             retry=self.retry,
             max_concurrency=self.max_concurrency,
         )
+        if self._refused_logprobs(sampler, received, failures):
+            return await self._agenerate(messages, stop, run_manager, **kwargs)
         return await asyncio.to_thread(self._choose, messages, received, failures)
 
     def _stream(

@@ -73,15 +73,17 @@ def test_best_of_n_through_chat_openai(server, scorer):
     assert reply.content == meta["candidates"][meta["chosen"]]
     signal = scorer.score(QUESTION, meta["candidates"])
     assert meta["signals"]["scorer"] == pytest.approx(signal, abs=1e-5)
-    assert "logprob" not in meta["signals"]  # ChatOpenAI did not ask for them
-
-
-def test_best_of_n_uses_the_log_probabilities_chat_openai_asks_for(server, scorer):
-    url, _ = server
-    best = CappyBestOfN(llm=chat(url, seed=0, logprobs=True), scorer=scorer, n=4)
-    meta = best.invoke(QUESTION).response_metadata["capplug"]
+    # CappyBestOfN asked the server for log-probabilities, and the selector used them.
     assert len(meta["signals"]["logprob"]) == 4 and all(v < 0 for v in meta["signals"]["logprob"])
     assert "logprob" in meta["weights"]
+    assert reply.response_metadata.get("logprobs")  # as ChatOpenAI reports them
+
+
+def test_best_of_n_leaves_logprobs_alone_when_told(server, scorer):
+    url, _ = server
+    best = CappyBestOfN(llm=chat(url, seed=0), scorer=scorer, n=4, request_logprobs=False)
+    meta = best.invoke(QUESTION).response_metadata["capplug"]
+    assert "logprob" not in meta["signals"]
 
 
 def test_async_best_of_n_and_the_callback_handler(server, scorer):

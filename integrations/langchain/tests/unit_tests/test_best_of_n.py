@@ -8,6 +8,7 @@ from unittest.mock import patch
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableBinding
 
@@ -255,3 +256,51 @@ def test_log_probabilities_sent_with_the_candidates_drive_the_choice():
     # One candidate without log-probabilities: none are used, and agreement decides.
     unsure = [*sure[:2], AIMessage(content="Lyon.")]
     assert select(ranker, question, unsure, n_requested=3).index == 1
+
+
+class LogprobsChatModel(SingleChatModel):
+    """A single-reply model with a `logprobs` setting, like ChatOpenAI; may refuse it."""
+
+    logprobs: bool | None = None
+    refuse: bool = False
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.script.calls.append({"logprobs": self.logprobs})
+        if self.logprobs and self.refuse:
+            error = ValueError("Error code: 400 - logprobs is not supported by this model")
+            error.status_code = 400
+            raise error
+        (text,) = self.script.take(1)
+        metadata = {}
+        if self.logprobs:
+            value = -0.1 if "Paris" in text else -3.0
+            metadata = {"logprobs": {"content": [{"token": text, "logprob": value}]}}
+        message = AIMessage(content=text, response_metadata=metadata)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def test_best_of_n_asks_for_logprobs_and_uses_them():
+    from capplug.selection import Combiner, Reranker
+
+    script = Script(REPLIES * 2)
+    ranker = Reranker(KeywordScorer(), combiner=Combiner({"logprob": {"logprob": 1.0}}))
+    best = CappyBestOfN(llm=LogprobsChatModel(script=script), scorer=ranker, n=4)
+    meta = best.invoke("What is the capital of France?").response_metadata["capplug"]
+    assert all(call["logprobs"] is True for call in script.calls)
+    assert meta["signals"]["logprob"] == [-3.0, -3.0, -0.1, -3.0]
+
+
+def test_an_endpoint_that_refuses_logprobs_is_asked_again_without_and_remembered():
+    script = Script(REPLIES * 3)
+    model = LogprobsChatModel(script=script, refuse=True)
+    best = CappyBestOfN(llm=model, scorer=KeywordScorer(), n=2, retry=None)
+    assert best.invoke("What is the capital of France?").content
+    assert [c["logprobs"] for c in script.calls] == [True, True, None, None]
+    script.calls.clear()
+    assert best.invoke("What is the capital of France?").content
+    assert [c["logprobs"] for c in script.calls] == [None, None]  # not asked again
+    # A model the user set up without logprobs is left alone.
+    plain = CappyBestOfN(llm=model, scorer=KeywordScorer(), n=2, request_logprobs=False)
+    script.calls.clear()
+    plain.invoke("What is the capital of France?")
+    assert [c["logprobs"] for c in script.calls] == [None, None]
