@@ -145,7 +145,12 @@ def fit_weights(
     the fused softmax against it, averaged over sets (weighted by ``set_weights``, say to let
     every task family count the same), plus ``l2`` times the squared weights.
     """
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError as exc:
+        raise ImportError(
+            "fitting selection weights needs scipy: pip install 'capplug[train]'"
+        ) from exc
 
     names = list(signals)
     if set_weights is None:
