@@ -39,7 +39,7 @@ from _report import bar_chart, task_table
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import rouge_l
-from capplug.selection import rouge_agreement
+from capplug.selection import SIGNALS, rouge_agreement
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("beam", "lm-sum", "lm-mean", "mbr")
@@ -58,19 +58,20 @@ LABELS = {
     "scorer": "capplug scorer (zero-shot)",
     "fused": "capplug fused selection",
     "fused-no-logprobs": "fused, without log-probs",
-    **{f"fused-no-{s}": f"fused, without {s}" for s in ("scorer", "agreement", "length")},
+    **{f"fused-no-{s}": f"fused, without {s}" for s in ("scorer", "agreement", "length", "echo")},
     "fused-no-logprob-mean": "fused, without logprob_mean",
     "adapted": "capplug scorer (adapted)",
     "oracle": "oracle",
 }
 # Each fused column: the signals it may use (the default selector's weights for that subset).
+
 FUSED = {
-    "fused": ("scorer", "agreement", "logprob", "logprob_mean", "length"),
-    "fused-no-logprobs": ("scorer", "agreement", "length"),
-    "fused-no-scorer": ("agreement", "logprob", "logprob_mean", "length"),
-    "fused-no-agreement": ("scorer", "logprob", "logprob_mean", "length"),
-    "fused-no-length": ("scorer", "agreement", "logprob", "logprob_mean"),
-    "fused-no-logprob-mean": ("scorer", "agreement", "logprob", "length"),
+    "fused": SIGNALS,
+    "fused-no-logprobs": ("scorer", "agreement", "length", "echo"),
+    **{
+        f"fused-no-{name.replace('_', '-')}": tuple(s for s in SIGNALS if s != name)
+        for name in ("scorer", "agreement", "length", "logprob_mean", "echo")
+    },
 }
 # The selectors whose margin over the best baseline gets an interval, with their baselines.
 MARGINS = {
