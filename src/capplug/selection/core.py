@@ -4,9 +4,9 @@
 candidates, the generator's log-probabilities, a length prior), fuses them with a
 :class:`~capplug.selection.combiner.Combiner`, and returns a :class:`Selection`: the chosen
 index into the caller's list, every candidate's fused score and raw signals, and the weights
-used. Every surface (``Scorer``-free Python calls, the proxy, the LangChain components, the
-adapter hit check) chooses through it, and :meth:`Selection.metadata` is the one ``capplug``
-metadata schema they all report.
+used. Every surface that chooses among candidates (Python calls, the proxy, the LangChain
+components) goes through it, and :meth:`Selection.metadata` is the one ``capplug`` metadata
+schema they all report.
 """
 
 from __future__ import annotations
