@@ -149,6 +149,45 @@ def cross_validate(sets: list[tuple[str, CandidateSet]]) -> tuple[float, float]:
     return chosen
 
 
+def leave_one_family_out(
+    sets: list[tuple[str, CandidateSet]], settings: tuple[float, float], signal: str
+) -> dict[str, Any]:
+    """Does ``signal`` earn its place? Each family is held out once; the weights fitted on the
+    others pick with and without the signal, for the full signal set and for the set an API
+    without log-probabilities has. The rule, fixed before it was first run: keep the signal only
+    if, in both cases, it raises the mean over families, raises it on more families than it
+    lowers it, and still raises the mean with the family it helps most left out."""
+    t, l2 = settings
+    families = sorted({family(task) for task, _ in sets})
+    no_logprobs = tuple(s for s in SIGNALS if not s.startswith("logprob"))
+    verdict: dict[str, Any] = {}
+    for name, full in (("all signals", SIGNALS), ("without log-probs", no_logprobs)):
+        without = tuple(s for s in full if s != signal)
+        gains = {}
+        for held in families:
+            train = [s for task, s in sets if family(task) != held]
+            test = [s for task, s in sets if family(task) == held]
+            combiner = fit_combiner(train, temperature=t, l2=l2, subsets=[full, without])
+            gains[held] = 100 * (
+                pick_quality(test, combiner.weights_for(full))
+                - pick_quality(test, combiner.weights_for(without))
+            )
+        top = max(gains, key=gains.__getitem__)
+        rest = [g for f, g in gains.items() if f != top]
+        keep = (
+            float(np.mean(list(gains.values()))) > 0
+            and sum(g > 0 for g in gains.values()) > sum(g < 0 for g in gains.values())
+            and float(np.mean(rest)) > 0
+        )
+        print(f"\n== {signal}, leave one family out, {name}: keep = {keep}")
+        for f, g in sorted(gains.items(), key=lambda kv: -kv[1]):
+            print(f"  {g:+6.2f}  {f}")
+        print(f"  mean {np.mean(list(gains.values())):+.2f}; without {top}: {np.mean(rest):+.2f}")
+        verdict[name] = {"gains": gains, "keep": keep}
+    verdict["keep"] = all(v["keep"] for v in verdict.values() if isinstance(v, dict))
+    return verdict
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("drawn", type=Path)
@@ -159,11 +198,23 @@ def main() -> None:
     )
     parser.add_argument("--report", type=Path, help="write the held-out figures as JSON here")
     parser.add_argument("--cv", action="store_true", help="also 3-fold cross-validation by family")
+    parser.add_argument(
+        "--lofo",
+        metavar="SIGNAL",
+        help="decide whether SIGNAL earns its place, leaving one family out at a time; a signal "
+        "that does not is left out of the weights --write stores",
+    )
     args = parser.parse_args()
     data = {kind: load_sets(args.drawn, args.scorer, kind) for kind in args.kinds}
     report = {kind: evaluate(kind, sets) for kind, sets in data.items()}
     if args.cv and "gen" in data:
         report["gen"]["settings"] = cross_validate(data["gen"])  # the settings --write uses
+    signals = SIGNALS
+    if args.lofo and "gen" in data:
+        verdict = leave_one_family_out(data["gen"], report["gen"]["settings"], args.lofo)
+        report["gen"][f"lofo {args.lofo}"] = verdict
+        if not verdict["keep"]:
+            signals = tuple(s for s in SIGNALS if s != args.lofo)
     if len(data) == 2:
         for a, b in (("gen", "mc"), ("mc", "gen")):
             fitted = fit_combiner(
@@ -192,12 +243,17 @@ def main() -> None:
             "tasks": len({t for t, _ in data["gen"]}),
             "families": len({s.group for s in sets}),
             "held_out": report["gen"]["held_out"],
+            "signals_left_out": sorted(set(SIGNALS) - set(signals)),
         }
+        sets = [
+            CandidateSet({k: v for k, v in s.values.items() if k in signals}, s.quality, s.group)
+            for s in sets
+        ]
         combiner = fit_combiner(sets, temperature=t, l2=l2, info=info)
         # A bundled checkpoint keeps its config in the package (the cache copy follows it).
         path = write_combiner(combiner, bundled_path(args.scorer) or resolve(args.scorer))
         print(f"wrote {len(combiner.weights)} weight sets to {path}")
-        print(json.dumps(combiner.weights["+".join(sorted(SIGNALS))], indent=1))
+        print(json.dumps(combiner.weights["+".join(sorted(signals))], indent=1))
 
 
 if __name__ == "__main__":
