@@ -15,9 +15,16 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, model_validator
 
-from capplug.serve._http import BEARER, APIError, KeyHeader, error_response
+from capplug.serve._http import (
+    BEARER,
+    APIError,
+    KeyHeader,
+    check_json_value,
+    error_response,
+    json_path,
+)
 
 try:
     from jinja2 import TemplateError as _TemplateError
@@ -27,6 +34,7 @@ except ImportError:  # pragma: no cover - no jinja2, no chat templates, no templ
 __all__ = [
     "MAX_STOP_SEQUENCES",
     "ChatRequest",
+    "CheckedBody",
     "Sampling",
     "check_supported",
     "choices_wanted",
@@ -55,6 +63,18 @@ class ChatRequest(Protocol):
     tools: list[Any] | None
     logprobs: bool | None
     response_format: dict[str, Any] | None
+
+
+class CheckedBody(BaseModel):
+    """A request body model whose raw JSON is checked first, as the proxy checks its bodies:
+    nesting deeper than any request needs, or text that is not Unicode (a lone surrogate), is a
+    400 naming the field before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, data: Any) -> Any:
+        check_json_value(data)  # raises APIError, which the servers' handler answers
+        return data
 
 
 # ------------------------------------------------------------------------------- keys, 400s
@@ -94,7 +114,7 @@ def validation_error_handler(
                 code="invalid_json",
             )
         where = [part for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        param = _param_name(where)
+        param = json_path(where)
         if not param:
             return error_response(400, invalid_body, code="invalid_body")
         if first.get("type") in _NAMED_ERRORS:
@@ -107,13 +127,6 @@ def validation_error_handler(
         )
 
     return on_validation_error
-
-
-def _param_name(loc: Sequence[Any]) -> str:
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name
 
 
 # -------------------------------------------------------------------------------- requests

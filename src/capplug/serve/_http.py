@@ -7,7 +7,10 @@ their usual exception classes with a readable message.
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +26,17 @@ __all__ = [
     "BodyLimit",
     "KeyHeader",
     "RequireKey",
+    "SafePath",
+    "check_json_value",
     "check_positive_int",
     "error_response",
     "install_error_handlers",
+    "json_path",
+    "read_json_object",
 ]
 
+
+_log = logging.getLogger("capplug.serve")
 
 # --------------------------------------------------------------------------------- errors
 
@@ -96,7 +105,21 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, f"the server failed: {type(exc).__name__}: {exc}")
+    # The details go to the server's log, never to the client: an exception's text can carry
+    # paths, keys or the request's own content.
+    incident = secrets.token_hex(6)
+    _log.error(
+        "%s %s failed (incident %s)",
+        request.method,
+        request.url.path,
+        incident,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return error_response(
+        500,
+        f"the server failed (incident {incident}); its log has the details",
+        code="server_error",
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -159,6 +182,57 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+# ---------------------------------------------------------------------------------- paths
+
+_MAX_UNQUOTE = 4  # %25 nested deeper than this is refused outright
+
+
+def unsafe_path_reason(raw_path: str) -> str | None:
+    """Why a request path may not be served or forwarded, or None when it may.
+
+    A segment is refused when, decoded once or as often as it decodes, it is ``.`` or ``..``
+    or holds a ``/``, a ``\\`` or a control character: any of them can move a forwarded
+    request out of the upstream's base path (``/v1/%2e%2e/admin``), however the upstream or an
+    HTTP library in between normalises it. API paths never need them.
+    """
+    for segment in raw_path.split("/"):
+        text = segment
+        for _ in range(_MAX_UNQUOTE + 1):
+            if text in (".", ".."):
+                return f"the path segment '{segment}' moves up or stays in place"
+            if "/" in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+                return f"the path segment '{segment}' holds a separator or a control character"
+            decoded = urllib.parse.unquote(text, errors="strict")
+            if decoded == text:
+                break
+            text = decoded
+        else:
+            return f"the path segment '{segment}' is percent-encoded too many times"
+    return None
+
+
+class SafePath:
+    """Refuse, with a 400 before any route runs, a path that :func:`unsafe_path_reason`
+    refuses: checked on the path exactly as the client sent it, and as decoded."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+            try:
+                sent = raw.decode("ascii")
+                reason = unsafe_path_reason(sent) or unsafe_path_reason(scope["path"])
+            except UnicodeError:
+                reason = "the path is not ASCII percent-encoded UTF-8"
+            if reason is not None:
+                response = error_response(400, f"Invalid URL path: {reason}", code="invalid_path")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------- API key
@@ -226,6 +300,82 @@ class RequireKey:
             # Every accepted header is compared, so timing does not tell which one was close.
             ok |= secrets.compare_digest(given, header.expected(self.api_key))
         return ok
+
+
+# ----------------------------------------------------------------------------------- JSON
+
+# Deeper than any request OpenAI's API defines (a tool's JSON schema nests a few levels); a
+# body nested deeper is refused before anything walks it recursively.
+MAX_JSON_DEPTH = 64
+
+
+def json_path(parts: Sequence[str | int]) -> str:
+    """``messages[0].content`` for ``("messages", 0, "content")``: how OpenAI names a field."""
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def _too_deep(depth: int, where: str) -> str:
+    return f"the request body nests deeper than {depth} levels at {where}; send flatter JSON"
+
+
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse, with a 400 naming where, a parsed JSON value that nests deeper than ``max_depth``
+    or holds text that is not Unicode (a lone surrogate such as ``"\\ud800"``: JSON can spell it,
+    UTF-8 cannot carry it, and a tokenizer or the upstream fails on it). Walks without
+    recursion, so any depth is safe to check."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, where = stack.pop()
+        if len(where) > max_depth:
+            place = f"'{json_path(where[:8])}...'"
+            raise APIError(400, _too_deep(max_depth, place), code="invalid_body")
+        if isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, where)
+                stack.append((child, (*where, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*where, i)) for i, child in enumerate(item))
+
+
+def _check_text(text: str, where: tuple[str | int, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        param = json_path(where) or None
+        place = f"'{param}'" if param else "the request body"
+        raise APIError(
+            400,
+            f"Invalid value for {place}: the text holds a lone UTF-16 surrogate "
+            f"(\\u{ord(text[error.start]):04x} at character {error.start}), which is not "
+            "Unicode; send valid UTF-8 text",
+            param=param,
+            code="invalid_value",
+        ) from None
+
+
+def read_json_object(raw: bytes, *, what: str = "a JSON object") -> dict[str, Any]:
+    """A request body as a dict, checked by :func:`check_json_value`; a 400 for anything else."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(
+            400, _too_deep(MAX_JSON_DEPTH, "the request body"), code="invalid_body"
+        ) from None
+    except ValueError as error:  # also UnicodeDecodeError: bytes that are not UTF-8
+        raise APIError(
+            400,
+            f"the request body is not valid JSON ({error}); send one JSON object",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be {what}", code="invalid_body")
+    check_json_value(body)
+    return body
 
 
 # --------------------------------------------------------------------------------- checks

@@ -98,6 +98,7 @@ from capplug.serve._http import (
     APIError,
     BodyLimit,
     RequireKey,
+    SafePath,
     check_positive_int,
     install_error_handlers,
 )
@@ -115,7 +116,7 @@ _MAX_LIST = 1000
 # ------------------------------------------------------------------------------- requests
 
 
-class _CreateAdapter(BaseModel):
+class _CreateAdapter(_chat.CheckedBody):
     """Find or make the adapter for an instruction."""
 
     model_config = ConfigDict(extra="forbid")
@@ -150,7 +151,7 @@ class _Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class _ChatCompletionRequest(BaseModel):
+class _ChatCompletionRequest(_chat.CheckedBody):
     """The fields of OpenAI's chat-completions request this server reads, and ``instruction``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -289,9 +290,10 @@ class _Health(BaseModel):
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error statuses a route may answer (401 and 413 always)."""
+    """OpenAPI ``responses`` for the error statuses a route may answer (400, 401 and 413 always:
+    a path that climbs or holds a control character is refused before any route runs)."""
     described = {
-        400: "invalid input",
+        400: "invalid input or URL path",
         401: "missing or wrong API key",
         404: "no such adapter, model or route",
         409: "the adapter was made for another base model",
@@ -301,7 +303,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
     return {
         status: {"model": _Error, "description": described[status]}
-        for status in sorted({401, 413, *statuses})
+        for status in sorted({400, 401, 413, *statuses})
     }
 
 
@@ -796,6 +798,7 @@ def create_adapter_app(
     app.state.adapter_service = service
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_middleware(SafePath)  # innermost: no route sees a path out of its base
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.

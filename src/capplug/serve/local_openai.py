@@ -57,6 +57,7 @@ from capplug.serve._http import (
     APIError,
     BodyLimit,
     RequireKey,
+    SafePath,
     check_positive_int,
     install_error_handlers,
 )
@@ -112,7 +113,7 @@ class _StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
-class _ChatCompletionRequest(BaseModel):
+class _ChatCompletionRequest(_chat.CheckedBody):
     """The fields of OpenAI's chat-completions request this server reads."""
 
     model_config = ConfigDict(extra="ignore")
@@ -366,6 +367,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_middleware(SafePath)  # innermost: no route sees a path out of its base
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.

@@ -132,9 +132,11 @@ from capplug.serve._http import (
     BodyLimit,
     KeyHeader,
     RequireKey,
+    SafePath,
     check_positive_int,
     error_response,
     install_error_handlers,
+    read_json_object,
 )
 
 __all__ = ["KEY_HEADER", "create_proxy_app"]
@@ -413,25 +415,6 @@ def _settle(
 
 
 # ------------------------------------------------------------------------- requests in
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except ValueError as error:
-        raise APIError(
-            400,
-            f"the request body is not valid JSON ({error}); send one JSON object",
-            code="invalid_json",
-        ) from error
-    if not isinstance(body, dict):
-        raise APIError(
-            400,
-            "the request body must be a JSON object with 'messages' "
-            "(and Content-Type: application/json)",
-            code="invalid_body",
-        )
-    return body
 
 
 def _instruction(body: dict[str, Any]) -> str:
@@ -963,7 +946,10 @@ class _Proxy:
     async def chat_completions(self, request: Request) -> Response:
         if _header_flag(request.headers, "X-Capplug-Disable"):
             return await self.passthrough(request)
-        body = _json_object(await request.body())
+        body = read_json_object(
+            await request.body(),
+            what="a JSON object with 'messages' (and Content-Type: application/json)",
+        )
         instruction = _instruction(body)
         want = _choices_wanted(body, self.max_n)
         n = max(want, _header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
@@ -1295,6 +1281,7 @@ def create_proxy_app(
     )
     install_error_handlers(app)
     app.add_exception_handler(_Relayed, _on_relayed)
+    app.add_middleware(SafePath)  # innermost: no route sees a path out of its base
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers, what="proxy key")
