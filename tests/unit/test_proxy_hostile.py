@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.parse
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_proxy import MESSAGES, Upstream, error_of, ok, post, proxy
+from test_proxy import MESSAGES, Sleeps, Upstream, completion, error_of, fast_retry, ok, post, proxy
 
+from capplug.llms.retry import RetryPolicy
+from capplug.serve import proxy as proxy_module
 from capplug.serve._http import install_error_handlers
 
 KEY = "sk-upstream-secret"
@@ -157,3 +161,167 @@ def test_messages_still_pass_when_valid() -> None:
     upstream = Upstream()
     ok(post(proxy(upstream), {"model": "m", "messages": MESSAGES}))
     assert json.loads(upstream.requests[0].content)["messages"] == MESSAGES
+
+
+# ------------------------------------------------------- attempts across the boundary (D4-D6)
+
+
+def lasting(status: int = 500) -> Upstream:
+    """An upstream that fails every chat request the same way."""
+    return Upstream(lambda r: httpx2.Response(status, json={"error": {"message": "down"}}))
+
+
+async def sdk_call(app: Any, *, max_retries: int = 2, **create: Any) -> Any:
+    """One chat completion through the real openai SDK (its default retries unless told):
+    the reply, or the APIStatusError it raised."""
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app))
+    async with openai.AsyncOpenAI(
+        base_url="http://proxy.test/v1",
+        api_key="sk-client",
+        http_client=http,
+        max_retries=max_retries,
+    ) as client:
+        try:
+            return await client.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                **create,  # type: ignore[arg-type]
+            )
+        except openai.APIStatusError as error:
+            return error
+
+
+@pytest.mark.parametrize(
+    ("options", "fault"),
+    [
+        ({"n": 4}, 500),  # one native request
+        ({"n": 8, "native_n": "never"}, 500),  # fan-out: eight single requests
+        ({"n": 8, "native_n": "never"}, 503),
+        ({"n": 3}, 429),
+    ],
+)
+def test_a_lasting_failure_costs_the_configured_attempts_with_sdk_retries(
+    options: dict[str, Any], fault: int
+) -> None:
+    upstream = lasting(fault)
+    app = proxy(upstream, retry=fast_retry(Sleeps(), attempts=3), **options).app
+    error = asyncio.run(sdk_call(app))  # the SDK would retry a 502 twice more on its own
+    assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+    assert error.response.headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 3, [json.loads(r.content).get("n") for r in upstream.requests]
+    assert "3 attempts" in error.message
+
+
+def test_a_healthy_fan_out_still_gets_every_candidate_within_the_budget() -> None:
+    in_flight, most = 0, 0
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return httpx2.Response(
+            200, json=completion([f"seed {json.loads(request.content)['seed']}"])
+        )
+
+    upstream = Upstream(answer)
+    client = proxy(upstream, n=8, native_n="never", retry=fast_retry(Sleeps(), attempts=3))
+    reply = ok(post(client, {"model": "m", "messages": MESSAGES, "seed": 0}))
+    assert reply["capplug"]["n_received"] == 8 and len(upstream.requests) == 8
+    assert most <= 3  # at most the attempt budget in flight at once
+
+
+def test_fan_out_with_some_failures_spends_only_the_budget() -> None:
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        seed = json.loads(request.content)["seed"]
+        if seed % 2:
+            return httpx2.Response(500, json={"error": {"message": "odd seeds fail"}})
+        return httpx2.Response(200, json=completion([f"seed {seed}"]))
+
+    upstream = Upstream(answer)
+    client = proxy(upstream, n=8, native_n="never", retry=fast_retry(Sleeps(), attempts=3))
+    reply = ok(post(client, {"model": "m", "messages": MESSAGES, "seed": 0}))
+    failed = [r for r in upstream.requests if json.loads(r.content)["seed"] % 2]
+    assert len(failed) == 3  # the budget: three failed attempts, then no more attempts at all
+    received = reply["capplug"]["n_received"]
+    assert received >= 1 and len(upstream.requests) == received + 3
+    assert reply["capplug"]["failures"] == 8 - received  # the calls never made count as failed
+
+
+def test_the_no_native_n_switch_is_a_warning_and_decays(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(proxy_module, "_QUIRK_SECONDS", 0.3)
+    short_once = iter([True])
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        n = json.loads(request.content).get("n", 1)
+        if n > 1 and next(short_once, False):
+            n = 1  # one reply with fewer choices than asked
+        return httpx2.Response(200, json=completion([f"a{i}" for i in range(n)]))
+
+    upstream = Upstream(answer)
+    client = proxy(upstream, n=4)
+    with caplog.at_level(logging.WARNING, logger="capplug.serve.proxy"):
+        first = ok(post(client))
+    assert first["capplug"]["upstream_calls"] == 4
+    assert any("answered n=4 with one choice" in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "n=4" in r.getMessage())
+    assert ok(post(client))["capplug"]["native_n"] is False  # believed for a while
+    time.sleep(0.35)
+    again = ok(post(client))
+    assert again["capplug"]["native_n"] is True and again["capplug"]["upstream_calls"] == 1
+
+
+def test_a_client_that_goes_away_stops_the_retries() -> None:
+    upstream = lasting(500)
+    slow = RetryPolicy(max_attempts=50, initial_backoff=0.05, max_backoff=0.05, jitter=0.0)
+    app = proxy(upstream, n=2, retry=slow).app
+    body = json.dumps({"model": "m", "messages": MESSAGES}).encode()
+
+    async def scenario() -> tuple[int, int, list[dict[str, Any]]]:
+        gone = asyncio.Event()
+        sent: list[dict[str, Any]] = []
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages, None)
+            if message is not None:
+                return message
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"host", b"proxy.test"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("proxy.test", 80),
+        }
+        serving = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.3)  # a few attempts, with backoff between them
+        gone.set()  # the client times out and closes the connection
+        await asyncio.wait_for(serving, 5)
+        at_disconnect = len(upstream.requests)
+        await asyncio.sleep(0.5)  # ten more backoffs' worth
+        return at_disconnect, len(upstream.requests), sent
+
+    at_disconnect, later, sent = asyncio.run(scenario())
+    assert 2 <= at_disconnect < 50
+    assert later == at_disconnect  # not one attempt after the client left
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 499

@@ -35,6 +35,8 @@ from capplug.errors import CapplugError
 
 __all__ = [
     "DEFAULT_RETRY",
+    "AttemptBudget",
+    "AttemptsSpent",
     "RetryEvent",
     "RetryPolicy",
     "UpstreamHTTPError",
@@ -287,6 +289,84 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 """The policy capplug uses when none is given: 5 attempts within 60 seconds."""
+
+
+class AttemptsSpent(CapplugError):
+    """A call was not attempted: its request's :class:`AttemptBudget` is spent.
+
+    ``last`` is the failure that spent it (the error worth reporting), when there was one.
+    """
+
+    def __init__(self, budget: AttemptBudget) -> None:
+        super().__init__(
+            f"no attempt left: {budget.failed} of the request's {budget.limit} upstream "
+            "attempts failed" + (f" (last: {_short(budget.last)})" if budget.last else "")
+        )
+        self.last = budget.last
+
+
+class AttemptBudget:
+    """The upstream attempts one request may spend, shared by all the calls it fans out to.
+
+    Each call retried on its own would multiply attempts (``n`` calls x ``max_attempts``); with
+    a shared budget, an attempt starts only while the attempts that failed plus those still in
+    flight number fewer than ``limit``. A lasting failure therefore costs exactly ``limit``
+    attempts however many calls the request makes, while attempts that succeed free their place:
+    a healthy request makes all its calls, at most ``limit`` at a time. When the budget is spent,
+    :meth:`attempt` raises :class:`AttemptsSpent` (never retried).
+
+        budget = AttemptBudget(policy.max_attempts)
+        async def attempt():
+            async with budget.attempt():
+                return await client.post(...)
+        await asyncio.gather(*(policy.acall(attempt) for _ in range(n)))
+    """
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"an attempt budget must be an integer >= 1; got {limit!r}")
+        self.limit = limit
+        self.failed = 0
+        self.in_flight = 0
+        self.started = 0
+        self.last: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def spent(self) -> bool:
+        return self.failed >= self.limit
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()  # waiters hold the event that was just set
+
+    async def _acquire(self) -> None:
+        while self.failed + self.in_flight >= self.limit:
+            if self.spent:
+                raise AttemptsSpent(self)
+            await self._changed.wait()
+        self.in_flight += 1
+        self.started += 1
+
+    def attempt(self) -> _BudgetedAttempt:
+        """``async with budget.attempt():`` around one attempt; failing inside it spends one."""
+        return _BudgetedAttempt(self)
+
+
+class _BudgetedAttempt:
+    def __init__(self, budget: AttemptBudget) -> None:
+        self.budget = budget
+
+    async def __aenter__(self) -> None:
+        await self.budget._acquire()
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        budget = self.budget
+        budget.in_flight -= 1
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            budget.failed += 1
+            budget.last = error
+        budget._notify()
 
 
 def without_sdk_retries(client: Any) -> Any:

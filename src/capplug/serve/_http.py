@@ -7,13 +7,14 @@ their usual exception classes with a readable message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +25,7 @@ __all__ = [
     "BEARER",
     "APIError",
     "BodyLimit",
+    "ClientGone",
     "KeyHeader",
     "RequireKey",
     "SafePath",
@@ -33,6 +35,7 @@ __all__ = [
     "install_error_handlers",
     "json_path",
     "read_json_object",
+    "unless_disconnected",
 ]
 
 
@@ -125,8 +128,55 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     """Answer :class:`APIError`, Starlette's HTTP errors (404, 405, 413) and crashes as OpenAI does."""
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(ClientGone, _on_client_gone)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+# ---------------------------------------------------------------------- client disconnects
+
+T = TypeVar("T")
+
+# nginx's status for "the client closed the request": logged and counted, never seen by anyone
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work for it was cancelled."""
+
+
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    _log.info(
+        "%s %s: the client went away; its work was cancelled", request.method, request.url.path
+    )
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, cancelled the moment the client disconnects (then :class:`ClientGone`).
+
+    Call it once the request body has been read: it listens on the request's ``receive`` for
+    ``http.disconnect``, so nothing else may read the body meanwhile. Upstream calls, retries
+    and their backoff sleeps inside ``work`` stop with it, so an abandoned request costs no
+    further upstream attempts.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)  # let both finish unwinding
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
 
 
 # ---------------------------------------------------------------------------- body limit

@@ -12,8 +12,15 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
     (with ``seed + k`` for the k-th when the request sets a ``seed``, so that they differ and
     the same request still draws the same candidates). An upstream that ignores ``n`` (one
     choice back) or refuses it (400/422, where one plain request then succeeds) is remembered
-    per model and gets single requests from then on. Every upstream request goes through the
-    retry policy (:mod:`capplug.llms.retry`). The candidates are scored against the whole
+    per model, logged at WARNING, and gets single requests for the next ten minutes; then
+    ``n`` is tried again. Every upstream request goes through the retry policy
+    (:mod:`capplug.llms.retry`), and all the attempts one client request makes (the ``n``
+    request, single requests, their retries) share one budget of ``max_attempts``: an attempt
+    starts only while failed plus in-flight attempts number fewer, so a lasting upstream
+    failure costs ``max_attempts`` attempts per client request, never ``n`` times that. The
+    final 502/504 carries ``x-should-retry: false`` so that the openai SDKs do not multiply the
+    attempts again; a client that disconnects cancels its upstream calls and retries. The
+    candidates are scored against the whole
     conversation, repeats scored once, and the answer is a standard chat completion whose
     choice is the best candidate (the best ``n``, distinct answers first, when the request
     itself asks for ``n`` > 1; fewer when fewer arrived), with ``usage`` summed over every
@@ -118,6 +125,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capplug.llms.retry import (
     DEFAULT_RETRY,
+    AttemptBudget,
+    AttemptsSpent,
     RetryEvent,
     RetryPolicy,
     UpstreamHTTPError,
@@ -137,6 +146,7 @@ from capplug.serve._http import (
     error_response,
     install_error_handlers,
     read_json_object,
+    unless_disconnected,
 )
 
 __all__ = ["KEY_HEADER", "create_proxy_app"]
@@ -167,6 +177,9 @@ _BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding",
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 _MAX_REMEMBERED_MODELS = 1024
+# How long a model's quirk (no native n, no logprobs) is believed before it is tried again: one
+# short reply or one transient 400 costs minutes of single requests, not the process's lifetime.
+_QUIRK_SECONDS = 600.0
 _TIMING_KEY = "capplug_timing"  # request.state key: [(name, seconds)] for Server-Timing
 
 
@@ -726,6 +739,53 @@ def _chunks(
 # --------------------------------------------------------------------------------- proxy
 
 
+class _Quirks:
+    """What the upstream was seen not to support, per model, believed for ``seconds`` only.
+
+    Each new entry is logged at WARNING (the log a ``capplug proxy`` operator sees), and so is
+    nothing else: an entry that runs out is simply tried again, and remembered again if the
+    upstream still does not support it.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        consequence: str,
+        *,
+        seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.consequence = consequence
+        self.seconds = _QUIRK_SECONDS if seconds is None else seconds
+        self.clock = clock
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, model: object) -> bool:
+        until = self._until.get(model)  # type: ignore[call-overload]
+        if until is None:
+            return False
+        if self.clock() >= until:
+            del self._until[model]  # type: ignore[arg-type]
+            return False
+        return True
+
+    def remember(self, model: str, why: str) -> None:
+        if model in self:
+            return
+        logger.warning(
+            "the upstream %s %s for model %r; %s for the next %d s",
+            self.upstream,
+            why,
+            model,
+            self.consequence,
+            round(self.seconds),
+        )
+        self._until[model] = self.clock() + self.seconds
+        while len(self._until) > _MAX_REMEMBERED_MODELS:
+            self._until.popitem(last=False)
+
+
 class _Proxy:
     """The state behind one proxy app: upstream client, scorer, policy, metrics."""
 
@@ -762,9 +822,9 @@ class _Proxy:
         self.scoring = _ScoringQueue(scorer)
         self.combiner = combiner_of(scorer)
         self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
-        self._ignores_n: OrderedDict[str, str] = OrderedDict()
+        self._ignores_n = _Quirks(self.name, "asking for one candidate per request")
         self.request_logprobs = request_logprobs
-        self._refuses_logprobs: OrderedDict[str, str] = OrderedDict()
+        self._refuses_logprobs = _Quirks(self.name, "not asking for logprobs")
         self._client: httpx2.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -826,27 +886,34 @@ class _Proxy:
     # ------------------------------------------------------------------ candidates
 
     async def call(
-        self, payload: dict[str, Any], headers: list[tuple[str, str]]
+        self, payload: dict[str, Any], headers: list[tuple[str, str]], budget: AttemptBudget
     ) -> tuple[dict[str, Any], httpx2.Headers]:
-        """One upstream chat-completions call, retried: the reply and its headers."""
+        """One upstream chat-completions call, retried within the request's attempt budget."""
         content = json.dumps(payload, ensure_ascii=False).encode()
-        attempts = 0
 
         async def attempt() -> tuple[dict[str, Any], httpx2.Headers]:
-            nonlocal attempts
-            attempts += 1
-            self.metrics.upstream_requests.labels("rerank").inc()
-            response = await self.client().post(self.chat_url, content=content, headers=headers)
-            return _chat_completion(response), response.headers
+            async with budget.attempt():
+                self.metrics.upstream_requests.labels("rerank").inc()
+                response = await self.client().post(self.chat_url, content=content, headers=headers)
+                return _chat_completion(response), response.headers
 
         try:
             return await self.retry.acall(attempt)
+        except AttemptsSpent as spent:
+            # Not attempted at all: the request's other calls spent its attempts.
+            error = spent.last or spent
+            raise _UpstreamFailure(error, budget.started) from error
         except Exception as error:
             self.metrics.upstream_failures.labels(_reason(error)).inc()
-            raise _UpstreamFailure(error, attempts) from error
+            raise _UpstreamFailure(error, budget.started) from error
 
     async def collect(
-        self, payload: dict[str, Any], headers: list[tuple[str, str]], n: int, model: str
+        self,
+        payload: dict[str, Any],
+        headers: list[tuple[str, str]],
+        n: int,
+        model: str,
+        budget: AttemptBudget,
     ) -> _Collected:
         """``n`` candidates: one request with ``n``, then single requests for any shortfall."""
         out = _Collected()
@@ -854,7 +921,7 @@ class _Proxy:
             out.native = True
             out.calls += 1
             try:
-                out.add(*await self.call({**payload, "n": n}, headers), n)
+                out.add(*await self.call({**payload, "n": n}, headers, budget), n)
             except _UpstreamFailure as failure:
                 error = failure.error
                 if not (isinstance(error, UpstreamHTTPError) and error.status in (400, 422)):
@@ -863,15 +930,17 @@ class _Proxy:
                 # tells which; when it fails too, its own error goes back to the client.
                 out.native = False
                 out.calls += 1
-                out.add(*await self.call(_single(payload, 0), headers), 1)
-                self._remember(model, f"refused n={n} ({_describe(error)})")
+                out.add(*await self.call(_single(payload, 0), headers, budget), 1)
+                self._ignores_n.remember(model, f"refused n={n} ({_describe(error)})")
             else:
                 if len(out.choices) < 2:
-                    self._remember(model, f"answered n={n} with one choice")
+                    self._ignores_n.remember(model, f"answered n={n} with one choice")
         missing = n - len(out.choices)
         if missing > 0:
             first = len(out.choices)
-            calls = [self.call(_single(payload, first + k), headers) for k in range(missing)]
+            calls = [
+                self.call(_single(payload, first + k), headers, budget) for k in range(missing)
+            ]
             out.calls += missing
             try:
                 replies, failures = await gather_best_effort(
@@ -884,19 +953,6 @@ class _Proxy:
                 out.add(reply, reply_headers, 1)
             out.failures += [f.error if isinstance(f, _UpstreamFailure) else f for f in failures]
         return out
-
-    def _remember(self, model: str, why: str) -> None:
-        if model in self._ignores_n:
-            return
-        logger.info(
-            "the upstream %s %s for model %r; asking for one candidate per request from now on",
-            self.name,
-            why,
-            model,
-        )
-        self._ignores_n[model] = why
-        while len(self._ignores_n) > _MAX_REMEMBERED_MODELS:
-            self._ignores_n.popitem(last=False)
 
     async def select(
         self, instruction: str, choices: list[dict[str, Any]], want: int
@@ -950,6 +1006,10 @@ class _Proxy:
             await request.body(),
             what="a JSON object with 'messages' (and Content-Type: application/json)",
         )
+        # A client that goes away takes its upstream calls, retries and scoring with it.
+        return await unless_disconnected(request, self._rerank(request, body))
+
+    async def _rerank(self, request: Request, body: dict[str, Any]) -> Response:
         instruction = _instruction(body)
         want = _choices_wanted(body, self.max_n)
         n = max(want, _header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
@@ -975,24 +1035,22 @@ class _Proxy:
         if ask_logprobs:
             payload["logprobs"] = True  # a selection signal; stripped again below
         started = time.perf_counter()
+        # Every upstream attempt this request makes (fan-out, retries, the ask without logprobs)
+        # comes out of one budget, so a lasting failure costs the configured attempts, not more.
+        budget = AttemptBudget(self.retry.max_attempts)
         try:
-            collected = await self.collect(payload, headers, n, model_name)
+            collected = await self.collect(payload, headers, n, model_name, budget)
         except _UpstreamFailure as failure:
             if not (ask_logprobs and _refused(failure)):
                 raise self._upstream_error(failure) from failure
             # Perhaps the logprobs we added: ask once more without them, as the client did.
             payload.pop("logprobs")
             try:
-                collected = await self.collect(payload, headers, n, model_name)
+                collected = await self.collect(payload, headers, n, model_name, budget)
             except _UpstreamFailure as again:
                 raise self._upstream_error(again) from again
-            self._refuses_logprobs[model_name] = _describe(failure.error)
-            while len(self._refuses_logprobs) > _MAX_REMEMBERED_MODELS:
-                self._refuses_logprobs.popitem(last=False)
-            logger.info(
-                "the upstream %s refused logprobs for model %r; not asking for them again",
-                self.name,
-                model_name,
+            self._refuses_logprobs.remember(
+                model_name, f"refused logprobs ({_describe(failure.error)})"
             )
         upstream_seconds = time.perf_counter() - started
         self.metrics.upstream_seconds.observe(upstream_seconds)
@@ -1071,12 +1129,16 @@ class _Proxy:
         timed_out = _is_timeout(error)
         tries = f"{failure.attempts} attempt" + ("s" if failure.attempts != 1 else "")
         if failure.calls > 1:
-            what = f"all {failure.calls} candidate requests failed, the last after {tries}"
+            what = f"all {failure.calls} candidate requests failed ({tries} in all)"
         else:
             what = f"failed after {tries}"
         message = f"the upstream {self.name} {what}: {_describe(error)}"
         retry_after = error.retry_after if isinstance(error, UpstreamHTTPError) else None
-        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+        # The proxy has already retried as configured: a client SDK retrying too would multiply
+        # the attempts (the openai SDKs obey this header).
+        headers = {"x-should-retry": "false"}
+        if retry_after:
+            headers["Retry-After"] = str(math.ceil(retry_after))
         return APIError(
             504 if timed_out else 502,
             message,
