@@ -325,3 +325,56 @@ def test_a_client_that_goes_away_stops_the_retries() -> None:
     assert 2 <= at_disconnect < 50
     assert later == at_disconnect  # not one attempt after the client left
     assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 499
+
+
+# ------------------------------------------------------------ a huge body holds nothing up (D7)
+
+
+class PairScorer:
+    """Scores each pair on its own, taking 1 ms per 100 characters; records each call."""
+
+    max_length = 512
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str]]] = []
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        self.calls.append(list(pairs))
+        time.sleep(sum(min(len(i), 2048) + len(r) for i, r in pairs) / 100_000)
+        return [len(r) / 100 for _, r in pairs]
+
+    def score(self, instruction: str, responses: list[str]) -> list[float]:
+        return self.score_pairs([(instruction, r) for r in responses])
+
+
+def test_a_small_request_is_scored_between_the_slices_of_a_huge_one() -> None:
+    scorer = PairScorer()
+    queue = proxy_module._ScoringQueue(scorer)
+    huge = "all work and no play " * 250_000  # 5 MB of conversation
+    small = "What is the capital of France?"
+
+    async def scenario() -> tuple[list[float], list[float]]:
+        big = asyncio.ensure_future(queue.score(huge, [f"answer {i}" for i in range(8)]))
+        await asyncio.sleep(0.005)  # the first slice is being scored
+        scores = await queue.score(small, ["Paris", "Lyon"])
+        assert not big.done()  # answered before the huge one
+        return scores, await big
+
+    small_scores, big_scores = asyncio.run(scenario())
+    assert small_scores == [0.05, 0.04] and big_scores == [0.08] * 8
+    big_calls = [c for c in scorer.calls if c[0][0] == huge]
+    assert len(big_calls) == 8  # one long pair per call: 512 tokens' worth at most
+    assert all(len({i for i, _ in call}) == 1 for call in scorer.calls)  # never mixed
+    small_call = next(i for i, c in enumerate(scorer.calls) if c[0][0] == small)
+    assert 1 <= small_call < 8  # between the slices
+
+
+def test_small_requests_waiting_together_are_still_scored_in_one_call() -> None:
+    scorer = PairScorer()
+    queue = proxy_module._ScoringQueue(scorer)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(queue.score(f"question {i}", ["a", "b", "c"]) for i in range(20)))
+
+    asyncio.run(scenario())
+    assert len(scorer.calls) <= 2 and sum(len(c) for c in scorer.calls) == 60

@@ -168,6 +168,31 @@ def test_truncation_keeps_the_response_and_the_end_of_the_instruction(
     assert len(pair.ids) == 16
 
 
+def test_a_huge_conversation_is_cut_before_it_is_tokenised(tiny_bert_scorer: Path) -> None:
+    scorer = Scorer.from_pretrained(tiny_bert_scorer, max_length=16)
+    seen: list[int] = []
+    encode_batch = scorer._encoder.encode_batch
+
+    def recording(texts: list[str], **kwargs: object) -> object:
+        seen.extend(len(t) for t in texts)
+        return encode_batch(texts, **kwargs)
+
+    scorer._encoder.encode_batch = recording
+    huge = "one two three four five six seven eight nine ten " * 100_000  # 5 MB
+    question = huge + "capital of france"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        scores = scorer.score(question, ["paris " + huge, "lyon"])
+        (pair,) = scorer._encode([question], ["paris " + huge])
+    assert max(seen) <= 16 * 16  # max_length tokens' worth of characters, never the 5 MB
+    # ... and what is kept is what tokenising everything and cutting would have kept.
+    tokens = scorer.tokenizer.convert_ids_to_tokens(pair.ids)
+    assert len(pair.ids) == 16
+    assert tokens[3:8] == ["capital", "of", "france", "[SEP]", "paris"]
+    assert tokens[8:11] == ["one", "two", "three"]
+    assert scores == scorer.score(question[-4000:], ["paris " + huge[:4000], "lyon"])
+
+
 def test_short_instruction_leaves_room_for_a_long_response(tiny_bert_scorer: Path) -> None:
     scorer = Scorer.from_pretrained(tiny_bert_scorer, max_length=16)
     (pair,) = scorer._encode(["paris"], ["one two three four five six seven eight nine ten eleven"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
+import capplug.selection.agreement as agreement
 from capplug.selection import (
     Combiner,
     Reranker,
@@ -245,3 +246,26 @@ def test_signal_values_are_present_only_when_their_inputs_are():
     )
     assert set(values) == {"agreement", "logprob", "logprob_mean", "length"}
     assert values["logprob_mean"].tolist() == [-1.0, -1.0]
+
+
+def test_huge_candidates_and_conversations_cost_no_more_than_long_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    tokens = agreement.tokens
+
+    def recording(text: str) -> list[str]:
+        seen.append(len(text))
+        return tokens(text)
+
+    monkeypatch.setattr(agreement, "tokens", recording)
+    huge = "the answer is forty two and nothing else " * 150_000  # 6 MB
+    texts = [huge, "the answer is 42", "the answer is forty two"]
+    agree = agreement.rouge_agreement(texts)
+    echoed = agreement.echo(huge + " what is the answer", texts)
+    counts = agreement.word_counts(texts)
+    limit = max(agreement.MAX_CANDIDATE_WORDS, agreement.MAX_INSTRUCTION_WORDS) * 32
+    assert max(seen) <= limit  # never the whole 6 MB
+    assert counts[0] == agreement.MAX_CANDIDATE_WORDS
+    assert agree[2] > agree[1]  # still compared by what it says: "forty two" agrees with it
+    assert echoed[0] == pytest.approx(1.0)  # and it still repeats the prompt

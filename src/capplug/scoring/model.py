@@ -51,6 +51,10 @@ _KNOWN_MAPPINGS: dict[str, ScoreMapping] = {"btan2/cappy-large": "clip"}
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"}
 
 _warned_truncation = False
+# More characters than any token spans in practice (English averages 4 to 5 per token).
+_MAX_CHARS_PER_TOKEN = 16
+# A batch whose longest pair has more tokens than this keeps much shorter pairs out of it.
+_SPLIT_BATCHES_PAST = 128
 
 
 class TruncationWarning(UserWarning):
@@ -281,6 +285,12 @@ class Scorer:
         if max_length is not None and max_length < self.max_length:
             max_response_tokens = min(max_response_tokens, max_length // 2)
         max_length = min(max_length or self.max_length, self.max_length)
+        # Cut in characters before tokenising: only the instruction's end and the response's
+        # start can fit, and tokenising all of a 15 MB conversation to keep 256 tokens of it
+        # would hold the scorer for seconds.
+        chars = max_length * _MAX_CHARS_PER_TOKEN
+        instructions = [text[-chars:] for text in instructions]
+        responses = [text[:chars] for text in responses]
         unique = list(dict.fromkeys(instructions))
         encoded_instructions = dict(
             zip(unique, self._encoder.encode_batch(unique, add_special_tokens=False), strict=True)
@@ -315,8 +325,15 @@ class Scorer:
         while start < len(order):
             longest = int(lengths[order[start]])
             size = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
-            yield order[start : start + size]
-            start += size
+            end = start + size
+            # Padded to a long batch's longest, a short pair costs as much as a long one:
+            # pairs under half the longest wait for a batch of their own. (Among short pairs,
+            # padding costs less than another forward pass.)
+            short = np.flatnonzero(lengths[order[start:end]] * 2 < longest)
+            if short.size and longest > _SPLIT_BATCHES_PAST:
+                end = start + int(short[0])
+            yield order[start:end]
+            start = end
 
     def _forward(self, pairs: list[_Pair]) -> torch.Tensor:
         return self.model(**self._collate(pairs)).logits[:, 0].float()

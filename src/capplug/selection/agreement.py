@@ -8,6 +8,10 @@ over Python integers, so 17 candidates of 64 tokens take about a millisecond.
 
 Tokens are lower-cased runs of letters and digits, with each CJK character a token of its own;
 unlike Rouge-L as a metric there is no stemming (it is a similarity, and stemming is slow).
+
+Long texts are capped before anything is tokenised, so that a huge candidate or conversation
+costs no more than a long ordinary one: a candidate counts by its first
+:data:`MAX_CANDIDATE_WORDS` words, an instruction by its last :data:`MAX_INSTRUCTION_WORDS`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["echo", "rouge_agreement", "rouge_l_f", "tokens", "word_counts"]
+__all__ = [
+    "MAX_CANDIDATE_WORDS",
+    "MAX_INSTRUCTION_WORDS",
+    "echo",
+    "rouge_agreement",
+    "rouge_l_f",
+    "tokens",
+    "word_counts",
+]
 
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W_]+")
+
+MAX_CANDIDATE_WORDS = 1024
+"""A candidate is compared by its first this many words (LCS cost grows with both lengths)."""
+MAX_INSTRUCTION_WORDS = 4096
+"""The instruction is compared by its last this many words (its end holds the question)."""
+_CHARS_PER_WORD = 32  # characters kept per word wanted, before tokenising; words are shorter
+
+
+def _head(text: str) -> list[str]:
+    return tokens(text[: MAX_CANDIDATE_WORDS * _CHARS_PER_WORD])[:MAX_CANDIDATE_WORDS]
+
+
+def _tail(text: str) -> list[str]:
+    words = tokens(text[-MAX_INSTRUCTION_WORDS * _CHARS_PER_WORD :])
+    return words[-MAX_INSTRUCTION_WORDS:]
 
 
 def tokens(text: str) -> list[str]:
@@ -69,7 +96,7 @@ def rouge_agreement(texts: Sequence[str]) -> np.ndarray:
     counts = np.zeros(len(distinct))
     for t in texts:
         counts[index[t]] += 1
-    words = [tokens(t) for t in distinct]
+    words = [_head(t) for t in distinct]
     masks = [_masks(w) for w in words]
     sim = np.eye(len(distinct))
     for i in range(len(distinct)):
@@ -81,19 +108,19 @@ def rouge_agreement(texts: Sequence[str]) -> np.ndarray:
 
 
 def word_counts(texts: Sequence[str]) -> np.ndarray:
-    """Words per text, as :func:`tokens` counts them."""
-    return np.array([len(tokens(t)) for t in texts], dtype=float)
+    """Words per text, as :func:`tokens` counts them (up to :data:`MAX_CANDIDATE_WORDS`)."""
+    return np.array([len(_head(t)) for t in texts], dtype=float)
 
 
 def echo(instruction: str, texts: Sequence[str]) -> np.ndarray:
     """How much of each text repeats the instruction: its longest common subsequence with the
     instruction over its own length (1.0: a copy of part of the prompt; 0.0 for no words)."""
-    source = tokens(instruction)
+    source = _tail(instruction)
     out = np.zeros(len(texts))
     cache: dict[str, float] = {}
     for i, text in enumerate(texts):
         if text not in cache:
-            words = tokens(text)
+            words = _head(text)
             cache[text] = _lcs(_masks(words), len(words), source) / len(words) if words else 0.0
         out[i] = cache[text]
     return out
