@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from capplug.errors import CapplugError
 from capplug.models import DEFAULT_SCORER
@@ -960,9 +959,8 @@ def _run_proxy(args: argparse.Namespace) -> int:
         native_n=args.native_n,
         request_logprobs=args.request_logprobs,
     )
-    upstream = urlsplit(args.upstream)
-    shown = upstream._replace(netloc=upstream.netloc.rpartition("@")[2]).geturl()  # no userinfo
-    _run_server(uvicorn, app, args, f"reranking {shown} (best of {args.n})")
+    # (the upstream URL carries no credentials: create_proxy_app refuses them)
+    _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")
     return 0
 
 

@@ -378,3 +378,57 @@ def test_small_requests_waiting_together_are_still_scored_in_one_call() -> None:
 
     asyncio.run(scenario())
     assert len(scorer.calls) <= 2 and sum(len(c) for c in scorer.calls) == 60
+
+
+# ------------------------------------------------------------------------- smaller defects
+
+
+def test_a_pass_through_body_cut_short_is_a_quiet_499(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = Upstream()
+    app = proxy(upstream).app
+    cut_short = {"type": "http.request", "body": b'{"purpose":', "more_body": True}
+    messages = iter([cut_short, {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 1), "server": ("proxy.test", 80),
+        "headers": [(b"host", b"proxy.test"), (b"content-length", b"100")],
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))  # raises nothing: no traceback for uvicorn
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_key_in_the_query_string_never_reaches_the_access_log(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import uvicorn.config
+
+    app = proxy(Upstream()).app
+    uvicorn.config.Config(app, log_level="info").configure_logging()  # as `capplug proxy` runs
+    access = logging.getLogger("uvicorn.access")
+    for path in (
+        f"/v1/models?api-key={KEY}",
+        f"/v1/models?x=1&API_KEY={KEY}&y=2",
+        f"/v1/files?access_token={KEY}",
+        f"/v1/files?sig={KEY}#frag",
+    ):
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", path, "1.1", 200)
+    logged = capsys.readouterr()
+    assert KEY not in logged.out + logged.err
+    assert "api-key=***" in logged.out + logged.err and "x=1&API_KEY=***&y=2" in logged.out
+
+
+def test_credentials_in_the_upstream_url_are_refused() -> None:
+    with pytest.raises(ValueError, match="must not carry a user name or password") as caught:
+        proxy_module.create_proxy_app("https://user:hunter2@api.example.com/v1", scorer=object())
+    assert "hunter2" not in str(caught.value)

@@ -103,7 +103,9 @@ class OnnxSentenceEncoder:
             import onnx  # noqa: F401 - the exporter needs it
         except ImportError as exc:
             raise UnsupportedEncoder("exporting to ONNX needs the onnx package") from exc
-        model = AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
+        model = AutoModel.from_pretrained(
+            self.folder, local_files_only=True, use_safetensors=True
+        ).eval()
 
         class Hidden(torch.nn.Module):
             def __init__(self, inner: torch.nn.Module) -> None:

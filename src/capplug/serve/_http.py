@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "install_error_handlers",
     "json_path",
     "read_json_object",
+    "redact_access_log",
     "unless_disconnected",
 ]
 
@@ -125,10 +128,44 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
     )
 
 
+# ----------------------------------------------------------------------------- access log
+
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:[^=&]*(?:key|token|secret|password|passwd|auth|sig|signature|credential)"
+    r"[^=&]*)=)[^&#\s]*"
+)
+
+
+def redact_query(path: str) -> str:
+    """``path`` with the values of query parameters that look like secrets (``api-key``,
+    ``access_token``, ``sig``, ...) replaced by ``***``."""
+    return _SECRET_PARAM.sub(r"\1***", path)
+
+
+class _RedactQuery(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Keep secrets sent in a query string (``?api-key=...``, as Azure clients do) out of
+    uvicorn's access log. Idempotent; survives uvicorn's own logging set-up."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactQuery) for f in access.filters):
+        access.addFilter(_RedactQuery())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer :class:`APIError`, Starlette's HTTP errors (404, 405, 413) and crashes as OpenAI does."""
+    redact_access_log()  # every server installs these handlers, so every server gets it
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(ClientGone, _on_client_gone)
+    # A body cut short by the client (a pass-through's upload, a dropped connection): nobody is
+    # left to answer, and it is not the server's failure.
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
 

@@ -1362,6 +1362,13 @@ def create_proxy_app(
             f"upstream must be an http:// or https:// base URL such as "
             f"https://api.openai.com/v1; got {upstream!r}"
         )
+    if parts.username is not None or parts.password is not None:
+        # httpx would send them as Basic auth in place of the client's Authorization header.
+        raise ValueError(
+            f"upstream must not carry a user name or password ({parts.scheme}://...@"
+            f"{parts.hostname}): clients' own Authorization headers go upstream as they are; "
+            "for a key the proxy sends itself, use upstream_api_key (--upstream-api-key)"
+        )
     for value, name in (
         (n, "n"),
         (max_n, "max_n"),
