@@ -350,6 +350,52 @@ def test_without_a_generator_stored_adapters_still_answer(
             runtime.remove(name)
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_stored_adapter_is_made_again_not_a_500_on_every_request(
+    client: TestClient, store: AdapterStore
+) -> None:
+    made = _create(client, TRANSLATE, 201)  # stored, not attached to the model yet
+    _flip_last_byte(store.get(made["id"]).folder / "adapter_model.safetensors")
+    first = _chat(client, instruction=TRANSLATE, max_tokens=2)["capplug"]
+    assert first["hit"] is False and first["adapter"] != made["id"]
+    again = _chat(client, instruction=TRANSLATE, max_tokens=2)["capplug"]
+    assert again["hit"] is True and again["adapter"] == first["adapter"]
+    assert _create(client, TRANSLATE, 200)["id"] == first["adapter"]
+    fresh = client.get(f"/v1/adapters/{first['adapter']}/files/adapter_model.safetensors")
+    assert fresh.status_code == 200
+    _error(client.get(f"/v1/adapters/{made['id']}"), 404, "adapter_not_found")
+    assert store.verify().ok
+
+
+def test_a_corrupt_stored_adapter_without_a_generator_is_one_clear_503(
+    tmp_path: Path, tiny_dir: Path, runtime: AdapterRuntime, hypernet: Hypernetwork
+) -> None:
+    with _store(tmp_path / "no-gen", tiny_dir) as store:
+        state, config = hypernet.generate(TRANSLATE)
+        record = store.put(state, config, instruction=TRANSLATE, source="imported")
+        _flip_last_byte(record.folder / "adapter_model.safetensors")
+        app = create_adapter_app(store, runtime, model_name=BASE_NAME, max_tokens_cap=4)
+        body = {"messages": MESSAGES, "instruction": TRANSLATE}
+        try:
+            with TestClient(app) as client:
+                error = _error(client.post("/v1/chat/completions", json=body), 503, "no_generator")
+                assert record.id in error["message"] and "corrupt" in error["message"]
+                assert "import" in error["message"] and "--hypernet" in error["message"]
+                # Said once: the adapter is out of the index, so the next answer is the plain one.
+                again = _error(client.post("/v1/chat/completions", json=body), 503, "no_generator")
+                assert "corrupt" not in again["message"]
+                _error(client.get(f"/v1/adapters/{record.id}"), 404, "adapter_not_found")
+            assert store.verify().ok
+        finally:
+            for name in runtime.loaded:
+                runtime.remove(name)
+
+
 def test_bad_input_is_a_4xx_naming_the_field(client: TestClient) -> None:
     made = _create(client, TRANSLATE, 201)
 

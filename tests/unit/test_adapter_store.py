@@ -345,6 +345,85 @@ def test_files_are_checked_against_sha256_on_every_load(store: AdapterStore) -> 
     assert not store.get_or_create(TRANSLATE).hit
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_hit_is_set_aside_and_made_again(
+    store: AdapterStore, generator: FakeGenerator
+) -> None:
+    first = store.get_or_create(TRANSLATE).record
+    _flip_last_byte(first.folder / "adapter_model.safetensors")
+    again = store.get_or_create(TRANSLATE)
+    assert not again.hit and again.record.id != first.id and again.set_aside == (first.id,)
+    assert generator.calls == [TRANSLATE, TRANSLATE]
+    store.files(again.record.id)  # the fresh adapter's files match their sha256
+    hit = store.get_or_create(TRANSLATE)
+    assert hit.hit and hit.record.id == again.record.id and hit.set_aside == ()
+    with pytest.raises(UnknownAdapterError):
+        store.get(first.id)
+    # Set aside the way repair does it: nothing deleted that could still be looked at.
+    (aside,) = (store.root / ".corrupt").iterdir()
+    assert aside.name.startswith(first.id) and (aside / "adapter_model.safetensors").is_file()
+    assert len(store) == 1 and store.verify().ok
+
+
+def test_a_corrupt_hit_without_a_generator_is_set_aside_with_a_clear_error(
+    tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
+) -> None:
+    with AdapterStore(
+        tmp_path, base_model=str(tiny_llama), embedding_function=WordHashEmbedding()
+    ) as store:
+        state, config = generator(TRANSLATE)
+        record = store.put(state, config, instruction=TRANSLATE, source="imported")
+        _flip_last_byte(record.folder / "adapter_model.safetensors")
+        with pytest.raises(NoGeneratorError) as first:
+            store.get_or_create(TRANSLATE)
+        message = str(first.value)
+        assert first.value.set_aside == (record.id,)
+        assert record.id in message and "corrupt" in message and ".corrupt" in message
+        assert "import" in message and "generator=" in message  # the two ways out
+        # Not handed out again, and not reported again: it is no longer in the index.
+        with pytest.raises(NoGeneratorError) as second:
+            store.get_or_create(TRANSLATE)
+        assert second.value.set_aside == () and "corrupt" not in str(second.value)
+        assert len(store) == 0 and store.verify().ok
+
+
+def test_hits_hash_their_files_again_only_when_the_files_changed(
+    store: AdapterStore, generator: FakeGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import capplug.adapters.store as store_module
+
+    record = store.get_or_create(TRANSLATE).record
+    weights, config = (
+        record.folder / n for n in ("adapter_model.safetensors", "adapter_config.json")
+    )
+    old = time.time() - 60  # files written a while ago: a later write would change their mtime
+    for path in (weights, config):
+        os.utime(path, (old, old))
+    hashed: list[str] = []
+    real = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+
+    assert store.get_or_create(TRANSLATE).hit
+    assert sorted(hashed) == ["adapter_config.json", "adapter_model.safetensors"]
+    hashed.clear()
+    assert store.get_or_create(TRANSLATE).hit and hashed == []  # unchanged files: a stat each
+    store.files(record.id)
+    assert len(hashed) == 2  # a load always hashes what it hands out
+
+    # Changed in place with the old mtime put back: the change time still gives it away.
+    time.sleep(0.05)
+    _flip_last_byte(weights)
+    os.utime(weights, (old, old))
+    again = store.get_or_create(TRANSLATE)
+    assert not again.hit and again.set_aside == (record.id,)
+    assert generator.calls == [TRANSLATE, TRANSLATE]
+
+
 def test_import_peft_folder_and_put_a_state_dict(
     store: AdapterStore, peft_folder: Path, generator: FakeGenerator, tiny_llama: Path
 ) -> None:
@@ -496,6 +575,127 @@ def test_verify_and_repair_find_and_fix_every_kind_of_damage(store: AdapterStore
     assert any(p.name.startswith(corrupt.id) for p in (store.root / ".corrupt").iterdir())
 
 
+_CRASH_WHILE_INDEXING = """
+import json, os, sys
+from chromadb.api.models.Collection import Collection
+from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
+from capplug.adapters.store import AdapterStore
+
+root, base, shapes, instruction = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+
+def killed(self, *args, **kwargs):
+    os._exit(17)  # dies with the adapter folder in place and no index row
+
+Collection.add = killed
+generator = FakeGenerator({k: tuple(v) for k, v in shapes.items()}, base)
+store = AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding(),
+                     generator=generator)
+store.get_or_create(instruction)
+sys.exit(0)
+"""
+
+
+def test_a_crash_between_moving_into_place_and_indexing_is_adopted_by_the_retry(
+    store: AdapterStore,
+    generator: FakeGenerator,
+    tiny_llama: Path,
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
+    import re
+    import subprocess
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
+    )
+    crashed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CRASH_WHILE_INDEXING,
+            str(store.root),
+            str(tiny_llama),
+            json.dumps(shapes),
+            TRANSLATE,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode == 17, crashed.stderr
+    folders = [p.name for p in store.root.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name)]
+    assert len(folders) == 1 and len(store) == 0  # files in place, no index row
+
+    retry = store.get_or_create(TRANSLATE)
+    assert retry.hit and retry.record.id == folders[0] and retry.similarity == 1.0
+    assert generator.calls == []  # nothing made twice
+    store.files(retry.record.id)
+    assert len(store) == 1 and store.verify().ok
+    assert [p.name for p in store.root.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name)] == [
+        retry.record.id
+    ]
+
+
+def test_repair_keeps_one_adapter_per_instruction_after_a_crash_and_retry(
+    store: AdapterStore, generator: FakeGenerator
+) -> None:
+    crashed = store.get_or_create(TRANSLATE).record
+    lost = store.get_or_create(VOWELS).record
+    row = store.collection.get(ids=[crashed.id], include=["metadatas"])["metadatas"][0]
+    # What a crash between moving the folder into place and indexing it left before creations
+    # were journalled: the files, no row. The retry then made a second adapter.
+    store.collection.delete(ids=[crashed.id, lost.id])
+    retried = store.get_or_create(TRANSLATE).record
+    remade = store.get_or_create(VOWELS).record
+    assert {retried.id, remade.id}.isdisjoint({crashed.id, lost.id})
+
+    report = store.verify()
+    assert not report.ok
+    assert report.duplicates == {crashed.id: retried.id, lost.id: remade.id}
+    assert report.files_without_rows == []  # repair removes them rather than indexing them again
+
+    # And what the old repair then did for one of them: index it again. Two rows, both 1.0.
+    store.collection.add(
+        ids=[crashed.id],
+        embeddings=[store.embedding_function([TRANSLATE])[0]],
+        documents=[TRANSLATE],
+        metadatas=[row],
+    )
+    assert len(store.lookup(TRANSLATE)) == 2
+    report = store.verify()
+    assert not report.ok
+    assert report.duplicates == {crashed.id: retried.id, lost.id: remade.id}
+
+    repaired = store.repair()
+    for dup, kept in ((crashed.id, retried.id), (lost.id, remade.id)):
+        assert any(dup in action and kept in action for action in repaired.actions)
+    assert store.verify().ok
+    assert [m.record.id for m in store.lookup(TRANSLATE)] == [retried.id]
+    assert [m.record.id for m in store.lookup(VOWELS)] == [remade.id]
+    assert {r.id for r in store.list_adapters()} == {retried.id, remade.id}
+    assert not crashed.folder.exists() and not lost.folder.exists()
+    store.files(retried.id)
+    assert store.get_or_create(TRANSLATE).record.id == retried.id
+    assert generator.calls == [TRANSLATE, VOWELS, TRANSLATE, VOWELS]
+
+
+def test_different_adapters_stored_for_one_instruction_are_not_duplicates(
+    store: AdapterStore, generator: FakeGenerator, peft_folder: Path
+) -> None:
+    generated = store.get_or_create(TRANSLATE).record
+    state, config = generator(VOWELS)  # other weights, put on purpose for the same instruction
+    trained = store.put(state, config, instruction=TRANSLATE, source="trained")
+    imported = store.import_folder(peft_folder, TRANSLATE)
+    assert store.verify().ok and len(store.lookup(TRANSLATE)) == 3
+    again = store.import_folder(peft_folder, TRANSLATE.upper())  # the very same files again
+    report = store.verify()
+    assert report.duplicates == {imported.id: again.id}
+    store.repair()
+    assert {r.id for r in store.list_adapters()} == {generated.id, trained.id, again.id}
+    assert store.verify().ok
+
+
 def test_reopened_store_uses_the_persisted_embedding_function_and_refuses_another(
     tmp_path: Path, tiny_llama: Path, generator: FakeGenerator
 ) -> None:
@@ -602,12 +802,16 @@ def test_scorer_hit_check_answers_a_probe_and_keeps_or_refuses_the_hit(
         assert not fresh.hit and fresh.rejected == (first.record.id,)
         assert fresh.record.id != first.record.id and not check.history[-1].accepted
 
-        # A hit whose file changed is refused before anything reaches the model.
+        # A hit whose file changed is set aside before anything reaches the check or the model;
+        # the next exact match (the one refused above, accepted at this bar) is checked instead.
         check.bar = 0.0
         weights = fresh.record.folder / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-8])
-        with pytest.raises(CorruptAdapterError):
-            store.get_or_create(TRANSLATE)
+        after = store.get_or_create(TRANSLATE)
+        assert after.set_aside == (fresh.record.id,)
+        assert after.hit and after.record.id == first.record.id
+        assert check.history[-1].adapter_id == first.record.id
+        assert all(r.adapter_id != fresh.record.id for r in check.history if r.accepted)
         assert fresh.record.id not in runtime
 
     with pytest.raises(ValueError, match="bar"):

@@ -13,6 +13,7 @@ Layout under ``root`` (several base models may share one root; each has its own 
     .locks/index.lock         store-wide lock around every index write
     .locks/index.generation   changes after every write that adds or removes vectors
     .locks/create-XX.lock     creation locks, striped by the normalised instruction's hash
+    .locks/adding/<id>        an adapter being moved into place and indexed (left by a crash)
     <id>/adapter_model.safetensors, adapter_config.json   a standard peft folder
     <id>/capplug-adapter.json the record (what the index row says), so repair can re-index
     <id>/.last-used           its modification time is when the adapter was last used
@@ -28,6 +29,21 @@ from the hash alone, without running the encoder.
 **Files.** An adapter is written into a staging folder, checked as peft would load it
 (:func:`~capplug.adapters.adapter_folder.read_adapter`), renamed into place and indexed under the
 store-wide lock; :meth:`AdapterStore.files` re-hashes both files against the index on every load.
+A hit is checked before it is returned too: its files are hashed unless this store object found
+them intact before and their size, modification and change times and inode are still the same
+(and they were last written more than two seconds before that check, so a write in the same clock
+tick cannot go unseen). A hit whose files are missing or fail their sha256 is never handed out: it
+is dropped from the index and its folder moved to ``<root>/.corrupt/`` (what
+:meth:`AdapterStore.repair` does), then the next match is tried and, with a generator, a fresh
+adapter is made (``Result.set_aside`` names it); without one, :class:`NoGeneratorError` says so.
+
+**Interrupted creation.** Under the store-wide lock, a creation names its adapter in
+``.locks/adding/`` before moving the folder into place and removes the name once the row is in
+the index. A process killed in between leaves the name: the next miss in any process indexes that
+folder (when its files still match its record) before deciding to make a new adapter, so asking
+again after a crash finds the adapter the crash left instead of making a second one.
+:meth:`AdapterStore.repair` finishes them too, and keeps one of adapters that are interchangeable
+for the same instruction (see :attr:`StoreReport.duplicates`).
 
 **Several processes.** Chroma's ``PersistentClient`` is not process-safe: each process keeps its
 own in-memory HNSW index, so a long-lived process does not see vectors another process added
@@ -53,9 +69,10 @@ hash). Last-used times are kept as the modification time of ``.last-used`` (a hi
 ``utime``, not a 45 ms index write) and copied into the index by :meth:`AdapterStore.gc`.
 
 **Checking a hit.** ``verify_hit(record, instruction) -> bool`` is called on every hit before it
-is returned (for instance: answer a probe input with the cached adapter and score the answer with
-the scorer); when it returns False the next match is tried, then a fresh adapter is made. Its
-record lists the refused adapters (``Result.rejected``). Whether this helps is still to measure.
+is returned, after its files passed their sha256 (for instance: answer a probe input with the
+cached adapter and score the answer with the scorer); when it returns False the next match is
+tried, then a fresh adapter is made. Its record lists the refused adapters (``Result.rejected``).
+Whether this helps is still to measure.
 """
 
 from __future__ import annotations
@@ -69,6 +86,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import threading
 import time
 import unicodedata
@@ -130,6 +148,9 @@ FORMAT = "capplug-adapter-store/1"
 MAX_INSTRUCTION_CHARS = 4096
 CORRUPT_DIR = ".corrupt"
 LOCKS_DIR = ".locks"
+ADDING_DIR = "adding"
+SETTLED_SECONDS = 2.0
+"""Files last written longer ago than this may be trusted by their stat; younger ones are hashed."""
 STALE_STAGING_SECONDS = 3600.0
 
 Source = Literal["generated", "trained", "imported"]
@@ -159,7 +180,15 @@ class CorruptAdapterError(AdapterFileError):
 
 
 class NoGeneratorError(AdapterStoreError):
-    """A new adapter was needed but the store has no generator to make one."""
+    """A new adapter was needed but the store has no generator to make one.
+
+    ``set_aside`` names the stored hits found corrupt (or without their files) on the way: they
+    were dropped from the index and their folders moved to ``<root>/.corrupt/``.
+    """
+
+    def __init__(self, message: str, *, set_aside: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.set_aside = tuple(set_aside)
 
 
 @dataclass(frozen=True)
@@ -215,6 +244,9 @@ class Result:
     similarity: float | None
     rejected: tuple[str, ...] = ()
     """Ids of hits that ``verify_hit`` refused."""
+    set_aside: tuple[str, ...] = ()
+    """Ids of hits whose files were missing or failed their sha256: dropped from the index, their
+    folders moved to ``<root>/.corrupt/``."""
 
 
 @dataclass(frozen=True)
@@ -239,13 +271,24 @@ class StoreReport:
     """Rows whose files do not match their sha256, and folders with no readable record."""
     stale_staging: list[str] = field(default_factory=list)
     """Leftovers of interrupted writes (staging and trash folders older than an hour)."""
+    duplicates: dict[str, str] = field(default_factory=dict)
+    """Adapters (indexed or not) interchangeable with another one kept for the same instruction,
+    each mapped to the id kept: a creation cut off before indexing and made again, or the same
+    adapter stored twice. Interchangeable: the same normalised instruction and either both
+    generated by the same hypernetwork version, or the same tensors, metadata and config. The one
+    kept is an indexed one before one without a row, then the newest (the one an exact repeat
+    finds first). Different adapters put on purpose for one instruction are not duplicates."""
     actions: list[str] = field(default_factory=list)
     """What repair did, one line each."""
 
     @property
     def ok(self) -> bool:
         return not (
-            self.rows_without_files or self.files_without_rows or self.corrupt or self.stale_staging
+            self.rows_without_files
+            or self.files_without_rows
+            or self.corrupt
+            or self.stale_staging
+            or self.duplicates
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -346,6 +389,9 @@ class AdapterStore:
         # changed; a shared Chroma server is always asked).
         self._hashes: set[str] | None = None
         self._hashes_for: str | None = None
+        # Adapters whose files this object hashed and found intact: id -> (both sha256, the files'
+        # stat signature then). A hit whose files still have that signature is not hashed again.
+        self._intact: dict[str, tuple[str, str, tuple[int, ...]]] = {}
         self.embedding_function = self._open(embedding_function)
 
     # ------------------------------------------------------------------------------ lookup
@@ -356,7 +402,8 @@ class AdapterStore:
         """The stored adapters whose instructions are at least ``threshold`` similar, best first.
 
         An exact repeat (same text after :func:`normalize_instruction`) returns its adapters
-        with similarity 1.0 at once, newest first, without running the encoder.
+        with similarity 1.0 at once, newest first, without running the encoder. Files are not
+        checked here (:meth:`get_or_create` and :meth:`files` check them).
         """
         text = self._instruction(instruction)
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
@@ -369,34 +416,56 @@ class AdapterStore:
     def get_or_create(self, instruction: str, *, threshold: float | None = None) -> Result:
         """A stored adapter for ``instruction`` when one is similar enough, else a new one.
 
+        A hit is returned only after its files passed their sha256 (a stat when this store
+        object found the same files intact before; see the module docs). A hit whose files are
+        missing or corrupt is dropped from the index, its folder moved to ``<root>/.corrupt/``
+        (``Result.set_aside``), and the next match is tried, then a new adapter is made. Before
+        making one, adapters whose creation was cut off between moving into place and indexing
+        (a killed process) are indexed, so asking again after a crash finds that adapter.
+
         Raises:
-            NoGeneratorError: a new adapter is needed and the store has no generator.
+            NoGeneratorError: a new adapter is needed and the store has no generator (its
+                ``set_aside`` names the hits found corrupt on the way, and its message says so).
         """
         text = self._instruction(instruction)
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
         digest = instruction_hash(text)
         rejected: list[str] = []
+        set_aside: list[str] = []
         memo: dict[str, list[float]] = {}  # embed the text once, however many steps need it
-        match, best = self._find_hit(text, digest, threshold, rejected, memo)
+        match, best = self._find_hit(text, digest, threshold, rejected, set_aside, memo)
+        if match is None and self._finish_interrupted_adds():
+            match, again = self._find_hit(text, digest, threshold, rejected, set_aside, memo)
+            best = _max(best, again)
         if match is None:
             if self.generator is None:
                 raise NoGeneratorError(
-                    f"no stored adapter for this instruction (best similarity "
-                    f"{_fmt(best)}, threshold {threshold}) and the store has no generator: pass "
-                    f"generator=Hypernetwork.from_pretrained(REF).generate, or add one with "
-                    f"put() or import_folder()"
+                    self._no_generator_message(best, threshold, set_aside),
+                    set_aside=tuple(set_aside),
                 )
             with self._creation_lock(digest):
                 # Another process may have made it while this one waited for the lock.
-                match, again = self._find_hit(text, digest, threshold, rejected, memo)
+                match, again = self._find_hit(text, digest, threshold, rejected, set_aside, memo)
                 best = _max(best, again)
                 created = None if match is not None else self._generate(text, memo)
             if created is not None:
                 self._evict_beyond_limits(protect={created.id})
-                return Result(created, hit=False, similarity=best, rejected=tuple(rejected))
+                return Result(
+                    created,
+                    hit=False,
+                    similarity=best,
+                    rejected=tuple(rejected),
+                    set_aside=tuple(set_aside),
+                )
         assert match is not None
         self._mark_used(match.record.id)
-        return Result(match.record, hit=True, similarity=match.similarity, rejected=tuple(rejected))
+        return Result(
+            match.record,
+            hit=True,
+            similarity=match.similarity,
+            rejected=tuple(rejected),
+            set_aside=tuple(set_aside),
+        )
 
     # ------------------------------------------------------------------------------ adding
 
@@ -477,7 +546,7 @@ class AdapterStore:
             CorruptAdapterError: a file is missing or changed since it was stored.
         """
         record = self.get(adapter_id)
-        paths = checked_paths(record)
+        paths = self._checked(record, use_cache=False)
         self._mark_used(record.id)
         return paths
 
@@ -541,17 +610,23 @@ class AdapterStore:
         return self._evict(max_adapters, max_bytes, protect=set(), dry_run=dry_run, sync=True)
 
     def verify(self, *, check_hashes: bool = True) -> StoreReport:
-        """Find index rows without files, files without rows, and files that fail their sha256."""
+        """Find index rows without files, files without rows, files that fail their sha256,
+        leftovers of interrupted writes, and duplicate adapters for one instruction.
+
+        With ``check_hashes=False`` only adapters that have duplicates are hashed (so that the
+        one kept is intact).
+        """
         with self._writing() as collection:
             return self._survey(collection, check_hashes=check_hashes)
 
     def repair(self, *, check_hashes: bool = True) -> StoreReport:
         """Fix what :meth:`verify` finds.
 
-        Rows without files are dropped; folders without rows are indexed again from their
-        record file when their files still match it; corrupt adapters are dropped and their
-        folders moved to ``<root>/.corrupt/`` (nothing is deleted that could still be looked
-        at); leftovers of interrupted writes are removed.
+        Rows without files are dropped; corrupt adapters are dropped and their folders moved to
+        ``<root>/.corrupt/`` (nothing is deleted that could still be looked at); duplicates
+        (:attr:`StoreReport.duplicates`) are deleted, rows and folders, keeping one adapter of
+        each interchangeable set; other folders without rows are indexed again from their record
+        file when their files still match it; leftovers of interrupted writes are removed.
         """
         with self._writing() as collection:
             report = self._survey(collection, check_hashes=check_hashes)
@@ -563,7 +638,14 @@ class AdapterStore:
             for adapter_id in report.corrupt:
                 collection.delete(ids=[adapter_id])
                 moved = self._set_aside(adapter_id)
+                self._intact.pop(adapter_id, None)
                 report.actions.append(f"set aside {adapter_id} (corrupt) -> {moved}")
+            if report.duplicates:
+                self._delete(collection, list(report.duplicates))
+                report.actions += [
+                    f"removed {dup} (a duplicate of {kept} for the same instruction)"
+                    for dup, kept in report.duplicates.items()
+                ]
             for adapter_id in report.files_without_rows:
                 record = self._read_record_file(self.root / adapter_id)
                 assert record is not None  # _survey counts unreadable ones as corrupt
@@ -577,6 +659,11 @@ class AdapterStore:
             for name in report.stale_staging:
                 shutil.rmtree(self.root / name, ignore_errors=True)
                 report.actions.append(f"removed leftover {name}")
+            # Every folder of this base model is indexed, set aside or gone now: the names of
+            # interrupted creations have served their purpose.
+            adding = self.root / LOCKS_DIR / ADDING_DIR
+            for adapter_id in self._pending_adds(adding):
+                (adding / adapter_id).unlink(missing_ok=True)
         return report
 
     def close(self) -> None:
@@ -834,6 +921,10 @@ class AdapterStore:
                 (tmp / LAST_USED_FILE).touch()
                 os.utime(tmp / LAST_USED_FILE, (now, now))
                 collection = stack.enter_context(self._writing())
+                # Named until its row is in the index (removed before the lock is released): a
+                # process killed after the rename below leaves the name for the next miss.
+                adding = self._begin_adding(adapter_id)
+                stack.callback(adding.unlink, missing_ok=True)
             # Renamed into place; still under the index lock.
             added = False
             try:
@@ -901,16 +992,28 @@ class AdapterStore:
         digest: str,
         threshold: float,
         rejected: list[str],
+        set_aside: list[str],
         memo: dict[str, list[float]],
     ) -> tuple[Match | None, float | None]:
-        """The first acceptable hit, exact repeats first; and the best similarity seen."""
+        """The first acceptable hit, exact repeats first; and the best similarity seen.
+
+        Acceptable: similar enough, its files intact (one that fails is set aside and added to
+        ``set_aside``), and accepted by ``verify_hit``.
+        """
         best: float | None = None
         for match in self._candidates(text, digest, memo):
             best = _max(best, match.similarity)
-            if match.similarity < threshold or match.record.id in rejected:
+            record = match.record
+            if match.similarity < threshold or record.id in rejected or record.id in set_aside:
                 continue
-            if not _files_present(match.record):
-                logger.warning("adapter %s has lost its files; not using it", match.record.id)
+            try:
+                self._checked(record, use_cache=True)
+            except CorruptAdapterError as exc:
+                if self._set_aside_broken(record, exc):
+                    set_aside.append(record.id)
+                continue
+            except OSError as exc:  # unreadable now (permissions, I/O): skipped, not set aside
+                logger.warning("adapter %s cannot be read (%s); not using it", record.id, exc)
                 continue
             if self.verify_hit is not None and not self.verify_hit(match.record, text):
                 rejected.append(match.record.id)
@@ -924,6 +1027,156 @@ class AdapterStore:
             yield Match(record, 1.0)
         # More neighbours when a check may refuse some.
         yield from self._nearest(text, 8 if self.verify_hit is not None else 3, memo)
+
+    def _no_generator_message(
+        self, best: float | None, threshold: float, set_aside: list[str]
+    ) -> str:
+        if not set_aside:
+            return (
+                f"no stored adapter for this instruction (best similarity {_fmt(best)}, "
+                f"threshold {threshold}) and the store has no generator: pass "
+                f"generator=Hypernetwork.from_pretrained(REF).generate, or add one with put() or "
+                f"import_folder()"
+            )
+        which = ", ".join(set_aside)
+        return (
+            f"the stored adapter {which} for this instruction is corrupt (its files are missing "
+            f"or fail their sha256), so it was dropped from the index and moved to "
+            f"{self.root / CORRUPT_DIR}; no other stored adapter is at least {threshold} similar "
+            f"and the store has no generator to make a new one: import the adapter again "
+            f"(import_folder() or `capplug adapters import`), or pass "
+            f"generator=Hypernetwork.from_pretrained(REF).generate"
+        )
+
+    def _checked(self, record: AdapterRecord, *, use_cache: bool) -> AdapterPaths:
+        """:func:`checked_paths`, or, with ``use_cache``, nothing hashed when this object found the
+        same files intact before (same stat signature).
+
+        Files found intact are remembered only once they were last written more than
+        ``SETTLED_SECONDS`` ago: a write in the clock tick of that check could keep the
+        modification time, a later one cannot.
+        """
+        signature = _signature(record)
+        cached = self._intact.get(record.id)
+        if (
+            use_cache
+            and signature is not None
+            and cached == (record.sha256, record.config_sha256, signature)
+        ):
+            return _paths(record)
+        try:
+            paths = checked_paths(record)
+        except CorruptAdapterError:
+            self._intact.pop(record.id, None)
+            raise
+        if signature is not None and _settled(signature):
+            self._intact[record.id] = (record.sha256, record.config_sha256, signature)
+        return paths
+
+    def _set_aside_broken(self, record: AdapterRecord, problem: Exception) -> bool:
+        """Drop a hit whose files are missing or fail their sha256 and move its folder to
+        ``<root>/.corrupt/``, as :meth:`repair` does.
+
+        Looked at again under the store-wide lock: False (nothing done) when the row is gone
+        already (another process did this) or the files now match.
+        """
+        with self._writing() as collection:
+            rows = collection.get(ids=[record.id], include=["metadatas", "documents"])
+            current = self._records(rows)
+            if not current:
+                return False
+            try:
+                checked_paths(current[0])
+            except CorruptAdapterError:
+                pass
+            except OSError:
+                return False
+            else:
+                return False
+            existed = record.folder.exists()
+            collection.delete(ids=[record.id])
+            self._vectors_changed()
+            moved = self._set_aside(record.id)
+        self._intact.pop(record.id, None)
+        logger.warning(
+            "adapter %s for %r is not used: %s; dropped from the index, %s",
+            record.id,
+            record.instruction[:80],
+            problem,
+            f"its folder moved to {moved}" if existed else "its folder is gone",
+        )
+        return True
+
+    def _begin_adding(self, adapter_id: str) -> Path:
+        """Name an adapter about to be moved into place and indexed (caller holds the lock)."""
+        adding = self.root / LOCKS_DIR / ADDING_DIR
+        adding.mkdir(exist_ok=True)
+        marker = adding / adapter_id
+        marker.write_text(self.name, encoding="utf-8")
+        return marker
+
+    def _pending_adds(self, adding: Path) -> list[str]:
+        """Ids named in ``adding`` by creations of this base model's adapters."""
+        try:
+            names = sorted(e.name for e in os.scandir(adding) if _ID.fullmatch(e.name))
+        except OSError:
+            return []
+        mine = []
+        for name in names:
+            with contextlib.suppress(OSError):
+                if (adding / name).read_text(encoding="utf-8").strip() == self.name:
+                    mine.append(name)
+        return mine
+
+    def _finish_interrupted_adds(self) -> list[str]:
+        """Index this base model's adapters whose creation was cut off between moving the folder
+        into place and indexing it; returns their ids.
+
+        Costs one directory read when there are none. A name is also there while another
+        process is between those two steps, holding the store-wide lock until it removes it: so
+        the names are read again under that lock, where every one left is a crash's.
+        """
+        adding = self.root / LOCKS_DIR / ADDING_DIR
+        if not self._pending_adds(adding):
+            return []
+        adopted: list[str] = []
+        with self._writing() as collection:
+            for adapter_id in self._pending_adds(adding):
+                if self._adopt(collection, adapter_id):
+                    adopted.append(adapter_id)
+                (adding / adapter_id).unlink(missing_ok=True)
+        return adopted
+
+    def _adopt(self, collection: Collection, adapter_id: str) -> bool:
+        """Index a folder a crash left without its row, when its files match its record and no
+        adapter for its instruction was indexed since (else :meth:`repair` deals with it)."""
+        if collection.get(ids=[adapter_id], include=[])["ids"]:
+            return False  # indexed just before the process died
+        record = self._read_record_file(self.root / adapter_id)
+        if record is None:
+            return False  # died before the rename, or the record is unreadable: verify says
+        if collection.get(where={"instruction_hash": record.instruction_hash}, include=[])["ids"]:
+            return False  # made again meanwhile: a duplicate, which repair removes
+        try:
+            checked_paths(record)
+        except (CorruptAdapterError, OSError) as exc:
+            logger.warning(
+                "interrupted creation of adapter %s left it unusable: %s", adapter_id, exc
+            )
+            return False
+        collection.add(
+            ids=[record.id],
+            embeddings=[self._embed(record.instruction)],
+            documents=[record.instruction],
+            metadatas=[_metadata(record)],
+        )
+        self._vectors_changed(record.instruction_hash)
+        logger.warning(
+            "indexed adapter %s for %r, whose creation was interrupted before it was indexed",
+            record.id,
+            record.instruction[:80],
+        )
+        return True
 
     def _mark_used(self, adapter_id: str) -> None:
         marker = self.root / adapter_id / LAST_USED_FILE
@@ -1040,6 +1293,7 @@ class AdapterStore:
             r.id: r for r in self._records(collection.get(include=["metadatas", "documents"]))
         }
         report.adapters = len(records)
+        usable: list[tuple[AdapterRecord, bool]] = []  # (record, indexed): duplicates among them
         for record in records.values():
             weights, config = record.folder / ADAPTER_WEIGHTS, record.folder / ADAPTER_CONFIG
             if not (weights.is_file() and config.is_file()):
@@ -1048,6 +1302,8 @@ class AdapterStore:
                 sha256_file(weights) != record.sha256 or sha256_file(config) != record.config_sha256
             ):
                 report.corrupt.append(record.id)
+            else:
+                usable.append((record, True))
         now = time.time()
         for entry in sorted(self.root.iterdir()):
             if not entry.is_dir():
@@ -1076,7 +1332,63 @@ class AdapterStore:
                 report.corrupt.append(entry.name)
             else:
                 report.files_without_rows.append(entry.name)
+                usable.append((stored, False))
+        self._find_duplicates(report, usable, check_hashes=check_hashes)
         return report
+
+    def _find_duplicates(
+        self,
+        report: StoreReport,
+        usable: list[tuple[AdapterRecord, bool]],
+        *,
+        check_hashes: bool,
+    ) -> None:
+        """Fill ``report.duplicates``: of each interchangeable set, all but the one to keep.
+
+        A folder without a row that is a duplicate moves from ``files_without_rows`` (to index)
+        to ``duplicates`` (to remove). Without ``check_hashes`` the members of a set are hashed
+        now, so that the one kept is intact.
+        """
+        sets: dict[tuple[str, ...], list[tuple[AdapterRecord, bool]]] = {}
+        for record, indexed in usable:
+            # Generated by one hypernetwork version: interchangeable. Put or imported: only with
+            # the same contents (compared below, for the few that share an instruction).
+            version = record.hypernetwork_version or ""
+            kind = ("generated", version) if record.source == "generated" else ("stored",)
+            sets.setdefault((record.instruction_hash, *kind), []).append((record, indexed))
+        groups: list[list[tuple[AdapterRecord, bool]]] = []
+        for key, members in sets.items():
+            if len(members) < 2:
+                continue
+            if key[1] == "generated":
+                groups.append(members)
+                continue
+            by_content: dict[tuple[str, ...], list[tuple[AdapterRecord, bool]]] = {}
+            for member in members:
+                by_content.setdefault(_contents(member[0]), []).append(member)
+            groups += [same for same in by_content.values() if len(same) > 1]
+        for members in groups:
+            if not check_hashes:
+                intact = []
+                for record, indexed in members:
+                    try:
+                        checked_paths(record)
+                    except (CorruptAdapterError, OSError):
+                        report.corrupt.append(record.id)
+                        if not indexed:
+                            report.files_without_rows.remove(record.id)
+                    else:
+                        intact.append((record, indexed))
+                members = intact
+                if len(members) < 2:
+                    continue
+            # Indexed before unindexed, then the newest: what an exact repeat finds first.
+            members.sort(key=lambda m: (m[1], m[0].created, m[0].id), reverse=True)
+            kept = members[0][0].id
+            for record, indexed in members[1:]:
+                report.duplicates[record.id] = kept
+                if not indexed:
+                    report.files_without_rows.remove(record.id)
 
     def _read_record_file(self, folder: Path) -> AdapterRecord | None:
         try:
@@ -1279,12 +1591,7 @@ def checked_paths(record: AdapterRecord) -> AdapterPaths:
     Raises:
         CorruptAdapterError: a file is missing or changed since it was stored.
     """
-    paths = AdapterPaths(
-        record.id,
-        record.folder,
-        record.folder / ADAPTER_WEIGHTS,
-        record.folder / ADAPTER_CONFIG,
-    )
+    paths = _paths(record)
     for path, expected in ((paths.weights, record.sha256), (paths.config, record.config_sha256)):
         if not path.is_file():
             raise CorruptAdapterError(
@@ -1301,10 +1608,44 @@ def checked_paths(record: AdapterRecord) -> AdapterPaths:
     return paths
 
 
-def _files_present(record: AdapterRecord) -> bool:
-    return (record.folder / ADAPTER_WEIGHTS).is_file() and (
-        record.folder / ADAPTER_CONFIG
-    ).is_file()
+def _paths(record: AdapterRecord) -> AdapterPaths:
+    folder = record.folder
+    return AdapterPaths(record.id, folder, folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG)
+
+
+def _signature(record: AdapterRecord) -> tuple[int, ...] | None:
+    """Size, modification and change times (ns), inode and device of both files; None when one
+    cannot be looked at. Equal signatures: the same files, not written since."""
+    out: list[int] = []
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        try:
+            st = (record.folder / name).stat()
+        except OSError:
+            return None
+        out += [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    return tuple(out)
+
+
+def _settled(signature: tuple[int, ...]) -> bool:
+    """Both files were last modified more than ``SETTLED_SECONDS`` ago (see ``_signature``)."""
+    newest = max(signature[1], signature[6])
+    return time.time_ns() - newest > SETTLED_SECONDS * 1e9
+
+
+def _contents(record: AdapterRecord) -> tuple[str, ...]:
+    """What an adapter holds: its tensors, metadata and config, not how safetensors happened to
+    order its header (it writes the metadata in hash-map order, so equal adapters stored twice
+    differ in sha256). An unreadable file gives a key of its own."""
+    try:
+        with open(record.folder / ADAPTER_WEIGHTS, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8"))
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, ValueError, struct.error):
+        return ("unreadable", record.id)
+    return (digest.hexdigest(), record.config_sha256)
 
 
 def _similarity(distance: float) -> float:

@@ -109,7 +109,7 @@ def register(subparsers: Any) -> None:
     verify = subparsers.add_parser(
         "verify",
         parents=[common],
-        help="find index rows without files, files without rows, and corrupt files",
+        help="find index rows without files, files without rows, corrupt files and duplicates",
     )
     verify.add_argument("--repair", action="store_true", help="fix what is found")
     verify.add_argument("--quick", action="store_true", help="skip re-hashing every file")
@@ -211,9 +211,12 @@ def _run_create(args: argparse.Namespace) -> int:
                 "hit": result.hit,
                 "similarity": similarity,
                 "folder": str(folder),
+                "set_aside": list(result.set_aside),
             }
         )
         return 0
+    for corrupt in result.set_aside:
+        print(f"set aside {corrupt} (corrupt; moved to {store.root / '.corrupt'})")
     how = "hit" if result.hit else "made"
     print(f"{how} {result.record.id} (similarity {similarity if similarity is not None else '-'})")
     print(folder)
@@ -281,6 +284,10 @@ def _run_verify(args: argparse.Namespace) -> int:
             ("files without index rows", report.files_without_rows),
             ("corrupt", report.corrupt),
             ("leftovers of interrupted writes", report.stale_staging),
+            (
+                "duplicates (same instruction as the adapter kept)",
+                [f"{dup} (of {kept})" for dup, kept in report.duplicates.items()],
+            ),
         ):
             if ids:
                 print(f"{label}: {', '.join(ids)}")

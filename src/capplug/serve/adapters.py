@@ -44,6 +44,13 @@ No generator
     instruction that hits; an instruction that would need a new adapter gets a 503 with code
     ``no_generator`` that says so.
 
+Corrupt adapters
+    An instruction's hit is checked against its sha256 before it is used (the store's
+    ``get_or_create``): a corrupt one is set aside in the store's ``.corrupt`` folder and a fresh
+    adapter is made, or, without a generator, that one request's 503 ``no_generator`` names it
+    and the fix. An adapter named by id whose files fail their sha256 gets a 500
+    ``corrupt_adapter`` (``capplug adapters verify --repair`` sets it aside).
+
 Limits and errors
     Every error is OpenAI's error JSON. Bodies over ``max_body_bytes`` get a 413; instructions
     over ``max_instruction_chars``, more than ``max_messages`` messages, ``max_tokens`` over
@@ -331,10 +338,17 @@ def _store_failure(exc: Exception, adapter_id: str) -> APIError:
     if isinstance(exc, UnknownAdapterError):
         return _not_found(adapter_id)
     if isinstance(exc, NoGeneratorError):
+        corrupt = ""
+        if exc.set_aside:
+            corrupt = (
+                f"the stored adapter {', '.join(exc.set_aside)} for this instruction is corrupt "
+                f"(its files fail their sha256): it was set aside in the store's .corrupt folder "
+                f"and is not used again; import it again (`capplug adapters import`) or "
+            )
         return APIError(
             503,
-            "no stored adapter is similar enough to this instruction and this service cannot "
-            "make new ones (it runs without a hypernetwork: start it with --hypernet REF); "
+            f"{corrupt}no stored adapter is similar enough to this instruction and this service "
+            "cannot make new ones (it runs without a hypernetwork: start it with --hypernet REF); "
             "stored adapters still answer by id ('<base>@<id>') or by an instruction that hits",
             param="instruction",
             code="no_generator",
