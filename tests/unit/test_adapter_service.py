@@ -29,7 +29,7 @@ from test_adapter_store import (  # noqa: F401 - the autouse fixture guards thes
 
 from capplug.adapters.hypernetwork import Hypernetwork
 from capplug.adapters.runtime import AdapterRuntime
-from capplug.adapters.store import AdapterStore
+from capplug.adapters.store import AdapterStore, UnknownAdapterError
 from capplug.cli import main
 from capplug.serve import create_adapter_app
 from capplug.testing import save_tiny_llama
@@ -218,6 +218,13 @@ def test_delete_removes_the_adapter_and_detaches_it(
     made = _create(client, TRANSLATE, 201)
     _chat(client, model=f"{BASE_NAME}@{made['id']}", max_tokens=2)
     assert made["id"] in runtime
+    # Only the id itself names the adapter: not with a newline or spaces around it.
+    for near in (f"{made['id']}%0A", f"%20{made['id']}", f"{made['id']}%20", f"{made['id']}%09"):
+        assert client.delete(f"/v1/adapters/{near}").status_code in (400, 404), near
+        assert client.get(f"/v1/adapters/{near}").status_code in (400, 404), near
+    with pytest.raises(UnknownAdapterError):
+        store.get(made["id"] + "\n")
+    assert len(store) == 1
     deleted = client.delete(f"/v1/adapters/{made['id']}")
     assert deleted.json() == {"id": made["id"], "object": "adapter", "deleted": True}
     assert made["id"] not in runtime and len(store) == 0

@@ -828,12 +828,14 @@ class AdapterStore:
         return text
 
     def _check_id(self, adapter_id: Any) -> str:
-        if not isinstance(adapter_id, str) or not _ID.fullmatch(adapter_id.strip()):
+        # Exactly the id: an id with a newline or spaces around it (``ID%0A`` in a URL) is not
+        # an id, however forgiving that would look on a command line (the CLI strips its own).
+        if not isinstance(adapter_id, str) or not _ID.fullmatch(adapter_id):
             raise UnknownAdapterError(
                 f"{adapter_id!r} is not an adapter id (16 lowercase hex characters, as "
                 f"`capplug adapters list` shows)"
             )
-        return adapter_id.strip()
+        return adapter_id
 
     def _check_base(self, recorded: str, *, where: str) -> None:
         if canonical_model_name(recorded).casefold() != self.base_model.casefold():

@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
     show = subparsers.add_parser(
         "show", parents=[common], help="one adapter's record, with its files checked"
     )
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", type=str.strip)
     show.set_defaults(run=_run_show)
 
     lookup = subparsers.add_parser(
@@ -95,7 +95,7 @@ def register(subparsers: Any) -> None:
     imp.set_defaults(run=_run_import)
 
     rm = subparsers.add_parser("rm", parents=[common], help="delete adapters")
-    rm.add_argument("ids", nargs="+", metavar="ID")
+    rm.add_argument("ids", nargs="+", metavar="ID", type=str.strip)
     rm.set_defaults(run=_run_rm)
 
     gc = subparsers.add_parser(
