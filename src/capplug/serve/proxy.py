@@ -85,9 +85,10 @@ requests by mode and status, request time, requests in flight, candidates receiv
 failures, scoring time, upstream time, upstream requests, retries and failures by reason.
 
 Scoring runs on one worker thread, never on the event loop: torch already spreads one forward
-pass over every CPU core, so two at once would only thrash them. Requests whose candidates
-arrive while the scorer is busy are scored together in its next batch, which costs less than
-scoring them one after another.
+pass over every CPU core, so two at once would only thrash them. Small requests whose
+candidates arrive while the scorer is busy are scored together in its next batch, which costs
+less than scoring them one after another; a request with a long conversation is scored a slice
+(about 512 tokens) at a time, smallest work first, so that it holds no one else up for long.
 """
 
 from __future__ import annotations
@@ -882,7 +883,7 @@ class _Proxy:
     ) -> None:
         parts = urlsplit(upstream)
         self.base = upstream.rstrip("/")
-        # Named in errors and logs; never the userinfo part of the URL.
+        # Named in errors and logs (create_proxy_app refuses a URL with userinfo).
         self.name = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         self.chat_url = f"{self.base}/chat/completions"
         self.n = n
