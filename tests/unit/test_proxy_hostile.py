@@ -166,9 +166,15 @@ def test_messages_still_pass_when_valid() -> None:
 # ------------------------------------------------------- attempts across the boundary (D4-D6)
 
 
-def lasting(status: int = 500) -> Upstream:
-    """An upstream that fails every chat request the same way."""
-    return Upstream(lambda r: httpx2.Response(status, json={"error": {"message": "down"}}))
+def lasting(fault: int | Exception = 500) -> Upstream:
+    """An upstream that fails every chat request the same way: a status, or a transport error."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        if isinstance(fault, Exception):
+            raise fault
+        return httpx2.Response(fault, json={"error": {"message": "down"}})
+
+    return Upstream(answer)
 
 
 async def sdk_call(app: Any, *, max_retries: int = 2, **create: Any) -> Any:
@@ -198,15 +204,18 @@ async def sdk_call(app: Any, *, max_retries: int = 2, **create: Any) -> Any:
         ({"n": 8, "native_n": "never"}, 500),  # fan-out: eight single requests
         ({"n": 8, "native_n": "never"}, 503),
         ({"n": 3}, 429),
+        ({"n": 8, "native_n": "never"}, httpx2.ConnectError("connection refused")),
+        ({"n": 4}, httpx2.ReadTimeout("timed out")),
     ],
 )
 def test_a_lasting_failure_costs_the_configured_attempts_with_sdk_retries(
-    options: dict[str, Any], fault: int
+    options: dict[str, Any], fault: int | Exception
 ) -> None:
     upstream = lasting(fault)
     app = proxy(upstream, retry=fast_retry(Sleeps(), attempts=3), **options).app
     error = asyncio.run(sdk_call(app))  # the SDK would retry a 502 twice more on its own
-    assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+    status = 504 if isinstance(fault, httpx2.TimeoutException) else 502
+    assert isinstance(error, openai.APIStatusError) and error.status_code == status
     assert error.response.headers["x-should-retry"] == "false"
     assert len(upstream.requests) == 3, [json.loads(r.content).get("n") for r in upstream.requests]
     assert "3 attempts" in error.message
