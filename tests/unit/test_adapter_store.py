@@ -637,6 +637,81 @@ def test_a_crash_between_moving_into_place_and_indexing_is_adopted_by_the_retry(
     ]
 
 
+_CRASH_AT_PHASE = """
+import json, os, re, sys
+from pathlib import Path
+import capplug.adapters.store as store_module
+from chromadb.api.models.Collection import Collection
+from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
+from capplug.adapters.store import AdapterStore
+
+root, base, shapes, instruction, phase = sys.argv[1:6]
+shapes = json.loads(shapes)
+
+def die(*args, **kwargs):
+    os._exit(17)
+
+if phase == "writing files":
+    store_module.write_peft_folder = die
+elif phase == "writing the record":
+    store_module.write_json_atomic = die
+elif phase == "renaming into place":
+    replace = os.replace
+    def replacing(src, dst, *args, **kwargs):
+        if re.fullmatch(r"[0-9a-f]{16}", Path(dst).name) and Path(src).name.startswith("."):
+            os._exit(17)
+        return replace(src, dst, *args, **kwargs)
+    os.replace = replacing
+elif phase in ("indexing", "deleting"):
+    setattr(Collection, "add" if phase == "indexing" else "delete", die)
+generator = FakeGenerator({k: tuple(v) for k, v in shapes.items()}, base)
+store = AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding(),
+                     generator=generator)
+if phase == "deleting":
+    store.remove(store.lookup(instruction)[0].record.id)
+else:
+    store.get_or_create(instruction)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    "phase",
+    ["writing files", "writing the record", "renaming into place", "indexing", "deleting"],
+)
+def test_a_crash_at_any_write_phase_leaves_one_good_adapter_after_retry_and_repair(
+    store: AdapterStore,
+    tiny_llama: Path,
+    shapes: dict[str, tuple[int, ...]],
+    phase: str,
+) -> None:
+    import subprocess
+
+    if phase == "deleting":
+        store.get_or_create(TRANSLATE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
+    )
+    arguments = [str(store.root), str(tiny_llama), json.dumps(shapes), TRANSLATE, phase]
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASH_AT_PHASE, *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode == 17, crashed.stderr  # killed in that phase, not before
+
+    again = store.get_or_create(TRANSLATE)  # nothing corrupt or half-written is served
+    store.files(again.record.id)
+    store.repair()
+    assert store.verify().ok
+    kept = [r for r in store.list_adapters() if r.instruction == TRANSLATE]
+    assert [r.id for r in kept] == [again.record.id]  # exactly one adapter for the instruction
+    assert store.get_or_create(TRANSLATE).record.id == again.record.id
+
+
 def test_repair_keeps_one_adapter_per_instruction_after_a_crash_and_retry(
     store: AdapterStore, generator: FakeGenerator
 ) -> None:
