@@ -45,7 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 BASELINES = ("beam", "lm-sum", "lm-mean", "mbr")
 # what a user of an API without log-probabilities can compare against
 NO_LOGPROB_BASELINES = ("beam", "mbr")
-# how the benchmark adapts, chosen on train tasks (README)
+# how the benchmark adapts, chosen on train tasks (docs/benchmarks.md, "Rerank generation")
 ADAPT_EPOCHS, ADAPT_LR, ADAPT_RANK_WEIGHT = 6.0, 5e-5, 1.0
 GROUPS = ("rerank_generation", "instruction_to_adapter")  # the dev task groups this runs on
 LABELS = {
