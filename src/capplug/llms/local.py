@@ -18,7 +18,9 @@ processor, so batch composition only matters through float round-off in the logi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -458,7 +460,7 @@ class LocalChatModel:
         kwargs: dict[str, Any] = {}
         cache = self._prefill(batch, repeats)
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[self._cache_argument] = cache
         sampler = _RowSampler(rows, device=self.device)
         out = self.model.generate(
             input_ids=input_ids,
@@ -497,12 +499,20 @@ class LocalChatModel:
             input_ids=input_ids[:, :-1],
             attention_mask=mask[:, :-1],
             position_ids=positions[:, :-1],
-            past_key_values=cache,
+            **{self._cache_argument: cache},
             use_cache=True,
             **({"logits_to_keep": 1} if self._keeps_logits else {}),
         )
         cache.batch_repeat_interleave(repeats)
         return cache
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """``cache`` where the model takes it (transformers 5.25 on), else ``past_key_values``
+        (which the newer versions warn about on every call)."""
+        inner = getattr(self.model, "get_base_model", None)  # a peft wrapper passes it on
+        parameters = inspect.signature((inner() if inner else self.model).forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
 
     def _completion(self, row: list[int]) -> tuple[list[int], bool]:
         """The generated tokens up to and including the first end-of-turn token; and whether it came."""
