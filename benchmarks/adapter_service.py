@@ -1,6 +1,6 @@
 """The adapter service: instruction to answer on a store hit against a miss, and under load.
 
-BENCHMARKS.md, "Adapter store and services": time from an instruction to an answer on a store
+docs/benchmarks.md, "Adapter store and services": time from an instruction to an answer on a store
 hit and on a miss; the service under 1, 8 and 32 concurrent clients on 127.0.0.1 with every
 request answered.
 

@@ -1,4 +1,4 @@
-"""Adapter-store lookup latency with 100, 1,000 and 10,000 adapters indexed (BENCHMARKS.md,
+"""Adapter-store lookup latency with 100, 1,000 and 10,000 adapters indexed (docs/benchmarks.md,
 "Adapter store and services"; target: p50 <= 10 ms at 10,000).
 
 What is measured is the index: ``AdapterStore.lookup(instruction, k=3)`` against a persistent

@@ -1,4 +1,4 @@
-"""Instruction-to-adapter quality (BENCHMARKS.md, "Instruction-to-adapter quality").
+"""Instruction-to-adapter quality (docs/benchmarks.md, "Instruction-to-adapter quality").
 
 On the Natural-Instructions tasks of dev.instruction_to_adapter, with the test examples of the
 example_split rule (at most 100 per task), greedy decoding and at most 64 new tokens, the mean

@@ -1,4 +1,4 @@
-"""Time capplug adds to one best-of-8 call through LangChain (BENCHMARKS.md, "Scorer speed").
+"""Time capplug adds to one best-of-8 call through LangChain (docs/benchmarks.md, "Scorer speed").
 
 ``CappyBestOfN(ChatOpenAI, n=8)`` against capplug's OpenAI-compatible server on 127.0.0.1
 serving the packaged SmolLM2-135M-Instruct, side by side with the plain

@@ -1,6 +1,6 @@
 """Latency the reranking proxy adds per request under 1, 8 and 32 concurrent clients on 127.0.0.1.
 
-BENCHMARKS.md, "Adapter store and services": proxy latency added per request under 1, 8 and 32
+docs/benchmarks.md, "Adapter store and services": proxy latency added per request under 1, 8 and 32
 concurrent clients, with every request answered. Three processes, as in a deployment:
 
 - a fast fake upstream (raw asyncio HTTP, this script with ``--fake-upstream``) that answers

@@ -1,4 +1,4 @@
-"""Reranking generated answers on BIG-bench dev tasks (BENCHMARKS.md, "Rerank generation").
+"""Reranking generated answers on BIG-bench dev tasks (docs/benchmarks.md, "Rerank generation").
 
 For each task in dev.rerank_generation and dev.instruction_to_adapter, examples are split by the
 example_split rule and at most 100 test examples are used. Every test instruction gets 17

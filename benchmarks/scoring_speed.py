@@ -1,4 +1,4 @@
-"""Scorer speed on CPU against sentence-transformers' CrossEncoder (BENCHMARKS.md, "Scorer speed").
+"""Scorer speed on CPU against sentence-transformers' CrossEncoder (docs/benchmarks.md, "Scorer speed").
 
 1,024 (instruction, option) pairs drawn (seeded) from the BIG-bench dev zero-shot choice tasks, so
 their token lengths follow that data; both sides run the same weights on the same pairs with

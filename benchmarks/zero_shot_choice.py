@@ -1,4 +1,4 @@
-"""Zero-shot multiple choice on the BIG-bench dev tasks (BENCHMARKS.md, "Zero-shot choice").
+"""Zero-shot multiple choice on the BIG-bench dev tasks (docs/benchmarks.md, "Zero-shot choice").
 
 For each task in dev.zero_shot_choice, the first 200 examples in file order: the instruction is
 the task's own prompt, each option of target_scores is a candidate, the prediction is the
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     columns = [c for c in LABELS if all(c in r for r in per_task.values())]
     means = {c: float(np.mean([r[c] for r in per_task.values()])) for c in columns}
-    # BENCHMARKS.md: the mean again without any task that alone moves it by over 2 points.
+    # docs/benchmarks.md: the mean again without any task that alone moves it by over 2 points.
     movers = [
         t
         for t in per_task
