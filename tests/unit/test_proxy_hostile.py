@@ -21,6 +21,7 @@ from test_proxy import MESSAGES, Sleeps, Upstream, completion, error_of, fast_re
 from capplug.llms.retry import RetryPolicy
 from capplug.serve import proxy as proxy_module
 from capplug.serve._http import install_error_handlers
+from capplug.serve._scoring_queue import ScoringQueue
 
 KEY = "sk-upstream-secret"
 
@@ -358,7 +359,7 @@ class PairScorer:
 
 def test_a_small_request_is_scored_between_the_slices_of_a_huge_one() -> None:
     scorer = PairScorer()
-    queue = proxy_module._ScoringQueue(scorer)
+    queue = ScoringQueue(scorer)
     huge = "all work and no play " * 250_000  # 5 MB of conversation
     small = "What is the capital of France?"
 
@@ -380,7 +381,7 @@ def test_a_small_request_is_scored_between_the_slices_of_a_huge_one() -> None:
 
 def test_small_requests_waiting_together_are_still_scored_in_one_call() -> None:
     scorer = PairScorer()
-    queue = proxy_module._ScoringQueue(scorer)
+    queue = ScoringQueue(scorer)
 
     async def scenario() -> None:
         await asyncio.gather(*(queue.score(f"question {i}", ["a", "b", "c"]) for i in range(20)))

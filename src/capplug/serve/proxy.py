@@ -94,12 +94,10 @@ less than scoring them one after another; a request with a long conversation is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -149,6 +147,7 @@ from capplug.serve._http import (
     read_json_object,
     unless_disconnected,
 )
+from capplug.serve._scoring_queue import ScoringQueue
 
 __all__ = ["KEY_HEADER", "create_proxy_app"]
 
@@ -181,8 +180,6 @@ _MAX_REMEMBERED_MODELS = 1024
 # How long a model's quirk (no native n, no logprobs) is believed before it is tried again: one
 # short reply or one transient 400 costs minutes of single requests, not the process's lifetime.
 _QUIRK_SECONDS = 600.0
-# A request waiting for the scorer gains this many tokens of priority per second waited.
-_AGEING_TOKENS_PER_SECOND = 2048
 _TIMING_KEY = "capplug_timing"  # request.state key: [(name, seconds)] for Server-Timing
 
 
@@ -323,184 +320,6 @@ class _Metered:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(mode, str(status)).inc()
             self.metrics.request_seconds.labels(mode).observe(time.perf_counter() - started)
-
-
-# --------------------------------------------------------------------------------- scoring
-
-
-@dataclass
-class _ScoringJob:
-    instruction: str
-    responses: list[str]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[list[float]]
-    costs: list[int] = field(default_factory=list)  # estimated tokens of each pair
-    arrived: float = field(default_factory=time.monotonic)
-    scores: list[float] = field(default_factory=list)  # of responses[: len(scores)]
-
-    @property
-    def remaining(self) -> int:
-        return sum(self.costs[len(self.scores) :])
-
-
-class _ScoringQueue:
-    """Scores candidates on one worker thread, batching small requests and slicing big ones.
-
-    Work is estimated in tokens per (instruction, response) pair and served smallest first (a
-    request that has waited gains ``_AGEING_TOKENS_PER_SECOND`` of priority per second, so
-    none starves). Requests that wait together are scored in one call when they are small; a
-    request with a long conversation is scored a slice at a time, so that a small request that
-    arrives meanwhile waits for one slice, not for the whole of it. Only scorers with
-    ``score_pairs`` (which score each pair on its own) are sliced; others get each request's
-    responses in one call.
-
-    The thread lives as long as the process (a daemon, idle when there is nothing to score):
-    measured here, a thread that keeps torch's thread pool warm scores 8 candidates in about
-    two thirds of the time a fresh thread takes.
-    """
-
-    def __init__(self, scorer: Any, *, slice_tokens: int = 512, batch_tokens: int = 16384) -> None:
-        self.scorer = scorer
-        self.slice_tokens = slice_tokens
-        self.batch_tokens = batch_tokens
-        score_pairs = getattr(scorer, "score_pairs", None)
-        self._pairwise = score_pairs if callable(score_pairs) else None
-        self._max_length = int(getattr(scorer, "max_length", 512) or 512)
-        self._pending: list[_ScoringJob] = []
-        self._wake = threading.Condition()
-        self._worker: threading.Thread | None = None
-
-    def _cost(self, instruction: str, response: str) -> int:
-        # About four characters per token; the scorer cuts every pair to max_length.
-        return min(self._max_length, (len(instruction) + len(response)) // 4 + 3)
-
-    async def score(self, instruction: str, responses: list[str]) -> list[float]:
-        """Scores of ``responses`` to ``instruction``, in order; awaits the worker thread."""
-        loop = asyncio.get_running_loop()
-        job = _ScoringJob(instruction, responses, loop, loop.create_future())
-        job.costs = [self._cost(instruction, r) for r in responses]
-        with self._wake:
-            self._pending.append(job)
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._work, name="capplug-scoring", daemon=True
-                )
-                self._worker.start()
-            self._wake.notify()
-        return await job.future
-
-    def _next_call(self) -> list[tuple[_ScoringJob, int]]:
-        """(job, how many of its next responses) for one call; under the lock.
-
-        Small requests (at most ``slice_tokens`` of work left) are batched together, up to
-        ``batch_tokens``; a bigger one gets calls of its own, one slice of at most
-        ``slice_tokens`` each, so that whatever arrives meanwhile waits for one slice only.
-        """
-        now = time.monotonic()
-        self._pending = [j for j in self._pending if not j.future.done()]  # clients gone
-        order = sorted(
-            self._pending,
-            key=lambda j: j.remaining - _AGEING_TOKENS_PER_SECOND * (now - j.arrived),
-        )
-        call: list[tuple[_ScoringJob, int]] = []
-        tokens = 0
-        for job in order:
-            start = len(job.scores)
-            remaining = job.remaining
-            if self._pairwise is None or remaining <= self.slice_tokens:
-                if call and tokens + remaining > self.batch_tokens:
-                    break
-                call.append((job, len(job.responses) - start))
-                tokens += remaining
-                continue
-            if call:
-                break
-            take, cost = 0, 0
-            for pair_cost in job.costs[start:]:
-                if take and cost + pair_cost > self.slice_tokens:
-                    break
-                take += 1
-                cost += pair_cost
-            call.append((job, take))
-            break
-        return call
-
-    def _work(self) -> None:
-        while True:
-            with self._wake:
-                call: list[tuple[_ScoringJob, int]] = []
-                while not call:
-                    call = self._next_call()
-                    if not call:
-                        self._wake.wait()
-            try:
-                self._run(call)
-            except BaseException as error:  # never leave a request waiting forever
-                for job, _ in call:
-                    self._finish(job, error=error)
-            with self._wake:
-                for job, _ in call:
-                    if job.future.done() or len(job.scores) == len(job.responses):
-                        with contextlib.suppress(ValueError):
-                            self._pending.remove(job)
-
-    def _finish(self, job: _ScoringJob, *, error: BaseException | None = None) -> None:
-        if error is not None:
-            job.scores = [math.nan] * len(job.responses)  # done: take it off the queue
-            _settle(job, error=error)
-        elif len(job.scores) == len(job.responses):
-            _settle(job, scores=job.scores)
-
-    def _run(self, call: list[tuple[_ScoringJob, int]]) -> None:
-        try:
-            results = self._score(call)
-        except Exception as error:
-            if len(call) == 1:
-                self._finish(call[0][0], error=error)
-                return
-            # One request's input must not fail the others that shared its call.
-            for part in call:
-                self._run([part])
-            return
-        for (job, _), scores in zip(call, results, strict=True):
-            job.scores.extend(scores)
-            self._finish(job)
-
-    def _score(self, call: list[tuple[_ScoringJob, int]]) -> list[list[float]]:
-        parts = [
-            (job, job.responses[len(job.scores) : len(job.scores) + take]) for job, take in call
-        ]
-        if self._pairwise is None:
-            results = [list(self.scorer.score(job.instruction, texts)) for job, texts in parts]
-        else:
-            pairs = [(job.instruction, text) for job, texts in parts for text in texts]
-            flat = list(self._pairwise(pairs))
-            results, start = [], 0
-            for _, texts in parts:
-                results.append(flat[start : start + len(texts)])
-                start += len(texts)
-        for (_, texts), scores in zip(parts, results, strict=True):
-            if len(scores) != len(texts):
-                raise ValueError(
-                    f"the scorer returned {len(scores)} scores for {len(texts)} responses"
-                )
-        return [[float(s) for s in scores] for scores in results]
-
-
-def _settle(
-    job: _ScoringJob, *, scores: list[float] | None = None, error: BaseException | None = None
-) -> None:
-    def settle() -> None:
-        if job.future.done():  # the request was cancelled (its client went away)
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(scores or [])
-
-    # A closed event loop raises RuntimeError: its request is gone and nobody is waiting.
-    with contextlib.suppress(RuntimeError):
-        job.loop.call_soon_threadsafe(settle)
 
 
 # ------------------------------------------------------------------------- requests in
@@ -895,7 +714,7 @@ class _Proxy:
         self.max_connections = max_connections
         self.transport = transport
         self.metrics = _Metrics()
-        self.scoring = _ScoringQueue(scorer)
+        self.scoring = ScoringQueue(scorer)
         self.combiner = combiner_of(scorer)
         self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
         self._ignores_n = _Quirks(self.name, "asking for one candidate per request")
