@@ -55,6 +55,13 @@ Temperature 0
     at ``sampling_temperature`` (0.8) instead; send ``X-Capplug-Disable: 1`` for a single
     deterministic answer.
 
+``POST /v1/rerank`` and ``POST /v2/rerank``
+    The rerank API of Cohere, Jina and vLLM, answered by the scorer itself (nothing goes
+    upstream): ``query`` and ``documents`` (strings, or objects whose ``text`` is ranked; with
+    ``rank_fields``, those fields), optional ``top_n`` and ``return_documents``; the answer's
+    ``results`` hold each document's ``index`` and ``relevance_score`` (the scorer's score in
+    [0, 1]), best first. The proxy key is taken as ``Authorization: Bearer`` here as well.
+
 ``X-Capplug-Disable: 1`` and every other path under ``/v1``
     Passed through untouched: method, path, query, headers and body go upstream as they came
     (the body streamed both ways), the upstream's status, headers and body come back as they
@@ -98,6 +105,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -138,6 +146,7 @@ from capplug.serve._http import (
     BEARER,
     APIError,
     BodyLimit,
+    ClientGone,
     KeyHeader,
     RequireKey,
     SafePath,
@@ -157,6 +166,9 @@ KEY_HEADER = "X-Capplug-Key"
 """The header that carries the proxy's own API key (``Authorization`` belongs to the upstream)."""
 
 _CHAT_PATH = "/v1/chat/completions"
+# Cohere's v1 and v2 clients, Jina's, vLLM's and LangChain's or LlamaIndex's Cohere rerankers.
+_RERANK_PATHS = ("/v1/rerank", "/v2/rerank")
+_MAX_RERANK_DOCUMENTS = 1000
 _PROXY_KEY = KeyHeader(KEY_HEADER)
 _HOP_BY_HOP = frozenset(
     {
@@ -418,6 +430,58 @@ def _header_count(headers: Headers, name: str, max_n: int) -> int | None:
 
 
 # ------------------------------------------------------------------------- answers back
+
+
+def _rerank_request(body: dict[str, Any]) -> tuple[str, list[str], int, bool]:
+    """``(query, document texts, top_n, return_documents)`` of a rerank request, or a 400.
+
+    Documents are strings, or objects whose ``text`` is ranked (with ``rank_fields``, those
+    fields, one ``name: value`` line each), as Cohere's and Jina's APIs take them.
+    """
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise APIError(400, "'query' must be a non-empty string", param="query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not 1 <= len(documents) <= _MAX_RERANK_DOCUMENTS:
+        raise APIError(
+            400,
+            f"'documents' must be a list of 1 to {_MAX_RERANK_DOCUMENTS} strings or objects",
+            param="documents",
+        )
+    fields = body.get("rank_fields")
+    if fields is not None and (
+        not isinstance(fields, list) or not all(isinstance(f, str) for f in fields) or not fields
+    ):
+        raise APIError(400, "'rank_fields' must be a list of field names", param="rank_fields")
+    texts = []
+    for i, document in enumerate(documents):
+        if isinstance(document, str):
+            texts.append(document)
+            continue
+        if isinstance(document, dict):
+            if fields:
+                values = [(f, document.get(f)) for f in fields]
+                if all(isinstance(v, str) for _, v in values):
+                    texts.append("\n".join(f"{f}: {v}" for f, v in values))
+                    continue
+            elif isinstance(document.get("text"), str):
+                texts.append(document["text"])
+                continue
+        wanted = f"the fields {fields}" if fields else "a 'text' string"
+        raise APIError(
+            400,
+            f"documents[{i}] must be a string or an object with {wanted}",
+            param=f"documents[{i}]",
+        )
+    top_n = body.get("top_n")
+    if top_n is None:
+        top_n = len(texts)
+    elif isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise APIError(400, "'top_n' must be a positive integer", param="top_n")
+    return_documents = body.get("return_documents")
+    if return_documents is not None and not isinstance(return_documents, bool):
+        raise APIError(400, "'return_documents' must be true or false", param="return_documents")
+    return query, texts, min(top_n, len(texts)), bool(return_documents)
 
 
 def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1041,6 +1105,44 @@ class _Proxy:
             headers=headers,
         )
 
+    async def rerank(self, request: Request) -> Response:
+        """``POST /v1/rerank`` (Cohere, Jina, vLLM shape): the documents by the scorer's score."""
+        body = read_json_object(
+            await request.body(), what="a JSON object with 'query' and 'documents'"
+        )
+        query, texts, top_n, return_documents = _rerank_request(body)
+        started = time.perf_counter()
+        try:
+            scores = await unless_disconnected(request, self.scoring.score(query, texts))
+        except ClientGone:
+            raise
+        except Exception as error:
+            self.metrics.scoring_failures.inc()
+            logger.error("scoring failed for a rerank request: %s", _describe(error))
+            raise APIError(
+                503, f"the scorer failed: {_describe(error)}", code="scorer_unavailable"
+            ) from error
+        seconds = time.perf_counter() - started
+        self.metrics.scoring_seconds.observe(seconds)
+        setattr(request.state, _TIMING_KEY, [("scoring", seconds)])
+        order = sorted(range(len(texts)), key=lambda i: -scores[i])[:top_n]  # stable on ties
+        results: list[dict[str, Any]] = []
+        for i in order:
+            result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if return_documents:
+                result["document"] = {"text": texts[i]}
+            results.append(result)
+        model = body.get("model")
+        return JSONResponse(
+            {
+                "id": f"rerank-{secrets.token_hex(12)}",
+                "object": "rerank",
+                "model": model if isinstance(model, str) and model else "capplug-scorer",
+                "results": results,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            }
+        )
+
     async def passthrough(self, request: Request) -> Response:
         """Forward the request as it came and stream the upstream's answer back as it comes."""
         headers = self.forward_headers(request.headers, reencoded=False)
@@ -1109,10 +1211,11 @@ async def _on_relayed(request: Request, exc: Exception) -> Response:
 
 
 def _key_headers(path: str) -> list[KeyHeader]:
-    """Where the proxy's key is asked for, and in which headers."""
+    """Where the proxy's key is asked for, and in which headers (``Authorization`` too on the
+    routes the proxy answers itself, where no upstream key is at stake)."""
     if path == "/healthz":
         return []
-    if path == "/metrics":
+    if path == "/metrics" or path in _RERANK_PATHS:
         return [_PROXY_KEY, BEARER]
     return [_PROXY_KEY]
 
@@ -1263,6 +1366,9 @@ def create_proxy_app(
     @app.post(_CHAT_PATH, response_model=None)
     async def chat_completions(request: Request) -> Response:
         return await proxy.chat_completions(request)
+
+    for path in _RERANK_PATHS:
+        app.add_api_route(path, proxy.rerank, methods=["POST"], response_model=None)
 
     @app.api_route(
         "/v1/{path:path}",
