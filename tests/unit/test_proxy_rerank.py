@@ -117,3 +117,23 @@ def test_the_cohere_sdk_reranks_through_the_proxy() -> None:
     assert [(r.index, r.relevance_score) for r in v2_reply.results] == [(2, 0.9), (0, 0.4)]
     assert [r.index for r in v1_reply.results] == [2, 0, 1]
     assert v1_reply.results[0].document.text == "Canberra is the capital."
+
+
+def test_score_pairs_one_instruction_to_many_or_in_order() -> None:
+    client = rerank_client()
+    one_to_many = client.post(
+        "/v1/score", json={"text_1": "Capital of Australia?", "text_2": DOCUMENTS}
+    ).json()
+    assert [d["score"] for d in one_to_many["data"]] == [0.4, 0.1, 0.9]
+    assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2]
+    in_order = client.post(
+        "/v1/score", json={"text_1": ["q1", "q2"], "text_2": [DOCUMENTS[2], DOCUMENTS[1]]}
+    ).json()
+    assert [d["score"] for d in in_order["data"]] == [0.9, 0.1]
+    for body, param in (
+        ({"text_1": ["a", "b"], "text_2": ["c"]}, "text_2"),
+        ({"text_1": 3, "text_2": "c"}, "text_1"),
+        ({"text_1": "a", "text_2": []}, "text_2"),
+    ):
+        assert error_of(client.post("/v1/score", json=body), 400)["param"] == param
+    assert client.upstream.requests == []

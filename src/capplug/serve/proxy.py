@@ -62,6 +62,11 @@ Temperature 0
     ``results`` hold each document's ``index`` and ``relevance_score`` (the scorer's score in
     [0, 1]), best first. The proxy key is taken as ``Authorization: Bearer`` here as well.
 
+``POST /v1/score``
+    vLLM's score API, answered by the scorer: ``text_1`` (an instruction, or a list) and
+    ``text_2`` (a response, or a list), paired one to many or in order; ``data`` holds each
+    pair's ``score`` in [0, 1], in order.
+
 ``X-Capplug-Disable: 1`` and every other path under ``/v1``
     Passed through untouched: method, path, query, headers and body go upstream as they came
     (the body streamed both ways), the upstream's status, headers and body come back as they
@@ -168,6 +173,7 @@ KEY_HEADER = "X-Capplug-Key"
 _CHAT_PATH = "/v1/chat/completions"
 # Cohere's v1 and v2 clients, Jina's, vLLM's and LangChain's or LlamaIndex's Cohere rerankers.
 _RERANK_PATHS = ("/v1/rerank", "/v2/rerank")
+_SCORE_PATH = "/v1/score"  # vLLM's
 _MAX_RERANK_DOCUMENTS = 1000
 _PROXY_KEY = KeyHeader(KEY_HEADER)
 _HOP_BY_HOP = frozenset(
@@ -482,6 +488,38 @@ def _rerank_request(body: dict[str, Any]) -> tuple[str, list[str], int, bool]:
     if return_documents is not None and not isinstance(return_documents, bool):
         raise APIError(400, "'return_documents' must be true or false", param="return_documents")
     return query, texts, min(top_n, len(texts)), bool(return_documents)
+
+
+def _score_request(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (instruction, response) pairs of a score request, or a 400: ``text_1`` a string
+    paired with every ``text_2``, or two lists of the same length paired in order."""
+    first, second = body.get("text_1"), body.get("text_2")
+
+    def texts(value: Any, name: str) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(items, list)
+            or not 1 <= len(items) <= _MAX_RERANK_DOCUMENTS
+            or not all(isinstance(t, str) for t in items)
+        ):
+            raise APIError(
+                400,
+                f"'{name}' must be a string or a list of 1 to {_MAX_RERANK_DOCUMENTS} strings",
+                param=name,
+            )
+        return items
+
+    instructions, responses = texts(first, "text_1"), texts(second, "text_2")
+    if isinstance(first, str):
+        return [(first, r) for r in responses]
+    if len(instructions) != len(responses):
+        raise APIError(
+            400,
+            f"'text_1' and 'text_2' are paired in order, so they must be as long as each other "
+            f"(or 'text_1' one string); got {len(instructions)} and {len(responses)}",
+            param="text_2",
+        )
+    return list(zip(instructions, responses, strict=True))
 
 
 def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1143,6 +1181,55 @@ class _Proxy:
             }
         )
 
+    async def score(self, request: Request) -> Response:
+        """``POST /v1/score`` (vLLM's shape): the scorer's score of each (text_1, text_2) pair."""
+        body = read_json_object(
+            await request.body(), what="a JSON object with 'text_1' and 'text_2'"
+        )
+        pairs = _score_request(body)
+        by_instruction: dict[str, list[int]] = {}
+        for i, (instruction, _) in enumerate(pairs):
+            by_instruction.setdefault(instruction, []).append(i)
+        started = time.perf_counter()
+
+        async def scored() -> list[list[float]]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        self.scoring.score(instruction, [pairs[i][1] for i in indices])
+                        for instruction, indices in by_instruction.items()
+                    )
+                )
+            )
+
+        try:
+            groups = await unless_disconnected(request, scored())
+        except ClientGone:
+            raise
+        except Exception as error:
+            self.metrics.scoring_failures.inc()
+            logger.error("scoring failed for a score request: %s", _describe(error))
+            raise APIError(
+                503, f"the scorer failed: {_describe(error)}", code="scorer_unavailable"
+            ) from error
+        seconds = time.perf_counter() - started
+        self.metrics.scoring_seconds.observe(seconds)
+        setattr(request.state, _TIMING_KEY, [("scoring", seconds)])
+        scores = [0.0] * len(pairs)
+        for indices, values in zip(by_instruction.values(), groups, strict=True):
+            for i, value in zip(indices, values, strict=True):
+                scores[i] = value
+        model = body.get("model")
+        return JSONResponse(
+            {
+                "id": f"score-{secrets.token_hex(12)}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model if isinstance(model, str) and model else "capplug-scorer",
+                "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            }
+        )
+
     async def passthrough(self, request: Request) -> Response:
         """Forward the request as it came and stream the upstream's answer back as it comes."""
         headers = self.forward_headers(request.headers, reencoded=False)
@@ -1215,7 +1302,7 @@ def _key_headers(path: str) -> list[KeyHeader]:
     routes the proxy answers itself, where no upstream key is at stake)."""
     if path == "/healthz":
         return []
-    if path == "/metrics" or path in _RERANK_PATHS:
+    if path == "/metrics" or path in _RERANK_PATHS or path == _SCORE_PATH:
         return [_PROXY_KEY, BEARER]
     return [_PROXY_KEY]
 
@@ -1369,6 +1456,7 @@ def create_proxy_app(
 
     for path in _RERANK_PATHS:
         app.add_api_route(path, proxy.rerank, methods=["POST"], response_model=None)
+    app.add_api_route(_SCORE_PATH, proxy.score, methods=["POST"], response_model=None)
 
     @app.api_route(
         "/v1/{path:path}",
