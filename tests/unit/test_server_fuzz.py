@@ -91,6 +91,18 @@ _adapter = st.fixed_dictionaries(
 )
 
 
+_rerank = st.fixed_dictionaries(
+    {"query": st.one_of(_text, _any_json), "documents": st.one_of(st.lists(_text), _any_json)},
+    optional={
+        "top_n": _any_json,
+        "return_documents": _any_json,
+        "rank_fields": _any_json,
+        "text_1": st.one_of(_text, st.lists(_text), _any_json),
+        "text_2": st.one_of(_text, st.lists(_text), _any_json),
+    },
+)
+
+
 def _encode(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=True).encode()  # lone surrogates as \udXXX escapes
 
@@ -118,6 +130,7 @@ _bodies = st.one_of(
     _deep_raw(),
     _chat.map(_encode),
     _adapter.map(_encode),
+    _rerank.map(_encode),
     _any_json.map(_encode),
     st.binary(max_size=64),
     st.sampled_from([b"", b"{", b'{"messages": [', b"\xff\xfe{}", b"[" * 10_000, b"null"]),
@@ -261,7 +274,9 @@ _JSON = {"Content-Type": "application/json"}
 
 
 @pytest.mark.parametrize("server", ["proxy", "service"])
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/adapters"])
+@pytest.mark.parametrize(
+    "route", ["/v1/chat/completions", "/v1/adapters", "/v1/rerank", "/v1/score"]
+)
 def test_generated_bodies_never_get_a_5xx(
     server: str, route: str, request: pytest.FixtureRequest
 ) -> None:
