@@ -118,7 +118,13 @@ def test_a_path_that_climbs_out_of_the_base_never_reaches_the_upstream(path: str
     assert KEY.encode() not in body
 
 
-def send_raw_path(app: Any, raw_path: str, method: str = "GET") -> tuple[int, bytes]:
+def send_raw_path(
+    app: Any,
+    raw_path: str,
+    method: str = "GET",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     """Call the ASGI app with the path exactly as given: HTTP clients (httpx, the test client)
     resolve ``..`` themselves before sending, servers such as uvicorn do not."""
     scope = {
@@ -127,18 +133,20 @@ def send_raw_path(app: Any, raw_path: str, method: str = "GET") -> tuple[int, by
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": urllib.parse.unquote(raw_path),
+        "path": urllib.parse.unquote(raw_path, errors="surrogateescape"),
         "raw_path": raw_path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"host", b"proxy.test")],
+        "headers": [(b"host", b"proxy.test"), (b"content-length", str(len(body)).encode())]
+        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
         "client": ("127.0.0.1", 1),
         "server": ("proxy.test", 80),
     }
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return next(messages, {"type": "http.disconnect"})
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)

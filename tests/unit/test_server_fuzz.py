@@ -10,7 +10,6 @@ and reports the statuses seen (``CAPPLUG_FUZZ_REPORT`` names where the counts go
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -27,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_adapter_service import _fuzz_app
 from test_proxy import Upstream, proxy
+from test_proxy_hostile import send_raw_path
 
 EXAMPLES = int(os.environ.get("CAPPLUG_FUZZ_EXAMPLES", "150"))
 REPORT = os.environ.get("CAPPLUG_FUZZ_REPORT")
@@ -234,36 +234,6 @@ def service_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCli
         yield client
 
 
-def _raw(app: Any, method: str, raw_path: str, body: bytes, headers: dict[str, str]) -> int:
-    """Call the app with the path exactly as given (HTTP clients resolve ``..`` first)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": urllib.parse.unquote(raw_path, errors="surrogateescape"),
-        "raw_path": raw_path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), (b"content-length", str(len(body)).encode())]
-        + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
-    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return next(messages, {"type": "http.disconnect"})
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    return next(m["status"] for m in sent if m["type"] == "http.response.start")
-
-
 _SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -313,7 +283,7 @@ def test_generated_paths_never_get_a_5xx_or_climb(
     def fuzz(path: str, method: str, body: bytes) -> None:
         recorder = _recording()
         try:
-            status = _raw(client.app, method, path, body, {**headers, **_JSON})
+            status = send_raw_path(client.app, path, method, body, {**headers, **_JSON})[0]
         finally:
             logging.getLogger().removeHandler(recorder)
         SEEN.check(server, f"{method} {path}", status, recorder.records)
@@ -330,7 +300,7 @@ def test_the_proxy_forwards_nothing_outside_its_base() -> None:
     @_SETTINGS
     @given(path=_paths)
     def fuzz(path: str) -> None:
-        _raw(client.app, "GET", path, b"", {})
+        send_raw_path(client.app, path)
 
     fuzz()
     for sent in upstream.requests:

@@ -113,10 +113,10 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -166,6 +166,8 @@ from capplug.serve._scoring_queue import ScoringQueue
 __all__ = ["KEY_HEADER", "create_proxy_app"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 KEY_HEADER = "X-Capplug-Key"
 """The header that carries the proxy's own API key (``Authorization`` belongs to the upstream)."""
@@ -1143,26 +1145,32 @@ class _Proxy:
             headers=headers,
         )
 
-    async def rerank(self, request: Request) -> Response:
-        """``POST /v1/rerank`` (Cohere, Jina, vLLM shape): the documents by the scorer's score."""
-        body = read_json_object(
-            await request.body(), what="a JSON object with 'query' and 'documents'"
-        )
-        query, texts, top_n, return_documents = _rerank_request(body)
+    async def _scored(self, request: Request, work: Awaitable[T], what: str) -> T:
+        """The scores ``work`` gives, for a route the proxy answers itself: cancelled if the
+        client leaves, timed (metrics, ``Server-Timing``), and a 503 if the scorer fails."""
         started = time.perf_counter()
         try:
-            scores = await unless_disconnected(request, self.scoring.score(query, texts))
+            result = await unless_disconnected(request, work)
         except ClientGone:
             raise
         except Exception as error:
             self.metrics.scoring_failures.inc()
-            logger.error("scoring failed for a rerank request: %s", _describe(error))
+            logger.error("scoring failed for a %s request: %s", what, _describe(error))
             raise APIError(
                 503, f"the scorer failed: {_describe(error)}", code="scorer_unavailable"
             ) from error
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
         setattr(request.state, _TIMING_KEY, [("scoring", seconds)])
+        return result
+
+    async def rerank(self, request: Request) -> Response:
+        """``POST /v1/rerank`` (Cohere, Jina, vLLM shape): the documents by the scorer's score."""
+        body = read_json_object(
+            await request.body(), what="a JSON object with 'query' and 'documents'"
+        )
+        query, texts, top_n, return_documents = _rerank_request(body)
+        scores = await self._scored(request, self.scoring.score(query, texts), "rerank")
         order = sorted(range(len(texts)), key=lambda i: -scores[i])[:top_n]  # stable on ties
         results: list[dict[str, Any]] = []
         for i in order:
@@ -1190,7 +1198,6 @@ class _Proxy:
         by_instruction: dict[str, list[int]] = {}
         for i, (instruction, _) in enumerate(pairs):
             by_instruction.setdefault(instruction, []).append(i)
-        started = time.perf_counter()
 
         async def scored() -> list[list[float]]:
             return list(
@@ -1202,19 +1209,7 @@ class _Proxy:
                 )
             )
 
-        try:
-            groups = await unless_disconnected(request, scored())
-        except ClientGone:
-            raise
-        except Exception as error:
-            self.metrics.scoring_failures.inc()
-            logger.error("scoring failed for a score request: %s", _describe(error))
-            raise APIError(
-                503, f"the scorer failed: {_describe(error)}", code="scorer_unavailable"
-            ) from error
-        seconds = time.perf_counter() - started
-        self.metrics.scoring_seconds.observe(seconds)
-        setattr(request.state, _TIMING_KEY, [("scoring", seconds)])
+        groups = await self._scored(request, scored(), "score")
         scores = [0.0] * len(pairs)
         for indices, values in zip(by_instruction.values(), groups, strict=True):
             for i, value in zip(indices, values, strict=True):
