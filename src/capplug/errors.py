@@ -1,6 +1,56 @@
-"""Exceptions capplug raises on purpose, so callers can catch them by kind."""
+"""Every exception and warning capplug raises on purpose, so callers can catch them by kind.
+
+The hierarchy::
+
+    CapplugError(Exception)
+    ├── ModelNotFoundError(LookupError)      a model reference names nothing that exists
+    ├── PackageFetchError(RuntimeError)      a packaged model or data set could not be fetched
+    ├── CheckpointError(ValueError)          a checkpoint is unusable for the job
+    │   └── AdapterFileError                 an adapter folder is missing, corrupt or does not fit
+    │       ├── WrongBaseModelError          made for another base model
+    │       └── CorruptAdapterError          a stored adapter fails its recorded sha256
+    ├── BigBenchArchiveError(ValueError)     the BIG-bench archive or its cache is unreadable
+    ├── RowError(ValueError)                 rows of a data file are unusable (listed by number)
+    ├── UpstreamHTTPError                    an upstream answered with an HTTP error
+    ├── AttemptsSpent                        a request's upstream attempts are spent
+    └── AdapterStoreError                    the adapter store cannot do what was asked
+        ├── UnknownAdapterError(KeyError)    no adapter with that id
+        └── NoGeneratorError                 an adapter was needed and nothing can make one
+
+    UnsupportedEncoder(CapplugError, RuntimeError)  a folder ONNX export cannot take (a fallback
+                                                    signal: the PyTorch encoder is used instead)
+    TruncationWarning(UserWarning)           an input was longer than a model's ``max_length``
+
+Each is also importable from the module that raises it.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RETRYABLE_STATUS",
+    "AdapterFileError",
+    "AdapterStoreError",
+    "AttemptsSpent",
+    "BigBenchArchiveError",
+    "CapplugError",
+    "CheckpointError",
+    "CorruptAdapterError",
+    "ModelNotFoundError",
+    "NoGeneratorError",
+    "PackageFetchError",
+    "RowError",
+    "TruncationWarning",
+    "UnknownAdapterError",
+    "UnsupportedEncoder",
+    "UpstreamHTTPError",
+    "WrongBaseModelError",
+]
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+"""HTTP statuses worth another attempt (any other 5xx is too)."""
 
 
 class CapplugError(Exception):
@@ -17,3 +67,108 @@ class PackageFetchError(CapplugError, RuntimeError):
 
 class CheckpointError(CapplugError, ValueError):
     """A checkpoint is unusable for the job (wrong head, unknown score mapping, unsafe format)."""
+
+
+class AdapterFileError(CheckpointError):
+    """An adapter folder is missing a file, is truncated or corrupt, or does not fit the model."""
+
+
+class WrongBaseModelError(AdapterFileError):
+    """An adapter was made for another base model than the one it is being attached to."""
+
+
+class CorruptAdapterError(AdapterFileError):
+    """A stored adapter's files are missing or do not match the sha256 the index recorded."""
+
+
+class BigBenchArchiveError(CapplugError, ValueError):
+    """The BIG-bench archive or its extracted cache is unreadable or lacks a task."""
+
+
+class RowError(CapplugError, ValueError):
+    """Some rows of a data file are unusable; the message lists them by row number."""
+
+    MAX_REPORTED = 20
+    """Problems listed in the message; ``problems`` holds them all."""
+
+    def __init__(self, path: Path, problems: list[str], total: int) -> None:
+        limit = self.MAX_REPORTED
+        shown = "\n".join(f"  {p}" for p in problems[:limit])
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        super().__init__(f"{path}: {len(problems)} of {total} rows are unusable:\n{shown}{more}")
+        self.problems = problems
+
+
+class UpstreamHTTPError(CapplugError):
+    """An upstream HTTP answer that is an error, for code that speaks plain HTTP.
+
+    ``status`` is the HTTP status (0 for a body that could not be used); ``retry_after`` the
+    server's requested wait in seconds, when it gave one.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(f"upstream answered {status}: {message}" if status else message)
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUS or self.status >= 500
+
+
+class AttemptsSpent(CapplugError):
+    """A call was not attempted: its request's attempt budget is spent
+    (:class:`capplug.llms.retry.AttemptBudget`).
+
+    ``last`` is the failure that spent it (the error worth reporting), when there was one.
+    """
+
+    def __init__(self, failed: int, limit: int, last: BaseException | None) -> None:
+        shown = ""
+        if last is not None:
+            text = str(last)
+            shown = f" (last: {text if len(text) <= 200 else text[:197] + '...'})"
+        super().__init__(
+            f"no attempt left: {failed} of the request's {limit} upstream attempts failed{shown}"
+        )
+        self.last = last
+
+
+class AdapterStoreError(CapplugError):
+    """The adapter store cannot do what was asked (see the message for why and the fix)."""
+
+
+class UnknownAdapterError(AdapterStoreError, KeyError):
+    """No adapter with that id is in the store (for this base model)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoGeneratorError(AdapterStoreError):
+    """A new adapter was needed but the store has no generator to make one.
+
+    ``set_aside`` names the stored hits found corrupt (or without their files) on the way: they
+    were dropped from the index and their folders moved to ``<root>/.corrupt/``.
+    """
+
+    def __init__(self, message: str, *, set_aside: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.set_aside = tuple(set_aside)
+
+
+class UnsupportedEncoder(CapplugError, RuntimeError):
+    """The folder is not a mean-pooling sentence encoder that the ONNX export can take."""
+
+
+class TruncationWarning(UserWarning):
+    """An input was longer than a model's ``max_length`` and was cut (the scorer's
+    (instruction, response) pairs, the hypernetwork's instructions)."""

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from capplug import Scorer, flatten_chat
 from capplug.cli import main
 from capplug.llms.retry import RetryPolicy
+from capplug.selection import METADATA_KEYS
 from capplug.serve import create_proxy_app
 
 UPSTREAM = "http://upstream.test/v1"
@@ -213,7 +214,11 @@ def test_returns_the_best_of_n_with_scores_and_summed_usage() -> None:
     assert meta["n_requested"] == 3 and meta["n_received"] == 3
     assert meta["failures"] == 0 and meta["errors"] == []
     assert meta["upstream_calls"] == 1 and meta["native_n"] is True
-    assert meta["reason"] is None
+    assert meta["reason"] is None and meta["candidates"] == ["Lyon", "Paris", "Nice"]
+    # The one metadata schema (the LangChain components report the same keys), plus the
+    # proxy's own: which choices went back, and the time upstream and scoring took.
+    proxy_own = {"returned", "upstream_seconds", "scoring_seconds"}
+    assert set(meta) == set(METADATA_KEYS) | proxy_own
     # The scorer read the whole conversation, not just the last turn.
     assert scorer.calls == [(flatten_chat(MESSAGES), ["Lyon", "Paris", "Nice"])]
 

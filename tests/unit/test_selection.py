@@ -10,14 +10,20 @@ import pytest
 from rouge_score import rouge_scorer
 
 import capplug.selection.agreement as agreement
+from capplug.llms.collect import Collected
 from capplug.selection import (
+    METADATA_KEYS,
+    TOOL_CALLS_UNSCORED,
     Combiner,
     Reranker,
+    distinct,
     echo,
     fit_weights,
     rouge_agreement,
     rouge_l_f,
     signal_values,
+    tool_call_order,
+    unscored_metadata,
 )
 
 
@@ -164,6 +170,28 @@ def test_metadata_is_one_json_schema():
     assert meta["chosen"] == 1 and meta["candidates"] == ["a", "b"]
     assert meta["signals"]["scorer"] == [0.2, 0.9]
     assert set(meta["weights"]) == {"scorer", "agreement"}
+    # Collecting's keys and choosing's keys make the schema every surface reports; a choice
+    # made without scores reports the same keys.
+    collected = set(Collected().metadata(2))
+    assert collected | set(meta) == set(METADATA_KEYS) and not collected & set(meta)
+    unscored = unscored_metadata(["a", "b"], [1, 0], TOOL_CALLS_UNSCORED)
+    assert set(unscored) == set(meta) and unscored["chosen"] == 1 and unscored["scores"] is None
+
+
+def test_distinct_keeps_the_first_of_each_repeat_and_maps_every_text_to_it():
+    assert distinct(["a", "b", " a ", "c", "b"]) == (["a", "b", "c"], [0, 1, 0, 2, 1])
+
+
+def test_candidates_go_back_chosen_first_then_distinct_answers_best_first_then_repeats():
+    ranker, _ = reranker({"x": 0.9, "y": 0.5, "z": 0.1}, scorer=1.0)
+    chosen = ranker.select("q", ["z", "x", "x", "y"])
+    assert chosen.index == 1
+    assert chosen.order() == [1, 3, 0, 2]  # the repeat of "x" after the distinct "y" and "z"
+
+
+def test_tool_calls_go_first_unscored_and_plain_answers_keep_their_order():
+    assert tool_call_order([False, False]) is None
+    assert tool_call_order([False, True, False, True]) == [1, 3, 0, 2]
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -22,6 +22,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding
 
+from capplug.llms.collect import Collected, seed_for
 from capplug.llms.collect import acollect as acollect_n
 from capplug.llms.collect import collect as collect_n
 from capplug.llms.retry import RetryPolicy
@@ -120,12 +121,6 @@ def with_logprobs(model: BaseChatModel) -> BaseChatModel:
     return model.model_copy(update={"logprobs": True})
 
 
-def names_logprobs(error: BaseException) -> bool:
-    """Whether an error is a refusal of ``logprobs`` (a 400 or 422 that names them)."""
-    status = getattr(error, "status_code", None) or getattr(error, "status", None)
-    return status in (400, 422) and "logprobs" in str(error).lower()
-
-
 def sampler_for(
     model: BaseChatModel, *, temperature: float, retries_off: bool, logprobs: bool = False
 ) -> BaseChatModel:
@@ -185,11 +180,6 @@ def candidate_text(message: BaseMessage) -> str:
     return text
 
 
-def short_error(error: BaseException, limit: int = 300) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---------------------------------------------------------------------------- collecting
 
 
@@ -218,19 +208,17 @@ def collect(
     options: dict[str, Any],
     retry: RetryPolicy | None,
     max_concurrency: int,
-) -> tuple[list[BaseMessage], list[BaseException]]:
-    """``n`` candidate messages from ``model``: ``(received, failures)``.
+) -> Collected[BaseMessage]:
+    """``n`` candidate messages from ``model`` by capplug's one policy
+    (:mod:`capplug.llms.collect`): with ``native``, one ``generate(n=n)`` call first, then
+    concurrent single calls for any shortfall, the ``k``-th with a bound seed offset by ``k``.
+    Each call goes through ``retry``."""
 
-    By capplug's one policy (:mod:`capplug.llms.collect`): with ``native``, one
-    ``generate(n=n)`` call first, then concurrent single calls for any shortfall. Each call
-    goes through ``retry``.
-    """
-
-    def call(n: int | None) -> list[BaseMessage]:
-        extra = {} if n is None else {"n": n}
+    def call(n: int | None, k: int) -> list[BaseMessage]:
+        extra = _call_options(options, n, k)
         if retry is None:
-            return _messages(model.generate([messages], **options, **extra))
-        return _messages(retry.call(model.generate, [messages], **options, **extra))
+            return _messages(model.generate([messages], **extra))
+        return _messages(retry.call(model.generate, [messages], **extra))
 
     return collect_n(call, n, native=native, max_concurrency=max_concurrency)
 
@@ -244,13 +232,24 @@ async def acollect(
     options: dict[str, Any],
     retry: RetryPolicy | None,
     max_concurrency: int,
-) -> tuple[list[BaseMessage], list[BaseException]]:
+) -> Collected[BaseMessage]:
     """The async counterpart of :func:`collect`."""
 
-    async def call(n: int | None) -> list[BaseMessage]:
-        extra = {} if n is None else {"n": n}
+    async def call(n: int | None, k: int) -> list[BaseMessage]:
+        extra = _call_options(options, n, k)
         if retry is None:
-            return _messages(await model.agenerate([messages], **options, **extra))
-        return _messages(await retry.acall(model.agenerate, [messages], **options, **extra))
+            return _messages(await model.agenerate([messages], **extra))
+        return _messages(await retry.acall(model.agenerate, [messages], **extra))
 
     return await acollect_n(call, n, native=native, max_concurrency=max_concurrency)
+
+
+def _call_options(options: dict[str, Any], n: int | None, k: int) -> dict[str, Any]:
+    """The options of one candidate call: ``n`` for the call asking for all, a seed offset by
+    the candidate's index for a single one."""
+    out = dict(options)
+    if n is not None:
+        out["n"] = n
+    if out.get("seed") is not None:
+        out["seed"] = seed_for(out["seed"], k)
+    return out

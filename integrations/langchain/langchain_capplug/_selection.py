@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from langchain_capplug._sampling import candidate_text, has_tool_calls, short_error
+from langchain_capplug._sampling import candidate_text, has_tool_calls
 
 
 def load_scorer(scorer: Any) -> Any:
@@ -54,40 +54,29 @@ def select(
     conversation: Sequence[BaseMessage],
     messages: Sequence[BaseMessage],
     *,
-    n_requested: int,
-    failures: Sequence[BaseException] = (),
+    collected: dict[str, Any],
     score_tool_calls: bool = False,
 ) -> Selection:
     """Choose the best of ``messages`` for ``conversation`` with capplug's selection core.
 
-    When tool calls are not scored and any candidate carries them, the first such candidate is
-    chosen unscored (``scores`` is ``None`` and ``reason`` says why). Otherwise every candidate
-    goes to the core (repeats are scored once and count towards agreement), with log-probabilities
-    when every candidate carries them.
+    ``collected`` is the collecting half of the metadata
+    (:meth:`capplug.llms.collect.Collected.metadata`). When tool calls are not scored and any
+    candidate carries them, the first such candidate is chosen unscored (``scores`` is ``None``
+    and ``reason`` says why). Otherwise every candidate goes to the core (repeats are scored once
+    and count towards agreement), with log-probabilities when every candidate carries them.
     """
+    from capplug.selection import TOOL_CALLS_UNSCORED, tool_call_order, unscored_metadata
+
     if not messages:
         raise ValueError("no candidates to choose from")
-    base = {
-        "n_requested": n_requested,
-        "n_received": len(messages),
-        "failures": len(failures),
-        "errors": [short_error(e) for e in failures],
-    }
-    if not score_tool_calls:
-        with_tools = [i for i, m in enumerate(messages) if has_tool_calls(m)]
-        if with_tools:
-            chosen = with_tools[0]
-            return Selection(
-                chosen,
-                {
-                    **base,
-                    "candidates": [candidate_text(messages[chosen])],
-                    "scores": None,
-                    "chosen": 0,
-                    "reason": "tool calls are passed through unscored (score_tool_calls=False)",
-                },
-            )
     texts = [candidate_text(m) for m in messages]
+    if not score_tool_calls:
+        order = tool_call_order([has_tool_calls(m) for m in messages])
+        if order is not None:
+            unscored = unscored_metadata(
+                texts, order, f"{TOOL_CALLS_UNSCORED} (score_tool_calls=False)"
+            )
+            return Selection(order[0], {**collected, **unscored})
     found = [message_logprobs(m) for m in messages]
     have = all(f is not None for f in found)
     selection = reranker.select(
@@ -96,7 +85,7 @@ def select(
         logprobs=[f[0] for f in found] if have else None,  # type: ignore[index]
         token_counts=[f[1] for f in found] if have else None,  # type: ignore[index]
     )
-    return Selection(selection.index, {**base, **selection.metadata()})
+    return Selection(selection.index, {**collected, **selection.metadata()})
 
 
 def with_metadata(message: BaseMessage, metadata: dict[str, Any]) -> BaseMessage:

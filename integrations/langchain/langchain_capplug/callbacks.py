@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation, LLMResult
@@ -33,7 +34,10 @@ class ScoreRecord:
     instruction: str
     responses: list[str]
     scores: list[float]
+    """The scorer's score of each response."""
     best: int
+    """The response capplug's selection core would choose: the scorer's scores fused with the
+    responses' agreement, so not always the highest score."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +70,10 @@ class _Scoring:
     """The state both handlers share: prompts by run id, and turning a result into records."""
 
     def __init__(self, scorer: Any, sink: Any) -> None:
+        from capplug.selection import combiner_of
+
         self.scorer = load_scorer(scorer)
+        self._combiner = combiner_of(self.scorer)
         self.sink = _check_sink(sink)
         self._prompts: dict[UUID, list[Any]] = {}
         self._lock = threading.Lock()
@@ -83,6 +90,7 @@ class _Scoring:
         self, prompts: list[Any], response: LLMResult, run_id: UUID, parent_run_id: UUID | None
     ) -> list[ScoreRecord]:
         from capplug import flatten_chat
+        from capplug.selection import choose
 
         out = []
         for index, (prompt, generations) in enumerate(
@@ -92,6 +100,12 @@ class _Scoring:
             if not texts:
                 continue
             scores = [float(s) for s in self.scorer.score(prompt, texts)]
+            best = choose(
+                texts,
+                scores=np.array(scores),
+                instruction=prompt,
+                combiner=self._combiner,
+            ).index
             out.append(
                 ScoreRecord(
                     run_id=str(run_id),
@@ -100,7 +114,7 @@ class _Scoring:
                     instruction=flatten_chat(prompt),
                     responses=texts,
                     scores=scores,
-                    best=max(range(len(scores)), key=scores.__getitem__),
+                    best=best,
                 )
             )
         return out

@@ -13,6 +13,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from capplug.llms.collect import Collected, names_parameter
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
 from langchain_capplug._sampling import (
     CANDIDATE_TAGS,
@@ -20,7 +21,6 @@ from langchain_capplug._sampling import (
     acollect,
     child_callbacks,
     collect,
-    names_logprobs,
     supports_native_n,
     unwrap,
 )
@@ -159,14 +159,13 @@ class CappyBestOfN(BaseChatModel):
         )
         return sampler, bound
 
-    def _refused_logprobs(
-        self, sampler: BaseChatModel, received: list[Any], failures: list[BaseException]
-    ) -> bool:
+    def _refused_logprobs(self, sampler: BaseChatModel, collected: Collected[Any]) -> bool:
         """True (and remembered) when nothing arrived because the endpoint refused logprobs."""
         plain, _ = self._sampler()
-        if sampler is plain or received or not failures:
+        errors = collected.errors
+        if sampler is plain or collected.received or not errors:
             return False
-        if not all(names_logprobs(f) for f in failures):
+        if not all(names_parameter(e, "logprobs") for e in errors):
             return False
         self._samplers.refuses_logprobs(unwrap(self.llm)[0])
         return True
@@ -196,7 +195,7 @@ class CappyBestOfN(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         sampler, options = self._call_options(stop, run_manager, kwargs)
-        received, failures = collect(
+        collected = collect(
             sampler,
             messages,
             n=self.n,
@@ -205,9 +204,9 @@ class CappyBestOfN(BaseChatModel):
             retry=self.retry,
             max_concurrency=self.max_concurrency,
         )
-        if self._refused_logprobs(sampler, received, failures):
+        if self._refused_logprobs(sampler, collected):
             return self._generate(messages, stop, run_manager, **kwargs)
-        return self._choose(messages, received, failures)
+        return self._choose(messages, collected)
 
     async def _agenerate(
         self,
@@ -217,7 +216,7 @@ class CappyBestOfN(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         sampler, options = self._call_options(stop, run_manager, kwargs)
-        received, failures = await acollect(
+        collected = await acollect(
             sampler,
             messages,
             n=self.n,
@@ -226,9 +225,9 @@ class CappyBestOfN(BaseChatModel):
             retry=self.retry,
             max_concurrency=self.max_concurrency,
         )
-        if self._refused_logprobs(sampler, received, failures):
+        if self._refused_logprobs(sampler, collected):
             return await self._agenerate(messages, stop, run_manager, **kwargs)
-        return await asyncio.to_thread(self._choose, messages, received, failures)
+        return await asyncio.to_thread(self._choose, messages, collected)
 
     def _stream(
         self,
@@ -258,12 +257,12 @@ class CappyBestOfN(BaseChatModel):
     def _choose(
         self,
         conversation: list[BaseMessage],
-        received: list[BaseMessage],
-        failures: list[BaseException],
+        collected: Collected[BaseMessage],
     ) -> ChatResult:
+        received = collected.received
         if len(received) < self.min_candidates:
-            if failures:
-                raise failures[-1]
+            if collected.failures:
+                raise collected.failures[-1]
             raise ValueError(
                 f"the model returned {len(received)} candidates; min_candidates is "
                 f"{self.min_candidates}"
@@ -272,8 +271,7 @@ class CappyBestOfN(BaseChatModel):
             self._reranker,
             conversation,
             received,
-            n_requested=self.n,
-            failures=failures,
+            collected=collected.metadata(self.n),
             score_tool_calls=self.score_tool_calls,
         )
         chosen = with_metadata(received[selection.index], selection.metadata)

@@ -8,10 +8,10 @@ from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import BaseGenerationOutputParser
 from langchain_core.outputs import ChatGeneration, Generation
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_capplug._sampling import candidate_text
-from langchain_capplug._selection import load_scorer
+from langchain_capplug._selection import load_reranker, load_scorer, message_logprobs
 
 __all__ = ["BestGenerationParser", "CappyCrossEncoder"]
 
@@ -43,7 +43,10 @@ class CappyCrossEncoder(BaseCrossEncoder):
 
 
 class BestGenerationParser(BaseGenerationOutputParser[str]):
-    """Parse several generations for one prompt into the text of the best one.
+    """Parse several generations for one prompt into the text of the best one, chosen by
+    capplug's selection core (the scorer, agreement among the generations, and their
+    log-probabilities when every one carries them). ``scorer``: a capplug ``Scorer``, a
+    ``Reranker``, a reference, or ``None`` for the default.
 
     The instruction the generations answer is given at construction (or with
     :meth:`for_instruction`), since a generation parser sees only the generations.
@@ -59,9 +62,11 @@ class BestGenerationParser(BaseGenerationOutputParser[str]):
     instruction: Any = Field(description="The prompt the generations answer (text or chat).")
     scorer: Any = None
 
+    _reranker: Any = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _load(self) -> BestGenerationParser:
-        self.scorer = load_scorer(self.scorer)
+        self._reranker = load_reranker(self.scorer)
         return self
 
     def for_instruction(self, instruction: Any) -> BestGenerationParser:
@@ -74,8 +79,17 @@ class BestGenerationParser(BaseGenerationOutputParser[str]):
         texts = [
             candidate_text(g.message) if isinstance(g, ChatGeneration) else g.text for g in result
         ]
-        scores = self.scorer.score(self.instruction, texts)
-        return texts[max(range(len(texts)), key=lambda i: scores[i])]
+        found = [
+            message_logprobs(g.message) if isinstance(g, ChatGeneration) else None for g in result
+        ]
+        have = all(f is not None for f in found)
+        chosen = self._reranker.select(
+            self.instruction,
+            texts,
+            logprobs=[f[0] for f in found] if have else None,  # type: ignore[index]
+            token_counts=[f[1] for f in found] if have else None,  # type: ignore[index]
+        )
+        return texts[chosen.index]
 
     @property
     def _type(self) -> str:

@@ -71,7 +71,7 @@ class ChatModelCandidateSource:
     def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, str]]]:
         out = []
         for prompt in prompts:
-            received, failures = collect(
+            collected = collect(
                 self._model,
                 [HumanMessage(prompt)],
                 n=self.n,
@@ -80,7 +80,7 @@ class ChatModelCandidateSource:
                 retry=self.retry,
                 max_concurrency=self.max_concurrency,
             )
-            if not received and failures:
-                raise failures[-1]
-            out.append([(candidate_text(m), self.settings) for m in received])
+            if not collected.received and collected.failures:
+                raise collected.failures[-1]
+            out.append([(candidate_text(m), self.settings) for m in collected.received])
         return out

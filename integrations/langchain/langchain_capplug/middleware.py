@@ -6,14 +6,13 @@ Needs the ``langchain`` package (``pip install 'langchain-capplug[agents]'``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 
-from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, gather_best_effort
+from capplug.llms.collect import Collected, acollect, collect
+from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
@@ -102,14 +101,18 @@ class CappyBestOfNMiddleware(AgentMiddleware):
             return await handler(request)
         return await self.retry.acall(handler, request)
 
+    async def _acall_one(
+        self, handler: Callable[[ModelRequest], Awaitable[Any]], request: ModelRequest
+    ) -> list[Any]:
+        return [await self._acall(handler, request)]
+
     def _leave_alone(self, response: Any) -> bool:
         return self.n == 1 or (not self.score_tool_calls and has_tool_calls(_ai_message(response)))
 
-    def _choose(
-        self, request: ModelRequest, responses: list[Any], failures: list[BaseException]
-    ) -> Any:
+    def _choose(self, request: ModelRequest, first: Any, more: Collected[Any]) -> Any:
+        responses = [first, *more.received]
         if len(responses) < self.min_candidates:
-            raise failures[-1]
+            raise more.failures[-1]
         conversation: list[BaseMessage] = list(request.messages)
         if request.system_message is not None:
             conversation.insert(0, request.system_message)
@@ -118,8 +121,11 @@ class CappyBestOfNMiddleware(AgentMiddleware):
             self._reranker,
             conversation,
             messages,
-            n_requested=self.n,
-            failures=failures,
+            collected={
+                **more.metadata(self.n),
+                "n_received": len(responses),
+                "upstream_calls": more.calls + 1,
+            },
             score_tool_calls=self.score_tool_calls,
         )
         chosen = responses[selection.index]
@@ -140,19 +146,14 @@ class CappyBestOfNMiddleware(AgentMiddleware):
         first = self._call(handler, request)
         if self._leave_alone(first):
             return first
-        responses, failures = [first], []
-        extra = self.n - 1
-        with ThreadPoolExecutor(min(extra, self.max_concurrency)) as pool:
-            futures = [
-                pool.submit(contextvars.copy_context().run, self._call, handler, request)
-                for _ in range(extra)
-            ]
-            for future in futures:
-                try:
-                    responses.append(future.result())
-                except Exception as error:
-                    failures.append(error)
-        return self._choose(request, responses, failures)
+        # The first answer decided that there is something to choose: the rest of the n.
+        more = collect(
+            lambda _n, _k: [self._call(handler, request)],
+            self.n - 1,
+            native=False,
+            max_concurrency=self.max_concurrency,
+        )
+        return self._choose(request, first, more)
 
     async def awrap_model_call(
         self,
@@ -163,12 +164,13 @@ class CappyBestOfNMiddleware(AgentMiddleware):
         first = await self._acall(handler, request)
         if self._leave_alone(first):
             return first
-        more, failures = await gather_best_effort(
-            (self._acall(handler, request) for _ in range(self.n - 1)),
-            min_successes=0,
+        more = await acollect(
+            lambda _n, _k: self._acall_one(handler, request),
+            self.n - 1,
+            native=False,
             max_concurrency=self.max_concurrency,
         )
-        return await asyncio.to_thread(self._choose, request, [first, *more], failures)
+        return await asyncio.to_thread(self._choose, request, first, more)
 
 
 def _ai_message(response: Any) -> AIMessage:

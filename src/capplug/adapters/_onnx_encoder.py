@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from capplug._cache import cache_home, lock_for, sha256_file
+from capplug.errors import UnsupportedEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ PROBES = (
 )
 MIN_COSINE = 0.9999
 """Each probe's ONNX embedding must match PyTorch's at least this closely, else ONNX is not used."""
-
-
-class UnsupportedEncoder(RuntimeError):
-    """The folder is not a mean-pooling sentence encoder that this module can export."""
 
 
 def _layout(folder: Path) -> tuple[int, bool]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from capplug.errors import CheckpointError
+from capplug.errors import AdapterFileError, WrongBaseModelError
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -71,14 +71,6 @@ _DTYPE_BYTES = {
     "BOOL": 1,
 }
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-
-
-class AdapterFileError(CheckpointError):
-    """An adapter folder is missing a file, is truncated or corrupt, or does not fit the model."""
-
-
-class WrongBaseModelError(AdapterFileError):
-    """An adapter was made for another base model than the one it is being attached to."""
 
 
 @dataclass(frozen=True)

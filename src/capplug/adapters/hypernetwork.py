@@ -48,9 +48,8 @@ from capplug.adapters.adapter_folder import (
     peft_key,
     write_peft_folder,
 )
-from capplug.errors import CheckpointError, ModelNotFoundError
+from capplug.errors import CheckpointError, ModelNotFoundError, TruncationWarning
 from capplug.models import BUNDLED_DIR, resolve
-from capplug.scoring.model import TruncationWarning
 
 if TYPE_CHECKING:
     from peft import LoraConfig

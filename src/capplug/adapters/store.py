@@ -103,7 +103,6 @@ from capplug.adapters.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     META_BASE_MODEL,
-    AdapterFileError,
     AdapterFiles,
     WrongBaseModelError,
     canonical_model_name,
@@ -111,8 +110,13 @@ from capplug.adapters.adapter_folder import (
     write_peft_folder,
 )
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
-from capplug.errors import CapplugError
-from capplug.scoring.model import TruncationWarning
+from capplug.errors import (
+    AdapterStoreError,
+    CorruptAdapterError,
+    NoGeneratorError,
+    TruncationWarning,
+    UnknownAdapterError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -162,33 +166,6 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 # staging_dir's ".<id>.<random>" and _delete's ".trash-<id>-<random>"
 _LEFTOVER = re.compile(r"^\.(?:[0-9a-f]{16}\.|trash-[0-9a-f]{16}-)")
 _WHITESPACE = re.compile(r"\s+")
-
-
-class AdapterStoreError(CapplugError):
-    """The adapter store cannot do what was asked (see the message for why and the fix)."""
-
-
-class UnknownAdapterError(AdapterStoreError, KeyError):
-    """No adapter with that id is in the store (for this base model)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class CorruptAdapterError(AdapterFileError):
-    """A stored adapter's files are missing or do not match the sha256 the index recorded."""
-
-
-class NoGeneratorError(AdapterStoreError):
-    """A new adapter was needed but the store has no generator to make one.
-
-    ``set_aside`` names the stored hits found corrupt (or without their files) on the way: they
-    were dropped from the index and their folders moved to ``<root>/.corrupt/``.
-    """
-
-    def __init__(self, message: str, *, set_aside: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.set_aside = tuple(set_aside)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from capplug._cache import (
     staging_dir,
     write_json_atomic,
 )
-from capplug.errors import CapplugError
+from capplug.errors import BigBenchArchiveError
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -63,10 +63,6 @@ _TASKS_DIR = "/bigbench/benchmark_tasks/"
 _EXAMPLE_FIELDS = frozenset({"input", "target", "target_scores"})
 _MANIFEST = "manifest.json"
 _NATURAL_INSTRUCTIONS = "natural_instructions/"
-
-
-class BigBenchArchiveError(CapplugError, ValueError):
-    """The BIG-bench archive or its extracted cache is unreadable or lacks a task."""
 
 
 @dataclass(frozen=True, slots=True)

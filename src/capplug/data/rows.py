@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from capplug.errors import RowError
 from capplug.scoring.formatting import flatten_chat
 
 __all__ = ["LabelledPair", "RowError", "read_labelled_pairs"]
 
-_MAX_REPORTED = 20
 _FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -29,20 +29,6 @@ class LabelledPair:
     group: str
     """Pairs of one group (a task example) stay together when a held-out slice is cut."""
     source: str = ""
-
-
-class RowError(ValueError):
-    """Some rows of a data file are unusable; the message lists them by row number."""
-
-    def __init__(self, path: Path, problems: list[str], total: int) -> None:
-        shown = "\n".join(f"  {p}" for p in problems[:_MAX_REPORTED])
-        more = (
-            f"\n  ... and {len(problems) - _MAX_REPORTED} more"
-            if len(problems) > _MAX_REPORTED
-            else ""
-        )
-        super().__init__(f"{path}: {len(problems)} of {total} rows are unusable:\n{shown}{more}")
-        self.problems = problems
 
 
 def read_labelled_pairs(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from capplug.llms.collect import collect
+from capplug.llms.collect import collect, seed_for
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, without_sdk_retries
 from capplug.scoring.formatting import Instruction, chat_turns
 
@@ -128,14 +128,14 @@ class OpenAICompatibleModel:
     ) -> list[str]:
         """``sampling.n`` answers to one prompt; raises when none arrived."""
         messages = [{"role": role, "content": text} for role, text in chat_turns(prompt)]
-        texts, errors = collect(
-            lambda n: self._request(messages, n or 1, sampling, max_tokens, seed),
+        collected = collect(
+            lambda n, k: self._request(messages, n or 1, sampling, max_tokens, seed_for(seed, k)),
             sampling.n,
             max_concurrency=self.max_concurrency,
         )
-        if not texts and errors:
-            raise errors[-1]  # nothing arrived
-        return texts[: sampling.n]
+        if not collected.received and collected.failures:
+            raise collected.failures[-1]  # nothing arrived
+        return collected.received[: sampling.n]
 
     def candidates(
         self,

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from capplug.errors import CapplugError
+from capplug.errors import RETRYABLE_STATUS, AttemptsSpent, UpstreamHTTPError
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -43,39 +43,13 @@ __all__ = [
     "gather_best_effort",
     "is_retryable",
     "retry_after_seconds",
+    "status_of",
     "without_sdk_retries",
 ]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
-
-
-class UpstreamHTTPError(CapplugError):
-    """An upstream HTTP answer that is an error, for code that speaks plain HTTP.
-
-    ``status`` is the HTTP status (0 for a body that could not be used); ``retry_after`` the
-    server's requested wait in seconds, when it gave one.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        body: Any = None,
-    ) -> None:
-        super().__init__(f"upstream answered {status}: {message}" if status else message)
-        self.status = status
-        self.retry_after = retry_after
-        self.body = body
-
-    @property
-    def retryable(self) -> bool:
-        return self.status in RETRYABLE_STATUS or self.status >= 500
 
 
 @dataclass(frozen=True)
@@ -99,7 +73,8 @@ def _transport_error_classes() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def _status_of(error: BaseException) -> int | None:
+def status_of(error: BaseException) -> int | None:
+    """The HTTP status an error carries (ours, the openai SDK's, httpx's), else ``None``."""
     if isinstance(error, UpstreamHTTPError):
         return error.status
     status = getattr(error, "status_code", None)
@@ -129,7 +104,7 @@ def is_retryable(error: BaseException) -> bool:
         return flag
     if isinstance(error, _transport_error_classes()):
         return True
-    status = _status_of(error)
+    status = status_of(error)
     modules = {module for module, _ in lineage}
     if status is not None and modules & {"openai", "httpx", "httpx2", "requests"}:
         return status in RETRYABLE_STATUS or status >= 500
@@ -291,20 +266,6 @@ DEFAULT_RETRY = RetryPolicy()
 """The policy capplug uses when none is given: 5 attempts within 60 seconds."""
 
 
-class AttemptsSpent(CapplugError):
-    """A call was not attempted: its request's :class:`AttemptBudget` is spent.
-
-    ``last`` is the failure that spent it (the error worth reporting), when there was one.
-    """
-
-    def __init__(self, budget: AttemptBudget) -> None:
-        super().__init__(
-            f"no attempt left: {budget.failed} of the request's {budget.limit} upstream "
-            "attempts failed" + (f" (last: {_short(budget.last)})" if budget.last else "")
-        )
-        self.last = budget.last
-
-
 class AttemptBudget:
     """The upstream attempts one request may spend, shared by all the calls it fans out to.
 
@@ -343,7 +304,7 @@ class AttemptBudget:
     async def _acquire(self) -> None:
         while self.failed + self.in_flight >= self.limit:
             if self.spent:
-                raise AttemptsSpent(self)
+                raise AttemptsSpent(self.failed, self.limit, self.last)
             await self._changed.wait()
         self.in_flight += 1
         self.started += 1

@@ -22,7 +22,7 @@ from capplug._runtime import (
     seeded,
     tune_cpu_threads,
 )
-from capplug.errors import CheckpointError
+from capplug.errors import CheckpointError, TruncationWarning
 from capplug.models import DEFAULT_SCORER, resolve
 from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
 
@@ -55,10 +55,6 @@ _warned_truncation = False
 _MAX_CHARS_PER_TOKEN = 16
 # A batch whose longest pair has more tokens than this keeps much shorter pairs out of it.
 _SPLIT_BATCHES_PAST = 128
-
-
-class TruncationWarning(UserWarning):
-    """An (instruction, response) pair was longer than the scorer's ``max_length`` and was cut."""
 
 
 class Ranked(NamedTuple):

@@ -25,6 +25,8 @@ from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
 
 __all__ = [
+    "METADATA_KEYS",
+    "TOOL_CALLS_UNSCORED",
     "Reranker",
     "Scored",
     "Selection",
@@ -32,10 +34,13 @@ __all__ = [
     "choose",
     "combiner_of",
     "dedupe_key",
+    "distinct",
     "load_combiner",
     "openai_logprobs",
     "score_distinct",
     "signal_values",
+    "tool_call_order",
+    "unscored_metadata",
 ]
 
 DEFAULT_COMBINER = Combiner(
@@ -75,6 +80,21 @@ class Selection:
         """Candidates best first (ties keep input order)."""
         return sorted(self.candidates, key=lambda c: -c.score)
 
+    def order(self) -> list[int]:
+        """Indices to hand candidates back in: the chosen one, then the other distinct answers
+        best first, then repeats (ties keep input order)."""
+        seen: set[str] = set()
+        repeats = []
+        for c in self.candidates:
+            key = dedupe_key(c.response)
+            repeats.append(key in seen)
+            seen.add(key)
+        rest = sorted(
+            (c.index for c in self.candidates if c.index != self.index),
+            key=lambda i: (repeats[i], -self.candidates[i].score),
+        )
+        return [self.index, *rest]
+
     def metadata(self) -> dict[str, Any]:
         """The ``capplug`` metadata every surface reports (JSON-ready).
 
@@ -91,7 +111,51 @@ class Selection:
                 for name in self.signals
             },
             "weights": {k: round(v, 6) for k, v in self.weights.items()},
+            "reason": None,
         }
+
+
+TOOL_CALLS_UNSCORED = "a candidate calls tools; tool calls are passed through unscored"
+
+METADATA_KEYS = (
+    # collecting (capplug.llms.collect.Collected.metadata)
+    "n_requested",
+    "n_received",
+    "failures",
+    "errors",
+    "upstream_calls",
+    "native_n",
+    # choosing (Selection.metadata, or unscored_metadata)
+    "chosen",
+    "candidates",
+    "scores",
+    "signals",
+    "weights",
+    "reason",
+)
+"""The keys of the ``capplug`` metadata every best-of-n surface reports (README, "Metadata")."""
+
+
+def tool_call_order(calls_tools: Sequence[bool]) -> list[int] | None:
+    """Where tool calls are not scored: ``None`` when no candidate calls tools, else the order to
+    hand candidates back in, those calling tools first (the first of them is the choice)."""
+    with_tools = [i for i, flag in enumerate(calls_tools) if flag]
+    if not with_tools:
+        return None
+    return with_tools + [i for i, flag in enumerate(calls_tools) if not flag]
+
+
+def unscored_metadata(texts: Sequence[str], order: Sequence[int], reason: str) -> dict[str, Any]:
+    """The ``capplug`` metadata of a choice made without scores (tool calls passed through,
+    or scoring failed): :meth:`Selection.metadata`'s schema with ``reason`` saying why."""
+    return {
+        "chosen": order[0],
+        "candidates": list(texts),
+        "scores": None,
+        "signals": None,
+        "weights": None,
+        "reason": reason,
+    }
 
 
 def _json_number(value: float) -> float | None:
@@ -196,16 +260,28 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.split())
 
 
+def distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The distinct texts (the first of each set of repeats, in order) and, for each text, the
+    position of its distinct text: score the first list, spread the scores with the second."""
+    position: dict[str, int] = {}
+    unique: list[str] = []
+    where = []
+    for text in texts:
+        key = dedupe_key(text)
+        if key not in position:
+            position[key] = len(unique)
+            unique.append(text)
+        where.append(position[key])
+    return unique, where
+
+
 def score_distinct(
     score: Callable[[Any, list[str]], Sequence[float]], instruction: Any, texts: Sequence[str]
 ) -> np.ndarray:
     """``score(instruction, texts)`` calling ``score`` once on the distinct texts only."""
-    first: dict[str, str] = {}
-    for t in texts:
-        first.setdefault(dedupe_key(t), t)
-    distinct = list(first.values())
-    values = dict(zip(first, score(instruction, distinct), strict=True))
-    return np.array([values[dedupe_key(t)] for t in texts], dtype=float)
+    unique, where = distinct(texts)
+    values = list(score(instruction, unique))
+    return np.array([values[j] for j in where], dtype=float)
 
 
 def choose(

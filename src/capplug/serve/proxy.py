@@ -11,7 +11,8 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
     request): one request with ``n`` set, then single requests in parallel for any shortfall
     (with ``seed + k`` for the k-th when the request sets a ``seed``, so that they differ and
     the same request still draws the same candidates). An upstream that ignores ``n`` (one
-    choice back) or refuses it (400/422, where one plain request then succeeds) is remembered
+    choice back) or refuses it (an error that is not worth retrying, where one plain request
+    then succeeds: :mod:`capplug.llms.collect`, the one policy every surface uses) is remembered
     per model, logged at WARNING, and gets single requests for the next ten minutes; then
     ``n`` is tried again. Every upstream request goes through the retry policy
     (:mod:`capplug.llms.retry`), and all the attempts one client request makes (the ``n``
@@ -31,8 +32,8 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
     agreement with the other candidates, and the upstream's log-probabilities when every
     candidate came with ``logprobs``), ``weights`` (how the signals were fused), ``chosen`` (the
     best candidate's index in that order), ``returned`` (the indices of the returned choices),
-    ``upstream_calls``, ``native_n``, ``upstream_seconds``, ``scoring_seconds`` and ``reason``
-    (why the candidates were not scored, else ``null``). Headers ``X-Capplug-Candidates`` and
+    ``candidates`` (the texts scored), ``upstream_calls``, ``native_n``, ``upstream_seconds``,
+    ``scoring_seconds`` and ``reason`` (why the candidates were not scored, else ``null``). Headers ``X-Capplug-Candidates`` and
     ``X-Capplug-Failures`` say the same for clients that cannot read extra JSON fields, and
     ``Server-Timing`` says where the time went: ``upstream``, ``scoring`` (waiting for the
     scorer included) and ``total`` (from the request reaching the proxy to its answer), in ms.
@@ -135,6 +136,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from capplug.llms.collect import Collected, acollect, describe_error, names_parameter
 from capplug.llms.retry import (
     DEFAULT_RETRY,
     AttemptBudget,
@@ -142,11 +144,20 @@ from capplug.llms.retry import (
     RetryEvent,
     RetryPolicy,
     UpstreamHTTPError,
-    gather_best_effort,
+    is_retryable,
     retry_after_seconds,
+    status_of,
 )
 from capplug.scoring.formatting import flatten_chat
-from capplug.selection import choose, combiner_of, dedupe_key, openai_logprobs
+from capplug.selection import (
+    TOOL_CALLS_UNSCORED,
+    choose,
+    combiner_of,
+    distinct,
+    openai_logprobs,
+    tool_call_order,
+    unscored_metadata,
+)
 from capplug.serve._http import (
     BEARER,
     APIError,
@@ -284,14 +295,6 @@ def _reason(error: BaseException) -> str:
 
 def _is_timeout(error: BaseException) -> bool:
     return isinstance(error, httpx2.TimeoutException | TimeoutError)
-
-
-def _describe(error: BaseException, limit: int = 300) -> str:
-    text = (
-        str(error) if isinstance(error, UpstreamHTTPError) else f"{type(error).__name__}: {error}"
-    )
-    text = text.rstrip(": ") or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Metered:
@@ -529,14 +532,6 @@ def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
     return message if isinstance(message, Mapping) else {}
 
 
-def _refused(failure: Any) -> bool:
-    """A 400/422 that names ``logprobs``: the parameter the proxy added, not the request."""
-    error = failure.error
-    if not (isinstance(error, UpstreamHTTPError) and error.status in (400, 422)):
-        return False
-    return "logprobs" in f"{error} {json.dumps(error.body, default=str)}".lower()
-
-
 def _has_tool_calls(choice: Mapping[str, Any]) -> bool:
     message = _message(choice)
     return bool(message.get("tool_calls") or message.get("function_call"))
@@ -586,19 +581,15 @@ def _summed_usage(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
 
 
 @dataclass
-class _Collected:
-    """What the upstream gave for one request."""
+class _Replies:
+    """The upstream replies behind one request's candidates (for usage, rate-limit headers and
+    the completion's own fields)."""
 
-    choices: list[dict[str, Any]] = field(default_factory=list)
     replies: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[BaseException] = field(default_factory=list)
-    calls: int = 0
-    native: bool = False
     headers: dict[str, str] = field(default_factory=dict)
 
-    def add(self, reply: dict[str, Any], headers: httpx2.Headers, limit: int) -> None:
+    def add(self, reply: dict[str, Any], headers: httpx2.Headers) -> None:
         self.replies.append(reply)
-        self.choices += reply["choices"][:limit]
         # Rate-limit headers describe the latest state of the caller's quota: keep the latest.
         self.headers.update(
             {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
@@ -608,9 +599,9 @@ class _Collected:
 @dataclass
 class _Selection:
     order: list[int]
-    selection: dict[str, Any] | None
-    """The selection core's metadata (fused scores, signals, weights); None when unscored."""
-    reason: str | None
+    """Every candidate's index, in the order to return them: the chosen one first."""
+    metadata: dict[str, Any]
+    """The selection core's metadata (scores, signals and weights, or ``reason`` when unscored)."""
     seconds: float = 0.0
 
 
@@ -618,10 +609,13 @@ class _UpstreamFailure(Exception):
     """An upstream call that failed for good: the last error and how many attempts it took."""
 
     def __init__(self, error: BaseException, attempts: int) -> None:
-        super().__init__(_describe(error))
+        super().__init__(describe_error(error))
         self.error = error
         self.attempts = attempts
         self.calls = 1  # how many calls failed like this (a fan-out where every call failed)
+        # Read by capplug.llms.retry (is_retryable, status_of) as the error's own.
+        self.is_retryable = is_retryable(error)
+        self.status_code = status_of(error)
 
 
 class _RetryAfter(Exception):
@@ -913,70 +907,53 @@ class _Proxy:
         n: int,
         model: str,
         budget: AttemptBudget,
-    ) -> _Collected:
-        """``n`` candidates: one request with ``n``, then single requests for any shortfall."""
-        out = _Collected()
-        if n > 1 and self.native_n == "auto" and model not in self._ignores_n:
-            out.native = True
-            out.calls += 1
-            try:
-                out.add(*await self.call({**payload, "n": n}, headers, budget), n)
-            except _UpstreamFailure as failure:
-                error = failure.error
-                if not (isinstance(error, UpstreamHTTPError) and error.status in (400, 422)):
-                    raise
-                # Refused: perhaps `n` itself, perhaps the whole request. One plain request
-                # tells which; when it fails too, its own error goes back to the client.
-                out.native = False
-                out.calls += 1
-                out.add(*await self.call(_single(payload, 0), headers, budget), 1)
-                self._ignores_n.remember(model, f"refused n={n} ({_describe(error)})")
-            else:
-                if len(out.choices) < 2:
-                    self._ignores_n.remember(model, f"answered n={n} with one choice")
-        missing = n - len(out.choices)
-        if missing > 0:
-            first = len(out.choices)
-            calls = [
-                self.call(_single(payload, first + k), headers, budget) for k in range(missing)
-            ]
-            out.calls += missing
-            try:
-                replies, failures = await gather_best_effort(
-                    calls, min_successes=0 if out.choices else 1
-                )
-            except _UpstreamFailure as failure:
-                failure.calls = missing
-                raise
-            for reply, reply_headers in replies:  # in the order the calls were made
-                out.add(reply, reply_headers, 1)
-            out.failures += [f.error if isinstance(f, _UpstreamFailure) else f for f in failures]
-        return out
+    ) -> tuple[Collected[dict[str, Any]], _Replies]:
+        """``n`` candidates by capplug's one policy (:mod:`capplug.llms.collect`); a model known
+        to refuse or ignore ``n`` gets single requests only. Raises when none arrived."""
+        replies = _Replies()
 
-    async def select(
-        self, instruction: str, choices: list[dict[str, Any]], want: int
-    ) -> _Selection:
-        """The order to return candidates in, best first, with their scores."""
-        with_tools = [i for i, c in enumerate(choices) if _has_tool_calls(c)]
-        if with_tools:
-            rest = [i for i in range(len(choices)) if i not in with_tools]
-            reason = "a candidate calls tools; tool calls are passed through unscored"
-            return _Selection((with_tools + rest)[:want], None, reason)
+        async def call(count: int | None, k: int) -> list[dict[str, Any]]:
+            body = {**payload, "n": count} if count else _single(payload, k)
+            reply, reply_headers = await self.call(body, headers, budget)
+            replies.add(reply, reply_headers)
+            return reply["choices"][: count or 1]
+
+        native = self.native_n == "auto" and model not in self._ignores_n
+        collected = await acollect(call, n, native=native, max_concurrency=None)
+        if collected.refused is not None:
+            self._ignores_n.remember(model, f"refused n={n} ({describe_error(collected.refused)})")
+        elif collected.native and collected.native_count < 2:
+            self._ignores_n.remember(model, f"answered n={n} with one choice")
+        if not collected.received:
+            last = collected.failures[-1]
+            failure = last if isinstance(last, _UpstreamFailure) else _UpstreamFailure(last, 0)
+            failure.calls = len(collected.failures)
+            raise failure
+        collected.failures = [
+            f.error if isinstance(f, _UpstreamFailure) else f for f in collected.failures
+        ]
+        return collected, replies
+
+    async def select(self, instruction: str, choices: list[dict[str, Any]]) -> _Selection:
+        """The selection core's choice among ``choices``, and the order to return them in."""
         texts = [_candidate_text(c) for c in choices]
-        keys = [dedupe_key(t) for t in texts]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        unique = [texts[i] for i in sorted(first.values())]
+        order = tool_call_order([_has_tool_calls(c) for c in choices])
+        if order is not None:
+            return _Selection(order, unscored_metadata(texts, order, TOOL_CALLS_UNSCORED))
+        unique, where = distinct(texts)
         started = time.perf_counter()
         try:
             unique_scores = await self.scoring.score(instruction, unique)
         except Exception as error:
             seconds = time.perf_counter() - started
             self.metrics.scoring_failures.inc()
-            logger.error("scoring failed; answering unscored: %s", _describe(error))
-            reason = f"scoring failed ({_describe(error)}); candidates are in the order received"
-            return _Selection(list(range(len(choices)))[:want], None, reason, seconds)
-        by_key = dict(zip((dedupe_key(t) for t in unique), unique_scores, strict=True))
-        scores = np.array([by_key[k] for k in keys], dtype=float)
+            logger.error("scoring failed; answering unscored: %s", describe_error(error))
+            reason = (
+                f"scoring failed ({describe_error(error)}); candidates are in the order received"
+            )
+            order = list(range(len(choices)))
+            return _Selection(order, unscored_metadata(texts, order, reason), seconds)
+        scores = np.array([unique_scores[j] for j in where], dtype=float)
         found = [openai_logprobs(c.get("logprobs")) for c in choices]
         have = all(f is not None for f in found)
         chosen = choose(
@@ -989,12 +966,7 @@ class _Proxy:
         )
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
-        fused = [c.score for c in chosen.candidates]
-        repeats = [first[k] != i for i, k in enumerate(keys)]
-        # Distinct answers before repeats, then best first; ties keep the order received.
-        order = sorted(range(len(choices)), key=lambda i: (repeats[i], -fused[i]))
-        order.remove(chosen.index)
-        return _Selection([chosen.index, *order][:want], chosen.metadata(), None, seconds)
+        return _Selection(chosen.order(), chosen.metadata(), seconds)
 
     # ------------------------------------------------------------------ routes
 
@@ -1038,22 +1010,23 @@ class _Proxy:
         # comes out of one budget, so a lasting failure costs the configured attempts, not more.
         budget = AttemptBudget(self.retry.max_attempts)
         try:
-            collected = await self.collect(payload, headers, n, model_name, budget)
+            collected, replies = await self.collect(payload, headers, n, model_name, budget)
         except _UpstreamFailure as failure:
-            if not (ask_logprobs and _refused(failure)):
+            if not (ask_logprobs and names_parameter(failure.error, "logprobs")):
                 raise self._upstream_error(failure) from failure
             # Perhaps the logprobs we added: ask once more without them, as the client did.
             payload.pop("logprobs")
             try:
-                collected = await self.collect(payload, headers, n, model_name, budget)
+                collected, replies = await self.collect(payload, headers, n, model_name, budget)
             except _UpstreamFailure as again:
                 raise self._upstream_error(again) from again
             self._refuses_logprobs.remember(
-                model_name, f"refused logprobs ({_describe(failure.error)})"
+                model_name, f"refused logprobs ({describe_error(failure.error)})"
             )
+        choices = collected.received
         upstream_seconds = time.perf_counter() - started
         self.metrics.upstream_seconds.observe(upstream_seconds)
-        self.metrics.candidates.inc(len(collected.choices))
+        self.metrics.candidates.inc(len(choices))
         self.metrics.candidate_failures.inc(len(collected.failures))
         if collected.failures:
             logger.warning(
@@ -1062,34 +1035,26 @@ class _Proxy:
                 len(collected.failures),
                 collected.calls,
                 self.name,
-                len(collected.choices),
-                _describe(collected.failures[-1]),
+                len(choices),
+                describe_error(collected.failures[-1]),
             )
 
-        selection = await self.select(instruction, collected.choices, want)
+        selection = await self.select(instruction, choices)
+        order = selection.order[:want]
         meta = {
-            "n_requested": n,
-            "n_received": len(collected.choices),
-            "failures": len(collected.failures),
-            "errors": [_describe(e) for e in collected.failures],
-            "scores": selection.selection["scores"] if selection.selection else None,
-            "signals": selection.selection["signals"] if selection.selection else None,
-            "weights": selection.selection["weights"] if selection.selection else None,
-            "chosen": selection.order[0],
-            "returned": selection.order,
-            "upstream_calls": collected.calls,
-            "native_n": collected.native,
+            **collected.metadata(n),
+            **selection.metadata,
+            "returned": order,
             "upstream_seconds": round(upstream_seconds, 6),
             "scoring_seconds": round(selection.seconds, 6),
-            "reason": selection.reason,
         }
-        usage = _summed_usage(collected.replies)
-        returned = [{**collected.choices[i], "index": j} for j, i in enumerate(selection.order)]
+        usage = _summed_usage(replies.replies)
+        returned = [{**choices[i], "index": j} for j, i in enumerate(order)]
         if not client_logprobs:
             returned = [{**c, "logprobs": None} for c in returned]
         headers_out = {
-            **collected.headers,
-            "X-Capplug-Candidates": str(len(collected.choices)),
+            **replies.headers,
+            "X-Capplug-Candidates": str(len(choices)),
             "X-Capplug-Failures": str(len(collected.failures)),
         }
         setattr(
@@ -1099,13 +1064,13 @@ class _Proxy:
         )
         logger.debug(
             "reranked %d candidates from %s: returned %s (upstream %.3f s, scoring %.3f s)",
-            len(collected.choices),
+            len(choices),
             self.name,
-            selection.order,
+            order,
             upstream_seconds,
             selection.seconds,
         )
-        first = collected.replies[0]
+        first = replies.replies[0]
         if stream:
             return StreamingResponse(
                 _chunks(first, returned, usage, meta, include_usage=include_usage),
@@ -1131,7 +1096,7 @@ class _Proxy:
             what = f"all {failure.calls} candidate requests failed ({tries} in all)"
         else:
             what = f"failed after {tries}"
-        message = f"the upstream {self.name} {what}: {_describe(error)}"
+        message = f"the upstream {self.name} {what}: {describe_error(error)}"
         retry_after = error.retry_after if isinstance(error, UpstreamHTTPError) else None
         # The proxy has already retried as configured: a client SDK retrying too would multiply
         # the attempts (the openai SDKs obey this header).
@@ -1155,9 +1120,9 @@ class _Proxy:
             raise
         except Exception as error:
             self.metrics.scoring_failures.inc()
-            logger.error("scoring failed for a %s request: %s", what, _describe(error))
+            logger.error("scoring failed for a %s request: %s", what, describe_error(error))
             raise APIError(
-                503, f"the scorer failed: {_describe(error)}", code="scorer_unavailable"
+                503, f"the scorer failed: {describe_error(error)}", code="scorer_unavailable"
             ) from error
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
@@ -1244,7 +1209,7 @@ class _Proxy:
             timed_out = _is_timeout(error)
             raise APIError(
                 504 if timed_out else 502,
-                f"the upstream {self.name} did not answer: {_describe(error)}",
+                f"the upstream {self.name} did not answer: {describe_error(error)}",
                 code="upstream_timeout" if timed_out else "upstream_error",
             ) from error
         relayed = StreamingResponse(

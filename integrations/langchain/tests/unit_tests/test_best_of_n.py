@@ -13,6 +13,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableBinding
 
 from capplug.llms.retry import RetryPolicy, UpstreamHTTPError
+from capplug.selection import METADATA_KEYS
 from langchain_capplug import CappyBestOfN
 
 from .fakes import (
@@ -50,6 +51,7 @@ def test_native_n_asks_once_and_returns_the_best_with_metadata():
     assert meta["candidates"] == REPLIES  # every candidate received; repeats count as agreement
     assert meta["candidates"][meta["chosen"]] == "Paris."
     assert meta["scores"][meta["chosen"]] == max(meta["scores"])
+    assert set(meta) == set(METADATA_KEYS)  # the schema the proxy reports too
     assert set(meta["signals"]) >= {"scorer", "agreement"} and meta["weights"]
     assert scorer.calls[0][0][0].content == "What is the capital of France?"
     assert scorer.calls[0][1] == ["It is Lyon.", "London, I think.", "Paris."]  # repeat scored once
@@ -133,7 +135,9 @@ def test_a_native_call_refused_outright_falls_back_to_fan_out():
     reply = best.invoke("Capital of France?")
     assert reply.content == "Paris."
     assert len(script.calls) == 4  # the refused native call, then three single calls
-    assert reply.response_metadata["capplug"]["failures"] == 1
+    meta = reply.response_metadata["capplug"]
+    # A refused n is not a failed candidate: the same schema as the proxy reports.
+    assert meta["failures"] == 0 and meta["native_n"] is False and meta["upstream_calls"] == 4
 
 
 def test_tool_calls_pass_through_unscored_unless_asked():
@@ -251,11 +255,11 @@ def test_log_probabilities_sent_with_the_candidates_drive_the_choice():
     ranker = Reranker(KeywordScorer(), combiner=weights, signals=("logprob", "agreement"))
     question = [HumanMessage("What is the capital of France?")]
     sure = [reply("Paris.", [-0.1]), reply("Lyon.", [-3.0]), reply("Lyon.", [-3.0])]
-    chosen = select(ranker, question, sure, n_requested=3)
+    chosen = select(ranker, question, sure, collected={})
     assert chosen.index == 0 and chosen.metadata["signals"]["logprob"] == [-0.1, -3.0, -3.0]
     # One candidate without log-probabilities: none are used, and agreement decides.
     unsure = [*sure[:2], AIMessage(content="Lyon.")]
-    assert select(ranker, question, unsure, n_requested=3).index == 1
+    assert select(ranker, question, unsure, collected={}).index == 1
 
 
 class LogprobsChatModel(SingleChatModel):
@@ -304,3 +308,10 @@ def test_an_endpoint_that_refuses_logprobs_is_asked_again_without_and_remembered
     script.calls.clear()
     plain.invoke("What is the capital of France?")
     assert [c["logprobs"] for c in script.calls] == [None, None]
+
+
+def test_single_calls_get_their_own_seeds_so_a_bound_seed_still_gives_different_candidates():
+    script = Script(["Paris.", "Lyon.", "Nice."])
+    inner = SingleChatModel(script=script).bind(seed=7)
+    CappyBestOfN(llm=inner, scorer=KeywordScorer(), n=3, max_concurrency=1).invoke("Capital?")
+    assert sorted(c["seed"] for c in script.calls) == [7, 8, 9]

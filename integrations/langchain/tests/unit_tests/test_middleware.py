@@ -9,6 +9,7 @@ from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import tool
 
+from capplug.selection import METADATA_KEYS
 from langchain_capplug import CappyBestOfNMiddleware
 
 from .fakes import KeywordScorer, Script, SingleChatModel
@@ -38,6 +39,8 @@ def test_each_final_step_samples_n_and_keeps_the_best():
     assert len(script.calls) == 4 and all(c["temperature"] == 0.8 for c in script.calls)
     meta = answer.response_metadata["capplug"]
     assert meta["n_received"] == 4 and meta["candidates"][meta["chosen"]] == "Paris."
+    assert meta["upstream_calls"] == 4 and meta["native_n"] is False
+    assert set(meta) == set(METADATA_KEYS)  # the schema the proxy and CappyBestOfN report
 
 
 def test_tool_calling_steps_are_left_alone():

@@ -127,6 +127,23 @@ def test_best_generation_parser():
         parser.parse_result([])
 
 
+def test_the_parser_chooses_through_the_selection_core():
+    from capplug.selection import Combiner, Reranker
+
+    def generation(text: str, logprob: float) -> ChatGeneration:
+        content = [{"token": text, "logprob": logprob}]
+        metadata = {"logprobs": {"content": content}}
+        return ChatGeneration(message=AIMessage(content=text, response_metadata=metadata))
+
+    by_logprob = Reranker(
+        KeywordScorer(), combiner=Combiner({"logprob": {"logprob": 1.0}}), signals=("logprob",)
+    )
+    parser = BestGenerationParser(instruction="Capital of France?", scorer=by_logprob)
+    # The scorer prefers "Paris."; the generator's log-probabilities, the only signal, do not.
+    generations = [generation("Paris.", -4.0), generation("Lyon.", -0.5)]
+    assert parser.parse_result(generations) == "Lyon."
+
+
 def test_a_chat_model_labels_scorer_training_data(tmp_path):
     import pyarrow.parquet as pq
 
