@@ -463,6 +463,13 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
         help="weight of a pairwise ranking loss within each example's responses, added to the"
         " pointwise loss (default: 0, pointwise only)",
     )
+    group.add_argument(
+        "--listwise-weight",
+        type=float,
+        default=0.0,
+        help="weight of a listwise loss: the softmax over each example's responses against"
+        " its labels, the decision multiple choice makes (default: 0)",
+    )
     group.add_argument("--seed", type=int, default=0)
     _add_device_option(group)
 
@@ -477,6 +484,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise _UsageError("--lr and --epochs must be positive")
     if args.rank_weight < 0:
         raise _UsageError(f"--rank-weight must be >= 0; got {args.rank_weight}")
+    if args.listwise_weight < 0:
+        raise _UsageError(f"--listwise-weight must be >= 0; got {args.listwise_weight}")
     return TrainConfig(
         learning_rate=args.lr,
         batch_size=args.batch_size,
@@ -488,6 +497,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         patience=args.patience,
         seed=args.seed,
         rank_weight=args.rank_weight,
+        listwise_weight=args.listwise_weight,
     )
 
 

@@ -16,6 +16,7 @@ from capplug.scoring.train import (
     TrainConfig,
     _epoch_batches,
     _group_ids,
+    _listwise_loss,
     _rank_loss,
     split_heldout,
     train_scorer,
@@ -187,6 +188,46 @@ def test_ranking_loss_batches_whole_examples_and_scores_the_order() -> None:
     assert ordered == pytest.approx(np.log1p(np.exp(-8.0)))  # the cross-example 9.0 is ignored
     with pytest.raises(ValueError, match="rank_weight"):
         train_scorer(None, pairs, "unused", config=TrainConfig(rank_weight=-1.0))  # type: ignore[arg-type]
+
+
+def test_listwise_loss_is_the_right_options_cross_entropy_within_each_example() -> None:
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
+    ids = torch.tensor([0, 0, 0, 1, 1, 2])  # example 1's labels tie; example 2 has one response
+    # Example 0 alone counts: uniform logits give the right option probability 1/3.
+    assert _listwise_loss(torch.zeros(6), labels, ids).item() == pytest.approx(np.log(3))
+    sure = torch.tensor([6.0, 0.0, 0.0, -9.0, 9.0, 9.0])
+    assert _listwise_loss(sure, labels, ids).item() == pytest.approx(
+        -np.log(np.exp(6.0) / (np.exp(6.0) + 2.0)), rel=1e-4
+    )
+    none = _listwise_loss(torch.zeros(2, requires_grad=True), torch.ones(2), torch.tensor([0, 0]))
+    none.backward()  # no example qualifies: zero, and still a graph
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="listwise_weight"):
+        train_scorer(None, toy_pairs(), "unused", config=TrainConfig(listwise_weight=-1.0))  # type: ignore[arg-type]
+
+
+def test_training_with_the_listwise_loss_picks_each_examples_right_option(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
+    train, heldout = split_heldout(graded_pairs(48), fraction=0.25, seed=1)
+    scorer = Scorer.from_backbone(tiny_bert_backbone, seed=0)
+    result = train_scorer(
+        scorer,
+        train,
+        tmp_path / "run",
+        eval_pairs=heldout,
+        config=TrainConfig(**{**CONFIG, "epochs": 8, "listwise_weight": 1.0}),
+        progress=False,
+    )
+    assert result.metrics["listwise_loss"] < result.metrics_before["listwise_loss"]
+    assert result.metrics["loss"] == pytest.approx(
+        result.metrics["pointwise_loss"] + result.metrics["listwise_loss"], rel=1e-5
+    )
+    scores = Scorer.from_pretrained(tmp_path / "run").score(
+        "what is 2 plus one ?", ["yes the answer is one", "maybe one", "cat"]
+    )
+    assert scores[0] == max(scores)
+    assert "+ 1.0 x listwise" in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_training_with_the_ranking_loss_orders_each_examples_responses(

@@ -68,6 +68,11 @@ class TrainConfig:
     weighted by the gap between their labels: it asks the scorer to order an example's
     responses, which is what best-of-n selection and multiple choice use. Batches then hold
     whole examples so that their responses meet. 0 (the default) trains pointwise only."""
+    listwise_weight: float = 0.0
+    """Weight of a listwise loss added to the others: within each example whose responses' labels
+    differ, the cross-entropy between the softmax of their logits and their labels normalised
+    to sum to one. For multiple choice it is the right option's log-probability among the
+    options, the decision multiple choice makes. Batches then hold whole examples."""
     max_length: int = 256
     """Token cap per pair during training (shorter trains faster; scoring may use more)."""
     eval_every: int = 200
@@ -157,6 +162,8 @@ def train_scorer(
         raise ValueError("train_pairs is empty; there is nothing to train on")
     if config.rank_weight < 0:
         raise ValueError(f"rank_weight must be >= 0; got {config.rank_weight}")
+    if config.listwise_weight < 0:
+        raise ValueError(f"listwise_weight must be >= 0; got {config.listwise_weight}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(train_pairs, config)
@@ -246,9 +253,9 @@ def train_scorer(
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(**inputs).logits[:, 0].float()
                 loss = _loss(logits, labels, config.loss)
-                if config.rank_weight > 0:
+                if _whole_examples(config):
                     groups = torch.tensor([train_groups[i] for i in batch], device=device)
-                    loss = loss + config.rank_weight * _rank_loss(logits, labels, groups)
+                    loss = loss + _group_losses(logits, labels, groups, config)[0]
                 loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
                 running.append(loss.item() * config.grad_accum)
@@ -366,7 +373,7 @@ def _epoch_batches(
     responses of one example meet.
     """
     rng = random.Random(config.seed * 1_000_003 + epoch)
-    if config.rank_weight > 0:
+    if _whole_examples(config):
         members: dict[int, list[int]] = defaultdict(list)
         for i, group in enumerate(groups):
             members[group].append(i)
@@ -404,6 +411,56 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor
     return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
 
 
+def _loss_name(config: TrainConfig) -> str:
+    """The objective as the model card writes it, e.g. ``bce + 1.0 x rank + 0.5 x listwise``."""
+    name = config.loss
+    if config.rank_weight:
+        name += f" + {config.rank_weight} x rank"
+    if config.listwise_weight:
+        name += f" + {config.listwise_weight} x listwise"
+    return name
+
+
+def _whole_examples(config: TrainConfig) -> bool:
+    """Whether a loss compares an example's responses, so batches must hold whole examples."""
+    return config.rank_weight > 0 or config.listwise_weight > 0
+
+
+def _group_losses(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the losses that compare an example's responses, and each one alone."""
+    total = logits.sum() * 0.0
+    parts: dict[str, float] = {}
+    if config.rank_weight > 0:
+        rank = _rank_loss(logits, labels, groups)
+        total = total + config.rank_weight * rank
+        parts["rank_loss"] = float(rank.detach())
+    if config.listwise_weight > 0:
+        listwise = _listwise_loss(logits, labels, groups)
+        total = total + config.listwise_weight * listwise
+        parts["listwise_loss"] = float(listwise.detach())
+    return total, parts
+
+
+def _listwise_loss(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """Mean over groups whose labels differ of the cross-entropy between the softmax of the
+    group's logits and its labels normalised to sum to one; 0 when no group qualifies."""
+    total = logits.sum() * 0.0  # keeps the graph, so backward() works on any batch
+    counted = 0
+    for group in torch.unique(groups):
+        member = groups == group
+        target = labels[member]
+        if int(member.sum()) < 2 or float(target.max() - target.min()) <= 1e-6:
+            continue
+        log_probs = torch.log_softmax(logits[member], dim=0)
+        total = total - (target / target.sum() * log_probs).sum()
+        counted += 1
+    return total / max(1, counted)
+
+
 def _ordered_pairs(labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """``mask[a, b]``: a and b answer the same example and a's label is the higher one."""
     label_gap = labels[:, None] - labels[None, :]
@@ -438,11 +495,11 @@ def _evaluate(
     scores = 1.0 / (1.0 + np.exp(-logits))
     groups = torch.tensor(_group_ids(pairs[: len(encoded)]))
     extra: dict[str, float] = {}
-    if config.rank_weight > 0:
+    if _whole_examples(config):
         # The held-out loss follows the training objective, so early stopping and "best" do too.
-        rank = _rank_loss(logits_t, labels_t, groups).item()
-        extra = {"pointwise_loss": loss, "rank_loss": rank}
-        loss += config.rank_weight * rank
+        compared, parts = _group_losses(logits_t, labels_t, groups, config)
+        extra = {"pointwise_loss": loss, **parts}
+        loss += float(compared)
     ordered = _ordered_pairs(labels_t, groups).numpy()
     total = int(ordered.sum())
     right = int((scores[:, None] > scores[None, :])[ordered].sum())
@@ -600,7 +657,7 @@ def _write_final(
         "Load it with `capplug.Scorer.from_pretrained(<this folder>)`.",
         "",
         f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
-        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {config.loss}{f' + {config.rank_weight} x rank' if config.rank_weight else ''})",
+        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {_loss_name(config)})",
         f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
         f"- held-out metrics: {format_metrics(metrics)}",
     ]
