@@ -6,8 +6,15 @@ import contextlib
 import inspect
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+
+
+def check_positive_int(value: Any, argument: str) -> None:
+    """A clear ``ValueError`` naming ``argument`` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1; got {value!r}")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

@@ -221,8 +221,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 BUNDLED_DIR = Path(__file__).parent / "checkpoints"
 """Checkpoints trained by capplug and shipped inside the package, by name."""
 
+# Every default model name, defined once here (this module never imports torch, so the CLI
+# can show them in its help without loading a model).
 DEFAULT_SCORER = "capplug-default"
 """The scorer bundled with capplug, used by ``Scorer()`` with no model."""
+DEFAULT_BACKBONE = "minilm"
+"""The encoder a new scorer, the hypernetwork's instruction encoder and the store start from."""
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+"""The local chat model: ``LocalChatModel()``, ``capplug serve local``, the adapters' base."""
+DEFAULT_HYPERNETWORK = "capplug-hypernet-smollm2"
+"""The hypernetwork for the default chat model that ships inside the package."""
 
 BUNDLED_MODELS: dict[str, str] = {
     DEFAULT_SCORER: "the default scorer, trained by capplug on BIG-bench train tasks",

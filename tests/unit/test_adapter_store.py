@@ -34,7 +34,7 @@ from capplug.adapters.store import (
     chroma_settings,
     instruction_hash,
 )
-from capplug.adapters.store_cli import register
+from capplug.cli.store import register
 from capplug.errors import CapplugError
 
 TRANSLATE = "Translate the sentence into French."

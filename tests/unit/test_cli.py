@@ -237,3 +237,38 @@ def test_fit_selector_names_a_bad_line(tiny_bert_scorer: Path, tmp_path: Path, c
     data.write_text('{"instruction": "q", "candidates": ["a", "b"], "quality": [1]}\n')
     code, _, err = run(capsys, *args, "--into", str(tiny_bert_scorer))
     assert code == 2 and "row 1: quality must have one value per candidate" in err
+
+
+def test_the_command_starts_without_loading_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, capplug.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["proxy", "--help"], ["serve", "proxy", "--help"]),
+        (["adapters", "list", "--help"], ["store", "list", "--help"]),
+    ],
+)
+def test_commands_answer_under_both_their_names(
+    capsys: pytest.CaptureFixture[str], first: list[str], second: list[str]
+) -> None:
+    helps = []
+    for argv in (first, second):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        helps.append(capsys.readouterr().out.split("\n\n", 1)[1])  # past the usage lines
+    assert helps[0] == helps[1]
+
+
+def test_store_commands_run_under_capplug_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "store", "list", "--store", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere" in err and out == ""

@@ -150,8 +150,8 @@ def test_truncation_keeps_the_response_and_the_end_of_the_instruction(
     long_instruction = "one two three four five six seven eight nine ten " * 3 + "capital of france"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (pair,) = scorer._encode([long_instruction], ["paris is blue"])
-        scorer._encode([long_instruction], ["paris"])
+        (pair,) = scorer.encode([long_instruction], ["paris is blue"])
+        scorer.encode([long_instruction], ["paris"])
     assert [w.category for w in caught] == [TruncationWarning]  # once per process
     tokens = scorer.tokenizer.convert_ids_to_tokens(pair.ids)
     assert len(pair.ids) == 16
@@ -160,7 +160,7 @@ def test_truncation_keeps_the_response_and_the_end_of_the_instruction(
 
     # A response over its cap keeps its beginning.
     capped = Scorer.from_pretrained(tiny_bert_scorer, max_length=16, max_response_tokens=3)
-    (pair,) = capped._encode(
+    (pair,) = capped.encode(
         [long_instruction], ["one two three four five six seven eight nine ten"]
     )
     tokens = capped.tokenizer.convert_ids_to_tokens(pair.ids)
@@ -183,7 +183,7 @@ def test_a_huge_conversation_is_cut_before_it_is_tokenised(tiny_bert_scorer: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)
         scores = scorer.score(question, ["paris " + huge, "lyon"])
-        (pair,) = scorer._encode([question], ["paris " + huge])
+        (pair,) = scorer.encode([question], ["paris " + huge])
     assert max(seen) <= 16 * 16  # max_length tokens' worth of characters, never the 5 MB
     # ... and what is kept is what tokenising everything and cutting would have kept.
     tokens = scorer.tokenizer.convert_ids_to_tokens(pair.ids)
@@ -195,7 +195,7 @@ def test_a_huge_conversation_is_cut_before_it_is_tokenised(tiny_bert_scorer: Pat
 
 def test_short_instruction_leaves_room_for_a_long_response(tiny_bert_scorer: Path) -> None:
     scorer = Scorer.from_pretrained(tiny_bert_scorer, max_length=16)
-    (pair,) = scorer._encode(["paris"], ["one two three four five six seven eight nine ten eleven"])
+    (pair,) = scorer.encode(["paris"], ["one two three four five six seven eight nine ten eleven"])
     tokens = scorer.tokenizer.convert_ids_to_tokens(pair.ids)
     assert tokens[:3] == ["[CLS]", "paris", "[SEP]"]
     assert len(pair.ids) == 16
@@ -290,7 +290,7 @@ def test_onednn_routing_keeps_scores_and_gradients(tiny_bert_scorer: Path) -> No
         routed.score(QUESTION, RESPONSES), plain.score(QUESTION, RESPONSES), atol=1e-6
     )
     # With gradients on (training), the routed layers fall back to F.linear and backpropagate.
-    inputs = routed._collate(routed._encode([QUESTION], ["paris"]))
+    inputs = routed.collate(routed.encode([QUESTION], ["paris"]))
     routed.model.train()
     routed.model(**inputs).logits.sum().backward()
     assert all(p.grad is not None for p in routed.model.classifier.parameters())

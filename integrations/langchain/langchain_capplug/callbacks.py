@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -36,8 +36,10 @@ class ScoreRecord:
     scores: list[float]
     """The scorer's score of each response."""
     best: int
-    """The response capplug's selection core would choose: the scorer's scores fused with the
-    responses' agreement, so not always the highest score."""
+    """The response capplug's selection core would choose (the highest ``fused``): the scorer's
+    scores fused with the responses' agreement, so not always the highest score."""
+    fused: list[float] = field(default_factory=list)
+    """The selection core's probability that each response is the best."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,12 +102,9 @@ class _Scoring:
             if not texts:
                 continue
             scores = [float(s) for s in self.scorer.score(prompt, texts)]
-            best = choose(
-                texts,
-                scores=np.array(scores),
-                instruction=prompt,
-                combiner=self._combiner,
-            ).index
+            chosen = choose(
+                texts, scores=np.array(scores), instruction=prompt, combiner=self._combiner
+            )
             out.append(
                 ScoreRecord(
                     run_id=str(run_id),
@@ -114,7 +113,8 @@ class _Scoring:
                     instruction=flatten_chat(prompt),
                     responses=texts,
                     scores=scores,
-                    best=best,
+                    best=chosen.index,
+                    fused=[round(c.score, 6) for c in chosen.candidates],
                 )
             )
         return out

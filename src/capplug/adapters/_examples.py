@@ -121,11 +121,11 @@ def answer_logits(
     """Run ``model`` on the batch, teacher-forced, keeping logits for the answer tokens only."""
     seqs = [list(e.prompt_ids) + list(e.answer_ids) for e in batch]
     lengths = [len(e.answer_ids) for e in batch]
-    padded = chat._left_pad(seqs)
+    padded = chat.left_pad(seqs)
     ids, mask = padded["input_ids"], padded["attention_mask"]
     keep = max(lengths)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": keep + 1} if chat._keeps_logits else {}
+    extra = {"logits_to_keep": keep + 1} if chat.keeps_logits else {}
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
     ).logits[:, -(keep + 1) : -1]

@@ -49,7 +49,7 @@ from capplug.adapters.adapter_folder import (
     write_peft_folder,
 )
 from capplug.errors import CheckpointError, ModelNotFoundError, TruncationWarning
-from capplug.models import BUNDLED_DIR, resolve
+from capplug.models import BUNDLED_DIR, DEFAULT_CHAT_MODEL, DEFAULT_HYPERNETWORK, resolve
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -61,10 +61,7 @@ __all__ = [
     "write_peft_folder",
 ]
 
-DEFAULT_HYPERNETWORK = "capplug-hypernet-smollm2"
-"""The hypernetwork for SmolLM2-135M-Instruct that ships inside the package, once trained."""
-
-DEFAULT_BASE = "smollm2-135m-instruct"
+DEFAULT_BASE = DEFAULT_CHAT_MODEL
 CONFIG_FILE = "hypernetwork.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "capplug-hypernetwork/1"
@@ -292,7 +289,7 @@ class Hypernetwork(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        folder = _hypernetwork_folder(ref)
+        folder = hypernetwork_folder(ref)
         try:
             raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
             config = HypernetworkConfig(**raw)
@@ -521,7 +518,8 @@ def _encoder_facts(ref: str) -> tuple[int, int]:
     return width, limit
 
 
-def _hypernetwork_folder(ref: str | os.PathLike[str]) -> Path:
+def hypernetwork_folder(ref: str | os.PathLike[str]) -> Path:
+    """The folder a hypernetwork reference names: the bundled one by name, else a folder."""
     text = os.fspath(ref).strip()
     if text.lower() == DEFAULT_HYPERNETWORK:
         folder = BUNDLED_DIR / DEFAULT_HYPERNETWORK

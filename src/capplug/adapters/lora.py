@@ -207,7 +207,8 @@ def task_folder_name(task: str) -> str:
     return task.removeprefix(_NI).replace("/", "__")
 
 
-def _check_train_task(name: str) -> None:
+def check_train_task(name: str) -> None:
+    """A clear error unless ``name`` is a Natural-Instructions task of the train split."""
     from capplug.data.bigbench import task_names
 
     if name in train_task_names():
@@ -227,7 +228,7 @@ def _check_train_task(name: str) -> None:
 def _check_task(name: str, purpose: Purpose) -> None:
     """Refuse a task the ``purpose`` does not allow (before any model is loaded)."""
     if purpose == "teacher":
-        _check_train_task(name)
+        check_train_task(name)
         return
     if purpose != BENCHMARK_CEILING:
         raise ValueError(f"purpose must be 'teacher' or {BENCHMARK_CEILING!r}; got {purpose!r}")
@@ -267,7 +268,8 @@ def _train_part(task: Task) -> list[Example]:
     return [e for e in task.examples if not e.is_test and not is_test_example(task.name, e.input)]
 
 
-def _config_with(config: LoraTrainConfig | None, **overrides: Any) -> LoraTrainConfig:
+def config_with(config: LoraTrainConfig | None, **overrides: Any) -> LoraTrainConfig:
+    """``config`` (default: the defaults) with the ``overrides`` that are not ``None``."""
     config = config or LoraTrainConfig()
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(config, **given) if given else config
@@ -281,7 +283,7 @@ def multitask_config(
     tr.check_int(tasks, "tasks")
     if overrides.get("steps") is None and (config is None or config.steps == LoraTrainConfig.steps):
         overrides["steps"] = MULTITASK_STEPS_PER_TASK * tasks
-    return _config_with(config, **overrides)
+    return config_with(config, **overrides)
 
 
 def _base_model(
@@ -340,7 +342,7 @@ def train_task_lora(
         ValueError: a task the ``purpose`` does not allow, bad settings, or an ``out`` folder
             that holds an adapter trained with other settings.
     """
-    config = _config_with(
+    config = config_with(
         config,
         r=r,
         alpha=alpha,
@@ -429,7 +431,7 @@ def train_multitask_lora(
         raise ValueError("tasks is empty; leave it out to mix all 44 train tasks")
     for task in given:  # every name is checked before anything is loaded
         if isinstance(task, str):
-            _check_train_task(task)
+            check_train_task(task)
     loaded = [_resolve_task(task, archive) for task in given]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
@@ -504,7 +506,7 @@ def train_all(
     if not names:
         raise ValueError("tasks is empty; leave it out to train all 44 train tasks")
     for name in names:
-        _check_train_task(name)
+        check_train_task(name)
     config = config or LoraTrainConfig()
     root = Path(out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

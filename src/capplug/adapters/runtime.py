@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from capplug._runtime import check_positive_int
 from capplug.adapters.adapter_folder import (
     AdapterFileError,
     BaseModelIdentity,
@@ -35,8 +36,8 @@ from capplug.adapters.adapter_folder import (
     model_identity,
     read_adapter,
 )
-from capplug.llms.local import DEFAULT_MODEL, LocalChatModel, _check_positive_int
-from capplug.scoring.formatting import Instruction
+from capplug.chat import Instruction
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 
 __all__ = ["BASE", "AdapterRuntime"]
 
@@ -60,7 +61,7 @@ class AdapterRuntime:
         identity: BaseModelIdentity | None = None,
         max_loaded: int = 8,
     ) -> None:
-        _check_positive_int(max_loaded, "max_loaded")
+        check_positive_int(max_loaded, "max_loaded")
         self.chat = chat
         self.identity = identity or model_identity(chat.name, chat.model.config)
         self.max_loaded = max_loaded
@@ -212,29 +213,24 @@ class AdapterRuntime:
         Raises:
             KeyError: an adapter name that is not loaded.
         """
-        chat = self.chat
-        texts = chat._check_prompts(prompts)
-        names = self._per_prompt(adapter, len(texts))
-        _check_positive_int(max_new_tokens, "max_new_tokens")
-        _check_positive_int(batch_size, "batch_size")
-        for key in ("num_return_sequences", "input_ids", "attention_mask", "adapter_names"):
-            if key in generation_kwargs:
-                raise TypeError(f"generate() sets {key} itself")
+        if "adapter_names" in generation_kwargs:
+            raise TypeError("generate() sets adapter_names itself")
+        # A prompts argument that is not a list is refused by the model's own check below.
+        listed = isinstance(prompts, Sequence) and not isinstance(prompts, str)
+        names = self._per_prompt(adapter, len(prompts)) if listed else []
         for name in dict.fromkeys(n for n in names if n is not None):
             self._loaded.move_to_end(name)
-        ids = [chat._prompt_ids(t, reserve=max_new_tokens) for t in texts]
-        # Prompts sharing an adapter batch together, so most batches need no per-row routing.
-        order = sorted(range(len(ids)), key=lambda i: (names[i] or "", len(ids[i])))
-        return chat._answer_batches(
-            ids,
-            order,
+        return self.chat.generate(
+            prompts,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             seed=seed,
             batch_size=batch_size,
             progress=progress,
-            generation_kwargs=generation_kwargs,
+            # Prompts sharing an adapter batch together, so most batches need no per-row routing.
+            batch_key=lambda i: names[i] or "",
             route=lambda batch: self._routing([names[i] for i in batch]),
+            **generation_kwargs,
         )
 
     @contextlib.contextmanager

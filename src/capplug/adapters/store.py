@@ -511,7 +511,7 @@ class AdapterStore:
         if not records:
             raise UnknownAdapterError(
                 f"no adapter {adapter_id!r} in the store at {self.root} for {self.base_model}; "
-                f"`capplug adapters list` shows the ids there are"
+                f"`capplug store list` shows the ids there are"
             )
         return records[0]
 
@@ -810,7 +810,7 @@ class AdapterStore:
         if not isinstance(adapter_id, str) or not _ID.fullmatch(adapter_id):
             raise UnknownAdapterError(
                 f"{adapter_id!r} is not an adapter id (16 lowercase hex characters, as "
-                f"`capplug adapters list` shows)"
+                f"`capplug store list` shows)"
             )
         return adapter_id
 
@@ -1023,7 +1023,7 @@ class AdapterStore:
             f"or fail their sha256), so it was dropped from the index and moved to "
             f"{self.root / CORRUPT_DIR}; no other stored adapter is at least {threshold} similar "
             f"and the store has no generator to make a new one: import the adapter again "
-            f"(import_folder() or `capplug adapters import`), or pass "
+            f"(import_folder() or `capplug store import`), or pass "
             f"generator=Hypernetwork.from_pretrained(REF).generate"
         )
 
@@ -1574,7 +1574,7 @@ def checked_paths(record: AdapterRecord) -> AdapterPaths:
     for path, expected in ((paths.weights, record.sha256), (paths.config, record.config_sha256)):
         if not path.is_file():
             raise CorruptAdapterError(
-                f"adapter {record.id}: {path} is missing; `capplug adapters verify --repair` "
+                f"adapter {record.id}: {path} is missing; `capplug store verify --repair` "
                 f"drops its index row"
             )
         actual = sha256_file(path)
@@ -1582,7 +1582,7 @@ def checked_paths(record: AdapterRecord) -> AdapterPaths:
             raise CorruptAdapterError(
                 f"adapter {record.id}: {path.name} has sha256 {actual[:12]}..., the index "
                 f"recorded {expected[:12]}...: the file changed or is corrupt; "
-                f"`capplug adapters verify --repair` sets it aside"
+                f"`capplug store verify --repair` sets it aside"
             )
     return paths
 

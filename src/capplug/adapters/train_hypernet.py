@@ -77,7 +77,7 @@ from capplug.adapters.hypernetwork import (
     WEIGHTS_FILE,
     Hypernetwork,
     HypernetworkConfig,
-    _hypernetwork_folder,
+    hypernetwork_folder,
 )
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
@@ -332,7 +332,7 @@ def train_hypernetwork(
     if init_from is not None:
         if hypernetwork is not None:
             raise ValueError("give either hypernetwork or init_from, not both")
-        init_weights = _hypernetwork_folder(init_from) / WEIGHTS_FILE
+        init_weights = hypernetwork_folder(init_from) / WEIGHTS_FILE
         init = {"from": os.fspath(init_from), "sha256": sha256_file(init_weights)}
     if (checkpoint / CONFIG_FILE).is_file():
         raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -431,12 +431,12 @@ def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
 def _load_tasks(
     names: list[str], given: Mapping[str, Task] | None, archive: str | os.PathLike[str] | None
 ) -> dict[str, Task]:
-    from capplug.adapters.lora import _check_train_task
+    from capplug.adapters.lora import check_train_task
     from capplug.data.bigbench import load_task
 
     loaded: dict[str, Task] = {}
     for name in names:
-        _check_train_task(name)
+        check_train_task(name)
         task = given[name] if given is not None and name in given else None
         loaded[name] = task if task is not None else load_task(name, archive=archive)
         if not (loaded[name].definition or "").strip():

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from capplug.chat import flatten_chat
 from capplug.errors import RowError
-from capplug.scoring.formatting import flatten_chat
 
 __all__ = ["LabelledPair", "RowError", "read_labelled_pairs"]
 

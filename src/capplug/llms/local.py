@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from capplug._runtime import (
+    check_positive_int,
     forward_parameters,
     pick_device,
     pick_dtype,
@@ -40,9 +41,9 @@ from capplug._runtime import (
     seeded,
     tune_cpu_threads,
 )
+from capplug.chat import Instruction, chat_turns, flatten_chat
 from capplug.errors import CheckpointError
-from capplug.models import resolve
-from capplug.scoring.formatting import Instruction, chat_turns, flatten_chat
+from capplug.models import DEFAULT_CHAT_MODEL, resolve
 
 __all__ = [
     "CAPPY_RECIPE",
@@ -54,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = DEFAULT_CHAT_MODEL
 
 
 # ------------------------------------------------------------------------------------ recipe
@@ -262,7 +263,7 @@ class LocalChatModel:
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._keeps_logits = "logits_to_keep" in forward_parameters(self.model)
+        self.keeps_logits = "logits_to_keep" in forward_parameters(self.model)
         self._warned_truncation = False
         if self.device.type == "cpu":
             tune_cpu_threads()
@@ -381,7 +382,7 @@ class LocalChatModel:
         texts = self._check_prompts(prompts)
         if not isinstance(recipe, SamplingRecipe):
             raise TypeError(f"recipe must be a SamplingRecipe; got {type(recipe).__name__}")
-        _check_positive_int(batch_size, "batch_size")
+        check_positive_int(batch_size, "batch_size")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer; got {type(seed).__name__}")
         ids = [self._prompt_ids(t, reserve=recipe.max_new_tokens) for t in texts]
@@ -429,7 +430,7 @@ class LocalChatModel:
     def _beam(
         self, ids: list[list[int]], strategy: SamplingStrategy, max_new_tokens: int
     ) -> list[list[Candidate]]:
-        batch = self._left_pad(ids)
+        batch = self.left_pad(ids)
         out = self.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -454,7 +455,7 @@ class LocalChatModel:
         self, ids: list[list[int]], rows: list[_Row], max_new_tokens: int
     ) -> list[Candidate]:
         repeats = len(rows) // len(ids)
-        batch = self._left_pad(ids)
+        batch = self.left_pad(ids)
         input_ids = batch["input_ids"].repeat_interleave(repeats, dim=0)
         attention_mask = batch["attention_mask"].repeat_interleave(repeats, dim=0)
         kwargs: dict[str, Any] = {}
@@ -501,7 +502,7 @@ class LocalChatModel:
             position_ids=positions[:, :-1],
             **{self._cache_argument: cache},
             use_cache=True,
-            **({"logits_to_keep": 1} if self._keeps_logits else {}),
+            **({"logits_to_keep": 1} if self.keeps_logits else {}),
         )
         cache.batch_repeat_interleave(repeats)
         return cache
@@ -586,7 +587,7 @@ class LocalChatModel:
         for i, item in enumerate(continuations):
             if not isinstance(item, str):
                 raise TypeError(f"continuations[{i}] must be a string; got {type(item).__name__}")
-        _check_positive_int(batch_size, "batch_size")
+        check_positive_int(batch_size, "batch_size")
         cont_ids = [
             self.tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
             for c in continuations
@@ -637,11 +638,11 @@ class LocalChatModel:
         self, seqs: list[list[int]], lengths: list[int]
     ) -> list[list[float]]:
         """Log-probs of the last ``lengths[i]`` tokens of each sequence, teacher-forced."""
-        batch = self._left_pad(seqs)
+        batch = self.left_pad(seqs)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         keep = max(lengths)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": keep + 1} if self._keeps_logits else {}
+        extra = {"logits_to_keep": keep + 1} if self.keeps_logits else {}
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
         ).logits[:, -(keep + 1) : -1]
@@ -663,6 +664,8 @@ class LocalChatModel:
         seed: int | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        batch_key: Callable[[int], Any] | None = None,
+        route: Callable[[list[int]], Any] | None = None,
         **generation_kwargs: Any,
     ) -> list[str]:
         """One answer per prompt, greedy by default; extra keywords go to ``model.generate``.
@@ -671,10 +674,16 @@ class LocalChatModel:
         answer that may mean its temperature or top-p). ``seed`` makes sampling repeatable for
         the same prompts in the same batches; unlike :meth:`sample_candidates` a sampled answer
         may change with the other prompts in its batch.
+
+        Two hooks let a caller decide what each batch runs on (an adapter runtime picking each
+        batch's adapters): prompts whose ``batch_key(i)`` is equal batch together, and
+        ``route(batch)`` (the prompt indices of a batch) is a context manager yielding the model
+        to run and extra ``generate`` keywords for that batch. Without them every batch runs on
+        this model.
         """
         texts = self._check_prompts(prompts)
-        _check_positive_int(max_new_tokens, "max_new_tokens")
-        _check_positive_int(batch_size, "batch_size")
+        check_positive_int(max_new_tokens, "max_new_tokens")
+        check_positive_int(batch_size, "batch_size")
         for key in ("num_return_sequences", "input_ids", "attention_mask"):
             if key in generation_kwargs:
                 raise TypeError(
@@ -682,7 +691,8 @@ class LocalChatModel:
                     f"sample_candidates()"
                 )
         ids = [self._prompt_ids(t, reserve=max_new_tokens) for t in texts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        group = batch_key or (lambda _i: 0)
+        order = sorted(range(len(ids)), key=lambda i: (group(i), len(ids[i])))
         return self._answer_batches(
             ids,
             order,
@@ -692,6 +702,7 @@ class LocalChatModel:
             batch_size=batch_size,
             progress=progress,
             generation_kwargs=generation_kwargs,
+            route=route,
         )
 
     def _answer_batches(
@@ -707,17 +718,13 @@ class LocalChatModel:
         generation_kwargs: Mapping[str, Any],
         route: Callable[[list[int]], Any] | None = None,
     ) -> list[str]:
-        """Decode the prompts ``ids`` in batches taken in ``order``; one answer per prompt.
-
-        ``route(batch)`` (the prompt indices of a batch) is a context manager yielding the model
-        to run and extra ``generate`` keywords for that batch: how an adapter runtime picks a
-        batch's adapters. Without it every batch runs on this model.
-        """
+        """Decode the prompts ``ids`` in batches taken in ``order``; one answer per prompt
+        (``route``: as :meth:`generate` says)."""
         answers: list[str] = [""] * len(ids)
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         with seeded(seed), _progress(len(batches), "generate", progress) as bar:
             for batch in batches:
-                enc = self._left_pad([ids[i] for i in batch])
+                enc = self.left_pad([ids[i] for i in batch])
                 routing = (
                     route(batch) if route is not None else contextlib.nullcontext((self.model, {}))
                 )
@@ -762,7 +769,9 @@ class LocalChatModel:
             texts.append(self._render(prompt, argument=f"prompts[{i}]"))
         return texts
 
-    def _left_pad(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    def left_pad(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token sequences padded on the left into ``input_ids`` and ``attention_mask`` on the
+        model's device (decoder-only models generate from the right end)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -926,8 +935,3 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
         yield bar
     finally:
         bar.close()
-
-
-def _check_positive_int(value: Any, argument: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument} must be an integer >= 1; got {value!r}")

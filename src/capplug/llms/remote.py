@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from capplug.chat import Instruction, chat_turns
 from capplug.llms.collect import collect, seed_for
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, without_sdk_retries
-from capplug.scoring.formatting import Instruction, chat_turns
 
 __all__ = ["ENDPOINT_RECIPE", "EndpointSampling", "OpenAICompatibleModel"]
 

@@ -1,6 +1,6 @@
-"""The scorer: model wrapper, text formatting and truncation, training."""
+"""The scorer: model wrapper, truncation, training (chats to text: :mod:`capplug.chat`)."""
 
-from capplug.scoring.formatting import Instruction, flatten_chat
+from capplug.chat import Instruction, flatten_chat
 from capplug.scoring.model import SCORE_MAPPING_KEY, Ranked, ScoreMapping, Scorer, TruncationWarning
 
 __all__ = [

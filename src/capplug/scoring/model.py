@@ -22,13 +22,14 @@ from capplug._runtime import (
     seeded,
     tune_cpu_threads,
 )
+from capplug.chat import Instruction, check_responses, flatten_chat
 from capplug.errors import CheckpointError, TruncationWarning
 from capplug.models import DEFAULT_SCORER, resolve
-from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
 
 __all__ = [
     "DEFAULT_SCORER",
     "SCORE_MAPPING_KEY",
+    "EncodedPair",
     "Ranked",
     "ScoreMapping",
     "Scorer",
@@ -65,7 +66,9 @@ class Ranked(NamedTuple):
     response: str
 
 
-class _Pair(NamedTuple):
+class EncodedPair(NamedTuple):
+    """One (instruction, response) pair as the scorer's tokens, cut to its ``max_length``."""
+
     ids: list[int]
     type_ids: list[int]
 
@@ -265,18 +268,21 @@ class Scorer:
     # ----------------------------------------------------------------------------- internals
 
     def _score(self, instructions: list[str], responses: list[str]) -> np.ndarray:
-        pairs = self._encode(instructions, responses)
+        pairs = self.encode(instructions, responses)
         out = np.empty(len(pairs), dtype=np.float32)
         with torch.inference_mode():
-            for batch in self._batches(pairs):
-                logits = self._forward([pairs[i] for i in batch])
+            for batch in self.batches(pairs):
+                logits = self.logits([pairs[i] for i in batch])
                 out[batch] = self._map(logits).cpu().numpy()
         return out
 
-    def _encode(
+    def encode(
         self, instructions: list[str], responses: list[str], *, max_length: int | None = None
-    ) -> list[_Pair]:
-        """Token ids of each pair, cut to ``max_length`` (default: the scorer's own)."""
+    ) -> list[EncodedPair]:
+        """Token ids of each pair, cut to ``max_length`` (default: the scorer's own).
+
+        With :meth:`batches`, :meth:`collate` and :meth:`logits` this is the path
+        :meth:`score` takes, public for training, which encodes once and batches its own way."""
         max_response_tokens = self.max_response_tokens
         if max_length is not None and max_length < self.max_length:
             max_response_tokens = min(max_response_tokens, max_length // 2)
@@ -309,12 +315,13 @@ class Scorer:
                 response = _truncated(response, keep_r, "right")
                 instruction = _truncated(instruction, keep_i, "left")
             merged = self._encoder.post_process(instruction, response, add_special_tokens=True)
-            pairs.append(_Pair(merged.ids, merged.type_ids))
+            pairs.append(EncodedPair(merged.ids, merged.type_ids))
         if cut:
             _warn_truncation(max_length, max_response_tokens)
         return pairs
 
-    def _batches(self, pairs: list[_Pair]) -> Iterator[np.ndarray]:
+    def batches(self, pairs: list[EncodedPair]) -> Iterator[np.ndarray]:
+        """Indices of ``pairs`` in batches of similar length, within the scorer's batch limits."""
         lengths = np.fromiter((len(p.ids) for p in pairs), dtype=np.int64, count=len(pairs))
         order = np.argsort(-lengths, kind="stable")
         start = 0
@@ -331,10 +338,11 @@ class Scorer:
             yield order[start:end]
             start = end
 
-    def _forward(self, pairs: list[_Pair]) -> torch.Tensor:
-        return self.model(**self._collate(pairs)).logits[:, 0].float()
+    def logits(self, pairs: list[EncodedPair]) -> torch.Tensor:
+        """The model's raw logit per pair (before the score mapping), as float32."""
+        return self.model(**self.collate(pairs)).logits[:, 0].float()
 
-    def _collate(self, pairs: Sequence[_Pair]) -> dict[str, torch.Tensor]:
+    def collate(self, pairs: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
         """Pad encoded pairs to the longest one into model inputs on the scorer's device."""
         width = max(len(p.ids) for p in pairs)
         ids = np.full((len(pairs), width), self._pad_id, dtype=np.int64)

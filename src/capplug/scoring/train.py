@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from capplug._cache import staging_dir, write_json_atomic
 from capplug._checkpoint import optimizer_tensors, restore_optimizer
 from capplug.data.rows import LabelledPair
-from capplug.scoring.model import Scorer, _Pair
+from capplug.scoring.model import EncodedPair, Scorer
 
 __all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
@@ -248,7 +248,7 @@ def train_scorer(
                     break
                 batch = batches[state["batch_in_epoch"]]
                 state["batch_in_epoch"] += 1
-                inputs = scorer._collate([encoded_train[i][0] for i in batch])
+                inputs = scorer.collate([encoded_train[i][0] for i in batch])
                 labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(**inputs).logits[:, 0].float()
@@ -349,10 +349,10 @@ def train_scorer(
 
 def _encode_pairs(
     scorer: Scorer, pairs: Sequence[LabelledPair], max_length: int
-) -> list[tuple[_Pair, float]]:
+) -> list[tuple[EncodedPair, float]]:
     if not pairs:
         return []
-    encoded = scorer._encode(
+    encoded = scorer.encode(
         [p.instruction for p in pairs], [p.response for p in pairs], max_length=max_length
     )
     return [(e, p.label) for e, p in zip(encoded, pairs, strict=True)]
@@ -364,7 +364,7 @@ def _group_ids(pairs: Sequence[LabelledPair]) -> list[int]:
 
 
 def _epoch_batches(
-    encoded: list[tuple[_Pair, float]], config: TrainConfig, epoch: int, groups: Sequence[int]
+    encoded: list[tuple[EncodedPair, float]], config: TrainConfig, epoch: int, groups: Sequence[int]
 ) -> list[list[int]]:
     """Shuffled batches; the same for a given seed and epoch, so resume is exact.
 
@@ -480,15 +480,15 @@ def _rank_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor)
 @torch.inference_mode()
 def _evaluate(
     scorer: Scorer,
-    encoded: list[tuple[_Pair, float]],
+    encoded: list[tuple[EncodedPair, float]],
     pairs: Sequence[LabelledPair],
     config: TrainConfig,
 ) -> dict[str, float]:
     """Held-out loss, score/label correlation, and how often a group's better pair scores higher."""
     scorer.model.eval()
     logits = np.empty(len(encoded), dtype=np.float32)
-    for batch in scorer._batches([e[0] for e in encoded]):
-        logits[batch] = scorer._forward([encoded[i][0] for i in batch]).cpu().numpy()
+    for batch in scorer.batches([e[0] for e in encoded]):
+        logits[batch] = scorer.logits([encoded[i][0] for i in batch]).cpu().numpy()
     labels = np.array([e[1] for e in encoded], dtype=np.float32)
     logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels)
     loss = _loss(logits_t, labels_t, config.loss).item()

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from capplug.scoring.formatting import Instruction, check_responses, flatten_chat
+from capplug.chat import Instruction, check_responses, flatten_chat
+from capplug.models import DEFAULT_SCORER
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
 
@@ -349,7 +350,7 @@ class Reranker:
 
     def __init__(
         self,
-        scorer: Any = "capplug-default",
+        scorer: Any = DEFAULT_SCORER,
         *,
         combiner: Combiner | None = None,
         signals: Sequence[str] | None = None,

@@ -49,7 +49,7 @@ Corrupt adapters
     ``get_or_create``): a corrupt one is set aside in the store's ``.corrupt`` folder and a fresh
     adapter is made, or, without a generator, that one request's 503 ``no_generator`` names it
     and the fix. An adapter named by id whose files fail their sha256 gets a 500
-    ``corrupt_adapter`` (``capplug adapters verify --repair`` sets it aside).
+    ``corrupt_adapter`` (``capplug store verify --repair`` sets it aside).
 
 Limits and errors
     Every error is OpenAI's error JSON. Bodies over ``max_body_bytes`` get a 413; instructions
@@ -343,7 +343,7 @@ def _store_failure(exc: Exception, adapter_id: str) -> APIError:
             corrupt = (
                 f"the stored adapter {', '.join(exc.set_aside)} for this instruction is corrupt "
                 f"(its files fail their sha256): it was set aside in the store's .corrupt folder "
-                f"and is not used again; import it again (`capplug adapters import`) or "
+                f"and is not used again; import it again (`capplug store import`) or "
             )
         return APIError(
             503,
@@ -514,7 +514,7 @@ class _Service:
             raise APIError(
                 403,
                 f"adapter {record.id}'s {name} is not a regular file in its own folder; "
-                f"it is not served (`capplug adapters verify` checks the store)",
+                f"it is not served (`capplug store verify` checks the store)",
                 code="file_refused",
             )
         expected = record.sha256 if name == ADAPTER_WEIGHTS else record.config_sha256
@@ -523,7 +523,7 @@ class _Service:
             fd = os.open(path, flags)
         except FileNotFoundError as exc:
             raise _store_failure(
-                CorruptAdapterError(f"{name} is missing; `capplug adapters verify --repair`"),
+                CorruptAdapterError(f"{name} is missing; `capplug store verify --repair`"),
                 record.id,
             ) from exc
         except OSError as exc:  # ELOOP: a link swapped in after the check above
@@ -543,7 +543,7 @@ class _Service:
             raise _store_failure(
                 CorruptAdapterError(
                     f"{name} does not match the sha256 the index recorded; "
-                    f"`capplug adapters verify --repair` sets it aside"
+                    f"`capplug store verify --repair` sets it aside"
                 ),
                 record.id,
             )

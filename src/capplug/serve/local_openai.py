@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from starlette.concurrency import run_in_threadpool
 
 from capplug.llms import Candidate, LocalChatModel, SamplingRecipe, SamplingStrategy
+from capplug.models import DEFAULT_CHAT_MODEL
 from capplug.serve import _chat
 from capplug.serve._http import (
     APIError,
@@ -330,7 +331,7 @@ def _events(
 def create_app(
     model: LocalChatModel,
     *,
-    model_name: str = "smollm2-135m-instruct",
+    model_name: str = DEFAULT_CHAT_MODEL,
     max_body_bytes: int = 1 << 20,
     max_n: int = 16,
     max_tokens_cap: int = 512,

@@ -136,6 +136,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from capplug.chat import flatten_chat
 from capplug.llms.collect import Collected, acollect, describe_error, names_parameter
 from capplug.llms.retry import (
     DEFAULT_RETRY,
@@ -148,7 +149,6 @@ from capplug.llms.retry import (
     retry_after_seconds,
     status_of,
 )
-from capplug.scoring.formatting import flatten_chat
 from capplug.selection import (
     TOOL_CALLS_UNSCORED,
     choose,

@@ -95,7 +95,8 @@ def test_async_best_of_n_and_the_callback_handler(server, scorer):
     assert reply.response_metadata["capplug"]["n_received"] == 3
     # the handler saw the inner three-choice run and the outer best-of-n run
     inner = [r for r in records if len(r.responses) == 3]
-    assert inner and inner[0].scores[inner[0].best] == max(inner[0].scores)
+    assert inner and inner[0].fused[inner[0].best] == max(inner[0].fused)
+    assert len(inner[0].scores) == 3 and sum(inner[0].fused) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_agent_middleware_over_the_local_server(server, scorer):

@@ -39,6 +39,7 @@ def test_every_generation_is_scored_and_the_result_is_untouched():
     assert first.responses == [g.text for g in result.generations[0]]
     assert first.responses[first.best] == "Paris."
     assert first.scores[first.best] == max(first.scores)
+    assert first.fused[first.best] == max(first.fused)  # the selection core's choice
 
 
 def test_invoke_with_the_handler_in_config_scores_once_per_run():

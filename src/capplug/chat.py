@@ -1,4 +1,5 @@
-"""Turning what users pass (strings, chats, message objects) into the texts the scorer reads."""
+"""Chats to text: turning what users pass (strings, chats, message objects) into the texts the
+scorer, the selection signals, the local model and the servers read. Every package uses it."""
 
 from __future__ import annotations
 

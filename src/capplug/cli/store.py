@@ -1,9 +1,9 @@
-"""``capplug adapters list | show | lookup | create | import | rm | gc | verify``: the adapter store.
+"""``capplug store list | show | lookup | create | import | rm | gc | verify``: the adapter store.
 
-:func:`register` adds these commands to an argparse subparsers object; each sets ``run`` to a
-function that takes the parsed arguments and returns the exit status, and raises
-:class:`~capplug.errors.CapplugError` or :class:`ValueError` for bad input (the caller prints
-those as one line).
+The same commands stay under ``capplug adapters``, where they were first. :func:`register` adds
+them to an argparse subparsers object; each sets ``run`` to a function that takes the parsed
+arguments and returns the exit status, and raises :class:`~capplug.errors.CapplugError` or
+:class:`ValueError` for bad input (the caller prints those as one line).
 """
 
 from __future__ import annotations
@@ -18,13 +18,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from capplug.cli._common import add_hypernet_option
 from capplug.errors import CapplugError
+from capplug.models import DEFAULT_CHAT_MODEL
 
-__all__ = ["DEFAULT_BASE", "register"]
+__all__ = ["add_parser", "hypernetwork_version", "register"]
 
-DEFAULT_BASE = "smollm2-135m-instruct"
-_DEFAULT_HYPERNETWORK = "capplug-hypernet-smollm2"
+DEFAULT_BASE = DEFAULT_CHAT_MODEL
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def add_parser(sub: Any) -> None:
+    """``capplug store``: the store-admin commands under their own name."""
+    store = sub.add_parser("store", help="list, look up, create, import and tidy stored adapters")
+    register(store.add_subparsers(title="store commands", metavar="ACTION"))
+    store.set_defaults(run=lambda _args: store.print_help() or 2)
 
 
 def register(subparsers: Any) -> None:
@@ -74,16 +82,10 @@ def register(subparsers: Any) -> None:
         help="find the adapter for an instruction, or have the hypernetwork make and store it",
     )
     create.add_argument("--instruction", required=True, metavar="TEXT")
-    create.add_argument(
-        "--hypernet",
-        default=_DEFAULT_HYPERNETWORK,
-        metavar="REF",
-        help=f"hypernetwork folder (default: the bundled {_DEFAULT_HYPERNETWORK})",
-    )
+    add_hypernet_option(create)
     create.add_argument("--threshold", type=float, help="least similarity of a hit (default: 0.8)")
     create.add_argument("--max-adapters", type=int, metavar="N", help="evict beyond N adapters")
     create.add_argument("--max-bytes", type=_size, metavar="SIZE", help="evict beyond SIZE (2G)")
-    create.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
     create.set_defaults(run=_run_create)
 
     imp = subparsers.add_parser(
@@ -196,7 +198,7 @@ def _run_create(args: argparse.Namespace) -> int:
         base_model=base,
         chroma_url=args.chroma_url,
         generator=hypernet.generate,
-        hypernetwork_version=_hypernetwork_version(hypernet),
+        hypernetwork_version=hypernetwork_version(hypernet),
         max_adapters=args.max_adapters,
         max_bytes=args.max_bytes,
         **({"threshold": args.threshold} if args.threshold is not None else {}),
@@ -296,7 +298,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         if report.ok:
             print("ok")
         elif not args.repair:
-            print("run `capplug adapters verify --repair` to fix it")
+            print("run `capplug store verify --repair` to fix it")
     return 0 if report.ok or args.repair else 1
 
 
@@ -321,7 +323,7 @@ def _load_hypernetwork(ref: str, device: str | None) -> Any:
     except ImportError as exc:
         raise CapplugError(
             f"`create` makes adapters with capplug's hypernetwork, which this install cannot "
-            f"import ({exc}); add adapters to the store with `capplug adapters import` instead"
+            f"import ({exc}); add adapters to the store with `capplug store import` instead"
         ) from exc
     from capplug.errors import ModelNotFoundError
 
@@ -331,7 +333,7 @@ def _load_hypernetwork(ref: str, device: str | None) -> Any:
         raise ModelNotFoundError(f"no hypernetwork at {ref}: {exc}") from exc
 
 
-def _hypernetwork_version(hypernet: Any) -> str:
+def hypernetwork_version(hypernet: Any) -> str:
     """A fingerprint of the hypernetwork's weights: adapters from equal weights are comparable."""
     digest = hashlib.sha256()
     for name, tensor in sorted(hypernet.state_dict().items()):

@@ -1,0 +1,7 @@
+"""``python -m capplug.cli``: the ``capplug`` command."""
+
+import sys
+
+from capplug.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""``capplug data build | clip | merge``: weakly labelled training data from BIG-bench."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from capplug.cli._common import UsageError, add_archive_option
+
+
+def add_parser(sub: Any) -> None:
+    """Add this module's commands to the ``capplug`` subparsers."""
+    data = sub.add_parser("data", help="build weakly labelled training data")
+    data_sub = data.add_subparsers(title="data commands", metavar="ACTION")
+    build = data_sub.add_parser(
+        "build",
+        help="label BIG-bench train tasks Cappy's way into Parquet shards (resumable)",
+        description=(
+            "Write one Parquet shard per BIG-bench train task: each reference labelled 1.0, a "
+            "reference of another example 0.0, multiple-choice options their normalised score, "
+            "and, with --generator, sampled candidates labelled by Rouge-L. A rerun with the same "
+            "settings skips finished shards."
+        ),
+    )
+    build.add_argument(
+        "--split", default="train", choices=["train"], help="only train tasks are trained on"
+    )
+    build.add_argument(
+        "--out", required=True, metavar="DIR", help="build folder (shards and build.json)"
+    )
+    build.add_argument(
+        "--max-per-task", type=int, default=32, metavar="N", help="examples per task (default: 32)"
+    )
+    build.add_argument(
+        "--max-options",
+        type=int,
+        default=8,
+        metavar="N",
+        help="options kept per multiple-choice example",
+    )
+    build.add_argument(
+        "--generator",
+        metavar="REF",
+        help="model to sample candidates from: a local model (e.g. smollm2-135m-instruct), or "
+        "with --endpoint the name the endpoint serves",
+    )
+    build.add_argument(
+        "--recipe",
+        choices=("cappy", "fast"),
+        default="cappy",
+        help="local sampling recipe: cappy (17 candidates, 64 tokens) or fast (9, 48 tokens)",
+    )
+    build.add_argument(
+        "--sample-per-task",
+        type=int,
+        metavar="N",
+        help="only the first N drawn examples of each task get sampled candidates (default: all)",
+    )
+    build.add_argument(
+        "--sample-skip",
+        type=int,
+        default=0,
+        metavar="K",
+        help="pass over the first K drawn examples before sampling (so a second build with "
+        "K = the first one's --sample-per-task samples new examples of the same draw)",
+    )
+    build.add_argument(
+        "--clip-candidates",
+        action="store_true",
+        help="also label each sampled candidate's first line and first sentence, so the scorer "
+        "sees short right answers beside long ones that drift on",
+    )
+    build.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
+    )
+    build.add_argument(
+        "--api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)"
+    )
+    build.add_argument(
+        "--task", action="append", metavar="NAME", help="only these train tasks (repeatable)"
+    )
+    add_archive_option(build)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(run=_run_data_build)
+    clip = data_sub.add_parser(
+        "clip",
+        help="copy a build with its sampled candidates' first lines and sentences added",
+        description=(
+            "Copy a finished build (one made with --generator) into a new folder, adding each "
+            "sampled candidate's first line and first sentence labelled by Rouge-L against the "
+            "build's references: the rows `data build --clip-candidates` would have written, "
+            "without sampling again. The source folder is only read; a rerun resumes."
+        ),
+    )
+    clip.add_argument("src", metavar="BUILD", help="folder of a finished `capplug data build`")
+    clip.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    clip.set_defaults(run=_run_data_clip)
+    merge = data_sub.add_parser(
+        "merge",
+        help="merge finished builds into one, every row once",
+        description=(
+            "Merge finished builds (say, two generators' candidates, or a second build made with "
+            "--sample-skip) into one folder. Rows they share (references, negatives, options) "
+            "are kept once per example. The sources are only read; a rerun resumes."
+        ),
+    )
+    merge.add_argument("src", nargs="+", metavar="BUILD", help="folders `capplug data build` wrote")
+    merge.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    merge.set_defaults(run=_run_data_merge)
+    data.set_defaults(run=lambda _args: data.print_help() or 2)
+
+
+def _run_data_build(args: argparse.Namespace) -> int:
+    from capplug.data.build import BuildConfig, build_dataset
+
+    source = None
+    if args.endpoint and not args.generator:
+        raise UsageError("--endpoint needs --generator MODEL: the model name the endpoint serves")
+    if args.clip_candidates and not args.generator:
+        raise UsageError("--clip-candidates needs --generator: it clips sampled candidates")
+    if args.generator and args.endpoint:
+        from capplug.data.build import EndpointCandidateSource
+        from capplug.llms.remote import OpenAICompatibleModel
+
+        remote = OpenAICompatibleModel(args.generator, base_url=args.endpoint, api_key=args.api_key)
+        source = EndpointCandidateSource(remote, seed=args.seed)
+    elif args.generator:
+        from capplug.data.build import LocalCandidateSource
+
+        source = LocalCandidateSource.from_pretrained(
+            args.generator, recipe=args.recipe, seed=args.seed
+        )
+    config = BuildConfig(
+        split=args.split,
+        max_per_task=args.max_per_task,
+        max_options=args.max_options,
+        seed=args.seed,
+        sample_per_task=args.sample_per_task,
+        sample_skip=args.sample_skip,
+        clip_candidates=args.clip_candidates,
+    )
+    return _print_build(
+        build_dataset(args.out, config=config, source=source, tasks=args.task, archive=args.archive)
+    )
+
+
+def _run_data_clip(args: argparse.Namespace) -> int:
+    from capplug.data.build import clip_build
+
+    return _print_build(clip_build(args.src, args.out))
+
+
+def _run_data_merge(args: argparse.Namespace) -> int:
+    from capplug.data.build import merge_builds
+
+    return _print_build(merge_builds(args.src, args.out))
+
+
+def _print_build(result: Any) -> int:
+    print(
+        f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
+        f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"
+    )
+    return 0
