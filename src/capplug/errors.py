@@ -13,9 +13,12 @@ The hierarchy::
     ├── RowError(ValueError)                 rows of a data file are unusable (listed by number)
     ├── UpstreamHTTPError                    an upstream answered with an HTTP error
     ├── AttemptsSpent                        a request's upstream attempts are spent
-    └── AdapterStoreError                    the adapter store cannot do what was asked
-        ├── UnknownAdapterError(KeyError)    no adapter with that id
-        └── NoGeneratorError                 an adapter was needed and nothing can make one
+    ├── AdapterStoreError                    the adapter store cannot do what was asked
+    │   ├── UnknownAdapterError(KeyError)    no adapter with that id
+    │   └── NoGeneratorError                 an adapter was needed and nothing can make one
+    └── FeedbackError(ValueError)            a selection or judgement that cannot be stored
+        ├── UnknownSelectionError(LookupError)  no selection with that id
+        └── DuplicateFeedbackError           the same judgement is already stored
 
     UnsupportedEncoder(CapplugError, RuntimeError)  a folder ONNX export cannot take (a fallback
                                                     signal: the PyTorch encoder is used instead)
@@ -38,12 +41,15 @@ __all__ = [
     "CapplugError",
     "CheckpointError",
     "CorruptAdapterError",
+    "DuplicateFeedbackError",
+    "FeedbackError",
     "ModelNotFoundError",
     "NoGeneratorError",
     "PackageFetchError",
     "RowError",
     "TruncationWarning",
     "UnknownAdapterError",
+    "UnknownSelectionError",
     "UnsupportedEncoder",
     "UpstreamHTTPError",
     "WrongBaseModelError",
@@ -163,6 +169,18 @@ class NoGeneratorError(AdapterStoreError):
     def __init__(self, message: str, *, set_aside: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.set_aside = tuple(set_aside)
+
+
+class FeedbackError(CapplugError, ValueError):
+    """A selection or judgement that cannot be stored (the message names the field)."""
+
+
+class UnknownSelectionError(FeedbackError, LookupError):
+    """No selection with that id is recorded."""
+
+
+class DuplicateFeedbackError(FeedbackError):
+    """The same judgement of the same selection is already stored."""
 
 
 class UnsupportedEncoder(CapplugError, RuntimeError):

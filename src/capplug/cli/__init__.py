@@ -8,6 +8,7 @@
 - ``adapters``: ``capplug adapters train-lora | train-hypernet | generate | answer``;
 - ``store``: ``capplug store list | show | lookup | create | import | rm | gc | verify`` (also
   under ``capplug adapters``, where they were first);
+- ``feedback``: ``capplug feedback stats | show | add | export``;
 - ``_common``: the options and the usage error the groups share.
 
 Importing this package never imports torch; each command imports what it needs when it runs.

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from capplug.cli import adapters, data, models, score, serve, store, training
+from capplug.cli import adapters, data, feedback, models, score, serve, store, training
 from capplug.cli._common import UsageError
 from capplug.errors import CapplugError
 
@@ -41,6 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score and rerank LLM responses with a small cross-encoder.",
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for group in (score, training, data, models, serve, adapters, store):
+    for group in (score, training, data, models, serve, adapters, store, feedback):
         group.add_parser(sub)
     return parser

@@ -318,6 +318,16 @@ def _add_proxy_parser(sub: Any) -> None:
         help="do not ask the upstream for logprobs (by default they are asked for as a "
         "selection signal when the request does not say, and dropped where refused)",
     )
+    proxy.add_argument(
+        "--feedback",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FILE",
+        help="record each reranked answer's candidates and choice so clients can judge them "
+        "(POST /v1/feedback with its selection_id): in FILE, or without FILE in "
+        "$CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home (default: record nothing)",
+    )
     proxy.set_defaults(run=_run_proxy)
 
 
@@ -344,6 +354,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         native_n=args.native_n,
         request_logprobs=args.request_logprobs,
+        feedback=args.feedback,
     )
     # (the upstream URL carries no credentials: create_proxy_app refuses them)
     _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")

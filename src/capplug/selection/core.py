@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from capplug.chat import Instruction, check_responses, flatten_chat
+from capplug.feedback import as_feedback_store
 from capplug.models import DEFAULT_SCORER
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
@@ -38,6 +39,7 @@ __all__ = [
     "distinct",
     "load_combiner",
     "openai_logprobs",
+    "record",
     "score_distinct",
     "signal_values",
     "tool_call_order",
@@ -76,6 +78,9 @@ class Selection:
     """Every candidate, in the order passed in."""
     weights: Mapping[str, float]
     """The combiner weights applied to the within-set z-scores of each signal."""
+    id: str | None = None
+    """The selection's id in a feedback store, when it was recorded there (judge it with
+    :meth:`capplug.feedback.FeedbackStore.add`)."""
 
     def ranking(self) -> list[Scored]:
         """Candidates best first (ties keep input order)."""
@@ -113,6 +118,7 @@ class Selection:
             },
             "weights": {k: round(v, 6) for k, v in self.weights.items()},
             "reason": None,
+            "selection_id": self.id,
         }
 
 
@@ -133,6 +139,7 @@ METADATA_KEYS = (
     "signals",
     "weights",
     "reason",
+    "selection_id",
 )
 """The keys of the ``capplug`` metadata every best-of-n surface reports (README, "Metadata")."""
 
@@ -156,6 +163,7 @@ def unscored_metadata(texts: Sequence[str], order: Sequence[int], reason: str) -
         "signals": None,
         "weights": None,
         "reason": reason,
+        "selection_id": None,
     }
 
 
@@ -346,6 +354,9 @@ class Reranker:
         signals: restrict the signals used (default: those the combiner has weights for).
         lm: a local causal LM (a :class:`capplug.llms.LocalChatModel` or a reference) that
             computes each candidate's log-likelihood when ``logprobs`` is not given.
+        feedback: record every selection in a :class:`capplug.feedback.FeedbackStore`
+            (``True``: the default file; or a path, or a store), so that it can be judged
+            later: :attr:`Selection.id` is then its id.
     """
 
     def __init__(
@@ -355,6 +366,7 @@ class Reranker:
         combiner: Combiner | None = None,
         signals: Sequence[str] | None = None,
         lm: Any = None,
+        feedback: Any = None,
     ) -> None:
         from capplug.scoring import Scorer
 
@@ -379,6 +391,7 @@ class Reranker:
 
             lm = LocalChatModel.from_pretrained(lm)
         self.lm = lm
+        self.feedback = as_feedback_store(feedback)
 
     def __repr__(self) -> str:
         return f"Reranker(scorer={self.scorer!r}, signals={self.signals}, lm={self.lm!r})"
@@ -420,7 +433,7 @@ class Reranker:
         scores = None
         if self.scorer is not None and "scorer" in self.signals and len(texts) > 1:
             scores = score_distinct(self.scorer.score, instruction, texts)
-        return choose(
+        chosen = choose(
             texts,
             scores=scores,
             logprobs=lp,
@@ -429,6 +442,9 @@ class Reranker:
             combiner=self.combiner,
             signals=self.signals,
         )
+        if self.feedback is None:
+            return chosen
+        return record(self.feedback, instruction, chosen, surface="python")
 
     def rank(
         self,
@@ -460,6 +476,20 @@ class Reranker:
         sums = np.array([by_text[t][0] if by_text[t][2] else lowest for t in texts], dtype=float)
         counts = np.array([max(by_text[t][2], 1) for t in texts], dtype=float)
         return sums, counts
+
+
+def record(feedback: Any, instruction: Instruction, chosen: Selection, **details: Any) -> Selection:
+    """``chosen`` stored in the feedback store ``feedback``, with its id set."""
+    from dataclasses import replace
+
+    selection_id = feedback.record(
+        instruction,
+        [c.response for c in chosen.candidates],
+        chosen.index,
+        scores=[c.score for c in chosen.candidates],
+        **details,
+    )
+    return replace(chosen, id=selection_id)
 
 
 def combiner_of(scorer: Any) -> Combiner:

@@ -137,6 +137,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capplug.chat import flatten_chat
+from capplug.feedback import as_feedback_store
 from capplug.llms.collect import Collected, acollect, describe_error, names_parameter
 from capplug.llms.retry import (
     DEFAULT_RETRY,
@@ -158,6 +159,7 @@ from capplug.selection import (
     tool_call_order,
     unscored_metadata,
 )
+from capplug.serve._feedback import install_feedback_routes
 from capplug.serve._http import (
     BEARER,
     APIError,
@@ -797,6 +799,7 @@ class _Proxy:
         max_connections: int,
         transport: httpx2.AsyncBaseTransport | None,
         request_logprobs: bool = True,
+        feedback: Any = None,
     ) -> None:
         parts = urlsplit(upstream)
         self.base = upstream.rstrip("/")
@@ -813,6 +816,7 @@ class _Proxy:
         self.transport = transport
         self.metrics = _Metrics()
         self.scoring = ScoringQueue(scorer)
+        self.feedback = feedback
         self.combiner = combiner_of(scorer)
         self.retry = retry.with_options(on_retry=self._counting(retry.on_retry))
         self._ignores_n = _Quirks(self.name, "asking for one candidate per request")
@@ -1041,6 +1045,10 @@ class _Proxy:
 
         selection = await self.select(instruction, choices)
         order = selection.order[:want]
+        if self.feedback is not None and selection.metadata["scores"] is not None:
+            selection.metadata["selection_id"] = await self._record(
+                instruction, selection.metadata, model_name
+            )
         meta = {
             **collected.metadata(n),
             **selection.metadata,
@@ -1080,6 +1088,23 @@ class _Proxy:
         completion = {k: v for k, v in first.items() if k not in ("choices", "usage")}
         completion.update(choices=returned, usage=usage, capplug=meta)
         return JSONResponse(completion, headers=headers_out)
+
+    async def _record(self, instruction: str, chosen: dict[str, Any], model: str) -> str | None:
+        """Store a reranked answer's selection for feedback; its id, or None if storing failed
+        (the answer goes out either way)."""
+        try:
+            return await asyncio.to_thread(
+                self.feedback.record,
+                instruction,
+                chosen["candidates"],
+                chosen["chosen"],
+                scores=chosen["scores"],
+                surface="proxy",
+                model=model or None,
+            )
+        except Exception as error:
+            logger.error("could not record the selection for feedback: %s", describe_error(error))
+            return None
 
     def _upstream_error(self, failure: _UpstreamFailure) -> APIError | _Relayed:
         error = failure.error
@@ -1296,6 +1321,7 @@ def create_proxy_app(
     max_connections: int = 256,
     transport: httpx2.AsyncBaseTransport | None = None,
     request_logprobs: bool = True,
+    feedback: Any = None,
 ) -> FastAPI:
     """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
 
@@ -1323,6 +1349,9 @@ def create_proxy_app(
         request_logprobs: ask the upstream for ``logprobs`` (a selection signal) when the
             request does not say; a model whose upstream refuses them (400) is asked again
             without, and not asked again. The client gets ``logprobs`` only if it asked.
+        feedback: a :class:`capplug.feedback.FeedbackStore` (or a path to one) that records
+            every reranked answer's candidates and choice, so that clients can judge them
+            (``POST /v1/feedback`` with the answer's ``selection_id``); ``None`` records nothing.
     """
     if not isinstance(upstream, str) or not upstream:
         raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
@@ -1378,6 +1407,7 @@ def create_proxy_app(
         max_connections=max_connections,
         transport=transport,
         request_logprobs=bool(request_logprobs),
+        feedback=as_feedback_store(feedback),
     )
 
     @asynccontextmanager
@@ -1417,6 +1447,7 @@ def create_proxy_app(
     for path in _RERANK_PATHS:
         app.add_api_route(path, proxy.rerank, methods=["POST"], response_model=None)
     app.add_api_route(_SCORE_PATH, proxy.score, methods=["POST"], response_model=None)
+    install_feedback_routes(app, proxy.feedback)
 
     @app.api_route(
         "/v1/{path:path}",

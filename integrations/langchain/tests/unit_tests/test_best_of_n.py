@@ -315,3 +315,17 @@ def test_single_calls_get_their_own_seeds_so_a_bound_seed_still_gives_different_
     inner = SingleChatModel(script=script).bind(seed=7)
     CappyBestOfN(llm=inner, scorer=KeywordScorer(), n=3, max_concurrency=1).invoke("Capital?")
     assert sorted(c["seed"] for c in script.calls) == [7, 8, 9]
+
+
+def test_a_reranker_with_a_feedback_store_gives_each_answer_a_selection_id(tmp_path):
+    from capplug.feedback import FeedbackStore
+    from capplug.selection import Reranker
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite3")
+    ranker = Reranker(KeywordScorer(), feedback=store)
+    best = CappyBestOfN(llm=ChoicesChatModel(script=Script(REPLIES)), scorer=ranker, n=4)
+    meta = best.invoke("What is the capital of France?").response_metadata["capplug"]
+    recorded = store.selection(meta["selection_id"])
+    assert recorded["candidates"] == meta["candidates"] and recorded["chosen"] == meta["chosen"]
+    store.add(meta["selection_id"], label=1.0)  # the user liked the answer
+    assert store.stats()["judged_selections"] == 1
