@@ -24,7 +24,7 @@ LC     := integrations/langchain
 test: test-unit test-integration
 
 test-unit: install
-	$(PY) -m pytest -q tests/unit --disable-socket --allow-unix-socket
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit --disable-socket --allow-unix-socket
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install

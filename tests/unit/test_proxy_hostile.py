@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from test_proxy import MESSAGES, Sleeps, Upstream, completion, error_of, fast_retry, ok, post, proxy
 
 from capplug.llms.retry import RetryPolicy
-from capplug.serve import proxy as proxy_module
 from capplug.serve._http import install_error_handlers
 from capplug.serve._scoring_queue import ScoringQueue
+from capplug.serve.proxy import app as proxy_module
 
 KEY = "sk-upstream-secret"
 

@@ -1,108 +1,4 @@
-"""An OpenAI-compatible reranking proxy: best-of-n chat completions, chosen by capplug's scorer.
-
-An app that already speaks OpenAI's API gets reranked answers by changing its base URL::
-
-    app = create_proxy_app("https://api.openai.com/v1", scorer=Scorer())
-    # or: capplug proxy --upstream https://api.openai.com/v1
-    client = openai.OpenAI(base_url="http://127.0.0.1:8787/v1")   # the one-line change
-
-``POST /v1/chat/completions``
-    The proxy asks the upstream for ``n`` candidates (8 by default; ``X-Capplug-N`` per
-    request): one request with ``n`` set, then single requests in parallel for any shortfall
-    (with ``seed + k`` for the k-th when the request sets a ``seed``, so that they differ and
-    the same request still draws the same candidates). An upstream that ignores ``n`` (one
-    choice back) or refuses it (an error that is not worth retrying, where one plain request
-    then succeeds: :mod:`capplug.llms.collect`, the one policy every surface uses) is remembered
-    per model, logged at WARNING, and gets single requests for the next ten minutes; then
-    ``n`` is tried again. Every upstream request goes through the retry policy
-    (:mod:`capplug.llms.retry`), and all the attempts one client request makes (the ``n``
-    request, single requests, their retries) share one budget of ``max_attempts``: an attempt
-    starts only while failed plus in-flight attempts number fewer, so a lasting upstream
-    failure costs ``max_attempts`` attempts per client request, never ``n`` times that. The
-    final 502/504 carries ``x-should-retry: false`` so that the openai SDKs do not multiply the
-    attempts again; a client that disconnects cancels its upstream calls and retries. The
-    candidates are scored against the whole
-    conversation, repeats scored once, and the answer is a standard chat completion whose
-    choice is the best candidate (the best ``n``, distinct answers first, when the request
-    itself asks for ``n`` > 1; fewer when fewer arrived), with ``usage`` summed over every
-    upstream call and a ``capplug`` object: ``n_requested``, ``n_received``, ``failures`` and
-    ``errors`` (candidate requests that failed after retries; the best of the rest is
-    returned), ``scores`` (the selection core's fused score of each candidate received, in the
-    order received), ``signals`` (each signal's raw value per candidate: the scorer's score,
-    agreement with the other candidates, and the upstream's log-probabilities when every
-    candidate came with ``logprobs``), ``weights`` (how the signals were fused), ``chosen`` (the
-    best candidate's index in that order), ``returned`` (the indices of the returned choices),
-    ``candidates`` (the texts scored), ``upstream_calls``, ``native_n``, ``upstream_seconds``,
-    ``scoring_seconds`` and ``reason`` (why the candidates were not scored, else ``null``). Headers ``X-Capplug-Candidates`` and
-    ``X-Capplug-Failures`` say the same for clients that cannot read extra JSON fields, and
-    ``Server-Timing`` says where the time went: ``upstream``, ``scoring`` (waiting for the
-    scorer included) and ``total`` (from the request reaching the proxy to its answer), in ms.
-
-``stream: true``
-    The candidates are fetched whole, so nothing can be streamed before one is chosen; the
-    chosen answer then goes out as ``chat.completion.chunk`` events (role, content, tool calls,
-    finish reason; the usage chunk with ``stream_options.include_usage``; the ``capplug``
-    object on the first chunk), then ``[DONE]``. An upstream failure is an ordinary JSON error.
-
-Tool calls
-    A candidate that calls tools (``tool_calls`` or ``function_call``) is not scored: the
-    scorer judges text answers, not whether a tool call is the right next step. When any
-    candidate calls tools the first such candidate is returned unscored (``scores`` is
-    ``null`` and ``reason`` says why); send ``X-Capplug-N: 1`` on such requests to avoid paying
-    for candidates that will not be compared.
-
-Temperature 0
-    Greedy candidates are all the same answer, so a request with ``temperature: 0`` is sampled
-    at ``sampling_temperature`` (0.8) instead; send ``X-Capplug-Disable: 1`` for a single
-    deterministic answer.
-
-``POST /v1/rerank`` and ``POST /v2/rerank``
-    The rerank API of Cohere, Jina and vLLM, answered by the scorer itself (nothing goes
-    upstream): ``query`` and ``documents`` (strings, or objects whose ``text`` is ranked; with
-    ``rank_fields``, those fields), optional ``top_n`` and ``return_documents``; the answer's
-    ``results`` hold each document's ``index`` and ``relevance_score`` (the scorer's score in
-    [0, 1]), best first. The proxy key is taken as ``Authorization: Bearer`` here as well.
-
-``POST /v1/score``
-    vLLM's score API, answered by the scorer: ``text_1`` (an instruction, or a list) and
-    ``text_2`` (a response, or a list), paired one to many or in order; ``data`` holds each
-    pair's ``score`` in [0, 1], in order.
-
-``X-Capplug-Disable: 1`` and every other path under ``/v1``
-    Passed through untouched: method, path, query, headers and body go upstream as they came
-    (the body streamed both ways), the upstream's status, headers and body come back as they
-    came. One attempt, no retries (a pass-through request may not be safe to repeat); an
-    upstream that cannot be reached is a 502, one that times out a 504.
-
-Keys
-    The client's ``Authorization`` header goes upstream untouched: clients keep using their own
-    upstream key through the SDK's ``api_key``. ``upstream_api_key`` instead makes the proxy
-    send ``Authorization: Bearer <upstream_api_key>`` itself, replacing any client one, so the
-    upstream key never leaves the proxy's machine. The proxy's own ``api_key`` travels in a
-    header of its own, ``X-Capplug-Key``, required on every path but ``/healthz``
-    (``/metrics`` also takes ``Authorization: Bearer <api_key>``, for Prometheus' scrape
-    settings). ``X-Capplug-*`` request headers never go upstream, and no header is ever logged.
-
-Errors
-    OpenAI's error JSON: 400 for a body that is not JSON, not an object, without a non-empty
-    ``messages`` list, or with a bad ``n``, ``stream`` or ``X-Capplug-*`` value; 401 for a
-    missing or wrong proxy key; 413 for a body over ``max_body_bytes``. An upstream that
-    refuses a request (a 4xx that is not worth retrying) has its answer relayed with its
-    status. When the retries run out the answer is 502 (code ``upstream_error``) or, when the
-    last attempt timed out, 504 (``upstream_timeout``), naming the upstream and its reason,
-    with the upstream's ``Retry-After`` when it sent one. A 200 whose body is not a chat
-    completion is a 502 at once (repeating it would not help).
-
-``GET /healthz`` answers ``{"status": "ok"}``; ``GET /metrics`` is Prometheus' text format:
-requests by mode and status, request time, requests in flight, candidates received, candidate
-failures, scoring time, upstream time, upstream requests, retries and failures by reason.
-
-Scoring runs on one worker thread, never on the event loop: torch already spreads one forward
-pass over every CPU core, so two at once would only thrash them. Small requests whose
-candidates arrive while the scorer is busy are scored together in its next batch, which costs
-less than scoring them one after another; a request with a long conversation is scored a slice
-(about 512 tokens) at a time, smallest work first, so that it holds no one else up for long.
-"""
+"""The reranking proxy: :func:`create_proxy_app` and the routes behind it (docs/proxy.md)."""
 
 from __future__ import annotations
 
@@ -114,9 +10,9 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -126,17 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     generate_latest,
 )
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from capplug.chat import flatten_chat
 from capplug.feedback import as_feedback_store
 from capplug.llms.collect import Collected, acollect, describe_error, names_parameter
 from capplug.llms.retry import (
@@ -147,7 +37,6 @@ from capplug.llms.retry import (
     RetryPolicy,
     UpstreamHTTPError,
     is_retryable,
-    retry_after_seconds,
     status_of,
 )
 from capplug.selection import (
@@ -175,22 +64,56 @@ from capplug.serve._http import (
     unless_disconnected,
 )
 from capplug.serve._scoring_queue import ScoringQueue
+from capplug.serve.proxy._metrics import (
+    TIMING_KEY,
+    Metered,
+    ProxyMetrics,
+    failure_reason,
+    is_timeout,
+)
+from capplug.serve.proxy._replies import (
+    Replies,
+    candidate_text,
+    chat_completion,
+    completion_chunks,
+    has_tool_calls,
+    single_request,
+    summed_usage,
+)
+from capplug.serve.proxy._requests import (
+    CHAT_PATH,
+    choices_wanted,
+    header_count,
+    header_flag,
+    instruction_of,
+    rerank_request,
+    score_request,
+    stream_flag,
+)
 
 __all__ = ["KEY_HEADER", "create_proxy_app"]
 
-logger = logging.getLogger(__name__)
+
+logger = logging.getLogger("capplug.serve.proxy")
+
 
 T = TypeVar("T")
+
 
 KEY_HEADER = "X-Capplug-Key"
 """The header that carries the proxy's own API key (``Authorization`` belongs to the upstream)."""
 
-_CHAT_PATH = "/v1/chat/completions"
+
 # Cohere's v1 and v2 clients, Jina's, vLLM's and LangChain's or LlamaIndex's Cohere rerankers.
 _RERANK_PATHS = ("/v1/rerank", "/v2/rerank")
+
+
 _SCORE_PATH = "/v1/score"  # vLLM's
-_MAX_RERANK_DOCUMENTS = 1000
+
+
 _PROXY_KEY = KeyHeader(KEY_HEADER)
+
+
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -205,397 +128,18 @@ _HOP_BY_HOP = frozenset(
         "host",
     }
 )
+
+
 # Headers that describe a body the proxy re-encodes (reranked requests and their answers).
 _BODY_HEADERS = frozenset({"content-length", "content-type", "content-encoding", "accept-encoding"})
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
 _MAX_REMEMBERED_MODELS = 1024
+
+
 # How long a model's quirk (no native n, no logprobs) is believed before it is tried again: one
 # short reply or one transient 400 costs minutes of single requests, not the process's lifetime.
 _QUIRK_SECONDS = 600.0
-_TIMING_KEY = "capplug_timing"  # request.state key: [(name, seconds)] for Server-Timing
-
-
-# --------------------------------------------------------------------------------- metrics
-
-
-class _Metrics:
-    """The proxy's Prometheus metrics, in a registry of its own (one per app)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "capplug_proxy_requests",
-            "Requests under /v1 answered, by mode (rerank or passthrough) and HTTP status",
-            ["mode", "status"],
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "capplug_proxy_request_seconds",
-            "Time to answer a request under /v1, by mode",
-            ["mode"],
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "capplug_proxy_requests_in_flight", "Requests under /v1 being answered", registry=r
-        )
-        self.candidates = Counter(
-            "capplug_proxy_candidates", "Candidates received from the upstream", registry=r
-        )
-        self.candidate_failures = Counter(
-            "capplug_proxy_candidate_failures",
-            "Candidate requests that failed after retries while others succeeded",
-            registry=r,
-        )
-        self.scoring_seconds = Histogram(
-            "capplug_proxy_scoring_seconds",
-            "Time from handing one request's candidates to the scorer to their scores "
-            "(waiting for the scorer included)",
-            registry=r,
-        )
-        self.scoring_failures = Counter(
-            "capplug_proxy_scoring_failures",
-            "Requests answered unscored because the scorer failed",
-            registry=r,
-        )
-        self.upstream_seconds = Histogram(
-            "capplug_proxy_upstream_seconds",
-            "Time to collect one request's candidates from the upstream (retries included)",
-            registry=r,
-        )
-        self.upstream_requests = Counter(
-            "capplug_proxy_upstream_requests",
-            "HTTP requests sent upstream, every attempt counted, by mode",
-            ["mode"],
-            registry=r,
-        )
-        self.upstream_retries = Counter(
-            "capplug_proxy_upstream_retries",
-            "Upstream attempts that failed and were retried, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.upstream_failures = Counter(
-            "capplug_proxy_upstream_failures",
-            "Upstream calls given up on (retries ran out, or not worth retrying), by reason",
-            ["reason"],
-            registry=r,
-        )
-
-
-def _reason(error: BaseException) -> str:
-    """A short, bounded label for an upstream error (metrics)."""
-    if isinstance(error, UpstreamHTTPError):
-        return str(error.status) if error.status else "invalid_body"
-    if _is_timeout(error):
-        return "timeout"
-    if isinstance(error, httpx2.TransportError | ConnectionError):
-        return "connection"
-    return "error"
-
-
-def _is_timeout(error: BaseException) -> bool:
-    return isinstance(error, httpx2.TimeoutException | TimeoutError)
-
-
-class _Metered:
-    """Count and time every request under ``/v1`` by mode and status (401s and 413s included).
-
-    Reranked answers also get a ``Server-Timing`` header: the handler leaves its upstream and
-    scoring times in the request's state, and the total is taken here, when the answer starts.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
-            await self.app(scope, receive, send)
-            return
-        reranked = scope["method"] == "POST" and scope["path"] == _CHAT_PATH
-        if reranked:
-            disable = Headers(scope=scope).get("x-capplug-disable", "").strip().lower()
-            reranked = disable not in _TRUE
-        mode = "rerank" if reranked else "passthrough"
-        state = scope.setdefault("state", {})  # what ``request.state`` writes into
-        status = 500  # what the client gets when the app crashes before answering
-        started = time.perf_counter()
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                timing = state.get(_TIMING_KEY)
-                if timing is not None:
-                    total = time.perf_counter() - started
-                    parts = [
-                        *(f"{name};dur={1000 * s:.3f}" for name, s in timing),
-                        f"total;dur={1000 * total:.3f}",
-                    ]
-                    header = (b"server-timing", ", ".join(parts).encode())
-                    message = {**message, "headers": [*message.get("headers", []), header]}
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(mode, str(status)).inc()
-            self.metrics.request_seconds.labels(mode).observe(time.perf_counter() - started)
-
-
-# ------------------------------------------------------------------------- requests in
-
-
-def _instruction(body: dict[str, Any]) -> str:
-    """The conversation as the scorer reads it; raises a 400 naming what is wrong."""
-    if "messages" not in body:
-        raise APIError(
-            400,
-            "Missing required parameter: 'messages'.",
-            param="messages",
-            code="missing_required_parameter",
-        )
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise APIError(
-            400,
-            "Invalid value for 'messages': give a non-empty list of "
-            "{'role': ..., 'content': ...} objects",
-            param="messages",
-            code="invalid_value",
-        )
-    try:
-        return flatten_chat(messages, argument="messages")
-    except (TypeError, ValueError) as error:
-        raise APIError(
-            400, f"Invalid value for 'messages': {error}", param="messages", code="invalid_value"
-        ) from error
-
-
-def _choices_wanted(body: dict[str, Any], max_n: int) -> int:
-    n = body.get("n")
-    if n is None:
-        return 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise APIError(
-            400,
-            f"Invalid value for 'n': give a whole number >= 1; got {n!r}",
-            param="n",
-            code="invalid_value",
-        )
-    if n > max_n:
-        raise APIError(
-            400,
-            f"Invalid value for 'n': this proxy returns at most {max_n} choices; got {n}",
-            param="n",
-            code="invalid_value",
-        )
-    return n
-
-
-def _stream_flag(body: dict[str, Any]) -> tuple[bool, bool]:
-    """``(stream, include_usage)`` from the request."""
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise APIError(
-            400,
-            f"Invalid value for 'stream': give true or false; got {stream!r}",
-            param="stream",
-            code="invalid_value",
-        )
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return bool(stream), bool(stream) and include_usage
-
-
-def _header_flag(headers: Headers, name: str) -> bool:
-    value = headers.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise APIError(
-        400,
-        f"header {name} must be 1, true or yes (or 0, false, no); got {value!r}",
-        code="invalid_header",
-    )
-
-
-def _header_count(headers: Headers, name: str, max_n: int) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        count = int(value.strip())
-    except ValueError:
-        count = 0
-    if not 1 <= count <= max_n:
-        raise APIError(
-            400,
-            f"header {name} must be a whole number from 1 to {max_n}; got {value!r}",
-            code="invalid_header",
-        )
-    return count
-
-
-# ------------------------------------------------------------------------- answers back
-
-
-def _rerank_request(body: dict[str, Any]) -> tuple[str, list[str], int, bool]:
-    """``(query, document texts, top_n, return_documents)`` of a rerank request, or a 400.
-
-    Documents are strings, or objects whose ``text`` is ranked (with ``rank_fields``, those
-    fields, one ``name: value`` line each), as Cohere's and Jina's APIs take them.
-    """
-    query = body.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise APIError(400, "'query' must be a non-empty string", param="query")
-    documents = body.get("documents")
-    if not isinstance(documents, list) or not 1 <= len(documents) <= _MAX_RERANK_DOCUMENTS:
-        raise APIError(
-            400,
-            f"'documents' must be a list of 1 to {_MAX_RERANK_DOCUMENTS} strings or objects",
-            param="documents",
-        )
-    fields = body.get("rank_fields")
-    if fields is not None and (
-        not isinstance(fields, list) or not all(isinstance(f, str) for f in fields) or not fields
-    ):
-        raise APIError(400, "'rank_fields' must be a list of field names", param="rank_fields")
-    texts = []
-    for i, document in enumerate(documents):
-        if isinstance(document, str):
-            texts.append(document)
-            continue
-        if isinstance(document, dict):
-            if fields:
-                values = [(f, document.get(f)) for f in fields]
-                if all(isinstance(v, str) for _, v in values):
-                    texts.append("\n".join(f"{f}: {v}" for f, v in values))
-                    continue
-            elif isinstance(document.get("text"), str):
-                texts.append(document["text"])
-                continue
-        wanted = f"the fields {fields}" if fields else "a 'text' string"
-        raise APIError(
-            400,
-            f"documents[{i}] must be a string or an object with {wanted}",
-            param=f"documents[{i}]",
-        )
-    top_n = body.get("top_n")
-    if top_n is None:
-        top_n = len(texts)
-    elif isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-        raise APIError(400, "'top_n' must be a positive integer", param="top_n")
-    return_documents = body.get("return_documents")
-    if return_documents is not None and not isinstance(return_documents, bool):
-        raise APIError(400, "'return_documents' must be true or false", param="return_documents")
-    return query, texts, min(top_n, len(texts)), bool(return_documents)
-
-
-def _score_request(body: dict[str, Any]) -> list[tuple[str, str]]:
-    """The (instruction, response) pairs of a score request, or a 400: ``text_1`` a string
-    paired with every ``text_2``, or two lists of the same length paired in order."""
-    first, second = body.get("text_1"), body.get("text_2")
-
-    def texts(value: Any, name: str) -> list[str]:
-        items = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(items, list)
-            or not 1 <= len(items) <= _MAX_RERANK_DOCUMENTS
-            or not all(isinstance(t, str) for t in items)
-        ):
-            raise APIError(
-                400,
-                f"'{name}' must be a string or a list of 1 to {_MAX_RERANK_DOCUMENTS} strings",
-                param=name,
-            )
-        return items
-
-    instructions, responses = texts(first, "text_1"), texts(second, "text_2")
-    if isinstance(first, str):
-        return [(first, r) for r in responses]
-    if len(instructions) != len(responses):
-        raise APIError(
-            400,
-            f"'text_1' and 'text_2' are paired in order, so they must be as long as each other "
-            f"(or 'text_1' one string); got {len(instructions)} and {len(responses)}",
-            param="text_2",
-        )
-    return list(zip(instructions, responses, strict=True))
-
-
-def _message(choice: Mapping[str, Any]) -> Mapping[str, Any]:
-    message = choice.get("message")
-    return message if isinstance(message, Mapping) else {}
-
-
-def _has_tool_calls(choice: Mapping[str, Any]) -> bool:
-    message = _message(choice)
-    return bool(message.get("tool_calls") or message.get("function_call"))
-
-
-def _candidate_text(choice: Mapping[str, Any]) -> str:
-    """What the scorer reads for a candidate: its text content (or its refusal)."""
-    message = _message(choice)
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-        )
-    refusal = message.get("refusal")
-    return refusal if isinstance(refusal, str) else ""
-
-
-def _add_usage(total: dict[str, Any], part: Mapping[str, Any]) -> None:
-    for key, value in part.items():
-        if isinstance(value, bool):
-            total.setdefault(key, value)
-        elif isinstance(value, int | float):
-            current = total.get(key)
-            total[key] = (current if isinstance(current, int | float) else 0) + value
-        elif isinstance(value, Mapping):
-            nested = total.get(key)
-            if not isinstance(nested, dict):
-                nested = total[key] = {}
-            _add_usage(nested, value)
-        else:
-            total.setdefault(key, value)
-
-
-def _summed_usage(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The ``usage`` of every reply added up, nested details included; ``None`` if none had one."""
-    usages = [r["usage"] for r in replies if isinstance(r.get("usage"), Mapping)]
-    if not usages:
-        return None
-    total: dict[str, Any] = {}
-    for usage in usages:
-        _add_usage(total, usage)
-    return total
-
-
-@dataclass
-class _Replies:
-    """The upstream replies behind one request's candidates (for usage, rate-limit headers and
-    the completion's own fields)."""
-
-    replies: list[dict[str, Any]] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def add(self, reply: dict[str, Any], headers: httpx2.Headers) -> None:
-        self.replies.append(reply)
-        # Rate-limit headers describe the latest state of the caller's quota: keep the latest.
-        self.headers.update(
-            {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
-        )
 
 
 @dataclass
@@ -618,120 +162,6 @@ class _UpstreamFailure(Exception):
         # Read by capplug.llms.retry (is_retryable, status_of) as the error's own.
         self.is_retryable = is_retryable(error)
         self.status_code = status_of(error)
-
-
-class _RetryAfter(Exception):
-    """Carries a response's headers to :func:`retry_after_seconds`, which reads ``.headers``."""
-
-    def __init__(self, headers: httpx2.Headers) -> None:
-        super().__init__()
-        self.headers = headers
-
-
-def _status_error(response: httpx2.Response) -> UpstreamHTTPError:
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
-    message = None
-    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
-        message = body["error"].get("message")
-    if not isinstance(message, str) or not message:
-        text = body if isinstance(body, str) else json.dumps(body)
-        message = " ".join(text.split())[:300] or response.reason_phrase or "no message"
-    return UpstreamHTTPError(
-        response.status_code,
-        message,
-        retry_after=retry_after_seconds(_RetryAfter(response.headers)),
-        body=body,
-    )
-
-
-def _chat_completion(response: httpx2.Response) -> dict[str, Any]:
-    """The body of a successful chat-completions answer; raises for anything else."""
-    if response.status_code >= 400:
-        raise _status_error(response)
-    snippet = " ".join(response.text[:200].split())
-    try:
-        body = response.json()
-    except ValueError:
-        raise UpstreamHTTPError(
-            0,
-            f"upstream answered {response.status_code} with a body that is not JSON: {snippet!r}",
-        ) from None
-    choices = body.get("choices") if isinstance(body, dict) else None
-    if (
-        not isinstance(choices, list)
-        or not choices
-        or not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
-    ):
-        raise UpstreamHTTPError(
-            0,
-            f"upstream answered {response.status_code} with JSON that is not a chat completion "
-            f"(no choices with a message): {snippet!r}",
-        )
-    return body
-
-
-def _single(payload: dict[str, Any], k: int) -> dict[str, Any]:
-    """The ``k``-th single request standing in for ``n``: a request's seed becomes seed + k, so
-    the candidates differ from one another and the same request still draws the same ones."""
-    seed = payload.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return {**payload, "seed": seed + k}
-    return payload
-
-
-def _chunks(
-    reply: Mapping[str, Any],
-    choices: Sequence[Mapping[str, Any]],
-    usage: dict[str, Any] | None,
-    meta: dict[str, Any],
-    *,
-    include_usage: bool,
-) -> Iterator[str]:
-    """Server-sent ``chat.completion.chunk`` events for whole ``choices``, then ``[DONE]``."""
-    head = {
-        "id": reply.get("id"),
-        "object": "chat.completion.chunk",
-        "created": reply.get("created", int(time.time())),
-        "model": reply.get("model"),
-    }
-    for key in ("system_fingerprint", "service_tier"):
-        if key in reply:
-            head[key] = reply[key]
-
-    def event(chunk_choices: list[dict[str, Any]], **extra: Any) -> str:
-        chunk = {**head, "choices": chunk_choices, **extra}
-        if include_usage:
-            chunk.setdefault("usage", None)
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-    def delta(index: int, content: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": None, **extra}
-
-    for index, choice in enumerate(choices):
-        message = _message(choice)
-        first = delta(index, {"role": message.get("role") or "assistant", "content": ""})
-        yield event([first], capplug=meta) if index == 0 else event([first])
-        content = message.get("content")
-        if isinstance(content, str) and content:
-            yield event([delta(index, {"content": content}, logprobs=choice.get("logprobs"))])
-        if message.get("refusal"):
-            yield event([delta(index, {"refusal": message["refusal"]})])
-        if message.get("tool_calls"):
-            calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-            yield event([delta(index, {"tool_calls": calls})])
-        if message.get("function_call"):
-            yield event([delta(index, {"function_call": message["function_call"]})])
-        finish = choice.get("finish_reason") or "stop"
-        yield event([delta(index, {}, finish_reason=finish)])
-    if include_usage:
-        yield event([], usage=usage)
-    yield "data: [DONE]\n\n"
-
-
-# --------------------------------------------------------------------------------- proxy
 
 
 class _Quirks:
@@ -814,7 +244,7 @@ class _Proxy:
         self.sampling_temperature = sampling_temperature
         self.max_connections = max_connections
         self.transport = transport
-        self.metrics = _Metrics()
+        self.metrics = ProxyMetrics()
         self.scoring = ScoringQueue(scorer)
         self.feedback = feedback
         self.combiner = combiner_of(scorer)
@@ -829,7 +259,7 @@ class _Proxy:
         self, chained: Callable[[RetryEvent], None] | None
     ) -> Callable[[RetryEvent], None]:
         def on_retry(event: RetryEvent) -> None:
-            self.metrics.upstream_retries.labels(_reason(event.error)).inc()
+            self.metrics.upstream_retries.labels(failure_reason(event.error)).inc()
             if chained is not None:
                 chained(event)
 
@@ -892,7 +322,7 @@ class _Proxy:
             async with budget.attempt():
                 self.metrics.upstream_requests.labels("rerank").inc()
                 response = await self.client().post(self.chat_url, content=content, headers=headers)
-                return _chat_completion(response), response.headers
+                return chat_completion(response), response.headers
 
         try:
             return await self.retry.acall(attempt)
@@ -901,7 +331,7 @@ class _Proxy:
             error = spent.last or spent
             raise _UpstreamFailure(error, budget.started) from error
         except Exception as error:
-            self.metrics.upstream_failures.labels(_reason(error)).inc()
+            self.metrics.upstream_failures.labels(failure_reason(error)).inc()
             raise _UpstreamFailure(error, budget.started) from error
 
     async def collect(
@@ -911,13 +341,13 @@ class _Proxy:
         n: int,
         model: str,
         budget: AttemptBudget,
-    ) -> tuple[Collected[dict[str, Any]], _Replies]:
+    ) -> tuple[Collected[dict[str, Any]], Replies]:
         """``n`` candidates by capplug's one policy (:mod:`capplug.llms.collect`); a model known
         to refuse or ignore ``n`` gets single requests only. Raises when none arrived."""
-        replies = _Replies()
+        replies = Replies()
 
         async def call(count: int | None, k: int) -> list[dict[str, Any]]:
-            body = {**payload, "n": count} if count else _single(payload, k)
+            body = {**payload, "n": count} if count else single_request(payload, k)
             reply, reply_headers = await self.call(body, headers, budget)
             replies.add(reply, reply_headers)
             return reply["choices"][: count or 1]
@@ -940,8 +370,8 @@ class _Proxy:
 
     async def select(self, instruction: str, choices: list[dict[str, Any]]) -> _Selection:
         """The selection core's choice among ``choices``, and the order to return them in."""
-        texts = [_candidate_text(c) for c in choices]
-        order = tool_call_order([_has_tool_calls(c) for c in choices])
+        texts = [candidate_text(c) for c in choices]
+        order = tool_call_order([has_tool_calls(c) for c in choices])
         if order is not None:
             return _Selection(order, unscored_metadata(texts, order, TOOL_CALLS_UNSCORED))
         unique, where = distinct(texts)
@@ -975,7 +405,7 @@ class _Proxy:
     # ------------------------------------------------------------------ routes
 
     async def chat_completions(self, request: Request) -> Response:
-        if _header_flag(request.headers, "X-Capplug-Disable"):
+        if header_flag(request.headers, "X-Capplug-Disable"):
             return await self.passthrough(request)
         body = read_json_object(
             await request.body(),
@@ -985,10 +415,10 @@ class _Proxy:
         return await unless_disconnected(request, self._rerank(request, body))
 
     async def _rerank(self, request: Request, body: dict[str, Any]) -> Response:
-        instruction = _instruction(body)
-        want = _choices_wanted(body, self.max_n)
-        n = max(want, _header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
-        stream, include_usage = _stream_flag(body)
+        instruction = instruction_of(body)
+        want = choices_wanted(body, self.max_n)
+        n = max(want, header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
+        stream, include_usage = stream_flag(body)
         payload = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}
         temperature = payload.get("temperature")
         if (
@@ -1056,7 +486,7 @@ class _Proxy:
             "upstream_seconds": round(upstream_seconds, 6),
             "scoring_seconds": round(selection.seconds, 6),
         }
-        usage = _summed_usage(replies.replies)
+        usage = summed_usage(replies.replies)
         returned = [{**choices[i], "index": j} for j, i in enumerate(order)]
         if not client_logprobs:
             returned = [{**c, "logprobs": None} for c in returned]
@@ -1067,7 +497,7 @@ class _Proxy:
         }
         setattr(
             request.state,
-            _TIMING_KEY,
+            TIMING_KEY,
             [("upstream", upstream_seconds), ("scoring", selection.seconds)],
         )
         logger.debug(
@@ -1081,7 +511,7 @@ class _Proxy:
         first = replies.replies[0]
         if stream:
             return StreamingResponse(
-                _chunks(first, returned, usage, meta, include_usage=include_usage),
+                completion_chunks(first, returned, usage, meta, include_usage=include_usage),
                 media_type="text/event-stream",
                 headers={**headers_out, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -1115,7 +545,7 @@ class _Proxy:
         ):
             # The upstream refused the request itself (bad model, bad key, ...): its answer, as is.
             return _Relayed(error)
-        timed_out = _is_timeout(error)
+        timed_out = is_timeout(error)
         tries = f"{failure.attempts} attempt" + ("s" if failure.attempts != 1 else "")
         if failure.calls > 1:
             what = f"all {failure.calls} candidate requests failed ({tries} in all)"
@@ -1151,7 +581,7 @@ class _Proxy:
             ) from error
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
-        setattr(request.state, _TIMING_KEY, [("scoring", seconds)])
+        setattr(request.state, TIMING_KEY, [("scoring", seconds)])
         return result
 
     async def rerank(self, request: Request) -> Response:
@@ -1159,7 +589,7 @@ class _Proxy:
         body = read_json_object(
             await request.body(), what="a JSON object with 'query' and 'documents'"
         )
-        query, texts, top_n, return_documents = _rerank_request(body)
+        query, texts, top_n, return_documents = rerank_request(body)
         scores = await self._scored(request, self.scoring.score(query, texts), "rerank")
         order = sorted(range(len(texts)), key=lambda i: -scores[i])[:top_n]  # stable on ties
         results: list[dict[str, Any]] = []
@@ -1184,7 +614,7 @@ class _Proxy:
         body = read_json_object(
             await request.body(), what="a JSON object with 'text_1' and 'text_2'"
         )
-        pairs = _score_request(body)
+        pairs = score_request(body)
         by_instruction: dict[str, list[int]] = {}
         for i, (instruction, _) in enumerate(pairs):
             by_instruction.setdefault(instruction, []).append(i)
@@ -1230,8 +660,8 @@ class _Proxy:
         try:
             response = await client.send(upstream_request, stream=True)
         except httpx2.TransportError as error:
-            self.metrics.upstream_failures.labels(_reason(error)).inc()
-            timed_out = _is_timeout(error)
+            self.metrics.upstream_failures.labels(failure_reason(error)).inc()
+            timed_out = is_timeout(error)
             raise APIError(
                 504 if timed_out else 502,
                 f"the upstream {self.name} did not answer: {describe_error(error)}",
@@ -1430,7 +860,7 @@ def create_proxy_app(
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers, what="proxy key")
     # Outermost: refused and oversized requests are counted too.
-    app.add_middleware(_Metered, metrics=proxy.metrics)
+    app.add_middleware(Metered, metrics=proxy.metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -1440,7 +870,7 @@ def create_proxy_app(
     async def metrics() -> Response:
         return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(_CHAT_PATH, response_model=None)
+    @app.post(CHAT_PATH, response_model=None)
     async def chat_completions(request: Request) -> Response:
         return await proxy.chat_completions(request)
 

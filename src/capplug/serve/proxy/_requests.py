@@ -1,0 +1,197 @@
+"""Reading what a client asked the proxy: the conversation, n, streaming, headers, rerank and score bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from capplug.chat import flatten_chat
+from capplug.serve._http import (
+    APIError,
+)
+
+CHAT_PATH = "/v1/chat/completions"
+MAX_RERANK_DOCUMENTS = 1000
+
+
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+
+
+FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
+
+
+def instruction_of(body: dict[str, Any]) -> str:
+    """The conversation as the scorer reads it; raises a 400 naming what is wrong."""
+    if "messages" not in body:
+        raise APIError(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise APIError(
+            400,
+            "Invalid value for 'messages': give a non-empty list of "
+            "{'role': ..., 'content': ...} objects",
+            param="messages",
+            code="invalid_value",
+        )
+    try:
+        return flatten_chat(messages, argument="messages")
+    except (TypeError, ValueError) as error:
+        raise APIError(
+            400, f"Invalid value for 'messages': {error}", param="messages", code="invalid_value"
+        ) from error
+
+
+def choices_wanted(body: dict[str, Any], max_n: int) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise APIError(
+            400,
+            f"Invalid value for 'n': give a whole number >= 1; got {n!r}",
+            param="n",
+            code="invalid_value",
+        )
+    if n > max_n:
+        raise APIError(
+            400,
+            f"Invalid value for 'n': this proxy returns at most {max_n} choices; got {n}",
+            param="n",
+            code="invalid_value",
+        )
+    return n
+
+
+def stream_flag(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` from the request."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(
+            400,
+            f"Invalid value for 'stream': give true or false; got {stream!r}",
+            param="stream",
+            code="invalid_value",
+        )
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return bool(stream), bool(stream) and include_usage
+
+
+def header_flag(headers: Headers, name: str) -> bool:
+    value = headers.get(name, "").strip().lower()
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise APIError(
+        400,
+        f"header {name} must be 1, true or yes (or 0, false, no); got {value!r}",
+        code="invalid_header",
+    )
+
+
+def header_count(headers: Headers, name: str, max_n: int) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        count = int(value.strip())
+    except ValueError:
+        count = 0
+    if not 1 <= count <= max_n:
+        raise APIError(
+            400,
+            f"header {name} must be a whole number from 1 to {max_n}; got {value!r}",
+            code="invalid_header",
+        )
+    return count
+
+
+def rerank_request(body: dict[str, Any]) -> tuple[str, list[str], int, bool]:
+    """``(query, document texts, top_n, return_documents)`` of a rerank request, or a 400.
+
+    Documents are strings, or objects whose ``text`` is ranked (with ``rank_fields``, those
+    fields, one ``name: value`` line each), as Cohere's and Jina's APIs take them.
+    """
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise APIError(400, "'query' must be a non-empty string", param="query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not 1 <= len(documents) <= MAX_RERANK_DOCUMENTS:
+        raise APIError(
+            400,
+            f"'documents' must be a list of 1 to {MAX_RERANK_DOCUMENTS} strings or objects",
+            param="documents",
+        )
+    fields = body.get("rank_fields")
+    if fields is not None and (
+        not isinstance(fields, list) or not all(isinstance(f, str) for f in fields) or not fields
+    ):
+        raise APIError(400, "'rank_fields' must be a list of field names", param="rank_fields")
+    texts = []
+    for i, document in enumerate(documents):
+        if isinstance(document, str):
+            texts.append(document)
+            continue
+        if isinstance(document, dict):
+            if fields:
+                values = [(f, document.get(f)) for f in fields]
+                if all(isinstance(v, str) for _, v in values):
+                    texts.append("\n".join(f"{f}: {v}" for f, v in values))
+                    continue
+            elif isinstance(document.get("text"), str):
+                texts.append(document["text"])
+                continue
+        wanted = f"the fields {fields}" if fields else "a 'text' string"
+        raise APIError(
+            400,
+            f"documents[{i}] must be a string or an object with {wanted}",
+            param=f"documents[{i}]",
+        )
+    top_n = body.get("top_n")
+    if top_n is None:
+        top_n = len(texts)
+    elif isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise APIError(400, "'top_n' must be a positive integer", param="top_n")
+    return_documents = body.get("return_documents")
+    if return_documents is not None and not isinstance(return_documents, bool):
+        raise APIError(400, "'return_documents' must be true or false", param="return_documents")
+    return query, texts, min(top_n, len(texts)), bool(return_documents)
+
+
+def score_request(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (instruction, response) pairs of a score request, or a 400: ``text_1`` a string
+    paired with every ``text_2``, or two lists of the same length paired in order."""
+    first, second = body.get("text_1"), body.get("text_2")
+
+    def texts(value: Any, name: str) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(items, list)
+            or not 1 <= len(items) <= MAX_RERANK_DOCUMENTS
+            or not all(isinstance(t, str) for t in items)
+        ):
+            raise APIError(
+                400,
+                f"'{name}' must be a string or a list of 1 to {MAX_RERANK_DOCUMENTS} strings",
+                param=name,
+            )
+        return items
+
+    instructions, responses = texts(first, "text_1"), texts(second, "text_2")
+    if isinstance(first, str):
+        return [(first, r) for r in responses]
+    if len(instructions) != len(responses):
+        raise APIError(
+            400,
+            f"'text_1' and 'text_2' are paired in order, so they must be as long as each other "
+            f"(or 'text_1' one string); got {len(instructions)} and {len(responses)}",
+            param="text_2",
+        )
+    return list(zip(instructions, responses, strict=True))
