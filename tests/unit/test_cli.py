@@ -177,6 +177,8 @@ def test_adapt_trains_on_reference_rows_and_reports_before_and_after(
     )
     assert code == 0
     assert "held-out before training: loss" in out and "rank_loss" in out
+    assert "guard: " in out  # the adapted scorer is compared with the starting one
+    assert set(json.loads((out_dir / "guard.json").read_text())) >= {"use", "reason", "examples"}
     summary = json.loads((out_dir / "training_summary.json").read_text())
     assert summary["metrics_before"]["loss"] > 0 and summary["train_pairs"] > 0
     assert summary["config"]["rank_weight"] == 0.5
@@ -272,3 +274,27 @@ def test_store_commands_run_under_capplug_store(
 ) -> None:
     code, out, err = run(capsys, "store", "list", "--store", str(tmp_path / "nowhere"))
     assert code == 2 and "nowhere" in err and out == ""
+
+
+def test_adapt_from_feedback_trains_on_judged_selections_and_guards_them(
+    tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capplug.feedback import FeedbackStore
+
+    db = tmp_path / "feedback.sqlite3"
+    out_dir = tmp_path / "adapted"
+    adapt = ("adapt", "--scorer", str(tiny_bert_scorer), "--from-feedback", "--out", str(out_dir))
+    code, _, err = run(capsys, *adapt, "--db", str(db))
+    assert code == 2 and "no feedback store" in err
+    store = FeedbackStore(db)
+    code, _, err = run(capsys, *adapt, "--db", str(db))
+    assert code == 2 and "no judged selection yet" in err and not out_dir.exists()
+    for i in range(30):
+        sid = store.record(f"what is {i % 5} plus one ?", ["cat dog", "the answer is one"], 0)
+        store.add(sid, preferred=1)
+    code, out, _ = run(capsys, *adapt, "--db", str(db), "--epochs", "1", "--heldout", "0.3")
+    assert code == 0 and "guard: " in out
+    report = json.loads((out_dir / "guard.json").read_text())
+    assert report["examples"] > 0 and isinstance(report["use"], bool)
+    code, _, err = run(capsys, "adapt", "--data", "x.jsonl", "--db", str(db), "--out", "o")
+    assert code == 2 and "--db goes with --from-feedback" in err

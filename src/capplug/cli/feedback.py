@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "open_store"]
 
 
 def add_parser(sub: Any) -> None:
@@ -61,12 +61,18 @@ def add_parser(sub: Any) -> None:
     feedback.set_defaults(run=lambda _args: feedback.print_help() or 2)
 
 
-def _store(args: argparse.Namespace, *, existing: bool = True) -> Any:
+def _store(args: argparse.Namespace) -> Any:
+    return open_store(args.db)
+
+
+def open_store(db: str | None) -> Any:
+    """The feedback store at ``db`` (default: the default file); a clear error if it is not
+    there yet, rather than an empty new one."""
     from capplug.errors import FeedbackError
     from capplug.feedback import FeedbackStore, default_feedback_path
 
-    path = args.db or default_feedback_path()
-    if existing and not Path(path).expanduser().is_file():
+    path = db or default_feedback_path()
+    if not Path(path).expanduser().is_file():
         raise FeedbackError(
             f"no feedback store at {path}; run the proxy with --feedback (or a "
             "Reranker(feedback=True)) to record selections"

@@ -43,7 +43,10 @@ def add_parser(sub: Any) -> None:
         description=(
             "Adapt a scorer to your task. Rows (JSONL, CSV or Parquet) hold 'instruction', "
             "'response' and either 'label' in [0, 1] or 'reference' (the correct answer; the label "
-            "becomes Rouge-L against it). Every row is checked before training starts."
+            "becomes Rouge-L against it). Every row is checked before training starts. With "
+            "--from-feedback the rows are the judged selections of a feedback store. After "
+            "training, a guard compares the adapted scorer's picks with the starting scorer's "
+            "on the held-out examples and says whether to use it (guard.json in --out)."
         ),
     )
     adapt.add_argument(
@@ -52,7 +55,19 @@ def add_parser(sub: Any) -> None:
         metavar="REF",
         help=f"scorer to start from (default: {DEFAULT_SCORER})",
     )
-    adapt.add_argument("--data", required=True, metavar="FILE", help="your labelled rows")
+    source = adapt.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="FILE", help="your labelled rows")
+    source.add_argument(
+        "--from-feedback",
+        action="store_true",
+        help="train on the judged selections of the feedback store (--db)",
+    )
+    adapt.add_argument(
+        "--db",
+        metavar="FILE",
+        help="with --from-feedback: the feedback store (default: $CAPPLUG_FEEDBACK_DB or "
+        "feedback.sqlite3 in the capplug home)",
+    )
     adapt.add_argument(
         "--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model"
     )
@@ -159,12 +174,17 @@ def _train_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str) -> int:
-    from capplug.data.rows import read_labelled_pairs
+def _run_training(
+    args: argparse.Namespace,
+    scorer_loader: Any,
+    description: str,
+    *,
+    guarded: bool = False,
+) -> int:
     from capplug.scoring.train import format_metrics, split_heldout, train_scorer
 
     config = _train_config(args)
-    pairs = read_labelled_pairs(args.data)  # every row is checked before a model loads
+    pairs = _labelled_pairs(args)  # every row is checked before a model loads
     train_pairs, heldout = split_heldout(pairs, fraction=args.heldout, seed=args.seed)
     scorer = scorer_loader()
     result = train_scorer(
@@ -181,8 +201,46 @@ def _run_training(args: argparse.Namespace, scorer_loader: Any, description: str
     )
     if result.metrics_before:
         print(f"held-out before training: {format_metrics(result.metrics_before)}")
+    if guarded:
+        _guard(scorer_loader, result.out_dir, heldout)
     print(result.out_dir)
     return 0
+
+
+def _labelled_pairs(args: argparse.Namespace) -> Any:
+    """The rows to train on: ``--data``, or with ``--from-feedback`` the judged selections."""
+    import tempfile
+    from pathlib import Path
+
+    from capplug.data.rows import read_labelled_pairs
+
+    if not getattr(args, "from_feedback", False):
+        return read_labelled_pairs(args.data)
+    from capplug.cli.feedback import open_store
+
+    store = open_store(args.db)
+    with tempfile.TemporaryDirectory(prefix="capplug-feedback-") as tmp:
+        rows = Path(tmp) / "feedback.jsonl"
+        if store.export(rows) == 0:
+            raise UsageError(
+                f"the feedback store {store.path} holds no judged selection yet; judge some "
+                "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
+            )
+        return read_labelled_pairs(rows)
+
+
+def _guard(scorer_loader: Any, out_dir: Any, heldout: Any) -> None:
+    """Compare the adapted scorer with the starting one on the held-out examples; the verdict
+    goes to the terminal and to ``guard.json`` in the run folder."""
+    import json
+
+    from capplug.scoring import Scorer
+    from capplug.scoring.guard import guard
+
+    report = guard(scorer_loader(), Scorer.from_pretrained(out_dir), heldout)
+    (out_dir / "guard.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    verdict = "use it" if report.use else "do not use it"
+    print(f"guard: {report.reason}; {verdict}")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -198,10 +256,14 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_adapt(args: argparse.Namespace) -> int:
     from capplug.scoring import Scorer
 
+    if args.db is not None and not args.from_feedback:
+        raise UsageError("--db goes with --from-feedback")
+    data = "judged selections of the feedback store" if args.from_feedback else args.data
     return _run_training(
         args,
         lambda: Scorer.from_pretrained(args.scorer, device=args.device),
-        f"{args.data} (adapted from {args.scorer})",
+        f"{data} (adapted from {args.scorer})",
+        guarded=True,
     )
 
 
