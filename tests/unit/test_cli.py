@@ -298,3 +298,21 @@ def test_adapt_from_feedback_trains_on_judged_selections_and_guards_them(
     assert report["examples"] > 0 and isinstance(report["use"], bool)
     code, _, err = run(capsys, "adapt", "--data", "x.jsonl", "--db", str(db), "--out", "o")
     assert code == 2 and "--db goes with --from-feedback" in err
+
+
+def test_version_log_level_and_quiet(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import capplug
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --quiet sets it; restored afterwards
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == (
+        f"capplug {capplug.__version__}"
+    )
+    with pytest.raises(SystemExit):
+        main(["--log-level", "loud", "models", "list"])
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+    assert main(["--quiet", "models", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@
 - ``store``: ``capplug store list | show | lookup | create | import | rm | gc | verify`` (also
   under ``capplug adapters``, where they were first);
 - ``feedback``: ``capplug feedback stats | show | add | export``;
+- ``mcp``: ``capplug mcp``, the selection tools over the Model Context Protocol;
 - ``_common``: the options and the usage error the groups share.
 
 Importing this package never imports torch; each command imports what it needs when it runs.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from capplug.cli import adapters, data, feedback, models, score, serve, store, training
+from capplug import __version__
+from capplug.cli import adapters, data, feedback, mcp, models, score, serve, store, training
 from capplug.cli._common import UsageError
 from capplug.errors import CapplugError
 
@@ -18,7 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``capplug`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    level = "ERROR" if args.quiet else args.log_level.upper()
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # progress bars (tqdm) stay quiet too
+    logging.basicConfig(level=getattr(logging, level), format="%(message)s")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -40,7 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capplug",
         description="Score and rerank LLM responses with a small cross-encoder.",
     )
+    parser.add_argument("--version", action="version", version=f"capplug {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="what capplug logs to standard error (default: warning)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="errors only: no warnings, no progress bars"
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for group in (score, training, data, models, serve, adapters, store, feedback):
+    for group in (score, training, data, models, serve, adapters, store, feedback, mcp):
         group.add_parser(sub)
     return parser

@@ -1,0 +1,147 @@
+"""``capplug mcp``: capplug's selection as Model Context Protocol tools (the official ``mcp`` SDK).
+
+An agent or an MCP client (Claude Desktop, an IDE, the SDK's own client) starts the server over
+stdio and calls:
+
+- ``score``: the scorer's score in [0, 1] of each response to an instruction;
+- ``rank``: candidates best first through capplug's selection core (the scorer, agreement among
+  the candidates, and log-probabilities when given), with each one's signals;
+- ``select``: the best candidate, its index, fused score and signals; with a feedback store, its
+  ``selection_id`` too;
+- ``judge`` (with a feedback store): a label, a preferred candidate or a reference for a
+  recorded selection;
+- ``lookup_adapter`` (with an adapter store): the stored adapters closest to an instruction.
+
+Bad arguments come back as tool errors (``isError``) whose text names the argument; the server
+keeps running. Needs ``pip install 'capplug[mcp]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["create_mcp_server"]
+
+INSTRUCTIONS = (
+    "capplug judges candidate answers: give it an instruction and several candidate responses "
+    "(say, n samples from a model) and it ranks them or picks the best, fusing a small "
+    "cross-encoder's score with the candidates' agreement and, when given, their "
+    "log-probabilities."
+)
+
+
+def create_mcp_server(
+    *,
+    scorer: Any = None,
+    feedback: Any = None,
+    store: str | os.PathLike[str] | None = None,
+    base_model: str | None = None,
+) -> Any:
+    """A ``FastMCP`` server with capplug's tools (see the module docstring).
+
+    Args:
+        scorer: a :class:`capplug.Reranker`, a :class:`capplug.Scorer`, a reference, or
+            ``None`` for the bundled default.
+        feedback: a feedback store (or a path, or ``True`` for the default file): ``select``
+            records each choice and ``judge`` takes judgements.
+        store: an adapter store folder: adds ``lookup_adapter``.
+        base_model: the store's base model (default: the store's default).
+    """
+    try:
+        from mcp.server.fastmcp import FastMCP
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"`capplug mcp` needs the MCP SDK: pip install 'capplug[mcp]' ({exc})"
+        ) from exc
+    from capplug.feedback import as_feedback_store
+    from capplug.models import DEFAULT_SCORER
+    from capplug.selection import Reranker
+
+    if isinstance(scorer, Reranker):
+        reranker = scorer
+    else:
+        reranker = Reranker(scorer if scorer is not None else DEFAULT_SCORER)
+    feedback_store = as_feedback_store(feedback)
+    if feedback_store is not None:
+        reranker.feedback = feedback_store
+    feedback_store = reranker.feedback
+    server = FastMCP("capplug", instructions=INSTRUCTIONS)
+
+    @server.tool()
+    def score(instruction: str, responses: list[str]) -> list[float]:
+        """How well each response answers the instruction, in [0, 1] (higher is better)."""
+        return [float(s) for s in reranker.scorer.score(instruction, responses)]
+
+    @server.tool()
+    def rank(
+        instruction: str,
+        candidates: list[str],
+        logprobs: list[float] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Candidates best first: each one's index into ``candidates``, the fused probability
+        that it is the best, and its raw signals. ``logprobs``: each candidate's summed token
+        log-probability, when the model that wrote them gives them."""
+        ranked = reranker.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
+        return [
+            {"index": c.index, "response": c.response, "score": c.score, "signals": dict(c.signals)}
+            for c in ranked
+        ]
+
+    @server.tool()
+    def select(
+        instruction: str, candidates: list[str], logprobs: list[float] | None = None
+    ) -> dict[str, Any]:
+        """The best candidate: its index into ``candidates``, the response, the fused score and
+        signals, and (when the server records selections) the ``selection_id`` to judge."""
+        chosen = reranker.select(instruction, candidates, logprobs=logprobs)
+        return {
+            "index": chosen.index,
+            "response": chosen.response,
+            "score": chosen.score,
+            "signals": dict(chosen.signals),
+            "selection_id": chosen.id,
+        }
+
+    if feedback_store is not None:
+
+        @server.tool()
+        def judge(
+            selection_id: str,
+            label: float | None = None,
+            candidate: int | None = None,
+            preferred: int | None = None,
+            reference: str | None = None,
+        ) -> dict[str, Any]:
+            """Judge a recorded selection: exactly one of ``label`` (in [0, 1], for
+            ``candidate`` or else the chosen one), ``preferred`` (a candidate index) or
+            ``reference`` (the wanted answer)."""
+            return feedback_store.add(
+                selection_id,
+                label=label,
+                candidate=candidate,
+                preferred=preferred,
+                reference=reference,
+                source="mcp",
+            ).to_dict()
+
+    if store is not None:
+        from capplug.adapters import AdapterStore
+
+        adapters = AdapterStore(store, **({"base_model": base_model} if base_model else {}))
+
+        @server.tool()
+        def lookup_adapter(instruction: str, k: int = 3) -> list[dict[str, Any]]:
+            """The stored LoRA adapters whose instructions are closest to ``instruction``,
+            best first, with their similarity in [0, 1]."""
+            return [
+                {
+                    "id": m.record.id,
+                    "instruction": m.record.instruction,
+                    "similarity": m.similarity,
+                }
+                for m in adapters.lookup(instruction, k=k)
+            ]
+
+    return server

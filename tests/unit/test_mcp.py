@@ -1,0 +1,80 @@
+"""``capplug mcp``, driven by the MCP SDK's own client over stdio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+mcp = pytest.importorskip("mcp")
+from mcp import ClientSession, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+
+from capplug.feedback import FeedbackStore  # noqa: E402
+
+
+async def _session(args: list[str], work) -> object:
+    params = StdioServerParameters(command=sys.executable, args=["-m", "capplug.cli", "mcp", *args])
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        return await work(session)
+
+
+def _json(result) -> object:
+    assert not result.isError, result.content
+    return result.structuredContent.get("result", result.structuredContent)
+
+
+def test_the_tools_answer_an_mcp_client(tiny_bert_scorer: Path, tmp_path: Path) -> None:
+    db = tmp_path / "feedback.sqlite3"
+
+    async def work(session):
+        tools = {t.name for t in (await session.list_tools()).tools}
+        scores = _json(
+            await session.call_tool("score", {"instruction": "q", "responses": ["a", "b"]})
+        )
+        chosen = _json(
+            await session.call_tool(
+                "select",
+                {"instruction": "q", "candidates": ["a", "b", "b"], "logprobs": [-1, -2, -2]},
+            )
+        )
+        ranked = _json(
+            await session.call_tool("rank", {"instruction": "q", "candidates": ["a", "b"]})
+        )
+        judged = _json(
+            await session.call_tool(
+                "judge", {"selection_id": chosen["selection_id"], "preferred": 0}
+            )
+        )
+        bad = await session.call_tool("select", {"instruction": "q", "candidates": []})
+        wrong = await session.call_tool("judge", {"selection_id": "sel_nope", "label": 1.0})
+        return tools, scores, chosen, ranked, judged, bad, wrong
+
+    tools, scores, chosen, ranked, judged, bad, wrong = asyncio.run(
+        _session(["--scorer", str(tiny_bert_scorer), "--feedback", str(db)], work)
+    )
+    assert tools == {"score", "rank", "select", "judge"}
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert chosen["response"] in ("a", "b") and chosen["selection_id"].startswith("sel_")
+    assert sorted(r["index"] for r in ranked) == [0, 1]
+    assert judged["kind"] == "preferred" and judged["source"] == "mcp"
+    # Bad arguments are tool errors naming the problem; the server keeps answering.
+    assert bad.isError and "candidates" in bad.content[0].text
+    assert wrong.isError and "sel_nope" in wrong.content[0].text
+    assert FeedbackStore(db).selection(chosen["selection_id"])["judgements"][0]["candidate"] == 0
+    json.dumps(chosen)  # plain JSON
+
+
+def test_without_a_feedback_store_there_is_no_judge_tool(tiny_bert_scorer: Path) -> None:
+    async def work(session):
+        return {t.name for t in (await session.list_tools()).tools}
+
+    assert asyncio.run(_session(["--scorer", str(tiny_bert_scorer)], work)) == {
+        "score",
+        "rank",
+        "select",
+    }
