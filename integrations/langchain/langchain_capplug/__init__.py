@@ -5,7 +5,8 @@
   ``langchain``).
 - :class:`CappyScoreCallbackHandler` / :class:`AsyncCappyScoreCallbackHandler`: observe-only
   scores of every generation.
-- :class:`CappyCrossEncoder`: the scorer for ``CrossEncoderReranker``;
+- :class:`CappyCrossEncoder`: the scorer for ``CrossEncoderReranker``; :class:`CappyReranker`:
+  a document compressor that keeps the best documents with their ``relevance_score``;
   :class:`BestGenerationParser`: the best of several generations.
 """
 
@@ -19,7 +20,7 @@ from langchain_capplug.callbacks import (
     ScoreRecord,
 )
 from langchain_capplug.chat_models import CappyBestOfN
-from langchain_capplug.cross_encoders import BestGenerationParser, CappyCrossEncoder
+from langchain_capplug.cross_encoders import BestGenerationParser, CappyCrossEncoder, CappyReranker
 
 __all__ = [
     "AsyncCappyScoreCallbackHandler",
@@ -27,6 +28,7 @@ __all__ = [
     "CappyBestOfN",
     "CappyBestOfNMiddleware",
     "CappyCrossEncoder",
+    "CappyReranker",
     "CappyScoreCallbackHandler",
     "ScoreRecord",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from langchain_core.callbacks import Callbacks
 from langchain_core.cross_encoders import BaseCrossEncoder
+from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import BaseGenerationOutputParser
 from langchain_core.outputs import ChatGeneration, Generation
@@ -13,7 +16,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from langchain_capplug._sampling import candidate_text
 from langchain_capplug._selection import load_reranker, load_scorer, message_logprobs
 
-__all__ = ["BestGenerationParser", "CappyCrossEncoder"]
+__all__ = ["BestGenerationParser", "CappyCrossEncoder", "CappyReranker"]
 
 
 class CappyCrossEncoder(BaseCrossEncoder):
@@ -40,6 +43,45 @@ class CappyCrossEncoder(BaseCrossEncoder):
                 raise TypeError(f"text_pairs[{i}] must be a (query, text) pair; got {pair!r}")
             pairs.append((pair[0], pair[1]))
         return [float(s) for s in self.scorer.score_pairs(pairs)]
+
+
+class CappyReranker(BaseDocumentCompressor):
+    """Reorders retrieved documents by capplug's scorer and keeps the ``top_n`` best, each with
+    its score in ``metadata["relevance_score"]`` (as LangChain's Cohere and Jina rerankers do,
+    which ``CrossEncoderReranker`` does not). A drop-in for ``ContextualCompressionRetriever``:
+
+    .. code-block:: python
+
+        retriever = ContextualCompressionRetriever(
+            base_compressor=CappyReranker(top_n=3), base_retriever=base
+        )
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    scorer: Any = None
+    top_n: int = Field(default=3, ge=1, description="How many documents to keep.")
+
+    @model_validator(mode="after")
+    def _load(self) -> CappyReranker:
+        self.scorer = load_scorer(self.scorer)
+        return self
+
+    def compress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
+    ) -> Sequence[Document]:
+        if not documents:
+            return []
+        scores = self.scorer.score(query, [d.page_content for d in documents])
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])[: self.top_n]
+        return [
+            Document(
+                page_content=documents[i].page_content,
+                metadata={**documents[i].metadata, "relevance_score": float(scores[i])},
+                id=documents[i].id,
+            )
+            for i in order
+        ]
 
 
 class BestGenerationParser(BaseGenerationOutputParser[str]):

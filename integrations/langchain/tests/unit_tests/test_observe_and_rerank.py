@@ -16,6 +16,7 @@ from langchain_capplug import (
     AsyncCappyScoreCallbackHandler,
     BestGenerationParser,
     CappyCrossEncoder,
+    CappyReranker,
     CappyScoreCallbackHandler,
     ScoreRecord,
 )
@@ -89,6 +90,31 @@ def test_async_handler_scores_in_async_runs():
     reply = asyncio.run(run())
     assert reply.content == "Lyon."  # invoke keeps the first choice; the handler only watches
     assert records[0].responses == ["Lyon.", "Paris."] and records[0].best == 1
+
+
+def test_the_reranker_keeps_the_best_documents_with_their_relevance_scores():
+    from langchain_classic.retrievers import ContextualCompressionRetriever
+    from langchain_core.retrievers import BaseRetriever
+
+    docs = [
+        Document(page_content="Lyon is a large city.", metadata={"source": "a"}),
+        Document(page_content="Paris is the capital of France.", metadata={"source": "b"}),
+        Document(page_content="A short one.", metadata={"source": "c"}),
+    ]
+
+    class Fixed(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager=None):
+            return docs
+
+    reranker = CappyReranker(scorer=KeywordScorer(), top_n=2)
+    retriever = ContextualCompressionRetriever(base_compressor=reranker, base_retriever=Fixed())
+    kept = retriever.invoke("Capital of France?")
+    assert [d.metadata["source"] for d in kept] == ["b", "a"]
+    assert kept[0].metadata["relevance_score"] > kept[1].metadata["relevance_score"]
+    assert "relevance_score" not in docs[1].metadata  # the retrieved documents are not changed
+    assert reranker.compress_documents([], "q") == []
+    with pytest.raises(ValueError):
+        CappyReranker(scorer=KeywordScorer(), top_n=0)
 
 
 def test_cross_encoder_orders_documents_in_cross_encoder_reranker():
