@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process's umask (read once: reading it means setting it, briefly)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+        return _UMASK
+
+
+def share_like_umask(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode an ordinary one would
+    have under the umask (0644 / 0755 under 022), so that another user, a serving container
+    say, can read what capplug writes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~process_umask())
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """A temporary folder beside ``final`` that becomes ``final`` by one rename on success.
@@ -53,6 +75,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    share_like_umask(tmp, directory=True)
     try:
         yield tmp
         if final.exists():
@@ -67,6 +90,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name beside ``path``, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    share_like_umask(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)

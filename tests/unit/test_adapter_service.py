@@ -251,7 +251,11 @@ def test_models_and_health(client: TestClient, store: AdapterStore) -> None:
     assert client.get(f"/v1/models/{BASE_NAME}").json()["id"] == BASE_NAME
     made = _create(client, TRANSLATE, 201)
     card = client.get(f"/v1/models/{BASE_NAME}@{made['id']}").json()
-    assert card["id"] == f"{BASE_NAME}@{made['id']}"
+    assert card["id"] == f"{BASE_NAME}@{made['id']}" and card["parent"] == BASE_NAME
+    # Stored adapters are listed as vLLM lists LoRA adapters: their own id, the base as parent.
+    listed = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == [BASE_NAME, f"{BASE_NAME}@{made['id']}"]
+    assert listed[0]["parent"] is None and listed[1]["parent"] == BASE_NAME
     _error(client.get("/v1/models/gpt-4o"), 404, "model_not_found")
     assert client.get("/healthz").json() == {"status": "ok", "model": BASE_NAME, "can_create": True}
     assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]

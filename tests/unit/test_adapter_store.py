@@ -1123,3 +1123,19 @@ def test_onnx_exports_are_shared_by_every_install_of_the_same_encoder(tmp_path) 
     first, second = install("venv-a", b"weights"), install("venv-b", b"weights")
     assert _fingerprint(first) == _fingerprint(second)  # one export, whatever the path
     assert _fingerprint(install("venv-c", b"other weights")) != _fingerprint(first)
+
+
+def test_stored_files_follow_the_umask_so_another_user_can_read_them(
+    store: AdapterStore,
+) -> None:
+    import stat
+
+    from capplug._cache import process_umask
+
+    record = store.get_or_create(TRANSLATE).record
+    paths = store.files(record.id)
+    folder = paths.folder
+    umask = process_umask()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # 0755 under umask 022
+    for path in (paths.weights, paths.config):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # 0644, not mkstemp's 0600

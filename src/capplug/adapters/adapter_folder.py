@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from capplug._cache import share_like_umask
 from capplug.errors import AdapterFileError, WrongBaseModelError
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ def write_peft_folder(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        share_like_umask(tmp)  # mkstemp's 0600 would keep other users out
         os.replace(tmp, folder / ADAPTER_WEIGHTS)
     finally:
         if os.path.exists(tmp):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from capplug._cache import share_like_umask
 from capplug._runtime import pick_device, quiet_transformers, seeded
 from capplug.adapters.adapter_folder import (
     META_BASE_ARCHITECTURE,
@@ -544,6 +545,7 @@ def _atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        share_like_umask(tmp)  # mkstemp's 0600 would keep other users out
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from capplug._cache import write_json_atomic
+from capplug._cache import share_like_umask, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import LabelledRow, label_candidates, label_clipped, reference_rows
 
@@ -356,6 +356,7 @@ def _write_shard(path: Path, rows: list[LabelledRow]) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        share_like_umask(tmp)  # mkstemp's 0600 would keep other users out
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

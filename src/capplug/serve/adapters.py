@@ -246,6 +246,9 @@ class _ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    parent: str | None = None
+    """For an adapter: the base model it is for (as vLLM lists LoRA adapters)."""
+    root: str | None = None
 
 
 class _ModelList(BaseModel):
@@ -824,7 +827,11 @@ def create_adapter_app(
 
     @app.get("/v1/models", response_model=_ModelList, responses=_errors())
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        # The base model, then each stored adapter as vLLM lists LoRA adapters: its own id
+        # (what `model` takes) with the base as `parent`.
+        records = await run_in_threadpool(store.list_adapters, order="created")
+        adapters = [_adapter_card(card, r) for r in records]
+        return {"object": "list", "data": [card, *adapters]}
 
     @app.get("/v1/models/{model_id:path}", response_model=_ModelCard, responses=_errors(404))
     async def retrieve_model(model_id: str) -> dict[str, Any]:
@@ -832,7 +839,7 @@ def create_adapter_app(
         if adapter_id is None:
             return card
         record = await run_in_threadpool(service.record, adapter_id)
-        return {**card, "id": f"{name}@{record.id}", "created": int(record.created)}
+        return _adapter_card(card, record)
 
     @app.post(
         "/v1/adapters",
@@ -913,3 +920,14 @@ def create_adapter_app(
         return JSONResponse(_completion(service, answer), headers=headers)
 
     return app
+
+
+def _adapter_card(base: dict[str, Any], record: Any) -> dict[str, Any]:
+    """A stored adapter as ``/v1/models`` lists it: ``<base>@<id>``, with its base as parent."""
+    return {
+        **base,
+        "id": f"{base['id']}@{record.id}",
+        "created": int(record.created),
+        "parent": base["id"],
+        "root": record.id,
+    }
