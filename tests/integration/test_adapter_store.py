@@ -186,3 +186,24 @@ def test_stores_sharing_a_chroma_server_make_one_adapter_per_instruction(
     )
     persisted = client.get_collection(stores[0].name).configuration["embedding_function"]
     assert isinstance(persisted, SentenceEncoderEmbeddingFunction)
+
+
+def test_store_folders_sharing_a_chroma_server_keep_their_own_indexes(
+    tmp_path: Path, chroma_server: str
+) -> None:
+    def open_store(name: str) -> AdapterStore:
+        return AdapterStore(
+            tmp_path / name, base_model=SMOLLM2, chroma_url=chroma_server, generator=smollm2_lora
+        )
+
+    first, second = open_store("first"), open_store("second")
+    assert first.name != second.name  # one collection per folder
+    definition = next(iter(DEFINITIONS))
+    made = first.get_or_create(definition).record
+    assert second.lookup(definition) == []  # the other folder's adapter is not a hit here
+    # Repairing one folder leaves the other's rows alone (its files are not in this folder).
+    assert second.repair().ok
+    assert first.lookup(definition)[0].record.id == made.id
+    # A folder opened again (or by another process) finds its own collection.
+    assert open_store("first").name == first.name
+    assert open_store("first").lookup(definition)[0].record.id == made.id

@@ -151,6 +151,8 @@ LAST_USED_FILE = ".last-used"
 FORMAT = "capplug-adapter-store/1"
 MAX_INSTRUCTION_CHARS = 4096
 CORRUPT_DIR = ".corrupt"
+COLLECTION_FILE = ".collection.json"
+"""In a store folder indexed on a shared Chroma server: the name of its collection there."""
 LOCKS_DIR = ".locks"
 ADDING_DIR = "adding"
 SETTLED_SECONDS = 2.0
@@ -359,6 +361,9 @@ class AdapterStore:
             self._client: ClientAPI | None = None
         else:
             self._client = client if client is not None else _http_client(chroma_url or "")
+            # A shared server holds many stores' indexes: each store folder has its own
+            # collection, so stores never see (or repair away) each other's rows.
+            self.name = self._shared_collection_name()
         self._epoch = -1
         self._collection: Collection | None = None
         # Instruction hashes in a local index, valid for one generation token: a lookup whose
@@ -706,6 +711,32 @@ class AdapterStore:
                     },
                 )
         return ef
+
+    def _shared_collection_name(self) -> str:
+        """This store folder's collection on a shared Chroma server, chosen once and kept in
+        ``<root>/.collection.json``: ``<base model's name>-<random id>``. A folder that already used
+        the base model's shared collection (stores made before each had its own) keeps it."""
+        from chromadb.errors import NotFoundError
+
+        marker = self.root / COLLECTION_FILE
+        with self._index_lock:
+            if marker.is_file():
+                try:
+                    return str(json.loads(marker.read_text(encoding="utf-8"))["collection"])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise AdapterStoreError(
+                        f"{marker} is unreadable ({exc}); it names this store's collection on "
+                        f"the Chroma server: restore it, or delete it to start a new index"
+                    ) from exc
+            legacy, name = self.name, f"{self.name}-{secrets.token_hex(6)}"
+            try:
+                rows = self._chroma().get_collection(legacy).get(include=[])["ids"]
+            except NotFoundError:
+                rows = []
+            if any((self.root / row).is_dir() for row in rows):
+                name = legacy  # this folder's adapters are indexed there already
+            write_json_atomic(marker, {"collection": name, "base_model": self.base_model})
+            return name
 
     def _chroma(self) -> ClientAPI:
         if self._local is not None:
