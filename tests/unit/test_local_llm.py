@@ -346,3 +346,28 @@ def test_bad_options_are_refused(llm: LocalChatModel) -> None:
         llm.generate(PROMPTS, max_new_tokens=0)
     with pytest.raises(TypeError, match="num_return_sequences"):
         llm.generate(PROMPTS, num_return_sequences=2)
+
+
+def test_one_sampled_candidate_streams_its_tokens_as_they_are_drawn(llm: LocalChatModel) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[list[int]] = []
+            self.ended = False
+
+        def put(self, value) -> None:
+            self.steps.append(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            self.ended = True
+
+    one = SamplingRecipe(strategies=(SamplingStrategy(n=1, temperature=0.9),), max_new_tokens=6)
+    recorder = Recorder()
+    (drawn,) = llm.sample_candidates(
+        PROMPTS[:1], recipe=one, seed=3, progress=False, streamer=recorder
+    )
+    (plain,) = llm.sample_candidates(PROMPTS[:1], recipe=one, seed=3, progress=False)
+    assert recorder.ended and drawn[0].text == plain[0].text  # streaming changes nothing
+    streamed = [t for step in recorder.steps[1:] for t in step]  # the first put is the prompt
+    assert streamed[: len(drawn[0].token_ids)] == list(drawn[0].token_ids)
+    with pytest.raises(ValueError, match="one prompt and a recipe of one sampled candidate"):
+        llm.sample_candidates(PROMPTS[:2], recipe=one, progress=False, streamer=recorder)

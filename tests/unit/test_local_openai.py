@@ -196,6 +196,38 @@ def test_streams_chunks_then_done(client: TestClient) -> None:
         assert streamed == choice["message"]["content"]
 
 
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.9, "seed": 5}], ids=["greedy", "sampled"]
+)
+def test_one_choice_streams_token_by_token_and_matches_the_plain_reply(
+    client: TestClient, sampling: dict
+) -> None:
+    body = {"max_tokens": 8, "logprobs": True, **sampling}
+    plain = _complete(client, **body)["choices"][0]
+    events = _events(
+        client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": MESSAGES,
+                **body,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    )
+    assert events[-1] == "[DONE]"
+    *chunks, usage = events[:-1]
+    deltas = [ch for c in chunks for ch in c["choices"]]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [d["delta"]["content"] for d in deltas[1:-1]]
+    assert "".join(pieces) == plain["message"]["content"]
+    if len(plain["message"]["content"].split()) > 2:
+        assert len(pieces) > 2  # tokens as they come, not the whole reply at the end
+    assert deltas[-1]["finish_reason"] == plain["finish_reason"]
+    assert deltas[-1]["logprobs"] == plain["logprobs"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+
+
 def test_stream_usage_comes_last_when_asked(client: TestClient) -> None:
     body = {"n": 2, "temperature": 0.9, "max_tokens": 8, "seed": 4}
     plain = _complete(client, **body)

@@ -365,6 +365,7 @@ class LocalChatModel:
         seed: int = 0,
         batch_size: int = 16,
         progress: bool = True,
+        streamer: Any = None,
     ) -> list[list[Candidate]]:
         """Draw candidates for every prompt by ``recipe``; one list per prompt, in input order.
 
@@ -378,6 +379,8 @@ class LocalChatModel:
             batch_size: prompts per generation call. Sampling runs ``batch_size`` times the
                 recipe's sampled candidates per prompt as rows at once (16 x 16 for Cappy's).
             progress: show a progress bar over prompt batches.
+            streamer: a transformers streamer (``put(token_ids)``, ``end()``) that sees the
+                tokens as they are drawn; only for one prompt and one sampled candidate.
         """
         texts = self._check_prompts(prompts)
         if not isinstance(recipe, SamplingRecipe):
@@ -385,6 +388,13 @@ class LocalChatModel:
         check_positive_int(batch_size, "batch_size")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer; got {type(seed).__name__}")
+        if streamer is not None and (
+            len(texts) != 1
+            or len(recipe.strategies) != 1
+            or recipe.strategies[0].method == "beam"
+            or recipe.strategies[0].n != 1
+        ):
+            raise ValueError("streamer needs one prompt and a recipe of one sampled candidate")
         ids = [self._prompt_ids(t, reserve=recipe.max_new_tokens) for t in texts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[list[Candidate]] = [[] for _ in ids]
@@ -392,7 +402,7 @@ class LocalChatModel:
         with _generation_defaults(self), _progress(len(batches), "candidates", progress) as bar:
             for batch in batches:
                 drawn = self._candidates_for_batch(
-                    [ids[i] for i in batch], [texts[i] for i in batch], recipe, seed
+                    [ids[i] for i in batch], [texts[i] for i in batch], recipe, seed, streamer
                 )
                 for i, candidates in zip(batch, drawn, strict=True):
                     results[i] = candidates
@@ -400,7 +410,12 @@ class LocalChatModel:
         return results
 
     def _candidates_for_batch(
-        self, ids: list[list[int]], texts: list[str], recipe: SamplingRecipe, seed: int
+        self,
+        ids: list[list[int]],
+        texts: list[str],
+        recipe: SamplingRecipe,
+        seed: int,
+        streamer: Any = None,
     ) -> list[list[Candidate]]:
         per_strategy: list[list[list[Candidate]]] = []
         sampled = [(k, s) for k, s in enumerate(recipe.strategies) if s.method != "beam"]
@@ -412,7 +427,7 @@ class LocalChatModel:
                 for k, s in sampled
                 for j in range(s.n)
             ]
-            drawn = self._sample_rows(ids, rows, recipe.max_new_tokens)
+            drawn = self._sample_rows(ids, rows, recipe.max_new_tokens, streamer)
             per_prompt = len(rows) // len(ids)
             for p in range(len(ids)):
                 chunk = drawn[p * per_prompt : (p + 1) * per_prompt]
@@ -452,13 +467,13 @@ class LocalChatModel:
         return [candidates[p * strategy.n : (p + 1) * strategy.n] for p in range(len(ids))]
 
     def _sample_rows(
-        self, ids: list[list[int]], rows: list[_Row], max_new_tokens: int
+        self, ids: list[list[int]], rows: list[_Row], max_new_tokens: int, streamer: Any = None
     ) -> list[Candidate]:
         repeats = len(rows) // len(ids)
         batch = self.left_pad(ids)
         input_ids = batch["input_ids"].repeat_interleave(repeats, dim=0)
         attention_mask = batch["attention_mask"].repeat_interleave(repeats, dim=0)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {} if streamer is None else {"streamer": streamer}
         cache = self._prefill(batch, repeats)
         if cache is not None:
             kwargs[self._cache_argument] = cache

@@ -19,8 +19,10 @@ choice is sampled with its own generator derived from ``seed`` (a random one whe
 the same request with the same ``seed`` returns the same choices. ``stop`` cuts the finished
 reply at the first stop sequence; generation itself does not stop there.
 
-Streaming: the whole reply is generated first and then sent as ``chat.completion.chunk``
-events, so ``stream=true`` changes the transport, not the time to the first token.
+Streaming: a request for one choice without ``stop`` sequences streams its tokens as they are
+generated (``chat.completion.chunk`` events, the first as soon as the first token is drawn);
+with ``n > 1`` or ``stop`` the whole reply is generated first (a stop sequence is only known to
+have ended the reply once it is complete) and then sent as chunks.
 
 Generation runs in a worker thread, never on the event loop, and one at a time per model. The request's ``model`` is accepted
 whatever it names (this is a drop-in local endpoint) and the response names the served model.
@@ -34,6 +36,7 @@ and that would change the reply's shape (``tools``, ``top_logprobs`` above 0, a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -41,7 +44,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -188,7 +191,7 @@ def _model_lock(model: LocalChatModel) -> threading.Lock:
         return lock
 
 
-def _candidates(model: LocalChatModel, plan: _Plan) -> list[Candidate]:
+def _candidates(model: LocalChatModel, plan: _Plan, streamer: Any = None) -> list[Candidate]:
     """The request's ``n`` candidates, one generation at a time per model."""
     if plan.greedy:
         strategy = SamplingStrategy(method="greedy")
@@ -197,7 +200,7 @@ def _candidates(model: LocalChatModel, plan: _Plan) -> list[Candidate]:
     recipe = SamplingRecipe(strategies=(strategy,), max_new_tokens=plan.max_tokens)
     with _model_lock(model):
         (drawn,) = model.sample_candidates(
-            [plan.chat], recipe=recipe, seed=plan.seed, progress=False
+            [plan.chat], recipe=recipe, seed=plan.seed, progress=False, streamer=streamer
         )
     # Greedy decoding gives one answer however often it is asked; copy it to every choice.
     return drawn * plan.n if plan.greedy else drawn
@@ -251,14 +254,42 @@ def _token_logprobs(model: LocalChatModel, candidate: Candidate, text: str) -> l
     return out
 
 
-def _answer(model: LocalChatModel, plan: _Plan) -> tuple[int, list[_Choice]]:
+def _answer(model: LocalChatModel, plan: _Plan, streamer: Any = None) -> tuple[int, list[_Choice]]:
     """Prompt tokens and choices for a request; tokenizes and generates, so run it in a thread."""
     prompt = _chat.prompt_tokens(model, plan.chat, plan.max_tokens)
     choices = [
         _choice(model, candidate, plan.stops, logprobs=plan.logprobs)
-        for candidate in _candidates(model, plan)
+        for candidate in _candidates(model, plan, streamer)
     ]
     return prompt, choices
+
+
+class _TokenQueue:
+    """A transformers streamer handing each step's token ids to an asyncio queue (``None`` at
+    the end); the prompt, which ``generate`` puts first, is skipped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+def _answer_streamed(
+    model: LocalChatModel, plan: _Plan, streamer: _TokenQueue
+) -> tuple[int, list[_Choice]]:
+    try:
+        return _answer(model, plan, streamer)
+    finally:
+        streamer.end()  # also when generation fails, so the stream is not left waiting
 
 
 # -------------------------------------------------------------------------------- replies
@@ -322,6 +353,51 @@ def _events(
         yield event([delta(i, {}, choice.finish_reason, choice.logprobs)])
     if include_usage:
         yield event([], usage)
+    yield "data: [DONE]\n\n"
+
+
+async def _live_events(
+    model: LocalChatModel,
+    plan: _Plan,
+    completion_id: str,
+    model_name: str,
+) -> AsyncIterator[str]:
+    """One choice's events as its tokens are drawn, then its finish, usage and ``[DONE]``."""
+    streamer = _TokenQueue(asyncio.get_running_loop())
+    work = asyncio.ensure_future(run_in_threadpool(_answer_streamed, model, plan, streamer))
+    created = int(time.time())
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+        }
+        if plan.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def delta(content: dict[str, str], finish: str | None = None, logprobs: Any = None) -> dict:
+        return {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}
+
+    yield event([delta({"role": "assistant", "content": ""})])
+    ids: list[int] = []
+    sent = ""
+    while (step := await streamer.queue.get()) is not None:
+        ids += [t for t in step if t not in model.eos_token_ids]
+        text = model.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        # A character split across tokens decodes as U+FFFD until its last byte arrives.
+        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield event([delta({"content": text[len(sent) :]})])
+            sent = text
+    prompt_tokens, (choice,) = await work
+    if choice.text.startswith(sent) and len(choice.text) > len(sent):
+        yield event([delta({"content": choice.text[len(sent) :]})])
+    yield event([delta({}, choice.finish_reason, choice.logprobs)])
+    if plan.include_usage:
+        yield event([], _usage(prompt_tokens, [choice]))
     yield "data: [DONE]\n\n"
 
 
@@ -396,9 +472,15 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: _ChatCompletionRequest) -> Response:
         plan = _plan(body, max_n=max_n, max_tokens_cap=max_tokens_cap)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if plan.stream and plan.n == 1 and not plan.stops:
+            return StreamingResponse(
+                _live_events(model, plan, completion_id, model_name),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         prompt_tokens, choices = await run_in_threadpool(_answer, model, plan)
         usage = _usage(prompt_tokens, choices)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if plan.stream:
             return StreamingResponse(
                 _events(
