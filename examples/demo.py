@@ -1,7 +1,8 @@
 """capplug tour: choose among candidate answers with capplug's selector (the bundled scorer,
 agreement among the candidates and a language model's log-probabilities), then best-of-n, from
-the local model directly and through LangChain, and last an instruction turned into a LoRA
-adapter by the bundled hypernetwork, cached in the adapter store and reused for a similar one.
+the local model directly and through LangChain, then the scorer adapted to judged selections
+(with the guard's verdict), and last an instruction turned into a LoRA adapter by the bundled
+hypernetwork, cached in the adapter store and reused for a similar one.
 
 Run it with `make demo` (which installs first) or `python examples/demo.py`. No model hub is
 needed: the scorer ships with capplug, and the local SmolLM2-135M-Instruct is fetched once from
@@ -102,7 +103,15 @@ def main() -> None:
         show(f"example {number}", instruction, responses, reranker)
     best_of_n(reranker, "Name three primary colors.")
     langchain_step(reranker)
+    feedback_step()
     adapter_step()
+
+
+def feedback_step() -> None:
+    """Judged selections adapt the scorer; the guard says whether the adapted one picks better."""
+    from feedback_adaptation import adapt_on_feedback
+
+    adapt_on_feedback()
 
 
 def adapter_step() -> None:
