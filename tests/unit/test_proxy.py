@@ -444,13 +444,24 @@ def test_candidates_with_tool_calls_pass_through_unscored() -> None:
     scorer = LookupScorer({"text only": 1.0})
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     with proxy(upstream, scorer, n=3) as client:
-        reply = ok(post(client, {**CHAT, "tools": tools}))
+        # X-Capplug-N asks for candidates although the request offers tools.
+        reply = ok(post(client, {**CHAT, "tools": tools}, headers={"X-Capplug-N": "3"}))
     assert upstream.bodies()[0]["tools"] == tools  # forwarded as they came
     choice = reply["choices"][0]
     assert choice["message"]["tool_calls"] == [call] and choice["finish_reason"] == "tool_calls"
     assert reply["capplug"]["scores"] is None and reply["capplug"]["chosen"] == 1
     assert "tool calls" in reply["capplug"]["reason"]
     assert scorer.calls == []
+
+
+def test_a_request_offering_tools_gets_one_candidate_and_says_why() -> None:
+    upstream = Upstream()
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    with proxy(upstream, n=4) as client:
+        reply = ok(post(client, {**CHAT, "tools": tools, "temperature": 0}))
+    (sent,) = upstream.bodies()
+    assert "n" not in sent and sent["temperature"] == 0  # one call, the client's temperature
+    assert reply["capplug"]["n_requested"] == 1 and "offers tools" in reply["capplug"]["reason"]
 
 
 # ---------------------------------------------------------------------------- streaming

@@ -417,12 +417,18 @@ class _Proxy:
     async def _rerank(self, request: Request, body: dict[str, Any]) -> Response:
         instruction = instruction_of(body)
         want = choices_wanted(body, self.max_n)
-        n = max(want, header_count(request.headers, "X-Capplug-N", self.max_n) or self.n)
+        asked_n = header_count(request.headers, "X-Capplug-N", self.max_n)
+        # A request that offers tools is an agent step whose candidates would call tools, and
+        # tool calls are not scored: sampling n of them costs n calls for nothing, so it gets
+        # the one the client asked for, unless X-Capplug-N asks for more.
+        offers_tools = bool(body.get("tools") or body.get("functions"))
+        n = max(want, asked_n or (1 if offers_tools else self.n))
         stream, include_usage = stream_flag(body)
         payload = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}
         temperature = payload.get("temperature")
         if (
-            self.sampling_temperature is not None
+            n > 1  # only candidates that should differ are sampled warmer
+            and self.sampling_temperature is not None
             and isinstance(temperature, int | float)
             and temperature == 0
         ):
@@ -474,6 +480,11 @@ class _Proxy:
             )
 
         selection = await self.select(instruction, choices)
+        if offers_tools and n == 1:
+            selection.metadata["reason"] = (
+                "the request offers tools: one candidate, since tool calls are not scored "
+                "(X-Capplug-N asks for more)"
+            )
         order = selection.order[:want]
         if self.feedback is not None and selection.metadata["scores"] is not None:
             selection.metadata["selection_id"] = await self._record(
