@@ -83,6 +83,16 @@ class Upstream:
         return await answer if asyncio.iscoroutine(answer) else answer  # type: ignore[return-value]
 
     def candidates(self, request: httpx2.Request) -> httpx2.Response:
+        if request.url.path.endswith("/responses"):  # the Responses API: one answer a call
+            text = f"answer {next(self._count)}"
+            message = {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+            return httpx2.Response(
+                200, json={"id": "resp_up", "object": "response", "output": [message]}
+            )
         if not request.url.path.endswith("/chat/completions"):
             return httpx2.Response(200, json={"object": "list", "data": []})
         n = json.loads(request.content).get("n", 1) if self.honours_n else 1

@@ -221,8 +221,9 @@ def _recording() -> Recorder:
 
 
 @pytest.fixture(scope="module")
-def proxy_client() -> Iterator[TestClient]:
-    with proxy(Upstream(), n=2) as client:
+def proxy_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    feedback = tmp_path_factory.mktemp("fuzz-feedback") / "feedback.sqlite3"
+    with proxy(Upstream(), n=2, feedback=feedback) as client:
         yield client
 
 
@@ -247,7 +248,15 @@ _JSON = {"Content-Type": "application/json"}
 
 @pytest.mark.parametrize("server", ["proxy", "service"])
 @pytest.mark.parametrize(
-    "route", ["/v1/chat/completions", "/v1/adapters", "/v1/rerank", "/v1/score"]
+    "route",
+    [
+        "/v1/chat/completions",
+        "/v1/adapters",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/responses",
+        "/v1/feedback",
+    ],
 )
 def test_generated_bodies_never_get_a_5xx(
     server: str, route: str, request: pytest.FixtureRequest

@@ -18,6 +18,7 @@ from capplug.llms.retry import (
     UpstreamHTTPError,
 )
 from capplug.serve.proxy._requests import CHAT_PATH, TRUE_VALUES
+from capplug.serve.proxy._responses import RESPONSES_PATH
 
 TIMING_KEY = "capplug_timing"  # request.state key: [(name, seconds)] for Server-Timing
 
@@ -117,7 +118,7 @@ class Metered:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        reranked = scope["method"] == "POST" and scope["path"] == CHAT_PATH
+        reranked = scope["method"] == "POST" and scope["path"] in (CHAT_PATH, RESPONSES_PATH)
         if reranked:
             disable = Headers(scope=scope).get("x-capplug-disable", "").strip().lower()
             reranked = disable not in TRUE_VALUES

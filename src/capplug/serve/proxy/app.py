@@ -90,6 +90,13 @@ from capplug.serve.proxy._requests import (
     score_request,
     stream_flag,
 )
+from capplug.serve.proxy._responses import (
+    RESPONSES_PATH,
+    as_choice,
+    passthrough_reason,
+    response_object,
+    responses_instruction,
+)
 
 __all__ = ["KEY_HEADER", "create_proxy_app"]
 
@@ -236,6 +243,7 @@ class _Proxy:
         # Named in errors and logs (create_proxy_app refuses a URL with userinfo).
         self.name = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         self.chat_url = f"{self.base}/chat/completions"
+        self.responses_url = f"{self.base}/responses"
         self.n = n
         self.max_n = max_n
         self.timeout = timeout
@@ -313,16 +321,25 @@ class _Proxy:
     # ------------------------------------------------------------------ candidates
 
     async def call(
-        self, payload: dict[str, Any], headers: list[tuple[str, str]], budget: AttemptBudget
+        self,
+        payload: dict[str, Any],
+        headers: list[tuple[str, str]],
+        budget: AttemptBudget,
+        *,
+        url: str | None = None,
+        parse: Callable[[httpx2.Response], dict[str, Any]] = chat_completion,
     ) -> tuple[dict[str, Any], httpx2.Headers]:
-        """One upstream chat-completions call, retried within the request's attempt budget."""
+        """One upstream call (chat completions unless ``url`` says otherwise), retried within
+        the request's attempt budget; ``parse`` reads the answer or raises."""
         content = json.dumps(payload, ensure_ascii=False).encode()
 
         async def attempt() -> tuple[dict[str, Any], httpx2.Headers]:
             async with budget.attempt():
                 self.metrics.upstream_requests.labels("rerank").inc()
-                response = await self.client().post(self.chat_url, content=content, headers=headers)
-                return chat_completion(response), response.headers
+                response = await self.client().post(
+                    url or self.chat_url, content=content, headers=headers
+                )
+                return parse(response), response.headers
 
         try:
             return await self.retry.acall(attempt)
@@ -358,15 +375,23 @@ class _Proxy:
             self._ignores_n.remember(model, f"refused n={n} ({describe_error(collected.refused)})")
         elif collected.native and collected.native_count < 2:
             self._ignores_n.remember(model, f"answered n={n} with one choice")
-        if not collected.received:
-            last = collected.failures[-1]
-            failure = last if isinstance(last, _UpstreamFailure) else _UpstreamFailure(last, 0)
-            failure.calls = len(collected.failures)
-            raise failure
-        collected.failures = [
-            f.error if isinstance(f, _UpstreamFailure) else f for f in collected.failures
-        ]
-        return collected, replies
+        return _received_or_raise(collected), replies
+
+    async def collect_responses(
+        self, payload: dict[str, Any], headers: list[tuple[str, str]], n: int, budget: AttemptBudget
+    ) -> tuple[Collected[dict[str, Any]], Replies]:
+        """``n`` Responses-API candidates: single requests (the API has no ``n``)."""
+        replies = Replies()
+
+        async def call(_count: int | None, _k: int) -> list[dict[str, Any]]:
+            reply, reply_headers = await self.call(
+                payload, headers, budget, url=self.responses_url, parse=response_object
+            )
+            replies.add(reply, reply_headers)
+            return [reply]
+
+        collected = await acollect(call, n, native=False, max_concurrency=None)
+        return _received_or_raise(collected), replies
 
     async def select(self, instruction: str, choices: list[dict[str, Any]]) -> _Selection:
         """The selection core's choice among ``choices``, and the order to return them in."""
@@ -529,6 +554,68 @@ class _Proxy:
         completion = {k: v for k, v in first.items() if k not in ("choices", "usage")}
         completion.update(choices=returned, usage=usage, capplug=meta)
         return JSONResponse(completion, headers=headers_out)
+
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses``: reranked like a chat completion where it can be (see
+        ``_responses``), else passed through with ``X-Capplug-Passthrough`` saying why."""
+        if header_flag(request.headers, "X-Capplug-Disable"):
+            return await self.passthrough(request)
+        body = read_json_object(await request.body(), what="a JSON object with 'input'")
+        reason = passthrough_reason(body)
+        if reason is not None:
+            logger.debug("passing a Responses request through unreranked: %s", reason)
+            relayed = await self.passthrough(request)
+            relayed.headers["X-Capplug-Passthrough"] = reason
+            return relayed
+        return await unless_disconnected(request, self._rerank_response(request, body))
+
+    async def _rerank_response(self, request: Request, body: dict[str, Any]) -> Response:
+        instruction = responses_instruction(body)
+        n = header_count(request.headers, "X-Capplug-N", self.max_n) or self.n
+        payload = dict(body)
+        temperature = payload.get("temperature")
+        if n > 1 and self.sampling_temperature is not None and temperature == 0:
+            payload["temperature"] = self.sampling_temperature
+        headers = self.forward_headers(request.headers, reencoded=True)
+        budget = AttemptBudget(self.retry.max_attempts)
+        started = time.perf_counter()
+        try:
+            collected, replies = await self.collect_responses(payload, headers, n, budget)
+        except _UpstreamFailure as failure:
+            raise self._upstream_error(failure) from failure
+        upstream_seconds = time.perf_counter() - started
+        self.metrics.upstream_seconds.observe(upstream_seconds)
+        self.metrics.candidates.inc(len(collected.received))
+        self.metrics.candidate_failures.inc(len(collected.failures))
+        selection = await self.select(instruction, [as_choice(r) for r in collected.received])
+        model = body.get("model")
+        if self.feedback is not None and selection.metadata["scores"] is not None:
+            selection.metadata["selection_id"] = await self._record(
+                instruction, selection.metadata, model if isinstance(model, str) else ""
+            )
+        meta = {
+            **collected.metadata(n),
+            **selection.metadata,
+            "returned": selection.order[:1],
+            "upstream_seconds": round(upstream_seconds, 6),
+            "scoring_seconds": round(selection.seconds, 6),
+        }
+        setattr(
+            request.state,
+            TIMING_KEY,
+            [("upstream", upstream_seconds), ("scoring", selection.seconds)],
+        )
+        chosen = collected.received[selection.order[0]]
+        usage = summed_usage(replies.replies)
+        answer = {**chosen, **({"usage": usage} if usage is not None else {}), "capplug": meta}
+        return JSONResponse(
+            answer,
+            headers={
+                **replies.headers,
+                "X-Capplug-Candidates": str(len(collected.received)),
+                "X-Capplug-Failures": str(len(collected.failures)),
+            },
+        )
 
     async def _record(self, instruction: str, chosen: dict[str, Any], model: str) -> str | None:
         """Store a reranked answer's selection for feedback; its id, or None if storing failed
@@ -704,6 +791,19 @@ async def _raw_body(response: httpx2.Response) -> AsyncIterator[bytes]:
     finally:
         # Also when the client goes away mid-stream: the connection goes back to the pool.
         await response.aclose()
+
+
+def _received_or_raise(collected: Collected[Any]) -> Collected[Any]:
+    """``collected`` with its failures unwrapped; the last failure raised when none arrived."""
+    if not collected.received:
+        last = collected.failures[-1]
+        failure = last if isinstance(last, _UpstreamFailure) else _UpstreamFailure(last, 0)
+        failure.calls = len(collected.failures)
+        raise failure
+    collected.failures = [
+        f.error if isinstance(f, _UpstreamFailure) else f for f in collected.failures
+    ]
+    return collected
 
 
 class _Relayed(Exception):
@@ -889,6 +989,7 @@ def create_proxy_app(
         app.add_api_route(path, proxy.rerank, methods=["POST"], response_model=None)
     app.add_api_route(_SCORE_PATH, proxy.score, methods=["POST"], response_model=None)
     install_feedback_routes(app, proxy.feedback)
+    app.add_api_route(RESPONSES_PATH, proxy.responses, methods=["POST"], response_model=None)
 
     @app.api_route(
         "/v1/{path:path}",
