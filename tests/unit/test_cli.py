@@ -296,6 +296,10 @@ def test_adapt_from_feedback_trains_on_judged_selections_and_guards_them(
     assert code == 0 and "guard: " in out
     report = json.loads((out_dir / "guard.json").read_text())
     assert report["examples"] > 0 and isinstance(report["use"], bool)
+    again = ("--out", str(tmp_path / "again"), "--epochs", "1", "--heldout", "0.3", "--json")
+    code, out, _ = run(capsys, *adapt[:-2], "--db", str(db), *again)
+    summary = json.loads(out)  # one JSON object, nothing else on standard output
+    assert code == 0 and summary["steps"] > 0 and summary["guard"]["examples"] > 0
     code, _, err = run(capsys, "adapt", "--data", "x.jsonl", "--db", str(db), "--out", "o")
     assert code == 2 and "--db goes with --from-feedback" in err
 

@@ -171,6 +171,7 @@ def add_parser(sub: Any) -> None:
     generate.add_argument("--instruction", required=True, metavar="TEXT", help="the task")
     generate.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     add_hypernet_option(generate)
+    generate.add_argument("--json", action="store_true", help="print the result as JSON")
     generate.set_defaults(run=_run_adapters_generate)
 
     answer = adapters_sub.add_parser(
@@ -343,7 +344,21 @@ def _run_adapters_generate(args: argparse.Namespace) -> int:
     hypernet = hypernetwork.Hypernetwork.from_pretrained(args.hypernet, device=args.device)
     started = time.perf_counter()
     folder = hypernet.write_adapter(args.instruction, args.out)
-    print(f"adapter for {hypernet.config.base_model} in {time.perf_counter() - started:.2f} s")
+    seconds = time.perf_counter() - started
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {
+                    "folder": str(folder),
+                    "base_model": hypernet.config.base_model,
+                    "seconds": round(seconds, 3),
+                }
+            )
+        )
+        return 0
+    print(f"adapter for {hypernet.config.base_model} in {seconds:.2f} s")
     print(folder)
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from typing import Any
 
 from capplug.cli._common import UsageError, add_archive_option
@@ -83,6 +85,7 @@ def add_parser(sub: Any) -> None:
     )
     add_archive_option(build)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(run=_run_data_build)
     clip = data_sub.add_parser(
         "clip",
@@ -96,6 +99,7 @@ def add_parser(sub: Any) -> None:
     )
     clip.add_argument("src", metavar="BUILD", help="folder of a finished `capplug data build`")
     clip.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    clip.add_argument("--json", action="store_true", help="print the result as JSON")
     clip.set_defaults(run=_run_data_clip)
     merge = data_sub.add_parser(
         "merge",
@@ -108,6 +112,7 @@ def add_parser(sub: Any) -> None:
     )
     merge.add_argument("src", nargs="+", metavar="BUILD", help="folders `capplug data build` wrote")
     merge.add_argument("--out", required=True, metavar="DIR", help="new build folder")
+    merge.add_argument("--json", action="store_true", help="print the result as JSON")
     merge.set_defaults(run=_run_data_merge)
     data.set_defaults(run=lambda _args: data.print_help() or 2)
 
@@ -142,23 +147,29 @@ def _run_data_build(args: argparse.Namespace) -> int:
         clip_candidates=args.clip_candidates,
     )
     return _print_build(
-        build_dataset(args.out, config=config, source=source, tasks=args.task, archive=args.archive)
+        build_dataset(
+            args.out, config=config, source=source, tasks=args.task, archive=args.archive
+        ),
+        args,
     )
 
 
 def _run_data_clip(args: argparse.Namespace) -> int:
     from capplug.data.build import clip_build
 
-    return _print_build(clip_build(args.src, args.out))
+    return _print_build(clip_build(args.src, args.out), args)
 
 
 def _run_data_merge(args: argparse.Namespace) -> int:
     from capplug.data.build import merge_builds
 
-    return _print_build(merge_builds(args.src, args.out))
+    return _print_build(merge_builds(args.src, args.out), args)
 
 
-def _print_build(result: Any) -> int:
+def _print_build(result: Any, args: argparse.Namespace) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({**dataclasses.asdict(result), "out_dir": str(result.out_dir)}))
+        return 0
     print(
         f"{result.rows} rows in {result.shards_written + result.shards_skipped} shards "
         f"({result.shards_written} written, {result.shards_skipped} already there) at {result.out_dir}"

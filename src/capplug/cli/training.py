@@ -144,6 +144,9 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
         " its labels, the decision multiple choice makes (default: 0)",
     )
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object at the end"
+    )
     add_device_option(group)
 
 
@@ -195,14 +198,30 @@ def _run_training(
         config=config,
         data_description=description,
     )
+    report = _guard(scorer_loader, result.out_dir, heldout) if guarded else None
+    if getattr(args, "json", False):
+        print(
+            json.dumps(
+                {
+                    "out_dir": str(result.out_dir),
+                    "steps": result.steps,
+                    "wall_seconds": round(result.wall_seconds, 3),
+                    "stopped_early": result.stopped_early,
+                    "metrics": result.metrics,
+                    "metrics_before": result.metrics_before,
+                    "guard": None if report is None else report.to_dict(),
+                }
+            )
+        )
+        return 0
     print(
         f"trained {result.steps} steps in {result.wall_seconds / 60:.1f} min; "
         f"held-out: {format_metrics(result.metrics)}"
     )
     if result.metrics_before:
         print(f"held-out before training: {format_metrics(result.metrics_before)}")
-    if guarded:
-        _guard(scorer_loader, result.out_dir, heldout)
+    if report is not None:
+        print(f"guard: {report.reason}; {'use it' if report.use else 'do not use it'}")
     print(result.out_dir)
     return 0
 
@@ -229,18 +248,15 @@ def _labelled_pairs(args: argparse.Namespace) -> Any:
         return read_labelled_pairs(rows)
 
 
-def _guard(scorer_loader: Any, out_dir: Any, heldout: Any) -> None:
+def _guard(scorer_loader: Any, out_dir: Any, heldout: Any) -> Any:
     """Compare the adapted scorer with the starting one on the held-out examples; the verdict
-    goes to the terminal and to ``guard.json`` in the run folder."""
-    import json
-
+    is also written to ``guard.json`` in the run folder."""
     from capplug.scoring import Scorer
     from capplug.scoring.guard import guard
 
     report = guard(scorer_loader(), Scorer.from_pretrained(out_dir), heldout)
     (out_dir / "guard.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    verdict = "use it" if report.use else "do not use it"
-    print(f"guard: {report.reason}; {verdict}")
+    return report
 
 
 def _run_train(args: argparse.Namespace) -> int:
