@@ -468,6 +468,18 @@ def test_bad_input_is_a_4xx_naming_the_field(client: TestClient) -> None:
     _error(client.get("/v1/nowhere"), 404, "unknown_url")
 
 
+def test_metrics_count_requests_lookups_and_generation(client: TestClient) -> None:
+    _chat(client, instruction=TRANSLATE, max_tokens=4)
+    _chat(client, instruction=TRANSLATE, max_tokens=4)
+    client.get("/v1/adapters/0123456789abcdef")  # a 404, counted under its route template
+    text = client.get("/metrics").text
+    assert 'capplug_adapters_lookups_total{result="made"} 1.0' in text
+    assert 'capplug_adapters_lookups_total{result="hit"} 1.0' in text
+    assert 'capplug_adapters_requests_total{route="/v1/chat/completions",status="200"} 2.0' in text
+    assert 'capplug_adapters_requests_total{route="/v1/adapters/{id}",status="404"} 1.0' in text
+    assert "capplug_adapters_generation_seconds_count 2.0" in text
+
+
 def test_api_key_guards_every_v1_route(store: AdapterStore, runtime: AdapterRuntime) -> None:
     app = create_adapter_app(store, runtime, model_name=BASE_NAME, api_key="sekrit")
     with TestClient(app) as client:
@@ -481,6 +493,8 @@ def test_api_key_guards_every_v1_route(store: AdapterStore, runtime: AdapterRunt
             client.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
         )
         assert client.get("/healthz").status_code == 200
+        _error(client.get("/metrics"), 401, "invalid_api_key")
+        assert client.get("/metrics", headers={"Authorization": "Bearer sekrit"}).status_code == 200
         assert len(store) == 0  # the refused creation made nothing
 
 

@@ -83,6 +83,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
@@ -109,6 +110,7 @@ from capplug.serve._http import (
     check_positive_int,
     install_error_handlers,
 )
+from capplug.serve._request_metrics import CountRequests, RequestMetrics
 
 __all__ = ["ADAPTER_FILES", "create_adapter_app"]
 
@@ -400,6 +402,47 @@ class _Answer:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+_ROUTES = (
+    (r"/v1/chat/completions", "/v1/chat/completions"),
+    (r"/v1/adapters", "/v1/adapters"),
+    (r"/v1/adapters/[^/]+", "/v1/adapters/{id}"),
+    (r"/v1/adapters/[^/]+/files/[^/]+", "/v1/adapters/{id}/files/{name}"),
+    (r"/v1/models", "/v1/models"),
+    (r"/v1/models/.+", "/v1/models/{id}"),
+    (r"/healthz", "/healthz"),
+    (r"/metrics", "/metrics"),
+)
+
+
+def _key_headers(path: str) -> list[Any]:
+    """The key guards every ``/v1`` route and ``/metrics`` (``Authorization: Bearer``)."""
+    return _chat.v1_key_headers(path) or (_chat.v1_key_headers("/v1") if path == "/metrics" else [])
+
+
+class _ServiceMetrics:
+    """What the service itself does, beside the requests: adapters found or made, attached,
+    and the generation that answers."""
+
+    def __init__(self, registry: Any) -> None:
+        self.lookups = Counter(
+            "capplug_adapters_lookups",
+            "Chat completions with an instruction, by whether a stored adapter was hit or one made",
+            ["result"],
+            registry=registry,
+        )
+        self.attaches = Counter(
+            "capplug_adapters_attached",
+            "Adapters attached to the model to answer",
+            registry=registry,
+        )
+        self.generation_seconds = Histogram(
+            "capplug_adapters_generation_seconds", "Time generating one answer", registry=registry
+        )
+        self.tokens = Counter(
+            "capplug_adapters_completion_tokens", "Tokens generated in answers", registry=registry
+        )
+
+
 class _Service:
     """The store, the runtime, and the one lock every use of the runtime holds."""
 
@@ -427,6 +470,7 @@ class _Service:
         # Lookups and creations one at a time too, beside generation: the embedding model's
         # fast tokenizer is not safe to call from several threads at once ("Already borrowed").
         self.store_lock = threading.Lock()
+        self.metrics: _ServiceMetrics | None = None
 
     # ------------------------------------------------------------------------- adapters
 
@@ -640,6 +684,8 @@ class _Service:
         if plan.instruction is not None:
             record, result = self.get_or_create(plan.instruction, None)
             adapter_id, hit, similarity = record.id, result.hit, result.similarity
+            if self.metrics is not None:
+                self.metrics.lookups.labels("hit" if hit else "made").inc()
         timings["adapter"] = _ms(started)
         waited = time.perf_counter()
         with self.lock:
@@ -656,6 +702,10 @@ class _Service:
             tokenizer = self.runtime.chat.tokenizer
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             timings["generate"] = _ms(began)
+            if self.metrics is not None:
+                self.metrics.generation_seconds.observe(time.perf_counter() - began)
+                self.metrics.tokens.inc(sum(counts))
+                self.metrics.attaches.inc(int(loaded))
         finish: list[Literal["stop", "length"]] = []
         for i, text in enumerate(texts):
             cut = _chat.cut_at_stop(text, plan.stops)
@@ -813,17 +863,25 @@ def create_adapter_app(
         redoc_url=None,
     )
     app.state.adapter_service = service
+    metrics = RequestMetrics("capplug_adapters", _ROUTES)
+    service.metrics = _ServiceMetrics(metrics.registry)
     install_error_handlers(app)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_middleware(SafePath)  # innermost: no route sees a path out of its base
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         # Added last so it runs first: an unauthenticated request learns nothing else.
-        app.add_middleware(RequireKey, api_key=api_key, headers_for=_chat.v1_key_headers)
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers)
+    # Outermost: refused and oversized requests are counted too.
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.get("/healthz", response_model=_Health)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": name, "can_create": store.generator is not None}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=_ModelList, responses=_errors())
     async def list_models() -> dict[str, Any]:
