@@ -112,18 +112,24 @@ def status_error(response: httpx2.Response) -> UpstreamHTTPError:
     )
 
 
-def chat_completion(response: httpx2.Response) -> dict[str, Any]:
-    """The body of a successful chat-completions answer; raises for anything else."""
+def json_body(response: httpx2.Response) -> tuple[Any, str]:
+    """A successful answer's JSON and the start of its text (for errors); raises for an error
+    status or a body that is not JSON."""
     if response.status_code >= 400:
         raise status_error(response)
     snippet = " ".join(response.text[:200].split())
     try:
-        body = response.json()
+        return response.json(), snippet
     except ValueError:
         raise UpstreamHTTPError(
             0,
             f"upstream answered {response.status_code} with a body that is not JSON: {snippet!r}",
         ) from None
+
+
+def chat_completion(response: httpx2.Response) -> dict[str, Any]:
+    """The body of a successful chat-completions answer; raises for anything else."""
+    body, snippet = json_body(response)
     choices = body.get("choices") if isinstance(body, dict) else None
     if (
         not isinstance(choices, list)

@@ -19,7 +19,7 @@ import httpx2
 from capplug.chat import flatten_chat
 from capplug.llms.retry import UpstreamHTTPError
 from capplug.serve._http import APIError
-from capplug.serve.proxy._replies import status_error
+from capplug.serve.proxy._replies import json_body
 
 __all__ = [
     "RESPONSES_PATH",
@@ -90,15 +90,7 @@ def responses_instruction(body: Mapping[str, Any]) -> str:
 
 def response_object(response: httpx2.Response) -> dict[str, Any]:
     """The body of a successful Responses answer; raises for anything else."""
-    if response.status_code >= 400:
-        raise status_error(response)
-    snippet = " ".join(response.text[:200].split())
-    try:
-        body = response.json()
-    except ValueError:
-        raise UpstreamHTTPError(
-            0, f"upstream answered {response.status_code} with a body that is not JSON: {snippet!r}"
-        ) from None
+    body, snippet = json_body(response)
     if not isinstance(body, dict) or not isinstance(body.get("output"), list):
         raise UpstreamHTTPError(
             0,
