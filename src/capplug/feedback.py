@@ -310,7 +310,8 @@ class FeedbackStore:
             ids = [
                 r[0]
                 for r in db.execute(
-                    "SELECT DISTINCT selection_id FROM judgements ORDER BY selection_id"
+                    # in the order first judged: the same feedback gives the same rows
+                    "SELECT selection_id FROM judgements GROUP BY selection_id ORDER BY MIN(id)"
                 )
             ]
         for selection_id in ids:

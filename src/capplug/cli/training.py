@@ -221,7 +221,7 @@ def _run_training(
     if result.metrics_before:
         print(f"held-out before training: {format_metrics(result.metrics_before)}")
     if report is not None:
-        print(f"guard: {report.reason}; {'use it' if report.use else 'do not use it'}")
+        print(f"guard: {report.reason}")
     print(result.out_dir)
     return 0
 

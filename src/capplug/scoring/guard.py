@@ -78,14 +78,16 @@ def guard(default: Any, adapted: Any, heldout: Sequence[LabelledPair]) -> GuardR
             "compare on: keep the starting scorer (adapt on more examples, or hold out more "
             "with --heldout)",
         )
+    on = f"on {count} held-out examples"
     if after > before:
-        verdict = f"the adapted scorer picks better ({after:.3f} against {before:.3f})"
+        reason = f"the adapted scorer picks better {on} ({after:.3f} against {before:.3f}): use it"
     elif after == before:
-        verdict = (
-            f"the adapted scorer picks no better ({after:.3f}, the same): keep the starting one"
+        reason = (
+            f"the adapted scorer picks no better {on} ({after:.3f} each): keep the starting one"
         )
     else:
-        verdict = f"the adapted scorer picks worse ({after:.3f} against {before:.3f}): keep the starting one"
-    return GuardReport(
-        before, after, oracle, count, after > before, f"{verdict} on {count} held-out examples"
-    )
+        reason = (
+            f"the adapted scorer picks worse {on} ({after:.3f} against {before:.3f}): "
+            "keep the starting one"
+        )
+    return GuardReport(before, after, oracle, count, after > before, reason)
