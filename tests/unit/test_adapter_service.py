@@ -296,6 +296,29 @@ def test_chat_answers_with_the_named_adapter_or_the_base(
     )
 
 
+def test_one_choice_streams_token_by_token_with_the_adapter_in_the_last_chunk(
+    client: TestClient,
+) -> None:
+    plain = _chat(client, instruction=TRANSLATE, max_tokens=6)
+    response = client.post(
+        "/v1/chat/completions",
+        json={"messages": MESSAGES, "instruction": TRANSLATE, "max_tokens": 6, "stream": True},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = [b.removeprefix("data: ") for b in response.text.split("\n\n") if b.strip()]
+    assert blocks[-1] == "[DONE]"
+    chunks = [json.loads(b) for b in blocks[:-1]]
+    deltas = [c["choices"][0] for c in chunks]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(d["delta"].get("content", "") for d in deltas[1:])
+    assert text == plain["choices"][0]["message"]["content"]
+    last = chunks[-1]
+    assert deltas[-1]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert last["capplug"]["adapter"] == plain["capplug"]["adapter"] and last["usage"]
+    assert last["model"] == plain["model"]
+
+
 def test_openai_sdk_with_an_instruction_misses_then_hits(
     store: AdapterStore, runtime: AdapterRuntime
 ) -> None:
@@ -357,6 +380,9 @@ def test_without_a_generator_stored_adapters_still_answer(
             )
             assert "--hypernet" in error["message"] and "by id" in error["message"]
             _error(client.post("/v1/adapters", json={"instruction": VOWELS}), 503, "no_generator")
+            # Streamed, the same failure comes before any token: an ordinary error answer.
+            streamed = {"messages": MESSAGES, "instruction": VOWELS, "stream": True}
+            _error(client.post("/v1/chat/completions", json=streamed), 503, "no_generator")
         for name in runtime.loaded:
             runtime.remove(name)
 
@@ -427,7 +453,7 @@ def test_bad_input_is_a_4xx_naming_the_field(client: TestClient) -> None:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", None),
         ({"messages": MESSAGES, "max_tokens": 9}, 400, "invalid_value", "max_tokens"),
         ({"messages": MESSAGES, "n": 4}, 400, "invalid_value", "n"),
-        ({"messages": MESSAGES, "stream": True}, 400, "unsupported_parameter", "stream"),
+        ({"messages": MESSAGES, "stream": True, "n": 2}, 400, "unsupported_value", "stream"),
         ({"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, None, "tools"),
         ({"messages": MESSAGES, "model": "tiny@0123456789abcdef"}, 404, "model_not_found", "model"),
         ({"messages": MESSAGES, "model": "tiny@../../etc"}, 404, "model_not_found", "model"),

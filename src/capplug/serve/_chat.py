@@ -7,8 +7,10 @@ same ``chat.completion`` object; the checks here give both the same 400s, word f
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -307,3 +309,80 @@ def completion_json(
         ],
         "usage": usage,
     }
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+class TokenQueue:
+    """A transformers streamer handing each step's token ids to an asyncio queue (``None`` at
+    the end); the prompt, which ``generate`` puts first, is skipped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+async def first_step(streamer: TokenQueue, work: asyncio.Future[Any]) -> list[int] | None:
+    """The first step's tokens, or ``None`` when the work ended first; the work's error (a bad
+    adapter, say) is raised here, before any event is sent, so it is an ordinary error answer."""
+    step = asyncio.ensure_future(streamer.queue.get())
+    done, _ = await asyncio.wait({step, work}, return_when=asyncio.FIRST_COMPLETED)
+    if step in done and step.result() is not None:
+        return step.result()
+    if step not in done:
+        step.cancel()
+    await work  # ended before any token: raises the work's error, if it failed
+    return None
+
+
+async def new_text(
+    first: list[int] | None, streamer: TokenQueue, tokenizer: Any, stop_ids: Iterable[int]
+) -> AsyncIterator[str]:
+    """The text each step adds, decoded as it arrives (a character split across tokens waits
+    for its last byte); leading whitespace is left out, as the finished reply strips it."""
+    stop = set(stop_ids)
+    ids: list[int] = []
+    sent = ""
+    step = first
+    while step is not None:
+        ids += [t for t in step if t not in stop]
+        text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield text[len(sent) :]
+            sent = text
+        step = await streamer.queue.get()
+
+
+def chunk_event(
+    completion_id: str,
+    created: int,
+    model_name: str,
+    choices: list[dict[str, Any]],
+    *,
+    usage: Any = None,
+    with_usage: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """One ``chat.completion.chunk`` server-sent event."""
+    chunk: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model_name,
+        "choices": choices,
+        **(extra or {}),
+    }
+    if with_usage:
+        chunk["usage"] = usage
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"

@@ -36,8 +36,11 @@ Adapters
     generating); ``Server-Timing`` says the same. Adapters are attached from the store's checked
     files on first use and stay attached, least recently used detached first
     (``runtime.max_loaded``). Supported: ``messages``, ``n`` (sampled; greedy repeats),
-    ``temperature``, ``top_p``, ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``.
-    ``stream``, ``tools``, ``logprobs`` and non-text ``response_format`` get a 400.
+    ``temperature``, ``top_p``, ``max_tokens`` / ``max_completion_tokens``, ``seed``, ``stop``,
+    and ``stream`` for one choice: its tokens as they are drawn, the ``capplug`` object and
+    ``usage`` on the last chunk (with ``stop``, the reply streams once it is whole). A failure
+    before the first token is an ordinary error answer. ``stream`` with ``n`` > 1, ``tools``,
+    ``logprobs`` and non-text ``response_format`` get a 400.
 
 No generator
     A store without a generator still serves stored and imported adapters, by id or by an
@@ -69,6 +72,7 @@ for the model.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -77,12 +81,13 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
@@ -387,6 +392,7 @@ class _Plan(_chat.Sampling):
 
     adapter_id: str | None
     instruction: str | None
+    stream: bool = False
 
 
 @dataclass
@@ -610,7 +616,15 @@ class _Service:
     # ------------------------------------------------------------------------- requests
 
     def plan(self, request: _ChatCompletionRequest) -> _Plan:
-        _chat.check_supported(request, stream=False)
+        _chat.check_supported(request, stream=True)
+        if request.stream and (request.n or 1) > 1:
+            raise APIError(
+                400,
+                "stream works with one choice here (n = 1): each choice is generated after the "
+                "other, so several could not stream side by side",
+                param="stream",
+                code="unsupported_value",
+            )
         if len(request.messages) > self.max_messages:
             raise APIError(
                 400,
@@ -646,6 +660,7 @@ class _Service:
             max_tokens=max_tokens,
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed % (2**32),
             stops=list(request.stop or []),
+            stream=bool(request.stream),
         )
 
     def adapter_in_model(self, model: str | None) -> str | None:
@@ -676,7 +691,7 @@ class _Service:
                 code="model_not_found",
             ) from exc
 
-    def answer(self, plan: _Plan) -> _Answer:
+    def answer(self, plan: _Plan, streamer: Any = None) -> _Answer:
         """Pick the adapter, attach it if needed, and generate: runs in a worker thread."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -698,7 +713,7 @@ class _Service:
                 timings["load"] = _ms(began)
             began = time.perf_counter()
             prompt = _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)
-            texts = self.generate(plan, adapter_id)
+            texts = self.generate(plan, adapter_id, streamer)
             tokenizer = self.runtime.chat.tokenizer
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             timings["generate"] = _ms(began)
@@ -734,8 +749,8 @@ class _Service:
         except Exception as exc:
             raise _store_failure(exc, adapter_id) from exc
 
-    def generate(self, plan: _Plan, adapter_id: str | None) -> list[str]:
-        extra: dict[str, Any] = {}
+    def generate(self, plan: _Plan, adapter_id: str | None, streamer: Any = None) -> list[str]:
+        extra: dict[str, Any] = {} if streamer is None else {"streamer": streamer}
         if not plan.greedy:
             extra["temperature"] = plan.temperature
             if plan.top_p is not None:
@@ -777,6 +792,59 @@ def _completion(service: _Service, answer: _Answer) -> dict[str, Any]:
             "timings": answer.timings,
         },
     }
+
+
+async def _streamed(service: _Service, plan: _Plan) -> Response:
+    """One choice streamed as its tokens are drawn; the adapter's ``capplug`` object comes with
+    the last chunk. A failure before the first token (no adapter can be made, say) is an
+    ordinary error answer."""
+    streamer = _chat.TokenQueue(asyncio.get_running_loop())
+
+    def answer() -> _Answer:
+        try:
+            return service.answer(plan, streamer)
+        finally:
+            streamer.end()
+
+    work = asyncio.ensure_future(run_in_threadpool(answer))
+    first = await _chat.first_step(streamer, work)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    tokenizer = service.runtime.chat.tokenizer
+    stop_ids = service.runtime.chat.eos_token_ids
+
+    async def events() -> AsyncIterator[str]:
+        def event(model: str, choices: list[dict[str, Any]], **extra: Any) -> str:
+            return _chat.chunk_event(completion_id, created, model, choices, extra=extra)
+
+        def delta(content: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+            return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+
+        model = service.model_name
+        yield event(model, [delta({"role": "assistant", "content": ""})])
+        sent = ""
+        # Stop sequences are only known to have ended the reply once it is whole.
+        if not plan.stops:
+            async for piece in _chat.new_text(first, streamer, tokenizer, stop_ids):
+                yield event(model, [delta({"content": piece})])
+                sent += piece
+        done = await work
+        whole = _completion(service, done)
+        text = done.texts[0]
+        if text.startswith(sent) and len(text) > len(sent):
+            yield event(whole["model"], [delta({"content": text[len(sent) :]})])
+        yield event(
+            whole["model"],
+            [delta({}, done.finish[0])],
+            usage=whole["usage"],
+            capplug=whole["capplug"],
+        )
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -971,6 +1039,8 @@ def create_adapter_app(
     )
     async def chat_completions(body: _ChatCompletionRequest) -> Response:
         plan = await run_in_threadpool(service.plan, body)
+        if plan.stream:
+            return await _streamed(service, plan)
         answer = await run_in_threadpool(service.answer, plan)
         headers = {"Server-Timing": _server_timing(answer.timings)}
         if answer.adapter_id is not None:

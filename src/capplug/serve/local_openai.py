@@ -264,27 +264,8 @@ def _answer(model: LocalChatModel, plan: _Plan, streamer: Any = None) -> tuple[i
     return prompt, choices
 
 
-class _TokenQueue:
-    """A transformers streamer handing each step's token ids to an asyncio queue (``None`` at
-    the end); the prompt, which ``generate`` puts first, is skipped."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
-
-
 def _answer_streamed(
-    model: LocalChatModel, plan: _Plan, streamer: _TokenQueue
+    model: LocalChatModel, plan: _Plan, streamer: _chat.TokenQueue
 ) -> tuple[int, list[_Choice]]:
     try:
         return _answer(model, plan, streamer)
@@ -361,37 +342,26 @@ async def _live_events(
     plan: _Plan,
     completion_id: str,
     model_name: str,
+    streamer: _chat.TokenQueue,
+    work: asyncio.Future[tuple[int, list[_Choice]]],
+    first: list[int] | None,
 ) -> AsyncIterator[str]:
     """One choice's events as its tokens are drawn, then its finish, usage and ``[DONE]``."""
-    streamer = _TokenQueue(asyncio.get_running_loop())
-    work = asyncio.ensure_future(run_in_threadpool(_answer_streamed, model, plan, streamer))
     created = int(time.time())
 
-    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        chunk: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-        }
-        if plan.include_usage:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return _chat.chunk_event(
+            completion_id, created, model_name, choices, usage=usage, with_usage=plan.include_usage
+        )
 
     def delta(content: dict[str, str], finish: str | None = None, logprobs: Any = None) -> dict:
         return {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}
 
     yield event([delta({"role": "assistant", "content": ""})])
-    ids: list[int] = []
     sent = ""
-    while (step := await streamer.queue.get()) is not None:
-        ids += [t for t in step if t not in model.eos_token_ids]
-        text = model.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-        # A character split across tokens decodes as U+FFFD until its last byte arrives.
-        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-            yield event([delta({"content": text[len(sent) :]})])
-            sent = text
+    async for piece in _chat.new_text(first, streamer, model.tokenizer, model.eos_token_ids):
+        yield event([delta({"content": piece})])
+        sent += piece
     prompt_tokens, (choice,) = await work
     if choice.text.startswith(sent) and len(choice.text) > len(sent):
         yield event([delta({"content": choice.text[len(sent) :]})])
@@ -474,8 +444,11 @@ def create_app(
         plan = _plan(body, max_n=max_n, max_tokens_cap=max_tokens_cap)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if plan.stream and plan.n == 1 and not plan.stops:
+            streamer = _chat.TokenQueue(asyncio.get_running_loop())
+            work = asyncio.ensure_future(run_in_threadpool(_answer_streamed, model, plan, streamer))
+            first = await _chat.first_step(streamer, work)  # errors before any event is sent
             return StreamingResponse(
-                _live_events(model, plan, completion_id, model_name),
+                _live_events(model, plan, completion_id, model_name, streamer, work, first),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
