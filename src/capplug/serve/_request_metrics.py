@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,17 +45,30 @@ class RequestMetrics:
 
 
 class CountRequests:
-    """Count and time every HTTP request into a :class:`RequestMetrics`."""
+    """Count and time every HTTP request into ``metrics`` (anything with ``requests`` and
+    ``request_seconds`` labelled by one label and status, and ``in_flight``).
 
-    def __init__(self, app: ASGIApp, metrics: RequestMetrics) -> None:
+    Subclasses choose the label (:meth:`label`; ``None`` leaves a request uncounted) and may
+    change the response's start message (:meth:`starting`), e.g. to add a header.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Any) -> None:
         self.app = app
         self.metrics = metrics
 
+    def label(self, scope: Scope) -> str | None:
+        """The request's label (its route template, by default)."""
+        return self.metrics.route(scope["path"])
+
+    def starting(self, scope: Scope, message: Message, started: float) -> Message:
+        """The ``http.response.start`` message as it is sent (unchanged, by default)."""
+        return message
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        label = self.label(scope) if scope["type"] == "http" else None
+        if label is None:
             await self.app(scope, receive, send)
             return
-        route = self.metrics.route(scope["path"])
         status = 500  # what an app that fails before answering amounts to
         started = time.perf_counter()
 
@@ -62,6 +76,7 @@ class CountRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = self.starting(scope, message, started)
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -69,5 +84,5 @@ class CountRequests:
             await self.app(scope, receive, sending)
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)

@@ -12,11 +12,12 @@ from prometheus_client import (
     Histogram,
 )
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 
 from capplug.llms.retry import (
     UpstreamHTTPError,
 )
+from capplug.serve._request_metrics import CountRequests
 from capplug.serve.proxy._requests import CHAT_PATH, TRUE_VALUES
 from capplug.serve.proxy._responses import RESPONSES_PATH
 
@@ -103,49 +104,31 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, httpx2.TimeoutException | TimeoutError)
 
 
-class Metered:
+class Metered(CountRequests):
     """Count and time every request under ``/v1`` by mode and status (401s and 413s included).
 
     Reranked answers also get a ``Server-Timing`` header: the handler leaves its upstream and
     scoring times in the request's state, and the total is taken here, when the answer starts.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ProxyMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
-            await self.app(scope, receive, send)
-            return
+    def label(self, scope: Scope) -> str | None:
+        if not scope["path"].startswith("/v1"):
+            return None
         reranked = scope["method"] == "POST" and scope["path"] in (CHAT_PATH, RESPONSES_PATH)
         if reranked:
             disable = Headers(scope=scope).get("x-capplug-disable", "").strip().lower()
             reranked = disable not in TRUE_VALUES
-        mode = "rerank" if reranked else "passthrough"
-        state = scope.setdefault("state", {})  # what ``request.state`` writes into
-        status = 500  # what the client gets when the app crashes before answering
-        started = time.perf_counter()
+        scope.setdefault("state", {})  # what ``request.state`` writes into
+        return "rerank" if reranked else "passthrough"
 
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                timing = state.get(TIMING_KEY)
-                if timing is not None:
-                    total = time.perf_counter() - started
-                    parts = [
-                        *(f"{name};dur={1000 * s:.3f}" for name, s in timing),
-                        f"total;dur={1000 * total:.3f}",
-                    ]
-                    header = (b"server-timing", ", ".join(parts).encode())
-                    message = {**message, "headers": [*message.get("headers", []), header]}
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(mode, str(status)).inc()
-            self.metrics.request_seconds.labels(mode).observe(time.perf_counter() - started)
+    def starting(self, scope: Scope, message: Message, started: float) -> Message:
+        timing = scope["state"].get(TIMING_KEY)
+        if timing is None:
+            return message
+        total = time.perf_counter() - started
+        parts = [
+            *(f"{name};dur={1000 * s:.3f}" for name, s in timing),
+            f"total;dur={1000 * total:.3f}",
+        ]
+        header = (b"server-timing", ", ".join(parts).encode())
+        return {**message, "headers": [*message.get("headers", []), header]}

@@ -449,15 +449,9 @@ class _Proxy:
         offers_tools = bool(body.get("tools") or body.get("functions"))
         n = max(want, asked_n or (1 if offers_tools else self.n))
         stream, include_usage = stream_flag(body)
-        payload = {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}
-        temperature = payload.get("temperature")
-        if (
-            n > 1  # only candidates that should differ are sampled warmer
-            and self.sampling_temperature is not None
-            and isinstance(temperature, int | float)
-            and temperature == 0
-        ):
-            payload["temperature"] = self.sampling_temperature
+        payload = self._sampled(
+            {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}, n
+        )
         model = body.get("model")
         headers = self.forward_headers(request.headers, reencoded=True)
 
@@ -489,61 +483,28 @@ class _Proxy:
                 model_name, f"refused logprobs ({describe_error(failure.error)})"
             )
         choices = collected.received
-        upstream_seconds = time.perf_counter() - started
-        self.metrics.upstream_seconds.observe(upstream_seconds)
-        self.metrics.candidates.inc(len(choices))
-        self.metrics.candidate_failures.inc(len(collected.failures))
-        if collected.failures:
-            logger.warning(
-                "%d of %d candidate requests to %s failed; choosing among the %d candidates "
-                "received (%s)",
-                len(collected.failures),
-                collected.calls,
-                self.name,
-                len(choices),
-                describe_error(collected.failures[-1]),
-            )
-
-        selection = await self.select(instruction, choices)
+        reason = None
         if offers_tools and n == 1:
-            selection.metadata["reason"] = (
+            reason = (
                 "the request offers tools: one candidate, since tool calls are not scored "
                 "(X-Capplug-N asks for more)"
             )
-        order = selection.order[:want]
-        if self.feedback is not None and selection.metadata["scores"] is not None:
-            selection.metadata["selection_id"] = await self._record(
-                instruction, selection.metadata, model_name
-            )
-        meta = {
-            **collected.metadata(n),
-            **selection.metadata,
-            "returned": order,
-            "upstream_seconds": round(upstream_seconds, 6),
-            "scoring_seconds": round(selection.seconds, 6),
-        }
+        order, meta, headers_out = await self._choose(
+            request,
+            instruction,
+            collected,
+            replies,
+            choices,
+            n=n,
+            want=want,
+            model=model_name,
+            started=started,
+            reason=reason,
+        )
         usage = summed_usage(replies.replies)
         returned = [{**choices[i], "index": j} for j, i in enumerate(order)]
         if not client_logprobs:
             returned = [{**c, "logprobs": None} for c in returned]
-        headers_out = {
-            **replies.headers,
-            "X-Capplug-Candidates": str(len(choices)),
-            "X-Capplug-Failures": str(len(collected.failures)),
-        }
-        setattr(
-            request.state,
-            TIMING_KEY,
-            [("upstream", upstream_seconds), ("scoring", selection.seconds)],
-        )
-        logger.debug(
-            "reranked %d candidates from %s: returned %s (upstream %.3f s, scoring %.3f s)",
-            len(choices),
-            self.name,
-            order,
-            upstream_seconds,
-            selection.seconds,
-        )
         first = replies.replies[0]
         if stream:
             return StreamingResponse(
@@ -572,10 +533,7 @@ class _Proxy:
     async def _rerank_response(self, request: Request, body: dict[str, Any]) -> Response:
         instruction = responses_instruction(body)
         n = header_count(request.headers, "X-Capplug-N", self.max_n) or self.n
-        payload = dict(body)
-        temperature = payload.get("temperature")
-        if n > 1 and self.sampling_temperature is not None and temperature == 0:
-            payload["temperature"] = self.sampling_temperature
+        payload = self._sampled(dict(body), n)
         headers = self.forward_headers(request.headers, reencoded=True)
         budget = AttemptBudget(self.retry.max_attempts)
         started = time.perf_counter()
@@ -583,20 +541,80 @@ class _Proxy:
             collected, replies = await self.collect_responses(payload, headers, n, budget)
         except _UpstreamFailure as failure:
             raise self._upstream_error(failure) from failure
+        model = body.get("model")
+        order, meta, headers_out = await self._choose(
+            request,
+            instruction,
+            collected,
+            replies,
+            [as_choice(r) for r in collected.received],
+            n=n,
+            want=1,
+            model=model if isinstance(model, str) else "",
+            started=started,
+        )
+        chosen = collected.received[order[0]]
+        usage = summed_usage(replies.replies)
+        answer = {**chosen, **({"usage": usage} if usage is not None else {}), "capplug": meta}
+        return JSONResponse(answer, headers=headers_out)
+
+    def _sampled(self, payload: dict[str, Any], n: int) -> dict[str, Any]:
+        """``payload`` with temperature 0 raised to ``sampling_temperature`` when several
+        candidates are drawn (greedy ones would all be the same)."""
+        temperature = payload.get("temperature")
+        if (
+            n > 1
+            and self.sampling_temperature is not None
+            and isinstance(temperature, int | float)
+            and temperature == 0
+        ):
+            payload["temperature"] = self.sampling_temperature
+        return payload
+
+    async def _choose(
+        self,
+        request: Request,
+        instruction: str,
+        collected: Collected[dict[str, Any]],
+        replies: Replies,
+        choices: list[dict[str, Any]],
+        *,
+        n: int,
+        want: int,
+        model: str,
+        started: float,
+        reason: str | None = None,
+    ) -> tuple[list[int], dict[str, Any], dict[str, str]]:
+        """Choose among one request's candidates: the order to return them in (``want`` of
+        them), the ``capplug`` metadata, and the headers that say the same. Counts and times
+        the request, records the selection for feedback, and leaves the timings for
+        ``Server-Timing``."""
         upstream_seconds = time.perf_counter() - started
         self.metrics.upstream_seconds.observe(upstream_seconds)
-        self.metrics.candidates.inc(len(collected.received))
+        self.metrics.candidates.inc(len(choices))
         self.metrics.candidate_failures.inc(len(collected.failures))
-        selection = await self.select(instruction, [as_choice(r) for r in collected.received])
-        model = body.get("model")
+        if collected.failures:
+            logger.warning(
+                "%d of %d candidate requests to %s failed; choosing among the %d candidates "
+                "received (%s)",
+                len(collected.failures),
+                collected.calls,
+                self.name,
+                len(choices),
+                describe_error(collected.failures[-1]),
+            )
+        selection = await self.select(instruction, choices)
+        if reason is not None:
+            selection.metadata["reason"] = reason
+        order = selection.order[:want]
         if self.feedback is not None and selection.metadata["scores"] is not None:
             selection.metadata["selection_id"] = await self._record(
-                instruction, selection.metadata, model if isinstance(model, str) else ""
+                instruction, selection.metadata, model
             )
         meta = {
             **collected.metadata(n),
             **selection.metadata,
-            "returned": selection.order[:1],
+            "returned": order,
             "upstream_seconds": round(upstream_seconds, 6),
             "scoring_seconds": round(selection.seconds, 6),
         }
@@ -605,17 +623,20 @@ class _Proxy:
             TIMING_KEY,
             [("upstream", upstream_seconds), ("scoring", selection.seconds)],
         )
-        chosen = collected.received[selection.order[0]]
-        usage = summed_usage(replies.replies)
-        answer = {**chosen, **({"usage": usage} if usage is not None else {}), "capplug": meta}
-        return JSONResponse(
-            answer,
-            headers={
-                **replies.headers,
-                "X-Capplug-Candidates": str(len(collected.received)),
-                "X-Capplug-Failures": str(len(collected.failures)),
-            },
+        logger.debug(
+            "reranked %d candidates from %s: returned %s (upstream %.3f s, scoring %.3f s)",
+            len(choices),
+            self.name,
+            order,
+            upstream_seconds,
+            selection.seconds,
         )
+        headers = {
+            **replies.headers,
+            "X-Capplug-Candidates": str(len(choices)),
+            "X-Capplug-Failures": str(len(collected.failures)),
+        }
+        return order, meta, headers
 
     async def _record(self, instruction: str, chosen: dict[str, Any], model: str) -> str | None:
         """Store a reranked answer's selection for feedback; its id, or None if storing failed
