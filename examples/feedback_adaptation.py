@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from capplug import Scorer
-from capplug.data.rows import read_labelled_pairs
+from capplug.data.rows import labelled_pairs
 from capplug.feedback import FeedbackStore
 from capplug.scoring.guard import guard
 from capplug.scoring.train import TrainConfig, train_scorer
@@ -50,12 +50,12 @@ def adapt_on_feedback(start: str = "capplug-default") -> None:
     bundled = Scorer.from_pretrained(start)
     recorded = []
     for question, answers, wanted in conversions(24, seed=0):
-        chosen = max(range(len(answers)), key=lambda i: bundled.score(question, answers)[i])
+        scores = bundled.score(question, answers)
+        chosen = max(range(len(answers)), key=lambda i: scores[i])
         selection_id = store.record(question, answers, chosen)  # what a surface records
         store.add(selection_id, preferred=wanted)  # what the user judged
         recorded.append(selection_id)
-    store.export(work / "rows.jsonl")
-    pairs = read_labelled_pairs(work / "rows.jsonl")  # one group per selection
+    pairs = labelled_pairs(store.rows())  # one group per selection
     # The last eight judged selections are held out for the guard (`capplug adapt` holds out a
     # share picked by a hash of each selection's id instead).
     kept_back = set(recorded[-8:])

@@ -97,7 +97,7 @@ class RowError(CapplugError, ValueError):
     MAX_REPORTED = 20
     """Problems listed in the message; ``problems`` holds them all."""
 
-    def __init__(self, path: Path, problems: list[str], total: int) -> None:
+    def __init__(self, path: Path | str, problems: list[str], total: int) -> None:
         limit = self.MAX_REPORTED
         shown = "\n".join(f"  {p}" for p in problems[:limit])
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""

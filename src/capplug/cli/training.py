@@ -228,24 +228,20 @@ def _run_training(
 
 def _labelled_pairs(args: argparse.Namespace) -> Any:
     """The rows to train on: ``--data``, or with ``--from-feedback`` the judged selections."""
-    import tempfile
-    from pathlib import Path
-
-    from capplug.data.rows import read_labelled_pairs
+    from capplug.data.rows import labelled_pairs, read_labelled_pairs
 
     if not getattr(args, "from_feedback", False):
         return read_labelled_pairs(args.data)
     from capplug.cli.feedback import open_store
 
     store = open_store(args.db)
-    with tempfile.TemporaryDirectory(prefix="capplug-feedback-") as tmp:
-        rows = Path(tmp) / "feedback.jsonl"
-        if store.export(rows) == 0:
-            raise UsageError(
-                f"the feedback store {store.path} holds no judged selection yet; judge some "
-                "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
-            )
-        return read_labelled_pairs(rows)
+    rows = list(store.rows())
+    if not rows:
+        raise UsageError(
+            f"the feedback store {store.path} holds no judged selection yet; judge some "
+            "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
+        )
+    return labelled_pairs(rows, where=f"judged selections in {store.path}")
 
 
 def _guard(scorer_loader: Any, out_dir: Any, heldout: Any) -> Any:

@@ -6,7 +6,7 @@ import csv
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from capplug.chat import flatten_chat
 from capplug.errors import RowError
 
-__all__ = ["LabelledPair", "RowError", "read_labelled_pairs"]
+__all__ = ["LabelledPair", "RowError", "labelled_pairs", "read_labelled_pairs"]
 
 _FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -54,6 +54,27 @@ def read_labelled_pairs(
         raise ValueError(
             f"{path} holds no rows; give a JSONL, CSV or Parquet file with at least one row"
         )
+    return _checked(raw, labels, where=path)
+
+
+def labelled_pairs(
+    rows: Iterable[dict[str, Any]],
+    *,
+    labels: Literal["auto", "label", "reference"] = "auto",
+    where: str = "rows",
+) -> list[LabelledPair]:
+    """Check rows already in memory (as :func:`read_labelled_pairs` reads them from a file:
+    a feedback store's, say) and make training pairs of them; ``where`` names them in errors.
+
+    Raises:
+        RowError: rows are unusable; every problem is listed with its row number (from 1).
+    """
+    return _checked(list(enumerate(rows, start=1)), labels, where=where)
+
+
+def _checked(
+    raw: list[tuple[int, dict[str, Any]]], labels: str, *, where: str | Path
+) -> list[LabelledPair]:
     pairs: list[LabelledPair] = []
     problems: list[str] = []
     for number, row in raw:
@@ -62,7 +83,7 @@ def read_labelled_pairs(
         except ValueError as exc:
             problems.append(f"row {number}: {exc}")
     if problems:
-        raise RowError(path, problems, len(raw))
+        raise RowError(where, problems, len(raw))
     return pairs
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -480,8 +480,6 @@ class Reranker:
 
 def record(feedback: Any, instruction: Instruction, chosen: Selection, **details: Any) -> Selection:
     """``chosen`` stored in the feedback store ``feedback``, with its id set."""
-    from dataclasses import replace
-
     selection_id = feedback.record(
         instruction,
         [c.response for c in chosen.candidates],

@@ -62,10 +62,9 @@ def create_mcp_server(
         reranker = scorer
     else:
         reranker = Reranker(scorer if scorer is not None else DEFAULT_SCORER)
-    feedback_store = as_feedback_store(feedback)
-    if feedback_store is not None:
-        reranker.feedback = feedback_store
-    feedback_store = reranker.feedback
+    if feedback is not None:
+        reranker.feedback = as_feedback_store(feedback)
+    feedback_store = reranker.feedback  # given here, or the reranker's own
     server = FastMCP("capplug", instructions=INSTRUCTIONS)
 
     @server.tool()
