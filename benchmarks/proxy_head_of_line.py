@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_load import free_port, process, server_timing, wait_healthy
+from proxy_load import proxy_and_fake_upstream, server_timing
 
 RESULTS = Path(__file__).parent / "results"
 SMALL = {
@@ -112,37 +112,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     logs = Path(tempfile.mkdtemp(prefix="capplug-head-of-line-"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    fake = [sys.executable, str(Path(__file__).parent / "proxy_load.py"), "--fake-upstream"]
-    with process(fake, logs / "upstream.log", env=env) as upstream:
-        assert upstream.stdout is not None
-        upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline().split()[1])}"
-        port = free_port()
-        command = [sys.executable, "-m", "capplug.cli", "proxy", "--upstream"]
-        command += [f"{upstream_url}/v1", "--port", str(port), "--n", "8"]
-        with process(command, logs / "proxy.log", env=env) as proxy:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, proxy, logs / "proxy.log")
-            asyncio.run(alone(url, 5))  # warm-up
-            baseline = statistics.median(asyncio.run(alone(url, 15)))
-            print(f"small request alone: {1000 * baseline:.0f} ms (median of 15)", flush=True)
-            sizes = []
-            for megabytes in args.sizes:
-                rows = [asyncio.run(behind(url, megabytes, delay)) for delay in args.delays]
-                size = rows[0]["bytes"]
-                for row in rows:
-                    row["wait"] = row["small_seconds"] - baseline
-                    print(
-                        f"{size / 1e6:.1f} MB, small sent {1000 * row['delay']:.0f} ms "
-                        f"later: small {row['small_status']} in "
-                        f"{1000 * row['small_seconds']:.0f} ms (waited "
-                        f"{1000 * row['wait']:.0f} ms); big {row['big_status']} in "
-                        f"{row['big_seconds']:.2f} s; small's Server-Timing "
-                        + ", ".join(f"{k} {1000 * v:.0f}" for k, v in row["small_timing"].items())
-                        + " ms",
-                        flush=True,
-                    )
-                sizes.append({"bytes": size, "rows": rows})
+    with proxy_and_fake_upstream(logs, ["--n", "8"]) as (url, _):
+        asyncio.run(alone(url, 5))  # warm-up
+        baseline = statistics.median(asyncio.run(alone(url, 15)))
+        print(f"small request alone: {1000 * baseline:.0f} ms (median of 15)", flush=True)
+        sizes = []
+        for megabytes in args.sizes:
+            rows = [asyncio.run(behind(url, megabytes, delay)) for delay in args.delays]
+            size = rows[0]["bytes"]
+            for row in rows:
+                row["wait"] = row["small_seconds"] - baseline
+                print(
+                    f"{size / 1e6:.1f} MB, small sent {1000 * row['delay']:.0f} ms "
+                    f"later: small {row['small_status']} in "
+                    f"{1000 * row['small_seconds']:.0f} ms (waited "
+                    f"{1000 * row['wait']:.0f} ms); big {row['big_status']} in "
+                    f"{row['big_seconds']:.2f} s; small's Server-Timing "
+                    + ", ".join(f"{k} {1000 * v:.0f}" for k, v in row["small_timing"].items())
+                    + " ms",
+                    flush=True,
+                )
+            sizes.append({"bytes": size, "rows": rows})
     failed = [
         (s["bytes"], r)
         for s in sizes

@@ -172,6 +172,26 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], log: Path, timeout: floa
     raise RuntimeError(f"the proxy did not start within {timeout} s:\n{log.read_text()[-2000:]}")
 
 
+@contextlib.contextmanager
+def proxy_and_fake_upstream(
+    logs: Path, proxy_args: list[str], *, proxy_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str]]:
+    """The fake upstream and ``capplug proxy`` in front of it, each a process of its own, up
+    and healthy; yields ``(proxy URL, upstream URL)``. ``proxy_args``: more proxy options."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fake = [sys.executable, str(Path(__file__).resolve()), "--fake-upstream"]
+    with process(fake, logs / "upstream.log", env=env) as upstream:
+        assert upstream.stdout is not None
+        upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline().split()[1])}"
+        port = free_port()
+        command = [sys.executable, "-m", "capplug.cli", "proxy", "--upstream"]
+        command += [f"{upstream_url}/v1", "--port", str(port), *proxy_args]
+        with process(command, logs / "proxy.log", env={**env, **(proxy_env or {})}) as proxy:
+            proxy_url = f"http://127.0.0.1:{port}"
+            wait_healthy(proxy_url, proxy, logs / "proxy.log")
+            yield proxy_url, upstream_url
+
+
 # ----------------------------------------------------------------------------------- load
 
 
@@ -290,36 +310,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     logs = Path(tempfile.mkdtemp(prefix="capplug-proxy-load-"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with process(
-        [sys.executable, __file__, "--fake-upstream"], logs / "upstream.log", env=env
-    ) as upstream:
-        assert upstream.stdout is not None
-        upstream_port = int(upstream.stdout.readline().split()[1])
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        proxy_port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "capplug.cli",
-            "proxy",
-            "--upstream",
-            f"{upstream_url}/v1",
-            "--port",
-            str(proxy_port),
-            "--n",
-            str(args.n),
-        ]
-        if args.scorer:
-            command += ["--scorer", args.scorer]
-        proxy_env = dict(env)
-        if args.scorer_threads:
-            proxy_env["OMP_NUM_THREADS"] = str(args.scorer_threads)
-        with process(command, logs / "proxy.log", env=proxy_env) as proxy:
-            proxy_url = f"http://127.0.0.1:{proxy_port}"
-            wait_healthy(proxy_url, proxy, logs / "proxy.log")
-            load_before = os.getloadavg()[0]
-            levels = measure(proxy_url, upstream_url, args)
+    proxy_args = ["--n", str(args.n)] + (["--scorer", args.scorer] if args.scorer else [])
+    threads = {"OMP_NUM_THREADS": str(args.scorer_threads)} if args.scorer_threads else None
+    with proxy_and_fake_upstream(logs, proxy_args, proxy_env=threads) as (proxy_url, upstream_url):
+        load_before = os.getloadavg()[0]
+        levels = measure(proxy_url, upstream_url, args)
     unanswered = [lv for lv in levels if lv["answered"] != lv["requests"]]
     if unanswered:
         raise SystemExit(f"not every request was answered: {unanswered} (logs in {logs})")

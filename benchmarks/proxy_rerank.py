@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_load import free_port, process, wait_healthy
+from proxy_load import proxy_and_fake_upstream
 
 RESULTS = Path(__file__).parent / "results"
 QUERY = "Which city is the capital of Australia, and why was it chosen?"
@@ -59,30 +59,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         own.append(time.perf_counter() - started)
 
     logs = Path(tempfile.mkdtemp(prefix="capplug-proxy-rerank-"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    fake = [sys.executable, str(Path(__file__).parent / "proxy_load.py"), "--fake-upstream"]
-    with process(fake, logs / "upstream.log", env=env) as upstream:
-        assert upstream.stdout is not None
-        upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline().split()[1])}"
-        port = free_port()
-        command = [sys.executable, "-m", "capplug.cli", "proxy", "--upstream"]
-        command += [f"{upstream_url}/v1", "--port", str(port)]
-        with process(command, logs / "proxy.log", env=env) as proxy:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, proxy, logs / "proxy.log")
-            body = {"model": "capplug", "query": QUERY, "documents": docs, "top_n": 10}
-            served = []
-            with httpx2.Client(timeout=120) as http:
-                for attempt in range(args.runs + 1):
-                    started = time.perf_counter()
-                    response = http.post(f"{url}/v1/rerank", json=body)
-                    seconds = time.perf_counter() - started
-                    if response.status_code != 200:
-                        raise SystemExit(
-                            f"/v1/rerank answered {response.status_code}: {response.text}"
-                        )
-                    if attempt:  # the first is the warm-up
-                        served.append(seconds)
+    with proxy_and_fake_upstream(logs, []) as (url, _):
+        body = {"model": "capplug", "query": QUERY, "documents": docs, "top_n": 10}
+        served = []
+        with httpx2.Client(timeout=120) as http:
+            for attempt in range(args.runs + 1):
+                started = time.perf_counter()
+                response = http.post(f"{url}/v1/rerank", json=body)
+                seconds = time.perf_counter() - started
+                if response.status_code != 200:
+                    raise SystemExit(f"/v1/rerank answered {response.status_code}: {response.text}")
+                if attempt:  # the first is the warm-up
+                    served.append(seconds)
     own_p50, served_p50 = statistics.median(own), statistics.median(served)
     return {
         "benchmark": "proxy_rerank",
