@@ -172,7 +172,12 @@ class NoGeneratorError(AdapterStoreError):
 
 
 class FeedbackError(CapplugError, ValueError):
-    """A selection or judgement that cannot be stored (the message names the field)."""
+    """A selection or judgement that cannot be stored (the message names the field, and
+    ``param`` is that field when there is one)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownSelectionError(FeedbackError, LookupError):

@@ -209,7 +209,9 @@ class FeedbackStore:
             )
         kind: Kind = given[0]  # type: ignore[assignment]
         if candidate is not None and kind != "label":
-            raise FeedbackError("'candidate' goes with 'label' (which candidate it judges)")
+            raise FeedbackError(
+                "'candidate' goes with 'label' (which candidate it judges)", param="candidate"
+            )
         if source is not None:
             source = _check_text(source, "source", limit=256)
         with self._write() as db:
@@ -414,27 +416,27 @@ def _selection_rows(selection: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _check_text(value: Any, field: str, *, limit: int = MAX_TEXT_CHARS) -> str:
     if not isinstance(value, str):
-        raise FeedbackError(f"{field} must be a string; got {type(value).__name__}")
+        raise FeedbackError(f"{field} must be a string; got {type(value).__name__}", param=field)
     if len(value) > limit:
-        raise FeedbackError(f"{field} is longer than {limit:,} characters")
+        raise FeedbackError(f"{field} is longer than {limit:,} characters", param=field)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise FeedbackError(f"{field} is not valid Unicode text") from None
+        raise FeedbackError(f"{field} is not valid Unicode text", param=field) from None
     return value
 
 
 def _check_index(value: Any, count: int, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
         raise FeedbackError(
-            f"{field} must be a candidate index from 0 to {count - 1}; got {value!r}"
+            f"{field} must be a candidate index from 0 to {count - 1}; got {value!r}", param=field
         )
 
 
 def _check_label(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FeedbackError(f"label must be a number in [0, 1]; got {value!r}")
+        raise FeedbackError(f"label must be a number in [0, 1]; got {value!r}", param="label")
     label = float(value)
     if not math.isfinite(label) or not 0.0 <= label <= 1.0:
-        raise FeedbackError(f"label must be a number in [0, 1]; got {value!r}")
+        raise FeedbackError(f"label must be a number in [0, 1]; got {value!r}", param="label")
     return label

@@ -90,6 +90,5 @@ def _add(store: Any, selection_id: str, options: dict[str, Any]) -> Any:
     except DuplicateFeedbackError as error:
         raise APIError(409, str(error), code="duplicate_feedback") from None
     except FeedbackError as error:
-        named = str(error).split(" ", 1)[0].strip("'")
-        param = named if named in FEEDBACK_FIELDS else None
+        param = error.param if error.param in FEEDBACK_FIELDS else None
         raise APIError(400, str(error), param=param, code="invalid_feedback") from None
