@@ -12,12 +12,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import AfterValidator, BaseModel, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from capplug.serve._http import (
     BEARER,
@@ -331,6 +332,23 @@ class TokenQueue:
 
     def end(self) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+T = TypeVar("T")
+
+
+def start_streaming(generate: Callable[[TokenQueue], T]) -> tuple[TokenQueue, asyncio.Future[T]]:
+    """Run ``generate(streamer)`` in a worker thread; the streamer ends however it returns, so
+    the stream is never left waiting on a failed generation."""
+    streamer = TokenQueue(asyncio.get_running_loop())
+
+    def run() -> T:
+        try:
+            return generate(streamer)
+        finally:
+            streamer.end()
+
+    return streamer, asyncio.ensure_future(run_in_threadpool(run))
 
 
 async def first_step(streamer: TokenQueue, work: asyncio.Future[Any]) -> list[int] | None:

@@ -72,7 +72,6 @@ for the model.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import secrets
@@ -798,15 +797,7 @@ async def _streamed(service: _Service, plan: _Plan) -> Response:
     """One choice streamed as its tokens are drawn; the adapter's ``capplug`` object comes with
     the last chunk. A failure before the first token (no adapter can be made, say) is an
     ordinary error answer."""
-    streamer = _chat.TokenQueue(asyncio.get_running_loop())
-
-    def answer() -> _Answer:
-        try:
-            return service.answer(plan, streamer)
-        finally:
-            streamer.end()
-
-    work = asyncio.ensure_future(run_in_threadpool(answer))
+    streamer, work = _chat.start_streaming(lambda queue: service.answer(plan, queue))
     first = await _chat.first_step(streamer, work)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     tokenizer = service.runtime.chat.tokenizer

@@ -264,15 +264,6 @@ def _answer(model: LocalChatModel, plan: _Plan, streamer: Any = None) -> tuple[i
     return prompt, choices
 
 
-def _answer_streamed(
-    model: LocalChatModel, plan: _Plan, streamer: _chat.TokenQueue
-) -> tuple[int, list[_Choice]]:
-    try:
-        return _answer(model, plan, streamer)
-    finally:
-        streamer.end()  # also when generation fails, so the stream is not left waiting
-
-
 # -------------------------------------------------------------------------------- replies
 
 
@@ -444,8 +435,7 @@ def create_app(
         plan = _plan(body, max_n=max_n, max_tokens_cap=max_tokens_cap)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if plan.stream and plan.n == 1 and not plan.stops:
-            streamer = _chat.TokenQueue(asyncio.get_running_loop())
-            work = asyncio.ensure_future(run_in_threadpool(_answer_streamed, model, plan, streamer))
+            streamer, work = _chat.start_streaming(lambda queue: _answer(model, plan, queue))
             first = await _chat.first_step(streamer, work)  # errors before any event is sent
             return StreamingResponse(
                 _live_events(model, plan, completion_id, model_name, streamer, work, first),
