@@ -103,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from capplug import Scorer
     from capplug.adapters import AdapterRuntime, AdapterStore, Hypernetwork, ScorerHitCheck
     from capplug.adapters.adapter_folder import read_adapter
-    from capplug.adapters.lora import train_task_names
+    from capplug.training.teacher_lora import train_task_names
 
     hypernet = Hypernetwork.from_pretrained(args.hypernet, device=args.device)
     runtime = AdapterRuntime.from_pretrained(
@@ -185,7 +185,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     statistics.median(check_seconds) if check_seconds else None
                 ),
             }
-    from capplug.adapters._training import machine
+    from capplug.training.loop import machine
 
     return {
         "benchmark": NAME,

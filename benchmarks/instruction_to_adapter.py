@@ -74,7 +74,7 @@ ADAPTER_NAME.update({"multitask": "multitask", "per-task": "pertask"})
 
 def ceiling_config() -> Any:
     """The per-task LoRA settings: the teachers' defaults, so the ceiling is a teacher's run."""
-    from capplug.adapters.lora import LoraTrainConfig
+    from capplug.training.teacher_lora import LoraTrainConfig
 
     return LoraTrainConfig()
 
@@ -179,7 +179,7 @@ def train_missing_ceilings(
     tasks: list[str], per_task: Path, models: Models, args: argparse.Namespace
 ) -> None:
     """Train (or resume) the per-task LoRA of every task that has none: dev train examples only."""
-    from capplug.adapters.lora import BENCHMARK_CEILING, task_folder_name, train_task_lora
+    from capplug.training.teacher_lora import BENCHMARK_CEILING, task_folder_name, train_task_lora
 
     todo = [t for t in tasks if finished_lora(per_task / task_folder_name(t), t) is None]
     for position, name in enumerate(todo, start=1):
@@ -195,10 +195,10 @@ def train_missing_ceilings(
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from capplug.adapters._examples import user_prompt
     from capplug.adapters.adapter_folder import AdapterFileError, canonical_model_name
-    from capplug.adapters.lora import task_folder_name
+    from capplug.adapters.examples import user_prompt
     from capplug.errors import CheckpointError, ModelNotFoundError
+    from capplug.training.teacher_lora import task_folder_name
 
     tasks = args.tasks or task_names("dev", "instruction_to_adapter")
     loaded = {name: bigbench.load_task(name) for name in tasks}
@@ -358,8 +358,7 @@ def measure_generation(hypernet: Any, definitions: list[str], tasks: list[str]) 
     if hypernet is None or not definitions:
         return {}
     import torch
-
-    from capplug.adapters._training import machine
+    from capplug.training.loop import machine
 
     hypernet.generate(definitions[0])  # loads the encoder, warms the allocator
     seconds = {}

@@ -199,7 +199,7 @@ def adapt_scorer(
     from capplug import Scorer
     from capplug.data.labels import label_candidates, label_clipped, reference_rows
     from capplug.data.rows import LabelledPair
-    from capplug.scoring.train import TrainConfig, train_scorer
+    from capplug.training.scorer import TrainConfig, train_scorer
 
     rows = list(reference_rows(train, seed=0))
     for example in train:

@@ -20,7 +20,7 @@ from capplug import Scorer
 from capplug.data.rows import labelled_pairs
 from capplug.feedback import FeedbackStore
 from capplug.scoring.guard import guard
-from capplug.scoring.train import TrainConfig, train_scorer
+from capplug.training.scorer import TrainConfig, train_scorer
 
 
 def conversions(count: int, seed: int) -> list[tuple[str, list[str], int]]:

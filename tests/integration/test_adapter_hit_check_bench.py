@@ -35,8 +35,8 @@ def toy_task(name: str, definition: str) -> Task:
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
-    import capplug.adapters.lora as lora
     import capplug.data.bigbench as bigbench
+    import capplug.training.teacher_lora as lora
     from capplug import Scorer
     from capplug.adapters import Hypernetwork
     from capplug.testing import save_tiny_scorer

@@ -21,15 +21,15 @@ from capplug.adapters import (
     train_task_lora,
     write_peft_folder,
 )
-from capplug.adapters._examples import LoraInjection, answer_logits, encode_example
 from capplug.adapters.adapter_folder import peft_key
-from capplug.adapters.lora import task_folder_name, train_task_names
-from capplug.adapters.train_hypernet import relative_weight_error
+from capplug.adapters.examples import LoraInjection, answer_logits, encode_example
 from capplug.cli import main
 from capplug.errors import CheckpointError, ModelNotFoundError
 from capplug.llms import LocalChatModel
 from capplug.scoring import TruncationWarning
 from capplug.testing import save_tiny_llama
+from capplug.training.hypernetwork import relative_weight_error
+from capplug.training.teacher_lora import task_folder_name, train_task_names
 
 INSTRUCTION = "Answer the question with yes or no."
 
@@ -471,7 +471,7 @@ def test_students_can_read_the_definition_on_a_share_of_rows(
 ):
     from dataclasses import replace
 
-    import capplug.adapters.train_hypernet as module
+    import capplug.training.hypernetwork as module
 
     seen: list[bool] = []
     encode = module.encode_example

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from capplug.adapters import LoraTrainConfig
-from capplug.adapters.lora import task_folder_name, train_multitask_lora, train_task_names
 from capplug.data.bigbench import Example, Task, is_test_example, task_names
 from capplug.testing import save_tiny_llama
+from capplug.training.teacher_lora import task_folder_name, train_multitask_lora, train_task_names
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()

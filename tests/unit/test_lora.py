@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from capplug.adapters import LoraTrainConfig, read_adapter, train_all, train_task_lora
-from capplug.adapters._examples import answer_logits, encode_example
-from capplug.adapters.lora import task_folder_name, train_task_names
+from capplug.adapters.examples import answer_logits, encode_example
 from capplug.cli import main
 from capplug.data.bigbench import Example, Task, task_names
 from capplug.llms import LocalChatModel
 from capplug.testing import save_tiny_llama
+from capplug.training.teacher_lora import task_folder_name, train_task_names
 
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
 
@@ -276,7 +276,7 @@ def test_cli_train_lora_error_paths(capsys, tmp_path):
 def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
     chat, tmp_path, monkeypatch
 ):
-    import capplug.adapters.lora as lora
+    import capplug.training.teacher_lora as lora
     from capplug.data.bigbench import is_test_example
 
     dev = task_names("dev", "instruction_to_adapter")[0]
@@ -350,7 +350,7 @@ def two_tasks(yes_task) -> list[Task]:
 
 
 def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks, tmp_path):
-    from capplug.adapters.lora import MULTITASK, train_multitask_lora
+    from capplug.training.teacher_lora import MULTITASK, train_multitask_lora
 
     config = LoraTrainConfig(**{**FAST.__dict__, "steps": 12})
     result = train_multitask_lora(
@@ -373,8 +373,8 @@ def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks,
 
 
 def test_multitask_examples_keep_their_own_definitions(chat, two_tasks, tmp_path, monkeypatch):
-    import capplug.adapters.lora as lora
-    from capplug.adapters.lora import train_multitask_lora
+    import capplug.training.teacher_lora as lora
+    from capplug.training.teacher_lora import train_multitask_lora
 
     seen: list[tuple[str, str, str]] = []
     real_encode = lora.encode_example
@@ -393,7 +393,7 @@ def test_multitask_examples_keep_their_own_definitions(chat, two_tasks, tmp_path
 
 
 def test_multitask_resume_ends_with_the_same_weights(chat, two_tasks, tmp_path):
-    from capplug.adapters.lora import train_multitask_lora
+    from capplug.training.teacher_lora import train_multitask_lora
 
     train_multitask_lora(
         tmp_path / "straight", tasks=two_tasks, chat=chat, config=FAST, progress=False
@@ -432,7 +432,7 @@ def test_multitask_resume_ends_with_the_same_weights(chat, two_tasks, tmp_path):
 
 
 def test_multitask_refusals_and_default_steps(chat, two_tasks, tmp_path):
-    from capplug.adapters.lora import multitask_config, train_multitask_lora
+    from capplug.training.teacher_lora import multitask_config, train_multitask_lora
 
     dev = task_names("dev", "instruction_to_adapter")[0]
     with pytest.raises(ValueError, match="dev task"):
@@ -452,8 +452,8 @@ def test_multitask_refusals_and_default_steps(chat, two_tasks, tmp_path):
 
 
 def test_cli_train_lora_multitask(base_dir, two_tasks, tmp_path, monkeypatch, capsys):
-    import capplug.adapters.lora as lora
     import capplug.data.bigbench as bigbench
+    import capplug.training.teacher_lora as lora
 
     toys = {t.name: t for t in two_tasks}
     monkeypatch.setattr(lora, "train_task_names", lambda: list(toys))

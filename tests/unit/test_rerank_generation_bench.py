@@ -79,7 +79,7 @@ def test_adaptation_trains_with_the_chosen_recipe_and_clipped_candidates_on_requ
     bench: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import capplug
-    import capplug.scoring.train as train_module
+    import capplug.training.scorer as train_module
     from capplug.data.bigbench import Example
 
     seen: list[tuple[list, object]] = []

@@ -12,7 +12,7 @@ import torch
 
 from capplug import Scorer
 from capplug.data.rows import LabelledPair, RowError, read_labelled_pairs
-from capplug.scoring.train import (
+from capplug.training.scorer import (
     TrainConfig,
     _epoch_batches,
     _group_ids,
@@ -276,6 +276,36 @@ def test_a_finished_run_is_never_overwritten(tiny_bert_backbone: Path, tmp_path:
             progress=False,
         )
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == saved
+
+
+def test_the_same_run_asked_again_refuses_instead_of_training_over_it(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
+    pairs = toy_pairs(8)
+    config = TrainConfig(**{**CONFIG, "epochs": 1})
+    train_scorer(Scorer.from_backbone(tiny_bert_backbone), pairs, tmp_path / "run", config=config)
+    assert not (tmp_path / "run" / "checkpoint").exists()  # a finished run keeps no checkpoint
+    saved = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a trained model"):
+        train_scorer(
+            Scorer.from_backbone(tiny_bert_backbone), pairs, tmp_path / "run", config=config
+        )
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == saved
+
+
+def test_a_scorer_trained_at_reduced_precision_scores_at_that_precision_again(
+    tiny_bert_backbone: Path, tmp_path: Path
+) -> None:
+    # On a GPU a scorer loads in bfloat16; training keeps fp32 master weights and must hand
+    # the scorer back at the precision its dtype says, or it scores at fp32 speed.
+    Scorer.from_backbone(tiny_bert_backbone).save_pretrained(tmp_path / "start")
+    scorer = Scorer.from_pretrained(tmp_path / "start", dtype=torch.bfloat16)
+    assert scorer.dtype == torch.bfloat16
+    config = TrainConfig(**{**CONFIG, "epochs": 1})
+    train_scorer(scorer, toy_pairs(8), tmp_path / "run", config=config, progress=False)
+    assert scorer.dtype == torch.bfloat16
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
+    assert len(scorer.score("what is 1 plus one ?", ["yes", "cat"])) == 2
 
 
 def test_bad_rows_are_listed_with_their_numbers(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 - :class:`AdapterRuntime`: one local model with many named peft adapters (LRU-capped), batched
   generation where each prompt picks its adapter;
-- :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on Natural-Instructions train tasks;
+- :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on Natural-Instructions train tasks
+  (trained in :mod:`capplug.training`, exported here too);
 - :class:`Hypernetwork`: instruction text -> LoRA weights in one forward pass;
 - :func:`train_hypernetwork`: TAGI's objective (prediction + distillation + weight matching),
   with teacher LoRAs or without;
@@ -19,7 +20,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "user_prompt": "_examples",
+    "user_prompt": "examples",
     "AdapterFileError": "adapter_folder",
     "AdapterFiles": "adapter_folder",
     "BaseModelIdentity": "adapter_folder",
@@ -31,16 +32,16 @@ _EXPORTS = {
     "DEFAULT_HYPERNETWORK": "hypernetwork",
     "Hypernetwork": "hypernetwork",
     "HypernetworkConfig": "hypernetwork",
-    "LoraTrainConfig": "lora",
-    "LoraTrainResult": "lora",
-    "train_all": "lora",
-    "train_task_lora": "lora",
-    "train_task_names": "lora",
+    "LoraTrainConfig": "capplug.training.teacher_lora",
+    "LoraTrainResult": "capplug.training.teacher_lora",
+    "train_all": "capplug.training.teacher_lora",
+    "train_task_lora": "capplug.training.teacher_lora",
+    "train_task_names": "capplug.training.teacher_lora",
     "AdapterRuntime": "runtime",
-    "HypernetTrainConfig": "train_hypernet",
-    "HypernetTrainResult": "train_hypernet",
-    "find_teachers": "train_hypernet",
-    "train_hypernetwork": "train_hypernet",
+    "HypernetTrainConfig": "capplug.training.hypernetwork",
+    "HypernetTrainResult": "capplug.training.hypernetwork",
+    "find_teachers": "capplug.training.hypernetwork",
+    "train_hypernetwork": "capplug.training.hypernetwork",
     "AdapterStore": "store",
     "HitCheckRecord": "hit_check",
     "ScorerHitCheck": "hit_check",
@@ -56,7 +57,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'capplug.adapters' has no attribute {name!r}")
     try:
-        return getattr(importlib.import_module(f"capplug.adapters.{module}"), name)
+        path = module if "." in module else f"capplug.adapters.{module}"
+        return getattr(importlib.import_module(path), name)
     except ImportError as exc:
         if exc.name in ("peft", "chromadb"):
             raise ImportError(

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from capplug.adapters._examples import user_prompt
+from capplug.adapters.examples import user_prompt
 
 if TYPE_CHECKING:
     from capplug.adapters.runtime import AdapterRuntime

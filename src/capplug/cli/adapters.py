@@ -204,7 +204,7 @@ def _adapters_module(name: str) -> Any:
     import importlib
 
     try:
-        return importlib.import_module(f"capplug.adapters.{name}")
+        return importlib.import_module(f"capplug.{name}")
     except ImportError as exc:
         if "peft" not in str(exc):
             raise
@@ -224,7 +224,7 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
             "give either --task NAME (one task), --all (every train task, one adapter each) or "
             "--multitask (one adapter for all train tasks mixed)"
         )
-    lora = _adapters_module("lora")
+    lora = _adapters_module("training.teacher_lora")
     if args.task:
         lora.check_train_task(args.task)  # before any model loads
     overrides = {
@@ -291,7 +291,7 @@ def _lora_summary(result: Any) -> tuple[str, str, str]:
 
 
 def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
-    train = _adapters_module("train_hypernet")
+    train = _adapters_module("training.hypernetwork")
     # find_teachers fails before any model loads
     teachers = train.find_teachers(args.teachers) if args.teachers else None
     if teachers is None and args.reconstruction_steps is None:
@@ -340,7 +340,7 @@ def _run_adapters_generate(args: argparse.Namespace) -> int:
     import time
 
     _check_instruction_arg(args.instruction)
-    hypernetwork = _adapters_module("hypernetwork")
+    hypernetwork = _adapters_module("adapters.hypernetwork")
     hypernet = hypernetwork.Hypernetwork.from_pretrained(args.hypernet, device=args.device)
     started = time.perf_counter()
     folder = hypernet.write_adapter(args.instruction, args.out)
@@ -368,8 +368,8 @@ def _run_adapters_answer(args: argparse.Namespace) -> int:
     _check_instruction_arg(args.input, "--input")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    hypernetwork = _adapters_module("hypernetwork")
-    runtime = _adapters_module("runtime")
+    hypernetwork = _adapters_module("adapters.hypernetwork")
+    runtime = _adapters_module("adapters.runtime")
     hypernet = hypernetwork.Hypernetwork.from_pretrained(args.hypernet, device=args.device)
     state_dict, config = hypernet.generate(args.instruction)
     model = runtime.AdapterRuntime.from_pretrained(
@@ -377,6 +377,6 @@ def _run_adapters_answer(args: argparse.Namespace) -> int:
     )
     model.add_weights("generated", state_dict, config)
     definition = args.instruction if args.with_instruction else None
-    prompt = _adapters_module("_examples").user_prompt(args.input, definition)
+    prompt = _adapters_module("adapters.examples").user_prompt(args.input, definition)
     print(model.generate([prompt], adapter="generated", max_new_tokens=args.max_new_tokens)[0])
     return 0

@@ -151,7 +151,7 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from capplug.scoring.train import TrainConfig
+    from capplug.training.scorer import TrainConfig
 
     for name in ("batch_size", "grad_accum", "max_length", "eval_every"):
         if getattr(args, name) < 1:
@@ -184,7 +184,7 @@ def _run_training(
     *,
     guarded: bool = False,
 ) -> int:
-    from capplug.scoring.train import format_metrics, split_heldout, train_scorer
+    from capplug.training.scorer import format_metrics, split_heldout, train_scorer
 
     config = _train_config(args)
     pairs = _labelled_pairs(args)  # every row is checked before a model loads

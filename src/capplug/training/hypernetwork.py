@@ -24,7 +24,7 @@ tasks: no language-model pass, so it takes seconds, and the adapters it writes a
 the teachers' way before the expensive steps begin.
 
 Generated weights act on the frozen base model through forward hooks
-(:class:`~capplug.adapters._examples.LoraInjection`), so the gradient of every term flows back
+(:class:`~capplug.adapters.examples.LoraInjection`), so the gradient of every term flows back
 into the hypernetwork. A run folder holds ``checkpoint/`` (resumable exactly), ``best/`` (by
 held-out ``L_pred``), ``train_log.jsonl``, and at the end the hypernetwork itself
 (``hypernetwork.json``, ``model.safetensors``) and ``training_summary.json``.
@@ -46,8 +46,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,14 +54,6 @@ from typing import Any
 import torch
 
 from capplug._cache import sha256_file, write_json_atomic
-from capplug.adapters import _training as tr
-from capplug.adapters._examples import (
-    AnswerLogits,
-    Encoded,
-    LoraInjection,
-    answer_logits,
-    encode_example,
-)
 from capplug.adapters.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -71,6 +61,13 @@ from capplug.adapters.adapter_folder import (
     linear_shapes,
     model_identity,
     read_adapter,
+)
+from capplug.adapters.examples import (
+    AnswerLogits,
+    Encoded,
+    LoraInjection,
+    answer_logits,
+    encode_example,
 )
 from capplug.adapters.hypernetwork import (
     CONFIG_FILE,
@@ -81,6 +78,17 @@ from capplug.adapters.hypernetwork import (
 )
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+from capplug.training.loop import (
+    SUMMARY_FILE,
+    Loop,
+    Precision,
+    Schedule,
+    autocast,
+    check_float,
+    check_int,
+    fingerprint,
+    machine,
+)
 
 __all__ = [
     "HypernetTrainConfig",
@@ -118,7 +126,7 @@ class HypernetTrainConfig:
     above 0 the adapters also learn to work beside the definition in the prompt."""
     max_length: int = 256
     max_answer_tokens: int = 64
-    precision: tr.Precision = "fp32"
+    precision: Precision = "fp32"
     seed: int = 0
     checkpoint_every: int = 25
     log_every: int = 5
@@ -138,19 +146,19 @@ class HypernetTrainConfig:
             "log_every",
             "eval_every",
         ):
-            tr.check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         for name in ("reconstruction_steps", "warmup_steps", "seed", "eval_examples_per_task"):
-            tr.check_int(getattr(self, name), name, minimum=0)
+            check_int(getattr(self, name), name, minimum=0)
         if self.reconstruction_steps > self.steps:
             raise ValueError(
                 f"reconstruction_steps ({self.reconstruction_steps}) cannot exceed steps "
                 f"({self.steps})"
             )
-        tr.check_float(self.lr, "lr")
-        tr.check_float(self.kl_temperature, "kl_temperature")
-        tr.check_float(self.max_grad_norm, "max_grad_norm")
+        check_float(self.lr, "lr")
+        check_float(self.kl_temperature, "kl_temperature")
+        check_float(self.max_grad_norm, "max_grad_norm")
         for name in ("weight_decay", "lambda_kl", "lambda_weights"):
-            tr.check_float(getattr(self, name), name, inclusive=True)
+            check_float(getattr(self, name), name, inclusive=True)
         rate = self.student_definition_rate
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"student_definition_rate must be in [0, 1]; got {rate!r}")
@@ -185,7 +193,7 @@ def find_teachers(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """``{task name: adapter folder}`` of the finished teacher LoRAs under ``folder``.
 
     A teacher is a sub-folder with a peft adapter and the ``training_summary.json`` that
-    :func:`~capplug.adapters.lora.train_task_lora` writes when it finishes.
+    :func:`~capplug.training.teacher_lora.train_task_lora` writes when it finishes.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -193,7 +201,7 @@ def find_teachers(folder: str | os.PathLike[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     unfinished = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        summary = sub / tr.SUMMARY_FILE
+        summary = sub / SUMMARY_FILE
         if not (sub / ADAPTER_CONFIG).is_file() or not summary.is_file():
             if (sub / "checkpoint").is_dir():
                 unfinished.append(sub.name)
@@ -211,7 +219,7 @@ def find_teachers(folder: str | os.PathLike[str]) -> dict[str, Path]:
     if not found:
         raise ValueError(
             f"{root} holds no finished teacher adapters (sub-folders with {ADAPTER_CONFIG} and "
-            f"{tr.SUMMARY_FILE}); train them first with `capplug adapters train-lora --all "
+            f"{SUMMARY_FILE}); train them first with `capplug adapters train-lora --all "
             f"--out {root}`"
         )
     return found
@@ -269,7 +277,7 @@ def train_hypernetwork(
     """Train a hypernetwork against teacher LoRAs; running it again resumes where it stopped.
 
     Args:
-        teachers: the folder :func:`~capplug.adapters.lora.train_all` wrote, or
+        teachers: the folder :func:`~capplug.training.teacher_lora.train_all` wrote, or
             ``{task name: adapter folder}``, or ``None`` to train without teachers.
         out: the run folder; it ends up a hypernetwork folder (:meth:`Hypernetwork.from_pretrained`).
         base: the base model the teachers adapt (default: the packaged SmolLM2-135M-Instruct).
@@ -358,7 +366,7 @@ def train_hypernetwork(
             f"the hypernetwork writes adapters for {hypernetwork.config.base_model}, but the "
             f"teachers and the loaded base model are {identity.name}"
         )
-    run_id = tr.fingerprint(
+    run_id = fingerprint(
         {
             "tasks": names,
             "teachers": {n: sha256_file(f.folder / ADAPTER_WEIGHTS) for n, f in files.items()},
@@ -369,7 +377,7 @@ def train_hypernetwork(
         }
     )
     folder.mkdir(parents=True, exist_ok=True)
-    summary_path = folder / tr.SUMMARY_FILE
+    summary_path = folder / SUMMARY_FILE
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         if summary.get("run_id") == run_id:
@@ -408,7 +416,7 @@ def _task_list(
         return sorted(teachers)
     if tasks is not None:
         return sorted(tasks)
-    from capplug.adapters.lora import train_task_names
+    from capplug.training.teacher_lora import train_task_names
 
     return sorted(train_task_names())
 
@@ -431,8 +439,8 @@ def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
 def _load_tasks(
     names: list[str], given: Mapping[str, Task] | None, archive: str | os.PathLike[str] | None
 ) -> dict[str, Task]:
-    from capplug.adapters.lora import check_train_task
     from capplug.data.bigbench import load_task
+    from capplug.training.teacher_lora import check_train_task
 
     loaded: dict[str, Task] = {}
     for name in names:
@@ -619,7 +627,7 @@ class _Run:
             self.injection.apply(
                 self._factors_for_rows(generated, rows), self.hypernetwork.config.scaling
             ),
-            tr.autocast(self.chat.device, self.config.precision),
+            autocast(self.chat.device, self.config.precision),
         ):
             return answer_logits(self.chat, self.chat.model, batch)
 
@@ -630,7 +638,7 @@ class _Run:
             if self.with_teacher
             else contextlib.nullcontext()
         )
-        with injected, tr.autocast(self.chat.device, self.config.precision):
+        with injected, autocast(self.chat.device, self.config.precision):
             return answer_logits(self.chat, self.chat.model, batch)
 
     @torch.no_grad()
@@ -667,10 +675,11 @@ class _Run:
 
     # ------------------------------------------------------------------------------- loop
 
-    def _keep_if_best(self, state: dict[str, Any], metrics: dict[str, float], log: Path) -> None:
+    def _keep_if_best(self, loop: Loop, metrics: dict[str, float]) -> None:
         if not metrics:
             return
-        tr.append_log(log, {"step": state["step"], **metrics})
+        state = loop.state
+        loop.log({"step": state["step"], **metrics})
         best = state["best_eval"]
         if best is None or metrics["eval_select"] < best.get("eval_select", best["eval_pred"]):
             state["best_eval"] = {"step": state["step"], **metrics}
@@ -684,100 +693,54 @@ class _Run:
         optimizer = torch.optim.AdamW(
             list(params.values()), lr=config.lr, weight_decay=config.weight_decay
         )
-        checkpoint = self.folder / "checkpoint"
-        log_path = self.folder / tr.LOG_FILE
-        state: dict[str, Any] = {
-            "step": 0,
-            "run_id": self.run_id,
-            "elapsed_seconds": 0.0,
-            "best_eval": None,
-        }
-        if (checkpoint / tr.STATE_FILE).is_file():
-            tensors, saved = tr.load_checkpoint(
-                checkpoint,
-                optimizer,
-                device=device,
-                run_id=self.run_id,
-                other_run="other settings or teachers; give a new out folder",
-            )
-            hnet.load_state_dict(tensors)
-            state = saved
-            logger.warning(
-                "capplug: resuming hypernetwork training at step %d of %d",
-                state["step"],
-                config.steps,
-            )
-        else:
-            log_path.unlink(missing_ok=True)
-            torch.manual_seed(config.seed + 1)
+        loop = Loop(
+            self.folder,
+            params,
+            optimizer,
+            Schedule(
+                steps=config.steps,
+                lr=config.lr,
+                warmup_steps=config.warmup_steps,
+                max_grad_norm=config.max_grad_norm,
+                log_every=config.log_every,
+                checkpoint_every=config.checkpoint_every,
+                eval_every=config.eval_every,
+            ),
+            run_id=self.run_id,
+            device=device,
+            label="hypernetwork",
+            other_run="other settings or teachers; give a new out folder",
+            # The config travels with the weights, so a resume rebuilds the same shape.
+            extra_json={CONFIG_FILE: asdict(hnet.config)},
+            state={"best_eval": None},
+            progress=progress,
+            on_step=on_step,
+        )
+        loop.start(seed=config.seed + 1)
         self.embeddings = hnet.embed(
             [self.tasks[n].definition or "" for n in self.names], warn=False
         )
         # A trained starting point is itself a candidate for "best".
-        if self.init and state["step"] == 0 and config.reconstruction_steps == 0:
-            self._keep_if_best(state, self._evaluate(), log_path)
-        started = time.monotonic()
-        resumed_wall = state["elapsed_seconds"]
-        timer = tr.StepTimer()
-        running: dict[str, list[float]] = {}
-        bar = tr.progress(config.steps, state["step"], "hypernetwork", enabled=progress)
-        hnet.train()
-        while state["step"] < config.steps:
-            step = state["step"]
-            weights_only = step < config.reconstruction_steps
-            tr.set_lr(
-                optimizer,
-                config.lr * tr.lr_factor(step, warmup=config.warmup_steps, total=config.steps),
-            )
-            with timer.step():
-                if weights_only:
-                    losses = self._losses(self.with_teacher, [], weights_only=True)
-                else:
-                    rows, shown = self._draw(step)
-                    losses = self._losses(
-                        sorted({t for t, _ in rows}), rows, weights_only=False, shown=shown
-                    )
-                losses["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in losses.items():
-                running.setdefault(key, []).append(value.item())
-            state["step"] = step + 1
-            bar.update(1)
-            entry: dict[str, Any] = {
-                "step": state["step"],
-                **{k: v[-1] for k, v in running.items()},
-            }
-            done = state["step"] == config.steps
-            if state["step"] % config.log_every == 0 or done:
-                entry = {
-                    "step": state["step"],
-                    "phase": "reconstruction" if weights_only else "full",
-                    **{k: sum(v) / len(v) for k, v in running.items()},
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **timer.summary(),
-                }
-                running = {}
-                tr.append_log(log_path, entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            if not weights_only and (state["step"] % config.eval_every == 0 or done):
-                self._keep_if_best(state, self._evaluate(), log_path)
-            if state["step"] % config.checkpoint_every == 0 and not done:
-                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
-                # The config travels with the weights, so a resume rebuilds the same shape.
-                tr.save_checkpoint(
-                    checkpoint,
-                    params,
-                    optimizer,
-                    state,
-                    extra_json={CONFIG_FILE: asdict(hnet.config)},
-                )
-            if on_step is not None:
-                on_step(state["step"], entry)
-        bar.close()
-        hnet.eval()
-        wall = resumed_wall + time.monotonic() - started
+        if self.init and loop.state["step"] == 0 and config.reconstruction_steps == 0:
+            self._keep_if_best(loop, self._evaluate())
+
+        def step_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
+            if step < config.reconstruction_steps:
+                return self._losses(self.with_teacher, [], weights_only=True)
+            rows, shown = self._draw(step)
+            teachers = sorted({t for t, _ in rows})
+            return self._losses(teachers, rows, weights_only=False, shown=shown)
+
+        def evaluate(state: dict[str, Any]) -> None:
+            if state["step"] > config.reconstruction_steps:
+                self._keep_if_best(loop, self._evaluate())
+
+        def describe(state: dict[str, Any]) -> dict[str, str]:
+            full = state["step"] > config.reconstruction_steps
+            return {"phase": "full" if full else "reconstruction"}
+
+        result = loop.run(step_fn, evaluate=evaluate, describe=describe, models=(hnet,))
+        state, wall = result.state, result.wall_seconds
         if (self.folder / "best" / CONFIG_FILE).is_file():
             final = Hypernetwork.from_pretrained(self.folder / "best", device=device)
         else:
@@ -791,19 +754,19 @@ class _Run:
             "steps": state["step"],
             "best_eval": state["best_eval"],
             "wall_seconds": round(wall, 1),
-            "timing": timer.summary(),
-            "machine": tr.machine(device),
+            "timing": result.timing,
+            "machine": machine(device),
             "settings": asdict(config),
             "parameters": sum(p.numel() for p in hnet.parameters()),
             **({"init_from": self.init} if self.init else {}),
         }
-        write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        write_json_atomic(self.folder / SUMMARY_FILE, summary)
+        loop.finish()
         return HypernetTrainResult(
             out_dir=self.folder,
             steps=state["step"],
             tasks=self.names,
             best_eval=state["best_eval"],
             wall_seconds=wall,
-            timing=timer.summary(),
+            timing=result.timing,
         )

@@ -2,13 +2,16 @@
 
 Only the scorer is trained; no gradient ever reaches an LLM. A run writes into one folder:
 
-- ``checkpoint/``: the latest resumable state (model, optimizer, scheduler, RNG, data position);
+- ``checkpoint/``: the latest resumable state (trained weights, optimizer, RNG, data position),
+  removed once the run has finished;
 - ``best/``: the best model so far by held-out loss, loadable with ``Scorer.from_pretrained``;
 - ``train_log.jsonl``: one JSON object per logged step and per evaluation;
 - the final model (``config.json``, ``model.safetensors``, tokenizer) and ``README.md``, a model
   card with the data, steps, wall time, machine and metrics.
 
-Stopping a run and starting it again with the same arguments resumes exactly where it stopped.
+Stopping a run and starting it again with the same arguments resumes exactly where it stopped
+(the loop is :mod:`capplug.training.loop`, shared with the adapters' training); a finished run is
+never trained over.
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shutil
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,18 +31,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from capplug._cache import staging_dir, write_json_atomic
-from capplug._checkpoint import optimizer_tensors, restore_optimizer
 from capplug.data.rows import LabelledPair
 from capplug.scoring.model import EncodedPair, Scorer
+from capplug.training.loop import SUMMARY_FILE, Loop, Precision, Schedule, machine
 
 __all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -152,10 +150,14 @@ def train_scorer(
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``scorer`` in place on labelled pairs, checkpointing into ``out_dir``; resumes if asked twice.
+    """Train ``scorer`` in place on labelled pairs, checkpointing into ``out_dir``.
+
+    Stopped and started again with the same arguments, a run resumes where it stopped. A
+    finished run is never trained over: ``out_dir`` then needs to be a new folder.
 
     Raises:
-        ValueError: no training pairs, or ``out_dir`` holds a finished model from another run.
+        ValueError: no training pairs, ``out_dir`` already holds a trained model, or its
+            checkpoint belongs to a run with other data or settings (nothing is changed).
     """
     config = config or TrainConfig()
     if not train_pairs:
@@ -165,24 +167,27 @@ def train_scorer(
     if config.listwise_weight < 0:
         raise ValueError(f"listwise_weight must be >= 0; got {config.listwise_weight}")
     out = Path(out_dir).expanduser().resolve()
+    if (out / "config.json").is_file():
+        raise ValueError(
+            f"{out} already holds a trained model; give a new --out folder (nothing was changed)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(train_pairs, config)
-    started = time.monotonic()
 
     device = scorer.device
     model = scorer.model
-    model.float()  # master weights in fp32; autocast handles GPU speed
+    model.float()  # master weights in fp32; autocast gives the GPU its speed
     if config.freeze_embeddings:
         embeddings = model.get_input_embeddings()
         if embeddings is not None:
             embeddings.weight.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": [p for p in params.values() if p.ndim >= 2],
+                "weight_decay": config.weight_decay,
+            },
+            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
         ],
         lr=config.learning_rate,
     )
@@ -190,128 +195,107 @@ def train_scorer(
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    warmup = int(total_steps * config.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
 
     encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
     train_groups = _group_ids(train_pairs)
     encoded_eval = _encode_pairs(scorer, eval_pairs[: config.max_eval_pairs], config.max_length)
 
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "best_eval_loss": None,
-        "evals_without_improvement": 0,
-        "elapsed_seconds": 0.0,
-        "fingerprint": fingerprint,
-        "config": asdict(config),
-        "stopped_early": False,
-    }
-    checkpoint = out / "checkpoint"
-    log_path = out / "train_log.jsonl"
-    if (checkpoint / STATE_FILE).is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
-        logger.warning("capplug: resuming training at step %d of %d", state["step"], total_steps)
-    elif (out / "config.json").is_file():
-        raise ValueError(
-            f"{out} already holds a trained model; give a new --out folder (nothing was changed)"
-        )
-    else:
-        # Dropout draws from the global generators: seed them so a run is reproducible.
-        torch.manual_seed(config.seed)
+    loop = Loop(
+        out,
+        params,
+        optimizer,
+        Schedule(
+            steps=total_steps,
+            lr=config.learning_rate,
+            warmup_steps=int(total_steps * config.warmup_ratio),
+            max_grad_norm=config.max_grad_norm,
+            accumulate=config.grad_accum,
+            log_every=config.log_every,
+            checkpoint_every=config.eval_every,
+            eval_every=config.eval_every,
+            precision=_precision(device),
+        ),
+        run_id=_fingerprint(train_pairs, config),
+        device=device,
+        other_run="other data or settings; give a new --out folder, or the same data and "
+        "settings to resume (nothing was changed)",
+        state={
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "best_eval_loss": None,
+            "evals_without_improvement": 0,
+            "history": [],
+        },
+        progress=progress,
+        on_step=on_step,
+    )
+    if not loop.start(seed=config.seed):
+        # The data order draws from its own generators; seed the global ones all the same.
         random.seed(config.seed)
         np.random.seed(config.seed)
         if encoded_eval:
             # The starting point is measured too: adapting a trained scorer must beat it to count,
             # and the card shows both figures.
             before = _evaluate(scorer, encoded_eval, eval_pairs, config)
-            state["eval_before"] = before
-            state["best_eval_loss"] = before["loss"]
-            _append_log(log_path, {"step": 0, "eval": before})
+            loop.state["eval_before"] = before
+            loop.state["best_eval_loss"] = before["loss"]
+            loop.log({"step": 0, "eval": before})
             scorer.save_pretrained(out / "best")
 
-    history: list[dict[str, Any]] = []
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    bar = _progress(total_steps, state["step"], enabled=progress)
-    model.train()
-    running: list[float] = []
-    resumed_wall = state["elapsed_seconds"]
-    while state["step"] < total_steps and not state["stopped_early"]:
-        batches = _epoch_batches(encoded_train, config, state["epoch"], train_groups)
-        while state["batch_in_epoch"] < len(batches) and state["step"] < total_steps:
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(config.grad_accum):
-                if state["batch_in_epoch"] >= len(batches):
-                    break
-                batch = batches[state["batch_in_epoch"]]
-                state["batch_in_epoch"] += 1
-                inputs = scorer.collate([encoded_train[i][0] for i in batch])
-                labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(**inputs).logits[:, 0].float()
-                loss = _loss(logits, labels, config.loss)
-                if _whole_examples(config):
-                    groups = torch.tensor([train_groups[i] for i in batch], device=device)
-                    loss = loss + _group_losses(logits, labels, groups, config)[0]
-                loss = loss / config.grad_accum
-                scaler.scale(loss).backward()
-                running.append(loss.item() * config.grad_accum)
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % config.log_every == 0 or state["step"] == total_steps:
-                entry = {
-                    "step": state["step"],
-                    "loss": float(np.mean(running)) if running else None,
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": state["epoch"] + state["batch_in_epoch"] / max(len(batches), 1),
-                }
-                running = []
-                _append_log(log_path, entry)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}" if entry["loss"] is not None else "-")
-                if on_step:
-                    on_step(state["step"], entry)
-            if state["step"] % config.eval_every == 0 or state["step"] == total_steps:
-                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
-                metrics = (
-                    _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
-                )
-                model.train()
-                entry = {"step": state["step"], "eval": metrics}
-                history.append(entry)
-                _append_log(log_path, entry)
-                improved = bool(metrics) and (
-                    state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]
-                )
-                if improved:
-                    state["best_eval_loss"] = metrics["loss"]
-                    state["evals_without_improvement"] = 0
-                    scorer.save_pretrained(out / "best")
-                elif metrics:
-                    state["evals_without_improvement"] += 1
-                    if (
-                        config.patience is not None
-                        and state["evals_without_improvement"] >= config.patience
-                    ):
-                        state["stopped_early"] = True
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, state)
-                if state["stopped_early"]:
-                    logger.warning(
-                        "capplug: early stop at step %d (no better held-out loss)", state["step"]
-                    )
-                    break
-        if state["batch_in_epoch"] >= len(batches):
+    batches: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        if epoch not in batches:
+            batches.clear()
+            batches[epoch] = _epoch_batches(encoded_train, config, epoch, train_groups)
+        return batches[epoch]
+
+    def step_fn(step: int, micro: int) -> dict[str, torch.Tensor] | None:
+        state = loop.state
+        if micro == 0 and state["batch_in_epoch"] >= len(epoch_batches(state["epoch"])):
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-    bar.close()
-    model.eval()
+        current = epoch_batches(state["epoch"])
+        if state["batch_in_epoch"] >= len(current):
+            return None  # the epoch ended inside this step's accumulation
+        batch = current[state["batch_in_epoch"]]
+        state["batch_in_epoch"] += 1
+        inputs = scorer.collate([encoded_train[i][0] for i in batch])
+        labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
+        logits = model(**inputs).logits[:, 0].float()
+        loss = _loss(logits, labels, config.loss)
+        if _whole_examples(config):
+            groups = torch.tensor([train_groups[i] for i in batch], device=device)
+            loss = loss + _group_losses(logits, labels, groups, config)[0]
+        return {"loss": loss}
+
+    def describe(state: dict[str, Any]) -> dict[str, float]:
+        done = state["batch_in_epoch"] / max(len(epoch_batches(state["epoch"])), 1)
+        return {"epoch": state["epoch"] + done}
+
+    def evaluate(state: dict[str, Any]) -> None:
+        metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+        entry = {"step": state["step"], "eval": metrics}
+        state["history"].append(entry)
+        loop.log(entry)
+        if not metrics:
+            return
+        if state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]:
+            state["best_eval_loss"] = metrics["loss"]
+            state["evals_without_improvement"] = 0
+            scorer.save_pretrained(out / "best")
+            return
+        state["evals_without_improvement"] += 1
+        if config.patience is not None and state["evals_without_improvement"] >= config.patience:
+            state["stopped"] = True
+            logger.warning(
+                "capplug: early stop at step %d (no better held-out loss)", state["step"]
+            )
+
+    result = loop.run(step_fn, evaluate=evaluate, describe=describe, models=(model,))
+    state = result.state
+    finished_epoch = state["batch_in_epoch"] >= len(epoch_batches(state["epoch"]))
+    state["epochs_completed"] = state["epoch"] + int(finished_epoch)
 
     before = state.get("eval_before")
     if before and state["best_eval_loss"] == before["loss"]:
@@ -321,30 +305,40 @@ def train_scorer(
         )
     if (out / "best" / "config.json").is_file():
         final = Scorer.from_pretrained(out / "best", device=device, max_length=scorer.max_length)
-        scorer.model.load_state_dict(final.model.state_dict())
-    wall = resumed_wall + time.monotonic() - started
+        model.load_state_dict(final.model.state_dict())
+    # Back to the precision the scorer scores at (bfloat16 on a GPU), as it came in.
+    model.to(scorer.dtype)
     metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+    stopped = bool(state.get("stopped"))
     _write_final(
         scorer,
         out,
         config,
         state,
         metrics,
-        wall,
+        result.wall_seconds,
         len(train_pairs),
         len(encoded_eval),
         data_description,
     )
+    loop.finish()
     return TrainResult(
         out_dir=out,
         steps=state["step"],
         best_eval_loss=state["best_eval_loss"],
         metrics=metrics,
-        wall_seconds=wall,
-        stopped_early=state["stopped_early"],
-        history=history,
+        wall_seconds=result.wall_seconds,
+        stopped_early=stopped,
+        history=state["history"],
         metrics_before=state.get("eval_before", {}),
     )
+
+
+def _precision(device: torch.device) -> Precision:
+    """bfloat16 autocast on a GPU that has it, float16 on one that does not, none on a CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _encode_pairs(
@@ -511,85 +505,6 @@ def _evaluate(
     return metrics
 
 
-def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-def _save_checkpoint(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: dict[str, Any],
-) -> None:
-    # Everything as safetensors and JSON: nothing is ever unpickled on resume.
-    with staging_dir(folder) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
-        )
-        tensors, param_groups = optimizer_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        write_json_atomic(
-            tmp / STATE_FILE,
-            {
-                **state,
-                "param_groups": param_groups,
-                "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
-                "python_random": _jsonable_random_state(),
-                "numpy_random": _jsonable_numpy_state(),
-            },
-        )
-
-
-def _load_checkpoint(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    fingerprint: str,
-) -> dict[str, Any]:
-    saved = json.loads((folder / STATE_FILE).read_text())
-    if saved.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{folder} is a checkpoint of a run with other data or settings; give a new --out "
-            f"folder, or the same data and settings to resume (nothing was changed)"
-        )
-    model.load_state_dict(
-        load_file(folder / "model.safetensors", device=str(next(model.parameters()).device))
-    )
-    tensors = load_file(folder / "optimizer.safetensors")
-    restore_optimizer(optimizer, tensors, saved.pop("param_groups"))
-    sched = saved.pop("scheduler")
-    sched.pop("lr_lambdas", None)
-    scheduler.load_state_dict(sched | {"lr_lambdas": [None] * len(optimizer.param_groups)})
-    random.setstate(_restore_random_state(saved.pop("python_random")))
-    np.random.set_state(_restore_numpy_state(saved.pop("numpy_random")))
-    return saved
-
-
-def _jsonable_random_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _restore_random_state(state: list[Any]) -> tuple[Any, ...]:
-    return (state[0], tuple(state[1]), state[2])
-
-
-def _jsonable_numpy_state() -> list[Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), pos, has_gauss, cached]
-
-
-def _restore_numpy_state(state: list[Any]) -> tuple[Any, ...]:
-    return (state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4])
-
-
 def _fingerprint(pairs: Sequence[LabelledPair], config: TrainConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
@@ -597,24 +512,6 @@ def _fingerprint(pairs: Sequence[LabelledPair], config: TrainConfig) -> str:
     for pair in pairs[:: max(1, len(pairs) // 1000)]:
         digest.update(f"{pair.instruction}\x00{pair.response}\x00{pair.label}".encode())
     return digest.hexdigest()[:16]
-
-
-def _append_log(path: Path, entry: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
-def _progress(total: int, done: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=done,
-        desc="training",
-        unit="step",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
 
 
 def _write_final(
@@ -641,15 +538,15 @@ def _write_final(
         "train_pairs": n_train,
         "eval_pairs": n_eval,
         "steps": state["step"],
-        "epochs_completed": state["epoch"],
-        "stopped_early": state["stopped_early"],
+        "epochs_completed": state["epochs_completed"],
+        "stopped_early": bool(state.get("stopped")),
         "wall_seconds": round(wall, 1),
-        "machine": _machine(scorer.device),
+        "machine": machine(scorer.device),
         "metrics": metrics,
         "metrics_before": state.get("eval_before", {}),
         "config": asdict(config),
     }
-    write_json_atomic(out / "training_summary.json", card)
+    write_json_atomic(out / SUMMARY_FILE, card)
     lines = [
         "# capplug scorer",
         "",
@@ -667,16 +564,3 @@ def _write_final(
         )
     lines.append("")
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _machine(device: torch.device) -> dict[str, Any]:
-    description = f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    if device.type == "cuda":
-        description = torch.cuda.get_device_name(device)
-    return {
-        "description": description,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }

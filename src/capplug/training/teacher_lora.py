@@ -4,7 +4,7 @@
 task's train examples (the ``example_split`` rule: ``not example.is_test``). The model reads the
 task's definition and the example's input as one chat turn and learns the reference answer: the
 loss is taken on the answer tokens (and the end-of-turn token) only. These adapters are the
-teachers of the hypernetwork (:mod:`capplug.adapters.train_hypernet`) and the per-task ceiling
+teachers of the hypernetwork (:mod:`capplug.training.hypernetwork`) and the per-task ceiling
 of the instruction-to-adapter benchmark.
 
 A run writes into its folder ``out``:
@@ -56,7 +56,6 @@ import math
 import os
 import random
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -66,8 +65,6 @@ import torch
 
 from capplug._cache import write_json_atomic
 from capplug._runtime import seeded
-from capplug.adapters import _training as tr
-from capplug.adapters._examples import Encoded, answer_logits, encode_example
 from capplug.adapters.adapter_folder import (
     META_BASE_ARCHITECTURE,
     META_BASE_MODEL,
@@ -75,9 +72,21 @@ from capplug.adapters.adapter_folder import (
     model_identity,
     write_peft_folder,
 )
+from capplug.adapters.examples import Encoded, answer_logits, encode_example
 from capplug.adapters.runtime import quiet_peft
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+from capplug.training.loop import (
+    LOG_FILE,
+    SUMMARY_FILE,
+    Loop,
+    Precision,
+    Schedule,
+    check_float,
+    check_int,
+    fingerprint,
+    machine,
+)
 
 __all__ = [
     "BENCHMARK_CEILING",
@@ -132,7 +141,7 @@ class LoraTrainConfig:
     """Token cap per example (definition + input + answer); longer ones are cut, definition first."""
     max_answer_tokens: int = 64
     """Answer tokens kept per example: the benchmark generates at most 64."""
-    precision: tr.Precision = "fp32"
+    precision: Precision = "fp32"
     """``bf16`` runs the forward pass under bfloat16 autocast (weights stay float32)."""
     seed: int = 0
     checkpoint_every: int = 16
@@ -142,15 +151,15 @@ class LoraTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("r", "alpha", "steps", "batch_size", "max_length", "max_answer_tokens"):
-            tr.check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         for name in ("checkpoint_every", "log_every"):
-            tr.check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         for name in ("warmup_steps", "eval_examples", "seed"):
-            tr.check_int(getattr(self, name), name, minimum=0)
-        tr.check_float(self.lr, "lr")
-        tr.check_float(self.weight_decay, "weight_decay", inclusive=True)
-        tr.check_float(self.max_grad_norm, "max_grad_norm")
-        tr.check_float(self.dropout, "dropout", inclusive=True)
+            check_int(getattr(self, name), name, minimum=0)
+        check_float(self.lr, "lr")
+        check_float(self.weight_decay, "weight_decay", inclusive=True)
+        check_float(self.max_grad_norm, "max_grad_norm")
+        check_float(self.dropout, "dropout", inclusive=True)
         if self.dropout >= 1:
             raise ValueError(f"dropout must be below 1; got {self.dropout}")
         if self.max_answer_tokens >= self.max_length:
@@ -216,11 +225,11 @@ def check_train_task(name: str) -> None:
     if name in task_names("dev"):
         raise ValueError(
             f"task {name!r} is a dev task, kept for measurement: teacher adapters are trained on "
-            f"Natural-Instructions train tasks only (see capplug.adapters.lora.train_task_names())"
+            f"Natural-Instructions train tasks only (see capplug.training.teacher_lora.train_task_names())"
         )
     raise ValueError(
         f"task {name!r} is not a Natural-Instructions train task; teacher adapters are trained on "
-        f"the 44 listed by capplug.adapters.lora.train_task_names(), e.g. "
+        f"the 44 listed by capplug.training.teacher_lora.train_task_names(), e.g. "
         f"{train_task_names()[0]!r}"
     )
 
@@ -280,7 +289,7 @@ def multitask_config(
 ) -> LoraTrainConfig:
     """The settings of a multi-task run over ``tasks`` tasks: ``config`` and ``overrides``, with
     :data:`MULTITASK_STEPS_PER_TASK` steps per task unless ``steps`` is given (in either)."""
-    tr.check_int(tasks, "tasks")
+    check_int(tasks, "tasks")
     if overrides.get("steps") is None and (config is None or config.steps == LoraTrainConfig.steps):
         overrides["steps"] = MULTITASK_STEPS_PER_TASK * tasks
     return config_with(config, **overrides)
@@ -364,14 +373,14 @@ def train_task_lora(
         heldout = [(definition, e) for e in test[: config.eval_examples]]
     folder = Path(out).expanduser().resolve()
     chat, identity = _base_model(chat, base, device)
-    fingerprint = {
+    identity_parts = {
         "task": loaded_task.name,
         "train_examples": len(examples),
         "base": identity.name,
         "settings": config.run_settings(),
     }
     if purpose != "teacher":
-        fingerprint["purpose"] = purpose  # teachers keep the fingerprint they always had
+        identity_parts["purpose"] = purpose  # teachers keep the fingerprint they always had
     metadata = {"capplug_task": loaded_task.name}
     extra: dict[str, Any] = {}
     if purpose != "teacher":
@@ -385,7 +394,7 @@ def train_task_lora(
         chat,
         identity,
         config,
-        tr.fingerprint(fingerprint),
+        fingerprint(identity_parts),
         metadata=metadata,
         summary=extra,
     )
@@ -461,7 +470,7 @@ def train_multitask_lora(
     ][: config.eval_examples]
     folder = Path(out).expanduser().resolve()
     chat, identity = _base_model(chat, base, device)
-    run_id = tr.fingerprint(
+    run_id = fingerprint(
         {
             "task": MULTITASK,
             "train_examples": per_task,
@@ -536,7 +545,7 @@ def train_all(
 
 
 def _finished(folder: Path, run_id: str) -> LoraTrainResult | None:
-    summary_path = folder / tr.SUMMARY_FILE
+    summary_path = folder / SUMMARY_FILE
     if not summary_path.is_file() or not (folder / "adapter_config.json").is_file():
         return None
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -557,7 +566,7 @@ def _finished(folder: Path, run_id: str) -> LoraTrainResult | None:
 
 def _clear_run(folder: Path) -> None:
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
-    for name in (tr.SUMMARY_FILE, tr.LOG_FILE, "adapter_config.json", "adapter_model.safetensors"):
+    for name in (SUMMARY_FILE, LOG_FILE, "adapter_config.json", "adapter_model.safetensors"):
         (folder / name).unlink(missing_ok=True)
 
 
@@ -607,7 +616,7 @@ class _Run:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not resume:
             _clear_run(self.folder)
-        elif (self.folder / tr.SUMMARY_FILE).is_file():
+        elif (self.folder / SUMMARY_FILE).is_file():
             raise ValueError(
                 f"{self.folder} holds an adapter trained with other settings or data; give a new "
                 f"out folder, or resume=False (--restart) to train over it"
@@ -675,88 +684,45 @@ class _Run:
     ) -> LoraTrainResult:
         from peft import get_peft_model_state_dict
 
-        config, chat, device = self.config, self.chat, self.chat.device
+        config, chat = self.config, self.chat
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(
             list(params.values()), lr=config.lr, weight_decay=config.weight_decay
         )
-        checkpoint = self.folder / "checkpoint"
-        log_path = self.folder / tr.LOG_FILE
-        state: dict[str, Any] = {
-            "step": 0,
-            "run_id": self.run_id,
-            "elapsed_seconds": 0.0,
-            "eval_loss_before": None,
-        }
-        if (checkpoint / tr.STATE_FILE).is_file():
-            tensors, saved = tr.load_checkpoint(
-                checkpoint,
-                optimizer,
-                device=device,
-                run_id=self.run_id,
-                other_run="other settings or data; give a new out folder, or resume=False "
-                "(--restart) to start over",
-            )
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(tensors[name])
-            state = saved
-            logger.warning(
-                "capplug: resuming %s at step %d of %d",
-                self.label,
-                state["step"],
-                config.steps,
-            )
-        else:
-            log_path.unlink(missing_ok=True)
-            state["eval_loss_before"] = self._heldout_loss(model)
-            # Dropout draws from torch's global generator: seed it so a run is reproducible.
-            torch.manual_seed(config.seed + 1)
-        started = time.monotonic()
-        resumed_wall = state["elapsed_seconds"]
-        timer = tr.StepTimer()
-        running: list[float] = []
-        bar = tr.progress(config.steps, state["step"], _short(self.label), enabled=progress)
-        model.train()
-        while state["step"] < config.steps:
-            step = state["step"]
+        loop = Loop(
+            self.folder,
+            params,
+            optimizer,
+            Schedule(
+                steps=config.steps,
+                lr=config.lr,
+                warmup_steps=config.warmup_steps,
+                max_grad_norm=config.max_grad_norm,
+                log_every=config.log_every,
+                checkpoint_every=config.checkpoint_every,
+                precision=config.precision,
+            ),
+            run_id=self.run_id,
+            device=chat.device,
+            label=_short(self.label),
+            other_run="other settings or data; give a new out folder, or resume=False "
+            "(--restart) to start over",
+            state={"eval_loss_before": None},
+            progress=progress,
+            on_step=on_step,
+        )
+        if not loop.start(seed=config.seed + 1):
+            loop.state["eval_loss_before"] = self._heldout_loss(model, loop)
+
+        def step_fn(step: int, micro: int) -> dict[str, Any]:
             batch = self._batch(step)
-            tr.set_lr(
-                optimizer,
-                config.lr * tr.lr_factor(step, warmup=config.warmup_steps, total=config.steps),
-            )
-            with timer.step():
-                with tr.autocast(device, config.precision):
-                    out = answer_logits(chat, model, batch)
-                loss = out.cross_entropy()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running.append(loss.item())
-            state["step"] = step + 1
-            bar.update(1)
-            entry: dict[str, Any] = {"step": state["step"], "loss": loss.item()}
-            if state["step"] % config.log_every == 0 or state["step"] == config.steps:
-                entry = {
-                    "step": state["step"],
-                    "loss": sum(running) / len(running),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens": sum(len(e.prompt_ids) + len(e.answer_ids) for e in batch),
-                    **timer.summary(),
-                }
-                running = []
-                tr.append_log(log_path, entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
-                state["elapsed_seconds"] = resumed_wall + time.monotonic() - started
-                tr.save_checkpoint(checkpoint, params, optimizer, state)
-            if on_step is not None:
-                on_step(state["step"], entry)
-        bar.close()
-        model.eval()
-        eval_after = self._heldout_loss(model)
-        wall = resumed_wall + time.monotonic() - started
+            out = answer_logits(chat, model, batch)
+            tokens = sum(len(e.prompt_ids) + len(e.answer_ids) for e in batch)
+            return {"loss": out.cross_entropy(), "tokens": tokens}
+
+        result = loop.run(step_fn, models=(model,))
+        state, wall = result.state, result.wall_seconds
+        eval_after = self._heldout_loss(model, loop)
         lora = model.peft_config["default"]
         lora.base_model_name_or_path = self.identity.name
         lora.inference_mode = True
@@ -769,7 +735,7 @@ class _Run:
                 META_BASE_MODEL: self.identity.name,
                 META_BASE_ARCHITECTURE: self.identity.architecture,
                 **self.metadata,
-                "capplug_source": "capplug.adapters.lora",
+                "capplug_source": "capplug.training.teacher_lora",
             },
         )
         summary = {
@@ -783,13 +749,13 @@ class _Run:
             "eval_loss_before": state["eval_loss_before"],
             "eval_loss_after": eval_after,
             "wall_seconds": round(wall, 3),
-            "timing": timer.summary(),
-            "machine": tr.machine(self.chat.device),
+            "timing": result.timing,
+            "machine": machine(self.chat.device),
             "settings": asdict(self.config),
             **self.summary_extra,
         }
-        write_json_atomic(self.folder / tr.SUMMARY_FILE, summary)
-        shutil.rmtree(self.folder / "checkpoint", ignore_errors=True)
+        write_json_atomic(self.folder / SUMMARY_FILE, summary)
+        loop.finish()
         return LoraTrainResult(
             task=self.label,
             out_dir=self.folder,
@@ -798,11 +764,11 @@ class _Run:
             eval_loss_before=state["eval_loss_before"],
             eval_loss_after=eval_after,
             wall_seconds=wall,
-            timing=timer.summary(),
+            timing=result.timing,
         )
 
     @torch.no_grad()
-    def _heldout_loss(self, model: torch.nn.Module) -> float | None:
+    def _heldout_loss(self, model: torch.nn.Module, loop: Loop) -> float | None:
         """Mean answer-token loss on the task's first test examples (no dropout)."""
         if not self.heldout:
             return None
@@ -813,7 +779,7 @@ class _Run:
         encoded = [self._encode(e) for e in self.heldout]
         for start in range(0, len(encoded), size):
             batch = encoded[start : start + size]
-            with tr.autocast(self.chat.device, self.config.precision):
+            with loop.autocast():
                 out = answer_logits(self.chat, model, batch)
             tokens = float(out.mask.sum())
             total += out.cross_entropy().item() * tokens
