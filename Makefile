@@ -32,7 +32,7 @@ test-integration: install
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
 
 bench: install
-	$(PY) benchmarks/scoring_speed.py
+	$(PY) -m benchmarks.scoring_speed
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks examples $(LC)

@@ -23,7 +23,7 @@ the refusals were right (the hit answered worse than a fresh adapter) and how ma
 were right, and what a check costs. Answers are cached per (adapter weights, task) under
 $CAPPLUG_HOME/bench-cache/adapter_hit_check.
 
-    python benchmarks/adapter_hit_check.py [--hypernet REF] [--limit 30] [--bar 0.5]
+    python -m benchmarks.adapter_hit_check [--hypernet REF] [--limit 30] [--bar 0.5]
 
 Writes benchmarks/results/adapter_hit_check.{json,md} (or into --results DIR).
 """
@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _report import write_results
-from instruction_to_adapter import (
+from benchmarks._report import write_results
+from benchmarks.instruction_to_adapter import (
     DEFAULT_HYPERNET,
     MAX_NEW_TOKENS,
     AnswerCache,
@@ -48,7 +48,6 @@ from instruction_to_adapter import (
     tensors_digest,
     test_examples,
 )
-
 from capplug.data import bigbench
 from capplug.data.bigbench import Task, task_names
 from capplug.data.labels import rouge_l

@@ -22,7 +22,7 @@ clients are httpx2 over real TCP, asking ``/v1/chat/completions`` with an ``inst
    level's count; the requests cycle over paraphrases of stored instructions (hits). p50/p99
    latency, requests per second, and the median time per part inside the service.
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_service.py [--concurrency 1 8 32] [--requests 24 64 128]
+    OMP_NUM_THREADS=1 python -m benchmarks.adapter_service [--concurrency 1 8 32] [--requests 24 64 128]
 
 Writes benchmarks/results/adapter_service.{json,md}.
 """

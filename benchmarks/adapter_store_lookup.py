@@ -21,7 +21,7 @@ an input domain and two output constraints, 10,000 distinct texts. Two query kin
 Beside the end-to-end figure: the embedding alone (MiniLM, one text), the Chroma query alone
 (k=3, with metadata and documents), and the hash lookup alone (``get`` by metadata).
 
-    python benchmarks/adapter_store_lookup.py [--sizes 100 1000 10000]   # threads = cores
+    python -m benchmarks.adapter_store_lookup [--sizes 100 1000 10000]   # threads = cores
 
 Writes benchmarks/results/adapter_store_lookup.{json,md}.
 """

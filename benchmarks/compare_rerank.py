@@ -4,7 +4,7 @@ Per task, one selector's Rouge-L in each run beside the best baseline, zero-shot
 the difference of the two runs' means with a 95% interval from a paired bootstrap over the test
 examples (the same draws for both runs), and each run's share of the gap to the oracle.
 
-    python benchmarks/compare_rerank.py BEFORE.json AFTER.json [--selector adapted] [--tasks ...]
+    python -m benchmarks.compare_rerank BEFORE.json AFTER.json [--selector adapted] [--tasks ...]
 
 Both results must keep per-example scores (rerank_generation writes them) and have seen the same
 candidates: their beam-search, self-scoring and oracle picks must agree example by example, or
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rerank_generation import BASELINES, LABELS, percent, resampled_means, summarise
+
+from benchmarks.rerank_generation import BASELINES, LABELS, percent, resampled_means, summarise
 
 SAME_CANDIDATES = (*BASELINES, "oracle")  # selectors that depend on the candidates alone
 

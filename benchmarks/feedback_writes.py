@@ -11,7 +11,7 @@ Three runs against a fresh ``FeedbackStore`` file in a temporary folder:
    killed with SIGKILL mid-stream, ``--kills`` times; every printed id must be in the store,
    judged, and ``PRAGMA integrity_check`` must say ok.
 
-    python benchmarks/feedback_writes.py [--writes 2000] [--per-writer 50] [--kills 5]
+    python -m benchmarks.feedback_writes [--writes 2000] [--per-writer 50] [--kills 5]
 
 Writes benchmarks/results/feedback_writes.{json,md}.
 """

@@ -24,7 +24,7 @@ LoRA) is reported missing, with the reason; no number is made up for it. Answers
 weights that made them, so the script can be stopped and run again, and a retrained adapter gets
 fresh answers.
 
-    python benchmarks/instruction_to_adapter.py [--hypernet REF] [--multitask DIR]
+    python -m benchmarks.instruction_to_adapter [--hypernet REF] [--multitask DIR]
         [--per-task DIR [--train-missing]] [--limit 100] [--tasks ...]
 
 Writes benchmarks/results/instruction_to_adapter.{json,md,png} (or into --results DIR).
@@ -43,8 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _report import bar_chart, task_table, write_results
-
+from benchmarks._report import bar_chart, task_table, write_results
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data import bigbench
 from capplug.data.bigbench import Example, Task, task_names
@@ -358,6 +357,7 @@ def measure_generation(hypernet: Any, definitions: list[str], tasks: list[str]) 
     if hypernet is None or not definitions:
         return {}
     import torch
+
     from capplug.training.loop import machine
 
     hypernet.generate(definitions[0])  # loads the encoder, warms the allocator

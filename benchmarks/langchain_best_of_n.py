@@ -12,7 +12,7 @@ What capplug adds is the whole call minus the candidate request (scoring, de-dup
 LangChain plumbing), reported as a share of the generation time, with scoring alone beside it.
 Each prompt is run in both variants in alternating order; medians over prompts and rounds.
 
-    python benchmarks/langchain_best_of_n.py [--rounds 2] [--n 8] [--max-tokens 48]
+    python -m benchmarks.langchain_best_of_n [--rounds 2] [--n 8] [--max-tokens 48]
 
 Writes benchmarks/results/langchain_best_of_n.{json,md}.
 """

@@ -7,7 +7,7 @@ chunk and to the end of the stream are taken. The baseline, in the same run, is 
 with a ``stop`` sequence that never occurs: such a reply is generated whole before its first
 chunk (a stop sequence is only known once the reply is complete), as every stream was before.
 
-    python benchmarks/local_streaming.py [--runs 5] [--max-tokens 64]
+    python -m benchmarks.local_streaming [--runs 5] [--max-tokens 64]
 
 Writes benchmarks/results/local_streaming.{json,md}.
 """

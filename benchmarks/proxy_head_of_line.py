@@ -7,7 +7,7 @@ sent, and a small ordinary request follows it after a delay (several delays, so 
 one lands while the big one is being read, forwarded, and scored). The small request's wait is
 its latency minus its median latency alone; the big request must still be answered with a 200.
 
-    python benchmarks/proxy_head_of_line.py [--sizes 5 15] [--delays 0.05 0.25 0.5 1.0]
+    python -m benchmarks.proxy_head_of_line [--sizes 5 15] [--delays 0.05 0.25 0.5 1.0]
 
 Writes benchmarks/results/proxy_head_of_line.{json,md}.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_load import proxy_and_fake_upstream, server_timing
+from benchmarks.proxy_load import proxy_and_fake_upstream, server_timing
 
 RESULTS = Path(__file__).parent / "results"
 SMALL = {

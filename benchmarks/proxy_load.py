@@ -23,7 +23,7 @@ in all. Two figures for what the proxy adds beyond those two waits:
 The same load sent straight to the fake upstream (``n=8`` in one request) is measured side by
 side as the reference. A level fails the run if any request is not answered with a 200.
 
-    python benchmarks/proxy_load.py [--concurrency 1 8 32] [--requests 64 256 384] [--n 8]
+    python -m benchmarks.proxy_load [--concurrency 1 8 32] [--requests 64 256 384] [--n 8]
 
 Writes benchmarks/results/proxy_load.{json,md}.
 """

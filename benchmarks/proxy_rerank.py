@@ -8,7 +8,7 @@ in this process (``Scorer.score``), and the same query and documents sent to the
 ``/v1/rerank`` (HTTP, JSON, the scoring queue, sorting, the answer). Medians of ``--runs`` each,
 after a warm-up.
 
-    python benchmarks/proxy_rerank.py [--documents 100] [--runs 15]
+    python -m benchmarks.proxy_rerank [--documents 100] [--runs 15]
 
 Writes benchmarks/results/proxy_rerank.{json,md}.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_load import proxy_and_fake_upstream
+from benchmarks.proxy_load import proxy_and_fake_upstream
 
 RESULTS = Path(__file__).parent / "results"
 QUERY = "Which city is the capital of Australia, and why was it chosen?"

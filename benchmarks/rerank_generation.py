@@ -14,7 +14,7 @@ Generating candidates is the slow part (4-12 s per instruction on a 2-core CPU);
 cached per task under $CAPPLUG_HOME/bench-cache and resumes where it stopped, so the script can
 be run, stopped and run again. `--generate-only` fills the cache without scoring.
 
-    python benchmarks/rerank_generation.py [--scorer REF] [--adapt-examples 32] [--tasks ...]
+    python -m benchmarks.rerank_generation [--scorer REF] [--adapt-examples 32] [--tasks ...]
 
 Writes benchmarks/results/rerank_generation.{json,md,png}.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import bar_chart, task_table
 
+from benchmarks._report import bar_chart, task_table
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import rouge_l

@@ -5,7 +5,7 @@ and the adapted scorer (adapted exactly as rerank_generation adapts it) pick, wi
 then the picks each selector makes most often. Reads the same candidate cache as
 rerank_generation and draws nothing: run that first.
 
-    python benchmarks/rerank_picks.py TASK [--limit 30] [--adapt-examples 16] [--width 60]
+    python -m benchmarks.rerank_picks TASK [--limit 30] [--adapt-examples 16] [--width 60]
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import argparse
 from collections import Counter
 
 import numpy as np
-from rerank_generation import (
+
+from benchmarks.rerank_generation import (
     ADAPT_EPOCHS,
     ADAPT_LR,
     ADAPT_RANK_WEIGHT,
@@ -24,7 +25,6 @@ from rerank_generation import (
     dev_tasks,
     split,
 )
-
 from capplug.data.labels import rouge_l
 
 

@@ -9,7 +9,7 @@ scores must match to 1e-4.
 Also: the time capplug adds to one best-of-8 call, as a fraction of the time the local model
 takes to generate the 8 candidates.
 
-    python benchmarks/scoring_speed.py [--model REF] [--rounds 3] [--pairs 1024]
+    python -m benchmarks.scoring_speed [--model REF] [--rounds 3] [--pairs 1024]
 
 Writes benchmarks/results/scoring_speed.{json,md}.
 """

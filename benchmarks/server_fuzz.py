@@ -5,7 +5,7 @@ server. Runs ``tests/unit/test_server_fuzz.py`` (which CI runs with 150 examples
 ``CAPPLUG_FUZZ_EXAMPLES`` examples per test: generated bodies to two routes and generated paths,
 for each of the two servers, plus the proxy's check that nothing is forwarded outside its base.
 
-    python benchmarks/server_fuzz.py [--examples 2000]
+    python -m benchmarks.server_fuzz [--examples 2000]
 
 Writes benchmarks/results/server_fuzz.{json,md}.
 """

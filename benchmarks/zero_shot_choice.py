@@ -13,7 +13,7 @@ highest-scoring option, and a hit is an option with the highest target score. Me
 Per-method results are cached under $CAPPLUG_HOME/bench-cache, so a rerun only computes what
 is missing (--fresh recomputes). Writes benchmarks/results/zero_shot_choice.{json,md,png}.
 
-    python benchmarks/zero_shot_choice.py [--scorer REF] [--methods scorer,lm,cosine] [--limit 200]
+    python -m benchmarks.zero_shot_choice [--scorer REF] [--methods scorer,lm,cosine] [--limit 200]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import bar_chart, task_table
 
+from benchmarks._report import bar_chart, task_table
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data.bigbench import Example, load_task, task_names
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -15,18 +11,6 @@ from capplug.testing import bpe_tokenizer as _bpe_tokenizer
 from capplug.testing import save_tiny_scorer
 from capplug.testing import tiny_bert_config as _tiny_bert_config
 from capplug.testing import wordpiece_tokenizer as _wordpiece_tokenizer
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture
-def import_benchmark() -> Iterator[Callable[[str], ModuleType]]:
-    """Imports a script from benchmarks/ by module name (they import each other by name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from capplug.testing import save_tiny_llama
 
 pytestmark = pytest.mark.integration
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 DEV = task_names("dev", "instruction_to_adapter")[:2]
 TRAIN = ["natural_instructions/toy_train_a", "natural_instructions/toy_train_b"]
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
@@ -56,12 +54,7 @@ def bench(tmp_path, monkeypatch):
     base = save_tiny_llama(tmp_path / "llama")
     hypernet = Hypernetwork.from_base(base, encoder="base", r=2, hidden_dim=16)
     folder = hypernet.save_pretrained(tmp_path / "hypernet")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        module = importlib.import_module("adapter_hit_check")
-        yield module, folder
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return importlib.import_module("benchmarks.adapter_hit_check"), folder
 
 
 def _run(module, folder: Path, out: Path, bar: float) -> dict:

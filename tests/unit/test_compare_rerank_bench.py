@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 
 
 @pytest.fixture
-def compare(import_benchmark) -> ModuleType:
-    return import_benchmark("compare_rerank")
+def compare() -> ModuleType:
+    return importlib.import_module("benchmarks.compare_rerank")
 
 
 def task_row(adapted: list[float], oracle: list[float] | None = None) -> dict:

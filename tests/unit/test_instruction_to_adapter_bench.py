@@ -14,7 +14,6 @@ from capplug.data.bigbench import Example, Task, is_test_example, task_names
 from capplug.testing import save_tiny_llama
 from capplug.training.teacher_lora import task_folder_name, train_multitask_lora, train_task_names
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
 DEV = task_names("dev", "instruction_to_adapter")[:2]
 TINY = LoraTrainConfig(
@@ -44,13 +43,7 @@ def toy_task(name: str, answer: Callable[[str], str], definition: str, count: in
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("instruction_to_adapter")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return importlib.import_module("benchmarks.instruction_to_adapter")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
@@ -11,8 +12,8 @@ from capplug.data.bigbench import task_names
 
 
 @pytest.fixture
-def bench(import_benchmark) -> ModuleType:
-    return import_benchmark("rerank_generation")
+def bench() -> ModuleType:
+    return importlib.import_module("benchmarks.rerank_generation")
 
 
 def row(base: float, scorer: float, adapted: float, oracle: float) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
@@ -11,8 +12,8 @@ from capplug.data.bigbench import Example
 
 
 @pytest.fixture
-def picks(import_benchmark) -> ModuleType:
-    return import_benchmark("rerank_picks")
+def picks() -> ModuleType:
+    return importlib.import_module("benchmarks.rerank_picks")
 
 
 class Longest:
