@@ -311,7 +311,7 @@ def _open(args: argparse.Namespace, *, existing: bool) -> Any:
     root = Path(args.store).expanduser()
     if existing and args.chroma_url is None and not (root / "index").is_dir():
         raise AdapterStoreError(
-            f"no adapter store at {root} (pass --store DIR, or make one with `capplug adapters "
+            f"no adapter store at {root} (pass --store DIR, or make one with `capplug store "
             f"create` or `import`)"
         )
     return AdapterStore(root, base_model=args.base or DEFAULT_BASE, chroma_url=args.chroma_url)
