@@ -1,12 +1,20 @@
 """Chats to text: turning what users pass (strings, chats, message objects) into the texts the
-scorer, the selection signals, the local model and the servers read. Every package uses it."""
+scorer, the selection signals, the local model and the servers read, and telling which candidate
+texts are one answer. Every package uses it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
-__all__ = ["Instruction", "chat_turns", "check_responses", "flatten_chat"]
+__all__ = [
+    "Instruction",
+    "chat_turns",
+    "check_responses",
+    "dedupe_key",
+    "distinct",
+    "flatten_chat",
+]
 
 Instruction: TypeAlias = str | Sequence[Any]
 """A plain instruction, or a chat: a list of ``{"role", "content"}`` dicts or message objects."""
@@ -122,3 +130,23 @@ def check_responses(responses: Any, *, argument: str = "responses") -> list[str]
                 f"(empty strings are fine, None is not)"
             )
     return list(responses)
+
+
+def dedupe_key(text: str) -> str:
+    """Candidates equal up to whitespace are one candidate: scored once, counted as repeats."""
+    return " ".join(text.split())
+
+
+def distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The distinct texts (the first of each set of repeats, in order) and, for each text, the
+    position of its distinct text: score the first list, spread the scores with the second."""
+    position: dict[str, int] = {}
+    unique: list[str] = []
+    where = []
+    for text in texts:
+        key = dedupe_key(text)
+        if key not in position:
+            position[key] = len(unique)
+            unique.append(text)
+        where.append(position[key])
+    return unique, where

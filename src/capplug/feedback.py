@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from capplug.chat import Instruction, flatten_chat
+from capplug.chat import Instruction, distinct, flatten_chat
 from capplug.errors import DuplicateFeedbackError, FeedbackError, UnknownSelectionError
 
 __all__ = [
@@ -383,8 +383,6 @@ class FeedbackStore:
 
 
 def _selection_rows(selection: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    from capplug.selection import distinct
-
     candidates: list[str] = selection["candidates"]
     unique, where = distinct(candidates)
     first_of = {j: where.index(j) for j in range(len(unique))}

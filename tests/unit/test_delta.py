@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from capplug import CheckpointError, Scorer
-from capplug._delta import DELTA_WEIGHTS, export_delta, materialize
+from capplug.models.delta import DELTA_WEIGHTS, export_delta, materialize
 
 
 def test_delta_holds_only_what_changed_and_rebuilds_the_same_scorer(

@@ -29,12 +29,60 @@ def test_no_private_name_is_imported_from_another_module():
     assert crossings == []
 
 
+# What a path may touch: a package imports only from the layers below its own (and from itself).
+LAYERS = [
+    {"errors"},
+    {"_cache", "_runtime"},
+    {"models", "chat"},
+    {"llms", "feedback"},
+    {"data"},
+    {"scoring"},
+    {"selection", "adapters"},
+    {"training"},
+    {"serve"},
+    {"cli"},
+]
+LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_package_imports_only_the_layers_below_it():
+    upward = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        here = rel.parts[0].removesuffix(".py")
+        if here in ("__init__", "__main__", "testing"):
+            continue  # the package's lazy front door and the test helpers see everything
+        assert here in LAYER, f"{rel}: place {here!r} in a layer of LAYERS"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("capplug"):
+                targets = [
+                    f"{node.module}.{a.name}" if node.module == "capplug" else node.module
+                    for a in node.names
+                ]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("capplug.")]
+            else:
+                continue
+            for target in targets:
+                there = _top(target)
+                if there in ("", "__version__") or there == here:
+                    continue
+                if LAYER.get(there, 99) >= LAYER[here]:
+                    upward.append(f"{rel}:{node.lineno} imports {target}")
+    assert upward == []
+
+
 def test_every_default_model_name_is_defined_once():
     from capplug import models
 
     names = [models.DEFAULT_SCORER, models.DEFAULT_CHAT_MODEL, models.DEFAULT_HYPERNETWORK]
     for path in sorted(SRC.rglob("*.py")):
-        if path.name == "models.py" and path.parent == SRC:
+        if path == SRC / "models" / "__init__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and node.value in names:

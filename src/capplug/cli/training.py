@@ -280,7 +280,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
 
 
 def _run_fit_selector(args: argparse.Namespace) -> int:
-    from capplug import Scorer
+    from capplug.scoring import Scorer
     from capplug.selection import SIGNALS
     from capplug.selection.fit import candidate_sets, fit_combiner, pick_quality, write_combiner
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from capplug.chat import Instruction, check_responses, flatten_chat
+from capplug.chat import Instruction, check_responses, dedupe_key, distinct, flatten_chat
 from capplug.feedback import as_feedback_store
 from capplug.models import DEFAULT_SCORER
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
@@ -262,26 +262,6 @@ def openai_logprobs(logprobs: Any) -> tuple[float, int] | None:
             return None
         total += float(value)
     return total, len(content)
-
-
-def dedupe_key(text: str) -> str:
-    """Candidates equal up to whitespace are one candidate: scored once, counted as repeats."""
-    return " ".join(text.split())
-
-
-def distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
-    """The distinct texts (the first of each set of repeats, in order) and, for each text, the
-    position of its distinct text: score the first list, spread the scores with the second."""
-    position: dict[str, int] = {}
-    unique: list[str] = []
-    where = []
-    for text in texts:
-        key = dedupe_key(text)
-        if key not in position:
-            position[key] = len(unique)
-            unique.append(text)
-        where.append(position[key])
-    return unique, where
 
 
 def score_distinct(

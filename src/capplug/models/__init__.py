@@ -276,7 +276,7 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
         raise TypeError(f"model reference must be a non-empty string or path; got {ref!r}")
     path = Path(ref).expanduser()
     if path.is_dir():
-        from capplug import _delta
+        from capplug.models import delta as _delta
 
         folder = path.resolve()
         # A stored delta over a packaged backbone (e.g. a copy of the default) is rebuilt once.
@@ -290,7 +290,7 @@ def resolve(ref: str | os.PathLike[str], *, verify: bool = False) -> Path:
                 f"{ref!r} is not bundled with this install of capplug (no {bundled}); "
                 f"pass a scorer checkpoint folder or Hugging Face id instead"
             )
-        from capplug import _delta
+        from capplug.models import delta as _delta
 
         return _delta.materialize(bundled, bundled.name) if _delta.is_delta(bundled) else bundled
     spec = packaged_model(ref)
