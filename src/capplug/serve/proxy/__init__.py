@@ -9,10 +9,16 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
 Every route, option, header and guarantee is in docs/proxy.md; the ``capplug`` metadata of an
 answer is described once, in the README ("Metadata").
 
-- ``app``: :func:`create_proxy_app` and the routes (chat completions reranked, rerank and score
-  answered by the scorer, feedback, everything else passed through);
+- ``app``: :func:`create_proxy_app`, its settings, and the routes it installs (chat completions
+  reranked, rerank and score answered by the scorer, feedback, everything else passed through);
+- ``_chat_routes``: the reranked routes, chat completions (whole or streamed) and Responses;
+- ``_scorer_routes``: the rerank and score routes, answered by the scorer alone;
+- ``_candidates``: one request's candidates collected from the upstream and chosen among;
+- ``_upstream``: the upstream's connections, retried calls, forwarded headers, the
+  pass-through, and an upstream's failure as the client sees it;
 - ``_requests``: reading what a client asked (the conversation, n, streaming, headers);
 - ``_replies``: upstream replies and the answers built from them (texts, usage, stream chunks);
+- ``_responses``: the Responses API's requests and answers, read as chat completions;
 - ``_metrics``: the Prometheus metrics and the middleware that counts and times requests.
 """
 
