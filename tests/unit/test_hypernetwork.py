@@ -471,7 +471,7 @@ def test_students_can_read_the_definition_on_a_share_of_rows(
 ):
     from dataclasses import replace
 
-    import capplug.training.hypernetwork as module
+    import capplug.training.hypernet_run as module
 
     seen: list[bool] = []
     encode = module.encode_example

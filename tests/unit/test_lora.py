@@ -276,7 +276,7 @@ def test_cli_train_lora_error_paths(capsys, tmp_path):
 def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
     chat, tmp_path, monkeypatch
 ):
-    import capplug.training.teacher_lora as lora
+    import capplug.training.lora_run as lora_run
     from capplug.data.bigbench import is_test_example
 
     dev = task_names("dev", "instruction_to_adapter")[0]
@@ -292,13 +292,13 @@ def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
     )
     task = Task(task.name, task.description, [*task.examples, sneaky], definition=task.definition)
     seen: list[str] = []
-    real_encode = lora.encode_example
+    real_encode = lora_run.encode_example
 
     def spy(chat_, **kw):
         seen.append(kw["input"])
         return real_encode(chat_, **kw)
 
-    monkeypatch.setattr(lora, "encode_example", spy)
+    monkeypatch.setattr(lora_run, "encode_example", spy)
     result = train_task_lora(
         task,
         tmp_path / "ceiling",
@@ -373,17 +373,17 @@ def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks,
 
 
 def test_multitask_examples_keep_their_own_definitions(chat, two_tasks, tmp_path, monkeypatch):
-    import capplug.training.teacher_lora as lora
+    import capplug.training.lora_run as lora_run
     from capplug.training.teacher_lora import train_multitask_lora
 
     seen: list[tuple[str, str, str]] = []
-    real_encode = lora.encode_example
+    real_encode = lora_run.encode_example
 
     def spy(chat_, **kw):
         seen.append((kw["definition"], kw["input"], kw["answer"]))
         return real_encode(chat_, **kw)
 
-    monkeypatch.setattr(lora, "encode_example", spy)
+    monkeypatch.setattr(lora_run, "encode_example", spy)
     config = LoraTrainConfig(**{**FAST.__dict__, "steps": 4, "eval_examples": 0})
     train_multitask_lora(tmp_path / "mt", tasks=two_tasks, chat=chat, config=config, progress=False)
     yes, first_word = two_tasks

@@ -218,7 +218,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-BUNDLED_DIR = Path(__file__).parent / "checkpoints"
+BUNDLED_DIR = Path(__file__).parent.parent / "checkpoints"
 """Checkpoints trained by capplug and shipped inside the package, by name."""
 
 # Every default model name, defined once here (this module never imports torch, so the CLI
