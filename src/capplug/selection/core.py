@@ -141,7 +141,7 @@ METADATA_KEYS = (
     "reason",
     "selection_id",
 )
-"""The keys of the ``capplug`` metadata every best-of-n surface reports (README, "Metadata")."""
+"""The keys of the ``capplug`` metadata every best-of-n surface reports (docs/usage.md, "The capplug metadata")."""
 
 
 def tool_call_order(calls_tools: Sequence[bool]) -> list[int] | None:

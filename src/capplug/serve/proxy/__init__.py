@@ -7,7 +7,7 @@ An app that already speaks OpenAI's API gets reranked answers by changing its ba
     client = openai.OpenAI(base_url="http://127.0.0.1:8787/v1")   # the one-line change
 
 Every route, option, header and guarantee is in docs/proxy.md; the ``capplug`` metadata of an
-answer is described once, in the README ("Metadata").
+answer is described once, in docs/usage.md ("The capplug metadata").
 
 - ``app``: :func:`create_proxy_app`, its settings, and the routes it installs (chat completions
   reranked, rerank and score answered by the scorer, feedback, everything else passed through);
