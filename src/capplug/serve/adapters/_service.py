@@ -1,0 +1,475 @@
+"""The adapter service's work behind its routes: :class:`Service` finds, makes, attaches and
+deletes adapters, reads their files, and plans and generates the answers; a store or runtime
+failure becomes the error the client gets here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from prometheus_client import Counter, Histogram
+
+from capplug.adapters.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFileError,
+    WrongBaseModelError,
+)
+from capplug.adapters.runtime import AdapterRuntime
+from capplug.adapters.store import (
+    AdapterRecord,
+    AdapterStore,
+    CorruptAdapterError,
+    NoGeneratorError,
+    UnknownAdapterError,
+)
+from capplug.serve import _chat
+from capplug.serve._http import APIError
+
+ADAPTER_FILES: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+"""The only files ``GET /v1/adapters/{id}/files/{name}`` serves."""
+
+# --------------------------------------------------------------------------------- errors
+
+
+def _not_found(adapter_id: str) -> APIError:
+    shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
+    return APIError(
+        404,
+        f"no adapter {shown!r} in this service's store; GET /v1/adapters lists the ids there "
+        f"are, POST /v1/adapters makes one",
+        code="adapter_not_found",
+    )
+
+
+def _store_failure(exc: Exception, adapter_id: str) -> APIError:
+    """The error a store or runtime failure on one adapter is answered with."""
+    if isinstance(exc, UnknownAdapterError):
+        return _not_found(adapter_id)
+    if isinstance(exc, NoGeneratorError):
+        corrupt = ""
+        if exc.set_aside:
+            corrupt = (
+                f"the stored adapter {', '.join(exc.set_aside)} for this instruction is corrupt "
+                f"(its files fail their sha256): it was set aside in the store's .corrupt folder "
+                f"and is not used again; import it again (`capplug store import`) or "
+            )
+        return APIError(
+            503,
+            f"{corrupt}no stored adapter is similar enough to this instruction and this service "
+            "cannot make new ones (it runs without a hypernetwork: start it with --hypernet REF); "
+            "stored adapters still answer by id ('<base>@<id>') or by an instruction that hits",
+            param="instruction",
+            code="no_generator",
+            kind="server_error",
+        )
+    if isinstance(exc, WrongBaseModelError):
+        return APIError(409, str(exc), code="wrong_base_model")
+    if isinstance(exc, CorruptAdapterError):
+        return APIError(
+            500,
+            f"adapter {adapter_id} is corrupt: {exc}",
+            code="corrupt_adapter",
+            kind="server_error",
+        )
+    if isinstance(exc, AdapterFileError):
+        return APIError(
+            500,
+            f"adapter {adapter_id} cannot be attached to the model: {exc}",
+            code="adapter_unloadable",
+            kind="server_error",
+        )
+    raise exc
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+@dataclass(frozen=True)
+class Plan(_chat.Sampling):
+    """A validated chat request: which adapter, what to generate, how to answer."""
+
+    adapter_id: str | None
+    instruction: str | None
+    stream: bool = False
+
+
+@dataclass
+class Answer:
+    texts: list[str]
+    finish: list[Literal["stop", "length"]]
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_id: str | None
+    hit: bool | None = None
+    similarity: float | None = None
+    loaded: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ChatRequest(_chat.ChatRequest, Protocol):
+    """The chat-completions request a plan is made from (the app's request body)."""
+
+    messages: Sequence[Any]
+    """The turns; each one's ``turn()`` is the role and text the model reads."""
+    model: str | None
+    instruction: str | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: list[str] | None
+
+
+class ServiceMetrics:
+    """What the service itself does, beside the requests: adapters found or made, attached,
+    and the generation that answers."""
+
+    def __init__(self, registry: Any) -> None:
+        self.lookups = Counter(
+            "capplug_adapters_lookups",
+            "Chat completions with an instruction, by whether a stored adapter was hit or one made",
+            ["result"],
+            registry=registry,
+        )
+        self.attaches = Counter(
+            "capplug_adapters_attached",
+            "Adapters attached to the model to answer",
+            registry=registry,
+        )
+        self.generation_seconds = Histogram(
+            "capplug_adapters_generation_seconds", "Time generating one answer", registry=registry
+        )
+        self.tokens = Counter(
+            "capplug_adapters_completion_tokens", "Tokens generated in answers", registry=registry
+        )
+
+
+class Service:
+    """The store, the runtime, and the one lock every use of the runtime holds."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        runtime: AdapterRuntime,
+        *,
+        model_name: str,
+        max_instruction_chars: int,
+        max_messages: int,
+        max_tokens_cap: int,
+        max_n: int,
+        lock: Any = None,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.model_name = model_name
+        self.names = {model_name.casefold(), store.base_model.casefold()}
+        self.max_instruction_chars = max_instruction_chars
+        self.max_messages = max_messages
+        self.max_tokens_cap = max_tokens_cap
+        self.max_n = max_n
+        self.lock = lock if lock is not None else threading.Lock()
+        # Lookups and creations one at a time too, beside generation: the embedding model's
+        # fast tokenizer is not safe to call from several threads at once ("Already borrowed").
+        self.store_lock = threading.Lock()
+        self.metrics: ServiceMetrics | None = None
+
+    # ------------------------------------------------------------------------- adapters
+
+    def instruction(self, text: str, param: str = "instruction") -> str:
+        if not text.strip():
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': it is empty; give the task's instruction",
+                param=param,
+                code="invalid_value",
+            )
+        if len(text) > self.max_instruction_chars:
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': {len(text)} characters; this service takes at "
+                f"most {self.max_instruction_chars}",
+                param=param,
+                code="invalid_value",
+            )
+        return text
+
+    def get_or_create(self, text: str, threshold: float | None) -> tuple[AdapterRecord, Any]:
+        """The store's result for an instruction (in a worker thread: it may embed and generate)."""
+        try:
+            with self.store_lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the length is checked above; nothing to cut
+                result = self.store.get_or_create(text, threshold=threshold)
+        except Exception as exc:
+            raise _store_failure(exc, "") from exc
+        return result.record, result
+
+    def record(self, adapter_id: str) -> AdapterRecord:
+        try:
+            return self.store.get(adapter_id)
+        except UnknownAdapterError as exc:
+            raise _not_found(adapter_id) from exc
+
+    def adapter_json(self, record: AdapterRecord) -> dict[str, Any]:
+        files = []
+        for name, sha in ((ADAPTER_WEIGHTS, record.sha256), (ADAPTER_CONFIG, record.config_sha256)):
+            try:
+                size: int | None = (record.folder / name).stat().st_size
+            except OSError:
+                size = None
+            files.append(
+                {
+                    "name": name,
+                    "bytes": size,
+                    "sha256": sha,
+                    "url": f"/v1/adapters/{record.id}/files/{name}",
+                }
+            )
+        return {
+            "id": record.id,
+            "object": "adapter",
+            "base_model": record.base_model,
+            "instruction": record.instruction,
+            "source": record.source,
+            "rank": record.rank,
+            "target_modules": list(record.target_modules),
+            "size": record.size,
+            "created": record.created,
+            "last_used": record.last_used,
+            "hypernetwork_version": record.hypernetwork_version,
+            "files": files,
+        }
+
+    def file_bytes(self, adapter_id: str, name: str) -> bytes:
+        """One of the adapter's peft files, read without following links and checked."""
+        if name not in ADAPTER_FILES:
+            raise APIError(
+                404,
+                f"adapters have two files, {' and '.join(ADAPTER_FILES)}; there is no other",
+                code="file_not_found",
+            )
+        record = self.record(adapter_id)
+        root = self.store.root
+        folder = root / record.id
+        path = folder / name
+        # The folder must be a real directory directly in the store, the file a regular file in
+        # it: a link planted in the store does not make the service read anything else.
+        if (
+            folder.is_symlink()
+            or not folder.is_dir()
+            or folder.resolve().parent != root.resolve()
+            or path.is_symlink()
+        ):
+            raise APIError(
+                403,
+                f"adapter {record.id}'s {name} is not a regular file in its own folder; "
+                f"it is not served (`capplug store verify` checks the store)",
+                code="file_refused",
+            )
+        expected = record.sha256 if name == ADAPTER_WEIGHTS else record.config_sha256
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError as exc:
+            raise _store_failure(
+                CorruptAdapterError(f"{name} is missing; `capplug store verify --repair`"),
+                record.id,
+            ) from exc
+        except OSError as exc:  # ELOOP: a link swapped in after the check above
+            raise APIError(
+                403,
+                f"adapter {record.id}'s {name} is not served: {exc.strerror}",
+                code="file_refused",
+            ) from exc
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise APIError(
+                    403, f"adapter {record.id}'s {name} is not a regular file", code="file_refused"
+                )
+            data = handle.read()
+        # What is sent is what was hashed: no window for the file to change in between.
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise _store_failure(
+                CorruptAdapterError(
+                    f"{name} does not match the sha256 the index recorded; "
+                    f"`capplug store verify --repair` sets it aside"
+                ),
+                record.id,
+            )
+        self.store.touch(record.id)
+        return data
+
+    def delete(self, adapter_id: str) -> AdapterRecord:
+        try:
+            record = self.store.remove(adapter_id)
+        except UnknownAdapterError as exc:
+            raise _not_found(adapter_id) from exc
+        with self.lock:
+            if record.id in self.runtime:
+                self.runtime.remove(record.id)
+        return record
+
+    # ------------------------------------------------------------------------- requests
+
+    def plan(self, request: ChatRequest) -> Plan:
+        _chat.check_supported(request, stream=True)
+        if request.stream and (request.n or 1) > 1:
+            raise APIError(
+                400,
+                "stream works with one choice here (n = 1): each choice is generated after the "
+                "other, so several could not stream side by side",
+                param="stream",
+                code="unsupported_value",
+            )
+        if len(request.messages) > self.max_messages:
+            raise APIError(
+                400,
+                f"Invalid value for 'messages': {len(request.messages)} messages; this server "
+                f"takes at most {self.max_messages}",
+                param="messages",
+                code="invalid_value",
+            )
+        adapter_id = self.adapter_in_model(request.model)
+        instruction = None
+        if request.instruction is not None:
+            if adapter_id is not None:
+                raise APIError(
+                    400,
+                    "give either an adapter in 'model' ('<base>@<id>') or an 'instruction', not "
+                    "both",
+                    param="instruction",
+                    code="invalid_value",
+                )
+            instruction = self.instruction(request.instruction)
+        n = _chat.choices_wanted(request, self.max_n)
+        max_tokens = _chat.max_tokens_wanted(request, self.max_tokens_cap)
+        sampling_asked = request.temperature is not None or request.top_p is not None
+        greedy = request.temperature == 0 or not sampling_asked
+        return Plan(
+            chat=[message.turn() for message in request.messages],
+            adapter_id=adapter_id,
+            instruction=instruction,
+            n=n,
+            greedy=greedy,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=_chat.nucleus(request.top_p),
+            max_tokens=max_tokens,
+            seed=secrets.randbelow(2**31) if request.seed is None else request.seed % (2**32),
+            stops=list(request.stop or []),
+            stream=bool(request.stream),
+        )
+
+    def adapter_in_model(self, model: str | None) -> str | None:
+        """The adapter id ``model`` names (``<base>@<id>``), None for the base model."""
+        if model is None:
+            return None
+        base, at, adapter_id = model.rpartition("@")
+        if not at:
+            base = model
+        if base.casefold() not in self.names:
+            raise APIError(
+                404,
+                f"The model '{model[:80]}' does not exist; this server serves "
+                f"'{self.model_name}', and its adapters as '{self.model_name}@<adapter id>'",
+                param="model",
+                code="model_not_found",
+            )
+        if not at:
+            return None
+        try:
+            return self.store.get(adapter_id).id
+        except UnknownAdapterError as exc:
+            raise APIError(
+                404,
+                f"The model '{model[:80]}' does not exist: no adapter {adapter_id[:40]!r} in this "
+                f"service's store (GET /v1/adapters lists them)",
+                param="model",
+                code="model_not_found",
+            ) from exc
+
+    def answer(self, plan: Plan, streamer: Any = None) -> Answer:
+        """Pick the adapter, attach it if needed, and generate: runs in a worker thread."""
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        adapter_id, hit, similarity = plan.adapter_id, None, None
+        if plan.instruction is not None:
+            record, result = self.get_or_create(plan.instruction, None)
+            adapter_id, hit, similarity = record.id, result.hit, result.similarity
+            if self.metrics is not None:
+                self.metrics.lookups.labels("hit" if hit else "made").inc()
+        timings["adapter"] = _ms(started)
+        waited = time.perf_counter()
+        with self.lock:
+            timings["queue"] = _ms(waited)
+            loaded = False
+            if adapter_id is not None and adapter_id not in self.runtime:
+                began = time.perf_counter()
+                self.attach(adapter_id)
+                loaded = True
+                timings["load"] = _ms(began)
+            began = time.perf_counter()
+            prompt = _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)
+            texts = self.generate(plan, adapter_id, streamer)
+            tokenizer = self.runtime.chat.tokenizer
+            counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            timings["generate"] = _ms(began)
+            if self.metrics is not None:
+                self.metrics.generation_seconds.observe(time.perf_counter() - began)
+                self.metrics.tokens.inc(sum(counts))
+                self.metrics.attaches.inc(int(loaded))
+        finish: list[Literal["stop", "length"]] = []
+        for i, text in enumerate(texts):
+            cut = _chat.cut_at_stop(text, plan.stops)
+            if cut is not None:
+                texts[i] = cut
+                finish.append("stop")
+            else:
+                finish.append("length" if counts[i] >= plan.max_tokens else "stop")
+        return Answer(
+            texts=texts,
+            finish=finish,
+            prompt_tokens=prompt,
+            completion_tokens=sum(counts),
+            adapter_id=adapter_id,
+            hit=hit,
+            similarity=similarity,
+            loaded=loaded,
+            timings=timings,
+        )
+
+    def attach(self, adapter_id: str) -> None:
+        """Attach a stored adapter from its checked files (caller holds the lock)."""
+        try:
+            paths = self.store.files(adapter_id)
+            self.runtime.add(adapter_id, paths.folder)
+        except Exception as exc:
+            raise _store_failure(exc, adapter_id) from exc
+
+    def generate(self, plan: Plan, adapter_id: str | None, streamer: Any = None) -> list[str]:
+        extra: dict[str, Any] = {} if streamer is None else {"streamer": streamer}
+        if not plan.greedy:
+            extra["temperature"] = plan.temperature
+            if plan.top_p is not None:
+                extra["top_p"] = plan.top_p
+        prompts = [plan.chat] * (1 if plan.greedy else plan.n)
+        texts = self.runtime.generate(
+            prompts,
+            adapter=adapter_id,
+            max_new_tokens=plan.max_tokens,
+            do_sample=not plan.greedy,
+            seed=None if plan.greedy else plan.seed,
+            **extra,
+        )
+        # Greedy decoding gives one answer however often it is asked.
+        return texts * plan.n if plan.greedy else texts
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 2)

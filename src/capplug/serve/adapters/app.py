@@ -1,0 +1,473 @@
+"""The adapter service: :func:`create_adapter_app`, its request and reply models, and its
+routes; what each route does is in the package's docstring and docs/adapter-service.md."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.concurrency import run_in_threadpool
+
+from capplug.adapters.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    WrongBaseModelError,
+)
+from capplug.adapters.runtime import AdapterRuntime
+from capplug.adapters.store import AdapterStore
+from capplug.serve import _chat
+from capplug.serve._http import (
+    BodyLimit,
+    RequireKey,
+    SafePath,
+    check_positive_int,
+    install_error_handlers,
+)
+from capplug.serve._request_metrics import CountRequests, RequestMetrics
+from capplug.serve.adapters._replies import completion, server_timing, streamed
+from capplug.serve.adapters._service import Service, ServiceMetrics
+
+__all__ = ["create_adapter_app"]
+
+_MEDIA_TYPES = {ADAPTER_WEIGHTS: "application/octet-stream", ADAPTER_CONFIG: "application/json"}
+_MAX_STOP_CHARS = 256
+_MAX_MODEL_CHARS = 512
+_MAX_LIST = 1000
+
+# ------------------------------------------------------------------------------- requests
+
+
+class _CreateAdapter(_chat.CheckedBody):
+    """Find or make the adapter for an instruction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(min_length=1, description="the task's instruction")
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="least similarity of a hit (the store's default)"
+    )
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    """One chat turn; extra fields (``name``, ``tool_call_id``...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+    def turn(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class _ChatCompletionRequest(_chat.CheckedBody):
+    """The fields of OpenAI's chat-completions request this server reads, and ``instruction``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[_Message] = Field(min_length=1)
+    model: str | None = Field(
+        default=None,
+        max_length=_MAX_MODEL_CHARS,
+        description="'<base>' for the bare model, '<base>@<adapter id>' for a stored adapter",
+    )
+    instruction: str | None = Field(
+        default=None,
+        min_length=1,
+        description="pick (or make) the adapter for this instruction; not added to the messages",
+    )
+    n: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: Annotated[str | list[str] | None, _chat.stop_validator(_MAX_STOP_CHARS)] = None
+    stream: StrictBool | None = None
+    tools: list[Any] | None = None
+    logprobs: StrictBool | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------ responses
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class _Error(BaseModel):
+    """OpenAI's error object."""
+
+    error: _ErrorDetail
+
+
+class _File(BaseModel):
+    name: str
+    bytes: int | None
+    sha256: str
+    url: str
+
+
+class _Adapter(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    base_model: str
+    instruction: str
+    source: str
+    rank: int
+    target_modules: list[str]
+    size: int
+    created: float
+    last_used: float
+    hypernetwork_version: str | None
+    files: list[_File]
+
+
+class _AdapterResult(_Adapter):
+    hit: bool
+    similarity: float | None
+
+
+class _AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[_Adapter]
+
+
+class _Deleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool
+
+
+class _ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = None
+    """For an adapter: the base model it is for (as vLLM lists LoRA adapters)."""
+    root: str | None = None
+
+
+class _ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[_ModelCard]
+
+
+class _ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class _Choice(BaseModel):
+    index: int
+    message: _ReplyMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _CapplugInfo(BaseModel):
+    adapter: str | None
+    source: Literal["base", "id", "instruction"]
+    hit: bool | None
+    similarity: float | None
+    loaded: bool
+    timings: dict[str, float]
+
+
+class _ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[_Choice]
+    usage: _Usage
+    capplug: _CapplugInfo
+
+
+class _Health(BaseModel):
+    status: str
+    model: str
+    can_create: bool
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route may answer (400, 401 and 413 always:
+    a path that climbs or holds a control character is refused before any route runs)."""
+    described = {
+        400: "invalid input or URL path",
+        401: "missing or wrong API key",
+        404: "no such adapter, model or route",
+        409: "the adapter was made for another base model",
+        413: "request body too large",
+        500: "a stored adapter is corrupt or cannot be attached",
+        503: "a new adapter is needed and the service has no generator",
+    }
+    return {
+        status: {"model": _Error, "description": described[status]}
+        for status in sorted({400, 401, 413, *statuses})
+    }
+
+
+# ------------------------------------------------------------------ errors, keys, metrics
+
+
+_on_validation_error = _chat.validation_error_handler(
+    "the request body must be a JSON object (with Content-Type: application/json); "
+    "see /openapi.json for its fields"
+)
+
+
+_ROUTES = (
+    (r"/v1/chat/completions", "/v1/chat/completions"),
+    (r"/v1/adapters", "/v1/adapters"),
+    (r"/v1/adapters/[^/]+", "/v1/adapters/{id}"),
+    (r"/v1/adapters/[^/]+/files/[^/]+", "/v1/adapters/{id}/files/{name}"),
+    (r"/v1/models", "/v1/models"),
+    (r"/v1/models/.+", "/v1/models/{id}"),
+    (r"/healthz", "/healthz"),
+    (r"/metrics", "/metrics"),
+)
+
+
+def _key_headers(path: str) -> list[Any]:
+    """The key guards every ``/v1`` route and ``/metrics`` (``Authorization: Bearer``)."""
+    return _chat.v1_key_headers(path) or (_chat.v1_key_headers("/v1") if path == "/metrics" else [])
+
+
+# ------------------------------------------------------------------------------------ app
+
+
+def create_adapter_app(
+    store: AdapterStore,
+    runtime: AdapterRuntime,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    max_instruction_chars: int = 4096,
+    max_messages: int = 256,
+    max_tokens_cap: int = 512,
+    max_n: int = 8,
+) -> FastAPI:
+    """The adapter service over ``store`` and ``runtime``; see the package's docstring
+    (:mod:`capplug.serve.adapters`).
+
+    Args:
+        store: the adapters (its ``generator``, when set, makes new ones on a miss).
+        runtime: the local model the adapters attach to; made for the store's base model.
+        model_name: the id ``/v1/models`` lists and requests name (default: the store's
+            base model); the store's base model name is accepted too.
+        api_key: when set, every ``/v1`` route asks for ``Authorization: Bearer <api_key>``.
+        max_body_bytes: larger request bodies get a 413.
+        max_instruction_chars: longer instructions get a 400 (never cut silently); at most the
+            store's own ``max_instruction_chars``.
+        max_messages: the most chat messages one request may carry.
+        max_tokens_cap: the most tokens one choice may have; also the default ``max_tokens``.
+        max_n: the most choices (``n``) one request may ask for.
+
+    Raises:
+        WrongBaseModelError: the runtime's model is not the store's base model.
+    """
+    if not isinstance(store, AdapterStore):
+        raise TypeError(f"store must be an AdapterStore; got {type(store).__name__}")
+    if not isinstance(runtime, AdapterRuntime):
+        raise TypeError(f"runtime must be an AdapterRuntime; got {type(runtime).__name__}")
+    for value, argument in (
+        (max_body_bytes, "max_body_bytes"),
+        (max_instruction_chars, "max_instruction_chars"),
+        (max_messages, "max_messages"),
+        (max_tokens_cap, "max_tokens_cap"),
+        (max_n, "max_n"),
+    ):
+        check_positive_int(value, argument)
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string, or None for no key")
+    if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
+        raise ValueError(f"model_name must be a non-empty string; got {model_name!r}")
+    if runtime.identity.name.casefold() != store.base_model.casefold():
+        raise WrongBaseModelError(
+            f"the runtime's model is {runtime.identity.name}, but the store holds adapters for "
+            f"{store.base_model}; open the store with base_model={runtime.identity.name!r}"
+        )
+    name = model_name or store.base_model
+    if "@" in name:
+        raise ValueError(f"model_name cannot hold '@' (it separates adapter ids); got {name!r}")
+    service = Service(
+        store,
+        runtime,
+        model_name=name,
+        max_instruction_chars=min(max_instruction_chars, store.max_instruction_chars),
+        max_messages=max_messages,
+        max_tokens_cap=max_tokens_cap,
+        max_n=max_n,
+        # A hit check generates with the same runtime (inside lookups): one lock for both.
+        lock=getattr(store.verify_hit, "lock", None)
+        if getattr(store.verify_hit, "runtime", None) is runtime
+        else None,
+    )
+    created = int(time.time())
+    card = {"id": name, "object": "model", "created": created, "owned_by": "capplug"}
+
+    app = FastAPI(
+        title="capplug adapter service",
+        summary=f"LoRA adapters for {name} by instruction, and chat completions that use them.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.adapter_service = service
+    metrics = RequestMetrics("capplug_adapters", _ROUTES)
+    service.metrics = ServiceMetrics(metrics.registry)
+    install_error_handlers(app)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_middleware(SafePath)  # innermost: no route sees a path out of its base
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        # Added last so it runs first: an unauthenticated request learns nothing else.
+        app.add_middleware(RequireKey, api_key=api_key, headers_for=_key_headers)
+    # Outermost: refused and oversized requests are counted too.
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.get("/healthz", response_model=_Health)
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": name, "can_create": store.generator is not None}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=_ModelList, responses=_errors())
+    async def list_models() -> dict[str, Any]:
+        # The base model, then each stored adapter as vLLM lists LoRA adapters: its own id
+        # (what `model` takes) with the base as `parent`.
+        records = await run_in_threadpool(store.list_adapters, order="created")
+        adapters = [_adapter_card(card, r) for r in records]
+        return {"object": "list", "data": [card, *adapters]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=_ModelCard, responses=_errors(404))
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        adapter_id = await run_in_threadpool(service.adapter_in_model, model_id)
+        if adapter_id is None:
+            return card
+        record = await run_in_threadpool(service.record, adapter_id)
+        return _adapter_card(card, record)
+
+    @app.post(
+        "/v1/adapters",
+        response_model=_AdapterResult,
+        status_code=200,
+        responses={
+            201: {"model": _AdapterResult, "description": "a new adapter was made"},
+            **_errors(400, 500, 503),
+        },
+    )
+    async def create_adapter(body: _CreateAdapter) -> Response:
+        text = service.instruction(body.instruction)
+        record, result = await run_in_threadpool(service.get_or_create, text, body.threshold)
+        data = await run_in_threadpool(service.adapter_json, record)
+        data.update(
+            hit=result.hit,
+            similarity=None if result.similarity is None else round(result.similarity, 4),
+        )
+        return JSONResponse(data, status_code=200 if result.hit else 201)
+
+    @app.get("/v1/adapters", response_model=_AdapterList, responses=_errors(400))
+    async def list_adapters(
+        limit: int = Query(100, ge=1, le=_MAX_LIST, description="most adapters to list"),
+    ) -> dict[str, Any]:
+        def listing() -> list[dict[str, Any]]:
+            records = store.list_adapters()[:limit]
+            return [service.adapter_json(r) for r in records]
+
+        return {"object": "list", "data": await run_in_threadpool(listing)}
+
+    @app.get("/v1/adapters/{adapter_id}", response_model=_Adapter, responses=_errors(404))
+    async def retrieve_adapter(adapter_id: str) -> dict[str, Any]:
+        record = await run_in_threadpool(service.record, adapter_id)
+        return await run_in_threadpool(service.adapter_json, record)
+
+    @app.get(
+        "/v1/adapters/{adapter_id}/files/{name}",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the file's bytes",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "application/json": {"schema": {"type": "object"}},
+                },
+            },
+            403: {"model": _Error, "description": "not a regular file in the adapter's folder"},
+            **_errors(404, 500),
+        },
+    )
+    async def adapter_file(adapter_id: str, name: str) -> Response:
+        data = await run_in_threadpool(service.file_bytes, adapter_id, name)
+        return Response(
+            data,
+            media_type=_MEDIA_TYPES[name],
+            headers={
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.delete("/v1/adapters/{adapter_id}", response_model=_Deleted, responses=_errors(404))
+    async def delete_adapter(adapter_id: str) -> dict[str, Any]:
+        record = await run_in_threadpool(service.delete, adapter_id)
+        return {"id": record.id, "object": "adapter", "deleted": True}
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=_ChatCompletion,
+        responses=_errors(400, 404, 409, 500, 503),
+    )
+    async def chat_completions(body: _ChatCompletionRequest) -> Response:
+        plan = await run_in_threadpool(service.plan, body)
+        if plan.stream:
+            return await streamed(service, plan)
+        answer = await run_in_threadpool(service.answer, plan)
+        headers = {"Server-Timing": server_timing(answer.timings)}
+        if answer.adapter_id is not None:
+            headers["X-Capplug-Adapter"] = answer.adapter_id
+        return JSONResponse(completion(service, answer), headers=headers)
+
+    return app
+
+
+def _adapter_card(base: dict[str, Any], record: Any) -> dict[str, Any]:
+    """A stored adapter as ``/v1/models`` lists it: ``<base>@<id>``, with its base as parent."""
+    return {
+        **base,
+        "id": f"{base['id']}@{record.id}",
+        "created": int(record.created),
+        "parent": base["id"],
+        "root": record.id,
+    }
