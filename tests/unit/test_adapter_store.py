@@ -8,9 +8,11 @@ MiniLM itself is under test. Chroma runs as a PersistentClient in a temporary fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from capplug import TruncationWarning
 from capplug.adapters.adapter_folder import AdapterFileError, WrongBaseModelError
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import (
+    AdapterRecord,
     AdapterStore,
     AdapterStoreError,
     CorruptAdapterError,
@@ -395,7 +398,7 @@ def test_a_corrupt_hit_without_a_generator_is_set_aside_with_a_clear_error(
 def test_hits_hash_their_files_again_only_when_the_files_changed(
     store: AdapterStore, generator: FakeGenerator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import capplug.adapters.store as store_module
+    import capplug.adapters.store.records as store_module  # where checked_paths hashes
 
     record = store.get_or_create(TRANSLATE).record
     weights, config = (
@@ -444,6 +447,70 @@ def test_import_peft_folder_and_put_a_state_dict(
     assert store.get_or_create(TRANSLATE).record.id == trained.id
     assert {r.id for r in store.list_adapters()} == {imported.id, trained.id}
     assert store.verify().ok
+
+
+def test_add_in_place_indexes_folders_already_in_the_store(
+    store: AdapterStore, peft_folder: Path, generator: FakeGenerator
+) -> None:
+    from capplug._cache import sha256_file
+
+    weights_sha = sha256_file(peft_folder / "adapter_model.safetensors")
+    config_sha = sha256_file(peft_folder / "adapter_config.json")
+    size = sum(
+        (peft_folder / n).stat().st_size
+        for n in ("adapter_model.safetensors", "adapter_config.json")
+    )
+
+    def placed(adapter_id: str, instruction: str, used: float) -> AdapterRecord:
+        folder = store.root / adapter_id
+        folder.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copyfile(peft_folder / name, folder / name)
+        return AdapterRecord(
+            id=adapter_id,
+            instruction=instruction,
+            base_model=store.base_model,
+            rank=RANK,
+            target_modules=tuple(sorted(TARGETS)),
+            sha256=weights_sha,
+            config_sha256=config_sha,
+            size=size,
+            created=used,
+            last_used=used,
+            source="imported",
+            instruction_hash=instruction_hash(instruction),
+        )
+
+    texts = [TRANSLATE, VOWELS, "Name the capital city."]
+    records = [placed(f"{i:016x}", t, 1000.0 + i) for i, t in enumerate(texts)]
+    vectors = WordHashEmbedding()(texts[:2])
+    added = store.add_in_place(records[:2], embeddings=vectors, batch_size=1)
+    added += store.add_in_place(records[2:])  # embedded by the store
+    assert [r.folder for r in added] == [store.root / r.id for r in records]
+    assert len(store) == 3 and store.verify().ok
+    assert [store.get(r.id).last_used for r in added] == [1000.0, 1001.0, 1002.0]
+    for record, text in zip(added, texts, strict=True):
+        hit = store.get_or_create(text)
+        assert hit.hit and hit.record.id == record.id and hit.similarity == 1.0
+        assert store.lookup(text + " Please.", threshold=0.5)[0].record.id == record.id
+        store.files(record.id)
+    assert generator.calls == []
+
+    again = placed("00000000000000ff", "Sort the list.", 1.0)
+    with pytest.raises(ValueError, match="indexed already"):
+        store.add_in_place([records[0]])
+    with pytest.raises(ValueError, match="instruction_hash"):
+        store.add_in_place([dataclasses.replace(again, instruction_hash="0" * 64)])
+    with pytest.raises(ValueError, match="one vector per record"):
+        store.add_in_place([again], embeddings=[])
+    with pytest.raises(WrongBaseModelError):
+        store.add_in_place([dataclasses.replace(again, base_model="someone/other-model")])
+    (store.root / again.id / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        store.add_in_place([again])
+    assert len(store) == 3
+    with pytest.raises(UnknownAdapterError):
+        store.get(again.id)
 
 
 def test_adapter_for_another_base_is_refused_naming_both(
@@ -640,7 +707,7 @@ def test_a_crash_between_moving_into_place_and_indexing_is_adopted_by_the_retry(
 _CRASH_AT_PHASE = """
 import json, os, re, sys
 from pathlib import Path
-import capplug.adapters.store as store_module
+import capplug.adapters.store._adding as store_module
 from chromadb.api.models.Collection import Collection
 from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
 from capplug.adapters.store import AdapterStore
