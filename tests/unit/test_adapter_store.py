@@ -33,7 +33,9 @@ from capplug.adapters.store import (
     AdapterStoreError,
     CorruptAdapterError,
     NoGeneratorError,
+    RefusedAdapterFileError,
     UnknownAdapterError,
+    UnknownAdapterFileError,
     chroma_settings,
     instruction_hash,
 )
@@ -346,6 +348,52 @@ def test_files_are_checked_against_sha256_on_every_load(store: AdapterStore) -> 
         store.files(record.id)
     # A hit whose files are gone is not handed out: a fresh adapter is made instead.
     assert not store.get_or_create(TRANSLATE).hit
+
+
+def test_read_file_returns_the_checked_bytes_of_the_two_files_only(
+    store: AdapterStore, tmp_path: Path
+) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    weights = record.folder / "adapter_model.safetensors"
+    os.utime(record.folder / ".last-used", (1.0, 1.0))
+    assert store.read_file(record.id, "adapter_model.safetensors") == weights.read_bytes()
+    assert store.get(record.id).last_used > 1.0  # reading marks it used
+    config = store.read_file(record.id, "adapter_config.json")
+    assert json.loads(config)["r"] == RANK
+
+    for name in ("capplug-adapter.json", ".last-used", "../secret.txt", ""):
+        with pytest.raises(UnknownAdapterFileError, match="two files"):
+            store.read_file(record.id, name)
+    with pytest.raises(UnknownAdapterFileError):  # the name is checked before the id
+        store.read_file("0123456789abcdef", "passwd")
+    with pytest.raises(UnknownAdapterError):
+        store.read_file("0123456789abcdef", "adapter_config.json")
+
+    # A link to a copy with the very same bytes passes the sha256 check, and is refused anyway.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(weights, outside)
+    weights.unlink()
+    os.symlink(outside, weights)
+    with pytest.raises(RefusedAdapterFileError, match="not a regular file"):
+        store.read_file(record.id, "adapter_model.safetensors")
+    # So is a folder moved out of the store with a link left in its place.
+    other = store.get_or_create(VOWELS).record
+    moved = tmp_path / "moved-adapter"
+    shutil.move(other.folder, moved)
+    os.symlink(moved, other.folder, target_is_directory=True)
+    with pytest.raises(RefusedAdapterFileError):
+        store.read_file(other.id, "adapter_config.json")
+
+
+def test_read_file_refuses_changed_or_missing_bytes(store: AdapterStore) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    config = record.folder / "adapter_config.json"
+    config.write_text(config.read_text().replace('"r": 4', '"r": 5'))
+    with pytest.raises(CorruptAdapterError, match="sha256"):
+        store.read_file(record.id, "adapter_config.json")
+    (record.folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(CorruptAdapterError, match="missing"):
+        store.read_file(record.id, "adapter_model.safetensors")
 
 
 def _flip_last_byte(path: Path) -> None:

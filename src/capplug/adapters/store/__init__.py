@@ -28,9 +28,10 @@ from the hash alone, without running the encoder.
 
 **Files.** An adapter is written into a staging folder, checked as peft would load it
 (:func:`~capplug.adapters.adapter_folder.read_adapter`), renamed into place and indexed under the
-store-wide lock; :meth:`AdapterStore.files` re-hashes both files against the index on every load.
-A hit is checked before it is returned too: its files are hashed unless this store object found
-them intact before and their size, modification and change times and inode are still the same
+store-wide lock; :meth:`AdapterStore.files` re-hashes both files against the index on every load,
+and :meth:`AdapterStore.read_file` hashes the very bytes it hands out (read without following
+links). A hit is checked before it is returned too: its files are hashed unless this store object
+found them intact before and their size, modification and change times and inode are still the same
 (and they were last written more than two seconds before that check, so a write in the same clock
 tick cannot go unseen). A hit whose files are missing or fail their sha256 is never handed out: it
 is dropped from the index and its folder moved to ``<root>/.corrupt/`` (what
@@ -77,14 +78,16 @@ Whether this helps is still to measure.
 **Modules.** ``store``: :class:`AdapterStore`; ``records``: :class:`AdapterRecord`, the results
 and reports, the layout names, record files and :func:`checked_paths`; ``_index``: the Chroma
 collection and its cross-process refresh; ``_files``: file locks, last-used markers, folders set
-aside, files found intact; ``_adding``: writing and indexing adapters, interrupted
-creations; ``_lookup``: exact repeats, nearest instructions, checking a hit; ``_verify``:
-verify and repair; ``_eviction``: deleting and evicting; ``_checks``: argument checks.
+aside, files found intact, reading an adapter's file safely; ``_adding``: writing and indexing
+adapters (one, or many in place), interrupted creations; ``_lookup``: exact repeats, nearest
+instructions, checking a hit; ``_verify``: verify and repair; ``_eviction``: deleting and
+evicting; ``_checks``: argument checks.
 """
 
 from capplug.adapters.adapter_folder import WrongBaseModelError
 from capplug.adapters.store._index import chroma_settings, collection_name
 from capplug.adapters.store.records import (
+    ADAPTER_FILES,
     ADDING_DIR,
     COLLECTION_FILE,
     CORRUPT_DIR,
@@ -114,11 +117,14 @@ from capplug.errors import (
     AdapterStoreError,
     CorruptAdapterError,
     NoGeneratorError,
+    RefusedAdapterFileError,
     TruncationWarning,
     UnknownAdapterError,
+    UnknownAdapterFileError,
 )
 
 __all__ = [
+    "ADAPTER_FILES",
     "ADDING_DIR",
     "COLLECTION_FILE",
     "CORRUPT_DIR",
@@ -140,11 +146,13 @@ __all__ = [
     "HitCheck",
     "Match",
     "NoGeneratorError",
+    "RefusedAdapterFileError",
     "Result",
     "Source",
     "StoreReport",
     "TruncationWarning",
     "UnknownAdapterError",
+    "UnknownAdapterFileError",
     "WrongBaseModelError",
     "checked_paths",
     "chroma_settings",

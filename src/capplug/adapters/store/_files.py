@@ -1,17 +1,21 @@
-"""The adapter store's files: file locks, last-used markers, setting a folder aside, and files
-found intact before."""
+"""The adapter store's files: file locks, last-used markers, setting a folder aside, files found
+intact before, and reading one of an adapter's files safely."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 
 from filelock import FileLock
 
+from capplug.adapters.adapter_folder import ADAPTER_WEIGHTS
 from capplug.adapters.store.records import (
+    ADAPTER_FILES,
     CORRUPT_DIR,
     LAST_USED_FILE,
     LOCKS_DIR,
@@ -22,7 +26,7 @@ from capplug.adapters.store.records import (
     file_signature,
     settled,
 )
-from capplug.errors import CorruptAdapterError
+from capplug.errors import CorruptAdapterError, RefusedAdapterFileError, UnknownAdapterFileError
 
 _locks: dict[Path, FileLock] = {}
 _locks_guard = threading.Lock()
@@ -97,3 +101,58 @@ class IntactFiles:
 
     def forget(self, adapter_id: str) -> None:
         self._intact.pop(adapter_id, None)
+
+
+def check_file_name(name: str) -> str:
+    """One of an adapter's two files, else :class:`UnknownAdapterFileError`."""
+    if name not in ADAPTER_FILES:
+        raise UnknownAdapterFileError(
+            f"adapters have two files, {' and '.join(ADAPTER_FILES)}; there is no other"
+        )
+    return name
+
+
+def read_adapter_file(root: Path, record: AdapterRecord, name: str) -> bytes:
+    """One of the adapter's files, read without following links and checked against the sha256
+    the index recorded: what is returned is what was hashed, with no window for the file to
+    change in between.
+
+    Raises:
+        RefusedAdapterFileError: the folder is not a real directory directly in the store, or the
+            file is a link or not a regular file.
+        CorruptAdapterError: the file is missing or does not match its sha256.
+    """
+    folder = root / record.id
+    path = folder / name
+    # The folder must be a real directory directly in the store, the file a regular file in
+    # it: a link planted in the store does not make the store read anything else.
+    if (
+        folder.is_symlink()
+        or not folder.is_dir()
+        or folder.resolve().parent != root.resolve()
+        or path.is_symlink()
+    ):
+        raise RefusedAdapterFileError(
+            f"adapter {record.id}'s {name} is not a regular file in its own folder; "
+            f"it is not served (`capplug store verify` checks the store)"
+        )
+    expected = record.sha256 if name == ADAPTER_WEIGHTS else record.config_sha256
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise CorruptAdapterError(f"{name} is missing; `capplug store verify --repair`") from exc
+    except OSError as exc:  # ELOOP: a link swapped in after the check above
+        raise RefusedAdapterFileError(
+            f"adapter {record.id}'s {name} is not served: {exc.strerror}"
+        ) from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise RefusedAdapterFileError(f"adapter {record.id}'s {name} is not a regular file")
+        data = handle.read()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptAdapterError(
+            f"{name} does not match the sha256 the index recorded; "
+            f"`capplug store verify --repair` sets it aside"
+        )
+    return data

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 __all__ = [
+    "ADAPTER_FILES",
     "ADDING_DIR",
     "COLLECTION_FILE",
     "CORRUPT_DIR",
@@ -66,6 +67,8 @@ ADDING_DIR = "adding"
 SETTLED_SECONDS = 2.0
 """Files last written longer ago than this may be trusted by their stat; younger ones are hashed."""
 STALE_STAGING_SECONDS = 3600.0
+ADAPTER_FILES: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+"""The two files of a stored adapter, the only ones :meth:`AdapterStore.read_file` reads."""
 
 Source = Literal["generated", "trained", "imported"]
 SOURCES: tuple[str, ...] = ("generated", "trained", "imported")

@@ -27,8 +27,10 @@ from capplug.adapters.store._checks import (
 )
 from capplug.adapters.store._files import (
     IntactFiles,
+    check_file_name,
     creation_lock,
     mark_used,
+    read_adapter_file,
 )
 from capplug.adapters.store._index import StoreIndex
 from capplug.adapters.store.records import (
@@ -333,6 +335,24 @@ class AdapterStore:
         paths = self._intact.check(record, use_cache=False)
         mark_used(self.root, record.id)
         return paths
+
+    def read_file(self, adapter_id: str, name: str) -> bytes:
+        """The bytes of one of the adapter's two peft files, ``adapter_model.safetensors`` or
+        ``adapter_config.json``, read without following links and checked against the sha256
+        the index recorded (what is returned is what was hashed). Marks the adapter used.
+
+        Raises:
+            UnknownAdapterFileError: ``name`` is not one of the two (checked first).
+            UnknownAdapterError: no such adapter.
+            RefusedAdapterFileError: the adapter's folder is not a real directory directly in
+                the store, or the file is a link or not a regular file.
+            CorruptAdapterError: the file is missing or does not match its sha256.
+        """
+        name = check_file_name(name)
+        record = self.get(adapter_id)
+        data = read_adapter_file(self.root, record, name)
+        mark_used(self.root, record.id)
+        return data
 
     def load(self, adapter_id: str) -> AdapterFiles:
         """The adapter's config and tensors, read after :meth:`files` checked them."""
