@@ -3,10 +3,10 @@
 
 What is measured is the index: ``AdapterStore.lookup(instruction, k=3)`` against a persistent
 Chroma collection embedded by the packaged MiniLM, as the store builds it. The adapter files
-behind the rows are tiny placeholders (one rank-1 factor pair each), written and indexed in bulk
-by this script rather than one ``put`` at a time (10,000 single writes, ~45 ms of SQLite commit
-each plus an embedding, would take a quarter of an hour here and measure nothing lookup does);
-the rows, metadata and layout are the store's own.
+behind the rows are tiny placeholders (one rank-1 factor pair each), written by this script and
+indexed in bulk by ``AdapterStore.add_in_place`` rather than one ``put`` at a time (10,000 single
+writes, ~45 ms of SQLite commit each plus an embedding, would take a quarter of an hour here and
+measure nothing lookup does); the rows, metadata and layout are the store's own.
 
 The indexed instructions are synthetic but realistic: the opening sentences of the 44
 Natural-Instructions definitions among the BIG-bench ``train`` tasks, each combined (seeded) with
@@ -47,15 +47,7 @@ import torch
 from capplug._cache import cache_home, sha256_file, write_json_atomic
 from capplug.adapters.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
-from capplug.adapters.store import (
-    LAST_USED_FILE,
-    RECORD_FILE,
-    AdapterRecord,
-    AdapterStore,
-    _metadata,
-    _record_file,
-    instruction_hash,
-)
+from capplug.adapters.store import AdapterRecord, AdapterStore, instruction_hash
 from capplug.data.bigbench import load_task, task_names
 
 RESULTS = Path(__file__).parent / "results"
@@ -221,49 +213,38 @@ def placeholder_adapter(folder: Path) -> None:
 
 
 def bulk_index(store: AdapterStore, texts: list[str], vectors: np.ndarray, template: Path) -> None:
-    """Write placeholder folders and index them as the store would, 500 rows per Chroma call."""
+    """Write placeholder folders and index them with the store's bulk add, 500 rows per write."""
     weights_sha = sha256_file(template / ADAPTER_WEIGHTS)
     config_sha = sha256_file(template / ADAPTER_CONFIG)
     size = (template / ADAPTER_WEIGHTS).stat().st_size + (template / ADAPTER_CONFIG).stat().st_size
     now = time.time()
     rng = random.Random(1)
-    batch: list[tuple[AdapterRecord, np.ndarray]] = []
-    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
+    records: list[AdapterRecord] = []
+    for text in texts:
         adapter_id = f"{rng.getrandbits(64):016x}"
         folder = store.root / adapter_id
         folder.mkdir()
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             shutil.copyfile(template / name, folder / name)
         used = now - rng.uniform(0, 86400)
-        record = AdapterRecord(
-            id=adapter_id,
-            instruction=text,
-            base_model=store.base_model,
-            rank=1,
-            target_modules=("q_proj",),
-            sha256=weights_sha,
-            config_sha256=config_sha,
-            size=size,
-            created=used,
-            last_used=used,
-            source="generated",
-            instruction_hash=instruction_hash(text),
-            folder=folder,
+        records.append(
+            AdapterRecord(
+                id=adapter_id,
+                instruction=text,
+                base_model=store.base_model,
+                rank=1,
+                target_modules=("q_proj",),
+                sha256=weights_sha,
+                config_sha256=config_sha,
+                size=size,
+                created=used,
+                last_used=used,
+                source="generated",
+                instruction_hash=instruction_hash(text),
+                folder=folder,
+            )
         )
-        write_json_atomic(folder / RECORD_FILE, _record_file(record))
-        (folder / LAST_USED_FILE).touch()
-        os.utime(folder / LAST_USED_FILE, (used, used))
-        batch.append((record, vector))
-        if len(batch) == 500 or i == len(texts) - 1:
-            with store._writing() as collection:
-                collection.add(
-                    ids=[r.id for r, _ in batch],
-                    embeddings=[v.tolist() for _, v in batch],
-                    documents=[r.instruction for r, _ in batch],
-                    metadatas=[_metadata(r) for r, _ in batch],
-                )
-                store._vectors_changed()
-            batch = []
+    store.add_in_place(records, embeddings=vectors, batch_size=500)
 
 
 # ------------------------------------------------------------------------------ measuring

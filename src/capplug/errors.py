@@ -15,6 +15,8 @@ The hierarchy::
     ├── AttemptsSpent                        a request's upstream attempts are spent
     ├── AdapterStoreError                    the adapter store cannot do what was asked
     │   ├── UnknownAdapterError(KeyError)    no adapter with that id
+    │   ├── UnknownAdapterFileError(LookupError)  an adapter has no file of that name
+    │   ├── RefusedAdapterFileError          an adapter's file is a link or not a regular file
     │   └── NoGeneratorError                 an adapter was needed and nothing can make one
     └── FeedbackError(ValueError)            a selection or judgement that cannot be stored
         ├── UnknownSelectionError(LookupError)  no selection with that id
@@ -46,9 +48,11 @@ __all__ = [
     "ModelNotFoundError",
     "NoGeneratorError",
     "PackageFetchError",
+    "RefusedAdapterFileError",
     "RowError",
     "TruncationWarning",
     "UnknownAdapterError",
+    "UnknownAdapterFileError",
     "UnknownSelectionError",
     "UnsupportedEncoder",
     "UpstreamHTTPError",
@@ -157,6 +161,16 @@ class UnknownAdapterError(AdapterStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownAdapterFileError(AdapterStoreError, LookupError):
+    """An adapter has no file of that name: a stored adapter has two, ``adapter_model.safetensors``
+    and ``adapter_config.json``."""
+
+
+class RefusedAdapterFileError(AdapterStoreError):
+    """An adapter's file is not read: it, or its folder, is a link, or it is not a regular file
+    directly in its adapter's folder in the store."""
 
 
 class NoGeneratorError(AdapterStoreError):

@@ -8,9 +8,11 @@ MiniLM itself is under test. Chroma runs as a PersistentClient in a temporary fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,11 +28,14 @@ from capplug import TruncationWarning
 from capplug.adapters.adapter_folder import AdapterFileError, WrongBaseModelError
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import (
+    AdapterRecord,
     AdapterStore,
     AdapterStoreError,
     CorruptAdapterError,
     NoGeneratorError,
+    RefusedAdapterFileError,
     UnknownAdapterError,
+    UnknownAdapterFileError,
     chroma_settings,
     instruction_hash,
 )
@@ -345,6 +350,52 @@ def test_files_are_checked_against_sha256_on_every_load(store: AdapterStore) -> 
     assert not store.get_or_create(TRANSLATE).hit
 
 
+def test_read_file_returns_the_checked_bytes_of_the_two_files_only(
+    store: AdapterStore, tmp_path: Path
+) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    weights = record.folder / "adapter_model.safetensors"
+    os.utime(record.folder / ".last-used", (1.0, 1.0))
+    assert store.read_file(record.id, "adapter_model.safetensors") == weights.read_bytes()
+    assert store.get(record.id).last_used > 1.0  # reading marks it used
+    config = store.read_file(record.id, "adapter_config.json")
+    assert json.loads(config)["r"] == RANK
+
+    for name in ("capplug-adapter.json", ".last-used", "../secret.txt", ""):
+        with pytest.raises(UnknownAdapterFileError, match="two files"):
+            store.read_file(record.id, name)
+    with pytest.raises(UnknownAdapterFileError):  # the name is checked before the id
+        store.read_file("0123456789abcdef", "passwd")
+    with pytest.raises(UnknownAdapterError):
+        store.read_file("0123456789abcdef", "adapter_config.json")
+
+    # A link to a copy with the very same bytes passes the sha256 check, and is refused anyway.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(weights, outside)
+    weights.unlink()
+    os.symlink(outside, weights)
+    with pytest.raises(RefusedAdapterFileError, match="not a regular file"):
+        store.read_file(record.id, "adapter_model.safetensors")
+    # So is a folder moved out of the store with a link left in its place.
+    other = store.get_or_create(VOWELS).record
+    moved = tmp_path / "moved-adapter"
+    shutil.move(other.folder, moved)
+    os.symlink(moved, other.folder, target_is_directory=True)
+    with pytest.raises(RefusedAdapterFileError):
+        store.read_file(other.id, "adapter_config.json")
+
+
+def test_read_file_refuses_changed_or_missing_bytes(store: AdapterStore) -> None:
+    record = store.get_or_create(TRANSLATE).record
+    config = record.folder / "adapter_config.json"
+    config.write_text(config.read_text().replace('"r": 4', '"r": 5'))
+    with pytest.raises(CorruptAdapterError, match="sha256"):
+        store.read_file(record.id, "adapter_config.json")
+    (record.folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(CorruptAdapterError, match="missing"):
+        store.read_file(record.id, "adapter_model.safetensors")
+
+
 def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
@@ -395,7 +446,7 @@ def test_a_corrupt_hit_without_a_generator_is_set_aside_with_a_clear_error(
 def test_hits_hash_their_files_again_only_when_the_files_changed(
     store: AdapterStore, generator: FakeGenerator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import capplug.adapters.store as store_module
+    import capplug.adapters.store.records as store_module  # where checked_paths hashes
 
     record = store.get_or_create(TRANSLATE).record
     weights, config = (
@@ -444,6 +495,70 @@ def test_import_peft_folder_and_put_a_state_dict(
     assert store.get_or_create(TRANSLATE).record.id == trained.id
     assert {r.id for r in store.list_adapters()} == {imported.id, trained.id}
     assert store.verify().ok
+
+
+def test_add_in_place_indexes_folders_already_in_the_store(
+    store: AdapterStore, peft_folder: Path, generator: FakeGenerator
+) -> None:
+    from capplug._cache import sha256_file
+
+    weights_sha = sha256_file(peft_folder / "adapter_model.safetensors")
+    config_sha = sha256_file(peft_folder / "adapter_config.json")
+    size = sum(
+        (peft_folder / n).stat().st_size
+        for n in ("adapter_model.safetensors", "adapter_config.json")
+    )
+
+    def placed(adapter_id: str, instruction: str, used: float) -> AdapterRecord:
+        folder = store.root / adapter_id
+        folder.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copyfile(peft_folder / name, folder / name)
+        return AdapterRecord(
+            id=adapter_id,
+            instruction=instruction,
+            base_model=store.base_model,
+            rank=RANK,
+            target_modules=tuple(sorted(TARGETS)),
+            sha256=weights_sha,
+            config_sha256=config_sha,
+            size=size,
+            created=used,
+            last_used=used,
+            source="imported",
+            instruction_hash=instruction_hash(instruction),
+        )
+
+    texts = [TRANSLATE, VOWELS, "Name the capital city."]
+    records = [placed(f"{i:016x}", t, 1000.0 + i) for i, t in enumerate(texts)]
+    vectors = WordHashEmbedding()(texts[:2])
+    added = store.add_in_place(records[:2], embeddings=vectors, batch_size=1)
+    added += store.add_in_place(records[2:])  # embedded by the store
+    assert [r.folder for r in added] == [store.root / r.id for r in records]
+    assert len(store) == 3 and store.verify().ok
+    assert [store.get(r.id).last_used for r in added] == [1000.0, 1001.0, 1002.0]
+    for record, text in zip(added, texts, strict=True):
+        hit = store.get_or_create(text)
+        assert hit.hit and hit.record.id == record.id and hit.similarity == 1.0
+        assert store.lookup(text + " Please.", threshold=0.5)[0].record.id == record.id
+        store.files(record.id)
+    assert generator.calls == []
+
+    again = placed("00000000000000ff", "Sort the list.", 1.0)
+    with pytest.raises(ValueError, match="indexed already"):
+        store.add_in_place([records[0]])
+    with pytest.raises(ValueError, match="instruction_hash"):
+        store.add_in_place([dataclasses.replace(again, instruction_hash="0" * 64)])
+    with pytest.raises(ValueError, match="one vector per record"):
+        store.add_in_place([again], embeddings=[])
+    with pytest.raises(WrongBaseModelError):
+        store.add_in_place([dataclasses.replace(again, base_model="someone/other-model")])
+    (store.root / again.id / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        store.add_in_place([again])
+    assert len(store) == 3
+    with pytest.raises(UnknownAdapterError):
+        store.get(again.id)
 
 
 def test_adapter_for_another_base_is_refused_naming_both(
@@ -640,7 +755,7 @@ def test_a_crash_between_moving_into_place_and_indexing_is_adopted_by_the_retry(
 _CRASH_AT_PHASE = """
 import json, os, re, sys
 from pathlib import Path
-import capplug.adapters.store as store_module
+import capplug.adapters.store._adding as store_module
 from chromadb.api.models.Collection import Collection
 from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
 from capplug.adapters.store import AdapterStore

@@ -4,10 +4,7 @@ failure becomes the error the client gets here."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import secrets
-import stat
 import threading
 import time
 import warnings
@@ -29,7 +26,9 @@ from capplug.adapters.store import (
     AdapterStore,
     CorruptAdapterError,
     NoGeneratorError,
+    RefusedAdapterFileError,
     UnknownAdapterError,
+    UnknownAdapterFileError,
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError
@@ -249,62 +248,16 @@ class Service:
 
     def file_bytes(self, adapter_id: str, name: str) -> bytes:
         """One of the adapter's peft files, read without following links and checked."""
-        if name not in ADAPTER_FILES:
-            raise APIError(
-                404,
-                f"adapters have two files, {' and '.join(ADAPTER_FILES)}; there is no other",
-                code="file_not_found",
-            )
-        record = self.record(adapter_id)
-        root = self.store.root
-        folder = root / record.id
-        path = folder / name
-        # The folder must be a real directory directly in the store, the file a regular file in
-        # it: a link planted in the store does not make the service read anything else.
-        if (
-            folder.is_symlink()
-            or not folder.is_dir()
-            or folder.resolve().parent != root.resolve()
-            or path.is_symlink()
-        ):
-            raise APIError(
-                403,
-                f"adapter {record.id}'s {name} is not a regular file in its own folder; "
-                f"it is not served (`capplug store verify` checks the store)",
-                code="file_refused",
-            )
-        expected = record.sha256 if name == ADAPTER_WEIGHTS else record.config_sha256
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(path, flags)
-        except FileNotFoundError as exc:
-            raise _store_failure(
-                CorruptAdapterError(f"{name} is missing; `capplug store verify --repair`"),
-                record.id,
-            ) from exc
-        except OSError as exc:  # ELOOP: a link swapped in after the check above
-            raise APIError(
-                403,
-                f"adapter {record.id}'s {name} is not served: {exc.strerror}",
-                code="file_refused",
-            ) from exc
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise APIError(
-                    403, f"adapter {record.id}'s {name} is not a regular file", code="file_refused"
-                )
-            data = handle.read()
-        # What is sent is what was hashed: no window for the file to change in between.
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise _store_failure(
-                CorruptAdapterError(
-                    f"{name} does not match the sha256 the index recorded; "
-                    f"`capplug store verify --repair` sets it aside"
-                ),
-                record.id,
-            )
-        self.store.touch(record.id)
-        return data
+            return self.store.read_file(adapter_id, name)
+        except UnknownAdapterFileError as exc:
+            raise APIError(404, str(exc), code="file_not_found") from exc
+        except RefusedAdapterFileError as exc:
+            raise APIError(403, str(exc), code="file_refused") from exc
+        except UnknownAdapterError as exc:
+            raise _not_found(adapter_id) from exc
+        except CorruptAdapterError as exc:
+            raise _store_failure(exc, adapter_id) from exc
 
     def delete(self, adapter_id: str) -> AdapterRecord:
         try:

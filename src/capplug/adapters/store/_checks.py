@@ -1,0 +1,126 @@
+"""The adapter store's checks of what callers give it: ids, instructions, base models, LoRA
+configs, thresholds and limits. Each raises with the fix in its message."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
+from capplug.adapters.store.records import SOURCES, Source
+from capplug.errors import TruncationWarning, UnknownAdapterError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+ADAPTER_ID = re.compile(r"^[0-9a-f]{16}$")
+"""An adapter's id: 16 lowercase hex characters (also the name of its folder)."""
+
+
+def check_instruction(instruction: Any, max_chars: int) -> str:
+    """The instruction, stripped and cut to ``max_chars`` (with a warning that points at the
+    caller of the store's public method)."""
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string; got {type(instruction).__name__}")
+    text = instruction.strip()
+    if not text:
+        raise ValueError(
+            "instruction is empty; give the task's instruction, e.g. 'Answer the question "
+            "with yes or no.'"
+        )
+    if len(text) > max_chars:
+        warnings.warn(
+            f"instruction has {len(text)} characters; the adapter store keeps the first "
+            f"{max_chars} (max_instruction_chars) and matches on those",
+            TruncationWarning,
+            stacklevel=3,
+        )
+        text = text[:max_chars].rstrip()
+    return text
+
+
+def check_id(adapter_id: Any) -> str:
+    # Exactly the id: an id with a newline or spaces around it (``ID%0A`` in a URL) is not
+    # an id, however forgiving that would look on a command line (the CLI strips its own).
+    if not isinstance(adapter_id, str) or not ADAPTER_ID.fullmatch(adapter_id):
+        raise UnknownAdapterError(
+            f"{adapter_id!r} is not an adapter id (16 lowercase hex characters, as "
+            f"`capplug store list` shows)"
+        )
+    return adapter_id
+
+
+def check_base(recorded: str, base_model: str, *, where: str) -> None:
+    """Refuse an adapter made for another base model than the store's ``base_model``."""
+    if canonical_model_name(recorded).casefold() != base_model.casefold():
+        raise WrongBaseModelError(
+            f"the adapter {where} was made for {canonical_model_name(recorded)}, but this "
+            f"store holds adapters for {base_model}; open a store with "
+            f"base_model={recorded!r} for it"
+        )
+
+
+def lora_config(config: Any, base_model: str) -> LoraConfig:
+    """A peft ``LoraConfig`` (or its dict) as the store writes it: for ``base_model``."""
+    from peft import LoraConfig, PeftConfig
+
+    if isinstance(config, PeftConfig):
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig; got {type(config).__name__}")
+        data = config.to_dict()
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        raise TypeError(
+            f"config must be a peft LoraConfig or its dict; got {type(config).__name__}"
+        )
+    peft_type = str(data.pop("peft_type", "LORA")).split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise ValueError(f"config describes a {peft_type} adapter; the store keeps LoRA ones")
+    recorded = data.get("base_model_name_or_path")
+    if recorded:
+        check_base(str(recorded), base_model, where="config")
+    data["base_model_name_or_path"] = base_model
+    data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+    try:
+        return LoraConfig(**data)
+    except TypeError as exc:
+        raise ValueError(f"config is not a LoraConfig peft accepts: {exc}") from exc
+
+
+def targets(value: Any) -> tuple[str, ...]:
+    """A LoRA config's target modules as the record keeps them (sorted)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(sorted(value or ()))
+
+
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number in [0, 1]; got NaN")
+    return float(value)
+
+
+def check_limit(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+    return value
+
+
+def check_k(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError(f"k must be an integer from 1 to 1000; got {value!r}")
+    return value
+
+
+def check_source(value: Any) -> Source:
+    if value not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {value!r}")
+    return value
