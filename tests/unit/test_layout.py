@@ -89,3 +89,15 @@ def test_every_default_model_name_is_defined_once():
                 raise AssertionError(
                     f"{path.relative_to(SRC)}:{node.lineno} repeats {node.value!r}"
                 )
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    long = {
+        str(path.relative_to(SRC)): n
+        for path in SRC.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these by concern (at most {MAX_MODULE_LINES} lines each): {long}"

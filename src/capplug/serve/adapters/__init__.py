@@ -80,7 +80,7 @@ The package, by concern:
   ``Server-Timing``.
 """
 
-from capplug.serve.adapters._service import ADAPTER_FILES
+from capplug.adapters.store import ADAPTER_FILES
 from capplug.serve.adapters.app import create_adapter_app
 
 __all__ = ["ADAPTER_FILES", "create_adapter_app"]

@@ -33,7 +33,6 @@ from capplug.adapters.store import (
 from capplug.serve import _chat
 from capplug.serve._http import APIError
 
-ADAPTER_FILES: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 """The only files ``GET /v1/adapters/{id}/files/{name}`` serves."""
 
 # --------------------------------------------------------------------------------- errors
