@@ -1,7 +1,7 @@
 """Hostile requests at volume: the proxy and the adapter service under generated input.
 
 Issue target: 0 answers with a 5xx and 0 tracebacks over at least 2,000 generated requests per
-server. Runs ``tests/unit/test_server_fuzz.py`` (which CI runs with 150 examples per test) with
+server. Runs ``tests/unit/serve/test_server_fuzz.py`` (which CI runs with 150 examples per test) with
 ``CAPPLUG_FUZZ_EXAMPLES`` examples per test: generated bodies to two routes and generated paths,
 for each of the two servers, plus the proxy's check that nothing is forwarded outside its base.
 
@@ -36,7 +36,7 @@ def main() -> None:
         "CAPPLUG_FUZZ_REPORT": str(report),
     }
     started = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "tests/unit/test_server_fuzz.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "tests/unit/serve/test_server_fuzz.py"]
     command += ["--disable-socket", "--allow-unix-socket", "-p", "no:cacheprovider", "--tb=short"]
     run = subprocess.run(
         command,

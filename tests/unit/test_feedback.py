@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from test_proxy import CHAT, LookupScorer, Upstream, completion, ok, post, proxy
+from fake_upstream import CHAT, LookupScorer, Upstream, completion, ok, post, proxy
 
 from capplug.cli import main
 from capplug.data.rows import read_labelled_pairs

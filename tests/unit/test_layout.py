@@ -101,3 +101,12 @@ def test_no_module_is_longer_than_a_reader_can_hold():
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"split these by concern (at most {MAX_MODULE_LINES} lines each): {long}"
+
+
+def test_unit_tests_mirror_the_packages():
+    unit = Path(__file__).parent
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    # bench/ holds the benchmark scripts' own tests (the benchmarks package sits beside src).
+    assert folders - {"bench"} <= packages, f"test folders with no package: {folders - packages}"
+    assert not [p.name for p in unit.glob("test_*.py") if p.stem[5:] in packages]

@@ -16,7 +16,7 @@ The scorer, the teacher LoRAs and the hypernetwork each say what one step comput
 Why not the transformers ``Trainer`` or ``accelerate``: both save optimizer state with pickle
 (``torch.load`` on resume), and neither fits the hypernetwork, whose "model" writes another
 model's weights. This loop is small, runs on one device, and resumes to bit-identical weights
-(``tests/unit/test_training_loop.py``).
+(``tests/unit/training/test_loop.py``).
 """
 
 from __future__ import annotations

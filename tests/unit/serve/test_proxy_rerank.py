@@ -9,7 +9,7 @@ from typing import Any
 import cohere
 import httpx
 import pytest
-from test_proxy import LookupScorer, Upstream, error_of, proxy
+from fake_upstream import LookupScorer, Upstream, error_of, proxy
 
 SCORES = {"Canberra is the capital.": 0.9, "Sydney is the largest city.": 0.4, "Kangaroos.": 0.1}
 DOCUMENTS = ["Sydney is the largest city.", "Kangaroos.", "Canberra is the capital."]

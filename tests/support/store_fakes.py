@@ -7,12 +7,21 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pytest
 import torch
-from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
+from chromadb.api.types import (
+    DefaultEmbeddingFunction,
+    Documents,
+    EmbeddingFunction,
+    Embeddings,
+    Space,
+)
 from chromadb.utils.embedding_functions import register_embedding_function
+from chromadb.utils.embedding_functions.onnx_mini_lm_l6_v2 import ONNXMiniLM_L6_V2
 
 from capplug.adapters.store import AdapterStore
 
@@ -122,3 +131,25 @@ def worker(
         results.put(("ok", out))
     except BaseException as exc:  # report, so the parent fails with the reason
         results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.fixture(autouse=True)
+def no_chroma_default_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test in which Chroma's default (downloading) embedding function is made or used."""
+
+    message = "Chroma's default embedding function (an ONNX model it downloads) was used"
+
+    def refuse_init(self: object, *args: object, **kwargs: object) -> None:
+        raise AssertionError(message)
+
+    def refuse_call(self: object, input: object) -> None:  # Chroma checks this signature
+        raise AssertionError(message)
+
+    monkeypatch.setattr(DefaultEmbeddingFunction, "__init__", refuse_init)
+    monkeypatch.setattr(DefaultEmbeddingFunction, "__call__", refuse_call)
+    monkeypatch.setattr(ONNXMiniLM_L6_V2, "__init__", refuse_init)
+
+
+def fake_indexed_store(root: Path, base: str) -> None:
+    """Make the store's collection with the test embedder, so the CLI reopens it with that."""
+    AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding()).close()

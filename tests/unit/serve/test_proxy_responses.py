@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import httpx2
 import openai
-from test_proxy import LookupScorer, Upstream, proxy
+from fake_upstream import LookupScorer, Upstream, proxy
 
 
 def response_json(text: str, *, tool_call: bool = False) -> dict[str, Any]:

@@ -14,11 +14,11 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
-from test_local_llm import _save_tiny_llama
 
 from capplug.cli import main
 from capplug.llms import LocalChatModel, SamplingRecipe, SamplingStrategy
 from capplug.serve import create_app
+from capplug.testing import save_tiny_llama as _save_tiny_llama
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_lora import toy_task
+from test_teacher_lora import toy_task
 
 from capplug.adapters import (
     AdapterRuntime,

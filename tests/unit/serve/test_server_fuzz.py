@@ -21,11 +21,11 @@ from typing import Any
 
 import httpx2
 import pytest
+from fake_upstream import Upstream, proxy
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_adapter_service import _fuzz_app
-from test_proxy import Upstream, proxy
 from test_proxy_hostile import send_raw_path
 
 EXAMPLES = int(os.environ.get("CAPPLUG_FUZZ_EXAMPLES", "150"))

@@ -19,12 +19,12 @@ import httpx2
 import openai
 import pytest
 import schemathesis
-from _adapter_store_fakes import WordHashEmbedding
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
-from test_adapter_store import (  # noqa: F401 - the autouse fixture guards these tests too
-    _fake_indexed_store,
-    _no_chroma_default_embedding,
+from store_fakes import (  # noqa: F401 - the autouse fixture guards these tests too
+    WordHashEmbedding,
+    fake_indexed_store,
+    no_chroma_default_embedding,
 )
 
 from capplug.adapters.hypernetwork import Hypernetwork
@@ -761,7 +761,7 @@ def test_cli_serve_adapters_runs_uvicorn_with_the_service(
     monkeypatch.setattr(uvicorn, "run", fake_run)
     folder = hypernet.save_pretrained(tmp_path / "hypernet")
     root = tmp_path / "store"
-    _fake_indexed_store(root, hypernet.config.base_model)
+    fake_indexed_store(root, hypernet.config.base_model)
     argv = ["serve", "adapters", "--store", str(root), "--hypernet", str(folder)]
     assert main([*argv, "--device", "cpu", "--port", "9999", "--api-key", "k"]) == 0
     assert seen["port"] == 9999 and seen["host"] == "127.0.0.1"

@@ -18,11 +18,20 @@ import time
 from pathlib import Path
 
 import pytest
+import store_fakes
 import torch
-from _adapter_store_fakes import RANK, TARGETS, FakeGenerator, WordHashEmbedding, worker
 from chromadb.api.types import DefaultEmbeddingFunction
 from chromadb.utils.embedding_functions import known_embedding_functions
 from chromadb.utils.embedding_functions.onnx_mini_lm_l6_v2 import ONNXMiniLM_L6_V2
+from store_fakes import (  # noqa: F401 - the autouse fixture guards every test here
+    RANK,
+    TARGETS,
+    FakeGenerator,
+    WordHashEmbedding,
+    fake_indexed_store,
+    no_chroma_default_embedding,
+    worker,
+)
 
 from capplug import TruncationWarning
 from capplug.adapters.adapter_folder import AdapterFileError, WrongBaseModelError
@@ -46,25 +55,11 @@ TRANSLATE = "Translate the sentence into French."
 TRANSLATE_AGAIN = "Please translate this sentence into French."
 VOWELS = "Count the vowels in the word."
 
+# Worker processes import the fakes from here.
+SUPPORT = str(Path(store_fakes.__file__).parent)
+
 
 # ------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _no_chroma_default_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any test in which Chroma's default (downloading) embedding function is made or used."""
-
-    message = "Chroma's default embedding function (an ONNX model it downloads) was used"
-
-    def refuse_init(self: object, *args: object, **kwargs: object) -> None:
-        raise AssertionError(message)
-
-    def refuse_call(self: object, input: object) -> None:  # Chroma checks this signature
-        raise AssertionError(message)
-
-    monkeypatch.setattr(DefaultEmbeddingFunction, "__init__", refuse_init)
-    monkeypatch.setattr(DefaultEmbeddingFunction, "__call__", refuse_call)
-    monkeypatch.setattr(ONNXMiniLM_L6_V2, "__init__", refuse_init)
 
 
 def _save_tiny_llama(folder: Path) -> Path:
@@ -693,7 +688,7 @@ def test_verify_and_repair_find_and_fix_every_kind_of_damage(store: AdapterStore
 _CRASH_WHILE_INDEXING = """
 import json, os, sys
 from chromadb.api.models.Collection import Collection
-from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
+from store_fakes import FakeGenerator, WordHashEmbedding
 from capplug.adapters.store import AdapterStore
 
 root, base, shapes, instruction = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
@@ -720,9 +715,7 @@ def test_a_crash_between_moving_into_place_and_indexing_is_adopted_by_the_retry(
     import subprocess
 
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SUPPORT, os.environ.get("PYTHONPATH")]))
     crashed = subprocess.run(
         [
             sys.executable,
@@ -757,7 +750,7 @@ import json, os, re, sys
 from pathlib import Path
 import capplug.adapters.store._adding as store_module
 from chromadb.api.models.Collection import Collection
-from _adapter_store_fakes import FakeGenerator, WordHashEmbedding
+from store_fakes import FakeGenerator, WordHashEmbedding
 from capplug.adapters.store import AdapterStore
 
 root, base, shapes, instruction, phase = sys.argv[1:6]
@@ -805,9 +798,7 @@ def test_a_crash_at_any_write_phase_leaves_one_good_adapter_after_retry_and_repa
     if phase == "deleting":
         store.get_or_create(TRANSLATE)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SUPPORT, os.environ.get("PYTHONPATH")]))
     arguments = [str(store.root), str(tiny_llama), json.dumps(shapes), TRANSLATE, phase]
     crashed = subprocess.run(
         [sys.executable, "-c", _CRASH_AT_PHASE, *arguments],
@@ -1032,12 +1023,12 @@ def test_processes_sharing_a_store_make_each_adapter_once_and_lose_nothing(
 
     # Real processes, forked from a server that imported torch, peft and Chroma once (Python
     # 3.11's forkserver ignores sys.path for its preloads: PYTHONPATH reaches it).
-    here = str(Path(__file__).parent)
+    here = SUPPORT
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     )
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["_adapter_store_fakes"])
+    ctx.set_forkserver_preload(["store_fakes"])
     barrier, results = ctx.Barrier(len(own)), ctx.Queue()
     procs = [
         ctx.Process(
@@ -1090,16 +1081,11 @@ def _main(argv: list[str]) -> int:
         return 2
 
 
-def _fake_indexed_store(root: Path, base: str) -> None:
-    """Make the store's collection with the test embedder, so the CLI reopens it with that."""
-    AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding()).close()
-
-
 def test_cli_import_list_show_lookup_gc_rm_verify(
     tmp_path: Path, tiny_llama: Path, peft_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, base = tmp_path / "store", str(tiny_llama)
-    _fake_indexed_store(root, base)
+    fake_indexed_store(root, base)
     opts = ["--store", str(root), "--base", base]
 
     assert _main(["import", str(peft_folder), "--instruction", TRANSLATE, *opts, "--json"]) == 0
@@ -1156,7 +1142,7 @@ def test_cli_errors_are_one_line_with_the_fix(
     assert _main(["list", "--store", str(tmp_path / "nowhere")]) == 2
     assert "no adapter store at" in capsys.readouterr().err
     root = tmp_path / "store"
-    _fake_indexed_store(root, str(tiny_llama))
+    fake_indexed_store(root, str(tiny_llama))
     opts = ["--store", str(root), "--base", str(tiny_llama)]
     assert _main(["show", "0123456789abcdef", *opts]) == 2
     assert "no adapter '0123456789abcdef'" in capsys.readouterr().err
@@ -1188,7 +1174,7 @@ def test_cli_create_makes_then_hits_with_a_hypernetwork(
     )
     folder = hypernet.save_pretrained(tmp_path / "hypernet")
     root = tmp_path / "store"
-    _fake_indexed_store(root, hypernet.config.base_model)
+    fake_indexed_store(root, hypernet.config.base_model)
     opts = ["--store", str(root), "--hypernet", str(folder), "--device", "cpu", "--json"]
     assert _main(["create", "--instruction", TRANSLATE, *opts]) == 0
     made = json.loads(capsys.readouterr().out)

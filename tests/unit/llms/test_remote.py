@@ -9,7 +9,7 @@ import httpx2
 import openai
 import pyarrow.parquet as pq
 import pytest
-from test_build import GEN_TASK, fake_loader
+from bigbench_fakes import GEN_TASK, fake_loader
 
 from capplug.cli import main
 from capplug.data.build import EndpointCandidateSource, build_dataset

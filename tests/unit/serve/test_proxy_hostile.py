@@ -14,9 +14,19 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from fake_upstream import (
+    MESSAGES,
+    Sleeps,
+    Upstream,
+    completion,
+    error_of,
+    fast_retry,
+    ok,
+    post,
+    proxy,
+)
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_proxy import MESSAGES, Sleeps, Upstream, completion, error_of, fast_retry, ok, post, proxy
 
 from capplug.llms.retry import RetryPolicy
 from capplug.serve._http import install_error_handlers
