@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from capplug._cache import write_json_atomic
 from capplug.adapters.adapter_folder import (
     AdapterFiles,
 )
@@ -35,14 +34,12 @@ from capplug.adapters.hypernetwork import (
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import LocalChatModel
 from capplug.training.loop import (
-    SUMMARY_FILE,
     Loop,
     Precision,
     Schedule,
     autocast,
     check_float,
     check_int,
-    machine,
 )
 
 __all__ = [
@@ -465,22 +462,16 @@ class HypernetRun:
         else:
             final = hnet
         final.save_pretrained(self.folder)
-        summary = {
-            "run_id": self.run_id,
-            "base_model": hnet.config.base_model,
-            "tasks": self.names,
-            "teachers": [self.names[t] for t in self.with_teacher],
-            "steps": state["step"],
-            "best_eval": state["best_eval"],
-            "wall_seconds": round(wall, 1),
-            "timing": result.timing,
-            "machine": machine(device),
-            "settings": asdict(config),
-            "parameters": sum(p.numel() for p in hnet.parameters()),
+        loop.finish(
+            result,
+            base_model=hnet.config.base_model,
+            tasks=self.names,
+            teachers=[self.names[t] for t in self.with_teacher],
+            best_eval=state["best_eval"],
+            settings=asdict(config),
+            parameters=sum(p.numel() for p in hnet.parameters()),
             **({"init_from": self.init} if self.init else {}),
-        }
-        write_json_atomic(self.folder / SUMMARY_FILE, summary)
-        loop.finish()
+        )
         return HypernetTrainResult(
             out_dir=self.folder,
             steps=state["step"],

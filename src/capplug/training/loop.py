@@ -223,11 +223,26 @@ class Loop:
             save_file(tensors, tmp / OPTIMIZER_FILE)
             write_json_atomic(tmp / STATE_FILE, {**self.state, "param_groups": param_groups})
 
-    def finish(self) -> None:
-        """Drop the checkpoint once the run's output is written: a finished run never resumes."""
+    def finish(self, result: LoopResult, **summary: Any) -> dict[str, Any]:
+        """Write the run's summary and drop its checkpoint: a finished run never resumes.
+
+        Call it once the run's output is written. The summary (:data:`SUMMARY_FILE`) holds what
+        every run records (its id, steps, training time, where the time went, the machine)
+        and the caller's own ``summary`` fields; it is returned as written.
+        """
         import shutil
 
+        written = {
+            "run_id": self.state["run_id"],
+            "steps": result.state["step"],
+            "wall_seconds": round(result.wall_seconds, 3),
+            "timing": result.timing,
+            "machine": machine(self.device),
+            **summary,
+        }
+        write_json_atomic(self.folder / SUMMARY_FILE, written)
         shutil.rmtree(self.checkpoint, ignore_errors=True)
+        return written
 
     def log(self, entry: Mapping[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from capplug._cache import write_json_atomic
 from capplug._runtime import seeded
 from capplug.adapters.adapter_folder import (
     META_BASE_ARCHITECTURE,
@@ -39,7 +38,6 @@ from capplug.training.loop import (
     Schedule,
     check_float,
     check_int,
-    machine,
 )
 
 __all__ = ["LoraRun", "LoraTrainConfig", "LoraTrainResult", "clear_run", "finished_run"]
@@ -330,24 +328,18 @@ class LoraRun:
                 "capplug_source": "capplug.training.teacher_lora",
             },
         )
-        summary = {
-            "task": self.label,
-            "run_id": self.run_id,
-            "base_model": self.identity.name,
-            "steps": state["step"],
-            "train_examples": len(self.examples),
-            "truncated_examples_seen": sum(e.truncated for e in self._encoded.values()),
-            "eval_examples": len(self.heldout),
-            "eval_loss_before": state["eval_loss_before"],
-            "eval_loss_after": eval_after,
-            "wall_seconds": round(wall, 3),
-            "timing": result.timing,
-            "machine": machine(self.chat.device),
-            "settings": asdict(self.config),
+        loop.finish(
+            result,
+            task=self.label,
+            base_model=self.identity.name,
+            train_examples=len(self.examples),
+            truncated_examples_seen=sum(e.truncated for e in self._encoded.values()),
+            eval_examples=len(self.heldout),
+            eval_loss_before=state["eval_loss_before"],
+            eval_loss_after=eval_after,
+            settings=asdict(self.config),
             **self.summary_extra,
-        }
-        write_json_atomic(self.folder / SUMMARY_FILE, summary)
-        loop.finish()
+        )
         return LoraTrainResult(
             task=self.label,
             out_dir=self.folder,

@@ -32,10 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from capplug._cache import staging_dir, write_json_atomic
+from capplug._cache import staging_dir
 from capplug.data.rows import LabelledPair
 from capplug.scoring.model import EncodedPair, Scorer
-from capplug.training.loop import SUMMARY_FILE, Loop, Precision, Schedule, machine
+from capplug.training.loop import Loop, LoopResult, Precision, Schedule
 
 __all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
@@ -312,16 +312,14 @@ def train_scorer(
     stopped = bool(state.get("stopped"))
     _write_final(
         scorer,
-        out,
+        loop,
+        result,
         config,
-        state,
         metrics,
-        result.wall_seconds,
         len(train_pairs),
         len(encoded_eval),
         data_description,
     )
-    loop.finish()
     return TrainResult(
         out_dir=out,
         steps=state["step"],
@@ -516,15 +514,15 @@ def _fingerprint(pairs: Sequence[LabelledPair], config: TrainConfig) -> str:
 
 def _write_final(
     scorer: Scorer,
-    out: Path,
+    loop: Loop,
+    result: LoopResult,
     config: TrainConfig,
-    state: dict[str, Any],
     metrics: dict[str, float],
-    wall: float,
     n_train: int,
     n_eval: int,
     data_description: str,
 ) -> None:
+    out, state, wall = loop.folder, result.state, result.wall_seconds
     with staging_dir(out / ".final") as tmp:
         scorer.save_pretrained(tmp / "model")
     for item in (out / ".final" / "model").iterdir():
@@ -533,20 +531,17 @@ def _write_final(
             shutil.rmtree(target)
         os.replace(item, target)
     shutil.rmtree(out / ".final", ignore_errors=True)
-    card = {
-        "data": data_description,
-        "train_pairs": n_train,
-        "eval_pairs": n_eval,
-        "steps": state["step"],
-        "epochs_completed": state["epochs_completed"],
-        "stopped_early": bool(state.get("stopped")),
-        "wall_seconds": round(wall, 1),
-        "machine": machine(scorer.device),
-        "metrics": metrics,
-        "metrics_before": state.get("eval_before", {}),
-        "config": asdict(config),
-    }
-    write_json_atomic(out / SUMMARY_FILE, card)
+    card = loop.finish(
+        result,
+        data=data_description,
+        train_pairs=n_train,
+        eval_pairs=n_eval,
+        epochs_completed=state["epochs_completed"],
+        stopped_early=bool(state.get("stopped")),
+        metrics=metrics,
+        metrics_before=state.get("eval_before", {}),
+        config=asdict(config),
+    )
     lines = [
         "# capplug scorer",
         "",

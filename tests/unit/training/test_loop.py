@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capplug.training.loop import LOG_FILE, Loop, Schedule, fingerprint, lr_factor
+from capplug.training.loop import LOG_FILE, SUMMARY_FILE, Loop, Schedule, fingerprint, lr_factor
 
 X = torch.linspace(-1, 1, 64).unsqueeze(1)
 Y = 3 * X + 0.5
@@ -129,5 +129,17 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_changes(tmp_path
         other.start(seed=1)
     for name, value in before.items():
         assert torch.equal(other.params[name], value)
-    other.finish()
+
+
+def test_a_finished_run_writes_its_summary_and_drops_its_checkpoint(tmp_path: Path) -> None:
+    loop = make_loop(tmp_path)
+    loop.start(seed=1)
+    result = loop.run(step_fn(loop))
+    assert (tmp_path / "checkpoint").is_dir()
+    written = loop.finish(result, task="toy")
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary == written
+    assert summary["run_id"] == fingerprint({"run": "a"}) and summary["task"] == "toy"
+    assert summary["steps"] == 12 and summary["wall_seconds"] > 0
+    assert summary["machine"]["description"]
     assert not (tmp_path / "checkpoint").exists()
