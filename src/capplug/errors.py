@@ -17,6 +17,8 @@ The hierarchy::
     │   ├── UnknownAdapterError(KeyError)    no adapter with that id
     │   ├── UnknownAdapterFileError(LookupError)  an adapter has no file of that name
     │   ├── RefusedAdapterFileError          an adapter's file is a link or not a regular file
+    │   ├── AdapterNameError(ValueError)     not a usable adapter name
+    │   ├── AdapterNameTakenError            another adapter has that name already
     │   └── NoGeneratorError                 an adapter was needed and nothing can make one
     └── FeedbackError(ValueError)            a selection or judgement that cannot be stored
         ├── UnknownSelectionError(LookupError)  no selection with that id
@@ -37,6 +39,8 @@ from typing import Any
 __all__ = [
     "RETRYABLE_STATUS",
     "AdapterFileError",
+    "AdapterNameError",
+    "AdapterNameTakenError",
     "AdapterStoreError",
     "AttemptsSpent",
     "BigBenchArchiveError",
@@ -171,6 +175,15 @@ class UnknownAdapterFileError(AdapterStoreError, LookupError):
 class RefusedAdapterFileError(AdapterStoreError):
     """An adapter's file is not read: it, or its folder, is a link, or it is not a regular file
     directly in its adapter's folder in the store."""
+
+
+class AdapterNameError(AdapterStoreError, ValueError):
+    """Not a usable adapter name: 1 to 64 letters, digits, ``.``, ``_`` or ``-``, starting with a
+    letter or digit, and not 16 hex characters (an adapter id)."""
+
+
+class AdapterNameTakenError(AdapterStoreError):
+    """Another adapter in the store has that name already (names are unique per store)."""
 
 
 class NoGeneratorError(AdapterStoreError):

@@ -73,7 +73,8 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
             "Serve the adapter store over HTTP: POST /v1/adapters finds (or makes) the adapter "
             "for an instruction, GET/DELETE /v1/adapters/ID and /files/NAME hand them out, and "
             "/v1/chat/completions answers with the base model ('model': BASE), a stored adapter "
-            "('model': 'BASE@ID') or the adapter for an 'instruction' field. New adapters need a "
+            "('model': 'BASE@ID', 'BASE@NAME' or a name alone) or the adapter for an "
+            "'instruction' field. New adapters need a "
             "hypernetwork (--hypernet); with --no-hypernet the service answers with the stored "
             "and imported adapters only. One generation runs at a time."
         ),
@@ -129,6 +130,12 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
         default=DEFAULT_SCORER,
         metavar="REF",
         help="the scorer that checks hits (default: capplug-default)",
+    )
+    adapters.add_argument(
+        "--allow-lora-loading",
+        action="store_true",
+        help="let POST /v1/load_lora_adapter import a peft folder from a path on this server "
+        "under a name (as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); off by default",
     )
     adapters.add_argument(
         "--max-loaded",
@@ -218,7 +225,11 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         verify_hit=check,
     )
     app = create_adapter_app(
-        store, runtime, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap
+        store,
+        runtime,
+        api_key=args.api_key,
+        max_tokens_cap=args.max_tokens_cap,
+        allow_load_from_path=args.allow_lora_loading,
     )
     what = "making new adapters" if generator is not None else "making no new adapters"
     try:

@@ -94,6 +94,7 @@ def register(subparsers: Any) -> None:
     imp.add_argument("folder", metavar="FOLDER")
     imp.add_argument("--instruction", required=True, metavar="TEXT", help="what it was made for")
     imp.add_argument("--source", choices=("imported", "trained"), default="imported")
+    imp.add_argument("--name", metavar="NAME", help="a unique name to address it by (sql-lora)")
     imp.set_defaults(run=_run_import)
 
     rm = subparsers.add_parser("rm", parents=[common], help="delete adapters")
@@ -135,7 +136,7 @@ def _run_list(args: argparse.Namespace) -> int:
     for r in records:
         print(
             f"{r.id}  {r.source:<9}  r={r.rank:<3} {_human(r.size):>8}  "
-            f"{_when(r.last_used)}  {_clip(r.instruction, 60)}"
+            f"{_when(r.last_used)}  {f'[{r.name}] ' if r.name else ''}{_clip(r.instruction, 60)}"
         )
     return 0
 
@@ -144,7 +145,7 @@ def _run_show(args: argparse.Namespace) -> int:
     from capplug.adapters.store import CorruptAdapterError
 
     with _open(args, existing=True) as store:
-        record = store.get(args.id)
+        record = store.resolve(args.id)
         try:
             store.files(record.id)
             files = "ok (sha256 checked)"
@@ -230,18 +231,19 @@ def _run_import(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"no adapter folder {args.folder}")
     with _open(args, existing=False) as store:
-        record = store.import_folder(folder, args.instruction, source=args.source)
+        record = store.import_folder(folder, args.instruction, source=args.source, name=args.name)
     if args.json:
         _print_json(record.to_dict())
         return 0
-    print(f"imported {record.id} ({_human(record.size)}, r={record.rank})")
+    named = f" as {record.name!r}" if record.name else ""
+    print(f"imported {record.id}{named} ({_human(record.size)}, r={record.rank})")
     print(record.folder)
     return 0
 
 
 def _run_rm(args: argparse.Namespace) -> int:
     with _open(args, existing=True) as store:
-        records = [store.get(i) for i in args.ids]  # every id checked before any is deleted
+        records = [store.resolve(i) for i in args.ids]  # every one checked before any goes
         for record in records:
             store.remove(record.id)
     if args.json:

@@ -22,7 +22,8 @@ Layout under ``root`` (several base models may share one root; each has its own 
 name), cosine space, embedded by :class:`SentenceEncoderEmbeddingFunction` (registered with
 Chroma) or the ``embedding_function`` given. The document is the instruction; the metadata holds
 base model, rank, target modules, sha256 of both files, size, created and last-used times,
-hypernetwork version, source and the normalised instruction's hash. The store computes every
+hypernetwork version, source, the normalised instruction's hash and the adapter's unique name
+(``""`` for none; :meth:`AdapterStore.rename`, :meth:`AdapterStore.resolve`). The store computes every
 embedding itself and hands Chroma vectors, so an exact repeat (same normalised text) is answered
 from the hash alone, without running the encoder.
 
@@ -85,6 +86,7 @@ evicting; ``_checks``: argument checks.
 """
 
 from capplug.adapters.adapter_folder import WrongBaseModelError
+from capplug.adapters.store._checks import check_name
 from capplug.adapters.store._index import chroma_settings, collection_name
 from capplug.adapters.store.records import (
     ADAPTER_FILES,
@@ -114,6 +116,8 @@ from capplug.adapters.store.records import (
 )
 from capplug.adapters.store.store import AdapterStore
 from capplug.errors import (
+    AdapterNameError,
+    AdapterNameTakenError,
     AdapterStoreError,
     CorruptAdapterError,
     NoGeneratorError,
@@ -137,6 +141,8 @@ __all__ = [
     "SETTLED_SECONDS",
     "SOURCES",
     "STALE_STAGING_SECONDS",
+    "AdapterNameError",
+    "AdapterNameTakenError",
     "AdapterPaths",
     "AdapterRecord",
     "AdapterStore",
@@ -154,6 +160,7 @@ __all__ = [
     "UnknownAdapterError",
     "UnknownAdapterFileError",
     "WrongBaseModelError",
+    "check_name",
     "checked_paths",
     "chroma_settings",
     "collection_name",

@@ -26,6 +26,7 @@ from capplug.adapters.adapter_folder import (
 from capplug.adapters.store._checks import (
     ADAPTER_ID,
     check_base,
+    check_name,
     check_source,
     lora_config,
     targets,
@@ -42,8 +43,9 @@ from capplug.adapters.store.records import (
     instruction_hash,
     read_record_file,
     record_file,
+    records_from_rows,
 )
-from capplug.errors import CorruptAdapterError
+from capplug.errors import AdapterNameTakenError, CorruptAdapterError, UnknownAdapterError
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
@@ -63,10 +65,17 @@ def add_adapter(
     hypernetwork_version: str | None,
     header: Mapping[str, str] | None = None,
     memo: dict[str, list[float]] | None = None,
+    name: str | None = None,
 ) -> AdapterRecord:
-    """Write, check and index one adapter; the folder appears with its row, under the lock."""
+    """Write, check and index one adapter; the folder appears with its row, under the lock.
+
+    A ``name`` is checked to be free before any work, and again under the lock."""
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise ValueError("state_dict must be a non-empty mapping of peft keys to tensors")
+    if name is not None:
+        name = check_name(name)
+        with store._index.reading() as collection:
+            refuse_taken_names(store, collection, [name])
     lora = lora_config(config, store.base_model)
     digest = instruction_hash(text)
     metadata = {
@@ -99,12 +108,15 @@ def add_adapter(
                 source=source,
                 instruction_hash=digest,
                 hypernetwork_version=hypernetwork_version or None,
+                name=name,
                 folder=final,
             )
             write_json_atomic(tmp / RECORD_FILE, record_file(record))
             (tmp / LAST_USED_FILE).touch()
             os.utime(tmp / LAST_USED_FILE, (now, now))
             collection = stack.enter_context(store._index.writing())
+            if name is not None:  # taken meanwhile? (the staging folder goes with the error)
+                refuse_taken_names(store, collection, [name])
             # Named until its row is in the index (removed before the lock is released): a
             # process killed after the rename below leaves the name for the next miss.
             adding = _begin_adding(store.root, store.name, adapter_id)
@@ -147,6 +159,9 @@ def add_in_place(
     ids = [r.id for r in checked]
     if len(set(ids)) != len(ids):
         raise ValueError("records must have distinct ids; one is given twice")
+    names = [r.name for r in checked if r.name is not None]
+    if len(set(names)) != len(names):
+        raise AdapterNameTakenError("records must have distinct names; one is given twice")
     for start in range(0, len(checked), batch_size):
         batch = checked[start : start + batch_size]
         for record in batch:
@@ -163,6 +178,7 @@ def add_in_place(
                 raise ValueError(
                     f"adapter {known[0]} is indexed already; add_in_place adds new adapters"
                 )
+            refuse_taken_names(store, collection, [r.name for r in batch if r.name is not None])
             collection.add(
                 ids=[r.id for r in batch],
                 embeddings=vectors,
@@ -172,6 +188,43 @@ def add_in_place(
             store._index.vectors_changed()
     logger.info("indexed %d adapters already in place", len(checked))
     return checked
+
+
+def refuse_taken_names(
+    store: AdapterStore, collection: Collection, names: list[str], owner: str | None = None
+) -> None:
+    """Raise when an adapter other than ``owner`` has one of ``names``."""
+    if not names:
+        return
+    where: Any = {"name": names[0]} if len(names) == 1 else {"name": {"$in": names}}
+    rows = collection.get(where=where, include=["metadatas"])
+    for adapter_id, meta in zip(rows["ids"], rows.get("metadatas") or [], strict=False):
+        if adapter_id != owner:
+            taken = (meta or {}).get("name")
+            raise AdapterNameTakenError(
+                f"the name {taken!r} is taken by adapter {adapter_id} in the store at "
+                f"{store.root}; pick another, or free it first (rename or remove {adapter_id})"
+            )
+
+
+def rename(store: AdapterStore, adapter_id: str, name: str | None) -> AdapterRecord:
+    """What :meth:`AdapterStore.rename` does (see there): under the store-wide lock, the record
+    file first, then the index row."""
+    with store._index.writing() as collection:
+        rows = collection.get(ids=[adapter_id], include=["metadatas", "documents"])
+        found = records_from_rows(rows, store.root, store.base_model)
+        if not found:
+            raise UnknownAdapterError(
+                f"no adapter {adapter_id!r} in the store at {store.root} for {store.base_model}; "
+                f"`capplug store list` shows the ids there are"
+            )
+        if name is not None:
+            refuse_taken_names(store, collection, [name], owner=adapter_id)
+        record = dataclasses.replace(found[0], name=name)
+        write_json_atomic(record.folder / RECORD_FILE, record_file(record))
+        collection.update(ids=[adapter_id], metadatas=[index_metadata(record)])
+    logger.info("adapter %s is named %r", adapter_id, name)
+    return record
 
 
 def pending_adds(adding: Path, name: str) -> list[str]:
@@ -256,6 +309,8 @@ def _in_place(store: AdapterStore, record: AdapterRecord) -> AdapterRecord:
         raise ValueError(f"{record.id!r} is not an adapter id (16 lowercase hex characters)")
     check_base(record.base_model, store.base_model, where=record.id)
     check_source(record.source)
+    if record.name is not None:
+        check_name(record.name)
     text = record.instruction
     if (
         not isinstance(text, str)

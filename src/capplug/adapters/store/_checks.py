@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
 from capplug.adapters.store.records import SOURCES, Source
-from capplug.errors import TruncationWarning, UnknownAdapterError
+from capplug.errors import AdapterNameError, TruncationWarning, UnknownAdapterError
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
 ADAPTER_ID = re.compile(r"^[0-9a-f]{16}$")
 """An adapter's id: 16 lowercase hex characters (also the name of its folder)."""
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""An adapter's name: 1 to 64 letters, digits, ``.``, ``_`` or ``-``, from a letter or digit."""
 
 
 def check_instruction(instruction: Any, max_chars: int) -> str:
@@ -51,6 +53,32 @@ def check_id(adapter_id: Any) -> str:
             f"`capplug store list` shows)"
         )
     return adapter_id
+
+
+def check_name(name: Any) -> str:
+    """A name an adapter may be given: :data:`ADAPTER_NAME`, and not an id (16 hex characters,
+    which would be read as one)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise AdapterNameError(
+            f"{shown} is not an adapter name: use 1 to 64 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, e.g. 'sql-lora'"
+        )
+    if re.fullmatch(r"[0-9a-fA-F]{16}", name):
+        raise AdapterNameError(
+            f"{name!r} looks like an adapter id (16 hex characters); pick a name that does not, "
+            f"e.g. 'lora-{name[:6]}'"
+        )
+    return name
+
+
+def is_name(value: Any) -> bool:
+    """Whether ``value`` could be an adapter's name (:func:`check_name` would take it)."""
+    try:
+        check_name(value)
+    except AdapterNameError:
+        return False
+    return True
 
 
 def check_base(recorded: str, base_model: str, *, where: str) -> None:

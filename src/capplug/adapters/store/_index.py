@@ -56,6 +56,7 @@ def index_metadata(record: AdapterRecord) -> dict[str, Any]:
         "hypernetwork_version": record.hypernetwork_version or "",
         "source": record.source,
         "instruction_hash": record.instruction_hash,
+        "name": record.name or "",
     }
 
 

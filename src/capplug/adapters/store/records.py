@@ -100,6 +100,8 @@ class AdapterRecord:
     source: Source
     instruction_hash: str
     hypernetwork_version: str | None = None
+    name: str | None = None
+    """The unique name the adapter was given (:meth:`AdapterStore.rename`), or None."""
     folder: Path = field(default=Path(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +226,7 @@ def read_record_file(folder: Path) -> AdapterRecord | None:
             source=data["source"],
             instruction_hash=data["instruction_hash"],
             hypernetwork_version=data.get("hypernetwork_version") or None,
+            name=data.get("name") or None,
             folder=folder,
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -262,6 +265,7 @@ def records_from_rows(rows: Mapping[str, Any], root: Path, base_model: str) -> l
                 source=meta.get("source", "imported"),
                 instruction_hash=str(meta.get("instruction_hash", "")),
                 hypernetwork_version=meta.get("hypernetwork_version") or None,
+                name=str(meta.get("name") or "") or None,
                 folder=folder,
             )
         )

@@ -17,13 +17,16 @@ from capplug.adapters.adapter_folder import (
 )
 from capplug.adapters.store import _adding, _eviction, _lookup, _verify
 from capplug.adapters.store._checks import (
+    ADAPTER_ID,
     check_base,
     check_id,
     check_instruction,
     check_k,
     check_limit,
+    check_name,
     check_source,
     check_threshold,
+    is_name,
 )
 from capplug.adapters.store._files import (
     IntactFiles,
@@ -227,8 +230,12 @@ class AdapterStore:
         instruction: str,
         source: Source = "trained",
         hypernetwork_version: str | None = None,
+        name: str | None = None,
     ) -> AdapterRecord:
-        """Store and index an adapter given as a peft state dict and its LoRA config."""
+        """Store and index an adapter given as a peft state dict and its LoRA config.
+
+        ``name``: a unique name to find it by too (see :meth:`rename`).
+        """
         text = check_instruction(instruction, self.max_instruction_chars)
         record = _adding.add_adapter(
             self,
@@ -237,24 +244,37 @@ class AdapterStore:
             text,
             source=check_source(source),
             hypernetwork_version=hypernetwork_version,
+            name=None if name is None else check_name(name),
         )
         _eviction.evict_beyond_limits(self, protect={record.id})
         return record
 
     def import_folder(
-        self, folder: str | os.PathLike[str], instruction: str, *, source: Source = "imported"
+        self,
+        folder: str | os.PathLike[str],
+        instruction: str,
+        *,
+        source: Source = "imported",
+        name: str | None = None,
     ) -> AdapterRecord:
         """Store and index a peft LoRA folder made for this base model.
 
         The folder is checked completely first (config, truncated or corrupt safetensors, ranks,
-        target modules), so nothing is indexed from a broken one.
+        target modules), so nothing is indexed from a broken one. ``name``: a unique name to
+        find it by too (see :meth:`rename`); checked before the folder is read.
 
         Raises:
             WrongBaseModelError: the adapter says it was made for another base model.
             AdapterFileError: a missing, truncated or corrupt file.
+            AdapterNameError: ``name`` is not a usable name.
+            AdapterNameTakenError: another adapter has that name.
         """
         text = check_instruction(instruction, self.max_instruction_chars)
         source = check_source(source)
+        name = None if name is None else check_name(name)
+        if name is not None:
+            with self._index.reading() as collection:
+                _adding.refuse_taken_names(self, collection, [name])
         files = read_adapter(folder)
         recorded = files.metadata.get(META_BASE_MODEL) or files.config.base_model_name_or_path
         if recorded:
@@ -267,6 +287,7 @@ class AdapterStore:
             source=source,
             hypernetwork_version=files.metadata.get("capplug_hypernetwork_version") or None,
             header=files.metadata,
+            name=name,
         )
         _eviction.evict_beyond_limits(self, protect={record.id})
         return record
@@ -323,6 +344,46 @@ class AdapterStore:
                 f"`capplug store list` shows the ids there are"
             )
         return records[0]
+
+    def resolve(self, name_or_id: str) -> AdapterRecord:
+        """The record of the adapter with this id, or with this name (ids and names never look
+        alike: a name is never 16 hex characters).
+
+        Raises:
+            UnknownAdapterError: no adapter has this id or name (or it is neither).
+        """
+        if isinstance(name_or_id, str) and ADAPTER_ID.fullmatch(name_or_id):
+            return self.get(name_or_id)
+        if not is_name(name_or_id):
+            raise UnknownAdapterError(
+                f"{str(name_or_id)[:80]!r} is neither an adapter id (16 lowercase hex "
+                f"characters) nor an adapter name; `capplug store list` shows them"
+            )
+        with self._index.reading() as collection:
+            rows = collection.get(where={"name": name_or_id}, include=["metadatas", "documents"])
+        records = records_from_rows(rows, self.root, self.base_model)
+        if not records:
+            raise UnknownAdapterError(
+                f"no adapter named {name_or_id!r} in the store at {self.root} for "
+                f"{self.base_model}, and it is not an adapter id (16 lowercase hex characters); "
+                f"`capplug store list` shows the ids and names there are"
+            )
+        return max(records, key=lambda r: (r.created, r.id))
+
+    def rename(self, adapter_id: str, name: str | None) -> AdapterRecord:
+        """Give an adapter a unique name (None takes its name away); returns its new record.
+
+        Kept in its record file and index row, so it outlives the process and a
+        :meth:`repair`. The name may be its own already.
+
+        Raises:
+            UnknownAdapterError: no such adapter.
+            AdapterNameError: ``name`` is not 1 to 64 letters, digits, ``.``, ``_`` or ``-``
+                from a letter or digit, or looks like an id (16 hex characters).
+            AdapterNameTakenError: another adapter has that name.
+        """
+        adapter_id = check_id(adapter_id)
+        return _adding.rename(self, adapter_id, None if name is None else check_name(name))
 
     def files(self, adapter_id: str) -> AdapterPaths:
         """The adapter's folder and files, after checking both against their recorded sha256.

@@ -22,6 +22,8 @@ from capplug.adapters.adapter_folder import (
 )
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import (
+    AdapterNameError,
+    AdapterNameTakenError,
     AdapterRecord,
     AdapterStore,
     CorruptAdapterError,
@@ -29,6 +31,7 @@ from capplug.adapters.store import (
     RefusedAdapterFileError,
     UnknownAdapterError,
     UnknownAdapterFileError,
+    check_name,
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError
@@ -242,6 +245,7 @@ class Service:
             "created": record.created,
             "last_used": record.last_used,
             "hypernetwork_version": record.hypernetwork_version,
+            "name": record.name,
             "files": files,
         }
 
@@ -267,6 +271,58 @@ class Service:
             if record.id in self.runtime:
                 self.runtime.remove(record.id)
         return record
+
+    def load_lora(self, name: str, path: str, instruction: str | None) -> AdapterRecord:
+        """Import the peft folder at ``path`` (on this server) under ``name``, as vLLM's
+        ``/v1/load_lora_adapter`` does (in a worker thread: it reads, hashes and embeds)."""
+        try:
+            check_name(name)
+        except AdapterNameError as exc:
+            raise APIError(400, str(exc), param="lora_name", code="invalid_value") from exc
+        if name.casefold() in self.names:
+            raise APIError(
+                400,
+                f"Invalid value for 'lora_name': {name!r} is the base model's own name; "
+                f"pick another",
+                param="lora_name",
+                code="invalid_value",
+            )
+        # Without an instruction the name stands in for it (the store indexes every adapter
+        # by one); an instruction lookup then hits it only with a near-identical text.
+        text = self.instruction(instruction if instruction is not None else name)
+        try:
+            with self.store_lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.store.import_folder(path, text, name=name)
+        except AdapterNameError as exc:
+            raise APIError(400, str(exc), param="lora_name", code="invalid_value") from exc
+        except AdapterNameTakenError as exc:
+            raise APIError(409, str(exc), param="lora_name", code="adapter_name_taken") from exc
+        except WrongBaseModelError as exc:
+            raise APIError(400, str(exc), param="lora_path", code="wrong_base_model") from exc
+        except (AdapterFileError, OSError, ValueError) as exc:
+            raise APIError(
+                400,
+                f"Invalid value for 'lora_path': not a peft LoRA folder this service can load: "
+                f"{exc}",
+                param="lora_path",
+                code="invalid_value",
+            ) from exc
+
+    def unload_lora(self, name: str) -> AdapterRecord:
+        """Delete the adapter with this name (or id) from the store, detaching it."""
+        try:
+            record = self.store.resolve(name)
+        except UnknownAdapterError as exc:
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise APIError(
+                404,
+                f"The LoRA adapter {shown!r} cannot be found in this service's store; "
+                f"GET /v1/models lists the adapters there are",
+                param="lora_name",
+                code="adapter_not_found",
+            ) from exc
+        return self.delete(record.id)
 
     # ------------------------------------------------------------------------- requests
 
@@ -319,29 +375,29 @@ class Service:
         )
 
     def adapter_in_model(self, model: str | None) -> str | None:
-        """The adapter id ``model`` names (``<base>@<id>``), None for the base model."""
-        if model is None:
+        """The adapter id ``model`` names, None for the base model: ``<base>@<id or name>``,
+        or an adapter's name or id alone (as vLLM names a LoRA adapter)."""
+        if model is None or model.casefold() in self.names:
             return None
-        base, at, adapter_id = model.rpartition("@")
-        if not at:
-            base = model
-        if base.casefold() not in self.names:
+        base, at, ref = model.rpartition("@")
+        if at and base.casefold() not in self.names:
             raise APIError(
                 404,
                 f"The model '{model[:80]}' does not exist; this server serves "
-                f"'{self.model_name}', and its adapters as '{self.model_name}@<adapter id>'",
+                f"'{self.model_name}', and its adapters as '{self.model_name}@<adapter id or "
+                f"name>' or by their name alone",
                 param="model",
                 code="model_not_found",
             )
-        if not at:
-            return None
         try:
-            return self.store.get(adapter_id).id
+            return self.store.resolve(ref if at else model).id
         except UnknownAdapterError as exc:
+            shown = (ref if at else model)[:40]
             raise APIError(
                 404,
-                f"The model '{model[:80]}' does not exist: no adapter {adapter_id[:40]!r} in this "
-                f"service's store (GET /v1/adapters lists them)",
+                f"The model '{model[:80]}' does not exist: no adapter {shown!r} (by id or name) "
+                f"in this service's store, and the base model is '{self.model_name}' "
+                f"(GET /v1/models lists them)",
                 param="model",
                 code="model_not_found",
             ) from exc

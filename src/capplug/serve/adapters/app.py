@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +22,7 @@ from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import AdapterStore
 from capplug.serve import _chat
 from capplug.serve._http import (
+    APIError,
     BodyLimit,
     RequireKey,
     SafePath,
@@ -38,6 +39,7 @@ _MEDIA_TYPES = {ADAPTER_WEIGHTS: "application/octet-stream", ADAPTER_CONFIG: "ap
 _MAX_STOP_CHARS = 256
 _MAX_MODEL_CHARS = 512
 _MAX_LIST = 1000
+_MAX_PATH_CHARS = 4096
 
 # ------------------------------------------------------------------------------- requests
 
@@ -51,6 +53,32 @@ class _CreateAdapter(_chat.CheckedBody):
     threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="least similarity of a hit (the store's default)"
     )
+
+
+class _LoadLoRA(_chat.CheckedBody):
+    """vLLM's ``/v1/load_lora_adapter`` body, and ``instruction``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64, description="the adapter's unique name")
+    lora_path: str = Field(
+        min_length=1, max_length=_MAX_PATH_CHARS, description="a peft LoRA folder on the server"
+    )
+    instruction: str | None = Field(
+        default=None,
+        min_length=1,
+        description="what the adapter was made for, so an instruction finds it too (default: "
+        "its name)",
+    )
+
+
+class _UnloadLoRA(_chat.CheckedBody):
+    """vLLM's ``/v1/unload_lora_adapter`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=_MAX_MODEL_CHARS)
+    lora_int_id: int | None = Field(default=None, description="accepted and ignored, as vLLM")
 
 
 class _TextPart(BaseModel):
@@ -86,7 +114,8 @@ class _ChatCompletionRequest(_chat.CheckedBody):
     model: str | None = Field(
         default=None,
         max_length=_MAX_MODEL_CHARS,
-        description="'<base>' for the bare model, '<base>@<adapter id>' for a stored adapter",
+        description="'<base>' for the bare model; '<base>@<adapter id or name>', or the "
+        "adapter's name or id alone, for a stored adapter",
     )
     instruction: str | None = Field(
         default=None,
@@ -141,6 +170,7 @@ class _Adapter(BaseModel):
     created: float
     last_used: float
     hypernetwork_version: str | None
+    name: str | None = None
     files: list[_File]
 
 
@@ -224,8 +254,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "invalid input or URL path",
         401: "missing or wrong API key",
+        403: "loading adapters from server paths is not enabled",
         404: "no such adapter, model or route",
-        409: "the adapter was made for another base model",
+        409: "the adapter was made for another base model, or its name is taken",
         413: "request body too large",
         500: "a stored adapter is corrupt or cannot be attached",
         503: "a new adapter is needed and the service has no generator",
@@ -250,6 +281,8 @@ _ROUTES = (
     (r"/v1/adapters", "/v1/adapters"),
     (r"/v1/adapters/[^/]+", "/v1/adapters/{id}"),
     (r"/v1/adapters/[^/]+/files/[^/]+", "/v1/adapters/{id}/files/{name}"),
+    (r"/v1/load_lora_adapter", "/v1/load_lora_adapter"),
+    (r"/v1/unload_lora_adapter", "/v1/unload_lora_adapter"),
     (r"/v1/models", "/v1/models"),
     (r"/v1/models/.+", "/v1/models/{id}"),
     (r"/healthz", "/healthz"),
@@ -276,6 +309,7 @@ def create_adapter_app(
     max_messages: int = 256,
     max_tokens_cap: int = 512,
     max_n: int = 8,
+    allow_load_from_path: bool = False,
 ) -> FastAPI:
     """The adapter service over ``store`` and ``runtime``; see the package's docstring
     (:mod:`capplug.serve.adapters`).
@@ -292,6 +326,9 @@ def create_adapter_app(
         max_messages: the most chat messages one request may carry.
         max_tokens_cap: the most tokens one choice may have; also the default ``max_tokens``.
         max_n: the most choices (``n``) one request may ask for.
+        allow_load_from_path: let ``POST /v1/load_lora_adapter`` import a peft folder from a
+            path on this server (a privilege, as vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``);
+            without it that route answers 403.
 
     Raises:
         WrongBaseModelError: the runtime's model is not the store's base model.
@@ -308,6 +345,8 @@ def create_adapter_app(
         (max_n, "max_n"),
     ):
         check_positive_int(value, argument)
+    if not isinstance(allow_load_from_path, bool):
+        raise TypeError(f"allow_load_from_path must be a bool; got {allow_load_from_path!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string, or None for no key")
     if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
@@ -444,6 +483,45 @@ def create_adapter_app(
         record = await run_in_threadpool(service.delete, adapter_id)
         return {"id": record.id, "object": "adapter", "deleted": True}
 
+    _text_reply = {
+        "description": "vLLM's answer, as text; X-Capplug-Adapter names the adapter's id",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+
+    @app.post(
+        "/v1/load_lora_adapter",
+        responses={200: _text_reply, **_errors(400, 403, 409)},
+    )
+    async def load_lora_adapter(body: _LoadLoRA) -> Response:
+        if not allow_load_from_path:
+            raise APIError(
+                403,
+                "this service does not load adapters from paths on the server: start it with "
+                "`capplug serve adapters --allow-lora-loading` (create_adapter_app(..., "
+                "allow_load_from_path=True)), or import with `capplug store import FOLDER "
+                "--name NAME`",
+                code="lora_loading_disabled",
+                kind="permission_error",
+            )
+        record = await run_in_threadpool(
+            service.load_lora, body.lora_name, body.lora_path, body.instruction
+        )
+        return PlainTextResponse(
+            f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+            headers={"X-Capplug-Adapter": record.id},
+        )
+
+    @app.post(
+        "/v1/unload_lora_adapter",
+        responses={200: _text_reply, **_errors(404)},
+    )
+    async def unload_lora_adapter(body: _UnloadLoRA) -> Response:
+        record = await run_in_threadpool(service.unload_lora, body.lora_name)
+        return PlainTextResponse(
+            f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+            headers={"X-Capplug-Adapter": record.id},
+        )
+
     @app.post(
         "/v1/chat/completions",
         response_model=_ChatCompletion,
@@ -463,10 +541,11 @@ def create_adapter_app(
 
 
 def _adapter_card(base: dict[str, Any], record: Any) -> dict[str, Any]:
-    """A stored adapter as ``/v1/models`` lists it: ``<base>@<id>``, with its base as parent."""
+    """A stored adapter as ``/v1/models`` lists it: its name (as vLLM lists a LoRA adapter), or
+    ``<base>@<id>`` when it has none, with its base as parent."""
     return {
         **base,
-        "id": f"{base['id']}@{record.id}",
+        "id": record.name or f"{base['id']}@{record.id}",
         "created": int(record.created),
         "parent": base["id"],
         "root": record.id,
