@@ -216,7 +216,7 @@ def test_bad_loads_are_4xx_naming_the_field_and_store_nothing(
         error = _error(client.post(LOAD, json={"lora_name": "taken", "lora_path": path}), 409)
         assert error["code"] == "adapter_name_taken" and error["param"] == "lora_name"
         assert first.id in error["message"]
-    assert len(store) == 1 and store.resolve("taken") == first
+    assert len(store) == 1 and store.resolve("taken").id == first.id
     # Without an instruction, the name stands in for one.
     assert first.instruction == "taken"
 
