@@ -55,7 +55,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     runtime = AdapterRuntime.from_pretrained(hypernet.config.base_ref, device="cpu", max_loaded=2)
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
-        local = stack.enter_context(serve_in_thread(create_app(model, max_tokens_cap=32)))
+        local = stack.enter_context(serve_in_thread(create_app(model, max_tokens_cap=16)))
         proxy = create_proxy_app(f"{local}/v1", scorer=Scorer(device="cpu"), n=3)
         service = create_adapter_app(store, runtime, max_tokens_cap=16)
         yield {
