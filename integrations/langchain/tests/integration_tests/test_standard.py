@@ -1,7 +1,7 @@
 """LangChain's standard chat-model integration tests (``langchain_tests``) for CappyBestOfN.
 
 CappyBestOfN wraps ``ChatOpenAI`` pointed at capplug's local OpenAI-compatible server serving the
-packaged SmolLM2, and chooses with capplug's default scorer. Small replies (``max_tokens=24``) and
+packaged SmolLM2, and chooses with capplug's default scorer. Small replies (``max_tokens=12``) and
 two candidates per call keep the module quick on a CPU.
 """
 
@@ -48,7 +48,7 @@ class TestCappyBestOfNIntegration(ChatModelIntegrationTests):
             base_url=f"{_LOCAL['url']}/v1",
             api_key="local",
             temperature=0,  # CappyBestOfN samples it at its own temperature (0.8)
-            max_tokens=24,
+            max_tokens=12,
             timeout=120,
         )
         return {"llm": llm, "scorer": _LOCAL["scorer"], "n": 2}
