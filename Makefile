@@ -28,7 +28,7 @@ test-unit: install
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install
-	$(PY) -m pytest -q tests/integration -m integration
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration -m integration
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
 
 bench: install
