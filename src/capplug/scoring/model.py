@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
@@ -25,6 +24,8 @@ from capplug._runtime import (
 from capplug.chat import Instruction, check_responses, flatten_chat
 from capplug.errors import CheckpointError, TruncationWarning
 from capplug.models import DEFAULT_SCORER, resolve
+from capplug.scoring._precision import Precision, prepare
+from capplug.scoring._precision import choose as choose_cpu_precision
 
 __all__ = [
     "DEFAULT_SCORER",
@@ -115,6 +116,7 @@ class Scorer:
                 f"a scorer needs a single-logit head; this model has {model.config.num_labels} labels"
             )
         self.device = pick_device(device)
+        calibrate = self.device.type == "cpu" and (dtype is None or dtype == "auto")
         self.dtype = pick_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
@@ -137,10 +139,17 @@ class Scorer:
             "token_type_ids" in forward_args
             and (getattr(model.config, "type_vocab_size", 2) or 0) > 1
         )
+        self.precision = Precision(
+            str(self.dtype).removeprefix("torch."),
+            "given" if dtype not in (None, "auto") else f"the {self.device.type} default",
+        )
+        """The precision the scorer runs at and why (on a CPU, chosen per machine by default)."""
         if self.device.type == "cpu":
             tune_cpu_threads()
-            if self.dtype == torch.float32:
-                _route_linears_to_onednn(self.model)
+            if calibrate:
+                self.precision = choose_cpu_precision(self)
+                self.dtype = self.precision.torch_dtype
+        self.model = prepare(self.model, self.device, self.dtype)
 
     # ----------------------------------------------------------------------------- loading
 
@@ -161,7 +170,9 @@ class Scorer:
             ref: a local folder, a Hugging Face id (e.g. ``btan2/cappy-large``), or a packaged name.
             device: ``"cpu"``, ``"cuda"``, ...; default: the GPU if there is one.
             max_length: the most tokens one (instruction, response) pair may take.
-            dtype: default float32 on CPU, bfloat16 (or float16) on GPU.
+            dtype: default bfloat16 (or float16) on GPU; on CPU, bfloat16 where the processor
+                has it natively and a one-time calibration finds it faster with the same
+                ranking, else float32 (``scorer.precision`` says which and why).
             score_mapping: overrides the mapping recorded in the checkpoint's config; needed only
                 for checkpoints that record none.
 
@@ -370,7 +381,7 @@ class Scorer:
         name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
         return (
             f"Scorer({name!r}, score_mapping={self.score_mapping!r}, max_length={self.max_length}, "
-            f"device={str(self.device)!r})"
+            f"device={str(self.device)!r}, dtype={self.precision.dtype!r})"
         )
 
 
@@ -477,36 +488,3 @@ def _clamp_length(max_length: int, config: Any, tokenizer: Any) -> int:
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)
     return min(limits)
-
-
-def _route_linears_to_onednn(model: torch.nn.Module) -> int:
-    """Run the model's float32 linear layers through oneDNN when scoring on CPU.
-
-    On CPUs where MKL's sgemm is slow for these shapes (measured on AMD EPYC: about half of
-    oneDNN's throughput) this roughly doubles scoring speed, with results equal to float32
-    ``F.linear`` to rounding. It applies only with gradients off, so training is unchanged, and
-    the state dict is untouched. Returns how many layers were routed (0 where the op is absent).
-    """
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return 0
-    try:
-        probe_x, probe_w = torch.randn(2, 3, 8), torch.randn(4, 8)
-        if not torch.allclose(
-            op(probe_x, probe_w, None, "none", [], ""), probe_x @ probe_w.T, atol=1e-5
-        ):
-            return 0
-    except (RuntimeError, TypeError):
-        return 0
-    routed = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
-            module.forward = functools.partial(_onednn_linear, module, op)
-            routed += 1
-    return routed
-
-
-def _onednn_linear(module: torch.nn.Linear, op: Any, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
-        return torch.nn.functional.linear(x, module.weight, module.bias)
-    return op(x, module.weight, module.bias, "none", [], "")

@@ -34,6 +34,7 @@ import torch
 
 from capplug._cache import staging_dir
 from capplug.data.rows import LabelledPair
+from capplug.scoring._precision import prepare
 from capplug.scoring.model import EncodedPair, Scorer
 from capplug.training.loop import Loop, LoopResult, Precision, Schedule
 
@@ -307,7 +308,7 @@ def train_scorer(
         final = Scorer.from_pretrained(out / "best", device=device, max_length=scorer.max_length)
         model.load_state_dict(final.model.state_dict())
     # Back to the precision the scorer scores at (bfloat16 on a GPU), as it came in.
-    model.to(scorer.dtype)
+    scorer.model = prepare(model, device, scorer.dtype)
     metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
     stopped = bool(state.get("stopped"))
     _write_final(
