@@ -1,10 +1,16 @@
 """Scorer speed on CPU against sentence-transformers' CrossEncoder (docs/benchmarks.md, "Scorer speed").
 
-1,024 (instruction, option) pairs drawn (seeded) from the BIG-bench dev zero-shot choice tasks, so
-their token lengths follow that data; both sides run the same weights on the same pairs with
-torch threads = cores. Each round runs every variant once, in rotating order; medians over the
-rounds are reported, and speed as a ratio to the CrossEncoder measured in the same run. The
-scores must match to 1e-4.
+1,024 (instruction, response) pairs, whole groups of one instruction's candidates drawn (seeded)
+from the BIG-bench dev zero-shot choice tasks, so their token lengths follow that data; where the
+BIG-bench archive cannot be fetched, the 64 instructions x 16 SmolLM2 candidates of
+``benchmarks/generated_pairs.py`` (the report says which). All sides run the same weights on the
+same pairs with torch threads = cores. Each round runs every variant once, in rotating order;
+medians over the rounds are reported, and speed as a ratio to the CrossEncoder measured in the
+same run. Float32 scores must match CrossEncoder's to 1e-4.
+
+Variants: CrossEncoder; capplug at float32; capplug at the precision it chooses on this machine
+(``Scorer.precision``). The chosen precision's ranking is compared with float32's: the same best
+response in each group (by text), and Spearman over all pairs.
 
 Also: the time capplug adds to one best-of-8 call, as a fraction of the time the local model
 takes to generate the 8 candidates.
@@ -30,28 +36,52 @@ import torch
 
 from capplug import Reranker, Scorer, resolve
 from capplug._cache import write_json_atomic
-from capplug.data.bigbench import load_task, task_names
+from capplug.errors import PackageFetchError
+from capplug.scoring._precision import native_bf16, processor_name
 
 RESULTS = Path(__file__).parent / "results"
+BIGBENCH_SOURCE = "the dev zero-shot choice tasks"
+GENERATED_SOURCE = "64 instructions x 16 SmolLM2-135M candidates (benchmarks/generated_pairs.py)"
 
 
-def zero_shot_pairs(
+def pair_groups(
     count: int, seed: int, *, tokenizer: Any = None, max_length: int = 512
-) -> list[tuple[str, str]]:
-    """Seeded (prompt, option) pairs; with a tokenizer, only pairs that fit ``max_length``.
+) -> tuple[str, list[tuple[str, list[str]]]]:
+    """``(source, groups)``: seeded whole groups (instruction, responses), ``count`` pairs in all.
 
-    Pairs that need cutting are left out of the speed comparison: capplug keeps the end of a
-    long instruction and CrossEncoder cuts the longest side, so their scores differ by design.
+    With a tokenizer, only pairs that fit ``max_length``: pairs that need cutting are left out of
+    the speed comparison, since capplug keeps the end of a long instruction and CrossEncoder cuts
+    the longest side, so their scores differ by design.
     """
-    pool = []
-    for task in task_names("dev", "zero_shot_choice"):
-        examples = [e for e in load_task(task).examples if e.target_scores][:200]
-        pool += [(e.prompt, option) for e in examples for option in e.target_scores]
+    try:
+        from capplug.data.bigbench import load_task, task_names
+
+        source, pool = BIGBENCH_SOURCE, []
+        for task in task_names("dev", "zero_shot_choice"):
+            examples = [e for e in load_task(task).examples if e.target_scores][:200]
+            pool += [(e.prompt, list(e.target_scores)) for e in examples]
+    except PackageFetchError:
+        from benchmarks.generated_pairs import generated_pairs
+
+        source = GENERATED_SOURCE
+        pool = [(g["instruction"], list(g["responses"])) for g in generated_pairs()]
     if tokenizer is not None:
-        lengths = tokenizer([a for a, _ in pool], [b for _, b in pool])["input_ids"]
-        pool = [pair for pair, ids in zip(pool, lengths, strict=True) if len(ids) <= max_length]
-    rng = random.Random(seed)
-    return rng.sample(pool, min(count, len(pool)))
+        fitted = []
+        for prompt, responses in pool:
+            lengths = tokenizer([prompt] * len(responses), responses)["input_ids"]
+            kept = [r for r, ids in zip(responses, lengths, strict=True) if len(ids) <= max_length]
+            if len(kept) > 1:
+                fitted.append((prompt, kept))
+        pool = fitted
+    random.Random(seed).shuffle(pool)
+    groups, total = [], 0
+    for prompt, responses in pool:
+        if total >= count:
+            break
+        responses = responses[: count - total]
+        groups.append((prompt, responses))
+        total += len(responses)
+    return source, groups
 
 
 def timed(fn: Any) -> tuple[float, Any]:
@@ -61,16 +91,19 @@ def timed(fn: Any) -> tuple[float, Any]:
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
+    from scipy.stats import spearmanr
     from sentence_transformers import CrossEncoder
 
     folder = resolve(args.model)
-    scorer = Scorer.from_pretrained(folder, device="cpu")
-    if scorer.score_mapping != "sigmoid":
+    exact = Scorer.from_pretrained(folder, device="cpu", dtype="float32")
+    chosen = Scorer.from_pretrained(folder, device="cpu")
+    if exact.score_mapping != "sigmoid":
         raise SystemExit("this benchmark compares sigmoid-mapped checkpoints with CrossEncoder")
-    cross_encoder = CrossEncoder(str(folder), device="cpu", max_length=scorer.max_length)
-    pairs = zero_shot_pairs(
-        args.pairs, args.seed, tokenizer=cross_encoder.tokenizer, max_length=scorer.max_length
+    cross_encoder = CrossEncoder(str(folder), device="cpu", max_length=exact.max_length)
+    source, groups = pair_groups(
+        args.pairs, args.seed, tokenizer=cross_encoder.tokenizer, max_length=exact.max_length
     )
+    pairs = [(prompt, r) for prompt, responses in groups for r in responses]
     lengths = [
         len(ids)
         for ids in cross_encoder.tokenizer([a for a, _ in pairs], [b for _, b in pairs])[
@@ -79,15 +112,19 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     ]
 
     reference = np.asarray(cross_encoder.predict(pairs, batch_size=32, show_progress_bar=False))
-    ours = np.asarray(scorer.score_pairs(pairs))
-    max_diff = float(np.abs(ours - reference).max())
+    float32 = np.asarray(exact.score_pairs(pairs))
+    fast = np.asarray(chosen.score_pairs(pairs))
+    max_diff = float(np.abs(float32 - reference).max())
 
+    chosen_name = f"capplug Scorer ({chosen.precision.dtype}, chosen)"
     variants = {
         "CrossEncoder (batch 32)": lambda: cross_encoder.predict(
             pairs, batch_size=32, show_progress_bar=False
         ),
-        "capplug Scorer": lambda: scorer.score_pairs(pairs),
+        "capplug Scorer (float32)": lambda: exact.score_pairs(pairs),
     }
+    if chosen.dtype != torch.float32:
+        variants[chosen_name] = lambda: chosen.score_pairs(pairs)
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(args.rounds):
@@ -111,12 +148,39 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {
+        "source": source,
         "pairs": len(pairs),
+        "groups": len(groups),
         "tokens": int(sum(lengths)),
         "length_percentiles": {str(p): float(np.percentile(lengths, p)) for p in (10, 50, 90, 99)},
         "max_abs_diff": max_diff,
+        "precision": {
+            "dtype": chosen.precision.dtype,
+            "reason": chosen.precision.reason,
+            "top1_agreement": top1_agreement(groups, float32, fast),
+            "spearman": float(spearmanr(float32, fast)[0]),
+            "max_abs_diff_to_float32": float(np.abs(fast - float32).max()),
+        },
         "rows": rows,
     }
+
+
+def top1_agreement(
+    groups: list[tuple[str, list[str]]], reference: np.ndarray, other: np.ndarray
+) -> dict[str, Any]:
+    """Groups whose best response (by text, so equal candidates count as one) is the same."""
+    same, flips, start = 0, [], 0
+    for prompt, responses in groups:
+        end = start + len(responses)
+        a, b = reference[start:end], other[start:end]
+        best_a, best_b = responses[int(np.argmax(a))], responses[int(np.argmax(b))]
+        if best_a.strip() == best_b.strip():
+            same += 1
+        else:
+            top = np.sort(a)
+            flips.append({"prompt": prompt[:80], "float32_margin": float(top[-1] - top[-2])})
+        start = end
+    return {"same": same, "groups": len(groups), "share": same / len(groups), "flips": flips}
 
 
 def best_of_8_overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,8 +188,8 @@ def best_of_8_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     model = LocalChatModel.from_pretrained(args.lm)
     scorer = Scorer.from_pretrained(args.model, device="cpu")
-    prompts = [p for p, _ in zero_shot_pairs(64, args.seed + 1)]
-    prompts = list(dict.fromkeys(prompts))[: args.calls]
+    _, groups = pair_groups(64, args.seed + 1)
+    prompts = [prompt for prompt, _ in groups][: args.calls]
     recipe = SamplingRecipe(
         (SamplingStrategy(n=8, method="sample", temperature=0.9),), max_new_tokens=64
     )
@@ -177,10 +241,15 @@ def write_report(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "scoring_speed.json", result)
     s = result["speed"]
+    p = s["precision"]
+    agreement = p["top1_agreement"]
     lines = [
-        f"{s['pairs']} pairs from the dev zero-shot choice tasks ({s['tokens']} tokens; median "
-        f"{s['length_percentiles']['50']:.0f}, p90 {s['length_percentiles']['90']:.0f} tokens per pair); "
-        f"{result['machine']}; median of {result['rounds']} rounds.",
+        f"{s['pairs']} pairs in {s['groups']} groups from {s['source']} ({s['tokens']} tokens; "
+        f"median {s['length_percentiles']['50']:.0f}, p90 {s['length_percentiles']['90']:.0f} "
+        f"tokens per pair); {result['processor']}; {result['machine']}; median of "
+        f"{result['rounds']} rounds.",
+        "",
+        f"Chosen precision: {p['dtype']} ({p['reason']}).",
         "",
         "| variant | pairs/s | ratio to CrossEncoder |",
         "| --- | ---: | ---: |",
@@ -189,13 +258,21 @@ def write_report(result: dict[str, Any]) -> None:
         lines.append(f"| {row['variant']} | {row['pairs_per_s']:.1f} | {row['ratio']:.2f}x |")
     lines += [
         "",
-        f"Scores equal to CrossEncoder's within {s['max_abs_diff']:.1e} (max absolute difference).",
+        f"Float32 scores equal to CrossEncoder's within {s['max_abs_diff']:.1e} (max absolute "
+        f"difference). The chosen precision against float32: the same best response in "
+        f"{agreement['same']} of {agreement['groups']} groups ({100 * agreement['share']:.1f}%), "
+        f"Spearman {p['spearman']:.5f}, scores within {p['max_abs_diff_to_float32']:.1e}.",
     ]
+    for flip in agreement["flips"]:
+        lines.append(
+            f"- differs on {flip['prompt']!r}, where float32's best two are "
+            f"{flip['float32_margin']:.1e} apart"
+        )
     if "best_of_8" in result:
         b = result["best_of_8"]
         lines += [
             "",
-            f"Best-of-8 with the local SmolLM2-135M: generating 8 candidates takes "
+            f"Best-of-8 with the local SmolLM2-135M, the scorer at its chosen precision: generating 8 candidates takes "
             f"{b['generation_seconds_median']:.1f} s, scoring them {1000 * b['scoring_seconds_median']:.0f} ms: "
             f"capplug adds {100 * b['added_fraction_median']:.1f}% (median of {b['calls']} calls).",
         ]
@@ -233,6 +310,7 @@ def main() -> None:
         "benchmark": "scoring_speed",
         "model": args.model,
         "rounds": args.rounds,
+        "processor": f"{processor_name()} ({'native' if native_bf16() else 'no native'} bfloat16)",
         "machine": f"{platform.machine()} CPU, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "speed": speed(args),
     }

@@ -8,7 +8,7 @@ The rule, in order:
    not measured yet) runs float32, with the linear layers routed through oneDNN: bfloat16 would
    be emulated there, and slower.
 3. Otherwise a short calibration, run once per processor, torch version, thread count and model
-   shape and then cached in ``$CAPPLUG_HOME/cpu_paths.json``: the scorer scores fixed probe pairs
+   (its shape and head weights) and then cached in ``$CAPPLUG_HOME/cpu_paths.json``: the scorer scores fixed probe pairs
    at both precisions and keeps bfloat16 only if it is at least :data:`MIN_SPEEDUP` times faster
    *and* ranks the probes as float32 does (Spearman >= :data:`MIN_SPEARMAN`, the same best
    response in every probe group). It takes about a second.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -190,13 +191,19 @@ def calibrate(scorer: Scorer, *, rounds: int = 3) -> Precision:
     spearman = float(spearmanr(logits["float32"], logits["bfloat16"])[0])
     same_best = _same_best(logits["float32"], logits["bfloat16"])
     if speedup < MIN_SPEEDUP:
-        return Precision("float32", f"bfloat16 measured only {speedup:.2f}x faster", speedup, spearman)
+        return Precision(
+            "float32", f"bfloat16 measured only {speedup:.2f}x faster", speedup, spearman
+        )
     if not (spearman >= MIN_SPEARMAN and same_best):
         return Precision(
-            "float32", f"bfloat16 ranks the probes differently (Spearman {spearman:.4f})",
-            speedup, spearman,
+            "float32",
+            f"bfloat16 ranks the probes differently (Spearman {spearman:.4f})",
+            speedup,
+            spearman,
         )
-    return Precision("bfloat16", f"calibrated: {speedup:.1f}x float32, same ranking", speedup, spearman)
+    return Precision(
+        "bfloat16", f"calibrated: {speedup:.1f}x float32, same ranking", speedup, spearman
+    )
 
 
 def prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -256,14 +263,21 @@ def _same_best(reference: np.ndarray, other: np.ndarray) -> bool:
 
 
 def _cache_key(model: torch.nn.Module) -> str:
+    """Machine, torch, threads, model shape, and the head's weights (checkpoints of one shape
+    differ there, and a fresh random head ranks nothing, so it must not speak for a trained one)."""
     config = model.config
     shape = [
         getattr(config, name, None)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     ]
+    head = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if any(part in _HEAD_NAMES for part in name.split(".")[:2]):
+            head.update(parameter.detach().float().cpu().numpy().tobytes())
     return (
         f"{processor_name()} | {platform.machine()} | torch {torch.__version__} | "
-        f"{torch.get_num_threads()} threads | {config.model_type} {shape}"
+        f"{torch.get_num_threads()} threads | {config.model_type} {shape} | head "
+        f"{head.hexdigest()[:12]}"
     )
 
 

@@ -200,6 +200,7 @@ class Scorer:
         max_length: int = 512,
         seed: int | None = 0,
         max_response_tokens: int | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> Scorer:
         """A bare encoder with a fresh one-logit head (scored through a sigmoid), for training."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -218,6 +219,7 @@ class Scorer:
             max_length=max_length,
             max_response_tokens=max_response_tokens,
             device=device,
+            dtype=dtype,
         )
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
