@@ -85,9 +85,7 @@ def test_smollm2_is_converted_from_gguf_and_answers() -> None:
 
 
 def test_smollm2_backbone_scores_finite_probabilities() -> None:
-    scorer = Scorer.from_backbone(
-        "smollm2-135m-instruct", seed=0, max_length=256, dtype="float32"
-    )
+    scorer = Scorer.from_backbone("smollm2-135m-instruct", seed=0, max_length=256, dtype="float32")
     scores = scorer.score(INSTRUCTIONS[0], RESPONSES)
     assert all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
     np.testing.assert_allclose(
