@@ -95,11 +95,13 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     from sentence_transformers import CrossEncoder
 
     folder = resolve(args.model)
-    exact = Scorer.from_pretrained(folder, device="cpu", dtype="float32")
-    chosen = Scorer.from_pretrained(folder, device="cpu")
+    # On a GPU capplug batches as CrossEncoder does; on a CPU by its token budget.
+    batching = {} if args.device == "cpu" else {"max_batch_size": args.batch_size}
+    exact = Scorer.from_pretrained(folder, device=args.device, dtype="float32", **batching)
+    chosen = Scorer.from_pretrained(folder, device=args.device, **batching)
     if exact.score_mapping != "sigmoid":
         raise SystemExit("this benchmark compares sigmoid-mapped checkpoints with CrossEncoder")
-    cross_encoder = CrossEncoder(str(folder), device="cpu", max_length=exact.max_length)
+    cross_encoder = CrossEncoder(str(folder), device=args.device, max_length=exact.max_length)
     source, groups = pair_groups(
         args.pairs, args.seed, tokenizer=cross_encoder.tokenizer, max_length=exact.max_length
     )
@@ -111,15 +113,18 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         ]
     ]
 
-    reference = np.asarray(cross_encoder.predict(pairs, batch_size=32, show_progress_bar=False))
+    baseline = f"CrossEncoder (batch {args.batch_size})"
+    reference = np.asarray(
+        cross_encoder.predict(pairs, batch_size=args.batch_size, show_progress_bar=False)
+    )
     float32 = np.asarray(exact.score_pairs(pairs))
     fast = np.asarray(chosen.score_pairs(pairs))
     max_diff = float(np.abs(float32 - reference).max())
 
     chosen_name = f"capplug Scorer ({chosen.precision.dtype}, chosen)"
     variants = {
-        "CrossEncoder (batch 32)": lambda: cross_encoder.predict(
-            pairs, batch_size=32, show_progress_bar=False
+        baseline: lambda: cross_encoder.predict(
+            pairs, batch_size=args.batch_size, show_progress_bar=False
         ),
         "capplug Scorer (float32)": lambda: exact.score_pairs(pairs),
     }
@@ -129,15 +134,13 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     names = list(variants)
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            seconds, _ = timed(variants[name])
+            seconds, _ = timed(lambda n=name: synchronized(variants[n], args.device))
             times[name].append(seconds)
-    base = statistics.median(times["CrossEncoder (batch 32)"])
+    base = statistics.median(times[baseline])
     rows = []
     for name in names:
         median = statistics.median(times[name])
-        paired = statistics.median(
-            b / t for b, t in zip(times["CrossEncoder (batch 32)"], times[name], strict=True)
-        )
+        paired = statistics.median(b / t for b, t in zip(times[baseline], times[name], strict=True))
         rows.append(
             {
                 "variant": name,
@@ -163,6 +166,13 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": rows,
     }
+
+
+def synchronized(fn: Any, device: str) -> Any:
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out
 
 
 def top1_agreement(
@@ -239,14 +249,16 @@ def agreement_ms(model: Any, prompt: str) -> float:
 
 def write_report(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "scoring_speed.json", result)
+    name = "scoring_speed" + result.get("suffix", "")
+    write_json_atomic(RESULTS / f"{name}.json", result)
     s = result["speed"]
     p = s["precision"]
     agreement = p["top1_agreement"]
     lines = [
         f"{s['pairs']} pairs in {s['groups']} groups from {s['source']} ({s['tokens']} tokens; "
         f"median {s['length_percentiles']['50']:.0f}, p90 {s['length_percentiles']['90']:.0f} "
-        f"tokens per pair); {result['processor']}; {result['machine']}; median of "
+        f"tokens per pair); {result['processor']}; {result['machine']}; scored on "
+        f"{result.get('device', 'cpu')}; median of "
         f"{result['rounds']} rounds.",
         "",
         f"Chosen precision: {p['dtype']} ({p['reason']}).",
@@ -285,7 +297,7 @@ def write_report(result: dict[str, Any]) -> None:
                 f"candidates takes {b['agreement_ms_17']:.1f} ms.",
             ]
     text = "\n".join(lines) + "\n"
-    (RESULTS / "scoring_speed.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -298,6 +310,10 @@ def main() -> None:
         "--lm", default="smollm2-135m-instruct", help="local model for the best-of-8 timing"
     )
     parser.add_argument("--pairs", type=int, default=1024)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to compare on a GPU")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="CrossEncoder's batch (capplug's too on a GPU)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=4, help="best-of-8 calls to time (0 skips)")
     parser.add_argument("--seed", type=int, default=0)
@@ -312,9 +328,14 @@ def main() -> None:
         "rounds": args.rounds,
         "processor": f"{processor_name()} ({'native' if native_bf16() else 'no native'} bfloat16)",
         "machine": f"{platform.machine()} CPU, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "device": args.device
+        if args.device == "cpu"
+        else f"{args.device}: {torch.cuda.get_device_name(args.device)}",
         "speed": speed(args),
     }
-    if args.calls > 0:
+    if args.device != "cpu":
+        result["suffix"] = f"_{args.device.split(':')[0]}_b{args.batch_size}"
+    elif args.calls > 0:
         result["best_of_8"] = best_of_8_overhead(args)
     write_report(result)
 

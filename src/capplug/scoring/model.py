@@ -57,6 +57,8 @@ _warned_truncation = False
 _MAX_CHARS_PER_TOKEN = 16
 # A batch whose longest pair has more tokens than this keeps much shorter pairs out of it.
 _SPLIT_BATCHES_PAST = 128
+# On a GPU, pairs are tokenised this many at a time while the GPU runs the previous ones.
+_GPU_CHUNK_PAIRS = 1024
 
 
 class Ranked(NamedTuple):
@@ -131,6 +133,9 @@ class Scorer:
         # Measured on CPU: 4k-token batches beat larger ones (benchmarks/scoring_speed.py).
         self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 4096)
         self.max_batch_size = max_batch_size
+        self.chunk_pairs: int | None = None if self.device.type == "cpu" else _GPU_CHUNK_PAIRS
+        """Pairs tokenised at a time while the device runs the previous ones (``None``: all at
+        once, as on a CPU, where tokenising and the forward pass share the cores)."""
         self._encoder = _pair_encoder(tokenizer)
         self._n_special = self._encoder.num_special_tokens_to_add(True)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -281,12 +286,21 @@ class Scorer:
     # ----------------------------------------------------------------------------- internals
 
     def _score(self, instructions: list[str], responses: list[str]) -> np.ndarray:
-        pairs = self.encode(instructions, responses)
-        out = np.empty(len(pairs), dtype=np.float32)
+        out = np.empty(len(instructions), dtype=np.float32)
+        chunk = self.chunk_pairs or max(len(instructions), 1)
+        pending = []
         with torch.inference_mode():
-            for batch in self.batches(pairs):
-                logits = self.logits([pairs[i] for i in batch])
-                out[batch] = self._map(logits).cpu().numpy()
+            for start in range(0, len(instructions), chunk):
+                pairs = self.encode(
+                    instructions[start : start + chunk], responses[start : start + chunk]
+                )
+                for batch in self.batches(pairs):
+                    # Left on the device: a GPU runs the queued batches while the next chunk is
+                    # tokenised, and is waited for once, below.
+                    scores = self._map(self.logits([pairs[i] for i in batch]))
+                    pending.append((start + batch, scores))
+            for index, scores in pending:
+                out[index] = scores.cpu().numpy()
         return out
 
     def encode(
@@ -366,13 +380,16 @@ class Scorer:
             ids[row, :n] = pair.ids
             mask[row, :n] = 1
             types[row, :n] = pair.type_ids
-        inputs = {
-            "input_ids": torch.from_numpy(ids).to(self.device),
-            "attention_mask": torch.from_numpy(mask).to(self.device),
-        }
+        arrays = {"input_ids": ids, "attention_mask": mask}
         if self._uses_type_ids:
-            inputs["token_type_ids"] = torch.from_numpy(types).to(self.device)
-        return inputs
+            arrays["token_type_ids"] = types
+        if self.device.type != "cuda":
+            return {name: torch.from_numpy(a).to(self.device) for name, a in arrays.items()}
+        # From pinned memory the copy is queued behind the running batches instead of waiting.
+        return {
+            name: torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True)
+            for name, a in arrays.items()
+        }
 
     def _map(self, logits: torch.Tensor) -> torch.Tensor:
         if self.score_mapping == "sigmoid":

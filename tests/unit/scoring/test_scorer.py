@@ -305,3 +305,14 @@ def test_loaded_model_needs_its_tokenizer_and_mapping(tiny_bert_scorer: Path) ->
         Scorer(tokenizer=scorer.tokenizer)
     again = Scorer(scorer.model, scorer.tokenizer, score_mapping="sigmoid")
     assert again.score(QUESTION, ["paris"]) == scorer.score(QUESTION, ["paris"])
+
+
+def test_scoring_in_chunks_gives_the_scores_of_one_pass(scorer: Scorer) -> None:
+    # On a GPU pairs are tokenised in chunks while the device runs the previous ones.
+    pairs = [(f"{QUESTION} {i}", r) for i in range(7) for r in RESPONSES]
+    whole = scorer.score_pairs(pairs)
+    scorer.chunk_pairs = 4
+    try:
+        np.testing.assert_allclose(scorer.score_pairs(pairs), whole, atol=1e-6)
+    finally:
+        scorer.chunk_pairs = None
