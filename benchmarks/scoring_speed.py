@@ -130,6 +130,21 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     }
     if chosen.dtype != torch.float32:
         variants[chosen_name] = lambda: chosen.score_pairs(pairs)
+    alternatives = {}
+    if args.alternatives:
+        from benchmarks import _cpu_alternatives as alt
+
+        for name, score in {
+            "int8 dynamic quantisation (PyTorch)": alt.torch_int8(exact),
+            "ONNX Runtime (float32)": alt.onnx_runtime(exact, int8=False),
+            "ONNX Runtime (int8)": alt.onnx_runtime(exact, int8=True),
+        }.items():
+            variants[name] = lambda score=score: score(pairs)
+            out = np.asarray(score(pairs))
+            alternatives[name] = {
+                "top1_agreement": top1_agreement(groups, float32, out),
+                "spearman": float(spearmanr(float32, out)[0]),
+            }
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(args.rounds):
@@ -164,6 +179,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             "spearman": float(spearmanr(float32, fast)[0]),
             "max_abs_diff_to_float32": float(np.abs(fast - float32).max()),
         },
+        "alternatives": alternatives,
         "rows": rows,
     }
 
@@ -275,6 +291,12 @@ def write_report(result: dict[str, Any]) -> None:
         f"{agreement['same']} of {agreement['groups']} groups ({100 * agreement['share']:.1f}%), "
         f"Spearman {p['spearman']:.5f}, scores within {p['max_abs_diff_to_float32']:.1e}.",
     ]
+    for variant, other in s.get("alternatives", {}).items():
+        a = other["top1_agreement"]
+        lines.append(
+            f"- {variant}, against float32: the same best response in {a['same']} of "
+            f"{a['groups']} groups, Spearman {other['spearman']:.4f}"
+        )
     for flip in agreement["flips"]:
         lines.append(
             f"- differs on {flip['prompt']!r}, where float32's best two are "
@@ -310,6 +332,11 @@ def main() -> None:
         "--lm", default="smollm2-135m-instruct", help="local model for the best-of-8 timing"
     )
     parser.add_argument("--pairs", type=int, default=1024)
+    parser.add_argument(
+        "--alternatives",
+        action="store_true",
+        help="also time int8 quantisation and ONNX Runtime (CPU paths capplug does not take)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to compare on a GPU")
     parser.add_argument(
         "--batch-size", type=int, default=32, help="CrossEncoder's batch (capplug's too on a GPU)"
