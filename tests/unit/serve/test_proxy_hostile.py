@@ -394,10 +394,23 @@ def test_a_small_request_is_scored_between_the_slices_of_a_huge_one() -> None:
     small_scores, big_scores = asyncio.run(scenario())
     assert small_scores == [0.05, 0.04] and big_scores == [0.08] * 8
     big_calls = [c for c in scorer.calls if c[0][0] == huge]
-    assert len(big_calls) == 8  # one long pair per call: 512 tokens' worth at most
+    assert len(big_calls) >= 2 and len(big_calls[0]) == 1  # sliced, from 512 tokens' worth
     assert all(len({i for i, _ in call}) == 1 for call in scorer.calls)  # never mixed
     small_call = next(i for i, c in enumerate(scorer.calls) if c[0][0] == small)
-    assert 1 <= small_call < 8  # between the slices
+    assert 1 <= small_call < len(scorer.calls) - 1  # between the slices
+
+
+def test_slices_grow_to_about_a_tenth_of_a_second_of_measured_scoring() -> None:
+    # Each long pair costs 512 tokens and takes the fake scorer 20 ms: after the first slice
+    # (512 tokens), the queue has measured about 25,000 tokens/s and slices 0.1 s of that.
+    scorer = PairScorer()
+    queue = ScoringQueue(scorer)
+    huge = "all work and no play " * 250_000
+    asyncio.run(queue.score(huge, [f"answer {i}" for i in range(16)]))
+    sizes = [len(call) for call in scorer.calls]
+    assert sizes[0] == 1 and sum(sizes) == 16
+    assert max(sizes) <= 5  # never more than 0.1 s of work at the measured rate
+    assert len(sizes) < 16  # fewer, bigger calls than one pair each
 
 
 def test_small_requests_waiting_together_are_still_scored_in_one_call() -> None:
