@@ -79,7 +79,9 @@ def test_openai_sdk_gets_the_best_candidate_of_the_local_model(
     assert all(texts)
     by_candidate = dict(zip(meta["returned"], texts, strict=True))
     received = [by_candidate[i] for i in range(3)]
-    assert meta["signals"]["scorer"] == pytest.approx(scorer.score(QUESTION, received), abs=1e-5)
+    # The same scores, up to bfloat16's rounding where the scorer runs at it (a pair's score
+    # moves by about 1e-4 with the batch it lands in).
+    assert meta["signals"]["scorer"] == pytest.approx(scorer.score(QUESTION, received), abs=1e-3)
     assert len(meta["signals"]["logprob"]) == 3 and all(v < 0 for v in meta["signals"]["logprob"])
     assert all(c.logprobs is None for c in reply.choices)
     ordered = [meta["scores"][i] for i in meta["returned"]]

@@ -12,17 +12,10 @@ from langchain_capplug._sampling import candidate_text, has_tool_calls
 
 
 def load_scorer(scorer: Any) -> Any:
-    """A capplug ``Scorer`` from a scorer object, a reference string, or ``None`` (the default)."""
-    if scorer is None or isinstance(scorer, str):
-        from capplug import Scorer
+    """A capplug ``Scorer`` from a scorer object, a reference, or ``None`` (the default)."""
+    from capplug.scoring import load_scorer as load
 
-        return Scorer() if scorer is None else Scorer.from_pretrained(scorer)
-    if not callable(getattr(scorer, "score", None)):
-        raise TypeError(
-            f"scorer must be a capplug Scorer (or have .score(instruction, responses)); "
-            f"got {type(scorer).__name__}"
-        )
-    return scorer
+    return load(scorer)
 
 
 def load_reranker(scorer: Any) -> Any:

@@ -1,7 +1,14 @@
 """The scorer: model wrapper, truncation, training (chats to text: :mod:`capplug.chat`)."""
 
 from capplug.chat import Instruction, flatten_chat
-from capplug.scoring.model import SCORE_MAPPING_KEY, Ranked, ScoreMapping, Scorer, TruncationWarning
+from capplug.scoring.model import (
+    SCORE_MAPPING_KEY,
+    Ranked,
+    ScoreMapping,
+    Scorer,
+    TruncationWarning,
+    load_scorer,
+)
 
 __all__ = [
     "SCORE_MAPPING_KEY",
@@ -11,4 +18,5 @@ __all__ = [
     "Scorer",
     "TruncationWarning",
     "flatten_chat",
+    "load_scorer",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "ScoreMapping",
     "Scorer",
     "TruncationWarning",
+    "load_scorer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -507,3 +508,19 @@ def _clamp_length(max_length: int, config: Any, tokenizer: Any) -> int:
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)
     return min(limits)
+
+
+def load_scorer(scorer: Any = None) -> Any:
+    """The scorer a caller means: ``None`` for the bundled default, a reference (a folder, a
+    packaged name, a Hugging Face id) to load, or anything with ``.score(instruction,
+    responses)``, used as it is. Anything else is a ``TypeError`` that says what is accepted."""
+    if scorer is None:
+        return Scorer()
+    if isinstance(scorer, str | os.PathLike):
+        return Scorer.from_pretrained(scorer)
+    if not callable(getattr(scorer, "score", None)):
+        raise TypeError(
+            "scorer must be a capplug Scorer (or have .score(instruction, responses)), a scorer "
+            f"reference such as a folder or 'capplug-default', or None; got {type(scorer).__name__}"
+        )
+    return scorer

@@ -348,14 +348,10 @@ class Reranker:
         lm: Any = None,
         feedback: Any = None,
     ) -> None:
-        from capplug.scoring import Scorer
+        from capplug.scoring import load_scorer
 
-        if isinstance(scorer, str | os.PathLike):
-            scorer = Scorer.from_pretrained(scorer)
-        elif scorer is not None and not callable(getattr(scorer, "score", None)):
-            raise TypeError(
-                f"scorer must be a capplug Scorer, a reference, or None; got {type(scorer).__name__}"
-            )
+        if scorer is not None:  # None here means no scorer: the other signals alone
+            scorer = load_scorer(scorer)
         if combiner is None:
             combiner = combiner_of(scorer)
         self.scorer = scorer

@@ -316,3 +316,13 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass(scorer: Scorer) -> None:
         np.testing.assert_allclose(scorer.score_pairs(pairs), whole, atol=1e-6)
     finally:
         scorer.chunk_pairs = None
+
+
+def test_load_scorer_takes_a_reference_a_scorer_or_nothing(tiny_bert_scorer: Path) -> None:
+    from capplug.scoring import load_scorer
+
+    loaded = load_scorer(tiny_bert_scorer)
+    assert isinstance(loaded, Scorer)
+    assert load_scorer(loaded) is loaded  # used as it is
+    with pytest.raises(TypeError, match="capplug-default"):
+        load_scorer(42)

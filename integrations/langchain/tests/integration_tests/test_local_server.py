@@ -72,7 +72,9 @@ def test_best_of_n_through_chat_openai(server, scorer):
     assert len(meta["candidates"]) >= 2  # sampled at temperature 0.8, so they differ
     assert reply.content == meta["candidates"][meta["chosen"]]
     signal = scorer.score(QUESTION, meta["candidates"])
-    assert meta["signals"]["scorer"] == pytest.approx(signal, abs=1e-5)
+    # The same scores, up to bfloat16's rounding where the scorer runs at it (a pair's score
+    # moves by about 1e-4 with the batch it lands in).
+    assert meta["signals"]["scorer"] == pytest.approx(signal, abs=1e-3)
     # CappyBestOfN asked the server for log-probabilities, and the selector used them.
     assert len(meta["signals"]["logprob"]) == 4 and all(v < 0 for v in meta["signals"]["logprob"])
     assert "logprob" in meta["weights"]

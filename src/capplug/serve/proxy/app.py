@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -68,19 +67,6 @@ def _key_headers(path: str) -> list[KeyHeader]:
     if path == "/metrics" or path in _RERANK_PATHS or path == _SCORE_PATH:
         return [_PROXY_KEY, BEARER]
     return [_PROXY_KEY]
-
-
-def _load_scorer(scorer: Any) -> Any:
-    if isinstance(scorer, str | os.PathLike):
-        from capplug.scoring import Scorer
-
-        return Scorer.from_pretrained(scorer)
-    if not callable(getattr(scorer, "score", None)):
-        raise TypeError(
-            "scorer must be a capplug Scorer (or have .score(instruction, responses)), or a "
-            f"scorer reference such as a folder; got {type(scorer).__name__}"
-        )
-    return scorer
 
 
 def create_proxy_app(
@@ -172,7 +158,9 @@ def create_proxy_app(
         if key is not None and (not isinstance(key, str) or not key.strip()):
             raise ValueError(f"{name} must be a non-empty string, or None for no key")
 
-    loaded = _load_scorer(scorer)
+    from capplug.scoring import load_scorer
+
+    loaded = load_scorer(scorer)
     feedback_store = as_feedback_store(feedback)
     proxy_metrics = ProxyMetrics()
     target = Upstream(
