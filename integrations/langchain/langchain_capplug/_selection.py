@@ -85,3 +85,56 @@ def with_metadata(message: BaseMessage, metadata: dict[str, Any]) -> BaseMessage
     """A copy of ``message`` with ``response_metadata["capplug"]`` set."""
     response_metadata = {**message.response_metadata, "capplug": metadata}
     return message.model_copy(update={"response_metadata": response_metadata})
+
+
+SELECTION_RUN = "capplug_selection"
+"""The name of the child run that records each choice in traces (LangSmith and any tracer)."""
+SELECTION_TAG = "capplug-selection"
+
+
+def _trace_parts(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(searchable run metadata, outputs) of a choice's trace run."""
+    chosen = metadata.get("chosen")
+    scores = metadata.get("scores")
+    searchable = {
+        "capplug_chosen": chosen,
+        "capplug_score": scores[chosen] if scores and chosen is not None else None,
+        "capplug_n_received": metadata.get("n_received"),
+        "capplug_failures": metadata.get("failures"),
+        "capplug_reason": metadata.get("reason"),
+    }
+    outputs = {k: metadata.get(k) for k in ("chosen", "scores", "signals", "weights", "reason")}
+    return {k: v for k, v in searchable.items() if v is not None}, outputs
+
+
+def trace_selection(run_manager: Any, metadata: dict[str, Any]) -> None:
+    """Record a choice as a child run of the best-of-n run: its candidates in, the scores and the
+    chosen index out, and flat ``capplug_*`` metadata to filter runs by in LangSmith."""
+    from langchain_capplug._sampling import child_callbacks
+
+    manager = child_callbacks(run_manager)
+    if manager is None:
+        return
+    searchable, outputs = _trace_parts(metadata)
+    manager.add_tags([SELECTION_TAG], inherit=False)
+    manager.add_metadata(searchable, inherit=False)
+    run = manager.on_chain_start(
+        None, {"candidates": metadata.get("candidates")}, name=SELECTION_RUN
+    )
+    run.on_chain_end(outputs)
+
+
+async def atrace_selection(run_manager: Any, metadata: dict[str, Any]) -> None:
+    """:func:`trace_selection` for async callbacks."""
+    from langchain_capplug._sampling import child_callbacks
+
+    manager = child_callbacks(run_manager)
+    if manager is None:
+        return
+    searchable, outputs = _trace_parts(metadata)
+    manager.add_tags([SELECTION_TAG], inherit=False)
+    manager.add_metadata(searchable, inherit=False)
+    run = await manager.on_chain_start(
+        None, {"candidates": metadata.get("candidates")}, name=SELECTION_RUN
+    )
+    await run.on_chain_end(outputs)

@@ -24,7 +24,13 @@ from langchain_capplug._sampling import (
     supports_native_n,
     unwrap,
 )
-from langchain_capplug._selection import load_reranker, select, with_metadata
+from langchain_capplug._selection import (
+    atrace_selection,
+    load_reranker,
+    select,
+    trace_selection,
+    with_metadata,
+)
 
 __all__ = ["CappyBestOfN"]
 
@@ -184,6 +190,16 @@ class CappyBestOfN(BaseChatModel):
         }
         return sampler, options
 
+    def with_fallbacks(self, fallbacks: Sequence[Runnable], **kwargs: Any) -> Any:
+        """LangChain's ``with_fallbacks``, with capplug's retries stepping aside: the wrapped copy
+        makes one attempt per candidate call, so a failing endpoint hands over to the fallbacks
+        at its first error instead of after every backoff. (To retry first and fall back after,
+        build ``RunnableWithFallbacks(runnable=best, fallbacks=[...])`` yourself.)"""
+        primary = self
+        if self.retry is not None and self.retry.max_attempts > 1:
+            primary = self.model_copy(update={"retry": self.retry.with_options(max_attempts=1)})
+        return Runnable.with_fallbacks(primary, fallbacks, **kwargs)
+
     def _use_native(self, model: BaseChatModel) -> bool:
         return supports_native_n(model) if self.native_n is None else self.native_n
 
@@ -206,7 +222,9 @@ class CappyBestOfN(BaseChatModel):
         )
         if self._refused_logprobs(sampler, collected):
             return self._generate(messages, stop, run_manager, **kwargs)
-        return self._choose(messages, collected)
+        result = self._choose(messages, collected)
+        trace_selection(run_manager, result.llm_output["capplug"])
+        return result
 
     async def _agenerate(
         self,
@@ -227,7 +245,9 @@ class CappyBestOfN(BaseChatModel):
         )
         if self._refused_logprobs(sampler, collected):
             return await self._agenerate(messages, stop, run_manager, **kwargs)
-        return await asyncio.to_thread(self._choose, messages, collected)
+        result = await asyncio.to_thread(self._choose, messages, collected)
+        await atrace_selection(run_manager, result.llm_output["capplug"])
+        return result
 
     def _stream(
         self,

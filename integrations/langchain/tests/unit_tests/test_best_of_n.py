@@ -329,3 +329,63 @@ def test_a_reranker_with_a_feedback_store_gives_each_answer_a_selection_id(tmp_p
     assert recorded["candidates"] == meta["candidates"] and recorded["chosen"] == meta["chosen"]
     store.add(meta["selection_id"], label=1.0)  # the user liked the answer
     assert store.stats()["judged_selections"] == 1
+
+
+def test_with_fallbacks_hands_over_at_the_first_error_instead_of_retrying():
+    retry, sleeps = quick_retry(max_attempts=5)
+    failing = Script(["never"], failures=[UpstreamHTTPError(503, "busy")] * 50)
+    best = CappyBestOfN(
+        llm=SingleChatModel(script=failing), scorer=KeywordScorer(), n=2, retry=retry
+    )
+    backup = SingleChatModel(script=Script(["Paris."]))
+    reply = best.with_fallbacks([backup]).invoke("Capital of France?")
+    assert reply.content == "Paris."
+    assert len(failing.calls) == 2 and sleeps == []  # one attempt per candidate, no backoff
+    assert best.retry.max_attempts == 5  # the model itself keeps its policy
+    # Without the wrapper the same model retries as before.
+    with pytest.raises(UpstreamHTTPError):
+        best.invoke("Capital of France?")
+    assert len(failing.calls) == 2 + 2 * 5 and len(sleeps) == 2 * 4
+
+
+def test_each_choice_is_a_child_run_with_searchable_metadata():
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Recorder(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.starts: list[dict] = []
+            self.ends: list[dict] = []
+
+        def on_chain_start(self, serialized, inputs, **kwargs):
+            self.starts.append({"inputs": inputs, **kwargs})
+
+        def on_chain_end(self, outputs, **kwargs):
+            self.ends.append(outputs)
+
+    recorder = Recorder()
+    best = CappyBestOfN(llm=ChoicesChatModel(script=Script(REPLIES)), scorer=KeywordScorer(), n=4)
+    reply = best.invoke("What is the capital of France?", config={"callbacks": [recorder]})
+    meta = reply.response_metadata["capplug"]
+    (start,) = [s for s in recorder.starts if s.get("name") == "capplug_selection"]
+    assert start["inputs"] == {"candidates": meta["candidates"]}
+    assert "capplug-selection" in start["tags"]
+    assert start["metadata"]["capplug_chosen"] == meta["chosen"]
+    assert start["metadata"]["capplug_score"] == meta["scores"][meta["chosen"]]
+    assert start["metadata"]["capplug_n_received"] == 4
+    assert start["parent_run_id"] is not None  # nested under the best-of-n run
+    (end,) = [e for e in recorder.ends if "scores" in e]
+    assert end["chosen"] == meta["chosen"] and end["scores"] == meta["scores"]
+
+
+async def test_the_async_path_records_the_choice_too():
+    from langchain_core.callbacks import AsyncCallbackHandler
+
+    names: list[str] = []
+
+    class Recorder(AsyncCallbackHandler):
+        async def on_chain_start(self, serialized, inputs, **kwargs):
+            names.append(kwargs.get("name"))
+
+    best = CappyBestOfN(llm=ChoicesChatModel(script=Script(REPLIES)), scorer=KeywordScorer(), n=4)
+    await best.ainvoke("What is the capital of France?", config={"callbacks": [Recorder()]})
+    assert "capplug_selection" in names
