@@ -26,14 +26,14 @@ LI     := integrations/llamaindex
 test: test-unit test-integration
 
 test-unit: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit --disable-socket --allow-unix-socket
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit $(LI)/tests/unit_tests \
+		--disable-socket --allow-unix-socket
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
-	cd $(LI) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration -m integration
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration $(LI)/tests/integration_tests \
+		-m integration
 	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
-	cd $(LI) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
 
 bench: install
 	$(PY) -m benchmarks.scoring_speed

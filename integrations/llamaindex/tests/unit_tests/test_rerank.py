@@ -113,6 +113,7 @@ def test_rerank_events_reach_the_instrumentation_dispatcher() -> None:
     assert seen.count("ReRankStartEvent") == 1 and seen.count("ReRankEndEvent") == 1
 
 
+@pytest.mark.asyncio  # also when run from the repository root, whose settings are not auto
 async def test_the_async_path_gives_the_same_nodes() -> None:
     rerank = CappyRerank(top_n=2, scorer=OverlapScorer())
     kept = await rerank.apostprocess_nodes(nodes(*TEXTS), query_bundle=QueryBundle(QUERY))
