@@ -26,14 +26,12 @@ LI     := integrations/llamaindex
 test: test-unit test-integration
 
 test-unit: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit $(LI)/tests/unit_tests \
-		--disable-socket --allow-unix-socket
-	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/unit_tests --disable-socket --allow-unix-socket
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit $(LC)/tests/unit_tests \
+		$(LI)/tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration $(LI)/tests/integration_tests \
-		-m integration
-	cd $(LC) && $(abspath $(PY)) -m pytest -q tests/integration_tests -m integration
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration $(LC)/tests/integration_tests \
+		$(LI)/tests/integration_tests -m integration
 
 bench: install
 	$(PY) -m benchmarks.scoring_speed
