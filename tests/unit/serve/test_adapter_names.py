@@ -161,6 +161,23 @@ def test_models_lists_named_adapters_by_name_and_the_others_by_id(
     assert client.get(f"/v1/adapters/{plain.id}").json()["name"] == "vowels"
 
 
+def test_the_adapter_routes_take_a_name_where_they_take_an_id(
+    client: TestClient, store: AdapterStore, peft_folder: Path
+) -> None:
+    named = store.import_folder(peft_folder, TRANSLATE, name="fr-lora")
+    card = client.get("/v1/adapters/fr-lora").json()
+    assert card["id"] == named.id and card["name"] == "fr-lora"
+    by_name = client.get("/v1/adapters/fr-lora/files/adapter_config.json")
+    by_id = client.get(f"/v1/adapters/{named.id}/files/adapter_config.json")
+    assert by_name.status_code == 200 and by_name.content == by_id.content
+    _error(client.get("/v1/adapters/no-such-lora"), 404, "adapter_not_found")
+    _error(client.get("/v1/adapters/no-such-lora/files/adapter_config.json"), 404)
+    deleted = client.delete("/v1/adapters/fr-lora")
+    assert deleted.status_code == 200 and deleted.json()["id"] == named.id
+    assert len(store) == 0
+    _error(client.delete("/v1/adapters/fr-lora"), 404, "adapter_not_found")
+
+
 def test_bad_loads_are_4xx_naming_the_field_and_store_nothing(
     client: TestClient, store: AdapterStore, peft_folder: Path, tmp_path: Path
 ) -> None:

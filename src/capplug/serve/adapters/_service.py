@@ -213,8 +213,9 @@ class Service:
         return result.record, result
 
     def record(self, adapter_id: str) -> AdapterRecord:
+        """The adapter with this id or name (404 for neither)."""
         try:
-            return self.store.get(adapter_id)
+            return self.store.resolve(adapter_id)
         except UnknownAdapterError as exc:
             raise _not_found(adapter_id) from exc
 
@@ -252,7 +253,7 @@ class Service:
     def file_bytes(self, adapter_id: str, name: str) -> bytes:
         """One of the adapter's peft files, read without following links and checked."""
         try:
-            return self.store.read_file(adapter_id, name)
+            return self.store.read_file(self.store.resolve(adapter_id).id, name)
         except UnknownAdapterFileError as exc:
             raise APIError(404, str(exc), code="file_not_found") from exc
         except RefusedAdapterFileError as exc:
@@ -264,7 +265,7 @@ class Service:
 
     def delete(self, adapter_id: str) -> AdapterRecord:
         try:
-            record = self.store.remove(adapter_id)
+            record = self.store.remove(self.store.resolve(adapter_id).id)
         except UnknownAdapterError as exc:
             raise _not_found(adapter_id) from exc
         with self.lock:
