@@ -152,17 +152,21 @@ def choose(scorer: Scorer) -> Precision:
     if not native_bf16():
         return Precision("float32", "no native bfloat16 on this processor")
     key = _cache_key(scorer.model)
-    path = cache_home() / CACHE_FILE
-    with lock_for("cpu-paths"):
-        known = _read(path)
-        if key in known:
-            return Precision(**known[key])
-        chosen = calibrate(scorer)
-        known[key] = asdict(chosen)
-        try:
+    chosen: Precision | None = None
+    try:
+        path = cache_home() / CACHE_FILE
+        with lock_for("cpu-paths"):
+            known = _read(path)
+            cached = _cached(known.get(key))
+            if cached is not None:
+                return cached
+            chosen = calibrate(scorer)
+            known[key] = asdict(chosen)
             write_json_atomic(path, known)
-        except OSError as exc:  # a read-only home only costs a calibration per process
-            logger.warning("capplug: could not cache the scorer's CPU precision: %s", exc)
+    except OSError as exc:  # a read-only home only costs a calibration per process
+        logger.warning("capplug: could not cache the scorer's CPU precision: %s", exc)
+        if chosen is None:
+            chosen = calibrate(scorer)
     logger.info("capplug: scorer runs at %s on this CPU (%s)", chosen.dtype, chosen.reason)
     return chosen
 
@@ -279,6 +283,15 @@ def _cache_key(model: torch.nn.Module) -> str:
         f"{torch.get_num_threads()} threads | {config.model_type} {shape} | head "
         f"{head.hexdigest()[:12]}"
     )
+
+
+def _cached(entry: Any) -> Precision | None:
+    """A cached verdict, or None for none or one this version cannot read (calibrate again)."""
+    try:
+        cached = Precision(**entry)
+    except TypeError:
+        return None
+    return cached if cached.dtype in ("float32", "bfloat16") else None
 
 
 def _read(path: Any) -> dict[str, Any]:

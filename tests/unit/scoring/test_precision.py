@@ -122,3 +122,17 @@ def test_bfloat16_scores_with_a_float32_head_and_survives_training_precision(
 
 def _fail(*args: object) -> None:
     raise AssertionError("calibrated although the rule needs no calibration")
+
+
+def test_a_cache_entry_this_version_cannot_read_is_calibrated_again(
+    tiny_bert_scorer: Path, auto: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(_precision, "calibrate", lambda s: Precision("float32", "measured"))
+    Scorer.from_pretrained(tiny_bert_scorer)
+    entries = json.loads(auto.read_text())
+    auto.write_text(json.dumps({key: {"dtype": "int4"} for key in entries}))
+    assert Scorer.from_pretrained(tiny_bert_scorer).precision.reason == "measured"
+    assert list(json.loads(auto.read_text()).values()) == [
+        {"dtype": "float32", "reason": "measured", "speedup": None, "spearman": None}
+    ]
