@@ -178,6 +178,48 @@ def test_the_adapter_routes_take_a_name_where_they_take_an_id(
     _error(client.delete("/v1/adapters/fr-lora"), 404, "adapter_not_found")
 
 
+def test_load_inplace_replaces_the_adapter_of_that_name(
+    client: TestClient,
+    store: AdapterStore,
+    runtime: AdapterRuntime,
+    peft_folder: Path,
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    first = client.post(LOAD, json={"lora_name": "fr-lora", "lora_path": str(peft_folder)})
+    old_id = first.headers["X-Capplug-Adapter"]
+    _answer(client, "fr-lora")  # loaded into the runtime
+    # Retrained: the same adapter with other weights.
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    (retrained / "adapter_config.json").write_bytes(
+        (peft_folder / "adapter_config.json").read_bytes()
+    )
+    weights = load_file(peft_folder / "adapter_model.safetensors")
+    save_file({k: -v for k, v in weights.items()}, retrained / "adapter_model.safetensors")
+
+    body = {"lora_name": "fr-lora", "lora_path": str(retrained)}
+    _error(client.post(LOAD, json=body), 409, "adapter_name_taken")  # not without asking
+    replaced = client.post(LOAD, json={**body, "load_inplace": True})
+    assert replaced.status_code == 200, replaced.text
+    new_id = replaced.headers["X-Capplug-Adapter"]
+    assert new_id != old_id and store.resolve("fr-lora").id == new_id
+    assert len(store) == 1 and old_id not in runtime  # the old one is gone, detached
+    assert _answer(client, "fr-lora")["capplug"]["adapter"] == new_id
+    # The same files again: reloaded, still one adapter of that name.
+    again = client.post(LOAD, json={**body, "load_inplace": True})
+    assert (
+        again.status_code == 200
+        and store.resolve("fr-lora").id == again.headers["X-Capplug-Adapter"]
+    )
+    assert len(store) == 1 and new_id not in runtime
+    # With no adapter of that name, load_inplace just loads.
+    other = {"lora_name": "de-lora", "lora_path": str(peft_folder), "load_inplace": True}
+    assert client.post(LOAD, json=other).status_code == 200
+    assert store.resolve("de-lora").name == "de-lora" and len(store) == 2
+
+
 def test_bad_loads_are_4xx_naming_the_field_and_store_nothing(
     client: TestClient, store: AdapterStore, peft_folder: Path, tmp_path: Path
 ) -> None:

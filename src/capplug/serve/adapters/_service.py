@@ -273,9 +273,14 @@ class Service:
                 self.runtime.remove(record.id)
         return record
 
-    def load_lora(self, name: str, path: str, instruction: str | None) -> AdapterRecord:
+    def load_lora(
+        self, name: str, path: str, instruction: str | None, *, inplace: bool = False
+    ) -> AdapterRecord:
         """Import the peft folder at ``path`` (on this server) under ``name``, as vLLM's
-        ``/v1/load_lora_adapter`` does (in a worker thread: it reads, hashes and embeds)."""
+        ``/v1/load_lora_adapter`` does (in a worker thread: it reads, hashes and embeds).
+
+        ``inplace``: when an adapter already has ``name``, the new one takes the name and the
+        old one is deleted (vLLM's ``load_inplace``: a reload, even of the same files)."""
         try:
             check_name(name)
         except AdapterNameError as exc:
@@ -294,7 +299,16 @@ class Service:
         try:
             with self.store_lock, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self.store.import_folder(path, text, name=name)
+                old = self._named(name) if inplace else None
+                if old is None:
+                    return self.store.import_folder(path, text, name=name)
+                new = self.store.import_folder(path, text)
+                self.store.rename(old.id, None)
+                try:
+                    renamed = self.store.rename(new.id, name)
+                except BaseException:
+                    self.store.rename(old.id, name)  # the name stays where it was
+                    raise
         except AdapterNameError as exc:
             raise APIError(400, str(exc), param="lora_name", code="invalid_value") from exc
         except AdapterNameTakenError as exc:
@@ -309,6 +323,15 @@ class Service:
                 param="lora_path",
                 code="invalid_value",
             ) from exc
+        self.delete(old.id)  # the replaced adapter, detached from the runtime too
+        return renamed
+
+    def _named(self, name: str) -> AdapterRecord | None:
+        try:
+            record = self.store.resolve(name)
+        except UnknownAdapterError:
+            return None
+        return record if record.name == name else None
 
     def unload_lora(self, name: str) -> AdapterRecord:
         """Delete the adapter with this name (or id) from the store, detaching it."""

@@ -70,6 +70,10 @@ class _LoadLoRA(_chat.CheckedBody):
         description="what the adapter was made for, so an instruction finds it too (default: "
         "its name)",
     )
+    load_inplace: bool = Field(
+        default=False,
+        description="replace the adapter that has this name (vLLM's reload), instead of a 409",
+    )
 
 
 class _UnloadLoRA(_chat.CheckedBody):
@@ -504,7 +508,11 @@ def create_adapter_app(
                 kind="permission_error",
             )
         record = await run_in_threadpool(
-            service.load_lora, body.lora_name, body.lora_path, body.instruction
+            service.load_lora,
+            body.lora_name,
+            body.lora_path,
+            body.instruction,
+            inplace=body.load_inplace,
         )
         return PlainTextResponse(
             f"Success: LoRA adapter '{body.lora_name}' added successfully.",
