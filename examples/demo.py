@@ -98,7 +98,11 @@ def main() -> None:
     # The bundled scorer and its selection weights. These fixed answers come with no
     # log-probabilities, so the weights fitted for scorer, agreement and length apply.
     reranker = Reranker()
-    print(f"loaded the selector in {time.perf_counter() - started:.1f}s")
+    precision = reranker.scorer.precision
+    print(
+        f"loaded the selector in {time.perf_counter() - started:.1f}s; the scorer runs at "
+        f"{precision.dtype} ({precision.reason})"
+    )
     for number, (instruction, responses) in enumerate(EXAMPLES, start=1):
         show(f"example {number}", instruction, responses, reranker)
     best_of_n(reranker, "Name three primary colors.")
