@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scorer": args.scorer or "capplug-default (bundled)",
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}",
-        "scorer_threads": args.scorer_threads or min(os.cpu_count() or 1, torch.get_num_threads()),
+        "scorer_threads": args.scorer_threads,
         "load_average_before": round(load_before, 2),
         "levels": levels,
     }
@@ -340,8 +340,14 @@ def write_report(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "proxy_load.json", result)
     n = result["n"]
+    threads = result["scorer_threads"]
+    scoring = (
+        f"torch threads: {threads} (OMP_NUM_THREADS)"
+        if threads
+        else "its default scoring threads: one per CPU, one torch thread each"
+    )
     lines = [
-        f"`capplug proxy --n {n}` (bundled scorer, torch threads: {result['scorer_threads']}) in "
+        f"`capplug proxy --n {n}` (bundled scorer, {scoring}) in "
         "front of a fake upstream that answers at once; clients, proxy and upstream as three "
         f"processes on 127.0.0.1; {result['machine']} (shared with other work: load average "
         f"{result['load_average_before']} before the run). Times in ms, p50 / p99 per request.",

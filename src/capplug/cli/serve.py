@@ -339,6 +339,14 @@ def _add_proxy_parser(sub: Any) -> None:
         "(POST /v1/feedback with its selection_id): in FILE, or without FILE in "
         "$CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home (default: record nothing)",
     )
+    proxy.add_argument(
+        "--scoring-threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="threads that score each call's parts, one torch thread each (default: one per CPU "
+        "on a machine without a GPU; 1 leaves torch's own thread pool)",
+    )
     proxy.set_defaults(run=_run_proxy)
 
 
@@ -352,6 +360,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
     )
     from capplug.llms.retry import RetryPolicy
 
+    threads = _scoring_threads(args.scoring_threads)
     # The scorer loads last, once every other option has been checked.
     app = create_proxy_app(
         args.upstream,
@@ -366,10 +375,41 @@ def _run_proxy(args: argparse.Namespace) -> int:
         native_n=args.native_n,
         request_logprobs=args.request_logprobs,
         feedback=args.feedback,
+        scoring_threads=threads,
     )
     # (the upstream URL carries no credentials: create_proxy_app refuses them)
     _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
+def _scoring_threads(asked: int | None) -> int:
+    """The proxy's scoring threads: ``asked``, else one per usable CPU where there is no GPU.
+
+    More than one sets torch to one thread per scoring thread (this process only scores)."""
+    import torch
+
+    if asked is None:
+        asked = 1 if torch.cuda.is_available() else _usable_cpus()
+    if asked > 1:
+        torch.set_num_threads(1)
+    return asked
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _check_bind(args: argparse.Namespace) -> None:

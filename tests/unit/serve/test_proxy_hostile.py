@@ -488,3 +488,13 @@ def test_credentials_in_the_upstream_url_are_refused() -> None:
     with pytest.raises(ValueError, match="must not carry a user name or password") as caught:
         proxy_module.create_proxy_app("https://user:hunter2@api.example.com/v1", scorer=object())
     assert "hunter2" not in str(caught.value)
+
+
+def test_scoring_threads_split_each_call_and_keep_the_order() -> None:
+    scorer = PairScorer()
+    queue = ScoringQueue(scorer, threads=2)
+    responses = [f"answer {'x' * i}" for i in range(7)]
+    scores = asyncio.run(queue.score("What is the capital of France?", responses))
+    assert scores == [len(r) / 100 for r in responses]  # in order, every one
+    assert sorted(len(call) for call in scorer.calls) == [3, 4]  # one part per thread
+    assert {r for call in scorer.calls for _, r in call} == set(responses)

@@ -86,6 +86,7 @@ def create_proxy_app(
     transport: httpx2.AsyncBaseTransport | None = None,
     request_logprobs: bool = True,
     feedback: Any = None,
+    scoring_threads: int = 1,
 ) -> FastAPI:
     """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
 
@@ -116,6 +117,9 @@ def create_proxy_app(
         feedback: a :class:`capplug.feedback.FeedbackStore` (or a path to one) that records
             every reranked answer's candidates and choice, so that clients can judge them
             (``POST /v1/feedback`` with the answer's ``selection_id``); ``None`` records nothing.
+        scoring_threads: threads that score the parts of each scoring call, each with one torch
+            thread; more than 1 only where torch is set to one thread (``capplug serve proxy``
+            does this on a machine without a GPU), else they would oversubscribe the cores.
     """
     if not isinstance(upstream, str) or not upstream:
         raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
@@ -172,7 +176,7 @@ def create_proxy_app(
         max_connections=max_connections,
         transport=transport,
     )
-    scoring = ScoringQueue(loaded)
+    scoring = ScoringQueue(loaded, threads=scoring_threads)
     candidates = Candidates(
         target,
         scoring=scoring,
