@@ -17,15 +17,13 @@ import numpy as np
 import torch
 
 from capplug import Scorer
-from capplug.scoring._precision import prepare
+from capplug.scoring._precision import route_linears_to_onednn, unroute_linears
 
 Pairs = list[tuple[str, str]]
 
 
 def torch_int8(exact: Scorer) -> Callable[[Pairs], np.ndarray]:
-    model = prepare(copy.deepcopy(exact.model), exact.device, torch.float32)
-    for module in model.modules():
-        module.__dict__.pop("forward", None)  # quantise torch's own Linear, not the oneDNN route
+    model = _plain_copy(exact)
     quantised = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def forward(inputs: dict[str, torch.Tensor]) -> np.ndarray:
@@ -57,9 +55,7 @@ def onnx_runtime(exact: Scorer, *, int8: bool) -> Callable[[Pairs], np.ndarray]:
 
 
 def _export(exact: Scorer, path: Path) -> Path:
-    model = copy.deepcopy(exact.model)
-    for module in model.modules():
-        module.__dict__.pop("forward", None)
+    model = _plain_copy(exact)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if exact._uses_type_ids else [])
 
     class Logits(torch.nn.Module):
@@ -83,6 +79,13 @@ def _export(exact: Scorer, path: Path) -> Path:
             dynamo=False,
         )
     return path
+
+
+def _plain_copy(exact: Scorer) -> torch.nn.Module:
+    """A copy of the float32 model with torch's own ``Linear.forward`` (not the oneDNN route)."""
+    model = copy.deepcopy(unroute_linears(exact.model))
+    route_linears_to_onednn(exact.model)
+    return model
 
 
 def _scoring(exact: Scorer, forward: Callable[[Any], np.ndarray]) -> Callable[[Pairs], np.ndarray]:

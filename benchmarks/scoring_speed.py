@@ -23,7 +23,6 @@ Writes benchmarks/results/scoring_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import random
 import statistics
@@ -36,6 +35,7 @@ import torch
 
 from capplug import Reranker, Scorer, resolve
 from capplug._cache import write_json_atomic
+from capplug._runtime import usable_cpus
 from capplug.errors import PackageFetchError
 from capplug.scoring._precision import native_bf16, processor_name
 
@@ -345,9 +345,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4, help="best-of-8 calls to time (0 skips)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    cores = usable_cpus()
     torch.set_num_threads(cores)
     result: dict[str, Any] = {
         "benchmark": "scoring_speed",

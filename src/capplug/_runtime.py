@@ -38,14 +38,19 @@ def pick_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.d
     return torch.float32
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity set, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def tune_cpu_threads() -> None:
     """Never run more torch threads than the CPUs this process may use."""
     # torch sizes its pool by physical cores, which oversubscribes a container or a task set
     # pinned to fewer CPUs.
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
+    allowed = usable_cpus()
     if torch.get_num_threads() > allowed:
         torch.set_num_threads(allowed)
 

@@ -107,34 +107,29 @@ def _trace_parts(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return {k: v for k, v in searchable.items() if v is not None}, outputs
 
 
-def trace_selection(run_manager: Any, metadata: dict[str, Any]) -> None:
-    """Record a choice as a child run of the best-of-n run: its candidates in, the scores and the
-    chosen index out, and flat ``capplug_*`` metadata to filter runs by in LangSmith."""
+def _selection_run(run_manager: Any, metadata: dict[str, Any]) -> tuple[Any, dict, dict]:
+    """(callback manager for the child run or None, its inputs, its outputs)."""
     from langchain_capplug._sampling import child_callbacks
 
     manager = child_callbacks(run_manager)
-    if manager is None:
-        return
     searchable, outputs = _trace_parts(metadata)
-    manager.add_tags([SELECTION_TAG], inherit=False)
-    manager.add_metadata(searchable, inherit=False)
-    run = manager.on_chain_start(
-        None, {"candidates": metadata.get("candidates")}, name=SELECTION_RUN
-    )
-    run.on_chain_end(outputs)
+    if manager is not None:
+        manager.add_tags([SELECTION_TAG], inherit=False)
+        manager.add_metadata(searchable, inherit=False)
+    return manager, {"candidates": metadata.get("candidates")}, outputs
+
+
+def trace_selection(run_manager: Any, metadata: dict[str, Any]) -> None:
+    """Record a choice as a child run of the best-of-n run: its candidates in, the scores and the
+    chosen index out, and flat ``capplug_*`` metadata to filter runs by in LangSmith."""
+    manager, inputs, outputs = _selection_run(run_manager, metadata)
+    if manager is not None:
+        manager.on_chain_start(None, inputs, name=SELECTION_RUN).on_chain_end(outputs)
 
 
 async def atrace_selection(run_manager: Any, metadata: dict[str, Any]) -> None:
     """:func:`trace_selection` for async callbacks."""
-    from langchain_capplug._sampling import child_callbacks
-
-    manager = child_callbacks(run_manager)
-    if manager is None:
-        return
-    searchable, outputs = _trace_parts(metadata)
-    manager.add_tags([SELECTION_TAG], inherit=False)
-    manager.add_metadata(searchable, inherit=False)
-    run = await manager.on_chain_start(
-        None, {"candidates": metadata.get("candidates")}, name=SELECTION_RUN
-    )
-    await run.on_chain_end(outputs)
+    manager, inputs, outputs = _selection_run(run_manager, metadata)
+    if manager is not None:
+        run = await manager.on_chain_start(None, inputs, name=SELECTION_RUN)
+        await run.on_chain_end(outputs)

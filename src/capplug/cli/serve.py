@@ -398,18 +398,13 @@ def _scoring_threads(asked: int | None) -> int:
     More than one sets torch to one thread per scoring thread (this process only scores)."""
     import torch
 
+    from capplug._runtime import usable_cpus
+
     if asked is None:
-        asked = 1 if torch.cuda.is_available() else _usable_cpus()
+        asked = 1 if torch.cuda.is_available() else usable_cpus()
     if asked > 1:
         torch.set_num_threads(1)
     return asked
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _check_bind(args: argparse.Namespace) -> None:

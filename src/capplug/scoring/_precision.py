@@ -177,9 +177,8 @@ def calibrate(scorer: Scorer, *, rounds: int = 3) -> Precision:
 
     pairs = [(instruction, r) for instruction, responses in _PROBES for r in responses]
     inputs = scorer.collate(scorer.encode([a for a, _ in pairs], [b for _, b in pairs]))
+    fast = prepare(copy.deepcopy(unroute_linears(scorer.model)), scorer.device, torch.bfloat16)
     reference = prepare(scorer.model, scorer.device, torch.float32)
-    fast = prepare(copy.deepcopy(_unrouted(reference)), scorer.device, torch.bfloat16)
-    prepare(reference, scorer.device, torch.float32)
     models = {"float32": reference, "bfloat16": fast}
     times: dict[str, list[float]] = {name: [] for name in models}
     logits: dict[str, np.ndarray] = {}
@@ -219,7 +218,7 @@ def prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     if device.type == "cpu" and dtype == torch.float32:
         route_linears_to_onednn(model)
     else:
-        _unrouted(model)  # back to torch's own Linear.forward
+        unroute_linears(model)
     if dtype in (torch.bfloat16, torch.float16):
         keep_head_float32(model)
     return model
@@ -249,7 +248,8 @@ def _inputs_to_weight_dtype(module: torch.nn.Module, args: tuple[Any, ...]) -> t
     )
 
 
-def _unrouted(model: torch.nn.Module) -> torch.nn.Module:
+def unroute_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Back to torch's own ``Linear.forward`` wherever :func:`route_linears_to_onednn` routed."""
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), functools.partial):
             del module.forward
