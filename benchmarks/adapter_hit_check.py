@@ -101,7 +101,7 @@ class Answers:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from capplug import Scorer
     from capplug.adapters import AdapterRuntime, AdapterStore, Hypernetwork, ScorerHitCheck
-    from capplug.adapters.adapter_folder import read_adapter
+    from capplug.models.adapter_folder import read_adapter
     from capplug.training.teacher_lora import train_task_names
 
     hypernet = Hypernetwork.from_pretrained(args.hypernet, device=args.device)

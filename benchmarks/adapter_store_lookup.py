@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from capplug._cache import cache_home, sha256_file, write_json_atomic
-from capplug.adapters.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import AdapterRecord, AdapterStore, instruction_hash
 from capplug.data.bigbench import load_task, task_names
@@ -202,7 +202,7 @@ def placeholder_adapter(folder: Path) -> None:
     """One rank-1 LoRA pair for a 32-wide layer: a valid peft folder of a few hundred bytes."""
     from peft import LoraConfig
 
-    from capplug.adapters.adapter_folder import write_peft_folder
+    from capplug.models.adapter_folder import write_peft_folder
 
     state = {
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 32),

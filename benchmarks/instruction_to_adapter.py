@@ -164,7 +164,7 @@ class Models:
 
     def load_runtime(self) -> Any:
         if self.runtime is None:
-            from capplug.adapters.adapter_folder import model_identity
+            from capplug.models.adapter_folder import model_identity
             from capplug.adapters.runtime import AdapterRuntime
 
             chat = self.load_chat()
@@ -194,7 +194,7 @@ def train_missing_ceilings(
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from capplug.adapters.adapter_folder import AdapterFileError, canonical_model_name
+    from capplug.models.adapter_folder import AdapterFileError, canonical_model_name
     from capplug.adapters.examples import user_prompt
     from capplug.errors import CheckpointError, ModelNotFoundError
     from capplug.training.teacher_lora import task_folder_name

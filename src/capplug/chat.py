@@ -14,6 +14,7 @@ __all__ = [
     "dedupe_key",
     "distinct",
     "flatten_chat",
+    "task_text",
 ]
 
 Instruction: TypeAlias = str | Sequence[Any]
@@ -53,6 +54,18 @@ def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> 
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
     return "\n".join(f"{role}: {text}" for role, text in turns)
+
+
+def task_text(instruction: Instruction, *, argument: str = "instruction") -> str:
+    """The part of an instruction that says what the task is: a chat's system (and developer)
+    turns, joined by newlines; for a plain string or a chat without one, the whole flattened
+    text. Task scorers are found, and feedback is grouped, by it. Raises as
+    :func:`flatten_chat` does."""
+    if isinstance(instruction, str):
+        return instruction
+    turns = chat_turns(instruction, argument=argument)
+    system = [text for role, text in turns if role == "system" and text.strip()]
+    return "\n".join(system) if system else flatten_chat(instruction, argument=argument)
 
 
 def chat_turns(instruction: Instruction, *, argument: str = "instruction") -> list[tuple[str, str]]:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from capplug.chat import Instruction, distinct, flatten_chat
+from capplug.chat import Instruction, distinct, flatten_chat, task_text
 from capplug.errors import DuplicateFeedbackError, FeedbackError, UnknownSelectionError
 
 __all__ = [
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS selections (
     instruction TEXT NOT NULL,
     candidates TEXT NOT NULL,
     chosen INTEGER NOT NULL,
-    scores TEXT
+    scores TEXT,
+    task TEXT
 );
 CREATE TABLE IF NOT EXISTS judgements (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -132,7 +133,12 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self._local = threading.local()
-        self._connection().executescript(_SCHEMA)  # its own transaction
+        db = self._connection()
+        db.executescript(_SCHEMA)  # its own transaction
+        with self._write() as db:  # a store written before selections had a task
+            columns = {row[1] for row in db.execute("PRAGMA table_info(selections)")}
+            if "task" not in columns:
+                db.execute("ALTER TABLE selections ADD COLUMN task TEXT")
 
     def __repr__(self) -> str:
         return f"FeedbackStore({str(self.path)!r})"
@@ -148,9 +154,13 @@ class FeedbackStore:
         scores: Sequence[float] | None = None,
         surface: str = "python",
         model: str | None = None,
+        task: str | None = None,
     ) -> str:
-        """Store one selection; its id (``sel_`` and 24 hex digits)."""
+        """Store one selection; its id (``sel_`` and 24 hex digits). Its task is kept too, to
+        group feedback by: ``task``, or by default :func:`capplug.chat.task_text` of the
+        instruction (a chat's system message, else the whole text)."""
         text = _check_text(flatten_chat(instruction), "instruction")
+        task = _check_text(task_text(instruction) if task is None else task, "task")
         if isinstance(candidates, str) or not isinstance(candidates, Sequence):
             raise FeedbackError("candidates must be a list of strings")
         if not 0 < len(candidates) <= MAX_CANDIDATES:
@@ -165,7 +175,8 @@ class FeedbackStore:
         selection_id = _ID_PREFIX + secrets.token_hex(12)
         with self._write() as db:
             db.execute(
-                "INSERT INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO selections (id, created, surface, model, instruction, candidates, "
+                "chosen, scores, task) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     selection_id,
                     time.time(),
@@ -175,6 +186,7 @@ class FeedbackStore:
                     json.dumps(texts, ensure_ascii=False),
                     chosen,
                     None if values is None else json.dumps(values),
+                    None if task == text else task,
                 ),
             )
         return selection_id
@@ -264,8 +276,8 @@ class FeedbackStore:
         """One recorded selection with its judgements."""
         with self._read() as db:
             row = db.execute(
-                "SELECT id, created, surface, model, instruction, candidates, chosen, scores "
-                "FROM selections WHERE id = ?",
+                "SELECT id, created, surface, model, instruction, candidates, chosen, scores, "
+                "task FROM selections WHERE id = ?",
                 (selection_id,),
             ).fetchone()
             if row is None:
@@ -280,23 +292,31 @@ class FeedbackStore:
             "candidates": json.loads(row[5]),
             "chosen": row[6],
             "scores": None if row[7] is None else json.loads(row[7]),
+            "task": row[4] if row[8] is None else row[8],
             "judgements": [j.to_dict() for j in judgements],
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counts: selections, judged selections, judgements by kind, rows :meth:`rows` gives."""
+        """Counts: selections, judged selections, judgements by kind, rows :meth:`rows` gives,
+        and judged selections per task (the 50 tasks with most)."""
         with self._read() as db:
             selections = db.execute("SELECT COUNT(*) FROM selections").fetchone()[0]
             judged = db.execute("SELECT COUNT(DISTINCT selection_id) FROM judgements").fetchone()[0]
             kinds = dict(
                 db.execute("SELECT kind, COUNT(*) FROM judgements GROUP BY kind").fetchall()
             )
+            tasks = db.execute(
+                "SELECT COALESCE(s.task, s.instruction), COUNT(DISTINCT j.selection_id) "
+                "FROM judgements j JOIN selections s ON s.id = j.selection_id "
+                "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50"
+            ).fetchall()
         return {
             "path": str(self.path),
             "selections": selections,
             "judged_selections": judged,
             "judgements": {k: kinds.get(k, 0) for k in ("label", "preferred", "reference")},
             "rows": sum(1 for _ in self.rows()),
+            "tasks": [{"task": task, "judged_selections": count} for task, count in tasks],
         }
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -402,7 +422,12 @@ def _selection_rows(selection: dict[str, Any]) -> Iterator[dict[str, Any]]:
             labels[first_of[where[judgement["candidate"]]]] = float(judgement["label"])
         else:
             references.append(judgement["reference"])
-    base = {"instruction": selection["instruction"], "group": selection["id"], "source": "feedback"}
+    base = {
+        "instruction": selection["instruction"],
+        "group": selection["id"],
+        "source": "feedback",
+        "task": selection["task"],
+    }
     for index in sorted(labels):
         yield {**base, "response": candidates[index], "label": labels[index]}
     if references:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from capplug.adapters.adapter_folder import read_adapter
+from capplug.models.adapter_folder import read_adapter
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import AdapterStore, chroma_settings
 

@@ -9,6 +9,8 @@
   with teacher LoRAs or without;
 - :class:`AdapterStore`: adapters indexed in Chroma by instruction, reused for similar ones;
   :class:`ScorerHitCheck` checks a hit with the scorer before it is used;
+- :class:`TaskScorers`: scorers adapted to one task (LoRAs over the scorer), kept in the same
+  store as a second kind, found by instruction, used where the guard allowed;
 - :func:`read_adapter` / :func:`write_peft_folder`: the standard peft folder, checked before use.
 
 Needs peft: ``pip install 'capplug[adapters]'``.
@@ -21,14 +23,14 @@ from typing import Any
 
 _EXPORTS = {
     "user_prompt": "examples",
-    "AdapterFileError": "adapter_folder",
-    "AdapterFiles": "adapter_folder",
-    "BaseModelIdentity": "adapter_folder",
-    "WrongBaseModelError": "adapter_folder",
-    "canonical_model_name": "adapter_folder",
-    "model_identity": "adapter_folder",
-    "read_adapter": "adapter_folder",
-    "write_peft_folder": "adapter_folder",
+    "AdapterFileError": "capplug.models.adapter_folder",
+    "AdapterFiles": "capplug.models.adapter_folder",
+    "BaseModelIdentity": "capplug.models.adapter_folder",
+    "WrongBaseModelError": "capplug.models.adapter_folder",
+    "canonical_model_name": "capplug.models.adapter_folder",
+    "model_identity": "capplug.models.adapter_folder",
+    "read_adapter": "capplug.models.adapter_folder",
+    "write_peft_folder": "capplug.models.adapter_folder",
     "DEFAULT_HYPERNETWORK": "hypernetwork",
     "Hypernetwork": "hypernetwork",
     "HypernetworkConfig": "hypernetwork",
@@ -43,6 +45,8 @@ _EXPORTS = {
     "find_teachers": "capplug.training.hypernetwork",
     "train_hypernetwork": "capplug.training.hypernetwork",
     "AdapterStore": "store",
+    "TaskScorers": "task_scorers",
+    "TaskScorerChoice": "task_scorers",
     "HitCheckRecord": "hit_check",
     "ScorerHitCheck": "hit_check",
 }

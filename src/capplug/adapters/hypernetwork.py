@@ -40,7 +40,9 @@ from torch import nn
 
 from capplug._cache import share_like_umask
 from capplug._runtime import pick_device, quiet_transformers, seeded
-from capplug.adapters.adapter_folder import (
+from capplug.errors import CheckpointError, ModelNotFoundError, TruncationWarning
+from capplug.models import BUNDLED_DIR, DEFAULT_CHAT_MODEL, DEFAULT_HYPERNETWORK, resolve
+from capplug.models.adapter_folder import (
     META_BASE_ARCHITECTURE,
     META_BASE_MODEL,
     architecture_signature,
@@ -49,8 +51,6 @@ from capplug.adapters.adapter_folder import (
     peft_key,
     write_peft_folder,
 )
-from capplug.errors import CheckpointError, ModelNotFoundError, TruncationWarning
-from capplug.models import BUNDLED_DIR, DEFAULT_CHAT_MODEL, DEFAULT_HYPERNETWORK, resolve
 
 if TYPE_CHECKING:
     from peft import LoraConfig

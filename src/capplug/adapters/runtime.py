@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from capplug._runtime import check_positive_int
-from capplug.adapters.adapter_folder import (
+from capplug.chat import Instruction
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+from capplug.models.adapter_folder import (
     AdapterFileError,
     BaseModelIdentity,
     linear_shapes,
     model_identity,
     read_adapter,
 )
-from capplug.chat import Instruction
-from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 
 __all__ = ["BASE", "AdapterRuntime"]
 
@@ -120,7 +120,7 @@ class AdapterRuntime:
         """
         import tempfile
 
-        from capplug.adapters.adapter_folder import write_peft_folder
+        from capplug.models.adapter_folder import write_peft_folder
 
         self._check_name(name)
         # One check path for files and tensors: write the adapter as its folder would be.

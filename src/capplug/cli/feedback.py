@@ -30,8 +30,27 @@ def add_parser(sub: Any) -> None:
         "capplug home)",
     )
 
-    stats = actions.add_parser("stats", parents=[common], help="how much is recorded and judged")
+    stats = actions.add_parser(
+        "stats",
+        parents=[common],
+        help="how much is recorded and judged, per task, and the task scorers made from it",
+    )
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument(
+        "--task-scorers",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="also list the task scorers in DIR (default: $CAPPLUG_TASK_SCORERS or task-scorers "
+        "in the capplug home), whether each is used and the guard's figures",
+    )
+    stats.add_argument(
+        "--scorer",
+        default=None,
+        metavar="REF",
+        help="the scorer the task scorers adapt (default: the bundled one)",
+    )
     stats.set_defaults(run=_run_stats)
 
     show = actions.add_parser("show", parents=[common], help="one selection and its judgements")
@@ -82,8 +101,10 @@ def open_store(db: str | None) -> Any:
 
 def _run_stats(args: argparse.Namespace) -> int:
     stats = _store(args).stats()
+    if args.task_scorers is not None:
+        stats["task_scorers"] = _task_scorers(args)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
     kinds = stats["judgements"]
     print(f"store:      {stats['path']}")
@@ -93,7 +114,31 @@ def _run_stats(args: argparse.Namespace) -> int:
         f"{kinds['reference']} references"
     )
     print(f"rows:       {stats['rows']} for `capplug adapt` (capplug feedback export)")
+    if stats["tasks"]:
+        print("judged selections per task:")
+        for entry in stats["tasks"][:10]:
+            print(f"  {entry['judged_selections']:6d}  {_short(entry['task'])}")
+    for entry in stats.get("task_scorers", []):
+        guard = entry["guard"]
+        state = "used" if guard.get("use") else "not used"
+        print(f"task scorer {entry['id']} ({state}) for {_short(entry['instruction'])}")
+        print(f"  guard: {guard.get('reason', '')}")
     return 0
+
+
+def _task_scorers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from capplug.adapters.task_scorers import TaskScorers
+    from capplug.models import DEFAULT_SCORER
+    from capplug.scoring import Scorer
+
+    folder = None if args.task_scorers is True else args.task_scorers
+    store = TaskScorers(folder, scorer=Scorer.from_pretrained(args.scorer or DEFAULT_SCORER))
+    return store.list()
+
+
+def _short(text: str, limit: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _run_show(args: argparse.Namespace) -> int:

@@ -173,12 +173,12 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         "`capplug serve adapters` needs the serve and adapters extras: "
         "pip install 'capplug[serve,adapters]'",
     )
-    from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
     from capplug.adapters.hypernetwork import Hypernetwork
     from capplug.adapters.runtime import AdapterRuntime
     from capplug.adapters.store import AdapterStore
     from capplug.cli.store import hypernetwork_version
     from capplug.errors import ModelNotFoundError
+    from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
 
     generator, version, model = None, None, args.model
     if not args.no_hypernet:
@@ -340,6 +340,17 @@ def _add_proxy_parser(sub: Any) -> None:
         "$CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home (default: record nothing)",
     )
     proxy.add_argument(
+        "--task-scorers",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="score each request with the task scorer adapted to its task (capplug adapt "
+        "--from-feedback --task-scorers) where the guard allowed one: in DIR, or without DIR in "
+        "$CAPPLUG_TASK_SCORERS or task-scorers in the capplug home; new ones are used without a "
+        "restart (default: the scorer alone)",
+    )
+    proxy.add_argument(
         "--scoring-threads",
         type=_positive_int,
         default=None,
@@ -376,6 +387,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
         request_logprobs=args.request_logprobs,
         feedback=args.feedback,
         scoring_threads=threads,
+        task_scorers=args.task_scorers,
     )
     # (the upstream URL carries no credentials: create_proxy_app refuses them)
     _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")

@@ -186,7 +186,7 @@ def _run_create(args: argparse.Namespace) -> int:
     hypernet = _load_hypernetwork(args.hypernet, args.device)
     base = hypernet.config.base_model
     if args.base is not None:
-        from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
+        from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
 
         if canonical_model_name(args.base).casefold() != base.casefold():
             raise WrongBaseModelError(

@@ -69,9 +69,46 @@ def add_parser(sub: Any) -> None:
         "feedback.sqlite3 in the capplug home)",
     )
     adapt.add_argument(
-        "--out", required=True, metavar="DIR", help="run folder: checkpoints, log, final model"
+        "--out",
+        metavar="DIR",
+        help="run folder: checkpoints, log, final model (with --task-scorers: one run folder per "
+        "task under it; default: runs/ in the task-scorer folder)",
     )
-    _training_options(adapt, epochs=3.0, lr=2e-5)
+    tasks = adapt.add_argument_group("task scorers (with --from-feedback)")
+    tasks.add_argument(
+        "--task-scorers",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="adapt one task scorer per task of the feedback (a LoRA over --scorer), guard it on "
+        "that task's held-out selections and store it in DIR (default: $CAPPLUG_TASK_SCORERS "
+        "or task-scorers in the capplug home), where the proxy and Reranker(task_scorers=...) "
+        "find it by instruction. Tasks are the system messages of the judged selections",
+    )
+    tasks.add_argument(
+        "--instruction-like",
+        metavar="TEXT",
+        help="one task: every judged selection whose task is similar to TEXT (the store's "
+        "threshold), stored under TEXT (for prompts without a system message)",
+    )
+    tasks.add_argument(
+        "--min-selections",
+        type=int,
+        default=8,
+        metavar="N",
+        help="skip tasks with fewer judged selections (default: 8)",
+    )
+    _training_options(adapt, epochs=None, lr=None)
+    adapt.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="train a rank-R LoRA instead of every weight: the output is a task scorer (about "
+        "1.3 MB), loadable as a scorer and storable (default: every weight; 8 with "
+        "--task-scorers)",
+    )
     adapt.set_defaults(run=_run_adapt)
 
     selector = sub.add_parser(
@@ -106,35 +143,62 @@ def add_parser(sub: Any) -> None:
     selector.set_defaults(run=_run_fit_selector)
 
 
-def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: float) -> None:
+def _training_options(
+    parser: argparse.ArgumentParser, *, epochs: float | None, lr: float | None
+) -> None:
+    """The training options; ``None`` defaults are filled per recipe (see ``_train_config``)."""
     group = parser.add_argument_group("training")
     group.add_argument(
-        "--epochs", type=float, default=epochs, help=f"passes over the data (default: {epochs})"
+        "--epochs",
+        type=float,
+        default=epochs,
+        help=f"passes over the data (default: {epochs or '3, or 8 for a task scorer'})",
     )
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    group.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs per step (default: 32; 16 for a task scorer)",
+    )
     group.add_argument(
         "--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)"
     )
-    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    group.add_argument(
+        "--lr",
+        type=float,
+        default=lr,
+        help=f"peak learning rate (default: {lr or '2e-5, or 5e-4 for a task scorer'})",
+    )
     group.add_argument(
         "--max-length", type=int, default=256, help="tokens per pair in training (default: 256)"
     )
     group.add_argument(
-        "--eval-every", type=int, default=200, help="steps between evaluations and checkpoints"
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations and checkpoints (default: 200; 10 for a task scorer)",
     )
     group.add_argument(
-        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
+        "--patience",
+        type=int,
+        default=None,
+        help="evaluations without improvement before stopping (default: 5; a task scorer "
+        "trains all its epochs)",
     )
     group.add_argument(
-        "--heldout", type=float, default=0.05, help="share of examples held out (default: 0.05)"
+        "--heldout",
+        type=float,
+        default=None,
+        help="share of examples held out (default: 0.05; 0.25 of each task's selections for "
+        "the guard of a task scorer)",
     )
     group.add_argument(
         "--rank-weight",
         type=float,
-        default=0.0,
+        default=None,
         help="weight of a pairwise ranking loss within each example's responses, added to the"
-        " pointwise loss (default: 0, pointwise only)",
+        " pointwise loss (default: 0, pointwise only; 1 for a task scorer)",
     )
     group.add_argument(
         "--listwise-weight",
@@ -151,8 +215,29 @@ def _training_options(parser: argparse.ArgumentParser, *, epochs: float, lr: flo
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from capplug.training.scorer import TrainConfig
+    from dataclasses import replace
 
+    from capplug.training.scorer import TrainConfig
+    from capplug.training.task_scorers import TASK_SCORER_CONFIG
+
+    lora_rank = getattr(args, "lora_rank", None)
+    task = getattr(args, "task_scorers", None) is not None or bool(lora_rank)
+    # Unset options take the recipe's defaults: full training, or the task-scorer recipe.
+    recipe = TASK_SCORER_CONFIG if task else TrainConfig(learning_rate=2e-5, epochs=3.0)
+    defaults = {
+        "epochs": recipe.epochs,
+        "lr": recipe.learning_rate,
+        "rank_weight": recipe.rank_weight,
+        "batch_size": recipe.batch_size,
+        "eval_every": recipe.eval_every,
+        "heldout": 0.25 if task else 0.05,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    patience = recipe.patience if args.patience is None else args.patience
+    if lora_rank is not None and lora_rank < 1:
+        raise UsageError(f"--lora-rank must be >= 1; got {lora_rank}")
     for name in ("batch_size", "grad_accum", "max_length", "eval_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -162,7 +247,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--rank-weight must be >= 0; got {args.rank_weight}")
     if args.listwise_weight < 0:
         raise UsageError(f"--listwise-weight must be >= 0; got {args.listwise_weight}")
-    return TrainConfig(
+    config = TrainConfig(
         learning_rate=args.lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -170,11 +255,14 @@ def _train_config(args: argparse.Namespace) -> Any:
         max_steps=args.max_steps,
         max_length=args.max_length,
         eval_every=args.eval_every,
-        patience=args.patience,
+        patience=patience,
         seed=args.seed,
         rank_weight=args.rank_weight,
         listwise_weight=args.listwise_weight,
     )
+    if task:
+        config = replace(config, lora_rank=lora_rank or TASK_SCORER_CONFIG.lora_rank)
+    return config
 
 
 def _run_training(
@@ -270,6 +358,10 @@ def _run_adapt(args: argparse.Namespace) -> int:
 
     if args.db is not None and not args.from_feedback:
         raise UsageError("--db goes with --from-feedback")
+    if args.task_scorers is not None or args.instruction_like is not None:
+        return _run_adapt_tasks(args)
+    if args.out is None:
+        raise UsageError("give --out DIR, the run folder (or --task-scorers to store task scorers)")
     data = "judged selections of the feedback store" if args.from_feedback else args.data
     return _run_training(
         args,
@@ -277,6 +369,64 @@ def _run_adapt(args: argparse.Namespace) -> int:
         f"{data} (adapted from {args.scorer})",
         guarded=True,
     )
+
+
+def _run_adapt_tasks(args: argparse.Namespace) -> int:
+    """``capplug adapt --from-feedback --task-scorers``: one guarded task scorer per task."""
+    from capplug.adapters.task_scorers import TaskScorers
+    from capplug.cli.feedback import open_store
+    from capplug.scoring import Scorer
+    from capplug.training.task_scorers import adapt_task_scorers
+
+    if not args.from_feedback:
+        raise UsageError("--task-scorers and --instruction-like go with --from-feedback")
+    if args.instruction_like is not None and not args.instruction_like.strip():
+        raise UsageError("--instruction-like needs the task's instruction text")
+    if args.min_selections < 2:
+        raise UsageError("--min-selections must be >= 2 (one to train on, one for the guard)")
+    config = _train_config(args)
+    feedback = open_store(args.db)
+    rows = list(feedback.rows())
+    if not rows:
+        raise UsageError(
+            f"the feedback store {feedback.path} holds no judged selection yet; judge some "
+            "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
+        )
+    scorer = Scorer.from_pretrained(args.scorer, device=args.device)
+    store = TaskScorers(
+        None if args.task_scorers in (None, True) else args.task_scorers, scorer=scorer
+    )
+    out = Path(args.out) if args.out else store.store.root / "runs"
+    quiet = getattr(args, "json", False)
+    results = adapt_task_scorers(
+        rows,
+        store,
+        out,
+        instruction_like=args.instruction_like,
+        config=config,
+        min_selections=args.min_selections,
+        heldout=args.heldout,
+        progress=not quiet,
+        log=(lambda _line: None) if quiet else print,
+    )
+    if quiet:
+        print(
+            json.dumps(
+                {"task_scorers": str(store.store.root), "tasks": [r.to_dict() for r in results]}
+            )
+        )
+        return 0
+    if not results:
+        like = f" similar to {args.instruction_like!r}" if args.instruction_like else ""
+        print(f"no judged selection{like} in {feedback.path}; nothing adapted")
+        return 1
+    used = sum(r.used for r in results)
+    print(
+        f"{len(results)} tasks: {used} task scorers in use, "
+        f"{sum(r.record is not None and not r.used for r in results)} stored but not used "
+        f"(the guard), {sum(r.skipped is not None for r in results)} skipped; in {store.store.root}"
+    )
+    return 0
 
 
 def _run_fit_selector(args: argparse.Namespace) -> int:

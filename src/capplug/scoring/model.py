@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from capplug.errors import CheckpointError, TruncationWarning
 from capplug.models import DEFAULT_SCORER, resolve
 from capplug.scoring._precision import Precision, prepare
 from capplug.scoring._precision import choose as choose_cpu_precision
+
+if TYPE_CHECKING:
+    from capplug.models.adapter_folder import AdapterFiles, BaseModelIdentity
 
 __all__ = [
     "DEFAULT_SCORER",
@@ -101,12 +106,14 @@ class Scorer:
         dtype: torch.dtype | str | None = None,
         max_batch_tokens: int | None = None,
         max_batch_size: int = 256,
+        name: str | None = None,
     ) -> None:
         if model is None:
             if tokenizer is not None:
                 raise TypeError("give both model and tokenizer, or neither for the default scorer")
             model, tokenizer, recorded = _load_checkpoint(DEFAULT_SCORER, score_mapping)
             score_mapping = score_mapping or recorded
+            name = DEFAULT_SCORER
         elif tokenizer is None or score_mapping is None:
             raise TypeError(
                 "a model needs its tokenizer and a score_mapping ('sigmoid' or 'clip'); "
@@ -118,6 +125,8 @@ class Scorer:
             raise CheckpointError(
                 f"a scorer needs a single-logit head; this model has {model.config.num_labels} labels"
             )
+        self.name: str = _model_name(name, model)
+        """The scorer's name in adapter files: a packaged name, a Hugging Face id or a folder."""
         self.device = pick_device(device)
         calibrate = self.device.type == "cpu" and (dtype is None or dtype == "auto")
         self.dtype = pick_dtype(dtype, self.device)
@@ -182,10 +191,29 @@ class Scorer:
             score_mapping: overrides the mapping recorded in the checkpoint's config; needed only
                 for checkpoints that record none.
 
+        A task scorer (a LoRA folder that ``capplug adapt --lora-rank`` writes) loads the scorer
+        it adapts, named in its ``adapter_config.json``, and merges it in (:meth:`with_lora`).
+
         Raises:
             CheckpointError: the checkpoint has no single-logit head, no safetensors weights, or
                 records no score mapping and none was given.
+            AdapterFileError: a task scorer's files are missing, truncated or corrupt.
         """
+        from capplug.scoring.lora import is_lora_folder
+
+        folder = Path(os.fspath(ref)).expanduser()
+        if is_lora_folder(folder):
+            from capplug.models.adapter_folder import read_adapter
+
+            base = read_adapter(folder).config.base_model_name_or_path
+            return cls.from_pretrained(
+                base,
+                device=device,
+                max_length=max_length,
+                dtype=dtype,
+                score_mapping=score_mapping,
+                max_response_tokens=max_response_tokens,
+            ).with_lora(folder)
         model, tokenizer, mapping = _load_checkpoint(ref, score_mapping)
         return cls(
             model,
@@ -195,6 +223,7 @@ class Scorer:
             max_response_tokens=max_response_tokens,
             device=device,
             dtype=dtype,
+            name=str(ref),
         )
 
     @classmethod
@@ -227,6 +256,64 @@ class Scorer:
             device=device,
             dtype=dtype,
         )
+
+    @property
+    def identity(self) -> BaseModelIdentity:
+        """What a task scorer made from this scorer must match (name and architecture)."""
+        from capplug.models.adapter_folder import model_identity
+
+        return model_identity(self.name, self.model.config)
+
+    def with_lora(self, adapter: str | os.PathLike[str] | AdapterFiles) -> Scorer:
+        """A second scorer: this one with a task scorer's LoRA merged in.
+
+        The adapter (a folder, or :class:`~capplug.models.adapter_folder.AdapterFiles` already
+        read) is checked completely first: made for this scorer, whole files, shapes that fit.
+        The new scorer shares every tensor the adapter leaves alone with this one, at this
+        one's device and precision, so it costs the adapted layers' memory and tens of ms.
+
+        Raises:
+            WrongBaseModelError: the adapter was made for another scorer.
+            AdapterFileError: missing, truncated or corrupt files, or shapes that do not fit.
+        """
+        from capplug.models.adapter_folder import AdapterFiles, linear_shapes, read_adapter
+        from capplug.scoring.lora import merged_weights
+
+        files = adapter
+        if not isinstance(files, AdapterFiles):
+            files = read_adapter(adapter, identity=self.identity, shapes=linear_shapes(self.model))
+        return self.with_weights(merged_weights(self, files), name=self.name)
+
+    def with_weights(
+        self, weights: Mapping[str, torch.Tensor], *, name: str | None = None
+    ) -> Scorer:
+        """A second scorer whose weights are this one's with ``weights`` (by state-dict key)
+        replaced; every other tensor is shared, not copied."""
+        state = self.model.state_dict()
+        unknown = sorted(set(weights) - set(state))
+        if unknown:
+            raise KeyError(f"the scorer has no weight {unknown[0]!r}")
+        with torch.device("meta"):
+            model = type(self.model)(self.model.config)
+        model.load_state_dict({**state, **weights}, assign=True, strict=True)
+        buffers = dict(self.model.named_buffers())
+        for key, _ in list(model.named_buffers()):
+            owner, _, attr = key.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = buffers[key]
+        scorer = type(self)(
+            model,
+            self.tokenizer,
+            score_mapping=self.score_mapping,
+            max_length=self.max_length,
+            max_response_tokens=self.max_response_tokens,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+            name=name or self.name,
+        )
+        scorer.precision = self.precision  # the same path, chosen for this one
+        return scorer
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write the checkpoint (safetensors, tokenizer, score mapping) atomically to ``folder``."""
@@ -405,6 +492,13 @@ class Scorer:
         )
 
 
+def _model_name(name: str | None, model: torch.nn.Module) -> str:
+    from capplug.models.adapter_folder import canonical_model_name
+
+    given = name or getattr(model.config, "_name_or_path", "") or "scorer"
+    return canonical_model_name(given)
+
+
 def _load_checkpoint(
     ref: str | os.PathLike[str], score_mapping: ScoreMapping | None
 ) -> tuple[torch.nn.Module, Any, ScoreMapping]:
@@ -455,7 +549,16 @@ def _recorded_mapping(config: Any, ref: str) -> ScoreMapping:
     )
 
 
+_PAIR_ENCODERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def _pair_encoder(tokenizer: Any) -> Any:
+    """The scorer's own copy of the tokenizer's Rust encoder, made once per tokenizer (scorers
+    that share a tokenizer, as a task scorer shares its base's, share it: it is only read)."""
+    try:
+        return _PAIR_ENCODERS[tokenizer]
+    except (KeyError, TypeError):
+        pass
     from tokenizers import Tokenizer
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -468,6 +571,8 @@ def _pair_encoder(tokenizer: Any) -> Any:
     encoder = Tokenizer.from_str(backend.to_str())
     encoder.no_truncation()
     encoder.no_padding()
+    with contextlib.suppress(TypeError):  # not every tokenizer takes a weak reference
+        _PAIR_ENCODERS[tokenizer] = encoder
     return encoder
 
 

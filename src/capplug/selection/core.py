@@ -32,6 +32,7 @@ __all__ = [
     "Reranker",
     "Scored",
     "Selection",
+    "as_task_scorers",
     "check_logprobs",
     "choose",
     "combiner_of",
@@ -81,6 +82,9 @@ class Selection:
     id: str | None = None
     """The selection's id in a feedback store, when it was recorded there (judge it with
     :meth:`capplug.feedback.FeedbackStore.add`)."""
+    task_scorer: Mapping[str, Any] | None = None
+    """With task scorers: which one scored (``used``), how similar its task is, the guard's
+    verdict, or why the default scored (:meth:`capplug.adapters.TaskScorers.find`)."""
 
     def ranking(self) -> list[Scored]:
         """Candidates best first (ties keep input order)."""
@@ -119,6 +123,7 @@ class Selection:
             "weights": {k: round(v, 6) for k, v in self.weights.items()},
             "reason": None,
             "selection_id": self.id,
+            "task_scorer": None if self.task_scorer is None else dict(self.task_scorer),
         }
 
 
@@ -140,6 +145,7 @@ METADATA_KEYS = (
     "weights",
     "reason",
     "selection_id",
+    "task_scorer",
 )
 """The keys of the ``capplug`` metadata every best-of-n surface reports (docs/usage.md, "The capplug metadata")."""
 
@@ -164,6 +170,7 @@ def unscored_metadata(texts: Sequence[str], order: Sequence[int], reason: str) -
         "weights": None,
         "reason": reason,
         "selection_id": None,
+        "task_scorer": None,
     }
 
 
@@ -337,6 +344,9 @@ class Reranker:
         feedback: record every selection in a :class:`capplug.feedback.FeedbackStore`
             (``True``: the default file; or a path, or a store), so that it can be judged
             later: :attr:`Selection.id` is then its id.
+        task_scorers: score with the task scorer adapted to the instruction's task, where the
+            guard allowed one (:class:`capplug.adapters.TaskScorers`; ``True``: the default
+            folder; or a folder); :attr:`Selection.task_scorer` says which scored and why.
     """
 
     def __init__(
@@ -347,6 +357,7 @@ class Reranker:
         signals: Sequence[str] | None = None,
         lm: Any = None,
         feedback: Any = None,
+        task_scorers: Any = None,
     ) -> None:
         from capplug.scoring import load_scorer
 
@@ -368,6 +379,7 @@ class Reranker:
             lm = LocalChatModel.from_pretrained(lm)
         self.lm = lm
         self.feedback = as_feedback_store(feedback)
+        self.task_scorers = as_task_scorers(task_scorers, scorer)
 
     def __repr__(self) -> str:
         return f"Reranker(scorer={self.scorer!r}, signals={self.signals}, lm={self.lm!r})"
@@ -407,8 +419,13 @@ class Reranker:
         ):
             lp, counts = self._lm_logprobs(instruction, texts)
         scores = None
+        task = None
         if self.scorer is not None and "scorer" in self.signals and len(texts) > 1:
-            scores = score_distinct(self.scorer.score, instruction, texts)
+            scorer = self.scorer
+            if self.task_scorers is not None:
+                found = self.task_scorers.find(instruction)
+                scorer, task = found.scorer or scorer, found.info
+            scores = score_distinct(scorer.score, instruction, texts)
         chosen = choose(
             texts,
             scores=scores,
@@ -418,6 +435,8 @@ class Reranker:
             combiner=self.combiner,
             signals=self.signals,
         )
+        if task is not None:
+            chosen = replace(chosen, task_scorer=task)
         if self.feedback is None:
             return chosen
         return record(self.feedback, instruction, chosen, surface="python")
@@ -464,6 +483,25 @@ def record(feedback: Any, instruction: Instruction, chosen: Selection, **details
         **details,
     )
     return replace(chosen, id=selection_id)
+
+
+def as_task_scorers(value: Any, scorer: Any) -> Any:
+    """The task scorers a caller means: ``None``/``False`` for none, ``True`` for the default
+    folder, a folder, or a :class:`capplug.adapters.TaskScorers` (used as it is)."""
+    if value is None or value is False:
+        return None
+    if callable(getattr(value, "find", None)):
+        return value
+    if value is True or isinstance(value, str | os.PathLike):
+        if scorer is None:
+            raise ValueError("task_scorers adapt the scorer; they need a scorer")
+        from capplug.adapters.task_scorers import TaskScorers
+
+        return TaskScorers(None if value is True else value, scorer=scorer)
+    raise TypeError(
+        "task_scorers must be True, a folder, or a capplug.adapters.TaskScorers; "
+        f"got {type(value).__name__}"
+    )
 
 
 def combiner_of(scorer: Any) -> Combiner:

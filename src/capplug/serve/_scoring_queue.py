@@ -30,6 +30,7 @@ class _ScoringJob:
     costs: list[int] = field(default_factory=list)  # estimated tokens of each pair
     arrived: float = field(default_factory=time.monotonic)
     scores: list[float] = field(default_factory=list)  # of responses[: len(scores)]
+    scorer: Any = None  # a task scorer for this request; None: the queue's own
 
     @property
     def remaining(self) -> int:
@@ -92,10 +93,15 @@ class ScoringQueue:
         # About four characters per token; the scorer cuts every pair to max_length.
         return min(self._max_length, (len(instruction) + len(response)) // 4 + 3)
 
-    async def score(self, instruction: str, responses: list[str]) -> list[float]:
-        """Scores of ``responses`` to ``instruction``, in order; awaits the worker thread."""
+    async def score(
+        self, instruction: str, responses: list[str], *, scorer: Any = None
+    ) -> list[float]:
+        """Scores of ``responses`` to ``instruction``, in order; awaits the worker thread.
+
+        ``scorer``: score this request with another scorer of the same kind (a task scorer);
+        requests are batched only with others that use the same scorer."""
         loop = asyncio.get_running_loop()
-        job = _ScoringJob(instruction, responses, loop, loop.create_future())
+        job = _ScoringJob(instruction, responses, loop, loop.create_future(), scorer=scorer)
         job.costs = [self._cost(instruction, r) for r in responses]
         with self._wake:
             self._pending.append(job)
@@ -124,6 +130,8 @@ class ScoringQueue:
         tokens = 0
         slice_tokens = max(self.slice_tokens, int(self._tokens_per_second * self.slice_seconds))
         for job in order:
+            if call and job.scorer is not call[0][0].scorer:
+                continue  # one call, one scorer
             start = len(job.scores)
             remaining = job.remaining
             if self._pairwise is None or remaining <= slice_tokens:
@@ -187,13 +195,12 @@ class ScoringQueue:
             job.scores.extend(scores)
             self._finish(job)
 
-    def _score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
-        """The scorer's scores of ``pairs``, split over the part threads when there are some."""
-        assert self._pairwise is not None
+    def _score_pairs(self, pairwise: Any, pairs: list[tuple[str, str]]) -> list[float]:
+        """``pairwise(pairs)``, split over the part threads when there are some."""
         if self._parts is None or len(pairs) < 2:
-            return list(self._pairwise(pairs))
+            return list(pairwise(pairs))
         futures = [
-            self._parts.submit(self._pairwise, pairs[start:end])
+            self._parts.submit(pairwise, pairs[start:end])
             for start, end in _split(len(pairs), self._threads)
         ]
         return [float(s) for future in futures for s in future.result()]
@@ -211,11 +218,13 @@ class ScoringQueue:
         parts = [
             (job, job.responses[len(job.scores) : len(job.scores) + take]) for job, take in call
         ]
-        if self._pairwise is None:
-            results = [list(self.scorer.score(job.instruction, texts)) for job, texts in parts]
+        scorer = call[0][0].scorer or self.scorer
+        pairwise = self._pairwise if scorer is self.scorer else getattr(scorer, "score_pairs", None)
+        if self._pairwise is None or pairwise is None:
+            results = [list(scorer.score(job.instruction, texts)) for job, texts in parts]
         else:
             pairs = [(job.instruction, text) for job, texts in parts for text in texts]
-            flat = self._score_pairs(pairs)
+            flat = self._score_pairs(pairwise, pairs)
             results, start = [], 0
             for _, texts in parts:
                 results.append(flat[start : start + len(texts)])

@@ -17,9 +17,6 @@ from typing import Any
 
 import torch
 
-from capplug.adapters.adapter_folder import (
-    AdapterFiles,
-)
 from capplug.adapters.examples import (
     AnswerLogits,
     Encoded,
@@ -33,6 +30,9 @@ from capplug.adapters.hypernetwork import (
 )
 from capplug.data.bigbench import Example, Task
 from capplug.llms.local import LocalChatModel
+from capplug.models.adapter_folder import (
+    AdapterFiles,
+)
 from capplug.training.loop import (
     Loop,
     Precision,

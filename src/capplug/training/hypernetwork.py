@@ -52,14 +52,6 @@ from typing import Any
 import torch
 
 from capplug._cache import sha256_file
-from capplug.adapters.adapter_folder import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterFiles,
-    linear_shapes,
-    model_identity,
-    read_adapter,
-)
 from capplug.adapters.hypernetwork import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -69,6 +61,14 @@ from capplug.adapters.hypernetwork import (
 )
 from capplug.data.bigbench import Task
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+from capplug.models.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFiles,
+    linear_shapes,
+    model_identity,
+    read_adapter,
+)
 from capplug.training.hypernet_run import (
     HypernetRun,
     HypernetTrainConfig,

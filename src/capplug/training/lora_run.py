@@ -20,16 +20,16 @@ from typing import Any
 import torch
 
 from capplug._runtime import seeded
-from capplug.adapters.adapter_folder import (
+from capplug.adapters.examples import Encoded, answer_logits, encode_example
+from capplug.adapters.runtime import quiet_peft
+from capplug.data.bigbench import Example
+from capplug.llms.local import LocalChatModel
+from capplug.models.adapter_folder import (
     META_BASE_ARCHITECTURE,
     META_BASE_MODEL,
     BaseModelIdentity,
     write_peft_folder,
 )
-from capplug.adapters.examples import Encoded, answer_logits, encode_example
-from capplug.adapters.runtime import quiet_peft
-from capplug.data.bigbench import Example
-from capplug.llms.local import LocalChatModel
 from capplug.training.loop import (
     LOG_FILE,
     SUMMARY_FILE,

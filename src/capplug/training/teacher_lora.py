@@ -62,12 +62,12 @@ from typing import Any, Literal
 import torch
 
 from capplug._cache import write_json_atomic
-from capplug.adapters.adapter_folder import (
+from capplug.data.bigbench import Example, Task
+from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
+from capplug.models.adapter_folder import (
     BaseModelIdentity,
     model_identity,
 )
-from capplug.data.bigbench import Example, Task
-from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 from capplug.training.loop import (
     check_int,
     fingerprint,

@@ -34,7 +34,7 @@ from store_fakes import (  # noqa: F401 - the autouse fixture guards every test 
 )
 
 from capplug import TruncationWarning
-from capplug.adapters.adapter_folder import AdapterFileError, WrongBaseModelError
+from capplug.models.adapter_folder import AdapterFileError, WrongBaseModelError
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import (
     AdapterRecord,

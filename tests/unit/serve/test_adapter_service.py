@@ -575,7 +575,7 @@ def test_one_generation_at_a_time_off_the_event_loop(
 
 
 def test_runtime_for_another_base_model_is_refused(tmp_path: Path, runtime: AdapterRuntime) -> None:
-    from capplug.adapters.adapter_folder import WrongBaseModelError
+    from capplug.models.adapter_folder import WrongBaseModelError
 
     with (
         AdapterStore(

@@ -21,7 +21,7 @@ from capplug.adapters import (
     train_task_lora,
     write_peft_folder,
 )
-from capplug.adapters.adapter_folder import peft_key
+from capplug.models.adapter_folder import peft_key
 from capplug.adapters.examples import LoraInjection, answer_logits, encode_example
 from capplug.cli import main
 from capplug.errors import CheckpointError, ModelNotFoundError

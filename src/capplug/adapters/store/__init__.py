@@ -28,7 +28,7 @@ embedding itself and hands Chroma vectors, so an exact repeat (same normalised t
 from the hash alone, without running the encoder.
 
 **Files.** An adapter is written into a staging folder, checked as peft would load it
-(:func:`~capplug.adapters.adapter_folder.read_adapter`), renamed into place and indexed under the
+(:func:`~capplug.models.adapter_folder.read_adapter`), renamed into place and indexed under the
 store-wide lock; :meth:`AdapterStore.files` re-hashes both files against the index on every load,
 and :meth:`AdapterStore.read_file` hashes the very bytes it hands out (read without following
 links). A hit is checked before it is returned too: its files are hashed unless this store object
@@ -85,7 +85,6 @@ instructions, checking a hit; ``_verify``: verify and repair; ``_eviction``: del
 evicting; ``_checks``: argument checks.
 """
 
-from capplug.adapters.adapter_folder import WrongBaseModelError
 from capplug.adapters.store._checks import check_name
 from capplug.adapters.store._index import chroma_settings, collection_name
 from capplug.adapters.store.records import (
@@ -126,6 +125,7 @@ from capplug.errors import (
     UnknownAdapterError,
     UnknownAdapterFileError,
 )
+from capplug.models.adapter_folder import WrongBaseModelError
 
 __all__ = [
     "ADAPTER_FILES",

@@ -16,13 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capplug._cache import sha256_file, staging_dir, write_json_atomic
-from capplug.adapters.adapter_folder import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    META_BASE_MODEL,
-    read_adapter,
-    write_peft_folder,
-)
 from capplug.adapters.store._checks import (
     ADAPTER_ID,
     check_base,
@@ -46,6 +39,13 @@ from capplug.adapters.store.records import (
     records_from_rows,
 )
 from capplug.errors import AdapterNameTakenError, CorruptAdapterError, UnknownAdapterError
+from capplug.models.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    META_BASE_MODEL,
+    read_adapter,
+    write_peft_folder,
+)
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection

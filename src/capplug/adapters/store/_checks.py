@@ -9,9 +9,9 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from capplug.adapters.adapter_folder import WrongBaseModelError, canonical_model_name
 from capplug.adapters.store.records import SOURCES, Source
 from capplug.errors import AdapterNameError, TruncationWarning, UnknownAdapterError
+from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from capplug.adapters.adapter_folder import ADAPTER_WEIGHTS
 from capplug.adapters.store.records import (
     ADAPTER_FILES,
     CORRUPT_DIR,
@@ -27,6 +26,7 @@ from capplug.adapters.store.records import (
     settled,
 )
 from capplug.errors import CorruptAdapterError, RefusedAdapterFileError, UnknownAdapterFileError
+from capplug.models.adapter_folder import ADAPTER_WEIGHTS
 
 _locks: dict[Path, FileLock] = {}
 _locks_guard = threading.Lock()

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from filelock import FileLock
 
 from capplug._cache import write_json_atomic
-from capplug.adapters.adapter_folder import canonical_model_name
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store._files import file_lock
 from capplug.adapters.store.records import COLLECTION_FILE, FORMAT, LOCKS_DIR, AdapterRecord
 from capplug.errors import AdapterStoreError
+from capplug.models.adapter_folder import canonical_model_name
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
@@ -146,6 +146,10 @@ class StoreIndex:
         if added is not None and self._hashes is not None and self._hashes_for == before:
             self._hashes.add(added)
             self._hashes_for = self.local.seen
+
+    def generation(self) -> str | None:
+        """The local index's generation token as written now (``None`` with a server)."""
+        return None if self.local is None else self.local.read_generation()
 
     def known_hashes(self, collection: Collection) -> set[str] | None:
         """The instruction hashes in a local index at its current generation (else ``None``)."""
@@ -298,6 +302,10 @@ class LocalIndex:
         import chromadb
 
         return chromadb.PersistentClient(path=str(self.path), settings=chroma_settings())
+
+    def read_generation(self) -> str:
+        """The generation token as the file holds it now."""
+        return self._generation()
 
     def _generation(self) -> str:
         try:

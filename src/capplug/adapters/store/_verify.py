@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING
 
 from capplug._cache import sha256_file
-from capplug.adapters.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.adapters.store._adding import pending_adds
 from capplug.adapters.store._checks import ADAPTER_ID
 from capplug.adapters.store._eviction import delete_adapters
@@ -31,6 +30,7 @@ from capplug.adapters.store.records import (
     records_from_rows,
 )
 from capplug.errors import CorruptAdapterError
+from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from capplug._cache import sha256_file
-from capplug.adapters.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.errors import CorruptAdapterError
+from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 if TYPE_CHECKING:
     import torch

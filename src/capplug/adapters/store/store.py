@@ -9,12 +9,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from capplug.adapters.adapter_folder import (
-    META_BASE_MODEL,
-    AdapterFiles,
-    canonical_model_name,
-    read_adapter,
-)
 from capplug.adapters.store import _adding, _eviction, _lookup, _verify
 from capplug.adapters.store._checks import (
     ADAPTER_ID,
@@ -52,6 +46,12 @@ from capplug.adapters.store.records import (
     records_from_rows,
 )
 from capplug.errors import NoGeneratorError, UnknownAdapterError
+from capplug.models.adapter_folder import (
+    META_BASE_MODEL,
+    AdapterFiles,
+    canonical_model_name,
+    read_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,12 @@ class AdapterStore:
         if exact:
             return [Match(record, 1.0) for record in exact[:k]]
         return [m for m in _lookup.nearest(self, text, k) if m.similarity >= threshold]
+
+    def generation(self) -> str | None:
+        """A token that changes whenever adapters are added to or removed from the index, by
+        any process (``None`` with a shared Chroma server, which keeps no such token): what a
+        caller caching lookups compares."""
+        return self._index.generation()
 
     def get_or_create(self, instruction: str, *, threshold: float | None = None) -> Result:
         """A stored adapter for ``instruction`` when one is similar enough, else a new one.

@@ -14,12 +14,6 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import Counter, Histogram
 
-from capplug.adapters.adapter_folder import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterFileError,
-    WrongBaseModelError,
-)
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import (
     AdapterNameError,
@@ -32,6 +26,12 @@ from capplug.adapters.store import (
     UnknownAdapterError,
     UnknownAdapterFileError,
     check_name,
+)
+from capplug.models.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFileError,
+    WrongBaseModelError,
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError

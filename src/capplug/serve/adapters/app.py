@@ -13,13 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from capplug.adapters.adapter_folder import (
+from capplug.adapters.runtime import AdapterRuntime
+from capplug.adapters.store import AdapterStore
+from capplug.models.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     WrongBaseModelError,
 )
-from capplug.adapters.runtime import AdapterRuntime
-from capplug.adapters.store import AdapterStore
 from capplug.serve import _chat
 from capplug.serve._http import (
     APIError,

@@ -109,8 +109,10 @@ class Candidates:
         feedback: Any,
         native_n: Literal["auto", "never"],
         quirk_seconds: float,
+        task_scorers: Any = None,
     ) -> None:
         self.upstream = upstream
+        self.task_scorers = task_scorers
         self.metrics = upstream.metrics
         self.scoring = scoring
         self.combiner = combiner
@@ -162,16 +164,23 @@ class Candidates:
         collected = await acollect(call, n, native=False, max_concurrency=None)
         return _received_or_raise(collected), replies
 
-    async def select(self, instruction: str, choices: list[dict[str, Any]]) -> Selection:
-        """The selection core's choice among ``choices``, and the order to return them in."""
+    async def select(
+        self, instruction: str, choices: list[dict[str, Any]], task: str | None = None
+    ) -> Selection:
+        """The selection core's choice among ``choices``, and the order to return them in;
+        ``task`` (a chat's system message) finds its task scorer, if there are any."""
         texts = [candidate_text(c) for c in choices]
         order = tool_call_order([has_tool_calls(c) for c in choices])
         if order is not None:
             return Selection(order, unscored_metadata(texts, order, TOOL_CALLS_UNSCORED))
         unique, where = distinct(texts)
         started = time.perf_counter()
+        found = None
         try:
-            unique_scores = await self.scoring.score(instruction, unique)
+            if self.task_scorers is not None:
+                found = await asyncio.to_thread(self.task_scorers.find, task or instruction)
+            scorer = None if found is None else found.scorer
+            unique_scores = await self.scoring.score(instruction, unique, scorer=scorer)
         except Exception as error:
             seconds = time.perf_counter() - started
             self.metrics.scoring_failures.inc()
@@ -194,7 +203,9 @@ class Candidates:
         )
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
-        return Selection(chosen.order(), chosen.metadata(), seconds)
+        metadata = chosen.metadata()
+        metadata["task_scorer"] = None if found is None else found.info
+        return Selection(chosen.order(), metadata, seconds)
 
     async def choose(
         self,
@@ -209,6 +220,7 @@ class Candidates:
         model: str,
         started: float,
         reason: str | None = None,
+        task: str | None = None,
     ) -> tuple[list[int], dict[str, Any], dict[str, str]]:
         """Choose among one request's candidates: the order to return them in (``want`` of
         them), the ``capplug`` metadata, and the headers that say the same. Counts and times
@@ -228,13 +240,13 @@ class Candidates:
                 len(choices),
                 describe_error(collected.failures[-1]),
             )
-        selection = await self.select(instruction, choices)
+        selection = await self.select(instruction, choices, task)
         if reason is not None:
             selection.metadata["reason"] = reason
         order = selection.order[:want]
         if self.feedback is not None and selection.metadata["scores"] is not None:
             selection.metadata["selection_id"] = await self._record(
-                instruction, selection.metadata, model
+                instruction, selection.metadata, model, task
             )
         meta = {
             **collected.metadata(n),
@@ -263,7 +275,9 @@ class Candidates:
         }
         return order, meta, headers
 
-    async def _record(self, instruction: str, chosen: dict[str, Any], model: str) -> str | None:
+    async def _record(
+        self, instruction: str, chosen: dict[str, Any], model: str, task: str | None
+    ) -> str | None:
         """Store a reranked answer's selection for feedback; its id, or None if storing failed
         (the answer goes out either way)."""
         try:
@@ -275,6 +289,7 @@ class Candidates:
                 scores=chosen["scores"],
                 surface="proxy",
                 model=model or None,
+                task=task,
             )
         except Exception as error:
             logger.error("could not record the selection for feedback: %s", describe_error(error))

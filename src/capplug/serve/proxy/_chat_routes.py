@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from capplug.chat import task_text
 from capplug.llms.collect import describe_error, names_parameter
 from capplug.llms.retry import AttemptBudget
 from capplug.serve._http import read_json_object, unless_disconnected
@@ -127,6 +128,7 @@ class ChatRoutes:
             model=model_name,
             started=started,
             reason=reason,
+            task=task_text(body["messages"], argument="messages"),
         )
         usage = summed_usage(replies.replies)
         returned = [{**choices[i], "index": j} for j, i in enumerate(order)]
@@ -181,6 +183,7 @@ class ChatRoutes:
             want=1,
             model=model if isinstance(model, str) else "",
             started=started,
+            task=body["instructions"] if isinstance(body.get("instructions"), str) else None,
         )
         chosen = collected.received[order[0]]
         usage = summed_usage(replies.replies)

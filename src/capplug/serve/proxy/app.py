@@ -17,7 +17,7 @@ from prometheus_client import (
 
 from capplug.feedback import as_feedback_store
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
-from capplug.selection import combiner_of
+from capplug.selection import as_task_scorers, combiner_of
 from capplug.serve._feedback import install_feedback_routes
 from capplug.serve._http import (
     BEARER,
@@ -87,6 +87,7 @@ def create_proxy_app(
     request_logprobs: bool = True,
     feedback: Any = None,
     scoring_threads: int = 1,
+    task_scorers: Any = None,
 ) -> FastAPI:
     """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
 
@@ -117,6 +118,11 @@ def create_proxy_app(
         feedback: a :class:`capplug.feedback.FeedbackStore` (or a path to one) that records
             every reranked answer's candidates and choice, so that clients can judge them
             (``POST /v1/feedback`` with the answer's ``selection_id``); ``None`` records nothing.
+        task_scorers: score each request with the task scorer adapted to its task (its system
+            message, else the whole conversation) where the guard allowed one: a
+            :class:`capplug.adapters.TaskScorers`, a folder, or ``True`` for the default folder.
+            Task scorers stored while the proxy runs are used from the next request on; the
+            answer's ``capplug.task_scorer`` says which scored and why.
         scoring_threads: threads that score the parts of each scoring call, each with one torch
             thread; more than 1 only where torch is set to one thread (``capplug serve proxy``
             does this on a machine without a GPU), else they would oversubscribe the cores.
@@ -166,6 +172,7 @@ def create_proxy_app(
 
     loaded = load_scorer(scorer)
     feedback_store = as_feedback_store(feedback)
+    task_store = as_task_scorers(task_scorers, loaded)
     proxy_metrics = ProxyMetrics()
     target = Upstream(
         upstream,
@@ -184,6 +191,7 @@ def create_proxy_app(
         feedback=feedback_store,
         native_n=native_n,
         quirk_seconds=_QUIRK_SECONDS,
+        task_scorers=task_store,
     )
     chat = ChatRoutes(
         target,

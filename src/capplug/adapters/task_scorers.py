@@ -1,0 +1,274 @@
+"""Task scorers in the adapter store, found by instruction, used only where the guard allowed.
+
+A task scorer is a scorer adapted to one task, kept as a LoRA over the scorer it started from
+(:mod:`capplug.scoring.lora`). :class:`TaskScorers` keeps them in an :class:`AdapterStore` whose
+base model is that scorer: the same folder layout, Chroma index, sha256 checks, locking, names
+and repair as LLM adapters, in the scorer's own collection (a store root may hold both kinds).
+
+Each is indexed by its task's instruction and carries the guard's verdict in its safetensors
+header (``capplug_guard``: the mean label of the default's and the adapted scorer's picks on
+held-out feedback, and whether to use it). :meth:`TaskScorers.find` looks up the instruction's
+task (:func:`capplug.chat.task_text`: a chat's system turns, else the whole text) and returns the
+nearest task scorer within the threshold that the guard allowed, merged into a scorer sharing
+the default's untouched weights (the ``max_loaded`` most recent stay in memory), or ``None``
+for the default; either way with the facts for the selection's ``capplug`` metadata.
+
+Lookups read the index every time, so task scorers added by another process (``capplug adapt
+--from-feedback --task-scorers DIR``) are used from the next selection on, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capplug._cache import cache_home
+from capplug.adapters.store import AdapterStore
+from capplug.adapters.store.records import AdapterRecord
+from capplug.chat import Instruction, task_text
+from capplug.errors import AdapterFileError, WrongBaseModelError
+from capplug.models.adapter_folder import (
+    AdapterFiles,
+    linear_shapes,
+    read_adapter,
+    write_peft_folder,
+)
+from capplug.scoring.lora import KIND, META_KIND
+
+__all__ = ["META_GUARD", "TaskScorerChoice", "TaskScorers", "default_task_scorers_path"]
+
+META_GUARD = "capplug_guard"
+"""The guard's verdict (JSON) in a task scorer's safetensors header."""
+DEFAULT_THRESHOLD = 0.8
+
+
+def default_task_scorers_path() -> Path:
+    """``$CAPPLUG_TASK_SCORERS``, else ``task-scorers`` in the capplug home."""
+    env = os.environ.get("CAPPLUG_TASK_SCORERS")
+    return Path(env).expanduser() if env else cache_home() / "task-scorers"
+
+
+@dataclass(frozen=True)
+class TaskScorerChoice:
+    """Which scorer a selection uses, and why."""
+
+    scorer: Any | None
+    """The task scorer to use, or ``None`` for the default."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """JSON-ready facts for the ``task_scorer`` entry of the ``capplug`` metadata."""
+
+
+class TaskScorers:
+    """Task scorers for one scorer, kept in an adapter store and found by instruction.
+
+    Args:
+        root: the store folder (default: :func:`default_task_scorers_path`).
+        scorer: the default scorer (a :class:`~capplug.scoring.Scorer`) they adapt.
+        threshold: the least instruction similarity, in [0, 1], that finds a task scorer.
+        max_loaded: task scorers kept merged in memory (each costs the adapted layers: about
+            40 MB for MiniLM).
+        chroma_url: a shared Chroma server, as for :class:`AdapterStore`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        scorer: Any,
+        threshold: float = DEFAULT_THRESHOLD,
+        max_loaded: int = 4,
+        chroma_url: str | None = None,
+    ) -> None:
+        if not hasattr(scorer, "with_lora"):
+            raise TypeError(
+                "task scorers adapt a capplug Scorer; got "
+                f"{type(scorer).__name__} (load one with Scorer.from_pretrained)"
+            )
+        if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
+            raise ValueError(f"max_loaded must be an integer >= 1; got {max_loaded!r}")
+        self.scorer = scorer
+        self.store = AdapterStore(
+            default_task_scorers_path() if root is None else root,
+            base_model=scorer.name,
+            threshold=threshold,
+            chroma_url=chroma_url,
+        )
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._verdicts: dict[tuple[str, str], dict[str, Any]] = {}
+        self._found: OrderedDict[str, tuple[str, list[tuple[AdapterRecord, float]]]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"TaskScorers({str(self.store.root)!r}, scorer={self.scorer.name!r})"
+
+    @property
+    def threshold(self) -> float:
+        return self.store.threshold
+
+    # ------------------------------------------------------------------------------ adding
+
+    def add(
+        self,
+        folder: str | os.PathLike[str],
+        instruction: str,
+        *,
+        guard: Any = None,
+        name: str | None = None,
+    ) -> AdapterRecord:
+        """Store the task scorer in ``folder`` (``capplug adapt --lora-rank`` writes one) for the
+        task ``instruction``, with the guard's verdict (a :class:`~capplug.scoring.guard.
+        GuardReport` or its dict; ``None`` stores it as not checked, so it is not used).
+
+        Once stored, a task scorer the guard allowed replaces the older ones for the same
+        instruction; one it refused leaves them in use.
+
+        Raises:
+            WrongBaseModelError: it adapts another scorer.
+            AdapterFileError: missing, truncated or corrupt files, or not a task scorer.
+        """
+        files = read_adapter(
+            folder, identity=self.scorer.identity, shapes=linear_shapes(self.scorer.model)
+        )
+        if files.metadata.get(META_KIND) != KIND:
+            raise AdapterFileError(
+                f"{files.folder} is an adapter for a language model, not a task scorer (its "
+                f"header has no {META_KIND}={KIND}); make one with capplug adapt --lora-rank"
+            )
+        verdict = _verdict_dict(guard)
+        header = {**files.metadata, META_GUARD: json.dumps(verdict)}
+        with tempfile.TemporaryDirectory(prefix="capplug-task-scorer-") as tmp:
+            write_peft_folder(files.state_dict, files.config, tmp, metadata=header)
+            record = self.store.import_folder(tmp, instruction, source="trained", name=name)
+        if verdict["use"]:
+            for older in self.store.lookup(record.instruction, threshold=1.0, k=100):
+                if older.record.id != record.id and older.record.instruction_hash == (
+                    record.instruction_hash
+                ):
+                    self.store.remove(older.record.id)
+        return record
+
+    # ------------------------------------------------------------------------------ finding
+
+    def find(self, instruction: Instruction) -> TaskScorerChoice:
+        """The task scorer for ``instruction``'s task, or ``None`` with the reason."""
+        task = task_text(instruction)
+        if not task.strip():
+            return TaskScorerChoice(None, {"used": False, "reason": "the instruction is empty"})
+        task = task[: self.store.max_instruction_chars]
+        with self._lock:
+            matches = self._matches(task)
+        refused = None
+        for record, similarity in matches:
+            verdict = self.verdict(record)
+            info = {
+                "id": record.id,
+                "name": record.name,
+                "instruction": record.instruction,
+                "similarity": round(similarity, 4),
+                "guard": verdict,
+            }
+            if not verdict.get("use"):
+                refused = refused or info
+                continue
+            try:
+                scorer = self._scorer(record)
+            except (AdapterFileError, WrongBaseModelError, OSError) as exc:
+                refused = refused or {**info, "error": str(exc)}
+                continue
+            return TaskScorerChoice(scorer, {**info, "used": True})
+        if refused is not None:
+            reason = refused.get("error") or refused["guard"].get("reason", "")
+            return TaskScorerChoice(
+                None, {**refused, "used": False, "reason": f"default scorer: {reason}"}
+            )
+        return TaskScorerChoice(
+            None,
+            {
+                "used": False,
+                "reason": f"no task scorer within similarity {self.threshold} of this task",
+            },
+        )
+
+    def verdict(self, record: AdapterRecord) -> dict[str, Any]:
+        """The guard's verdict stored with a task scorer (read once per stored file)."""
+        key = (record.id, record.sha256)
+        cached = self._verdicts.get(key)
+        if cached is None:
+            files = read_adapter(record.folder)
+            cached = _stored_verdict(files)
+            self._verdicts[key] = cached
+        return cached
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every stored task scorer with its guard verdict, most recently used first."""
+        out = []
+        for record in self.store.list_adapters():
+            try:
+                verdict = self.verdict(record)
+            except (AdapterFileError, OSError) as exc:
+                verdict = {"use": False, "reason": f"unreadable: {exc}"}
+            out.append({**record.to_dict(), "guard": verdict})
+        return out
+
+    def _matches(self, task: str) -> list[tuple[AdapterRecord, float]]:
+        generation = self.store.generation()
+        cached = self._found.get(task)
+        if cached is not None and generation is not None and cached[0] == generation:
+            self._found.move_to_end(task)
+            return cached[1]
+        matches = [(m.record, m.similarity) for m in self.store.lookup(task, k=3)]
+        if generation is not None:
+            self._found[task] = (generation, matches)
+            while len(self._found) > 1024:
+                self._found.popitem(last=False)
+        return matches
+
+    def _scorer(self, record: AdapterRecord) -> Any:
+        key = f"{record.id}:{record.sha256}"
+        with self._lock:
+            scorer = self._loaded.get(key)
+            if scorer is not None:
+                self._loaded.move_to_end(key)
+                return scorer
+        paths = self.store.files(record.id)  # hashed against the index
+        files = read_adapter(
+            paths.folder, identity=self.scorer.identity, shapes=linear_shapes(self.scorer.model)
+        )
+        scorer = self.scorer.with_lora(files)
+        with self._lock:
+            self._loaded[key] = scorer
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+        return scorer
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _verdict_dict(guard: Any) -> dict[str, Any]:
+    if guard is None:
+        return {"use": False, "reason": "not checked by the guard; adapt with a held-out slice"}
+    verdict = guard.to_dict() if hasattr(guard, "to_dict") else dict(guard)
+    if not isinstance(verdict.get("use"), bool):
+        raise ValueError("the guard verdict must say 'use': true or false")
+    return verdict
+
+
+def _stored_verdict(files: AdapterFiles) -> dict[str, Any]:
+    raw = files.metadata.get(META_GUARD)
+    if raw is None:
+        return {"use": False, "reason": "stored without a guard verdict"}
+    try:
+        verdict = json.loads(raw)
+    except ValueError:
+        return {"use": False, "reason": "its guard verdict is unreadable"}
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("use"), bool):
+        return {"use": False, "reason": "its guard verdict is unreadable"}
+    return verdict
