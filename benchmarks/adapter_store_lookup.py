@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from capplug._cache import cache_home, sha256_file, write_json_atomic
-from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import AdapterRecord, AdapterStore, instruction_hash
 from capplug.data.bigbench import load_task, task_names
+from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 RESULTS = Path(__file__).parent / "results"
 BASE = "smollm2-135m-instruct"

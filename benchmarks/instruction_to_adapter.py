@@ -164,8 +164,8 @@ class Models:
 
     def load_runtime(self) -> Any:
         if self.runtime is None:
-            from capplug.models.adapter_folder import model_identity
             from capplug.adapters.runtime import AdapterRuntime
+            from capplug.models.adapter_folder import model_identity
 
             chat = self.load_chat()
             identity = model_identity(self.base_ref, chat.model.config)
@@ -194,9 +194,9 @@ def train_missing_ceilings(
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from capplug.models.adapter_folder import AdapterFileError, canonical_model_name
     from capplug.adapters.examples import user_prompt
     from capplug.errors import CheckpointError, ModelNotFoundError
+    from capplug.models.adapter_folder import AdapterFileError, canonical_model_name
     from capplug.training.teacher_lora import task_folder_name
 
     tasks = args.tasks or task_names("dev", "instruction_to_adapter")

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import torch
 
-from capplug.models.adapter_folder import read_adapter
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import AdapterStore, chroma_settings
+from capplug.models.adapter_folder import read_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -224,3 +224,39 @@ def test_the_feedback_command(store: FeedbackStore, tmp_path: Path, capsys):
     assert len(out.read_text().splitlines()) == 3
     assert main(["feedback", "stats", "--db", str(tmp_path / "none.sqlite3")]) == 2
     assert "no feedback store" in capsys.readouterr().err
+
+
+def test_each_selection_keeps_its_task_to_group_feedback_by(store: FeedbackStore):
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi?"}]
+    one = store.record(chat, ANSWERS, 0)
+    two = store.record(QUESTION, ANSWERS, 0)
+    assert store.selection(one)["task"] == "Answer briefly."  # a chat's system message
+    assert store.selection(two)["task"] == QUESTION  # else the whole instruction
+    store.add(one, preferred=1)
+    store.add(two, preferred=1)
+    assert {r["task"] for r in store.rows()} == {"Answer briefly.", QUESTION}
+    tasks = {t["task"]: t["judged_selections"] for t in store.stats()["tasks"]}
+    assert tasks == {"Answer briefly.": 1, QUESTION: 1}
+
+
+def test_a_store_written_before_tasks_is_opened_and_keeps_its_rows(tmp_path: Path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE selections (id TEXT PRIMARY KEY, created REAL NOT NULL, surface TEXT "
+            "NOT NULL, model TEXT, instruction TEXT NOT NULL, candidates TEXT NOT NULL, chosen "
+            "INTEGER NOT NULL, scores TEXT);"
+            "INSERT INTO selections VALUES ('sel_old', 1.0, 'proxy', NULL, 'Old question?', "
+            '\'["a", "b"]\', 0, NULL);'
+        )
+    store = FeedbackStore(path)
+    assert store.selection("sel_old")["task"] == "Old question?"
+    store.add("sel_old", preferred=1)
+    assert [r["label"] for r in store.rows()] == [0.0, 1.0]
+
+
+def test_the_proxy_records_the_system_message_as_the_task(store: FeedbackStore):
+    upstream = Upstream(lambda r: httpx2.Response(200, json=completion(["Lyon", "Paris"])))
+    with proxy(upstream, LookupScorer({"Paris": 0.9}), n=2, feedback=store) as client:
+        sid = ok(post(client))["capplug"]["selection_id"]
+    assert store.selection(sid)["task"] == CHAT["messages"][0]["content"]

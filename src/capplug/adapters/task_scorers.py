@@ -20,6 +20,7 @@ Lookups read the index every time, so task scorers added by another process (``c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -32,7 +33,7 @@ from capplug._cache import cache_home
 from capplug.adapters.store import AdapterStore
 from capplug.adapters.store.records import AdapterRecord
 from capplug.chat import Instruction, task_text
-from capplug.errors import AdapterFileError, WrongBaseModelError
+from capplug.errors import AdapterFileError, UnknownAdapterError
 from capplug.models.adapter_folder import (
     AdapterFiles,
     linear_shapes,
@@ -40,6 +41,8 @@ from capplug.models.adapter_folder import (
     write_peft_folder,
 )
 from capplug.scoring.lora import KIND, META_KIND
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["META_GUARD", "TaskScorerChoice", "TaskScorers", "default_task_scorers_path"]
 
@@ -166,25 +169,29 @@ class TaskScorers:
             matches = self._matches(task)
         refused = None
         for record, similarity in matches:
-            verdict = self.verdict(record)
-            info = {
+            info: dict[str, Any] = {
                 "id": record.id,
                 "name": record.name,
                 "instruction": record.instruction,
                 "similarity": round(similarity, 4),
-                "guard": verdict,
             }
+            try:
+                verdict = info["guard"] = self.verdict(record)
+            except (AdapterFileError, OSError) as exc:
+                refused = refused or {**info, "guard": None, "error": str(exc)}
+                continue
             if not verdict.get("use"):
                 refused = refused or info
                 continue
             try:
                 scorer = self._scorer(record)
-            except (AdapterFileError, WrongBaseModelError, OSError) as exc:
+            except (AdapterFileError, UnknownAdapterError, OSError) as exc:
                 refused = refused or {**info, "error": str(exc)}
                 continue
             return TaskScorerChoice(scorer, {**info, "used": True})
         if refused is not None:
             reason = refused.get("error") or refused["guard"].get("reason", "")
+            logger.debug("task %r: the default scores (%s)", task[:80], reason)
             return TaskScorerChoice(
                 None, {**refused, "used": False, "reason": f"default scorer: {reason}"}
             )

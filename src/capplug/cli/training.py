@@ -378,8 +378,10 @@ def _run_adapt_tasks(args: argparse.Namespace) -> int:
     from capplug.scoring import Scorer
     from capplug.training.task_scorers import adapt_task_scorers
 
+    if args.task_scorers is None:
+        raise UsageError("--instruction-like goes with --task-scorers (where to store it)")
     if not args.from_feedback:
-        raise UsageError("--task-scorers and --instruction-like go with --from-feedback")
+        raise UsageError("--task-scorers goes with --from-feedback")
     if args.instruction_like is not None and not args.instruction_like.strip():
         raise UsageError("--instruction-like needs the task's instruction text")
     if args.min_selections < 2:

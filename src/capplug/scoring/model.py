@@ -9,7 +9,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +26,13 @@ from capplug._runtime import (
 from capplug.chat import Instruction, check_responses, flatten_chat
 from capplug.errors import CheckpointError, TruncationWarning
 from capplug.models import DEFAULT_SCORER, resolve
+from capplug.scoring._checkpoint import (
+    SCORE_MAPPING_KEY,
+    ScoreMapping,
+    clamp_length,
+    load_checkpoint,
+    model_name,
+)
 from capplug.scoring._precision import Precision, prepare
 from capplug.scoring._precision import choose as choose_cpu_precision
 
@@ -44,19 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ScoreMapping: TypeAlias = Literal["sigmoid", "clip"]
-"""How a raw logit becomes a score: ``sigmoid`` for checkpoints trained through a sigmoid
-(capplug's own), ``clip`` to [0, 1] for raw regression heads (the original Cappy)."""
-
-SCORE_MAPPING_KEY = "capplug_score_mapping"
-"""The ``config.json`` field that records a checkpoint's :data:`ScoreMapping`."""
-
-# Public checkpoints published without the field, whose training recipe fixes the mapping.
-_KNOWN_MAPPINGS: dict[str, ScoreMapping] = {"btan2/cappy-large": "clip"}
-
-# Model families whose position ids start after the padding index, costing positions.
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"}
 
 _warned_truncation = False
 # More characters than any token spans in practice (English averages 4 to 5 per token).
@@ -111,7 +105,7 @@ class Scorer:
         if model is None:
             if tokenizer is not None:
                 raise TypeError("give both model and tokenizer, or neither for the default scorer")
-            model, tokenizer, recorded = _load_checkpoint(DEFAULT_SCORER, score_mapping)
+            model, tokenizer, recorded = load_checkpoint(DEFAULT_SCORER, score_mapping)
             score_mapping = score_mapping or recorded
             name = DEFAULT_SCORER
         elif tokenizer is None or score_mapping is None:
@@ -125,7 +119,7 @@ class Scorer:
             raise CheckpointError(
                 f"a scorer needs a single-logit head; this model has {model.config.num_labels} labels"
             )
-        self.name: str = _model_name(name, model)
+        self.name: str = model_name(name, model)
         """The scorer's name in adapter files: a packaged name, a Hugging Face id or a folder."""
         self.device = pick_device(device)
         calibrate = self.device.type == "cpu" and (dtype is None or dtype == "auto")
@@ -134,7 +128,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.score_mapping: ScoreMapping = score_mapping
         self.model.config.update({SCORE_MAPPING_KEY: score_mapping})
-        self.max_length = _clamp_length(max_length, model.config, tokenizer)
+        self.max_length = clamp_length(max_length, model.config, tokenizer)
         if max_response_tokens is not None and max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1; got {max_response_tokens}")
         self.max_response_tokens = max_response_tokens or self.max_length // 2
@@ -214,7 +208,7 @@ class Scorer:
                 score_mapping=score_mapping,
                 max_response_tokens=max_response_tokens,
             ).with_lora(folder)
-        model, tokenizer, mapping = _load_checkpoint(ref, score_mapping)
+        model, tokenizer, mapping = load_checkpoint(ref, score_mapping)
         return cls(
             model,
             tokenizer,
@@ -492,63 +486,6 @@ class Scorer:
         )
 
 
-def _model_name(name: str | None, model: torch.nn.Module) -> str:
-    from capplug.models.adapter_folder import canonical_model_name
-
-    given = name or getattr(model.config, "_name_or_path", "") or "scorer"
-    return canonical_model_name(given)
-
-
-def _load_checkpoint(
-    ref: str | os.PathLike[str], score_mapping: ScoreMapping | None
-) -> tuple[torch.nn.Module, Any, ScoreMapping]:
-    """Model, tokenizer and score mapping of a single-logit checkpoint, checked first."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = resolve(ref)
-    config = AutoConfig.from_pretrained(folder)
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise CheckpointError(
-            f"{ref} is a bare backbone ({', '.join(architectures) or config.model_type}) with no "
-            f"scoring head; start one for training with Scorer.from_backbone({str(ref)!r})"
-        )
-    if config.num_labels != 1:
-        raise CheckpointError(
-            f"{ref} has a {config.num_labels}-label head; a scorer needs a single regression logit"
-        )
-    if not any(Path(folder).glob("*.safetensors")):
-        raise CheckpointError(
-            f"{ref} holds no .safetensors weights; capplug never loads pickled weights. "
-            f"Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
-        )
-    mapping = score_mapping or _recorded_mapping(config, str(ref))
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, use_safetensors=True, trust_remote_code=False
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model, tokenizer, mapping
-
-
-def _recorded_mapping(config: Any, ref: str) -> ScoreMapping:
-    recorded = getattr(config, SCORE_MAPPING_KEY, None)
-    if recorded in ("sigmoid", "clip"):
-        return recorded
-    if ref.lower() in _KNOWN_MAPPINGS:
-        return _KNOWN_MAPPINGS[ref.lower()]
-    # sentence-transformers records the activation its CrossEncoder applies.
-    activation = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn", "")
-    if activation.endswith("Sigmoid"):
-        return "sigmoid"
-    if activation.endswith("Identity"):
-        return "clip"
-    raise CheckpointError(
-        f"{ref} does not record how its logit maps to [0, 1] ({SCORE_MAPPING_KEY} in config.json); "
-        f"pass score_mapping='sigmoid' (trained through a sigmoid) or 'clip' (raw regression)"
-    )
-
-
 _PAIR_ENCODERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -599,20 +536,6 @@ def _warn_truncation(max_length: int, max_response_tokens: int) -> None:
         TruncationWarning,
         stacklevel=5,
     )
-
-
-def _clamp_length(max_length: int, config: Any, tokenizer: Any) -> int:
-    if not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"max_length must be an integer >= 8; got {max_length!r}")
-    limits = [max_length]
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions and getattr(config, "position_embedding_type", "absolute") == "absolute":
-        offset = (config.pad_token_id or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
-        limits.append(positions - offset)
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
-        limits.append(tokenizer_limit)
-    return min(limits)
 
 
 def load_scorer(scorer: Any = None) -> Any:

@@ -490,14 +490,14 @@ def as_task_scorers(value: Any, scorer: Any) -> Any:
     folder, a folder, or a :class:`capplug.adapters.TaskScorers` (used as it is)."""
     if value is None or value is False:
         return None
-    if callable(getattr(value, "find", None)):
-        return value
     if value is True or isinstance(value, str | os.PathLike):
         if scorer is None:
             raise ValueError("task_scorers adapt the scorer; they need a scorer")
         from capplug.adapters.task_scorers import TaskScorers
 
         return TaskScorers(None if value is True else value, scorer=scorer)
+    if callable(getattr(value, "find", None)):
+        return value
     raise TypeError(
         "task_scorers must be True, a folder, or a capplug.adapters.TaskScorers; "
         f"got {type(value).__name__}"

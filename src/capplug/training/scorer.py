@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,10 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from capplug._cache import staging_dir
 from capplug._runtime import seeded
 from capplug.data.rows import LabelledPair
-from capplug.models.adapter_folder import ADAPTER_CONFIG, BaseModelIdentity, read_adapter
+from capplug.models.adapter_folder import ADAPTER_CONFIG, read_adapter
 from capplug.scoring._precision import prepare
 from capplug.scoring.lora import (
     add_lora,
@@ -46,7 +43,8 @@ from capplug.scoring.lora import (
     write_lora,
 )
 from capplug.scoring.model import EncodedPair, Scorer
-from capplug.training.loop import Loop, LoopResult, Precision, Schedule
+from capplug.training._scorer_card import format_metrics, write_final
+from capplug.training.loop import Loop, Precision, Schedule
 
 __all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
@@ -116,11 +114,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics_before: dict[str, float] = field(default_factory=dict)
     """Held-out metrics of the scorer as it was given, before the first step."""
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """``loss 0.4733, pearson 0.4348, ...`` (the pair count left out), or ``n/a``."""
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "pairs") or "n/a"
 
 
 def split_heldout(
@@ -352,7 +345,7 @@ def train_scorer(
     scorer.model = prepare(model, device, scorer.dtype)
     metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
     stopped = bool(state.get("stopped"))
-    _write_final(
+    write_final(
         scorer,
         loop,
         result,
@@ -361,6 +354,7 @@ def train_scorer(
         len(train_pairs),
         len(encoded_eval),
         data_description,
+        _loss_name(config),
         factors,
     )
     return TrainResult(
@@ -553,69 +547,3 @@ def _fingerprint(pairs: Sequence[LabelledPair], config: TrainConfig) -> str:
     for pair in pairs[:: max(1, len(pairs) // 1000)]:
         digest.update(f"{pair.instruction}\x00{pair.response}\x00{pair.label}".encode())
     return digest.hexdigest()[:16]
-
-
-def _write_final(
-    scorer: Scorer,
-    loop: Loop,
-    result: LoopResult,
-    config: TrainConfig,
-    metrics: dict[str, float],
-    n_train: int,
-    n_eval: int,
-    data_description: str,
-    lora: tuple[dict[str, torch.Tensor], float, BaseModelIdentity] | None,
-) -> None:
-    out, state, wall = loop.folder, result.state, result.wall_seconds
-    with staging_dir(out / ".final") as tmp:
-        if lora is None:
-            scorer.save_pretrained(tmp / "model")
-        else:
-            factors, alpha, base = lora
-            write_lora(
-                factors,
-                tmp / "model",
-                alpha=alpha,
-                base_name=base.name,
-                architecture=base.architecture,
-            )
-    for item in (out / ".final" / "model").iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    shutil.rmtree(out / ".final", ignore_errors=True)
-    card = loop.finish(
-        result,
-        data=data_description,
-        train_pairs=n_train,
-        eval_pairs=n_eval,
-        epochs_completed=state["epochs_completed"],
-        stopped_early=bool(state.get("stopped")),
-        metrics=metrics,
-        metrics_before=state.get("eval_before", {}),
-        config=asdict(config),
-    )
-    what = "A cross-encoder that scores how well a response answers an instruction, in [0, 1]."
-    if lora is not None:
-        what = (
-            f"A task scorer: a rank-{config.lora_rank} LoRA over the scorer {lora[2].name}, which "
-            "loading merges in."
-        )
-    lines = [
-        "# capplug scorer",
-        "",
-        what,
-        "Load it with `capplug.Scorer.from_pretrained(<this folder>)`.",
-        "",
-        f"- data: {data_description or 'labelled pairs'} ({n_train} training pairs, {n_eval} held out)",
-        f"- steps: {state['step']} (batch {config.batch_size} x {config.grad_accum}, lr {config.learning_rate}, loss {_loss_name(config)})",
-        f"- wall time: {wall / 60:.1f} min on {card['machine']['description']}",
-        f"- held-out metrics: {format_metrics(metrics)}",
-    ]
-    if card["metrics_before"]:
-        lines.append(
-            f"- held-out metrics before training: {format_metrics(card['metrics_before'])}"
-        )
-    lines.append("")
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -16,8 +16,8 @@ from capplug.adapters import (
     read_adapter,
     write_peft_folder,
 )
-from capplug.models.adapter_folder import META_BASE_ARCHITECTURE, META_BASE_MODEL, peft_key
 from capplug.llms import LocalChatModel
+from capplug.models.adapter_folder import META_BASE_ARCHITECTURE, META_BASE_MODEL, peft_key
 from capplug.testing import save_tiny_llama
 
 PROMPTS = [

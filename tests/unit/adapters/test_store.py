@@ -34,7 +34,6 @@ from store_fakes import (  # noqa: F401 - the autouse fixture guards every test 
 )
 
 from capplug import TruncationWarning
-from capplug.models.adapter_folder import AdapterFileError, WrongBaseModelError
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import (
     AdapterRecord,
@@ -50,6 +49,7 @@ from capplug.adapters.store import (
 )
 from capplug.cli.store import register
 from capplug.errors import CapplugError
+from capplug.models.adapter_folder import AdapterFileError, WrongBaseModelError
 
 TRANSLATE = "Translate the sentence into French."
 TRANSLATE_AGAIN = "Please translate this sentence into French."

@@ -13,6 +13,7 @@ import torch
 
 import capplug.scoring.model as scorer_module
 from capplug import CheckpointError, Ranked, Scorer, TruncationWarning
+from capplug.scoring._checkpoint import recorded_mapping
 
 QUESTION = "what is the capital of france ?"
 RESPONSES = ["paris", "lyon", "", "the capital of france is paris .", "london"]
@@ -226,14 +227,14 @@ def test_raw_regression_roberta_like_cappy_is_clipped(tiny_roberta_regression: P
 
 def test_cappy_mapping_is_known_by_its_hub_id() -> None:
     config = SimpleNamespace()
-    assert scorer_module._recorded_mapping(config, "btan2/cappy-large") == "clip"
+    assert recorded_mapping(config, "btan2/cappy-large") == "clip"
 
 
 def test_mapping_recorded_by_sentence_transformers_is_honoured() -> None:
     config = SimpleNamespace(
         sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid"}
     )
-    assert scorer_module._recorded_mapping(config, "some/model") == "sigmoid"
+    assert recorded_mapping(config, "some/model") == "sigmoid"
 
 
 def test_bare_backbone_is_refused_by_from_pretrained_and_taken_by_from_backbone(

@@ -21,11 +21,11 @@ from capplug.adapters import (
     train_task_lora,
     write_peft_folder,
 )
-from capplug.models.adapter_folder import peft_key
 from capplug.adapters.examples import LoraInjection, answer_logits, encode_example
 from capplug.cli import main
 from capplug.errors import CheckpointError, ModelNotFoundError
 from capplug.llms import LocalChatModel
+from capplug.models.adapter_folder import peft_key
 from capplug.scoring import TruncationWarning
 from capplug.testing import save_tiny_llama
 from capplug.training.hypernetwork import relative_weight_error

@@ -389,3 +389,34 @@ async def test_the_async_path_records_the_choice_too():
     best = CappyBestOfN(llm=ChoicesChatModel(script=Script(REPLIES)), scorer=KeywordScorer(), n=4)
     await best.ainvoke("What is the capital of France?", config={"callbacks": [Recorder()]})
     assert "capplug_selection" in names
+
+
+def test_a_task_scorer_added_while_running_scores_the_next_call():
+    from capplug.adapters.task_scorers import TaskScorerChoice
+    from capplug.selection import Combiner, Reranker
+
+    class Store:  # what TaskScorers.find answers, with the store empty, then holding one
+        def __init__(self) -> None:
+            self.scorer = None
+
+        def find(self, instruction):
+            if self.scorer is None:
+                return TaskScorerChoice(None, {"used": False, "reason": "no task scorer"})
+            return TaskScorerChoice(self.scorer, {"used": True, "id": "t1", "guard": {"use": True}})
+
+    store = Store()
+    reranker = Reranker(
+        KeywordScorer("Paris"), combiner=Combiner({"scorer": {"scorer": 1.0}}), task_scorers=store
+    )
+    best = CappyBestOfN(llm=ChoicesChatModel(script=Script(REPLIES * 2)), scorer=reranker, n=4)
+    first = best.invoke("What is the capital of France?")
+    assert first.content == "Paris."
+    assert first.response_metadata["capplug"]["task_scorer"]["used"] is False
+    store.scorer = KeywordScorer("Lyon")  # the task's own scorer arrives
+    second = best.invoke("What is the capital of France?")
+    assert second.content == "It is Lyon."
+    assert second.response_metadata["capplug"]["task_scorer"] == {
+        "used": True,
+        "id": "t1",
+        "guard": {"use": True},
+    }

@@ -175,11 +175,11 @@ class Candidates:
             return Selection(order, unscored_metadata(texts, order, TOOL_CALLS_UNSCORED))
         unique, where = distinct(texts)
         started = time.perf_counter()
-        found = None
+        task_choice = None
         try:
             if self.task_scorers is not None:
-                found = await asyncio.to_thread(self.task_scorers.find, task or instruction)
-            scorer = None if found is None else found.scorer
+                task_choice = await asyncio.to_thread(self.task_scorers.find, task or instruction)
+            scorer = None if task_choice is None else task_choice.scorer
             unique_scores = await self.scoring.score(instruction, unique, scorer=scorer)
         except Exception as error:
             seconds = time.perf_counter() - started
@@ -204,7 +204,7 @@ class Candidates:
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
         metadata = chosen.metadata()
-        metadata["task_scorer"] = None if found is None else found.info
+        metadata["task_scorer"] = None if task_choice is None else task_choice.info
         return Selection(chosen.order(), metadata, seconds)
 
     async def choose(
