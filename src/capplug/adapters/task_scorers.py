@@ -103,7 +103,7 @@ class TaskScorers:
             chroma_url=chroma_url,
         )
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._verdicts: dict[tuple[str, str], dict[str, Any]] = {}
         self._found: OrderedDict[str, tuple[str, list[tuple[AdapterRecord, float]]]] = OrderedDict()
         self._lock = threading.RLock()
@@ -176,17 +176,13 @@ class TaskScorers:
                 "similarity": round(similarity, 4),
             }
             try:
-                verdict = info["guard"] = self.verdict(record)
-            except (AdapterFileError, OSError) as exc:
+                verdict, scorer = self._load(record)
+            except (AdapterFileError, UnknownAdapterError, OSError) as exc:
                 refused = refused or {**info, "guard": None, "error": str(exc)}
                 continue
-            if not verdict.get("use"):
+            info["guard"] = verdict
+            if scorer is None:
                 refused = refused or info
-                continue
-            try:
-                scorer = self._scorer(record)
-            except (AdapterFileError, UnknownAdapterError, OSError) as exc:
-                refused = refused or {**info, "error": str(exc)}
                 continue
             return TaskScorerChoice(scorer, {**info, "used": True})
         if refused is not None:
@@ -208,9 +204,7 @@ class TaskScorers:
         key = (record.id, record.sha256)
         cached = self._verdicts.get(key)
         if cached is None:
-            files = read_adapter(record.folder)
-            cached = _stored_verdict(files)
-            self._verdicts[key] = cached
+            cached = self._verdicts[key] = _stored_verdict(read_adapter(record.folder))
         return cached
 
     def list(self) -> list[dict[str, Any]]:
@@ -237,23 +231,31 @@ class TaskScorers:
                 self._found.popitem(last=False)
         return matches
 
-    def _scorer(self, record: AdapterRecord) -> Any:
-        key = f"{record.id}:{record.sha256}"
+    def _load(self, record: AdapterRecord) -> tuple[dict[str, Any], Any | None]:
+        """``(the guard's verdict, the merged task scorer or None where it is not to be
+        used)``; the files are hashed against the index and read once per stored file."""
+        key = (record.id, record.sha256)
         with self._lock:
+            verdict = self._verdicts.get(key)
             scorer = self._loaded.get(key)
             if scorer is not None:
                 self._loaded.move_to_end(key)
-                return scorer
+                return verdict or {}, scorer
+        if verdict is not None and not verdict.get("use"):
+            return verdict, None
         paths = self.store.files(record.id)  # hashed against the index
         files = read_adapter(
             paths.folder, identity=self.scorer.identity, shapes=linear_shapes(self.scorer.model)
         )
-        scorer = self.scorer.with_lora(files)
+        verdict = _stored_verdict(files)
+        scorer = self.scorer.with_lora(files) if verdict.get("use") else None
         with self._lock:
-            self._loaded[key] = scorer
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
-        return scorer
+            self._verdicts[key] = verdict
+            if scorer is not None:
+                self._loaded[key] = scorer
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+        return verdict, scorer
 
     def close(self) -> None:
         self.store.close()
