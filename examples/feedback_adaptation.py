@@ -1,10 +1,13 @@
-"""Feedback to an adapted scorer: record choices, judge them, adapt, and let the guard decide.
+"""Feedback to a task scorer: record choices, judge them, adapt, and see the next picks change.
 
 A made-up house style stands in for a user's task: unit conversions answered with the number
-and unit only. The bundled scorer has never seen that style. Twenty-four recorded selections
-are judged (the terse right answer preferred over a chatty right one and a wrong one), the
-scorer is adapted on sixteen of them, and the guard compares the adapted scorer's picks with
-the bundled one's on the other eight. Both are then asked about eight conversions neither saw.
+and unit only, asked under one system message. The bundled scorer has never seen that style.
+A reranker that records its selections and looks for task scorers serves the task; twenty-four
+of its selections are judged (the terse right answer preferred over a chatty right one and a
+wrong one). One call adapts a task scorer on them (a LoRA over the bundled scorer), lets the
+guard compare its picks with the bundled scorer's on the selections it held out, and stores it.
+The same reranker, not restarted, then picks for eight conversions neither saw, and its
+metadata says which scorer picked and what the guard measured.
 
     python examples/feedback_adaptation.py
 """
@@ -16,72 +19,63 @@ import tempfile
 import time
 from pathlib import Path
 
-from capplug import Scorer
-from capplug.data.rows import labelled_pairs
+from capplug import Reranker, Scorer
+from capplug.adapters import TaskScorers
 from capplug.feedback import FeedbackStore
-from capplug.scoring.guard import guard
-from capplug.training.scorer import TrainConfig, train_scorer
+from capplug.training.task_scorers import adapt_task_scorers
+
+HOUSE_STYLE = "Convert units. Answer with the number and unit only."
 
 
-def conversions(count: int, seed: int) -> list[tuple[str, list[str], int]]:
-    """(question, [chatty, terse, wrong] answers, index of the one the house style wants)."""
+def conversions(count: int, seed: int) -> list[tuple[list[dict[str, str]], list[str], int]]:
+    """(chat, [chatty, terse, wrong] answers, index of the one the house style wants)."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
         km = rng.randint(2, 90)
-        question = f"Convert {km} kilometres to metres. Answer with the number and unit only."
+        chat = [
+            {"role": "system", "content": HOUSE_STYLE},
+            {"role": "user", "content": f"Convert {km} kilometres to metres."},
+        ]
         chatty = f"To convert {km} kilometres to metres, multiply by 1000: {km} km is {km * 1000} metres."
-        out.append((question, [chatty, f"{km * 1000} m", f"{km * 100} m"], 1))
+        out.append((chat, [chatty, f"{km * 1000} m", f"{km * 100} m"], 1))
     return out
 
 
-def right_picks(scorer: Scorer, items: list[tuple[str, list[str], int]]) -> int:
-    right = 0
-    for question, answers, wanted in items:
-        scores = scorer.score(question, answers)
-        right += max(range(len(answers)), key=lambda i: scores[i]) == wanted
-    return right
+def house_style_picks(reranker: Reranker, items: list) -> int:
+    return sum(reranker.select(chat, answers).index == wanted for chat, answers, wanted in items)
 
 
 def adapt_on_feedback(start: str = "capplug-default") -> None:
-    print("\n== adapting the scorer to judged selections (a made-up house style)")
+    print("\n== feedback to a task scorer (a made-up house style)")
     work = Path(tempfile.mkdtemp(prefix="capplug-feedback-demo-"))
-    store = FeedbackStore(work / "feedback.sqlite3")
-    bundled = Scorer.from_pretrained(start)
-    recorded = []
-    for question, answers, wanted in conversions(24, seed=0):
-        scores = bundled.score(question, answers)
-        chosen = max(range(len(answers)), key=lambda i: scores[i])
-        selection_id = store.record(question, answers, chosen)  # what a surface records
-        store.add(selection_id, preferred=wanted)  # what the user judged
-        recorded.append(selection_id)
-    pairs = labelled_pairs(store.rows())  # one group per selection
-    # The last eight judged selections are held out for the guard (`capplug adapt` holds out a
-    # share picked by a hash of each selection's id instead).
-    kept_back = set(recorded[-8:])
-    train = [p for p in pairs if p.group not in kept_back]
-    heldout = [p for p in pairs if p.group in kept_back]
-    started = time.perf_counter()
-    config = TrainConfig(
-        epochs=6, learning_rate=5e-5, batch_size=16, eval_every=10, rank_weight=1.0
-    )
-    train_scorer(
-        Scorer.from_pretrained(start),
-        train,
-        work / "adapted",
-        eval_pairs=heldout,
-        config=config,
-        progress=False,
-    )
-    adapted = Scorer.from_pretrained(work / "adapted")
-    print(f"{len(train)} judged pairs, adapted in {time.perf_counter() - started:.1f}s")
-    report = guard(bundled, adapted, heldout)
-    print(f"guard: {report.reason}")
+    scorer = Scorer.from_pretrained(start)
+    task_scorers = TaskScorers(work / "task-scorers", scorer=scorer)
+    feedback = FeedbackStore(work / "feedback.sqlite3")
+    reranker = Reranker(scorer, feedback=feedback, task_scorers=task_scorers)
     unseen = conversions(8, seed=1)
     print(
-        f"8 conversions neither saw, house-style answer picked: bundled "
-        f"{right_picks(bundled, unseen)}/8, adapted {right_picks(adapted, unseen)}/8"
+        f"8 conversions, house-style answer picked by the bundled scorer: {house_style_picks(reranker, unseen)}/8"
     )
+
+    for chat, answers, wanted in conversions(24, seed=0):
+        selection = reranker.select(chat, answers)  # recorded: selection.id
+        feedback.add(selection.id, preferred=wanted)  # what the user judged
+    started = time.perf_counter()
+    # What `capplug adapt --from-feedback --task-scorers DIR` runs: one task scorer per task.
+    (result,) = adapt_task_scorers(
+        feedback.rows(), task_scorers, work / "runs", progress=False, log=lambda _line: None
+    )
+    print(
+        f"{result.selections} judged selections, task scorer adapted and stored in "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+    print(f"guard: {result.guard.reason}")
+
+    picked = house_style_picks(reranker, unseen)  # the same reranker: no restart
+    meta = reranker.select(*unseen[0][:2]).metadata()["task_scorer"]
+    who = f"task scorer {meta['id']}" if meta["used"] else "the bundled scorer"
+    print(f"the same 8 conversions, house-style answer picked now: {picked}/8 (scored by {who})")
 
 
 if __name__ == "__main__":
