@@ -40,6 +40,8 @@ class ScoreRecord:
     scores fused with the responses' agreement, so not always the highest score."""
     fused: list[float] = field(default_factory=list)
     """The selection core's probability that each response is the best."""
+    selection_id: str | None = None
+    """Its id in the handler's feedback store (``feedback=``): judge it with ``handler.judge``."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,17 +70,59 @@ def _check_sink(sink: Any) -> Sink:
     )
 
 
-class _Scoring:
-    """The state both handlers share: prompts by run id, and turning a result into records."""
+_MAX_REMEMBERED_RUNS = 10_000
 
-    def __init__(self, scorer: Any, sink: Any) -> None:
+
+class _Scoring:
+    """The state both handlers share: prompts by run id, turning a result into records, and
+    feedback on them (stored, and forwarded to LangSmith when a client is given)."""
+
+    def __init__(self, scorer: Any, sink: Any, feedback: Any, langsmith: Any) -> None:
+        from capplug.feedback import as_feedback_store
         from capplug.selection import combiner_of
 
+        if langsmith is not None and not callable(getattr(langsmith, "create_feedback", None)):
+            raise TypeError(
+                "langsmith must be a langsmith.Client (with create_feedback); "
+                f"got {type(langsmith).__name__}"
+            )
         self.scorer = load_scorer(scorer)
         self._combiner = combiner_of(self.scorer)
         self.sink = _check_sink(sink)
+        self.feedback = as_feedback_store(feedback)
+        self.langsmith = langsmith
         self._prompts: dict[UUID, list[Any]] = {}
+        self._runs: dict[str, str] = {}  # selection id -> the LangSmith run it was made in
         self._lock = threading.Lock()
+
+    def judge(self, selection_id: str, run_id: str | None, **judgement: Any) -> Any:
+        """Store a judgement of a recorded selection; forward it to LangSmith when a client was
+        given (``capplug`` feedback on the model run that produced the selection)."""
+        if self.feedback is None:
+            raise ValueError(
+                "this handler records no selections; give it feedback=True (or a path or a "
+                "FeedbackStore) to judge them"
+            )
+        stored = self.feedback.add(selection_id, **judgement)
+        run = run_id or self._runs.get(selection_id)
+        if self.langsmith is not None and run is not None:
+            score: float | None = stored.label
+            if stored.kind == "preferred":
+                chosen = self.feedback.selection(selection_id)["chosen"]
+                score = float(stored.candidate == chosen)  # was the chosen answer the one wanted
+            try:
+                self.langsmith.create_feedback(
+                    run,
+                    key="capplug",
+                    score=score,
+                    value=stored.candidate,
+                    correction=None if stored.reference is None else {"output": stored.reference},
+                    comment=stored.source,
+                    extra={"selection_id": selection_id, "kind": stored.kind},
+                )
+            except Exception:  # stored either way; LangSmith being down loses nothing here
+                logger.exception("capplug could not forward feedback on %s to LangSmith", run)
+        return stored
 
     def remember(self, run_id: UUID, prompts: Sequence[Any]) -> None:
         with self._lock:
@@ -105,6 +149,19 @@ class _Scoring:
             chosen = choose(
                 texts, scores=np.array(scores), instruction=prompt, combiner=self._combiner
             )
+            selection_id = None
+            if self.feedback is not None:
+                selection_id = self.feedback.record(
+                    prompt,
+                    texts,
+                    chosen.index,
+                    scores=[c.score for c in chosen.candidates],
+                    surface="langchain",
+                )
+                with self._lock:
+                    self._runs[selection_id] = str(run_id)
+                    while len(self._runs) > _MAX_REMEMBERED_RUNS:
+                        self._runs.pop(next(iter(self._runs)))
             out.append(
                 ScoreRecord(
                     run_id=str(run_id),
@@ -115,6 +172,7 @@ class _Scoring:
                     scores=scores,
                     best=chosen.index,
                     fused=[round(c.score, 6) for c in chosen.candidates],
+                    selection_id=selection_id,
                 )
             )
         return out
@@ -146,6 +204,11 @@ class CappyScoreCallbackHandler(BaseCallbackHandler):
     sink (a list to append to, a ``logging.Logger`` to log to at INFO, or a function). A scoring
     error is logged, never raised, and results are never changed.
 
+    With ``feedback`` (``True``: the default store; or a path, or a ``FeedbackStore``) each
+    record is also stored as a selection (``record.selection_id``), to be judged later with
+    :meth:`judge`; with ``langsmith`` (a ``langsmith.Client``) each judgement is also sent to
+    LangSmith as ``capplug`` feedback on the model run that produced it.
+
     Example:
         .. code-block:: python
 
@@ -157,13 +220,27 @@ class CappyScoreCallbackHandler(BaseCallbackHandler):
     raise_error = False
     run_inline = True
 
-    def __init__(self, scorer: Any = None, sink: Any = None) -> None:
+    def __init__(
+        self, scorer: Any = None, sink: Any = None, *, feedback: Any = None, langsmith: Any = None
+    ) -> None:
         super().__init__()
-        self._scoring = _Scoring(scorer, sink)
+        self._scoring = _Scoring(scorer, sink, feedback, langsmith)
 
     @property
     def scorer(self) -> Any:
         return self._scoring.scorer
+
+    @property
+    def feedback(self) -> Any:
+        """The feedback store selections are recorded in (``None`` without ``feedback=``)."""
+        return self._scoring.feedback
+
+    def judge(self, selection_id: str, *, run_id: str | None = None, **judgement: Any) -> Any:
+        """Judge a recorded selection: exactly one of ``label`` (with ``candidate``),
+        ``preferred`` or ``reference`` (and optionally ``source``), as
+        :meth:`capplug.feedback.FeedbackStore.add` takes them. Forwarded to LangSmith when the
+        handler has a client (on ``run_id``, by default the run the selection was made in)."""
+        return self._scoring.judge(selection_id, run_id, **judgement)
 
     def on_chat_model_start(
         self,
@@ -194,13 +271,27 @@ class AsyncCappyScoreCallbackHandler(AsyncCallbackHandler):
 
     raise_error = False
 
-    def __init__(self, scorer: Any = None, sink: Any = None) -> None:
+    def __init__(
+        self, scorer: Any = None, sink: Any = None, *, feedback: Any = None, langsmith: Any = None
+    ) -> None:
         super().__init__()
-        self._scoring = _Scoring(scorer, sink)
+        self._scoring = _Scoring(scorer, sink, feedback, langsmith)
 
     @property
     def scorer(self) -> Any:
         return self._scoring.scorer
+
+    @property
+    def feedback(self) -> Any:
+        """The feedback store selections are recorded in (``None`` without ``feedback=``)."""
+        return self._scoring.feedback
+
+    def judge(self, selection_id: str, *, run_id: str | None = None, **judgement: Any) -> Any:
+        """Judge a recorded selection: exactly one of ``label`` (with ``candidate``),
+        ``preferred`` or ``reference`` (and optionally ``source``), as
+        :meth:`capplug.feedback.FeedbackStore.add` takes them. Forwarded to LangSmith when the
+        handler has a client (on ``run_id``, by default the run the selection was made in)."""
+        return self._scoring.judge(selection_id, run_id, **judgement)
 
     async def on_chat_model_start(
         self,

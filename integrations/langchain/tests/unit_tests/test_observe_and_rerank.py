@@ -193,3 +193,40 @@ def test_a_chat_model_labels_scorer_training_data(tmp_path):
     assert all("temperature=0.9" in r["generator"] for r in sampled)
     hit = next(r for r in sampled if r["example_id"] == 1 and r["response"] == "answer 1")
     assert hit["label"] == 1.0
+
+
+def test_observed_generations_are_recorded_judged_and_forwarded_to_langsmith(tmp_path):
+    class LangSmith:  # what the handler calls on a langsmith.Client
+        def __init__(self, fail: bool = False) -> None:
+            self.calls, self.fail = [], fail
+
+        def create_feedback(self, run_id, key, **fields):
+            if self.fail:
+                raise ConnectionError("LangSmith is down")
+            self.calls.append((run_id, key, fields))
+
+    records: list[ScoreRecord] = []
+    client = LangSmith()
+    handler = CappyScoreCallbackHandler(
+        scorer=KeywordScorer(), sink=records, feedback=tmp_path / "f.sqlite3", langsmith=client
+    )
+    model = ChoicesChatModel(script=Script(["Lyon.", "Paris.", "London."]))
+    model.generate([[HumanMessage("Capital of France?")]], n=3, callbacks=[handler])
+    (record,) = records
+    assert record.selection_id is not None
+    stored = handler.feedback.selection(record.selection_id)
+    assert stored["candidates"] == record.responses and stored["chosen"] == record.best
+    handler.judge(record.selection_id, preferred=0, source="reviewer")
+    (run_id, key, fields) = client.calls[0]
+    assert run_id == record.run_id and key == "capplug"
+    assert fields["score"] == float(record.best == 0) and fields["value"] == 0
+    assert fields["extra"] == {"selection_id": record.selection_id, "kind": "preferred"}
+    # LangSmith failing loses nothing: the judgement is stored all the same.
+    handler._scoring.langsmith = LangSmith(fail=True)
+    handler.judge(record.selection_id, reference="Paris.")
+    kinds = [j["kind"] for j in handler.feedback.selection(record.selection_id)["judgements"]]
+    assert kinds == ["preferred", "reference"]
+    with pytest.raises(ValueError, match="feedback=True"):
+        CappyScoreCallbackHandler(scorer=KeywordScorer()).judge("sel_x", label=1.0)
+    with pytest.raises(TypeError, match="langsmith.Client"):
+        CappyScoreCallbackHandler(scorer=KeywordScorer(), langsmith=object())
