@@ -240,3 +240,38 @@ def test_the_adapt_and_stats_commands_make_and_show_task_scorers(
     assert main([*stats, "--scorer", str(tiny_bert_scorer)]) == 0
     out = capsys.readouterr().out
     assert f"task scorer {task['task_scorer']}" in out and "guard:" in out
+
+
+def test_proxy_traffic_and_feedback_then_one_command_and_the_next_picks_use_the_task_scorer(
+    base: Scorer, tiny_bert_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import httpx2
+    from fake_upstream import Upstream, completion, ok, proxy
+
+    from capplug.cli import main
+
+    db, folder = tmp_path / "feedback.sqlite3", tmp_path / "scorers"
+    store = TaskScorers(folder, scorer=base)
+    wanted = ANSWERS[1 - ANSWERS.index(pick(base))]  # the house style: what the base ranks last
+    upstream = Upstream(lambda r: httpx2.Response(200, json=completion(ANSWERS)))
+    with proxy(upstream, base, n=2, feedback=db, task_scorers=store) as client:
+
+        def ask(i: int) -> dict:
+            chat = [{"role": "system", "content": TASK}, {"role": "user", "content": f"q {i}"}]
+            return ok(client.post("/v1/chat/completions", json={"model": "m", "messages": chat}))
+
+        for i in range(12):
+            meta = ask(i)["capplug"]
+            judged = {"selection_id": meta["selection_id"], "preferred": ANSWERS.index(wanted)}
+            assert client.post("/v1/feedback", json=judged).status_code == 201
+        command = ["adapt", "--from-feedback", "--db", str(db), "--scorer", str(tiny_bert_scorer)]
+        command += ["--task-scorers", str(folder), "--lora-rank", "4", "--lr", "2e-2"]
+        assert main(command) == 0  # the one command, while the proxy runs
+        capsys.readouterr()
+        after = ask(99)
+    meta = after["capplug"]["task_scorer"]
+    assert meta["guard"]["examples"] == 3 and "reason" in meta["guard"]
+    if meta["used"]:
+        assert after["choices"][0]["message"]["content"] == wanted
+    else:  # the guard kept the bundled scorer, and says why
+        assert meta["reason"].startswith("default scorer:")
