@@ -228,5 +228,5 @@ def test_observed_generations_are_recorded_judged_and_forwarded_to_langsmith(tmp
     assert kinds == ["preferred", "reference"]
     with pytest.raises(ValueError, match="feedback=True"):
         CappyScoreCallbackHandler(scorer=KeywordScorer()).judge("sel_x", label=1.0)
-    with pytest.raises(TypeError, match="langsmith.Client"):
+    with pytest.raises(TypeError, match=r"langsmith\.Client"):
         CappyScoreCallbackHandler(scorer=KeywordScorer(), langsmith=object())
