@@ -212,8 +212,21 @@ def placeholder_adapter(folder: Path) -> None:
     write_peft_folder(state, config, folder)
 
 
-def bulk_index(store: AdapterStore, texts: list[str], vectors: np.ndarray, template: Path) -> None:
-    """Write placeholder folders and index them with the store's bulk add, 500 rows per write."""
+def bulk_index(
+    store: AdapterStore,
+    texts: list[str],
+    vectors: np.ndarray,
+    template: Path,
+    *,
+    source: str = "generated",
+    link: bool = False,
+) -> None:
+    """One folder per text holding the template's files (copied, or hard-linked with ``link``),
+    indexed with the store's bulk add, 500 rows per write."""
+    from capplug.models.adapter_folder import read_adapter
+
+    config = read_adapter(template).config
+    place = os.link if link else shutil.copyfile
     weights_sha = sha256_file(template / ADAPTER_WEIGHTS)
     config_sha = sha256_file(template / ADAPTER_CONFIG)
     size = (template / ADAPTER_WEIGHTS).stat().st_size + (template / ADAPTER_CONFIG).stat().st_size
@@ -225,21 +238,21 @@ def bulk_index(store: AdapterStore, texts: list[str], vectors: np.ndarray, templ
         folder = store.root / adapter_id
         folder.mkdir()
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copyfile(template / name, folder / name)
+            place(template / name, folder / name)
         used = now - rng.uniform(0, 86400)
         records.append(
             AdapterRecord(
                 id=adapter_id,
                 instruction=text,
                 base_model=store.base_model,
-                rank=1,
-                target_modules=("q_proj",),
+                rank=config.r,
+                target_modules=tuple(sorted(config.target_modules)),
                 sha256=weights_sha,
                 config_sha256=config_sha,
                 size=size,
                 created=used,
                 last_used=used,
-                source="generated",
+                source=source,  # type: ignore[arg-type]
                 instruction_hash=instruction_hash(text),
                 folder=folder,
             )

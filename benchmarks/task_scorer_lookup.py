@@ -25,7 +25,7 @@ Writes benchmarks/results/task_scorer_lookup.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import random
 import tempfile
 import time
@@ -35,13 +35,16 @@ from typing import Any
 import torch
 
 from benchmarks._report import write_results
-from benchmarks.adapter_store_lookup import embed_all, stats
+from benchmarks.adapter_store_lookup import bulk_index, embed_all, stats
 from capplug import Scorer
-from capplug._cache import sha256_file
-from capplug.adapters.store import AdapterRecord, instruction_hash
-from capplug.adapters.task_scorers import TaskScorers
+from capplug.adapters.task_scorers import META_GUARD, TaskScorers
 from capplug.data.rows import LabelledPair
-from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from capplug.models.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    read_adapter,
+    write_peft_folder,
+)
 from capplug.scoring._precision import processor_name
 from capplug.scoring.guard import GuardReport
 from capplug.training.scorer import TrainConfig, train_scorer
@@ -156,45 +159,14 @@ def trained_lora(scorer: Scorer, folder: Path) -> Path:
 
 
 def fill(store: TaskScorers, texts: list[str], template: Path, vectors: Any) -> None:
-    """``len(texts)`` task scorers, each the template's files hard-linked, indexed in bulk."""
+    """``len(texts)`` task scorers: the template with a guard verdict that allows it, hard-linked
+    under each text and indexed in bulk."""
     allowed = GuardReport(0.5, 0.9, 1.0, 8, True, "the adapted scorer picks better: use it")
-    staged = store.store.root / ".template"
-    from capplug.adapters.task_scorers import META_GUARD
-    from capplug.models.adapter_folder import read_adapter, write_peft_folder
-
     files = read_adapter(template)
-    header = {**files.metadata, META_GUARD: __import__("json").dumps(allowed.to_dict())}
+    staged = store.store.root / ".template"
+    header = {**files.metadata, META_GUARD: json.dumps(allowed.to_dict())}
     write_peft_folder(files.state_dict, files.config, staged, metadata=header)
-    weights_sha = sha256_file(staged / ADAPTER_WEIGHTS)
-    config_sha = sha256_file(staged / ADAPTER_CONFIG)
-    size = sum((staged / n).stat().st_size for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
-    rng = random.Random(1)
-    now = time.time()
-    records = []
-    for text in texts:
-        adapter_id = f"{rng.getrandbits(64):016x}"
-        folder = store.store.root / adapter_id
-        folder.mkdir()
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            os.link(staged / name, folder / name)
-        records.append(
-            AdapterRecord(
-                id=adapter_id,
-                instruction=text,
-                base_model=store.store.base_model,
-                rank=files.config.r,
-                target_modules=tuple(sorted(files.config.target_modules)),
-                sha256=weights_sha,
-                config_sha256=config_sha,
-                size=size,
-                created=now,
-                last_used=now,
-                source="trained",
-                instruction_hash=instruction_hash(text),
-                folder=folder,
-            )
-        )
-    store.store.add_in_place(records, embeddings=vectors, batch_size=500)
+    bulk_index(store.store, texts, vectors, staged, source="trained", link=True)
 
 
 def timed(fn: Any) -> tuple[Any, float]:

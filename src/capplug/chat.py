@@ -14,6 +14,7 @@ __all__ = [
     "dedupe_key",
     "distinct",
     "flatten_chat",
+    "one_line",
     "task_text",
 ]
 
@@ -163,3 +164,10 @@ def distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
             unique.append(text)
         where.append(position[key])
     return unique, where
+
+
+def one_line(text: str, width: int) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``width`` characters with
+    an ellipsis: for logs and tables."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

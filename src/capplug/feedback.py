@@ -133,12 +133,11 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self._local = threading.local()
-        db = self._connection()
-        db.executescript(_SCHEMA)  # its own transaction
-        with self._write() as db:  # a store written before selections had a task
-            columns = {row[1] for row in db.execute("PRAGMA table_info(selections)")}
-            if "task" not in columns:
-                db.execute("ALTER TABLE selections ADD COLUMN task TEXT")
+        self._connection().executescript(_SCHEMA)  # its own transaction
+        if not self._has_task_column():  # a store written before selections had a task
+            with self._write() as db:
+                if not self._has_task_column():  # another process may have just added it
+                    db.execute("ALTER TABLE selections ADD COLUMN task TEXT")
 
     def __repr__(self) -> str:
         return f"FeedbackStore({str(self.path)!r})"
@@ -389,6 +388,11 @@ class FeedbackStore:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         yield self._connection()
+
+    def _has_task_column(self) -> bool:
+        return any(
+            row[1] == "task" for row in self._connection().execute("PRAGMA table_info(selections)")
+        )
 
     @staticmethod
     def _judgements(db: sqlite3.Connection, selection_id: str) -> list[Judgement]:

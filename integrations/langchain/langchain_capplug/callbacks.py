@@ -196,29 +196,8 @@ def _text(generation: Generation) -> str:
     return generation.text
 
 
-class CappyScoreCallbackHandler(BaseCallbackHandler):
-    """Score every generation of the runs it watches and hand the scores to ``sink``.
-
-    It only observes: the prompt is remembered at chat-model (or LLM) start by ``run_id``, every
-    generation is scored at ``on_llm_end``, and one :class:`ScoreRecord` per prompt goes to the
-    sink (a list to append to, a ``logging.Logger`` to log to at INFO, or a function). A scoring
-    error is logged, never raised, and results are never changed.
-
-    With ``feedback`` (``True``: the default store; or a path, or a ``FeedbackStore``) each
-    record is also stored as a selection (``record.selection_id``), to be judged later with
-    :meth:`judge`; with ``langsmith`` (a ``langsmith.Client``) each judgement is also sent to
-    LangSmith as ``capplug`` feedback on the model run that produced it.
-
-    Example:
-        .. code-block:: python
-
-            records = []
-            llm.invoke("Capital of France?", config={"callbacks": [CappyScoreCallbackHandler(sink=records)]})
-            records[0].scores
-    """
-
-    raise_error = False
-    run_inline = True
+class _Handler:
+    """What both handlers share: their scoring state, its scorer and feedback store, judging."""
 
     def __init__(
         self, scorer: Any = None, sink: Any = None, *, feedback: Any = None, langsmith: Any = None
@@ -241,6 +220,31 @@ class CappyScoreCallbackHandler(BaseCallbackHandler):
         :meth:`capplug.feedback.FeedbackStore.add` takes them. Forwarded to LangSmith when the
         handler has a client (on ``run_id``, by default the run the selection was made in)."""
         return self._scoring.judge(selection_id, run_id, **judgement)
+
+
+class CappyScoreCallbackHandler(_Handler, BaseCallbackHandler):
+    """Score every generation of the runs it watches and hand the scores to ``sink``.
+
+    It only observes: the prompt is remembered at chat-model (or LLM) start by ``run_id``, every
+    generation is scored at ``on_llm_end``, and one :class:`ScoreRecord` per prompt goes to the
+    sink (a list to append to, a ``logging.Logger`` to log to at INFO, or a function). A scoring
+    error is logged, never raised, and results are never changed.
+
+    With ``feedback`` (``True``: the default store; or a path, or a ``FeedbackStore``) each
+    record is also stored as a selection (``record.selection_id``), to be judged later with
+    :meth:`judge`; with ``langsmith`` (a ``langsmith.Client``) each judgement is also sent to
+    LangSmith as ``capplug`` feedback on the model run that produced it.
+
+    Example:
+        .. code-block:: python
+
+            records = []
+            llm.invoke("Capital of France?", config={"callbacks": [CappyScoreCallbackHandler(sink=records)]})
+            records[0].scores
+    """
+
+    raise_error = False
+    run_inline = True
 
     def on_chat_model_start(
         self,
@@ -266,32 +270,10 @@ class CappyScoreCallbackHandler(BaseCallbackHandler):
         self._scoring.forget(run_id)
 
 
-class AsyncCappyScoreCallbackHandler(AsyncCallbackHandler):
+class AsyncCappyScoreCallbackHandler(_Handler, AsyncCallbackHandler):
     """The async twin of :class:`CappyScoreCallbackHandler`; scoring runs in a worker thread."""
 
     raise_error = False
-
-    def __init__(
-        self, scorer: Any = None, sink: Any = None, *, feedback: Any = None, langsmith: Any = None
-    ) -> None:
-        super().__init__()
-        self._scoring = _Scoring(scorer, sink, feedback, langsmith)
-
-    @property
-    def scorer(self) -> Any:
-        return self._scoring.scorer
-
-    @property
-    def feedback(self) -> Any:
-        """The feedback store selections are recorded in (``None`` without ``feedback=``)."""
-        return self._scoring.feedback
-
-    def judge(self, selection_id: str, *, run_id: str | None = None, **judgement: Any) -> Any:
-        """Judge a recorded selection: exactly one of ``label`` (with ``candidate``),
-        ``preferred`` or ``reference`` (and optionally ``source``), as
-        :meth:`capplug.feedback.FeedbackStore.add` takes them. Forwarded to LangSmith when the
-        handler has a client (on ``run_id``, by default the run the selection was made in)."""
-        return self._scoring.judge(selection_id, run_id, **judgement)
 
     async def on_chat_model_start(
         self,

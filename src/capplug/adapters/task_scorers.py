@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from capplug.models.adapter_folder import (
     AdapterFiles,
     linear_shapes,
     read_adapter,
-    write_peft_folder,
 )
 from capplug.scoring.lora import KIND, META_KIND
 
@@ -145,10 +143,14 @@ class TaskScorers:
                 f"header has no {META_KIND}={KIND}); make one with capplug adapt --lora-rank"
             )
         verdict = _verdict_dict(guard)
-        header = {**files.metadata, META_GUARD: json.dumps(verdict)}
-        with tempfile.TemporaryDirectory(prefix="capplug-task-scorer-") as tmp:
-            write_peft_folder(files.state_dict, files.config, tmp, metadata=header)
-            record = self.store.import_folder(tmp, instruction, source="trained", name=name)
+        record = self.store.put(
+            files.state_dict,
+            files.config,
+            instruction=instruction,
+            source="trained",
+            name=name,
+            metadata={**files.metadata, META_GUARD: json.dumps(verdict)},
+        )
         if verdict["use"]:
             for older in self.store.lookup(record.instruction, threshold=1.0, k=100):
                 if older.record.id != record.id and older.record.instruction_hash == (

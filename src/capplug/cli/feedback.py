@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from capplug.chat import one_line
+
 __all__ = ["add_parser", "open_store"]
 
 
@@ -117,11 +119,11 @@ def _run_stats(args: argparse.Namespace) -> int:
     if stats["tasks"]:
         print("judged selections per task:")
         for entry in stats["tasks"][:10]:
-            print(f"  {entry['judged_selections']:6d}  {_short(entry['task'])}")
+            print(f"  {entry['judged_selections']:6d}  {one_line(entry['task'], 70)}")
     for entry in stats.get("task_scorers", []):
         guard = entry["guard"]
         state = "used" if guard.get("use") else "not used"
-        print(f"task scorer {entry['id']} ({state}) for {_short(entry['instruction'])}")
+        print(f"task scorer {entry['id']} ({state}) for {one_line(entry['instruction'], 70)}")
         print(f"  guard: {guard.get('reason', '')}")
     return 0
 
@@ -134,11 +136,6 @@ def _task_scorers(args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = None if args.task_scorers is True else args.task_scorers
     store = TaskScorers(folder, scorer=Scorer.from_pretrained(args.scorer or DEFAULT_SCORER))
     return store.list()
-
-
-def _short(text: str, limit: int = 70) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _run_show(args: argparse.Namespace) -> int:

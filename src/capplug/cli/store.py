@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from capplug.chat import one_line
 from capplug.cli._common import add_hypernet_option
 from capplug.errors import CapplugError
 from capplug.models import DEFAULT_CHAT_MODEL
@@ -136,7 +137,7 @@ def _run_list(args: argparse.Namespace) -> int:
     for r in records:
         print(
             f"{r.id}  {r.source:<9}  r={r.rank:<3} {_human(r.size):>8}  "
-            f"{_when(r.last_used)}  {f'[{r.name}] ' if r.name else ''}{_clip(r.instruction, 60)}"
+            f"{_when(r.last_used)}  {f'[{r.name}] ' if r.name else ''}{one_line(r.instruction, 60)}"
         )
     return 0
 
@@ -174,7 +175,7 @@ def _run_lookup(args: argparse.Namespace) -> int:
     if not matches:
         print("no stored adapter is similar enough")
     for m in matches:
-        print(f"{m.record.id}  {m.similarity:.3f}  {_clip(m.record.instruction, 70)}")
+        print(f"{m.record.id}  {m.similarity:.3f}  {one_line(m.record.instruction, 70)}")
     return 0
 
 
@@ -269,7 +270,7 @@ def _run_gc(args: argparse.Namespace) -> int:
     freed = _human(sum(r.size for r in evicted))
     print(f"{verb} {len(evicted)} adapters ({freed}); {left} in the index now")
     for record in evicted:
-        print(f"  {record.id}  {_when(record.last_used)}  {_clip(record.instruction, 60)}")
+        print(f"  {record.id}  {_when(record.last_used)}  {one_line(record.instruction, 60)}")
     return 0
 
 
@@ -367,11 +368,6 @@ def _human(size: int) -> str:
 
 def _when(timestamp: float) -> str:
     return _dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_json(data: Any) -> None:

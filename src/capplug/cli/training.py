@@ -320,16 +320,22 @@ def _labelled_pairs(args: argparse.Namespace) -> Any:
 
     if not getattr(args, "from_feedback", False):
         return read_labelled_pairs(args.data)
+    store, rows = _judged_rows(args.db)
+    return labelled_pairs(rows, where=f"judged selections in {store.path}")
+
+
+def _judged_rows(db: str | None) -> tuple[Any, list[dict[str, Any]]]:
+    """The feedback store at ``db`` and its judged selections as rows; none is a usage error."""
     from capplug.cli.feedback import open_store
 
-    store = open_store(args.db)
+    store = open_store(db)
     rows = list(store.rows())
     if not rows:
         raise UsageError(
             f"the feedback store {store.path} holds no judged selection yet; judge some "
             "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
         )
-    return labelled_pairs(rows, where=f"judged selections in {store.path}")
+    return store, rows
 
 
 def _guard(scorer_loader: Any, out_dir: Any, heldout: Any) -> Any:
@@ -374,7 +380,6 @@ def _run_adapt(args: argparse.Namespace) -> int:
 def _run_adapt_tasks(args: argparse.Namespace) -> int:
     """``capplug adapt --from-feedback --task-scorers``: one guarded task scorer per task."""
     from capplug.adapters.task_scorers import TaskScorers
-    from capplug.cli.feedback import open_store
     from capplug.scoring import Scorer
     from capplug.training.task_scorers import adapt_task_scorers
 
@@ -387,13 +392,7 @@ def _run_adapt_tasks(args: argparse.Namespace) -> int:
     if args.min_selections < 2:
         raise UsageError("--min-selections must be >= 2 (one to train on, one for the guard)")
     config = _train_config(args)
-    feedback = open_store(args.db)
-    rows = list(feedback.rows())
-    if not rows:
-        raise UsageError(
-            f"the feedback store {feedback.path} holds no judged selection yet; judge some "
-            "(POST /v1/feedback, FeedbackStore.add or `capplug feedback add`) first"
-        )
+    feedback, rows = _judged_rows(args.db)
     scorer = Scorer.from_pretrained(args.scorer, device=args.device)
     store = TaskScorers(
         None if args.task_scorers in (None, True) else args.task_scorers, scorer=scorer

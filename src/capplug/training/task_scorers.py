@@ -19,8 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capplug.adapters.store.records import AdapterRecord
 from capplug.adapters.task_scorers import TaskScorers
+from capplug.chat import one_line
 from capplug.data.rows import LabelledPair, labelled_pairs
 from capplug.scoring.guard import GuardReport, guard
 from capplug.training.scorer import TrainConfig, train_scorer
@@ -98,9 +101,10 @@ def feedback_tasks(
     tasks = sorted({str(row.get("task") or row["instruction"]) for row in rows})
     if not tasks:
         return {}
-    vectors = embed([instruction_like, *tasks])
-    target, others = vectors[0], vectors[1:]
-    close = {t for t, v in zip(tasks, others, strict=True) if _cosine(target, v) >= threshold}
+    vectors = np.asarray(embed([instruction_like, *tasks]), dtype=float)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similarity = vectors[1:] @ vectors[0]
+    close = {t for t, sim in zip(tasks, similarity, strict=True) if sim >= threshold}
     kept = [row for row in rows if str(row.get("task") or row["instruction"]) in close]
     return {instruction_like: kept} if kept else {}
 
@@ -135,7 +139,7 @@ def adapt_task_scorers(
     results = []
     for task, task_rows in groups.items():
         selections = len({row["group"] for row in task_rows})
-        short = _short(task)
+        short = one_line(task, 60)
         if selections < min_selections:
             results.append(
                 TaskAdaptation(
@@ -179,14 +183,3 @@ def _split(
     ranked = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())
     held = set(ranked[:count])
     return [p for p in pairs if p.group not in held], [p for p in pairs if p.group in held]
-
-
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b, strict=True))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
-
-
-def _short(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -237,10 +237,12 @@ class AdapterStore:
         source: Source = "trained",
         hypernetwork_version: str | None = None,
         name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> AdapterRecord:
         """Store and index an adapter given as a peft state dict and its LoRA config.
 
-        ``name``: a unique name to find it by too (see :meth:`rename`).
+        ``name``: a unique name to find it by too (see :meth:`rename`). ``metadata``: string
+        facts kept in the safetensors header (a task scorer's kind and guard verdict, say).
         """
         text = check_instruction(instruction, self.max_instruction_chars)
         record = _adding.add_adapter(
@@ -250,6 +252,7 @@ class AdapterStore:
             text,
             source=check_source(source),
             hypernetwork_version=hypernetwork_version,
+            header=metadata,
             name=None if name is None else check_name(name),
         )
         _eviction.evict_beyond_limits(self, protect={record.id})
