@@ -9,6 +9,8 @@
   with teacher LoRAs or without;
 - :class:`AdapterStore`: adapters indexed in Chroma by instruction, reused for similar ones;
   :class:`ScorerHitCheck` checks a hit with the scorer before it is used;
+- :class:`AdapterJudge`: the judged fallback: an adapter's answer against the bare base model's,
+  judged by a selector; an adapter that lost is flagged in the store and not used;
 - :class:`TaskScorers`: scorers adapted to one task (LoRAs over the scorer), kept in the same
   store as a second kind, found by instruction, used where the guard allowed;
 - :func:`read_adapter` / :func:`write_peft_folder`: the standard peft folder, checked before use.
@@ -45,6 +47,10 @@ _EXPORTS = {
     "find_teachers": "capplug.training.hypernetwork",
     "train_hypernetwork": "capplug.training.hypernetwork",
     "AdapterStore": "store",
+    "AdapterJudge": "fallback",
+    "Comparison": "fallback",
+    "ProbeError": "fallback",
+    "with_definition": "fallback",
     "TaskScorers": "task_scorers",
     "TaskScorerChoice": "task_scorers",
     "HitCheckRecord": "hit_check",

@@ -23,7 +23,8 @@ name), cosine space, embedded by :class:`SentenceEncoderEmbeddingFunction` (regi
 Chroma) or the ``embedding_function`` given. The document is the instruction; the metadata holds
 base model, rank, target modules, sha256 of both files, size, created and last-used times,
 hypernetwork version, source, the normalised instruction's hash and the adapter's unique name
-(``""`` for none; :meth:`AdapterStore.rename`, :meth:`AdapterStore.resolve`). The store computes every
+(``""`` for none; :meth:`AdapterStore.rename`, :meth:`AdapterStore.resolve`), and the judged
+fallback's verdict (:class:`AdapterCheck` as JSON, ``""`` for none; :meth:`AdapterStore.set_check`). The store computes every
 embedding itself and hands Chroma vectors, so an exact repeat (same normalised text) is answered
 from the hash alone, without running the encoder.
 
@@ -101,6 +102,7 @@ from capplug.adapters.store.records import (
     SETTLED_SECONDS,
     SOURCES,
     STALE_STAGING_SECONDS,
+    AdapterCheck,
     AdapterPaths,
     AdapterRecord,
     Generator,
@@ -141,6 +143,7 @@ __all__ = [
     "SETTLED_SECONDS",
     "SOURCES",
     "STALE_STAGING_SECONDS",
+    "AdapterCheck",
     "AdapterNameError",
     "AdapterNameTakenError",
     "AdapterPaths",

@@ -208,8 +208,15 @@ def refuse_taken_names(
 
 
 def rename(store: AdapterStore, adapter_id: str, name: str | None) -> AdapterRecord:
-    """What :meth:`AdapterStore.rename` does (see there): under the store-wide lock, the record
-    file first, then the index row."""
+    """What :meth:`AdapterStore.rename` does (see there)."""
+    record = update_record(store, adapter_id, name=name)
+    logger.info("adapter %s is named %r", adapter_id, name)
+    return record
+
+
+def update_record(store: AdapterStore, adapter_id: str, **changes: Any) -> AdapterRecord:
+    """Change fields of an adapter's record (its name, its check): under the store-wide lock,
+    the record file first, then the index row. A new ``name`` must be free."""
     with store._index.writing() as collection:
         rows = collection.get(ids=[adapter_id], include=["metadatas", "documents"])
         found = records_from_rows(rows, store.root, store.base_model)
@@ -218,12 +225,11 @@ def rename(store: AdapterStore, adapter_id: str, name: str | None) -> AdapterRec
                 f"no adapter {adapter_id!r} in the store at {store.root} for {store.base_model}; "
                 f"`capplug store list` shows the ids there are"
             )
-        if name is not None:
-            refuse_taken_names(store, collection, [name], owner=adapter_id)
-        record = dataclasses.replace(found[0], name=name)
+        if changes.get("name") is not None:
+            refuse_taken_names(store, collection, [changes["name"]], owner=adapter_id)
+        record = dataclasses.replace(found[0], **changes)
         write_json_atomic(record.folder / RECORD_FILE, record_file(record))
         collection.update(ids=[adapter_id], metadatas=[index_metadata(record)])
-    logger.info("adapter %s is named %r", adapter_id, name)
     return record
 
 

@@ -57,6 +57,8 @@ def index_metadata(record: AdapterRecord) -> dict[str, Any]:
         "source": record.source,
         "instruction_hash": record.instruction_hash,
         "name": record.name or "",
+        "check": "" if record.check is None else json.dumps(record.check.to_dict()),
+        "pinned": record.pinned or "",
     }
 
 

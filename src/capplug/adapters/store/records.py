@@ -33,14 +33,17 @@ __all__ = [
     "MAX_INSTRUCTION_CHARS",
     "RECORD_FILE",
     "SETTLED_SECONDS",
+    "SIDES",
     "SOURCES",
     "STALE_STAGING_SECONDS",
+    "AdapterCheck",
     "AdapterPaths",
     "AdapterRecord",
     "Generator",
     "HitCheck",
     "Match",
     "Result",
+    "Side",
     "Source",
     "StoreReport",
     "adapter_paths",
@@ -77,6 +80,81 @@ HitCheck = Callable[["AdapterRecord", str], bool]
 
 _WHITESPACE = re.compile(r"\s+")
 
+Side = Literal["adapter", "base"]
+SIDES: tuple[str, ...] = ("adapter", "base")
+
+
+@dataclass(frozen=True)
+class AdapterCheck:
+    """The judged fallback's verdict on an adapter: its answer to a probe against the bare base
+    model's, judged by a selector (:class:`capplug.adapters.AdapterJudge`).
+
+    An adapter whose answer lost is kept but not used: requests for its instruction get the
+    base model, until it is checked again or made again, or a person pins it
+    (:attr:`AdapterRecord.pinned`).
+    """
+
+    winner: Side
+    adapter_score: float
+    """The judge's score of the adapter's answer (the fused selector's, in [0, 1])."""
+    base_score: float
+    """The judge's score of the base model's answer."""
+    probe: str
+    """The user turn both answered (shortened to 500 characters)."""
+    judge: str
+    """What judged: the selector's scorer, say."""
+    checked: float
+    """Unix time."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterCheck:
+        """A check as :meth:`to_dict` wrote it.
+
+        Raises:
+            ValueError: not one (a wrong side, a missing or malformed field).
+        """
+        try:
+            check = cls(
+                winner=data["winner"],
+                adapter_score=float(data["adapter_score"]),
+                base_score=float(data["base_score"]),
+                probe=str(data["probe"]),
+                judge=str(data["judge"]),
+                checked=float(data["checked"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an adapter check: {exc}") from exc
+        if check.winner not in SIDES:
+            raise ValueError(
+                f"an adapter check's winner is 'adapter' or 'base'; got {check.winner!r}"
+            )
+        return check
+
+
+def _side(value: Any) -> Side | None:
+    return value if value in SIDES else None
+
+
+def _check_from(data: Any) -> AdapterCheck | None:
+    """The check a record file or index row holds (a dict, or its JSON); None for none or for
+    one that cannot be read (the adapter is then checked again)."""
+    if isinstance(data, str):
+        if not data:
+            return None
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return None
+    if not isinstance(data, Mapping):
+        return None
+    try:
+        return AdapterCheck.from_dict(data)
+    except ValueError:
+        return None
+
 
 @dataclass(frozen=True)
 class AdapterRecord:
@@ -102,7 +180,19 @@ class AdapterRecord:
     hypernetwork_version: str | None = None
     name: str | None = None
     """The unique name the adapter was given (:meth:`AdapterStore.rename`), or None."""
+    check: AdapterCheck | None = None
+    """The judged fallback's last verdict (:meth:`AdapterStore.set_check`), or None."""
+    pinned: Side | None = None
+    """A person's choice that outweighs the check (:meth:`AdapterStore.pin`), or None."""
     folder: Path = field(default=Path(), compare=False)
+
+    @property
+    def falls_back(self) -> bool:
+        """Whether requests for this adapter's instruction get the bare base model instead: it
+        lost its check, and is not pinned to be used."""
+        if self.pinned is not None:
+            return self.pinned == "base"
+        return self.check is not None and self.check.winner == "base"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the folder as a string)."""
@@ -227,6 +317,8 @@ def read_record_file(folder: Path) -> AdapterRecord | None:
             instruction_hash=data["instruction_hash"],
             hypernetwork_version=data.get("hypernetwork_version") or None,
             name=data.get("name") or None,
+            check=_check_from(data.get("check")),
+            pinned=_side(data.get("pinned")),
             folder=folder,
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -266,6 +358,8 @@ def records_from_rows(rows: Mapping[str, Any], root: Path, base_model: str) -> l
                 instruction_hash=str(meta.get("instruction_hash", "")),
                 hypernetwork_version=meta.get("hypernetwork_version") or None,
                 name=str(meta.get("name") or "") or None,
+                check=_check_from(meta.get("check")),
+                pinned=_side(meta.get("pinned")),
                 folder=folder,
             )
         )

@@ -34,12 +34,15 @@ from capplug.adapters.store.records import (
     DEFAULT_STORE,
     LOCKS_DIR,
     MAX_INSTRUCTION_CHARS,
+    SIDES,
+    AdapterCheck,
     AdapterPaths,
     AdapterRecord,
     Generator,
     HitCheck,
     Match,
     Result,
+    Side,
     Source,
     StoreReport,
     instruction_hash,
@@ -393,6 +396,34 @@ class AdapterStore:
         """
         adapter_id = check_id(adapter_id)
         return _adding.rename(self, adapter_id, None if name is None else check_name(name))
+
+    def set_check(self, adapter_id: str, check: AdapterCheck | None) -> AdapterRecord:
+        """Keep the judged fallback's verdict on an adapter (None forgets it, so the adapter is
+        checked again); returns its new record.
+
+        Kept in its record file and index row, so every process sharing the store sees it and
+        it outlives a :meth:`repair`.
+
+        Raises:
+            UnknownAdapterError: no such adapter.
+        """
+        adapter_id = check_id(adapter_id)
+        if check is not None and not isinstance(check, AdapterCheck):
+            raise TypeError(f"check must be an AdapterCheck or None; got {type(check).__name__}")
+        return _adding.update_record(self, adapter_id, check=check)
+
+    def pin(self, adapter_id: str, side: Side | None) -> AdapterRecord:
+        """Use the adapter (``"adapter"``) or the bare base model (``"base"``) for this adapter's
+        instruction whatever its check says; None unpins (the check decides again).
+
+        Raises:
+            UnknownAdapterError: no such adapter.
+            ValueError: ``side`` is not one of those.
+        """
+        adapter_id = check_id(adapter_id)
+        if side is not None and side not in SIDES:
+            raise ValueError(f"side must be 'adapter', 'base' or None; got {side!r}")
+        return _adding.update_record(self, adapter_id, pinned=side)
 
     def files(self, adapter_id: str) -> AdapterPaths:
         """The adapter's folder and files, after checking both against their recorded sha256.

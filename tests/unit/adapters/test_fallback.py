@@ -1,0 +1,264 @@
+"""The judged fallback on a tiny random Llama with a deliberately bad adapter: both answers come
+from one batch, the selector's pick decides, and the verdict and a person's pin are kept with
+the adapter across reopening and repair."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from store_fakes import (  # noqa: F401 - the autouse fixture guards every test here
+    WordHashEmbedding,
+    no_chroma_default_embedding,
+)
+
+from capplug.adapters import (
+    AdapterJudge,
+    AdapterRuntime,
+    ProbeError,
+    canonical_model_name,
+    with_definition,
+    write_peft_folder,
+)
+from capplug.adapters.store import (
+    RECORD_FILE,
+    AdapterCheck,
+    AdapterStore,
+    UnknownAdapterError,
+)
+from capplug.models.adapter_folder import peft_key
+from capplug.testing import save_tiny_llama
+
+INSTRUCTION = "Answer with the capital city of the country."
+PROBE = "what is the capital of france"
+SHAPES = {"q_proj": (32, 32), "v_proj": (32, 16)}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-fallback"))
+
+
+@pytest.fixture(scope="module")
+def bad_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA with large random weights: it rewrites every greedy answer."""
+    from peft import LoraConfig
+
+    generator = torch.Generator().manual_seed(7)
+    state = {}
+    for layer in range(2):
+        for name, (fan_in, fan_out) in SHAPES.items():
+            path = f"model.layers.{layer}.self_attn.{name}"
+            state[peft_key(path, "A")] = 3 * torch.randn(4, fan_in, generator=generator)
+            state[peft_key(path, "B")] = 3 * torch.randn(fan_out, 4, generator=generator)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=sorted(SHAPES),
+        base_model_name_or_path=canonical_model_name(tiny_llama),
+    )
+    return write_peft_folder(state, config, tmp_path_factory.mktemp("bad-adapter"))
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_llama: Path) -> AdapterRuntime:
+    return AdapterRuntime.from_pretrained(tiny_llama, device="cpu", dtype="float64")
+
+
+def _open(root: Path, tiny_llama: Path) -> AdapterStore:
+    return AdapterStore(root, base_model=str(tiny_llama), embedding_function=WordHashEmbedding())
+
+
+@pytest.fixture
+def store(tmp_path: Path, tiny_llama: Path) -> Iterator[AdapterStore]:
+    with _open(tmp_path / "store", tiny_llama) as opened:
+        yield opened
+
+
+class Selector:
+    """Picks the candidate ``pick`` says (by position), scoring it 0.8 and the other 0.2, and
+    keeps what it was asked."""
+
+    def __init__(self, pick: int) -> None:
+        self.pick = pick
+        self.calls: list[tuple[Any, list[str]]] = []
+        self.scorer = SimpleNamespace(name="fake-judge")
+
+    def select(self, instruction: Any, candidates: list[str]) -> Any:
+        self.calls.append((instruction, list(candidates)))
+        scores = [0.8 if i == self.pick else 0.2 for i in range(len(candidates))]
+        return SimpleNamespace(
+            index=self.pick, candidates=[SimpleNamespace(score=s) for s in scores]
+        )
+
+
+# ------------------------------------------------------------------------------- compare
+
+
+@pytest.mark.parametrize(("pick", "winner"), [(0, "adapter"), (1, "base")])
+def test_compare_answers_both_sides_in_one_batch_and_the_selector_decides(
+    runtime: AdapterRuntime, bad_adapter: Path, pick: int, winner: str
+) -> None:
+    runtime.add("bad", bad_adapter)
+    selector = Selector(pick)
+    judge = AdapterJudge(runtime, selector, max_new_tokens=6)
+    base_prompt = with_definition(PROBE, INSTRUCTION)
+
+    comparison = judge.compare("bad", PROBE, base_prompt)
+
+    alone_adapter = runtime.generate([PROBE], adapter="bad", max_new_tokens=6)[0]
+    alone_base = runtime.generate([base_prompt], adapter=None, max_new_tokens=6)[0]
+    assert comparison.answers == {"adapter": alone_adapter, "base": alone_base}
+    assert alone_adapter != alone_base  # the adapter really is bad: the test can fail
+    # Judged against the base model's prompt (definition and input), adapter first.
+    assert selector.calls == [(base_prompt, [alone_adapter, alone_base])]
+    assert comparison.winner == winner and comparison.answer == comparison.answers[winner]
+    assert comparison.scores[winner] == 0.8 and comparison.judge == "fake-judge"
+
+
+def test_compare_of_an_adapter_that_is_not_loaded_is_a_key_error(runtime: AdapterRuntime) -> None:
+    with pytest.raises(KeyError, match="no adapter named 'missing'"):
+        AdapterJudge(runtime, Selector(0)).compare("missing", PROBE, PROBE)
+
+
+def test_a_judge_needs_a_selector_and_a_positive_length(runtime: AdapterRuntime) -> None:
+    with pytest.raises(TypeError, match="select"):
+        AdapterJudge(runtime, object())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        AdapterJudge(runtime, Selector(0), max_new_tokens=0)
+
+
+def test_with_definition_puts_the_definition_before_the_last_user_turn() -> None:
+    assert with_definition("  Paris? ", INSTRUCTION) == f"{INSTRUCTION}\n\nParis?"
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "France"},
+    ]
+    changed = with_definition(chat, INSTRUCTION)
+    assert changed[-1] == {"role": "user", "content": f"{INSTRUCTION}\n\nFrance"}
+    assert changed[:3] == chat[:3] and chat[-1]["content"] == "France"  # the caller's is kept
+    # Already there (in the system turn, say): the prompt is left as it is.
+    given = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": "France"}]
+    assert with_definition(given, INSTRUCTION) == given
+
+
+# ------------------------------------------------------------------ the verdict, stored
+
+
+def test_a_bad_adapter_that_loses_is_kept_but_flagged_across_reopening_and_repair(
+    store: AdapterStore, runtime: AdapterRuntime, bad_adapter: Path, tiny_llama: Path
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    assert record.check is None and not record.falls_back
+
+    checked, comparison = AdapterJudge(runtime, Selector(1), max_new_tokens=6).check(
+        store, record.id, probe=PROBE
+    )
+
+    assert comparison.winner == "base" and checked.falls_back
+    assert checked.check == AdapterCheck(
+        winner="base",
+        adapter_score=0.2,
+        base_score=0.8,
+        probe=PROBE,
+        judge="fake-judge",
+        checked=checked.check.checked,
+    )
+    # Kept in the record file and the index row: another process sees it, and so does repair.
+    on_disk = json.loads((record.folder / RECORD_FILE).read_text())
+    assert on_disk["check"]["winner"] == "base"
+    store.close()
+    with _open(store.root, tiny_llama) as again:
+        assert again.get(record.id).check == checked.check
+        with again._index.writing() as collection:
+            collection.delete(ids=[record.id])
+        again.repair()
+        repaired = again.get(record.id)
+        assert repaired.check == checked.check and repaired.falls_back
+        # The adapter is still there to load: flagged, not removed.
+        assert again.files(record.id).weights.is_file()
+
+
+def test_a_pin_outweighs_the_check_until_unpinned(
+    store: AdapterStore, bad_adapter: Path, tiny_llama: Path
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    lost = AdapterCheck("base", 0.1, 0.9, PROBE, "fake-judge", 1.0)
+    won = AdapterCheck("adapter", 0.9, 0.1, PROBE, "fake-judge", 1.0)
+    assert store.set_check(record.id, lost).falls_back
+    assert not store.pin(record.id, "adapter").falls_back
+    assert store.set_check(record.id, lost).pinned == "adapter"  # a new check keeps the pin
+    store.close()
+    with _open(store.root, tiny_llama) as again:
+        assert again.get(record.id).pinned == "adapter" and not again.get(record.id).falls_back
+        assert again.pin(record.id, None).falls_back  # the check decides again
+        assert (
+            again.pin(record.id, "base").falls_back and again.set_check(record.id, won).falls_back
+        )
+        assert not again.pin(record.id, None).falls_back
+        assert again.set_check(record.id, None).check is None  # forgotten: checked again
+
+
+def test_bad_checks_and_pins_are_refused_and_change_nothing(
+    store: AdapterStore, bad_adapter: Path
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    with pytest.raises(ValueError, match="'adapter', 'base' or None"):
+        store.pin(record.id, "both")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="AdapterCheck"):
+        store.set_check(record.id, {"winner": "base"})  # type: ignore[arg-type]
+    with pytest.raises(UnknownAdapterError):
+        store.pin("0" * 32, "base")
+    with pytest.raises(ValueError, match="winner"):
+        AdapterCheck.from_dict({**AdapterCheck("base", 0, 1, "", "", 0).to_dict(), "winner": "x"})
+    with pytest.raises(ValueError, match="not an adapter check"):
+        AdapterCheck.from_dict({"winner": "base"})
+    assert store.get(record.id).check is None and store.get(record.id).pinned is None
+
+
+def test_an_unreadable_check_in_a_record_file_means_checked_again(
+    store: AdapterStore, bad_adapter: Path
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    store.set_check(record.id, AdapterCheck("base", 0.1, 0.9, PROBE, "j", 1.0))
+    data = json.loads((record.folder / RECORD_FILE).read_text())
+    data["check"] = {"winner": "nobody"}
+    (record.folder / RECORD_FILE).write_text(json.dumps(data))
+    with store._index.writing() as collection:
+        collection.delete(ids=[record.id])
+    store.repair()
+    assert store.get(record.id).check is None and not store.get(record.id).falls_back
+
+
+def test_check_without_a_probe_asks_the_base_model_for_one(
+    store: AdapterStore, runtime: AdapterRuntime, bad_adapter: Path, monkeypatch
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    judge = AdapterJudge(runtime, Selector(0), max_new_tokens=6)
+    asked: list[Any] = []
+    real = runtime.generate
+
+    def generate(prompts: list[Any], **kwargs: Any) -> list[str]:
+        if kwargs.get("adapter") is None and len(prompts) == 1:
+            asked.append(prompts[0])
+            return ['  "France"  ']
+        return real(prompts, **kwargs)
+
+    monkeypatch.setattr(runtime, "generate", generate)
+    checked, _ = judge.check(store, record.id)
+    assert INSTRUCTION in asked[0] and checked.check.probe == "France"
+    assert checked.check.winner == "adapter" and not checked.falls_back
+
+    monkeypatch.setattr(runtime, "generate", lambda prompts, **kwargs: ["  "])
+    with pytest.raises(ProbeError, match="give a probe"):
+        judge.check(store, record.id)
+    with pytest.raises(ValueError, match="probe is empty"):
+        judge.check(store, record.id, probe=" ")
+    assert store.get(record.id).check == checked.check  # a failed check loses nothing
