@@ -17,6 +17,7 @@ __all__ = [
     "WORDS",
     "bpe_tokenizer",
     "chat_tokenizer",
+    "save_random_lora",
     "save_tiny_llama",
     "save_tiny_scorer",
     "tiny_bert_config",
@@ -239,3 +240,37 @@ def save_tiny_llama(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_random_lora(
+    folder: str | Path, base: str | Path, *, r: int = 4, scale: float = 3.0, seed: int = 0
+) -> Path:
+    """Write a deliberately bad LoRA for the Llama-style model at ``base``: large random weights
+    on every layer's ``q_proj`` and ``v_proj``, enough to rewrite its greedy answers (a stand-in
+    for a generated adapter that wrecks a task). A standard peft folder, for that base model.
+    """
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoConfig
+
+    from capplug.models.adapter_folder import canonical_model_name, peft_key, write_peft_folder
+
+    config = AutoConfig.from_pretrained(base)
+    width = config.hidden_size
+    head = getattr(config, "head_dim", None) or width // config.num_attention_heads
+    kv_width = head * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    shapes = {"q_proj": (width, width), "v_proj": (width, kv_width)}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(config.num_hidden_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            path = f"model.layers.{layer}.self_attn.{name}"
+            state[peft_key(path, "A")] = scale * torch.randn(r, fan_in, generator=generator)
+            state[peft_key(path, "B")] = scale * torch.randn(fan_out, r, generator=generator)
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=sorted(shapes),
+        base_model_name_or_path=canonical_model_name(base),
+    )
+    return write_peft_folder(state, lora, folder)

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 from store_fakes import (  # noqa: F401 - the autouse fixture guards every test here
     WordHashEmbedding,
     no_chroma_default_embedding,
@@ -21,9 +20,7 @@ from capplug.adapters import (
     AdapterJudge,
     AdapterRuntime,
     ProbeError,
-    canonical_model_name,
     with_definition,
-    write_peft_folder,
 )
 from capplug.adapters.store import (
     RECORD_FILE,
@@ -31,12 +28,10 @@ from capplug.adapters.store import (
     AdapterStore,
     UnknownAdapterError,
 )
-from capplug.models.adapter_folder import peft_key
-from capplug.testing import save_tiny_llama
+from capplug.testing import save_random_lora, save_tiny_llama
 
 INSTRUCTION = "Answer with the capital city of the country."
 PROBE = "what is the capital of france"
-SHAPES = {"q_proj": (32, 32), "v_proj": (32, 16)}
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +42,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bad_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA with large random weights: it rewrites every greedy answer."""
-    from peft import LoraConfig
-
-    generator = torch.Generator().manual_seed(7)
-    state = {}
-    for layer in range(2):
-        for name, (fan_in, fan_out) in SHAPES.items():
-            path = f"model.layers.{layer}.self_attn.{name}"
-            state[peft_key(path, "A")] = 3 * torch.randn(4, fan_in, generator=generator)
-            state[peft_key(path, "B")] = 3 * torch.randn(fan_out, 4, generator=generator)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=sorted(SHAPES),
-        base_model_name_or_path=canonical_model_name(tiny_llama),
-    )
-    return write_peft_folder(state, config, tmp_path_factory.mktemp("bad-adapter"))
+    return save_random_lora(tmp_path_factory.mktemp("bad-adapter"), tiny_llama, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from store_fakes import (  # noqa: F401 - the autouse fixture guards these tests
     no_chroma_default_embedding,
 )
 
+from capplug.adapters.fallback import AdapterJudge
 from capplug.adapters.hypernetwork import Hypernetwork
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import AdapterStore, UnknownAdapterError
@@ -42,6 +43,19 @@ BASE_NAME = "tiny"
 
 
 # ------------------------------------------------------------------------------- fixtures
+
+
+class LongerAnswer:
+    """A selector for the judged fallback that prefers the longer answer (the first of equals)."""
+
+    def select(self, instruction: Any, candidates: list[str]) -> Any:
+        from types import SimpleNamespace
+
+        index = max(range(len(candidates)), key=lambda i: (len(candidates[i]), -i))
+        return SimpleNamespace(
+            index=index,
+            candidates=[SimpleNamespace(score=float(i == index)) for i in range(len(candidates))],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +271,12 @@ def test_models_and_health(client: TestClient, store: AdapterStore) -> None:
     assert [m["id"] for m in listed] == [BASE_NAME, f"{BASE_NAME}@{made['id']}"]
     assert listed[0]["parent"] is None and listed[1]["parent"] == BASE_NAME
     _error(client.get("/v1/models/gpt-4o"), 404, "model_not_found")
-    assert client.get("/healthz").json() == {"status": "ok", "model": BASE_NAME, "can_create": True}
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "model": BASE_NAME,
+        "can_create": True,
+        "judge": None,
+    }
     assert client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
 
 
@@ -607,6 +626,7 @@ def _fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
         max_n=2,
         api_key="fuzz-key",
         allow_load_from_path=True,  # fuzzed paths name nothing loadable: each is a 4xx
+        judge=AdapterJudge(runtime, LongerAnswer(), max_new_tokens=2),
     )
 
 
@@ -623,6 +643,8 @@ _OPERATIONS = [
     ("GET", "/v1/adapters"),
     ("GET", "/v1/adapters/{adapter_id}"),
     ("DELETE", "/v1/adapters/{adapter_id}"),
+    ("PATCH", "/v1/adapters/{adapter_id}"),
+    ("POST", "/v1/adapters/{adapter_id}/check"),
     ("GET", "/v1/adapters/{adapter_id}/files/{name}"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
@@ -643,6 +665,8 @@ def test_every_operation_is_fuzzed(fuzz_schema: Any) -> None:
 _FUZZ_CASES = [(m, p, "positive") for m, p in _OPERATIONS] + [
     ("POST", "/v1/adapters", "negative"),
     ("GET", "/v1/adapters", "negative"),
+    ("PATCH", "/v1/adapters/{adapter_id}", "negative"),
+    ("POST", "/v1/adapters/{adapter_id}/check", "negative"),
     ("POST", "/v1/chat/completions", "negative"),
     ("POST", "/v1/load_lora_adapter", "negative"),
     ("POST", "/v1/unload_lora_adapter", "negative"),

@@ -24,7 +24,8 @@ Chroma) or the ``embedding_function`` given. The document is the instruction; th
 base model, rank, target modules, sha256 of both files, size, created and last-used times,
 hypernetwork version, source, the normalised instruction's hash and the adapter's unique name
 (``""`` for none; :meth:`AdapterStore.rename`, :meth:`AdapterStore.resolve`), and the judged
-fallback's verdict (:class:`AdapterCheck` as JSON, ``""`` for none; :meth:`AdapterStore.set_check`). The store computes every
+fallback's verdict (:class:`AdapterCheck` as JSON, ``""`` for none; :meth:`AdapterStore.set_check`)
+and a person's pin (``"adapter"``, ``"base"`` or ``""``; :meth:`AdapterStore.pin`). The store computes every
 embedding itself and hands Chroma vectors, so an exact repeat (same normalised text) is answered
 from the hash alone, without running the encoder.
 
@@ -100,6 +101,7 @@ from capplug.adapters.store.records import (
     MAX_INSTRUCTION_CHARS,
     RECORD_FILE,
     SETTLED_SECONDS,
+    SIDES,
     SOURCES,
     STALE_STAGING_SECONDS,
     AdapterCheck,
@@ -109,6 +111,7 @@ from capplug.adapters.store.records import (
     HitCheck,
     Match,
     Result,
+    Side,
     Source,
     StoreReport,
     checked_paths,
@@ -141,6 +144,7 @@ __all__ = [
     "MAX_INSTRUCTION_CHARS",
     "RECORD_FILE",
     "SETTLED_SECONDS",
+    "SIDES",
     "SOURCES",
     "STALE_STAGING_SECONDS",
     "AdapterCheck",
@@ -157,6 +161,7 @@ __all__ = [
     "NoGeneratorError",
     "RefusedAdapterFileError",
     "Result",
+    "Side",
     "Source",
     "StoreReport",
     "TruncationWarning",

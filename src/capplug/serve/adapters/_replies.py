@@ -16,9 +16,10 @@ from capplug.serve.adapters._service import Answer, Plan, Service
 
 def completion(service: Service, answer: Answer) -> dict[str, Any]:
     """The answer as OpenAI's ``chat.completion``, with the ``capplug`` object: the adapter
-    used, how it was picked, and the timings."""
+    found, how it was picked, which side answered (the judged fallback), and the timings.
+    ``model`` names what answered: the adapter, or the base model when it fell back."""
     model = service.model_name
-    if answer.adapter_id is not None:
+    if answer.adapter_id is not None and answer.used != "base":
         model = f"{model}@{answer.adapter_id}"
     source = (
         "base" if answer.adapter_id is None else ("instruction" if answer.hit is not None else "id")
@@ -33,6 +34,7 @@ def completion(service: Service, answer: Answer) -> dict[str, Any]:
             "hit": answer.hit,
             "similarity": None if answer.similarity is None else round(answer.similarity, 4),
             "loaded": answer.loaded,
+            "fallback": answer.fallback,
             "timings": answer.timings,
         },
     }

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import Counter, Histogram
 
+from capplug.adapters.fallback import AdapterJudge, Comparison, ProbeError, with_definition
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import (
     AdapterNameError,
@@ -23,6 +24,7 @@ from capplug.adapters.store import (
     CorruptAdapterError,
     NoGeneratorError,
     RefusedAdapterFileError,
+    Side,
     UnknownAdapterError,
     UnknownAdapterFileError,
     check_name,
@@ -94,6 +96,10 @@ def _store_failure(exc: Exception, adapter_id: str) -> APIError:
 # ---------------------------------------------------------------------------- the service
 
 
+FallbackMode = Literal["auto", "best_of", "off"]
+FALLBACK_MODES: tuple[str, ...] = ("auto", "best_of", "off")
+
+
 @dataclass(frozen=True)
 class Plan(_chat.Sampling):
     """A validated chat request: which adapter, what to generate, how to answer."""
@@ -101,6 +107,19 @@ class Plan(_chat.Sampling):
     adapter_id: str | None
     instruction: str | None
     stream: bool = False
+    fallback: FallbackMode = "off"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which side answers a request with an adapter, and why."""
+
+    side: Side
+    reason: Literal["checked now", "stored check", "pinned", "asked by id", "best of both", "off"]
+    compare: bool = False
+    """Answer with both sides and judge (now, on this request)."""
+    store: bool = False
+    """Keep the comparison as the adapter's check."""
 
 
 @dataclass
@@ -114,6 +133,10 @@ class Answer:
     similarity: float | None = None
     loaded: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    used: Side | None = None
+    """Which side answered (None: the base model was asked for)."""
+    fallback: dict[str, Any] | None = None
+    """The judged fallback's part of the reply's ``capplug`` object."""
 
 
 class ChatRequest(_chat.ChatRequest, Protocol):
@@ -127,6 +150,7 @@ class ChatRequest(_chat.ChatRequest, Protocol):
     top_p: float | None
     seed: int | None
     stop: list[str] | None
+    fallback: str | None
 
 
 class ServiceMetrics:
@@ -151,6 +175,12 @@ class ServiceMetrics:
         self.tokens = Counter(
             "capplug_adapters_completion_tokens", "Tokens generated in answers", registry=registry
         )
+        self.fallback = Counter(
+            "capplug_adapters_fallback",
+            "Answers to requests with an adapter, by fallback mode and the side that answered",
+            ["mode", "used"],
+            registry=registry,
+        )
 
 
 class Service:
@@ -167,6 +197,7 @@ class Service:
         max_tokens_cap: int,
         max_n: int,
         lock: Any = None,
+        judge: AdapterJudge | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -176,6 +207,7 @@ class Service:
         self.max_messages = max_messages
         self.max_tokens_cap = max_tokens_cap
         self.max_n = max_n
+        self.judge = judge
         self.lock = lock if lock is not None else threading.Lock()
         # Lookups and creations one at a time too, beside generation: the embedding model's
         # fast tokenizer is not safe to call from several threads at once ("Already borrowed").
@@ -247,6 +279,9 @@ class Service:
             "last_used": record.last_used,
             "hypernetwork_version": record.hypernetwork_version,
             "name": record.name,
+            "check": None if record.check is None else record.check.to_dict(),
+            "pinned": record.pinned,
+            "falls_back": record.falls_back,
             "files": files,
         }
 
@@ -384,6 +419,7 @@ class Service:
         max_tokens = _chat.max_tokens_wanted(request, self.max_tokens_cap)
         sampling_asked = request.temperature is not None or request.top_p is not None
         greedy = request.temperature == 0 or not sampling_asked
+        fallback = self.fallback_mode(request, adapter_id is not None or instruction is not None)
         return Plan(
             chat=[message.turn() for message in request.messages],
             adapter_id=adapter_id,
@@ -396,7 +432,48 @@ class Service:
             seed=secrets.randbelow(2**31) if request.seed is None else request.seed % (2**32),
             stops=list(request.stop or []),
             stream=bool(request.stream),
+            fallback=fallback,
         )
+
+    def fallback_mode(self, request: ChatRequest, with_adapter: bool) -> FallbackMode:
+        """The request's ``fallback``, checked: ``auto`` by default with a judge, else ``off``."""
+        mode = request.fallback
+        if mode is None:
+            return "auto" if self.judge is not None else "off"
+        if mode not in FALLBACK_MODES:
+            raise APIError(
+                400,
+                f"Invalid value for 'fallback': {str(mode)[:40]!r}; use 'auto' (the adapter's "
+                f"check decides), 'best_of' (answer with the adapter and the base model, the "
+                f"judge picks) or 'off' (always the adapter)",
+                param="fallback",
+                code="invalid_value",
+            )
+        if mode != "off" and self.judge is None:
+            raise APIError(
+                400,
+                f"'fallback': {mode!r} needs a judge, and this service runs without one: start "
+                f"it with `capplug serve adapters --fallback` (create_adapter_app(..., "
+                f"judge=AdapterJudge(...))), or send 'fallback': 'off'",
+                param="fallback",
+                code="fallback_unavailable",
+            )
+        if mode == "best_of":
+            problem = None
+            if not with_adapter:
+                problem = "a request for an adapter (an 'instruction', or an adapter in 'model')"
+            elif request.stream:
+                problem = "a whole answer: both are generated before one is picked; not stream"
+            elif (request.n or 1) > 1:
+                problem = "one choice (n = 1): the judge picks one answer of two"
+            if problem is not None:
+                raise APIError(
+                    400,
+                    f"'fallback': 'best_of' needs {problem}",
+                    param="fallback",
+                    code="unsupported_value",
+                )
+        return mode  # type: ignore[return-value]
 
     def adapter_in_model(self, model: str | None) -> str | None:
         """The adapter id ``model`` names, None for the base model: ``<base>@<id or name>``,
@@ -427,28 +504,65 @@ class Service:
             ) from exc
 
     def answer(self, plan: Plan, streamer: Any = None) -> Answer:
-        """Pick the adapter, attach it if needed, and generate: runs in a worker thread."""
+        """Pick the adapter, attach it if needed, decide which side answers (the judged
+        fallback), and generate: runs in a worker thread."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        adapter_id, hit, similarity = plan.adapter_id, None, None
+        adapter_id, hit, similarity, record = plan.adapter_id, None, None, None
         if plan.instruction is not None:
             record, result = self.get_or_create(plan.instruction, None)
             adapter_id, hit, similarity = record.id, result.hit, result.similarity
             if self.metrics is not None:
                 self.metrics.lookups.labels("hit" if hit else "made").inc()
+        elif adapter_id is not None and plan.fallback == "best_of":
+            record = self.record(adapter_id)  # its instruction goes in the base model's prompt
         timings["adapter"] = _ms(started)
+        decision = None if adapter_id is None else self.decide(plan, record)
+        comparison: Comparison | None = None
+        unloadable: str | None = None
         waited = time.perf_counter()
         with self.lock:
             timings["queue"] = _ms(waited)
             loaded = False
-            if adapter_id is not None and adapter_id not in self.runtime:
+            needs_adapter = decision is not None and (
+                decision.side == "adapter" or decision.compare
+            )
+            if needs_adapter and adapter_id not in self.runtime:
                 began = time.perf_counter()
-                self.attach(adapter_id)
-                loaded = True
+                try:
+                    self.attach(adapter_id)
+                except APIError as exc:
+                    # With a judge, an instruction whose adapter cannot be attached is answered
+                    # by the base model; without one, or for an adapter asked by id, the
+                    # client hears why.
+                    if plan.fallback != "auto" or plan.instruction is None or exc.status < 500:
+                        raise
+                    unloadable = exc.message
+                    decision = Decision("base", "checked now")
+                else:
+                    loaded = True
                 timings["load"] = _ms(began)
+            chat = plan.chat
+            if record is not None and decision is not None:
+                # The base model has no adapter to carry the task: it reads the instruction.
+                chat = with_definition(plan.chat, record.instruction)
+            if decision is not None and decision.compare and unloadable is None:
+                began = time.perf_counter()
+                assert self.judge is not None and adapter_id is not None
+                limit = plan.max_tokens
+                if decision.reason != "best of both":
+                    limit = min(limit, self.judge.max_new_tokens)
+                comparison = self.judge.compare(adapter_id, plan.chat, chat, max_new_tokens=limit)
+                decision = Decision(comparison.winner, decision.reason, True, decision.store)
+                timings["judge"] = _ms(began)
+            used_chat = plan.chat if decision is None or decision.side == "adapter" else chat
+            prompt = _chat.prompt_tokens(self.runtime.chat, used_chat, plan.max_tokens)
             began = time.perf_counter()
-            prompt = _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)
-            texts = self.generate(plan, adapter_id, streamer)
+            if comparison is not None and self._reusable(plan, decision, streamer):
+                texts = [comparison.answer] * plan.n
+            else:
+                side = None if decision is None or decision.side == "base" else adapter_id
+                texts = self.generate(plan, side, streamer, chat=used_chat)
             tokenizer = self.runtime.chat.tokenizer
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             timings["generate"] = _ms(began)
@@ -456,6 +570,13 @@ class Service:
                 self.metrics.generation_seconds.observe(time.perf_counter() - began)
                 self.metrics.tokens.inc(sum(counts))
                 self.metrics.attaches.inc(int(loaded))
+        if comparison is not None and decision is not None and decision.store:
+            record = self.keep_check(adapter_id, comparison, plan.chat) or record
+        fallback = None
+        if decision is not None:
+            fallback = self.fallback_json(plan, decision, record, comparison, unloadable)
+            if self.metrics is not None:
+                self.metrics.fallback.labels(plan.fallback, decision.side).inc()
         finish: list[Literal["stop", "length"]] = []
         for i, text in enumerate(texts):
             cut = _chat.cut_at_stop(text, plan.stops)
@@ -474,7 +595,115 @@ class Service:
             similarity=similarity,
             loaded=loaded,
             timings=timings,
+            used=None if decision is None else decision.side,
+            fallback=fallback,
         )
+
+    def decide(self, plan: Plan, record: AdapterRecord | None) -> Decision:
+        """Which side answers a request with an adapter (before any judging)."""
+        if plan.fallback == "off":
+            return Decision("adapter", "off")
+        if plan.fallback == "best_of":
+            return Decision("adapter", "best of both", compare=True)
+        if record is None:  # named by id in 'model': the client chose the adapter
+            return Decision("adapter", "asked by id")
+        if record.pinned is not None:
+            return Decision(record.pinned, "pinned")
+        if record.check is not None:
+            return Decision(record.check.winner, "stored check")
+        return Decision("adapter", "checked now", compare=True, store=True)
+
+    def _reusable(self, plan: Plan, decision: Decision, streamer: Any) -> bool:
+        """Whether the judged answer is the reply itself: greedy, whole, and no shorter than
+        the request allows (best of both always is)."""
+        if decision.reason == "best of both":
+            return True
+        assert self.judge is not None
+        return plan.greedy and streamer is None and plan.max_tokens <= self.judge.max_new_tokens
+
+    def keep_check(
+        self, adapter_id: str | None, comparison: Comparison, chat: Sequence[dict[str, Any]]
+    ) -> AdapterRecord | None:
+        """Keep a comparison as the adapter's check; an adapter deleted meanwhile is skipped."""
+        probe = next(
+            (str(t.get("content") or "") for t in reversed(chat) if t.get("role") == "user"), ""
+        )
+        try:
+            assert adapter_id is not None
+            return self.store.set_check(adapter_id, comparison.to_check(probe))
+        except UnknownAdapterError:
+            return None
+
+    def fallback_json(
+        self,
+        plan: Plan,
+        decision: Decision,
+        record: AdapterRecord | None,
+        comparison: Comparison | None,
+        unloadable: str | None,
+    ) -> dict[str, Any]:
+        """The reply's ``capplug.fallback``: the mode, the side that answered and why, and the
+        verdict it rests on (both scores, when judged)."""
+        check = None if record is None else record.check
+        info: dict[str, Any] = {
+            "mode": plan.fallback,
+            "used": decision.side,
+            "reason": "adapter unloadable" if unloadable else decision.reason,
+            "winner": None,
+            "scores": None,
+            "judged": None,
+            "pinned": None if record is None else record.pinned,
+            "judge": None if self.judge is None else self.judge.name,
+        }
+        if unloadable:
+            info["error"] = unloadable
+        if comparison is not None:
+            info.update(
+                winner=comparison.winner,
+                scores={k: round(float(v), 6) for k, v in comparison.scores.items()},
+                judged="now",
+            )
+        elif check is not None and decision.reason in ("stored check", "pinned"):
+            info.update(
+                winner=check.winner,
+                scores={"adapter": check.adapter_score, "base": check.base_score},
+                judged=check.checked,
+            )
+        return info
+
+    def require_judge(self) -> AdapterJudge:
+        """The service's judge (400 when it runs without one)."""
+        if self.judge is None:
+            raise APIError(
+                400,
+                "this service runs without a judge, so it cannot check adapters: start it with "
+                "`capplug serve adapters --fallback`",
+                param="probe",
+                code="fallback_unavailable",
+            )
+        return self.judge
+
+    def check(self, adapter_id: str, probe: str | None) -> AdapterRecord:
+        """Check a stored adapter now (``POST /v1/adapters/{id}/check``): in a worker thread."""
+        judge = self.require_judge()
+        record = self.record(adapter_id)
+        with self.lock:
+            if record.id not in self.runtime:
+                self.attach(record.id)
+            try:
+                checked, _ = judge.check(self.store, record.id, probe=probe)
+            except ProbeError as exc:
+                raise APIError(422, str(exc), param="probe", code="no_probe") from exc
+            except UnknownAdapterError as exc:
+                raise _not_found(adapter_id) from exc
+        return checked
+
+    def pin(self, adapter_id: str, side: Side | None) -> AdapterRecord:
+        """Pin an adapter to a side, or unpin it (``PATCH /v1/adapters/{id}``)."""
+        try:
+            return self.store.pin(self.record(adapter_id).id, side)
+        except UnknownAdapterError as exc:
+            raise _not_found(adapter_id) from exc
 
     def attach(self, adapter_id: str) -> None:
         """Attach a stored adapter from its checked files (caller holds the lock)."""
@@ -484,13 +713,22 @@ class Service:
         except Exception as exc:
             raise _store_failure(exc, adapter_id) from exc
 
-    def generate(self, plan: Plan, adapter_id: str | None, streamer: Any = None) -> list[str]:
+    def generate(
+        self,
+        plan: Plan,
+        adapter_id: str | None,
+        streamer: Any = None,
+        *,
+        chat: Any = None,
+    ) -> list[str]:
+        """The answers to ``chat`` (default: the request's turns) with ``adapter_id`` or the
+        bare model."""
         extra: dict[str, Any] = {} if streamer is None else {"streamer": streamer}
         if not plan.greedy:
             extra["temperature"] = plan.temperature
             if plan.top_p is not None:
                 extra["top_p"] = plan.top_p
-        prompts = [plan.chat] * (1 if plan.greedy else plan.n)
+        prompts = [plan.chat if chat is None else chat] * (1 if plan.greedy else plan.n)
         texts = self.runtime.generate(
             prompts,
             adapter=adapter_id,

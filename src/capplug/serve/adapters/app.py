@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
+from capplug.adapters.fallback import AdapterJudge
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import AdapterStore
 from capplug.models.adapter_folder import (
@@ -40,6 +41,7 @@ _MAX_STOP_CHARS = 256
 _MAX_MODEL_CHARS = 512
 _MAX_LIST = 1000
 _MAX_PATH_CHARS = 4096
+_MAX_PROBE_CHARS = 8192
 
 # ------------------------------------------------------------------------------- requests
 
@@ -52,6 +54,37 @@ class _CreateAdapter(_chat.CheckedBody):
     instruction: str = Field(min_length=1, description="the task's instruction")
     threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="least similarity of a hit (the store's default)"
+    )
+    probe: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=_MAX_PROBE_CHARS,
+        description="an example input of the task: the adapter is checked on it (the judged "
+        "fallback; needs a service started with a judge)",
+    )
+
+
+class _CheckAdapter(_chat.CheckedBody):
+    """Check an adapter against the bare base model now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=_MAX_PROBE_CHARS,
+        description="an example input of the task (default: one the base model writes)",
+    )
+
+
+class _PatchAdapter(_chat.CheckedBody):
+    """Change what a person decides about an adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pinned: Literal["adapter", "base"] | None = Field(
+        description="answer this adapter's instruction with the adapter or the base model "
+        "whatever its check says; null: the check decides",
     )
 
 
@@ -134,6 +167,13 @@ class _ChatCompletionRequest(_chat.CheckedBody):
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: Annotated[str | list[str] | None, _chat.stop_validator(_MAX_STOP_CHARS)] = None
     stream: StrictBool | None = None
+    fallback: str | None = Field(
+        default=None,
+        max_length=16,
+        description="with an adapter: 'auto' (the adapter's check decides; an unchecked adapter "
+        "is checked on this request), 'best_of' (answer with both, the judge picks) or 'off' "
+        "(always the adapter); default 'auto' on a service with a judge, else 'off'",
+    )
     tools: list[Any] | None = None
     logprobs: StrictBool | None = None
     response_format: dict[str, Any] | None = None
@@ -162,6 +202,17 @@ class _File(BaseModel):
     url: str
 
 
+class _Check(BaseModel):
+    """The judged fallback's verdict on an adapter."""
+
+    winner: Literal["adapter", "base"]
+    adapter_score: float
+    base_score: float
+    probe: str
+    judge: str
+    checked: float
+
+
 class _Adapter(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
@@ -175,6 +226,10 @@ class _Adapter(BaseModel):
     last_used: float
     hypernetwork_version: str | None
     name: str | None = None
+    check: _Check | None = None
+    pinned: Literal["adapter", "base"] | None = None
+    falls_back: bool = False
+    """Requests for its instruction get the base model (it lost its check, or is pinned so)."""
     files: list[_File]
 
 
@@ -227,12 +282,34 @@ class _Usage(BaseModel):
     total_tokens: int
 
 
+class _Fallback(BaseModel):
+    mode: Literal["auto", "best_of", "off"]
+    used: Literal["adapter", "base"]
+    reason: Literal[
+        "checked now",
+        "stored check",
+        "pinned",
+        "asked by id",
+        "best of both",
+        "off",
+        "adapter unloadable",
+    ]
+    winner: Literal["adapter", "base"] | None
+    scores: dict[str, float] | None
+    judged: Literal["now"] | float | None
+    """'now' for this request, else when the stored check was made (Unix time)."""
+    pinned: Literal["adapter", "base"] | None
+    judge: str | None
+    error: str | None = None
+
+
 class _CapplugInfo(BaseModel):
     adapter: str | None
     source: Literal["base", "id", "instruction"]
     hit: bool | None
     similarity: float | None
     loaded: bool
+    fallback: _Fallback | None = None
     timings: dict[str, float]
 
 
@@ -250,6 +327,8 @@ class _Health(BaseModel):
     status: str
     model: str
     can_create: bool
+    judge: str | None = None
+    """What judges adapters against the base model (the judged fallback), or None."""
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -284,6 +363,7 @@ _ROUTES = (
     (r"/v1/chat/completions", "/v1/chat/completions"),
     (r"/v1/adapters", "/v1/adapters"),
     (r"/v1/adapters/[^/]+", "/v1/adapters/{id}"),
+    (r"/v1/adapters/[^/]+/check", "/v1/adapters/{id}/check"),
     (r"/v1/adapters/[^/]+/files/[^/]+", "/v1/adapters/{id}/files/{name}"),
     (r"/v1/load_lora_adapter", "/v1/load_lora_adapter"),
     (r"/v1/unload_lora_adapter", "/v1/unload_lora_adapter"),
@@ -314,6 +394,7 @@ def create_adapter_app(
     max_tokens_cap: int = 512,
     max_n: int = 8,
     allow_load_from_path: bool = False,
+    judge: AdapterJudge | None = None,
 ) -> FastAPI:
     """The adapter service over ``store`` and ``runtime``; see the package's docstring
     (:mod:`capplug.serve.adapters`).
@@ -333,6 +414,10 @@ def create_adapter_app(
         allow_load_from_path: let ``POST /v1/load_lora_adapter`` import a peft folder from a
             path on this server (a privilege, as vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``);
             without it that route answers 403.
+        judge: the judged fallback (:class:`~capplug.adapters.AdapterJudge` over this
+            runtime): each adapter found or made for an instruction is checked against the bare
+            base model on its first request, and one that lost is not used; requests may ask
+            ``fallback: "best_of"``. Without one, adapters always answer.
 
     Raises:
         WrongBaseModelError: the runtime's model is not the store's base model.
@@ -349,6 +434,8 @@ def create_adapter_app(
         (max_n, "max_n"),
     ):
         check_positive_int(value, argument)
+    if judge is not None and (not isinstance(judge, AdapterJudge) or judge.runtime is not runtime):
+        raise ValueError("judge must be an AdapterJudge over the same runtime, or None")
     if not isinstance(allow_load_from_path, bool):
         raise TypeError(f"allow_load_from_path must be a bool; got {allow_load_from_path!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -371,6 +458,7 @@ def create_adapter_app(
         max_messages=max_messages,
         max_tokens_cap=max_tokens_cap,
         max_n=max_n,
+        judge=judge,
         # A hit check generates with the same runtime (inside lookups): one lock for both.
         lock=getattr(store.verify_hit, "lock", None)
         if getattr(store.verify_hit, "runtime", None) is runtime
@@ -400,7 +488,12 @@ def create_adapter_app(
 
     @app.get("/healthz", response_model=_Health)
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "can_create": store.generator is not None}
+        return {
+            "status": "ok",
+            "model": name,
+            "can_create": store.generator is not None,
+            "judge": None if judge is None else judge.name,
+        }
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -433,7 +526,11 @@ def create_adapter_app(
     )
     async def create_adapter(body: _CreateAdapter) -> Response:
         text = service.instruction(body.instruction)
+        if body.probe is not None:
+            service.require_judge()
         record, result = await run_in_threadpool(service.get_or_create, text, body.threshold)
+        if body.probe is not None:
+            record = await run_in_threadpool(service.check, record.id, body.probe)
         data = await run_in_threadpool(service.adapter_json, record)
         data.update(
             hit=result.hit,
@@ -481,6 +578,24 @@ def create_adapter_app(
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    @app.patch("/v1/adapters/{adapter_id}", response_model=_Adapter, responses=_errors(404))
+    async def patch_adapter(adapter_id: str, body: _PatchAdapter) -> dict[str, Any]:
+        record = await run_in_threadpool(service.pin, adapter_id, body.pinned)
+        return await run_in_threadpool(service.adapter_json, record)
+
+    @app.post(
+        "/v1/adapters/{adapter_id}/check",
+        response_model=_Adapter,
+        responses={
+            422: {"model": _Error, "description": "no probe given, and none could be made"},
+            **_errors(404, 500),
+        },
+    )
+    async def check_adapter(adapter_id: str, body: _CheckAdapter | None = None) -> dict[str, Any]:
+        probe = None if body is None else body.probe
+        record = await run_in_threadpool(service.check, adapter_id, probe)
+        return await run_in_threadpool(service.adapter_json, record)
 
     @app.delete("/v1/adapters/{adapter_id}", response_model=_Deleted, responses=_errors(404))
     async def delete_adapter(adapter_id: str) -> dict[str, Any]:
@@ -541,7 +656,7 @@ def create_adapter_app(
             return await streamed(service, plan)
         answer = await run_in_threadpool(service.answer, plan)
         headers = {"Server-Timing": server_timing(answer.timings)}
-        if answer.adapter_id is not None:
+        if answer.adapter_id is not None and answer.used != "base":
             headers["X-Capplug-Adapter"] = answer.adapter_id
         return JSONResponse(completion(service, answer), headers=headers)
 
