@@ -75,3 +75,59 @@ def test_instruction_misses_then_a_similar_one_hits(service: tuple[str, AdapterS
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CAPITAL = "Answer the question with the name of a city."
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_the_judged_fallback_keeps_a_wrecking_adapter_from_answering(
+    tmp_path: Path,
+) -> None:
+    """A deliberately bad adapter (large random weights: it answers in word salad) stored for an
+    instruction: the packaged scorer judges its answer against the base model's, the base model
+    answers, and the verdict is kept for the next request."""
+    from capplug.adapters import AdapterJudge
+    from capplug.models import resolve
+    from capplug.selection import Reranker
+    from capplug.testing import save_random_lora
+
+    bad = save_random_lora(tmp_path / "bad", resolve("smollm2-135m-instruct"), scale=0.5, seed=1)
+    store = AdapterStore(
+        tmp_path / "store",
+        base_model="smollm2-135m-instruct",
+        embedding_function=SentenceEncoderEmbeddingFunction(),
+    )
+    record = store.import_folder(bad, CAPITAL)
+    runtime = AdapterRuntime.from_pretrained("smollm2-135m-instruct", device="cpu", max_loaded=2)
+    judge = AdapterJudge(runtime, Reranker(), max_new_tokens=32)
+    app = create_adapter_app(store, runtime, max_tokens_cap=32, judge=judge)
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=32,
+            extra_body={"instruction": CAPITAL},
+        )
+        fallback = reply.model_extra["capplug"]["fallback"]
+        assert fallback["used"] == "base" and fallback["reason"] == "checked now"
+        assert fallback["scores"]["base"] > fallback["scores"]["adapter"]
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.model == BASE
+        again = client.chat.completions.create(
+            model=BASE,
+            messages=QUESTION,
+            max_tokens=32,
+            extra_body={"instruction": CAPITAL},
+        )
+        assert again.model_extra["capplug"]["fallback"]["reason"] == "stored check"
+        assert again.choices[0].message.content == reply.choices[0].message.content
+        # Asked for by id, the adapter still answers: it is flagged, not removed.
+        by_id = client.chat.completions.create(
+            model=record.id, messages=QUESTION, max_tokens=8, temperature=0
+        )
+        assert "Paris" not in by_id.choices[0].message.content
+    assert store.get(record.id).falls_back
+    store.close()

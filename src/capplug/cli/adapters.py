@@ -6,6 +6,7 @@ The store-admin commands (``capplug store ...``) are also registered here, under
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from capplug.cli._common import (
@@ -14,7 +15,7 @@ from capplug.cli._common import (
     add_device_option,
     add_hypernet_option,
 )
-from capplug.models import DEFAULT_CHAT_MODEL
+from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_SCORER
 
 
 def add_parser(sub: Any) -> None:
@@ -191,11 +192,24 @@ def add_parser(sub: Any) -> None:
     answer.add_argument(
         "--max-new-tokens", type=int, default=64, help="longest answer (default: 64)"
     )
+    answer.add_argument(
+        "--judge",
+        action="store_true",
+        help="the judged fallback: also answer with the bare base model (the instruction in its "
+        "prompt) and print the answer the selector judges better; the decision and both scores "
+        "go to stderr",
+    )
+    answer.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help=f"with --judge: the scorer the selector judges with (default: {DEFAULT_SCORER})",
+    )
     add_hypernet_option(answer)
     answer.set_defaults(run=_run_adapters_answer)
     from capplug.cli.store import register as register_store_commands
 
-    # list | show | lookup | create | import | rm | gc | verify: also `capplug store ...`
+    # list | show | lookup | create | import | check | pin | rm | gc | verify: also `capplug store`
     register_store_commands(adapters_sub)
     adapters.set_defaults(run=lambda _args: adapters.print_help() or 2)
 
@@ -377,6 +391,20 @@ def _run_adapters_answer(args: argparse.Namespace) -> int:
     )
     model.add_weights("generated", state_dict, config)
     definition = args.instruction if args.with_instruction else None
-    prompt = _adapters_module("adapters.examples").user_prompt(args.input, definition)
-    print(model.generate([prompt], adapter="generated", max_new_tokens=args.max_new_tokens)[0])
+    user_prompt = _adapters_module("adapters.examples").user_prompt
+    prompt = user_prompt(args.input, definition)
+    if not args.judge:
+        print(model.generate([prompt], adapter="generated", max_new_tokens=args.max_new_tokens)[0])
+        return 0
+    from capplug.selection import Reranker
+
+    fallback = _adapters_module("adapters.fallback")
+    judge = fallback.AdapterJudge(model, Reranker(args.scorer), max_new_tokens=args.max_new_tokens)
+    comparison = judge.compare("generated", prompt, user_prompt(args.input, args.instruction))
+    scores = ", ".join(f"{side} {score:.3f}" for side, score in comparison.scores.items())
+    print(
+        f"judged by {comparison.judge}: the {comparison.winner} answer is better ({scores})",
+        file=sys.stderr,
+    )
+    print(comparison.answer)
     return 0

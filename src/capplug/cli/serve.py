@@ -126,10 +126,25 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
         "--hit-probe", metavar="TEXT", help="input answered after the instruction when checking"
     )
     adapters.add_argument(
+        "--fallback",
+        action="store_true",
+        help="the judged fallback: check each instruction's adapter on its first request "
+        "against the bare base model (the selector with --scorer judges both answers) and "
+        "answer with the base model where the adapter lost; requests may also ask "
+        "'fallback': 'best_of'",
+    )
+    adapters.add_argument(
+        "--judge-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --fallback: the longest answer each side gives when judged (default: 64)",
+    )
+    adapters.add_argument(
         "--scorer",
         default=DEFAULT_SCORER,
         metavar="REF",
-        help="the scorer that checks hits (default: capplug-default)",
+        help="the scorer that checks hits and judges with --fallback (default: capplug-default)",
     )
     adapters.add_argument(
         "--allow-lora-loading",
@@ -163,6 +178,8 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         raise UsageError(f"--check-hits must be between 0 and 1; got {args.check_hits}")
     if args.hit_probe is not None and args.check_hits is None:
         raise UsageError("--hit-probe applies with --check-hits BAR only")
+    if args.judge_tokens < 1:
+        raise UsageError(f"--judge-tokens must be >= 1; got {args.judge_tokens}")
     for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1; got {value}")
@@ -207,13 +224,20 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         generator, version = hypernet.generate, hypernetwork_version(hypernet)
     model = model or DEFAULT_CHAT_MODEL
     runtime = AdapterRuntime.from_pretrained(model, max_loaded=args.max_loaded, device=args.device)
-    check = None
-    if args.check_hits is not None:
-        from capplug.adapters.hit_check import ScorerHitCheck
+    check, judge = None, None
+    if args.check_hits is not None or args.fallback:
         from capplug.scoring import Scorer
 
         scorer = Scorer.from_pretrained(args.scorer, device=args.device)
-        check = ScorerHitCheck(runtime, scorer, bar=args.check_hits, probe=args.hit_probe)
+        if args.check_hits is not None:
+            from capplug.adapters.hit_check import ScorerHitCheck
+
+            check = ScorerHitCheck(runtime, scorer, bar=args.check_hits, probe=args.hit_probe)
+        if args.fallback:
+            from capplug.adapters.fallback import AdapterJudge
+            from capplug.selection import Reranker
+
+            judge = AdapterJudge(runtime, Reranker(scorer), max_new_tokens=args.judge_tokens)
     store = AdapterStore(
         args.store,
         base_model=model,
@@ -230,8 +254,11 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_tokens_cap=args.max_tokens_cap,
         allow_load_from_path=args.allow_lora_loading,
+        judge=judge,
     )
     what = "making new adapters" if generator is not None else "making no new adapters"
+    if judge is not None:
+        what += f", judged fallback by {judge.name}"
     try:
         _run_server(
             uvicorn,

@@ -1,4 +1,5 @@
-"""``capplug store list | show | lookup | create | import | rm | gc | verify``: the adapter store.
+"""``capplug store list | show | lookup | create | import | check | pin | rm | gc | verify``: the
+adapter store.
 
 The same commands stay under ``capplug adapters``, where they were first. :func:`register` adds
 them to an argparse subparsers object; each sets ``run`` to a function that takes the parsed
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from capplug.chat import one_line
-from capplug.cli._common import add_hypernet_option
+from capplug.cli._common import add_device_option, add_hypernet_option
 from capplug.errors import CapplugError
-from capplug.models import DEFAULT_CHAT_MODEL
+from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_SCORER
 
 __all__ = ["add_parser", "hypernetwork_version", "register"]
 
@@ -98,6 +99,46 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--name", metavar="NAME", help="a unique name to address it by (sql-lora)")
     imp.set_defaults(run=_run_import)
 
+    check = subparsers.add_parser(
+        "check",
+        parents=[common],
+        help="judge an adapter's answer against the bare base model's, and keep the verdict",
+        description="Answer a probe with the adapter and with the base model (the instruction "
+        "in its prompt), let the selector judge, and keep the verdict with the adapter: one that "
+        "lost is kept but not used (the adapter service and `capplug adapters answer --judge` "
+        "answer its instruction with the base model) until checked again or pinned.",
+    )
+    check.add_argument("id", metavar="ID", type=str.strip)
+    check.add_argument(
+        "--probe",
+        metavar="TEXT",
+        help="an example input of the task (default: one the base model writes)",
+    )
+    check.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help=f"the scorer the selector judges with (default: {DEFAULT_SCORER})",
+    )
+    check.add_argument(
+        "--judge-tokens", type=int, default=64, metavar="N", help="longest answer (default: 64)"
+    )
+    add_device_option(check)
+    check.set_defaults(run=_run_check)
+
+    pin = subparsers.add_parser(
+        "pin",
+        parents=[common],
+        help="use an adapter, or the base model, for its instruction whatever its check says",
+    )
+    pin.add_argument("id", metavar="ID", type=str.strip)
+    pin.add_argument(
+        "side",
+        choices=("adapter", "base", "none"),
+        help="adapter: always the adapter; base: always the base model; none: the check decides",
+    )
+    pin.set_defaults(run=_run_pin)
+
     rm = subparsers.add_parser("rm", parents=[common], help="delete adapters")
     rm.add_argument("ids", nargs="+", metavar="ID", type=str.strip)
     rm.set_defaults(run=_run_rm)
@@ -135,9 +176,12 @@ def _run_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{total} adapters for {store.base_model} in {store.root} ({_human(total_bytes)})")
     for r in records:
+        marks = f"[{r.name}] " if r.name else ""
+        if r.falls_back:
+            marks += "(base answers) "
         print(
             f"{r.id}  {r.source:<9}  r={r.rank:<3} {_human(r.size):>8}  "
-            f"{_when(r.last_used)}  {f'[{r.name}] ' if r.name else ''}{one_line(r.instruction, 60)}"
+            f"{_when(r.last_used)}  {marks}{one_line(r.instruction, 60)}"
         )
     return 0
 
@@ -160,10 +204,64 @@ def _run_show(args: argparse.Namespace) -> int:
     data["created"] = _when(record.created)
     data["last_used"] = _when(record.last_used)
     data["size"] = _human(record.size)
+    data["check"] = verdict(record)
+    data["pinned"] = record.pinned or "-"
+    data["answers"] = "the base model" if record.falls_back else "the adapter"
     for key, value in data.items():
         print(f"{key:>21}: {value}")
     print(f"{'files':>21}: {files}")
     return 0 if files.startswith("ok") else 1
+
+
+def verdict(record: Any) -> str:
+    """An adapter's check in one line, or ``-``."""
+    check = record.check
+    if check is None:
+        return "-"
+    return (
+        f"{check.winner} won (adapter {check.adapter_score:.3f}, base {check.base_score:.3f}; "
+        f"{check.judge}, {_when(check.checked)}) on {one_line(check.probe, 50)!r}"
+    )
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    if args.judge_tokens < 1:
+        raise ValueError(f"--judge-tokens must be >= 1; got {args.judge_tokens}")
+    if args.probe is not None and not args.probe.strip():
+        raise ValueError("--probe is empty; give an example input of the task, or leave it out")
+    from capplug.adapters.fallback import AdapterJudge
+    from capplug.adapters.runtime import AdapterRuntime
+    from capplug.selection import Reranker
+
+    with _open(args, existing=True) as store:
+        record = store.resolve(args.id)  # an unknown id fails before any model loads
+        runtime = AdapterRuntime.from_pretrained(
+            args.base or DEFAULT_BASE, max_loaded=1, device=args.device
+        )
+        judge = AdapterJudge(runtime, Reranker(args.scorer), max_new_tokens=args.judge_tokens)
+        checked, comparison = judge.check(store, record.id, probe=args.probe)
+    if args.json:
+        _print_json({**checked.to_dict(), "answers": dict(comparison.answers)})
+        return 0
+    print(f"{checked.id}: {verdict(checked)}")
+    for side in ("adapter", "base"):
+        print(f"  {side:>7}: {one_line(comparison.answers[side], 100)}")
+    answered = "the base model" if checked.falls_back else "the adapter"
+    print(f"requests for its instruction are answered by {answered}")
+    return 0
+
+
+def _run_pin(args: argparse.Namespace) -> int:
+    side = None if args.side == "none" else args.side
+    with _open(args, existing=True) as store:
+        record = store.pin(store.resolve(args.id).id, side)
+    if args.json:
+        _print_json(record.to_dict())
+        return 0
+    answered = "the base model" if record.falls_back else "the adapter"
+    how = f"pinned to {side}" if side else "unpinned: its check decides"
+    print(f"{record.id} {how}; requests for its instruction are answered by {answered}")
+    return 0
 
 
 def _run_lookup(args: argparse.Namespace) -> int:

@@ -242,3 +242,75 @@ def test_check_without_a_probe_asks_the_base_model_for_one(
     with pytest.raises(ValueError, match="probe is empty"):
         judge.check(store, record.id, probe=" ")
     assert store.get(record.id).check == checked.check  # a failed check loses nothing
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def judged_by(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The CLI's Reranker replaced by a Selector picking the side given (0 adapter, 1 base)."""
+    import capplug.selection
+
+    def use(pick: int) -> None:
+        monkeypatch.setattr(capplug.selection, "Reranker", lambda scorer: Selector(pick))
+
+    return use
+
+
+def test_cli_check_pin_show_and_list(
+    tmp_path: Path, tiny_llama: Path, bad_adapter: Path, capsys, judged_by
+) -> None:
+    from store_fakes import fake_indexed_store
+
+    from capplug.cli import main
+
+    root, base = tmp_path / "store", str(tiny_llama)
+    fake_indexed_store(root, base)
+    opts = ["--store", str(root), "--base", base]
+    assert main(["store", "import", str(bad_adapter), "--instruction", INSTRUCTION, *opts]) == 0
+    capsys.readouterr()
+    with _open(root, tiny_llama) as store:
+        adapter_id = store.list_adapters()[0].id
+
+    judged_by(1)
+    check = ["store", "check", adapter_id, "--probe", PROBE, "--judge-tokens", "4", *opts]
+    assert main([*check, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "base won (adapter 0.200, base 0.800; fake-judge" in out
+    assert "answered by the base model" in out
+    assert main(["store", "list", *opts]) == 0
+    assert "(base answers)" in capsys.readouterr().out
+    assert main(["store", "pin", adapter_id, "adapter", *opts]) == 0
+    assert "answered by the adapter" in capsys.readouterr().out
+    assert main(["store", "show", adapter_id, *opts]) == 0
+    shown = capsys.readouterr().out
+    assert "pinned: adapter" in shown and "answers: the adapter" in shown
+    assert "check: base won" in shown
+    assert main(["store", "pin", adapter_id, "none", *opts, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pinned"] is None
+    with pytest.raises(SystemExit) as exited:
+        main(["store", "pin", adapter_id, "both", *opts])
+    assert exited.value.code == 2 and "invalid choice: 'both'" in capsys.readouterr().err
+    assert main(["store", "check", adapter_id, "--probe", " ", *opts]) != 0
+    assert "--probe is empty" in capsys.readouterr().err
+    with _open(root, tiny_llama) as store:
+        assert store.get(adapter_id).falls_back  # the refused commands changed nothing
+
+
+@pytest.mark.parametrize(("pick", "side"), [(0, "adapter"), (1, "base")])
+def test_cli_answer_with_judge_prints_the_better_answer(
+    tmp_path: Path, tiny_llama: Path, capsys, judged_by, pick: int, side: str
+) -> None:
+    from capplug.adapters import Hypernetwork
+    from capplug.cli import main
+
+    folder = Hypernetwork.from_base(tiny_llama, encoder="base", r=4, hidden_dim=16).save_pretrained(
+        tmp_path / "hypernet"
+    )
+    judged_by(pick)
+    argv = ["adapters", "answer", "--instruction", INSTRUCTION, "--input", PROBE, "--judge"]
+    assert main([*argv, "--hypernet", str(folder), "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"the {side} answer is better (adapter " in captured.err
+    assert len(captured.out.splitlines()) == 1

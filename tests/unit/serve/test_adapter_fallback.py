@@ -303,3 +303,41 @@ def test_bad_fallback_values_are_4xx_naming_the_field(
         assert reply["capplug"]["fallback"]["mode"] == "off"
         assert plain.get("/healthz").json()["judge"] is None
     assert store.get(bad.id).check is None
+
+
+def test_cli_serve_adapters_with_fallback_judges_with_the_scorer(
+    tmp_path: Path,
+    tiny_dir: Path,
+    bad_adapter: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import uvicorn
+
+    from capplug.cli import main
+    from capplug.testing import save_tiny_scorer
+
+    scorer = save_tiny_scorer(tmp_path / "scorer")
+    root = tmp_path / "store"
+    with AdapterStore(root, base_model=str(tiny_dir)) as store:
+        bad = store.import_folder(bad_adapter, TRANSLATE)
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        with TestClient(app) as client:
+            seen["health"] = client.get("/healthz").json()
+            body = {"messages": MESSAGES, "instruction": TRANSLATE, "max_tokens": 4}
+            seen["reply"] = client.post("/v1/chat/completions", json=body).json()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    argv = ["serve", "adapters", "--store", str(root), "--no-hypernet", "--model", str(tiny_dir)]
+    assert main([*argv, "--fallback", "--scorer", str(scorer), "--device", "cpu"]) == 0
+    assert "judged fallback by" in capsys.readouterr().err
+    assert seen["health"]["judge"] == seen["reply"]["capplug"]["fallback"]["judge"]
+    fallback = seen["reply"]["capplug"]["fallback"]
+    assert fallback["reason"] == "checked now" and seen["reply"]["capplug"]["adapter"] == bad.id
+    # A real selector's scores: the two answers' probabilities of being the better one.
+    assert abs(sum(fallback["scores"].values()) - 1.0) < 1e-3
+    with AdapterStore(root, base_model=str(tiny_dir)) as store:
+        assert store.get(bad.id).check.winner == fallback["winner"]
+    assert main([*argv, "--fallback", "--judge-tokens", "0"]) == 2
