@@ -10,6 +10,11 @@ Rouge-L F (max over references) of five ways to answer, side by side:
 - the same adapter without the definition in the prompt;
 - one multi-task LoRA trained on all 44 Natural-Instructions train tasks
   (`capplug adapters train-lora --multitask`), definition in the prompt, as it was trained;
+- the generated adapter behind the judged fallback (:class:`capplug.adapters.AdapterJudge`):
+  per task, the adapter and the base model (both with the definition) answer one probe, the
+  task's first train example, and the selector with --scorer judges; the task's answers are
+  then the adapter's where it won and the base model's where it lost (two short generations and
+  one selection per task, no test example read);
 - a per-task LoRA trained on that dev task's own train examples, definition in the prompt: the
   ceiling. `--train-missing` trains these (resumably) with the teachers' settings, through
   `train_task_lora(..., purpose="benchmark-ceiling")`, which reads none of the test examples.
@@ -25,7 +30,7 @@ weights that made them, so the script can be stopped and run again, and a retrai
 fresh answers.
 
     python -m benchmarks.instruction_to_adapter [--hypernet REF] [--multitask DIR]
-        [--per-task DIR [--train-missing]] [--limit 100] [--tasks ...]
+        [--per-task DIR [--train-missing]] [--scorer REF] [--limit 100] [--tasks ...]
 
 Writes benchmarks/results/instruction_to_adapter.{json,md,png} (or into --results DIR).
 """
@@ -53,6 +58,8 @@ RESULTS = Path(__file__).parent / "results"
 NAME = "instruction_to_adapter"
 MAX_NEW_TOKENS = 64
 GAIN_TARGET = 3.0
+FALLBACK_FLOOR = -2.0
+"""With the judged fallback, no task may fall below base + definition by more than this."""
 """Generated adapter + definition must beat base + definition by this many Rouge-L points."""
 SPEEDUP_TARGET = 1000.0
 DEFAULT_HYPERNET = "capplug-hypernet-smollm2"
@@ -62,10 +69,11 @@ VARIANTS = {
     "base": "base + definition (zero-shot)",
     "generated": "base + generated adapter + definition",
     "generated-no-def": "base + generated adapter, no definition",
+    "judged": "generated adapter + definition, judged fallback",
     "multitask": "multi-task LoRA + definition",
     "per-task": "per-task LoRA + definition (ceiling)",
 }
-WITH_DEFINITION = {"base": True, "generated": True, "generated-no-def": False}
+WITH_DEFINITION = {"base": True, "generated": True, "generated-no-def": False, "judged": True}
 WITH_DEFINITION.update({"multitask": True, "per-task": True})
 ADAPTER_NAME = {"generated": "generated", "generated-no-def": "generated"}
 ADAPTER_NAME.update({"multitask": "multitask", "per-task": "pertask"})
@@ -211,7 +219,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     except (ModelNotFoundError, CheckpointError) as exc:
         reason = f"no hypernetwork: {exc}"
         print(f"skipping the generated-adapter rows; {reason}")
-        missing["generated"] = missing["generated-no-def"] = reason
+        missing["generated"] = missing["generated-no-def"] = missing["judged"] = reason
     base_ref = args.base or (hypernet.config.base_ref if hypernet else DEFAULT_BASE)
     if hypernet is not None and canonical_model_name(base_ref) != hypernet.config.base_model:
         raise SystemExit(
@@ -251,7 +259,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         adapter: str | None = None
         if variant in missing:
             return None
-        if variant in ("generated", "generated-no-def"):
+        if variant in ("generated", "generated-no-def", "judged"):
             adapter = f"hypernet:{hypernet_digest}"
         elif variant == "multitask":
             adapter = "lora:" + file_digest(multitask / "adapter_model.safetensors")
@@ -286,12 +294,48 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         models.attached[name] = key
         return name
 
+    judges: list[Any] = []
+
+    def judged(task: Task) -> dict[str, Any] | None:
+        """The judged fallback's verdict on the task's generated adapter (cached), or None when
+        the task has no train example to probe with."""
+        probe = next((e for e in task.examples if not e.is_test and e.input.strip()), None)
+        made_by = source("judged", task.name)
+        if probe is None or made_by is None:
+            return None
+        made_by = {**made_by, "judge": args.scorer, "probe": probe.index}
+        cache = AnswerCache("judged-check", task.name, made_by)
+        if cache.missing([probe]):
+            from capplug.adapters.fallback import AdapterJudge
+            from capplug.selection import Reranker
+
+            adapter = attach("generated", task.name, str(made_by["adapter"]))
+            if not judges:
+                judges.append(
+                    AdapterJudge(
+                        models.runtime, Reranker(args.scorer), max_new_tokens=MAX_NEW_TOKENS
+                    )
+                )
+            prompt = user_prompt(probe.input, task.definition)
+            comparison = judges[0].compare(adapter, prompt, prompt)
+            verdict = {
+                "winner": comparison.winner,
+                "scores": dict(comparison.scores),
+                "seconds": comparison.seconds,
+                "probe": probe.index,
+            }
+            cache.put([probe], [json.dumps(verdict)])
+        return json.loads(cache.get(probe))
+
     per_task_rows: dict[str, dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {}
     for task_name in tasks:
         task = loaded[task_name]
         test = test_examples(task, args.limit)
         row: dict[str, Any] = {"examples": len(test)}
         for variant in VARIANTS:
+            if variant == "judged":
+                continue  # made from the base and generated rows, below
             made_by = source(variant, task_name)
             if made_by is None:
                 row[variant] = None
@@ -317,6 +361,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     cache.put(chunk, answers)
             scores = [rouge_l(cache.get(e), e.targets) for e in test]
             row[variant] = 100 * statistics.fmean(scores) if scores else None
+        row["judged"] = None
+        if row["generated"] is not None and row["base"] is not None:
+            verdict = judged(task)
+            if verdict is not None:
+                checks[short(task_name)] = verdict
+                row["judged"] = row["generated" if verdict["winner"] == "adapter" else "base"]
+        row = {variant: row[variant] for variant in ["examples", *VARIANTS]}
         per_task_rows[short(task_name)] = row
         shown = {k: (None if v is None else round(v, 1)) for k, v in row.items()}
         print(short(task_name), shown)
@@ -332,6 +383,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         for v in VARIANTS
     }
     timing.update(training_times(tasks, ceiling))
+    if checks:
+        timing["check_median_seconds"] = statistics.median(c["seconds"] for c in checks.values())
     gen, train = timing.get("generation_median_seconds"), timing.get("training_median_seconds")
     timing["speedup"] = train / gen if gen and train is not None else None
     return {
@@ -348,7 +401,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "mean": mean,
         "missing": missing,
         "timing": timing,
-        "targets": targets(mean, timing, missing),
+        "checks": checks,
+        "judge": args.scorer,
+        "targets": targets(mean, timing, missing, per_task_rows),
     }
 
 
@@ -391,11 +446,17 @@ def training_times(tasks: list[str], ceiling: Any) -> dict[str, Any]:
 
 
 def targets(
-    mean: dict[str, float | None], timing: dict[str, Any], missing: dict[str, str]
+    mean: dict[str, float | None],
+    timing: dict[str, Any],
+    missing: dict[str, str],
+    rows: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """The issue's three targets, each met, not met, or not measurable (with the reason)."""
+    """The issues' targets, each met, not met, or not measurable (with the reason)."""
     base, gen, nodef = mean["base"], mean["generated"], mean["generated-no-def"]
     speedup = timing.get("speedup")
+    worst = None
+    if mean["judged"] is not None and base is not None:
+        worst = min(row["judged"] - row["base"] for row in rows.values())
 
     def why(*variants: str) -> str | None:
         """The first of ``variants`` whose row is missing (its reason is in ``missing``)."""
@@ -413,6 +474,13 @@ def targets(
             "value": None if nodef is None or base is None else nodef - base,
             "met": None if nodef is None or base is None else nodef >= base,
             "missing": why("generated-no-def", "base"),
+        },
+        {
+            "target": f"with the judged fallback, no task below base + definition by more than "
+            f"{-FALLBACK_FLOOR:g} Rouge-L (the worst task)",
+            "value": worst,
+            "met": None if worst is None else worst >= FALLBACK_FLOOR,
+            "missing": why("judged", "base"),
         },
         {
             "target": f"making an adapter >= {SPEEDUP_TARGET:g}x faster than training one",
@@ -436,7 +504,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     ]
     columns = list(VARIANTS)
     lines += task_table(columns, VARIANTS, result["tasks"], result["mean"], _fmt)
-    lines += ["", "Targets (issue 6):", ""]
+    lines += ["", "Targets (issues 6 and 26):", ""]
     for target in result["targets"]:
         if target["met"] is None:
             row = VARIANTS.get(target["missing"], "a row")
@@ -464,6 +532,14 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("- train a per-task LoRA: missing (no per-task LoRAs)")
+    if result.get("checks"):
+        won = sum(c["winner"] == "adapter" for c in result["checks"].values())
+        lines.append(
+            f"- the judged fallback's check: median {timing['check_median_seconds']:.2f} s per "
+            f"task (two answers of at most {result['max_new_tokens']} tokens and one selection, "
+            f"judged by {result['judge']}); the adapter won on {won} of "
+            f"{len(result['checks'])} tasks"
+        )
     if result["missing"]:
         lines += ["", "Missing rows:", ""]
         lines += [f"- {VARIANTS[v]}: {why}" for v, why in result["missing"].items()]
@@ -499,6 +575,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--train-missing",
         action="store_true",
         help="train the per-task LoRAs --per-task lacks (resumable: run again to continue)",
+    )
+    parser.add_argument(
+        "--scorer",
+        default="capplug-default",
+        metavar="REF",
+        help="the scorer the judged fallback's selector judges with (default: capplug-default)",
     )
     parser.add_argument("--limit", type=int, default=100, help="test examples per task")
     parser.add_argument("--tasks", nargs="*", help="a subset of dev.instruction_to_adapter")

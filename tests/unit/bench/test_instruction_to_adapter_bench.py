@@ -11,7 +11,7 @@ import pytest
 
 from capplug.adapters import LoraTrainConfig
 from capplug.data.bigbench import Example, Task, is_test_example, task_names
-from capplug.testing import save_tiny_llama
+from capplug.testing import save_tiny_llama, save_tiny_scorer
 from capplug.training.teacher_lora import task_folder_name, train_multitask_lora, train_task_names
 
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
@@ -106,6 +106,7 @@ def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
     argv = ["--hypernet", str(hypernet_dir), "--multitask", str(multitask)]
     argv += ["--per-task", str(tmp_path / "per-task"), "--train-missing", "--limit", "2"]
     argv += ["--tasks", *DEV, "--results", str(results), "--batch", "2", "--no-progress"]
+    argv += ["--scorer", str(save_tiny_scorer(tmp_path / "scorer"))]
 
     from capplug.adapters.runtime import AdapterRuntime
 
@@ -139,7 +140,15 @@ def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
     assert timing["speedup"] == pytest.approx(
         timing["training_median_seconds"] / timing["generation_median_seconds"]
     )
-    assert [t["met"] is not None for t in result["targets"]] == [True, True, True]
+    assert [t["met"] is not None for t in result["targets"]] == [True] * 4
+    # The judged row is, per task, the generated row where the adapter won its check, else base.
+    assert set(result["checks"]) == set(result["tasks"])
+    for task, check in result["checks"].items():
+        row = result["tasks"][task]
+        assert row["judged"] == row["generated" if check["winner"] == "adapter" else "base"]
+        full = next(name for name in DEV if bench.short(name) == task)
+        assert not toys[full].examples[check["probe"]].is_test  # never a test example
+    assert "judged fallback's check: median" in (results / "instruction_to_adapter.md").read_text()
     written = json.loads((results / "instruction_to_adapter.json").read_text())
     assert written["mean"] == result["mean"]
     markdown = (results / "instruction_to_adapter.md").read_text()
@@ -167,7 +176,7 @@ def test_missing_models_are_reported_missing_never_invented(bench, base_dir, toy
     result = bench.main(argv)
 
     assert result["mean"]["base"] is not None
-    for variant in ("generated", "generated-no-def", "multitask", "per-task"):
+    for variant in ("generated", "generated-no-def", "judged", "multitask", "per-task"):
         assert result["mean"][variant] is None
         assert all(row[variant] is None for row in result["tasks"].values())
         assert variant in result["missing"]
