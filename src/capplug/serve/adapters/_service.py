@@ -1,6 +1,7 @@
 """The adapter service's work behind its routes: :class:`Service` finds, makes, attaches and
-deletes adapters, reads their files, and plans and generates the answers; a store or runtime
-failure becomes the error the client gets here."""
+deletes adapters, reads their files, and plans and generates the answers, with the judged
+fallback (:mod:`._fallback`) deciding which side answers; a store or runtime failure becomes the
+error the client gets (:mod:`._errors`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from capplug.adapters.store import (
     AdapterRecord,
     AdapterStore,
     CorruptAdapterError,
-    NoGeneratorError,
     RefusedAdapterFileError,
     Side,
     UnknownAdapterError,
@@ -37,67 +37,21 @@ from capplug.models.adapter_folder import (
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError
+from capplug.serve.adapters._errors import not_found, store_failure
+from capplug.serve.adapters._fallback import (
+    Decision,
+    FallbackMode,
+    decide,
+    fallback_json,
+    fallback_mode,
+    probe_of,
+    require_judge,
+    reusable,
+)
 
 """The only files ``GET /v1/adapters/{id}/files/{name}`` serves."""
 
-# --------------------------------------------------------------------------------- errors
-
-
-def _not_found(adapter_id: str) -> APIError:
-    shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
-    return APIError(
-        404,
-        f"no adapter {shown!r} in this service's store; GET /v1/adapters lists the ids there "
-        f"are, POST /v1/adapters makes one",
-        code="adapter_not_found",
-    )
-
-
-def _store_failure(exc: Exception, adapter_id: str) -> APIError:
-    """The error a store or runtime failure on one adapter is answered with."""
-    if isinstance(exc, UnknownAdapterError):
-        return _not_found(adapter_id)
-    if isinstance(exc, NoGeneratorError):
-        corrupt = ""
-        if exc.set_aside:
-            corrupt = (
-                f"the stored adapter {', '.join(exc.set_aside)} for this instruction is corrupt "
-                f"(its files fail their sha256): it was set aside in the store's .corrupt folder "
-                f"and is not used again; import it again (`capplug store import`) or "
-            )
-        return APIError(
-            503,
-            f"{corrupt}no stored adapter is similar enough to this instruction and this service "
-            "cannot make new ones (it runs without a hypernetwork: start it with --hypernet REF); "
-            "stored adapters still answer by id ('<base>@<id>') or by an instruction that hits",
-            param="instruction",
-            code="no_generator",
-            kind="server_error",
-        )
-    if isinstance(exc, WrongBaseModelError):
-        return APIError(409, str(exc), code="wrong_base_model")
-    if isinstance(exc, CorruptAdapterError):
-        return APIError(
-            500,
-            f"adapter {adapter_id} is corrupt: {exc}",
-            code="corrupt_adapter",
-            kind="server_error",
-        )
-    if isinstance(exc, AdapterFileError):
-        return APIError(
-            500,
-            f"adapter {adapter_id} cannot be attached to the model: {exc}",
-            code="adapter_unloadable",
-            kind="server_error",
-        )
-    raise exc
-
-
 # ---------------------------------------------------------------------------- the service
-
-
-FallbackMode = Literal["auto", "best_of", "off"]
-FALLBACK_MODES: tuple[str, ...] = ("auto", "best_of", "off")
 
 
 @dataclass(frozen=True)
@@ -108,18 +62,6 @@ class Plan(_chat.Sampling):
     instruction: str | None
     stream: bool = False
     fallback: FallbackMode = "off"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Which side answers a request with an adapter, and why."""
-
-    side: Side
-    reason: Literal["checked now", "stored check", "pinned", "asked by id", "best of both", "off"]
-    compare: bool = False
-    """Answer with both sides and judge (now, on this request)."""
-    store: bool = False
-    """Keep the comparison as the adapter's check."""
 
 
 @dataclass
@@ -241,7 +183,7 @@ class Service:
                 warnings.simplefilter("ignore")  # the length is checked above; nothing to cut
                 result = self.store.get_or_create(text, threshold=threshold)
         except Exception as exc:
-            raise _store_failure(exc, "") from exc
+            raise store_failure(exc, "") from exc
         return result.record, result
 
     def record(self, adapter_id: str) -> AdapterRecord:
@@ -249,7 +191,7 @@ class Service:
         try:
             return self.store.resolve(adapter_id)
         except UnknownAdapterError as exc:
-            raise _not_found(adapter_id) from exc
+            raise not_found(adapter_id) from exc
 
     def adapter_json(self, record: AdapterRecord) -> dict[str, Any]:
         files = []
@@ -294,15 +236,15 @@ class Service:
         except RefusedAdapterFileError as exc:
             raise APIError(403, str(exc), code="file_refused") from exc
         except UnknownAdapterError as exc:
-            raise _not_found(adapter_id) from exc
+            raise not_found(adapter_id) from exc
         except CorruptAdapterError as exc:
-            raise _store_failure(exc, adapter_id) from exc
+            raise store_failure(exc, adapter_id) from exc
 
     def delete(self, adapter_id: str) -> AdapterRecord:
         try:
             record = self.store.remove(self.store.resolve(adapter_id).id)
         except UnknownAdapterError as exc:
-            raise _not_found(adapter_id) from exc
+            raise not_found(adapter_id) from exc
         with self.lock:
             if record.id in self.runtime:
                 self.runtime.remove(record.id)
@@ -419,7 +361,9 @@ class Service:
         max_tokens = _chat.max_tokens_wanted(request, self.max_tokens_cap)
         sampling_asked = request.temperature is not None or request.top_p is not None
         greedy = request.temperature == 0 or not sampling_asked
-        fallback = self.fallback_mode(request, adapter_id is not None or instruction is not None)
+        fallback = fallback_mode(
+            request, self.judge, adapter_id is not None or instruction is not None
+        )
         return Plan(
             chat=[message.turn() for message in request.messages],
             adapter_id=adapter_id,
@@ -434,46 +378,6 @@ class Service:
             stream=bool(request.stream),
             fallback=fallback,
         )
-
-    def fallback_mode(self, request: ChatRequest, with_adapter: bool) -> FallbackMode:
-        """The request's ``fallback``, checked: ``auto`` by default with a judge, else ``off``."""
-        mode = request.fallback
-        if mode is None:
-            return "auto" if self.judge is not None else "off"
-        if mode not in FALLBACK_MODES:
-            raise APIError(
-                400,
-                f"Invalid value for 'fallback': {str(mode)[:40]!r}; use 'auto' (the adapter's "
-                f"check decides), 'best_of' (answer with the adapter and the base model, the "
-                f"judge picks) or 'off' (always the adapter)",
-                param="fallback",
-                code="invalid_value",
-            )
-        if mode != "off" and self.judge is None:
-            raise APIError(
-                400,
-                f"'fallback': {mode!r} needs a judge, and this service runs without one: start "
-                f"it with `capplug serve adapters --fallback` (create_adapter_app(..., "
-                f"judge=AdapterJudge(...))), or send 'fallback': 'off'",
-                param="fallback",
-                code="fallback_unavailable",
-            )
-        if mode == "best_of":
-            problem = None
-            if not with_adapter:
-                problem = "a request for an adapter (an 'instruction', or an adapter in 'model')"
-            elif request.stream:
-                problem = "a whole answer: both are generated before one is picked; not stream"
-            elif (request.n or 1) > 1:
-                problem = "one choice (n = 1): the judge picks one answer of two"
-            if problem is not None:
-                raise APIError(
-                    400,
-                    f"'fallback': 'best_of' needs {problem}",
-                    param="fallback",
-                    code="unsupported_value",
-                )
-        return mode  # type: ignore[return-value]
 
     def adapter_in_model(self, model: str | None) -> str | None:
         """The adapter id ``model`` names, None for the base model: ``<base>@<id or name>``,
@@ -517,7 +421,7 @@ class Service:
         elif adapter_id is not None and plan.fallback == "best_of":
             record = self.record(adapter_id)  # its instruction goes in the base model's prompt
         timings["adapter"] = _ms(started)
-        decision = None if adapter_id is None else self.decide(plan, record)
+        decision = None if adapter_id is None else decide(plan.fallback, record)
         comparison: Comparison | None = None
         unloadable: str | None = None
         waited = time.perf_counter()
@@ -558,7 +462,7 @@ class Service:
             used_chat = plan.chat if decision is None or decision.side == "adapter" else chat
             prompt = _chat.prompt_tokens(self.runtime.chat, used_chat, plan.max_tokens)
             began = time.perf_counter()
-            if comparison is not None and self._reusable(plan, decision, streamer):
+            if comparison is not None and reusable(plan, decision, self.judge, streamer):
                 texts = [comparison.answer] * plan.n
             else:
                 side = None if decision is None or decision.side == "base" else adapter_id
@@ -574,7 +478,9 @@ class Service:
             record = self.keep_check(adapter_id, comparison, plan.chat) or record
         fallback = None
         if decision is not None:
-            fallback = self.fallback_json(plan, decision, record, comparison, unloadable)
+            fallback = fallback_json(
+                plan.fallback, self.judge, decision, record, comparison, unloadable
+            )
             if self.metrics is not None:
                 self.metrics.fallback.labels(plan.fallback, decision.side).inc()
         finish: list[Literal["stop", "length"]] = []
@@ -599,93 +505,19 @@ class Service:
             fallback=fallback,
         )
 
-    def decide(self, plan: Plan, record: AdapterRecord | None) -> Decision:
-        """Which side answers a request with an adapter (before any judging)."""
-        if plan.fallback == "off":
-            return Decision("adapter", "off")
-        if plan.fallback == "best_of":
-            return Decision("adapter", "best of both", compare=True)
-        if record is None:  # named by id in 'model': the client chose the adapter
-            return Decision("adapter", "asked by id")
-        if record.pinned is not None:
-            return Decision(record.pinned, "pinned")
-        if record.check is not None:
-            return Decision(record.check.winner, "stored check")
-        return Decision("adapter", "checked now", compare=True, store=True)
-
-    def _reusable(self, plan: Plan, decision: Decision, streamer: Any) -> bool:
-        """Whether the judged answer is the reply itself: greedy, whole, and no shorter than
-        the request allows (best of both always is)."""
-        if decision.reason == "best of both":
-            return True
-        assert self.judge is not None
-        return plan.greedy and streamer is None and plan.max_tokens <= self.judge.max_new_tokens
-
     def keep_check(
         self, adapter_id: str | None, comparison: Comparison, chat: Sequence[dict[str, Any]]
     ) -> AdapterRecord | None:
         """Keep a comparison as the adapter's check; an adapter deleted meanwhile is skipped."""
-        probe = next(
-            (str(t.get("content") or "") for t in reversed(chat) if t.get("role") == "user"), ""
-        )
         try:
             assert adapter_id is not None
-            return self.store.set_check(adapter_id, comparison.to_check(probe))
+            return self.store.set_check(adapter_id, comparison.to_check(probe_of(chat)))
         except UnknownAdapterError:
             return None
 
-    def fallback_json(
-        self,
-        plan: Plan,
-        decision: Decision,
-        record: AdapterRecord | None,
-        comparison: Comparison | None,
-        unloadable: str | None,
-    ) -> dict[str, Any]:
-        """The reply's ``capplug.fallback``: the mode, the side that answered and why, and the
-        verdict it rests on (both scores, when judged)."""
-        check = None if record is None else record.check
-        info: dict[str, Any] = {
-            "mode": plan.fallback,
-            "used": decision.side,
-            "reason": "adapter unloadable" if unloadable else decision.reason,
-            "winner": None,
-            "scores": None,
-            "judged": None,
-            "pinned": None if record is None else record.pinned,
-            "judge": None if self.judge is None else self.judge.name,
-        }
-        if unloadable:
-            info["error"] = unloadable
-        if comparison is not None:
-            info.update(
-                winner=comparison.winner,
-                scores={k: round(float(v), 6) for k, v in comparison.scores.items()},
-                judged="now",
-            )
-        elif check is not None and decision.reason in ("stored check", "pinned"):
-            info.update(
-                winner=check.winner,
-                scores={"adapter": check.adapter_score, "base": check.base_score},
-                judged=check.checked,
-            )
-        return info
-
-    def require_judge(self) -> AdapterJudge:
-        """The service's judge (400 when it runs without one)."""
-        if self.judge is None:
-            raise APIError(
-                400,
-                "this service runs without a judge, so it cannot check adapters: start it with "
-                "`capplug serve adapters --fallback`",
-                param="probe",
-                code="fallback_unavailable",
-            )
-        return self.judge
-
     def check(self, adapter_id: str, probe: str | None) -> AdapterRecord:
         """Check a stored adapter now (``POST /v1/adapters/{id}/check``): in a worker thread."""
-        judge = self.require_judge()
+        judge = require_judge(self.judge)
         record = self.record(adapter_id)
         with self.lock:
             if record.id not in self.runtime:
@@ -695,7 +527,7 @@ class Service:
             except ProbeError as exc:
                 raise APIError(422, str(exc), param="probe", code="no_probe") from exc
             except UnknownAdapterError as exc:
-                raise _not_found(adapter_id) from exc
+                raise not_found(adapter_id) from exc
         return checked
 
     def pin(self, adapter_id: str, side: Side | None) -> AdapterRecord:
@@ -703,7 +535,7 @@ class Service:
         try:
             return self.store.pin(self.record(adapter_id).id, side)
         except UnknownAdapterError as exc:
-            raise _not_found(adapter_id) from exc
+            raise not_found(adapter_id) from exc
 
     def attach(self, adapter_id: str) -> None:
         """Attach a stored adapter from its checked files (caller holds the lock)."""
@@ -711,7 +543,7 @@ class Service:
             paths = self.store.files(adapter_id)
             self.runtime.add(adapter_id, paths.folder)
         except Exception as exc:
-            raise _store_failure(exc, adapter_id) from exc
+            raise store_failure(exc, adapter_id) from exc
 
     def generate(
         self,

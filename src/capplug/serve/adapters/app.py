@@ -4,13 +4,12 @@ routes; what each route does is in the package's docstring and docs/adapter-serv
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from capplug.adapters.fallback import AdapterJudge
@@ -31,324 +30,32 @@ from capplug.serve._http import (
     install_error_handlers,
 )
 from capplug.serve._request_metrics import CountRequests, RequestMetrics
+from capplug.serve.adapters._fallback import require_judge
 from capplug.serve.adapters._replies import completion, server_timing, streamed
+from capplug.serve.adapters._schema import (
+    Adapter,
+    AdapterList,
+    AdapterResult,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CheckAdapter,
+    CreateAdapter,
+    Deleted,
+    Error,
+    Health,
+    LoadLoRA,
+    ModelCard,
+    ModelList,
+    PatchAdapter,
+    UnloadLoRA,
+    errors,
+)
 from capplug.serve.adapters._service import Service, ServiceMetrics
 
 __all__ = ["create_adapter_app"]
 
 _MEDIA_TYPES = {ADAPTER_WEIGHTS: "application/octet-stream", ADAPTER_CONFIG: "application/json"}
-_MAX_STOP_CHARS = 256
-_MAX_MODEL_CHARS = 512
 _MAX_LIST = 1000
-_MAX_PATH_CHARS = 4096
-_MAX_PROBE_CHARS = 8192
-
-# ------------------------------------------------------------------------------- requests
-
-
-class _CreateAdapter(_chat.CheckedBody):
-    """Find or make the adapter for an instruction."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    instruction: str = Field(min_length=1, description="the task's instruction")
-    threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="least similarity of a hit (the store's default)"
-    )
-    probe: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=_MAX_PROBE_CHARS,
-        description="an example input of the task: the adapter is checked on it (the judged "
-        "fallback; needs a service started with a judge)",
-    )
-
-
-class _CheckAdapter(_chat.CheckedBody):
-    """Check an adapter against the bare base model now."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    probe: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=_MAX_PROBE_CHARS,
-        description="an example input of the task (default: one the base model writes)",
-    )
-
-
-class _PatchAdapter(_chat.CheckedBody):
-    """Change what a person decides about an adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pinned: Literal["adapter", "base"] | None = Field(
-        description="answer this adapter's instruction with the adapter or the base model "
-        "whatever its check says; null: the check decides",
-    )
-
-
-class _LoadLoRA(_chat.CheckedBody):
-    """vLLM's ``/v1/load_lora_adapter`` body, and ``instruction``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lora_name: str = Field(min_length=1, max_length=64, description="the adapter's unique name")
-    lora_path: str = Field(
-        min_length=1, max_length=_MAX_PATH_CHARS, description="a peft LoRA folder on the server"
-    )
-    instruction: str | None = Field(
-        default=None,
-        min_length=1,
-        description="what the adapter was made for, so an instruction finds it too (default: "
-        "its name)",
-    )
-    load_inplace: bool = Field(
-        default=False,
-        description="replace the adapter that has this name (vLLM's reload), instead of a 409",
-    )
-
-
-class _UnloadLoRA(_chat.CheckedBody):
-    """vLLM's ``/v1/unload_lora_adapter`` body."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lora_name: str = Field(min_length=1, max_length=_MAX_MODEL_CHARS)
-    lora_int_id: int | None = Field(default=None, description="accepted and ignored, as vLLM")
-
-
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text"]
-    text: str
-
-
-class _Message(BaseModel):
-    """One chat turn; extra fields (``name``, ``tool_call_id``...) are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart] | None = None
-
-    def turn(self) -> dict[str, str]:
-        if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content or ""
-        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class _ChatCompletionRequest(_chat.CheckedBody):
-    """The fields of OpenAI's chat-completions request this server reads, and ``instruction``."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    messages: list[_Message] = Field(min_length=1)
-    model: str | None = Field(
-        default=None,
-        max_length=_MAX_MODEL_CHARS,
-        description="'<base>' for the bare model; '<base>@<adapter id or name>', or the "
-        "adapter's name or id alone, for a stored adapter",
-    )
-    instruction: str | None = Field(
-        default=None,
-        min_length=1,
-        description="pick (or make) the adapter for this instruction; not added to the messages",
-    )
-    n: StrictInt | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: Annotated[str | list[str] | None, _chat.stop_validator(_MAX_STOP_CHARS)] = None
-    stream: StrictBool | None = None
-    fallback: str | None = Field(
-        default=None,
-        max_length=16,
-        description="with an adapter: 'auto' (the adapter's check decides; an unchecked adapter "
-        "is checked on this request), 'best_of' (answer with both, the judge picks) or 'off' "
-        "(always the adapter); default 'auto' on a service with a judge, else 'off'",
-    )
-    tools: list[Any] | None = None
-    logprobs: StrictBool | None = None
-    response_format: dict[str, Any] | None = None
-
-
-# ------------------------------------------------------------------------------ responses
-
-
-class _ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class _Error(BaseModel):
-    """OpenAI's error object."""
-
-    error: _ErrorDetail
-
-
-class _File(BaseModel):
-    name: str
-    bytes: int | None
-    sha256: str
-    url: str
-
-
-class _Check(BaseModel):
-    """The judged fallback's verdict on an adapter."""
-
-    winner: Literal["adapter", "base"]
-    adapter_score: float
-    base_score: float
-    probe: str
-    judge: str
-    checked: float
-
-
-class _Adapter(BaseModel):
-    id: str
-    object: Literal["adapter"] = "adapter"
-    base_model: str
-    instruction: str
-    source: str
-    rank: int
-    target_modules: list[str]
-    size: int
-    created: float
-    last_used: float
-    hypernetwork_version: str | None
-    name: str | None = None
-    check: _Check | None = None
-    pinned: Literal["adapter", "base"] | None = None
-    falls_back: bool = False
-    """Requests for its instruction get the base model (it lost its check, or is pinned so)."""
-    files: list[_File]
-
-
-class _AdapterResult(_Adapter):
-    hit: bool
-    similarity: float | None
-
-
-class _AdapterList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[_Adapter]
-
-
-class _Deleted(BaseModel):
-    id: str
-    object: Literal["adapter"] = "adapter"
-    deleted: bool
-
-
-class _ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    parent: str | None = None
-    """For an adapter: the base model it is for (as vLLM lists LoRA adapters)."""
-    root: str | None = None
-
-
-class _ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[_ModelCard]
-
-
-class _ReplyMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class _Choice(BaseModel):
-    index: int
-    message: _ReplyMessage
-    logprobs: None
-    finish_reason: Literal["stop", "length"]
-
-
-class _Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class _Fallback(BaseModel):
-    mode: Literal["auto", "best_of", "off"]
-    used: Literal["adapter", "base"]
-    reason: Literal[
-        "checked now",
-        "stored check",
-        "pinned",
-        "asked by id",
-        "best of both",
-        "off",
-        "adapter unloadable",
-    ]
-    winner: Literal["adapter", "base"] | None
-    scores: dict[str, float] | None
-    judged: Literal["now"] | float | None
-    """'now' for this request, else when the stored check was made (Unix time)."""
-    pinned: Literal["adapter", "base"] | None
-    judge: str | None
-    error: str | None = None
-
-
-class _CapplugInfo(BaseModel):
-    adapter: str | None
-    source: Literal["base", "id", "instruction"]
-    hit: bool | None
-    similarity: float | None
-    loaded: bool
-    fallback: _Fallback | None = None
-    timings: dict[str, float]
-
-
-class _ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[_Choice]
-    usage: _Usage
-    capplug: _CapplugInfo
-
-
-class _Health(BaseModel):
-    status: str
-    model: str
-    can_create: bool
-    judge: str | None = None
-    """What judges adapters against the base model (the judged fallback), or None."""
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error statuses a route may answer (400, 401 and 413 always:
-    a path that climbs or holds a control character is refused before any route runs)."""
-    described = {
-        400: "invalid input or URL path",
-        401: "missing or wrong API key",
-        403: "loading adapters from server paths is not enabled",
-        404: "no such adapter, model or route",
-        409: "the adapter was made for another base model, or its name is taken",
-        413: "request body too large",
-        500: "a stored adapter is corrupt or cannot be attached",
-        503: "a new adapter is needed and the service has no generator",
-    }
-    return {
-        status: {"model": _Error, "description": described[status]}
-        for status in sorted({400, 401, 413, *statuses})
-    }
-
 
 # ------------------------------------------------------------------ errors, keys, metrics
 
@@ -486,7 +193,7 @@ def create_adapter_app(
     # Outermost: refused and oversized requests are counted too.
     app.add_middleware(CountRequests, metrics=metrics)
 
-    @app.get("/healthz", response_model=_Health)
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -499,7 +206,7 @@ def create_adapter_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=_ModelList, responses=_errors())
+    @app.get("/v1/models", response_model=ModelList, responses=errors())
     async def list_models() -> dict[str, Any]:
         # The base model, then each stored adapter as vLLM lists LoRA adapters: its own id
         # (what `model` takes) with the base as `parent`.
@@ -507,7 +214,7 @@ def create_adapter_app(
         adapters = [_adapter_card(card, r) for r in records]
         return {"object": "list", "data": [card, *adapters]}
 
-    @app.get("/v1/models/{model_id:path}", response_model=_ModelCard, responses=_errors(404))
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors(404))
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         adapter_id = await run_in_threadpool(service.adapter_in_model, model_id)
         if adapter_id is None:
@@ -517,17 +224,17 @@ def create_adapter_app(
 
     @app.post(
         "/v1/adapters",
-        response_model=_AdapterResult,
+        response_model=AdapterResult,
         status_code=200,
         responses={
-            201: {"model": _AdapterResult, "description": "a new adapter was made"},
-            **_errors(400, 500, 503),
+            201: {"model": AdapterResult, "description": "a new adapter was made"},
+            **errors(400, 500, 503),
         },
     )
-    async def create_adapter(body: _CreateAdapter) -> Response:
+    async def create_adapter(body: CreateAdapter) -> Response:
         text = service.instruction(body.instruction)
         if body.probe is not None:
-            service.require_judge()
+            require_judge(service.judge)
         record, result = await run_in_threadpool(service.get_or_create, text, body.threshold)
         if body.probe is not None:
             record = await run_in_threadpool(service.check, record.id, body.probe)
@@ -538,7 +245,7 @@ def create_adapter_app(
         )
         return JSONResponse(data, status_code=200 if result.hit else 201)
 
-    @app.get("/v1/adapters", response_model=_AdapterList, responses=_errors(400))
+    @app.get("/v1/adapters", response_model=AdapterList, responses=errors(400))
     async def list_adapters(
         limit: int = Query(100, ge=1, le=_MAX_LIST, description="most adapters to list"),
     ) -> dict[str, Any]:
@@ -548,7 +255,7 @@ def create_adapter_app(
 
         return {"object": "list", "data": await run_in_threadpool(listing)}
 
-    @app.get("/v1/adapters/{adapter_id}", response_model=_Adapter, responses=_errors(404))
+    @app.get("/v1/adapters/{adapter_id}", response_model=Adapter, responses=errors(404))
     async def retrieve_adapter(adapter_id: str) -> dict[str, Any]:
         record = await run_in_threadpool(service.record, adapter_id)
         return await run_in_threadpool(service.adapter_json, record)
@@ -564,8 +271,8 @@ def create_adapter_app(
                     "application/json": {"schema": {"type": "object"}},
                 },
             },
-            403: {"model": _Error, "description": "not a regular file in the adapter's folder"},
-            **_errors(404, 500),
+            403: {"model": Error, "description": "not a regular file in the adapter's folder"},
+            **errors(404, 500),
         },
     )
     async def adapter_file(adapter_id: str, name: str) -> Response:
@@ -579,25 +286,25 @@ def create_adapter_app(
             },
         )
 
-    @app.patch("/v1/adapters/{adapter_id}", response_model=_Adapter, responses=_errors(404))
-    async def patch_adapter(adapter_id: str, body: _PatchAdapter) -> dict[str, Any]:
+    @app.patch("/v1/adapters/{adapter_id}", response_model=Adapter, responses=errors(404))
+    async def patch_adapter(adapter_id: str, body: PatchAdapter) -> dict[str, Any]:
         record = await run_in_threadpool(service.pin, adapter_id, body.pinned)
         return await run_in_threadpool(service.adapter_json, record)
 
     @app.post(
         "/v1/adapters/{adapter_id}/check",
-        response_model=_Adapter,
+        response_model=Adapter,
         responses={
-            422: {"model": _Error, "description": "no probe given, and none could be made"},
-            **_errors(404, 500),
+            422: {"model": Error, "description": "no probe given, and none could be made"},
+            **errors(404, 500),
         },
     )
-    async def check_adapter(adapter_id: str, body: _CheckAdapter | None = None) -> dict[str, Any]:
+    async def check_adapter(adapter_id: str, body: CheckAdapter | None = None) -> dict[str, Any]:
         probe = None if body is None else body.probe
         record = await run_in_threadpool(service.check, adapter_id, probe)
         return await run_in_threadpool(service.adapter_json, record)
 
-    @app.delete("/v1/adapters/{adapter_id}", response_model=_Deleted, responses=_errors(404))
+    @app.delete("/v1/adapters/{adapter_id}", response_model=Deleted, responses=errors(404))
     async def delete_adapter(adapter_id: str) -> dict[str, Any]:
         record = await run_in_threadpool(service.delete, adapter_id)
         return {"id": record.id, "object": "adapter", "deleted": True}
@@ -609,9 +316,9 @@ def create_adapter_app(
 
     @app.post(
         "/v1/load_lora_adapter",
-        responses={200: _text_reply, **_errors(400, 403, 409)},
+        responses={200: _text_reply, **errors(400, 403, 409)},
     )
-    async def load_lora_adapter(body: _LoadLoRA) -> Response:
+    async def load_lora_adapter(body: LoadLoRA) -> Response:
         if not allow_load_from_path:
             raise APIError(
                 403,
@@ -636,9 +343,9 @@ def create_adapter_app(
 
     @app.post(
         "/v1/unload_lora_adapter",
-        responses={200: _text_reply, **_errors(404)},
+        responses={200: _text_reply, **errors(404)},
     )
-    async def unload_lora_adapter(body: _UnloadLoRA) -> Response:
+    async def unload_lora_adapter(body: UnloadLoRA) -> Response:
         record = await run_in_threadpool(service.unload_lora, body.lora_name)
         return PlainTextResponse(
             f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
@@ -647,10 +354,10 @@ def create_adapter_app(
 
     @app.post(
         "/v1/chat/completions",
-        response_model=_ChatCompletion,
-        responses=_errors(400, 404, 409, 500, 503),
+        response_model=ChatCompletion,
+        responses=errors(400, 404, 409, 500, 503),
     )
-    async def chat_completions(body: _ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
         plan = await run_in_threadpool(service.plan, body)
         if plan.stream:
             return await streamed(service, plan)
