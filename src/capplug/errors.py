@@ -20,6 +20,7 @@ The hierarchy::
     │   ├── AdapterNameError(ValueError)     not a usable adapter name
     │   ├── AdapterNameTakenError            another adapter has that name already
     │   └── NoGeneratorError                 an adapter was needed and nothing can make one
+    ├── ProbeError(RuntimeError)             the judged fallback could make no probe to check on
     └── FeedbackError(ValueError)            a selection or judgement that cannot be stored
         ├── UnknownSelectionError(LookupError)  no selection with that id
         └── DuplicateFeedbackError           the same judgement is already stored
@@ -52,6 +53,7 @@ __all__ = [
     "ModelNotFoundError",
     "NoGeneratorError",
     "PackageFetchError",
+    "ProbeError",
     "RefusedAdapterFileError",
     "RowError",
     "TruncationWarning",
@@ -196,6 +198,11 @@ class NoGeneratorError(AdapterStoreError):
     def __init__(self, message: str, *, set_aside: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.set_aside = tuple(set_aside)
+
+
+class ProbeError(CapplugError, RuntimeError):
+    """The judged fallback could make no probe for an instruction: the base model wrote an empty
+    input (give one: an example input of the task)."""
 
 
 class FeedbackError(CapplugError, ValueError):

@@ -36,6 +36,7 @@ from capplug._runtime import check_positive_int
 from capplug.adapters.examples import user_prompt
 from capplug.adapters.store.records import AdapterCheck, AdapterRecord, Side
 from capplug.chat import Instruction
+from capplug.errors import ProbeError
 
 if TYPE_CHECKING:
     from capplug.adapters.runtime import AdapterRuntime
@@ -50,10 +51,6 @@ _PROBE_REQUEST = (
     "Write one short example input for the task below: only the input itself, as a user of the "
     "task would send it, without its answer or any explanation.\n\nTask: {instruction}"
 )
-
-
-class ProbeError(RuntimeError):
-    """No probe could be made for an instruction: the base model wrote an empty input."""
 
 
 @dataclass(frozen=True)
