@@ -108,7 +108,7 @@ def main() -> None:
     best_of_n(reranker, "Name three primary colors.")
     langchain_step(reranker)
     feedback_step()
-    adapter_step()
+    adapter_step(reranker)
 
 
 def feedback_step() -> None:
@@ -118,12 +118,13 @@ def feedback_step() -> None:
     adapt_on_feedback()
 
 
-def adapter_step() -> None:
-    """A first instruction misses the adapter store and is generated; a similar one hits."""
+def adapter_step(reranker: Reranker) -> None:
+    """A first instruction misses the adapter store and is generated, and the judged fallback
+    checks it against the base model; a similar one hits and reads the stored verdict."""
     from adapter_store import instruction_to_adapter
 
     try:
-        instruction_to_adapter()
+        instruction_to_adapter(selector=reranker)
     except ImportError as error:  # peft and chromadb come with capplug[adapters]
         print(f"\n(skipping the adapter step: {error}; pip install 'capplug[adapters]')")
 

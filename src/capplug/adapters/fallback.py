@@ -187,11 +187,20 @@ class AdapterJudge:
         return probe
 
     def check(
-        self, store: AdapterStore, adapter_id: str, *, probe: str | None = None
+        self,
+        store: AdapterStore,
+        adapter_id: str,
+        *,
+        probe: str | None = None,
+        with_instruction: bool = False,
     ) -> tuple[AdapterRecord, Comparison]:
         """Check a stored adapter on ``probe`` (default: an input the base model writes for
         its instruction) and keep the verdict in ``store``; returns the adapter's new record
         and the comparison.
+
+        The base model reads the instruction before the probe; the adapter reads the probe
+        alone (it carries the task, as the adapter service uses it), or the instruction too
+        with ``with_instruction``: check it as it will be asked.
 
         The adapter is attached from its checked files if it is not loaded already (under its
         id, as the adapter service attaches it).
@@ -207,5 +216,8 @@ class AdapterJudge:
         if record.id not in self.runtime:
             self.runtime.add(record.id, store.files(record.id).folder)
         probe = self.probe_for(record.instruction) if probe is None else probe.strip()
-        comparison = self.compare(record.id, probe, with_definition(probe, record.instruction))
+        base_prompt = with_definition(probe, record.instruction)
+        comparison = self.compare(
+            record.id, base_prompt if with_instruction else probe, base_prompt
+        )
         return store.set_check(record.id, comparison.to_check(probe)), comparison

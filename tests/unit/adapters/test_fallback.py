@@ -314,3 +314,18 @@ def test_cli_answer_with_judge_prints_the_better_answer(
     captured = capsys.readouterr()
     assert f"the {side} answer is better (adapter " in captured.err
     assert len(captured.out.splitlines()) == 1
+
+
+def test_check_with_the_instruction_asks_the_adapter_as_it_will_be_asked(
+    store: AdapterStore, runtime: AdapterRuntime, bad_adapter: Path
+) -> None:
+    record = store.import_folder(bad_adapter, INSTRUCTION)
+    selector = Selector(0)
+    judge = AdapterJudge(runtime, selector, max_new_tokens=6)
+    judge.check(store, record.id, probe=PROBE, with_instruction=True)
+    judge.check(store, record.id, probe=PROBE)
+    base_prompt = with_definition(PROBE, INSTRUCTION)
+    with_it, alone = (call[1][0] for call in selector.calls)
+    assert with_it == runtime.generate([base_prompt], adapter=record.id, max_new_tokens=6)[0]
+    assert alone == runtime.generate([PROBE], adapter=record.id, max_new_tokens=6)[0]
+    assert with_it != alone  # the two prompts really differ for this adapter
