@@ -341,3 +341,29 @@ def test_cli_serve_adapters_with_fallback_judges_with_the_scorer(
     with AdapterStore(root, base_model=str(tiny_dir)) as store:
         assert store.get(bad.id).check.winner == fallback["winner"]
     assert main([*argv, "--fallback", "--judge-tokens", "0"]) == 2
+
+
+def test_messages_that_fit_alone_but_not_with_the_instruction_are_a_400_before_judging(
+    client: TestClient, runtime: AdapterRuntime, store: AdapterStore, bad: AdapterRecord, judge
+) -> None:
+    chat_model = runtime.chat
+
+    def tokens(chat: list[dict[str, str]]) -> int:
+        return len(
+            chat_model.tokenizer(chat_model.render(chat), add_special_tokens=False)["input_ids"]
+        )
+
+    limit, room = chat_model.max_positions, CAP
+    for words in range(1, limit):
+        messages = [{"role": "user", "content": " ".join(["cat"] * words)}]
+        alone, with_it = tokens(messages), tokens(with_definition(messages, TRANSLATE))
+        if alone + room <= limit < with_it + room:
+            break
+    else:  # pragma: no cover - the tiny model's context is what makes this case
+        pytest.fail("no message length fits alone but not with the instruction")
+    body = {"messages": messages, "instruction": TRANSLATE, "max_tokens": room}
+    response = client.post("/v1/chat/completions", json=body)
+    assert _error(response, 400, "context_length_exceeded")["param"] == "messages"
+    assert judge.calls == [] and store.get(bad.id).check is None  # nothing judged, nothing kept
+    off = client.post("/v1/chat/completions", json={**body, "fallback": "off"})
+    assert off.status_code == 200  # the adapter alone reads only the messages

@@ -450,6 +450,10 @@ class Service:
             if record is not None and decision is not None:
                 # The base model has no adapter to carry the task: it reads the instruction.
                 chat = with_definition(plan.chat, record.instruction)
+            # Both prompts are checked before anything is generated (a 400 for either).
+            tokens = {"adapter": _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)}
+            if chat is not plan.chat and (decision.side == "base" or decision.compare):
+                tokens["base"] = _chat.prompt_tokens(self.runtime.chat, chat, plan.max_tokens)
             if decision is not None and decision.compare and unloadable is None:
                 began = time.perf_counter()
                 assert self.judge is not None and adapter_id is not None
@@ -459,8 +463,8 @@ class Service:
                 comparison = self.judge.compare(adapter_id, plan.chat, chat, max_new_tokens=limit)
                 decision = Decision(comparison.winner, decision.reason, True, decision.store)
                 timings["judge"] = _ms(began)
-            used_chat = plan.chat if decision is None or decision.side == "adapter" else chat
-            prompt = _chat.prompt_tokens(self.runtime.chat, used_chat, plan.max_tokens)
+            used = "adapter" if decision is None or decision.side == "adapter" else "base"
+            used_chat, prompt = (plan.chat if used == "adapter" else chat), tokens[used]
             began = time.perf_counter()
             if comparison is not None and reusable(plan, decision, self.judge, streamer):
                 texts = [comparison.answer] * plan.n
