@@ -10,7 +10,8 @@ stdio and calls:
   ``selection_id`` too;
 - ``judge`` (with a feedback store): a label, a preferred candidate or a reference for a
   recorded selection;
-- ``lookup_adapter`` (with an adapter store): the stored adapters closest to an instruction.
+- ``lookup_adapter`` (with an adapter store): the stored adapters closest to an instruction,
+  and whether each falls back to the base model (the judged fallback's verdict).
 
 Bad arguments come back as tool errors (``isError``) whose text names the argument; the server
 keeps running. Needs ``pip install 'capplug[mcp]'``.
@@ -133,12 +134,14 @@ def create_mcp_server(
         @server.tool()
         def lookup_adapter(instruction: str, k: int = 3) -> list[dict[str, Any]]:
             """The stored LoRA adapters whose instructions are closest to ``instruction``,
-            best first, with their similarity in [0, 1]."""
+            best first, with their similarity in [0, 1], and whether the judged fallback
+            answers with the base model instead (the adapter lost its check, or is pinned so)."""
             return [
                 {
                     "id": m.record.id,
                     "instruction": m.record.instruction,
                     "similarity": m.similarity,
+                    "falls_back": m.record.falls_back,
                 }
                 for m in adapters.lookup(instruction, k=k)
             ]

@@ -329,3 +329,27 @@ def test_check_with_the_instruction_asks_the_adapter_as_it_will_be_asked(
     assert with_it == runtime.generate([base_prompt], adapter=record.id, max_new_tokens=6)[0]
     assert alone == runtime.generate([PROBE], adapter=record.id, max_new_tokens=6)[0]
     assert with_it != alone  # the two prompts really differ for this adapter
+
+
+def test_mcp_lookup_adapter_says_which_adapters_fall_back(
+    tmp_path: Path, tiny_llama: Path, bad_adapter: Path
+) -> None:
+    import asyncio
+
+    pytest.importorskip("mcp")
+    from store_fakes import fake_indexed_store
+
+    from capplug.serve.mcp import create_mcp_server
+    from capplug.testing import save_tiny_scorer
+
+    root, base = tmp_path / "store", str(tiny_llama)
+    fake_indexed_store(root, base)
+    with _open(root, tiny_llama) as store:
+        record = store.import_folder(bad_adapter, INSTRUCTION)
+        store.set_check(record.id, AdapterCheck("base", 0.1, 0.9, PROBE, "j", 1.0))
+    server = create_mcp_server(
+        scorer=save_tiny_scorer(tmp_path / "scorer"), store=root, base_model=base
+    )
+    _, structured = asyncio.run(server.call_tool("lookup_adapter", {"instruction": INSTRUCTION}))
+    (found,) = structured["result"]
+    assert found["id"] == record.id and found["falls_back"] is True
