@@ -318,6 +318,17 @@ class FeedbackStore:
             "tasks": [{"task": task, "judged_selections": count} for task, count in tasks],
         }
 
+    def judged_selections(self, task: str) -> int:
+        """How many selections of ``task`` (a selection's task, else its instruction, as
+        :meth:`selection` gives it) have at least one judgement."""
+        with self._read() as db:
+            return db.execute(
+                "SELECT COUNT(DISTINCT j.selection_id) FROM judgements j "
+                "JOIN selections s ON s.id = j.selection_id "
+                "WHERE COALESCE(s.task, s.instruction) = ?",
+                (task,),
+            ).fetchone()[0]
+
     def rows(self) -> Iterator[dict[str, Any]]:
         """Training rows from the judged selections, as ``capplug adapt`` reads them.
 

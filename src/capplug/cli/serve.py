@@ -378,6 +378,14 @@ def _add_proxy_parser(sub: Any) -> None:
         "restart (default: the scorer alone)",
     )
     proxy.add_argument(
+        "--auto-adapt",
+        type=_positive_int,
+        metavar="N",
+        help="with --feedback and --task-scorers: adapt a task's scorer as judgements arrive, "
+        "with no command to run (what capplug adapt --from-feedback --task-scorers does, in a "
+        "background thread): once a task has 8 judged selections, and again after every N more",
+    )
+    proxy.add_argument(
         "--scoring-threads",
         type=_positive_int,
         default=None,
@@ -390,6 +398,11 @@ def _add_proxy_parser(sub: Any) -> None:
 
 def _run_proxy(args: argparse.Namespace) -> int:
     _check_bind(args)
+    if args.auto_adapt is not None and (args.feedback is None or args.task_scorers is None):
+        raise UsageError(
+            "--auto-adapt needs --feedback (where judgements go) and --task-scorers (where the "
+            "adapted scorers go)"
+        )
     # before the scorer loads, so a missing extra fails at once
     uvicorn, create_proxy_app = _server_imports(
         "capplug.serve",
@@ -415,6 +428,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
         feedback=args.feedback,
         scoring_threads=threads,
         task_scorers=args.task_scorers,
+        auto_adapt=args.auto_adapt,
     )
     # (the upstream URL carries no credentials: create_proxy_app refuses them)
     _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")

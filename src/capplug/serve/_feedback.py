@@ -16,6 +16,7 @@ Answers: 201 with the stored judgement; 400 ``invalid_feedback`` naming the fiel
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,8 +30,12 @@ __all__ = ["FEEDBACK_FIELDS", "install_feedback_routes"]
 FEEDBACK_FIELDS = ("selection_id", "label", "candidate", "preferred", "reference", "source")
 
 
-def install_feedback_routes(app: FastAPI, store: Any) -> None:
-    """Add the feedback routes to ``app`` (before any catch-all route); ``store`` may be None."""
+def install_feedback_routes(
+    app: FastAPI, store: Any, *, on_judged: Callable[[str], Any] | None = None
+) -> None:
+    """Add the feedback routes to ``app`` (before any catch-all route); ``store`` may be None.
+    ``on_judged`` is called (off the event loop) with each judged selection's id once its
+    judgement is stored: an :class:`~capplug.training.auto_adapt.AutoAdapter`'s ``notify``."""
 
     def require_store() -> Any:
         if store is None:
@@ -68,6 +73,8 @@ def install_feedback_routes(app: FastAPI, store: Any) -> None:
             )
         options = {k: body[k] for k in FEEDBACK_FIELDS[1:] if body.get(k) is not None}
         judgement = await asyncio.to_thread(_add, target, selection_id, options)
+        if on_judged is not None:
+            await asyncio.to_thread(on_judged, selection_id)  # returns at once: it only schedules
         return JSONResponse({"object": "capplug.feedback", **judgement.to_dict()}, status_code=201)
 
     @app.get("/v1/feedback/{selection_id}", response_model=None)

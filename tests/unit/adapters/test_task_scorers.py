@@ -275,3 +275,83 @@ def test_proxy_traffic_and_feedback_then_one_command_and_the_next_picks_use_the_
         assert after["choices"][0]["message"]["content"] == wanted
     else:  # the guard kept the bundled scorer, and says why
         assert meta["reason"].startswith("default scorer:")
+
+
+TINY_RECIPE = TrainConfig(lora_rank=4, learning_rate=2e-2, batch_size=8, epochs=8, rank_weight=1.0)
+
+
+def test_with_auto_adapt_the_proxy_adapts_as_feedback_arrives_with_no_command(
+    base: Scorer, tmp_path: Path
+) -> None:
+    import httpx2
+    from fake_upstream import Upstream, completion, ok, proxy
+
+    from capplug.training.auto_adapt import AutoAdapter
+
+    feedback, store = (
+        FeedbackStore(tmp_path / "feedback.sqlite3"),
+        TaskScorers(tmp_path, scorer=base),
+    )
+    auto = AutoAdapter(feedback, store, every=4, min_selections=8, config=TINY_RECIPE)
+    wanted = ANSWERS[1 - ANSWERS.index(pick(base))]
+    upstream = Upstream(lambda r: httpx2.Response(200, json=completion(ANSWERS)))
+    with proxy(
+        upstream, base, n=2, feedback=feedback, task_scorers=store, auto_adapt=auto
+    ) as client:
+
+        def ask(i: int) -> dict:
+            chat = [{"role": "system", "content": TASK}, {"role": "user", "content": f"q {i}"}]
+            return ok(client.post("/v1/chat/completions", json={"model": "m", "messages": chat}))
+
+        def judge(i: int) -> None:
+            meta = ask(i)["capplug"]
+            judged = {"selection_id": meta["selection_id"], "preferred": ANSWERS.index(wanted)}
+            assert client.post("/v1/feedback", json=judged).status_code == 201
+
+        for i in range(7):
+            judge(i)
+        assert auto.wait() == [] and len(store.store) == 0  # 7 judged: not yet
+        judge(7)
+        (first,) = auto.wait(timeout=120)  # the 8th started a run in the background
+        assert first.selections == 8 and first.record is not None and not auto.errors
+        for i in range(8, 11):
+            judge(i)
+        assert len(auto.wait()) == 1  # 3 more: not yet
+        judge(11)
+        second = auto.wait(timeout=120)[-1]
+        assert second.selections == 12 and len(auto.results) == 2
+        after = ask(99)["capplug"]["task_scorer"]
+    # A run's guard holds out a quarter of its task's selections: 2 of 8, then 3 of 12 (a
+    # refused newer run never displaces an older one in use).
+    assert after["guard"]["examples"] in (2, 3)
+    if after["used"]:
+        assert after["similarity"] == 1.0
+    else:
+        assert after["reason"].startswith("default scorer:")
+
+
+def test_auto_adapt_needs_both_stores_and_a_count(base: Scorer, tmp_path: Path) -> None:
+    import httpx2
+    from fake_upstream import Upstream, completion, proxy
+
+    from capplug.cli import main
+    from capplug.training.auto_adapt import AutoAdapter
+
+    upstream = Upstream(lambda r: httpx2.Response(200, json=completion(ANSWERS)))
+    with pytest.raises(ValueError, match="needs feedback"):
+        proxy(upstream, base, auto_adapt=4)
+    with pytest.raises(TypeError, match="a count"):
+        proxy(
+            upstream, base, feedback=tmp_path / "f.sqlite3", task_scorers=tmp_path, auto_adapt="4"
+        )
+    with pytest.raises(ValueError, match="min_selections"):
+        AutoAdapter(
+            FeedbackStore(tmp_path / "f.sqlite3"),
+            TaskScorers(tmp_path, scorer=base),
+            min_selections=1,
+        )
+    assert main(["serve", "proxy", "--upstream", "http://127.0.0.1:9/v1", "--auto-adapt", "4"]) == 2
+    # An unknown selection id is logged, never raised: the judgement was stored already.
+    auto = AutoAdapter(FeedbackStore(tmp_path / "f.sqlite3"), TaskScorers(tmp_path, scorer=base))
+    assert auto.notify("sel_nope") is None
+    auto.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -88,6 +90,7 @@ def create_proxy_app(
     feedback: Any = None,
     scoring_threads: int = 1,
     task_scorers: Any = None,
+    auto_adapt: Any = None,
 ) -> FastAPI:
     """A FastAPI app that reranks chat completions from ``upstream``; see the module docstring.
 
@@ -126,6 +129,11 @@ def create_proxy_app(
         scoring_threads: threads that score the parts of each scoring call, each with one torch
             thread; more than 1 only where torch is set to one thread (``capplug serve proxy``
             does this on a machine without a GPU), else they would oversubscribe the cores.
+        auto_adapt: adapt task scorers as feedback arrives, with no command to run: a count N
+            (a task is adapted once it has 8 judged selections, and again after every N more;
+            in a background thread, one task at a time, behind the guard), or a
+            :class:`capplug.training.auto_adapt.AutoAdapter`. Needs ``feedback`` and
+            ``task_scorers``.
     """
     if not isinstance(upstream, str) or not upstream:
         raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
@@ -173,6 +181,7 @@ def create_proxy_app(
     loaded = load_scorer(scorer)
     feedback_store = as_feedback_store(feedback)
     task_store = as_task_scorers(task_scorers, loaded)
+    adapter = _auto_adapter(auto_adapt, feedback_store, task_store)
     proxy_metrics = ProxyMetrics()
     target = Upstream(
         upstream,
@@ -208,6 +217,8 @@ def create_proxy_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await target.aclose()
+        if adapter is not None:
+            await asyncio.to_thread(adapter.close)
 
     app = FastAPI(
         title="capplug reranking proxy",
@@ -241,7 +252,10 @@ def create_proxy_app(
     for path in _RERANK_PATHS:
         app.add_api_route(path, scored.rerank, methods=["POST"], response_model=None)
     app.add_api_route(_SCORE_PATH, scored.score, methods=["POST"], response_model=None)
-    install_feedback_routes(app, feedback_store)
+    install_feedback_routes(
+        app, feedback_store, on_judged=None if adapter is None else adapter.notify
+    )
+    app.state.auto_adapter = adapter
     app.add_api_route(RESPONSES_PATH, chat.responses, methods=["POST"], response_model=None)
 
     @app.api_route(
@@ -253,3 +267,24 @@ def create_proxy_app(
         return await target.passthrough(request)
 
     return app
+
+
+def _auto_adapter(auto_adapt: Any, feedback: Any, task_scorers: Any) -> Any:
+    """The proxy's :class:`~capplug.training.auto_adapt.AutoAdapter`: None for none, a count
+    (adapt a task after every that many new judged selections), or one made already."""
+    if auto_adapt is None:
+        return None
+    if feedback is None or task_scorers is None:
+        raise ValueError(
+            "auto_adapt needs feedback (where judgements go) and task_scorers (where the "
+            "adapted scorers go)"
+        )
+    from capplug.training.auto_adapt import AutoAdapter
+
+    if isinstance(auto_adapt, AutoAdapter):
+        if Path(auto_adapt.feedback.path) != Path(feedback.path):
+            raise ValueError("auto_adapt must watch the proxy's own feedback store")
+        return auto_adapt
+    if isinstance(auto_adapt, bool) or not isinstance(auto_adapt, int):
+        raise TypeError(f"auto_adapt must be a count, an AutoAdapter or None; got {auto_adapt!r}")
+    return AutoAdapter(feedback, task_scorers, every=auto_adapt)
