@@ -1,4 +1,5 @@
-"""Every shell command and JSON block in the README is valid as written.
+"""Every shell command and JSON block in the README (and every ``capplug`` command in docs/) is
+valid as written.
 
 The Python snippets run in ``tests/integration/test_readme.py``; here each ``capplug`` command of
 a ``bash`` block is parsed by the real command-line parser (so a renamed option or a missing
@@ -48,7 +49,15 @@ def _variants(command: str) -> list[list[str]]:
 
 
 SHELL = [c for lang, block in BLOCKS if lang in ("bash", "sh") for c in _commands(block)]
+DOCS = [
+    c
+    for page in sorted((ROOT / "docs").glob("*.md"))
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", page.read_text("utf-8"), re.S | re.M)
+    if lang in ("bash", "sh")
+    for c in _commands(block)
+]
 CAPPLUG = [c for c in SHELL if c.startswith("capplug ")]
+DOCUMENTED = CAPPLUG + [c for c in DOCS if c.startswith("capplug ") and c not in CAPPLUG]
 
 
 def test_the_readme_has_the_commands_a_newcomer_runs() -> None:
@@ -56,8 +65,8 @@ def test_the_readme_has_the_commands_a_newcomer_runs() -> None:
     assert len(CAPPLUG) >= 15
 
 
-@pytest.mark.parametrize("command", CAPPLUG, ids=[c[:50] for c in CAPPLUG])
-def test_a_readme_command_parses_as_written(command: str) -> None:
+@pytest.mark.parametrize("command", DOCUMENTED, ids=[c[:50] for c in DOCUMENTED])
+def test_a_documented_command_parses_as_written(command: str) -> None:
     parser = build_parser()
     for words in _variants(command):
         # argparse exits with status 2 on an unknown option or a missing argument.
