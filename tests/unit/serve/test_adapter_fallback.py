@@ -367,3 +367,24 @@ def test_messages_that_fit_alone_but_not_with_the_instruction_are_a_400_before_j
     assert judge.calls == [] and store.get(bad.id).check is None  # nothing judged, nothing kept
     off = client.post("/v1/chat/completions", json={**body, "fallback": "off"})
     assert off.status_code == 200  # the adapter alone reads only the messages
+
+
+def test_a_request_that_waited_uses_a_check_made_meanwhile_instead_of_judging_again(
+    client: TestClient, store: AdapterStore, bad: AdapterRecord, judge: Judge, monkeypatch
+) -> None:
+    from capplug.adapters.store import AdapterCheck
+
+    service = client.app.state.adapter_service
+    real = service.get_or_create
+
+    def looked_up_before_the_check(text: str, threshold: Any) -> Any:
+        record, result = real(text, threshold)
+        # Another request judges the adapter while this one waits for the model.
+        store.set_check(bad.id, AdapterCheck("base", 0.2, 0.8, "x", "other", 1.0))
+        return record, result
+
+    monkeypatch.setattr(service, "get_or_create", looked_up_before_the_check)
+    fallback = _chat(client, instruction=TRANSLATE).json()["capplug"]["fallback"]
+    assert judge.calls == []
+    assert fallback["reason"] == "stored check" and fallback["used"] == "base"
+    assert fallback["scores"] == {"adapter": 0.2, "base": 0.8}

@@ -427,6 +427,9 @@ class Service:
         waited = time.perf_counter()
         with self.lock:
             timings["queue"] = _ms(waited)
+            if decision is not None and decision.store and record is not None:
+                # A request that waited here may find the adapter judged meanwhile.
+                record, decision = self._judged_meanwhile(plan, record, decision)
             loaded = False
             needs_adapter = decision is not None and (
                 decision.side == "adapter" or decision.compare
@@ -508,6 +511,17 @@ class Service:
             used=None if decision is None else decision.side,
             fallback=fallback,
         )
+
+    def _judged_meanwhile(
+        self, plan: Plan, record: AdapterRecord, decision: Decision
+    ) -> tuple[AdapterRecord, Decision]:
+        try:
+            fresh = self.store.get(record.id)
+        except UnknownAdapterError:
+            return record, decision
+        if fresh.check is None and fresh.pinned is None:
+            return record, decision
+        return fresh, decide(plan.fallback, fresh)
 
     def keep_check(
         self, adapter_id: str | None, comparison: Comparison, chat: Sequence[dict[str, Any]]
