@@ -117,7 +117,7 @@ def test_the_judged_fallback_keeps_a_wrecking_adapter_from_answering(
         assert "Paris" in reply.choices[0].message.content
         assert reply.model == BASE
         again = client.chat.completions.create(
-            model=BASE,
+            model="smollm2-135m-instruct",  # the packaged name names the base model too
             messages=QUESTION,
             max_tokens=32,
             extra_body={"instruction": CAPITAL},

@@ -29,6 +29,7 @@ from capplug.adapters.store import (
     UnknownAdapterFileError,
     check_name,
 )
+from capplug.models import packaged_model
 from capplug.models.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -48,8 +49,6 @@ from capplug.serve.adapters._fallback import (
     require_judge,
     reusable,
 )
-
-"""The only files ``GET /v1/adapters/{id}/files/{name}`` serves."""
 
 # ---------------------------------------------------------------------------- the service
 
@@ -145,6 +144,9 @@ class Service:
         self.runtime = runtime
         self.model_name = model_name
         self.names = {model_name.casefold(), store.base_model.casefold()}
+        packaged = packaged_model(store.base_model)
+        if packaged is not None:  # its packaged name and aliases name it too
+            self.names |= {packaged.name, *packaged.aliases}
         self.max_instruction_chars = max_instruction_chars
         self.max_messages = max_messages
         self.max_tokens_cap = max_tokens_cap
