@@ -38,6 +38,7 @@ Writes benchmarks/results/instruction_to_adapter.{json,md,png} (or into --result
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -294,7 +295,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         models.attached[name] = key
         return name
 
-    judges: list[Any] = []
+    @functools.cache
+    def judge() -> Any:
+        from capplug.adapters.fallback import AdapterJudge
+        from capplug.selection import Reranker
+
+        return AdapterJudge(models.runtime, Reranker(args.scorer), max_new_tokens=MAX_NEW_TOKENS)
 
     def judged(task: Task) -> dict[str, Any] | None:
         """The judged fallback's verdict on the task's generated adapter (cached), or None when
@@ -306,18 +312,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         made_by = {**made_by, "judge": args.scorer, "probe": probe.index}
         cache = AnswerCache("judged-check", task.name, made_by)
         if cache.missing([probe]):
-            from capplug.adapters.fallback import AdapterJudge
-            from capplug.selection import Reranker
-
             adapter = attach("generated", task.name, str(made_by["adapter"]))
-            if not judges:
-                judges.append(
-                    AdapterJudge(
-                        models.runtime, Reranker(args.scorer), max_new_tokens=MAX_NEW_TOKENS
-                    )
-                )
             prompt = user_prompt(probe.input, task.definition)
-            comparison = judges[0].compare(adapter, prompt, prompt)
+            comparison = judge().compare(adapter, prompt, prompt)
             verdict = {
                 "winner": comparison.winner,
                 "scores": dict(comparison.scores),

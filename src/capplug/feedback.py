@@ -321,16 +321,11 @@ class FeedbackStore:
     def judged_selections(self, task: str) -> int:
         """How many selections of ``task`` (a selection's task, else its instruction, as
         :meth:`selection` gives it) have at least one judgement."""
-        with self._read() as db:
-            return db.execute(
-                "SELECT COUNT(DISTINCT j.selection_id) FROM judgements j "
-                "JOIN selections s ON s.id = j.selection_id "
-                "WHERE COALESCE(s.task, s.instruction) = ?",
-                (task,),
-            ).fetchone()[0]
+        return len(self._judged_ids(task))
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """Training rows from the judged selections, as ``capplug adapt`` reads them.
+    def rows(self, *, task: str | None = None) -> Iterator[dict[str, Any]]:
+        """Training rows from the judged selections (of ``task`` only, when given: a
+        selection's task, else its instruction), as ``capplug adapt`` reads them.
 
         Per selection (its id is the row's ``group``, so a held-out slice keeps it whole): a
         ``preferred`` judgement labels that candidate 1.0 and the other distinct candidates 0.0;
@@ -338,16 +333,28 @@ class FeedbackStore:
         reference (the label becomes Rouge-L F against it). The latest judgement of each kind
         and candidate wins.
         """
+        for selection_id in self._judged_ids(task):
+            yield from _selection_rows(self.selection(selection_id))
+
+    def _judged_ids(self, task: str | None) -> list[str]:
+        """The judged selections (of ``task``), in the order first judged: the same feedback
+        gives the same rows."""
+        where, params = "", ()
+        if task is not None:
+            where = (
+                "JOIN selections s ON s.id = j.selection_id "
+                "WHERE COALESCE(s.task, s.instruction) = ? "
+            )
+            params = (task,)
         with self._read() as db:
-            ids = [
+            return [
                 r[0]
                 for r in db.execute(
-                    # in the order first judged: the same feedback gives the same rows
-                    "SELECT selection_id FROM judgements GROUP BY selection_id ORDER BY MIN(id)"
+                    f"SELECT j.selection_id FROM judgements j {where}"
+                    "GROUP BY j.selection_id ORDER BY MIN(j.id)",
+                    params,
                 )
             ]
-        for selection_id in ids:
-            yield from _selection_rows(self.selection(selection_id))
 
     def export(self, path: str | os.PathLike[str]) -> int:
         """Write :meth:`rows` to ``path`` (``.jsonl`` or ``.parquet``); how many rows."""

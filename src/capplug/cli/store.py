@@ -206,7 +206,7 @@ def _run_show(args: argparse.Namespace) -> int:
     data["size"] = _human(record.size)
     data["check"] = verdict(record)
     data["pinned"] = record.pinned or "-"
-    data["answers"] = "the base model" if record.falls_back else "the adapter"
+    data["answers"] = _answered_by(record)
     for key, value in data.items():
         print(f"{key:>21}: {value}")
     print(f"{'files':>21}: {files}")
@@ -222,6 +222,11 @@ def verdict(record: Any) -> str:
         f"{check.winner} won (adapter {check.adapter_score:.3f}, base {check.base_score:.3f}; "
         f"{check.judge}, {_when(check.checked)}) on {one_line(check.probe, 50)!r}"
     )
+
+
+def _answered_by(record: Any) -> str:
+    """Who answers the adapter's instruction: the adapter, or the base model it falls back to."""
+    return "the base model" if record.falls_back else "the adapter"
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -246,8 +251,7 @@ def _run_check(args: argparse.Namespace) -> int:
     print(f"{checked.id}: {verdict(checked)}")
     for side in ("adapter", "base"):
         print(f"  {side:>7}: {one_line(comparison.answers[side], 100)}")
-    answered = "the base model" if checked.falls_back else "the adapter"
-    print(f"requests for its instruction are answered by {answered}")
+    print(f"requests for its instruction are answered by {_answered_by(checked)}")
     return 0
 
 
@@ -258,9 +262,8 @@ def _run_pin(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(record.to_dict())
         return 0
-    answered = "the base model" if record.falls_back else "the adapter"
     how = f"pinned to {side}" if side else "unpinned: its check decides"
-    print(f"{record.id} {how}; requests for its instruction are answered by {answered}")
+    print(f"{record.id} {how}; requests for its instruction are answered by {_answered_by(record)}")
     return 0
 
 

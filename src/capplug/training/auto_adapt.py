@@ -23,7 +23,6 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,7 @@ class AutoAdapter:
         self.out_root = (
             Path(out_root) if out_root is not None else task_scorers.store.root / "runs" / "auto"
         )
-        self.config = config if config.lora_rank else replace(config, lora_rank=8)
+        self.config = config
         self.results: list[TaskAdaptation] = []
         """Every task's outcome, in the order the runs finished."""
         self.errors: list[str] = []
@@ -120,7 +119,7 @@ class AutoAdapter:
 
     def _adapt(self, task: str, judged: int) -> None:
         try:
-            rows = [r for r in self.feedback.rows() if (r.get("task") or r["instruction"]) == task]
+            rows = list(self.feedback.rows(task=task))
             logger.info("auto-adapt: %d judged selections of task %.60r: adapting", judged, task)
             results = adapt_task_scorers(
                 rows,

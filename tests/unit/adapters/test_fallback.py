@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from selector_fakes import PickingSelector
 from store_fakes import (  # noqa: F401 - the autouse fixture guards every test here
     WordHashEmbedding,
     no_chroma_default_embedding,
@@ -60,23 +60,6 @@ def store(tmp_path: Path, tiny_llama: Path) -> Iterator[AdapterStore]:
         yield opened
 
 
-class Selector:
-    """Picks the candidate ``pick`` says (by position), scoring it 0.8 and the other 0.2, and
-    keeps what it was asked."""
-
-    def __init__(self, pick: int) -> None:
-        self.pick = pick
-        self.calls: list[tuple[Any, list[str]]] = []
-        self.scorer = SimpleNamespace(name="fake-judge")
-
-    def select(self, instruction: Any, candidates: list[str]) -> Any:
-        self.calls.append((instruction, list(candidates)))
-        scores = [0.8 if i == self.pick else 0.2 for i in range(len(candidates))]
-        return SimpleNamespace(
-            index=self.pick, candidates=[SimpleNamespace(score=s) for s in scores]
-        )
-
-
 # ------------------------------------------------------------------------------- compare
 
 
@@ -85,7 +68,7 @@ def test_compare_answers_both_sides_in_one_batch_and_the_selector_decides(
     runtime: AdapterRuntime, bad_adapter: Path, pick: int, winner: str
 ) -> None:
     runtime.add("bad", bad_adapter)
-    selector = Selector(pick)
+    selector = PickingSelector(pick)
     judge = AdapterJudge(runtime, selector, max_new_tokens=6)
     base_prompt = with_definition(PROBE, INSTRUCTION)
 
@@ -103,14 +86,14 @@ def test_compare_answers_both_sides_in_one_batch_and_the_selector_decides(
 
 def test_compare_of_an_adapter_that_is_not_loaded_is_a_key_error(runtime: AdapterRuntime) -> None:
     with pytest.raises(KeyError, match="no adapter named 'missing'"):
-        AdapterJudge(runtime, Selector(0)).compare("missing", PROBE, PROBE)
+        AdapterJudge(runtime, PickingSelector(0)).compare("missing", PROBE, PROBE)
 
 
 def test_a_judge_needs_a_selector_and_a_positive_length(runtime: AdapterRuntime) -> None:
     with pytest.raises(TypeError, match="select"):
         AdapterJudge(runtime, object())
     with pytest.raises(ValueError, match="max_new_tokens"):
-        AdapterJudge(runtime, Selector(0), max_new_tokens=0)
+        AdapterJudge(runtime, PickingSelector(0), max_new_tokens=0)
 
 
 def test_with_definition_puts_the_definition_before_the_last_user_turn() -> None:
@@ -138,7 +121,7 @@ def test_a_bad_adapter_that_loses_is_kept_but_flagged_across_reopening_and_repai
     record = store.import_folder(bad_adapter, INSTRUCTION)
     assert record.check is None and not record.falls_back
 
-    checked, comparison = AdapterJudge(runtime, Selector(1), max_new_tokens=6).check(
+    checked, comparison = AdapterJudge(runtime, PickingSelector(1), max_new_tokens=6).check(
         store, record.id, probe=PROBE
     )
 
@@ -221,7 +204,7 @@ def test_check_without_a_probe_asks_the_base_model_for_one(
     store: AdapterStore, runtime: AdapterRuntime, bad_adapter: Path, monkeypatch
 ) -> None:
     record = store.import_folder(bad_adapter, INSTRUCTION)
-    judge = AdapterJudge(runtime, Selector(0), max_new_tokens=6)
+    judge = AdapterJudge(runtime, PickingSelector(0), max_new_tokens=6)
     asked: list[Any] = []
     real = runtime.generate
 
@@ -253,7 +236,7 @@ def judged_by(monkeypatch: pytest.MonkeyPatch) -> Any:
     import capplug.selection
 
     def use(pick: int) -> None:
-        monkeypatch.setattr(capplug.selection, "Reranker", lambda scorer: Selector(pick))
+        monkeypatch.setattr(capplug.selection, "Reranker", lambda scorer: PickingSelector(pick))
 
     return use
 
@@ -320,7 +303,7 @@ def test_check_with_the_instruction_asks_the_adapter_as_it_will_be_asked(
     store: AdapterStore, runtime: AdapterRuntime, bad_adapter: Path
 ) -> None:
     record = store.import_folder(bad_adapter, INSTRUCTION)
-    selector = Selector(0)
+    selector = PickingSelector(0)
     judge = AdapterJudge(runtime, selector, max_new_tokens=6)
     judge.check(store, record.id, probe=PROBE, with_instruction=True)
     judge.check(store, record.id, probe=PROBE)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from selector_fakes import PickingSelector
 from store_fakes import (  # noqa: F401 - the autouse fixture guards these tests too
     WordHashEmbedding,
     no_chroma_default_embedding,
@@ -46,21 +46,9 @@ def runtime(tiny_dir: Path) -> AdapterRuntime:
     return AdapterRuntime.from_pretrained(tiny_dir, max_loaded=2, device="cpu", dtype="float64")
 
 
-class Judge:
-    """Picks ``prefer`` ("adapter" is the first candidate, "base" the second) and counts calls."""
-
-    def __init__(self, prefer: str = "base") -> None:
-        self.prefer = prefer
-        self.calls: list[tuple[Any, list[str]]] = []
-        self.scorer = SimpleNamespace(name="test-judge")
-
-    def select(self, instruction: Any, candidates: list[str]) -> Any:
-        self.calls.append((instruction, list(candidates)))
-        index = 0 if self.prefer == "adapter" else 1
-        return SimpleNamespace(
-            index=index,
-            candidates=[SimpleNamespace(score=0.9 if i == index else 0.1) for i in range(2)],
-        )
+def Judge(prefer: str = "base") -> PickingSelector:
+    """A judge that picks ``prefer`` ("adapter" or "base"), scoring it 0.9."""
+    return PickingSelector(0 if prefer == "adapter" else 1, score=0.9, name="test-judge")
 
 
 @pytest.fixture
@@ -78,11 +66,11 @@ def bad(store: AdapterStore, bad_adapter: Path) -> AdapterRecord:
 
 
 @pytest.fixture
-def judge(runtime: AdapterRuntime) -> Judge:
+def judge(runtime: AdapterRuntime) -> PickingSelector:
     return Judge("base")
 
 
-def _app(store: AdapterStore, runtime: AdapterRuntime, judge: Judge | None) -> Any:
+def _app(store: AdapterStore, runtime: AdapterRuntime, judge: PickingSelector | None) -> Any:
     return create_adapter_app(
         store,
         runtime,
@@ -93,7 +81,9 @@ def _app(store: AdapterStore, runtime: AdapterRuntime, judge: Judge | None) -> A
 
 
 @pytest.fixture
-def client(store: AdapterStore, runtime: AdapterRuntime, judge: Judge) -> Iterator[TestClient]:
+def client(
+    store: AdapterStore, runtime: AdapterRuntime, judge: PickingSelector
+) -> Iterator[TestClient]:
     with TestClient(_app(store, runtime, judge)) as test_client:
         yield test_client
     for name in runtime.loaded:  # the runtime is shared by the module's tests
@@ -178,7 +168,7 @@ def test_an_adapter_that_wins_answers_and_longer_answers_are_generated_again(
 
 
 def test_a_pin_outweighs_the_check_over_http(
-    client: TestClient, store: AdapterStore, bad: AdapterRecord, judge: Judge
+    client: TestClient, store: AdapterStore, bad: AdapterRecord, judge: PickingSelector
 ) -> None:
     _chat(client, instruction=TRANSLATE)  # checked: the base model won
     pinned = client.patch(f"/v1/adapters/{bad.id}", json={"pinned": "adapter"})
@@ -211,7 +201,7 @@ def test_best_of_both_judges_every_request_and_keeps_no_verdict(
 
 
 def test_off_and_requests_by_id_use_the_adapter_without_judging(
-    client: TestClient, runtime: AdapterRuntime, bad: AdapterRecord, judge: Judge
+    client: TestClient, runtime: AdapterRuntime, bad: AdapterRecord, judge: PickingSelector
 ) -> None:
     off = _chat(client, instruction=TRANSLATE, fallback="off", max_tokens=CAP).json()
     assert off["capplug"]["fallback"]["used"] == "adapter"
@@ -370,7 +360,7 @@ def test_messages_that_fit_alone_but_not_with_the_instruction_are_a_400_before_j
 
 
 def test_a_request_that_waited_uses_a_check_made_meanwhile_instead_of_judging_again(
-    client: TestClient, store: AdapterStore, bad: AdapterRecord, judge: Judge, monkeypatch
+    client: TestClient, store: AdapterStore, bad: AdapterRecord, judge: PickingSelector, monkeypatch
 ) -> None:
     from capplug.adapters.store import AdapterCheck
 

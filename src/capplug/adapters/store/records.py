@@ -11,7 +11,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from capplug._cache import sha256_file
 from capplug.errors import CorruptAdapterError
@@ -81,7 +81,7 @@ HitCheck = Callable[["AdapterRecord", str], bool]
 _WHITESPACE = re.compile(r"\s+")
 
 Side = Literal["adapter", "base"]
-SIDES: tuple[str, ...] = ("adapter", "base")
+SIDES: tuple[str, ...] = get_args(Side)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,14 @@ itself is :class:`capplug.adapters.AdapterJudge`; :class:`~._service.Service` ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from capplug.adapters.fallback import AdapterJudge, Comparison
-from capplug.adapters.store import AdapterRecord, Side
+from capplug.adapters.store import AdapterRecord, Side, UnknownAdapterError
 from capplug.serve._http import APIError
 
 FallbackMode = Literal["auto", "best_of", "off"]
-FALLBACK_MODES: tuple[str, ...] = ("auto", "best_of", "off")
+FALLBACK_MODES: tuple[str, ...] = get_args(FallbackMode)
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,11 @@ class Decision:
     reason: Literal["checked now", "stored check", "pinned", "asked by id", "best of both", "off"]
     compare: bool = False
     """Answer with both sides and judge (now, on this request)."""
-    store: bool = False
-    """Keep the comparison as the adapter's check."""
+
+    @property
+    def store(self) -> bool:
+        """Keep the comparison as the adapter's check: an unchecked adapter judged now."""
+        return self.compare and self.reason == "checked now"
 
 
 def probe_of(chat: Any) -> str:
@@ -87,7 +90,21 @@ def decide(mode: FallbackMode, record: AdapterRecord | None) -> Decision:
         return Decision(record.pinned, "pinned")
     if record.check is not None:
         return Decision(record.check.winner, "stored check")
-    return Decision("adapter", "checked now", compare=True, store=True)
+    return Decision("adapter", "checked now", compare=True)
+
+
+def judged_meanwhile(
+    store: Any, mode: FallbackMode, record: AdapterRecord, decision: Decision
+) -> tuple[AdapterRecord, Decision]:
+    """The adapter's record and decision now: a request that waited for the model may find it
+    checked (or pinned) by another one meanwhile, and need not judge it again."""
+    try:
+        fresh = store.get(record.id)
+    except UnknownAdapterError:
+        return record, decision
+    if fresh.check is None and fresh.pinned is None:
+        return record, decision
+    return fresh, decide(mode, fresh)
 
 
 def reusable(plan: Any, decision: Decision, judge: AdapterJudge | None, streamer: Any) -> bool:

@@ -45,6 +45,7 @@ from capplug.serve.adapters._fallback import (
     decide,
     fallback_json,
     fallback_mode,
+    judged_meanwhile,
     probe_of,
     require_judge,
     reusable,
@@ -431,7 +432,7 @@ class Service:
             timings["queue"] = _ms(waited)
             if decision is not None and decision.store and record is not None:
                 # A request that waited here may find the adapter judged meanwhile.
-                record, decision = self._judged_meanwhile(plan, record, decision)
+                record, decision = judged_meanwhile(self.store, plan.fallback, record, decision)
             loaded = False
             needs_adapter = decision is not None and (
                 decision.side == "adapter" or decision.compare
@@ -451,31 +452,35 @@ class Service:
                 else:
                     loaded = True
                 timings["load"] = _ms(began)
-            chat = plan.chat
-            if record is not None and decision is not None:
-                # The base model has no adapter to carry the task: it reads the instruction.
-                chat = with_definition(plan.chat, record.instruction)
+            # The base model has no adapter to carry the task: it reads the instruction.
+            chats = {"adapter": plan.chat}
+            needs_base = decision is not None and (decision.side == "base" or decision.compare)
+            if record is not None and needs_base:
+                chats["base"] = with_definition(plan.chat, record.instruction)
             # Both prompts are checked before anything is generated (a 400 for either).
-            tokens = {"adapter": _chat.prompt_tokens(self.runtime.chat, plan.chat, plan.max_tokens)}
-            if chat is not plan.chat and (decision.side == "base" or decision.compare):
-                tokens["base"] = _chat.prompt_tokens(self.runtime.chat, chat, plan.max_tokens)
+            tokens = {
+                side: _chat.prompt_tokens(self.runtime.chat, chat, plan.max_tokens)
+                for side, chat in chats.items()
+            }
             if decision is not None and decision.compare and unloadable is None:
                 began = time.perf_counter()
                 assert self.judge is not None and adapter_id is not None
                 limit = plan.max_tokens
                 if decision.reason != "best of both":
                     limit = min(limit, self.judge.max_new_tokens)
-                comparison = self.judge.compare(adapter_id, plan.chat, chat, max_new_tokens=limit)
-                decision = Decision(comparison.winner, decision.reason, True, decision.store)
+                comparison = self.judge.compare(
+                    adapter_id, chats["adapter"], chats["base"], max_new_tokens=limit
+                )
+                decision = Decision(comparison.winner, decision.reason, compare=True)
                 timings["judge"] = _ms(began)
-            used = "adapter" if decision is None or decision.side == "adapter" else "base"
-            used_chat, prompt = (plan.chat if used == "adapter" else chat), tokens[used]
+            used = "adapter" if decision is None else decision.side
+            prompt = tokens[used]
             began = time.perf_counter()
             if comparison is not None and reusable(plan, decision, self.judge, streamer):
                 texts = [comparison.answer] * plan.n
             else:
-                side = None if decision is None or decision.side == "base" else adapter_id
-                texts = self.generate(plan, side, streamer, chat=used_chat)
+                side = adapter_id if used == "adapter" else None
+                texts = self.generate(plan, side, streamer, chat=chats[used])
             tokenizer = self.runtime.chat.tokenizer
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             timings["generate"] = _ms(began)
@@ -484,6 +489,7 @@ class Service:
                 self.metrics.tokens.inc(sum(counts))
                 self.metrics.attaches.inc(int(loaded))
         if comparison is not None and decision is not None and decision.store:
+            assert adapter_id is not None
             record = self.keep_check(adapter_id, comparison, plan.chat) or record
         fallback = None
         if decision is not None:
@@ -514,23 +520,11 @@ class Service:
             fallback=fallback,
         )
 
-    def _judged_meanwhile(
-        self, plan: Plan, record: AdapterRecord, decision: Decision
-    ) -> tuple[AdapterRecord, Decision]:
-        try:
-            fresh = self.store.get(record.id)
-        except UnknownAdapterError:
-            return record, decision
-        if fresh.check is None and fresh.pinned is None:
-            return record, decision
-        return fresh, decide(plan.fallback, fresh)
-
     def keep_check(
-        self, adapter_id: str | None, comparison: Comparison, chat: Sequence[dict[str, Any]]
+        self, adapter_id: str, comparison: Comparison, chat: Sequence[dict[str, Any]]
     ) -> AdapterRecord | None:
         """Keep a comparison as the adapter's check; an adapter deleted meanwhile is skipped."""
         try:
-            assert adapter_id is not None
             return self.store.set_check(adapter_id, comparison.to_check(probe_of(chat)))
         except UnknownAdapterError:
             return None
