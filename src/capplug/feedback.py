@@ -43,7 +43,9 @@ __all__ = [
     "Judgement",
     "UnknownSelectionError",
     "as_feedback_store",
+    "check_watcher",
     "default_feedback_path",
+    "require_recording",
 ]
 
 FILE_NAME = "feedback.sqlite3"
@@ -109,6 +111,41 @@ def as_feedback_store(value: Any) -> FeedbackStore | None:
     if not callable(getattr(value, "record", None)) or not callable(getattr(value, "add", None)):
         raise TypeError(
             f"feedback must be True, a path or a FeedbackStore; got {type(value).__name__}"
+        )
+    return value
+
+
+def require_recording(feedback: FeedbackStore | None, *, owner: str) -> FeedbackStore:
+    """``feedback``, or a ValueError saying that adapting as judgements arrive (``auto_adapt``)
+    needs ``owner`` to record its selections."""
+    if feedback is None:
+        raise ValueError(
+            f"auto_adapt needs {owner} to record selections (feedback=...): the judgements "
+            "it adapts on are judgements of recorded selections"
+        )
+    return feedback
+
+
+def check_watcher(value: Any, feedback: FeedbackStore | None, *, owner: str) -> Any:
+    """``value`` (``None``, or an :class:`~capplug.training.auto_adapt.AutoAdapter`: its
+    ``notify(selection_id)`` is called after each judgement ``owner`` stores) checked to watch
+    ``feedback``, the store ``owner`` records its selections in.
+
+    Raises:
+        ValueError: ``owner`` records no selections, or ``value`` watches another store.
+        TypeError: ``value`` is not an AutoAdapter.
+    """
+    if value is None:
+        return None
+    if not callable(getattr(value, "notify", None)) or not hasattr(value, "feedback"):
+        raise TypeError(
+            f"auto_adapt must be a capplug.training.auto_adapt.AutoAdapter or None; got {value!r}"
+        )
+    require_recording(feedback, owner=owner)
+    if Path(value.feedback.path).resolve() != Path(feedback.path).resolve():
+        raise ValueError(
+            f"auto_adapt must watch the feedback store {owner} records in ({feedback.path}); "
+            f"it watches {value.feedback.path}"
         )
     return value
 

@@ -77,8 +77,10 @@ class _Scoring:
     """The state both handlers share: prompts by run id, turning a result into records, and
     feedback on them (stored, and forwarded to LangSmith when a client is given)."""
 
-    def __init__(self, scorer: Any, sink: Any, feedback: Any, langsmith: Any) -> None:
-        from capplug.feedback import as_feedback_store
+    def __init__(
+        self, scorer: Any, sink: Any, feedback: Any, langsmith: Any, auto_adapt: Any
+    ) -> None:
+        from capplug.feedback import as_feedback_store, check_watcher
         from capplug.selection import combiner_of
 
         if langsmith is not None and not callable(getattr(langsmith, "create_feedback", None)):
@@ -91,6 +93,7 @@ class _Scoring:
         self.sink = _check_sink(sink)
         self.feedback = as_feedback_store(feedback)
         self.langsmith = langsmith
+        self.auto_adapter = check_watcher(auto_adapt, self.feedback, owner="the handler")
         self._prompts: dict[UUID, list[Any]] = {}
         self._runs: dict[str, str] = {}  # selection id -> the LangSmith run it was made in
         self._lock = threading.Lock()
@@ -104,6 +107,8 @@ class _Scoring:
                 "FeedbackStore) to judge them"
             )
         stored = self.feedback.add(selection_id, **judgement)
+        if self.auto_adapter is not None:
+            self.auto_adapter.notify(selection_id)  # returns at once: a run goes in the background
         run = run_id or self._runs.get(selection_id)
         if self.langsmith is not None and run is not None:
             score: float | None = stored.label
@@ -200,10 +205,16 @@ class _Handler:
     """What both handlers share: their scoring state, its scorer and feedback store, judging."""
 
     def __init__(
-        self, scorer: Any = None, sink: Any = None, *, feedback: Any = None, langsmith: Any = None
+        self,
+        scorer: Any = None,
+        sink: Any = None,
+        *,
+        feedback: Any = None,
+        langsmith: Any = None,
+        auto_adapt: Any = None,
     ) -> None:
         super().__init__()
-        self._scoring = _Scoring(scorer, sink, feedback, langsmith)
+        self._scoring = _Scoring(scorer, sink, feedback, langsmith, auto_adapt)
 
     @property
     def scorer(self) -> Any:
@@ -233,7 +244,10 @@ class CappyScoreCallbackHandler(_Handler, BaseCallbackHandler):
     With ``feedback`` (``True``: the default store; or a path, or a ``FeedbackStore``) each
     record is also stored as a selection (``record.selection_id``), to be judged later with
     :meth:`judge`; with ``langsmith`` (a ``langsmith.Client``) each judgement is also sent to
-    LangSmith as ``capplug`` feedback on the model run that produced it.
+    LangSmith as ``capplug`` feedback on the model run that produced it. With ``auto_adapt`` (a
+    :class:`capplug.training.auto_adapt.AutoAdapter` watching the same feedback store) each
+    judgement also tells it, and a task with enough judged selections gets a task scorer in the
+    background (used by a ``capplug.Reranker(task_scorers=...)`` from its next selection on).
 
     Example:
         .. code-block:: python

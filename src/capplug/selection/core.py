@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from capplug.chat import Instruction, check_responses, dedupe_key, distinct, flatten_chat
-from capplug.feedback import as_feedback_store
+from capplug.feedback import as_feedback_store, check_watcher
 from capplug.models import DEFAULT_SCORER
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
@@ -347,6 +347,11 @@ class Reranker:
         task_scorers: score with the task scorer adapted to the instruction's task, where the
             guard allowed one (:class:`capplug.adapters.TaskScorers`; ``True``: the default
             folder; or a folder); :attr:`Selection.task_scorer` says which scored and why.
+        auto_adapt: a :class:`capplug.training.auto_adapt.AutoAdapter` watching ``feedback``:
+            judgements stored through :meth:`judge` adapt their task's scorer in the background
+            once it is due (by default after 8 judged selections, then after every 8 more);
+            with ``task_scorers`` on the same store, the next selections of that task use it
+            where its guard allowed it.
     """
 
     def __init__(
@@ -358,6 +363,7 @@ class Reranker:
         lm: Any = None,
         feedback: Any = None,
         task_scorers: Any = None,
+        auto_adapt: Any = None,
     ) -> None:
         from capplug.scoring import load_scorer
 
@@ -380,6 +386,8 @@ class Reranker:
         self.lm = lm
         self.feedback = as_feedback_store(feedback)
         self.task_scorers = as_task_scorers(task_scorers, scorer)
+        self.auto_adapter = check_watcher(auto_adapt, self.feedback, owner="the Reranker")
+        """The :class:`~capplug.training.auto_adapt.AutoAdapter` :meth:`judge` notifies."""
 
     def __repr__(self) -> str:
         return f"Reranker(scorer={self.scorer!r}, signals={self.signals}, lm={self.lm!r})"
@@ -440,6 +448,27 @@ class Reranker:
         if self.feedback is None:
             return chosen
         return record(self.feedback, instruction, chosen, surface="python")
+
+    def judge(self, selection_id: str, **judgement: Any) -> Any:
+        """Store a judgement of one of this reranker's recorded selections (its
+        :attr:`Selection.id`), as :meth:`capplug.feedback.FeedbackStore.add` takes it: ``label``
+        (with ``candidate``), ``preferred`` or ``reference``; with ``auto_adapt``, its task is
+        adapted in the background once it is due. Returns the stored
+        :class:`~capplug.feedback.Judgement`.
+
+        Raises:
+            ValueError: this reranker records no selections (no ``feedback``).
+            capplug.feedback.FeedbackError: as ``FeedbackStore.add`` (nothing is stored).
+        """
+        if self.feedback is None:
+            raise ValueError(
+                "this Reranker records no selections, so there is nothing to judge: give it "
+                "feedback=True (or a path, or a capplug.feedback.FeedbackStore)"
+            )
+        stored = self.feedback.add(selection_id, **judgement)
+        if self.auto_adapter is not None:
+            self.auto_adapter.notify(selection_id)
+        return stored
 
     def rank(
         self,

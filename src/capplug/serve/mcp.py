@@ -43,7 +43,8 @@ def create_mcp_server(
 
     Args:
         scorer: a :class:`capplug.Reranker`, a :class:`capplug.Scorer`, a reference, or
-            ``None`` for the bundled default.
+            ``None`` for the bundled default. A Reranker's ``auto_adapt`` hears every
+            judgement ``judge`` stores.
         feedback: a feedback store (or a path, or ``True`` for the default file): ``select``
             records each choice and ``judge`` takes judgements.
         store: an adapter store folder: adds ``lookup_adapter``.
@@ -55,7 +56,7 @@ def create_mcp_server(
         raise ImportError(
             f"`capplug mcp` needs the MCP SDK: pip install 'capplug[mcp]' ({exc})"
         ) from exc
-    from capplug.feedback import as_feedback_store
+    from capplug.feedback import as_feedback_store, check_watcher
     from capplug.models import DEFAULT_SCORER
     from capplug.selection import Reranker
 
@@ -64,7 +65,9 @@ def create_mcp_server(
     else:
         reranker = Reranker(scorer if scorer is not None else DEFAULT_SCORER)
     if feedback is not None:
-        reranker.feedback = as_feedback_store(feedback)
+        given = as_feedback_store(feedback)
+        check_watcher(reranker.auto_adapter, given, owner="the MCP server")
+        reranker.feedback = given
     feedback_store = reranker.feedback  # given here, or the reranker's own
     server = FastMCP("capplug", instructions=INSTRUCTIONS)
 
@@ -117,7 +120,7 @@ def create_mcp_server(
             """Judge a recorded selection: exactly one of ``label`` (in [0, 1], for
             ``candidate`` or else the chosen one), ``preferred`` (a candidate index) or
             ``reference`` (the wanted answer)."""
-            return feedback_store.add(
+            return reranker.judge(
                 selection_id,
                 label=label,
                 candidate=candidate,

@@ -13,6 +13,11 @@ store reloads live), where the guard allowed it.
     auto.notify(selection_id)        # after each judgement; returns at once
     auto.wait()                      # the runs started so far (tests, shutdown)
 
+The surfaces that record selections take one as ``auto_adapt``: ``create_proxy_app`` and
+``capplug serve proxy --auto-adapt N`` (notified by ``POST /v1/feedback``),
+:class:`capplug.Reranker` (notified by :meth:`~capplug.Reranker.judge`) and the LangChain
+callback handlers (notified by their ``judge``).
+
 Counts live in memory: after a restart, a task's next judgement adapts it again from all its
 feedback once it has enough.
 """
@@ -27,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from capplug._runtime import check_positive_int
+from capplug.feedback import check_watcher, require_recording
 from capplug.training.scorer import TrainConfig
 from capplug.training.task_scorers import TASK_SCORER_CONFIG, TaskAdaptation, adapt_task_scorers
 
-__all__ = ["AutoAdapter"]
+__all__ = ["AutoAdapter", "as_auto_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +146,27 @@ class AutoAdapter:
         finally:
             with self._lock:
                 self._running.discard(task)
+
+
+def as_auto_adapter(value: Any, feedback: Any, task_scorers: Any, *, owner: str) -> Any:
+    """The :class:`AutoAdapter` a caller means by ``auto_adapt``: ``None`` for none, a count
+    (adapt a task again after every that many judged selections, putting the task scorers in
+    ``task_scorers``), or one made already, which must watch ``feedback``, the store ``owner``
+    records its selections in (:func:`capplug.feedback.check_watcher`).
+
+    Raises:
+        ValueError: no feedback store, no task scorers for a count, or an AutoAdapter watching
+            another feedback store.
+        TypeError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        if value is not None and not isinstance(value, AutoAdapter):
+            raise TypeError(f"auto_adapt must be a count, an AutoAdapter or None; got {value!r}")
+        return check_watcher(value, feedback, owner=owner)
+    require_recording(feedback, owner=owner)
+    if task_scorers is None:
+        raise ValueError(
+            f"auto_adapt={value} needs task scorers to put the adapted scorers in: give {owner} "
+            "task_scorers=..., or give an AutoAdapter(feedback, capplug.adapters.TaskScorers(...))"
+        )
+    return AutoAdapter(feedback, task_scorers, every=value)

@@ -330,6 +330,42 @@ def test_with_auto_adapt_the_proxy_adapts_as_feedback_arrives_with_no_command(
         assert after["reason"].startswith("default scorer:")
 
 
+def test_with_auto_adapt_a_reranker_adapts_as_it_is_judged(base: Scorer, tmp_path: Path) -> None:
+    from capplug.training.auto_adapt import AutoAdapter
+
+    feedback, store = (
+        FeedbackStore(tmp_path / "feedback.sqlite3"),
+        TaskScorers(tmp_path, scorer=base),
+    )
+    auto = AutoAdapter(feedback, store, every=4, min_selections=8, config=TINY_RECIPE)
+    reranker = Reranker(
+        base, signals=["scorer"], feedback=feedback, task_scorers=store, auto_adapt=auto
+    )
+    assert reranker.auto_adapter is auto
+    wanted = ANSWERS.index(ANSWERS[1 - ANSWERS.index(pick(base))])
+
+    def chat(i: int) -> list[dict[str, str]]:
+        return [{"role": "system", "content": TASK}, {"role": "user", "content": f"q {i}"}]
+
+    for i in range(8):
+        chosen = reranker.select(chat(i), ANSWERS)
+        assert chosen.task_scorer is not None and chosen.task_scorer["used"] is False
+        stored = reranker.judge(chosen.id, preferred=wanted)
+        assert stored.kind == "preferred" and stored.candidate == wanted
+    (run,) = auto.wait(timeout=120)  # the 8th judgement started a run in the background
+    assert run.selections == 8 and run.record is not None and not auto.errors
+    after = reranker.select(chat(99), ANSWERS).task_scorer
+    assert after is not None and after["guard"]["examples"] == 2  # a quarter held out
+    assert after["used"] is run.used
+    auto.close()
+    with pytest.raises(ValueError, match="records no selections"):
+        Reranker(base).judge("sel_x", label=1.0)
+    with pytest.raises(TypeError, match="AutoAdapter or None"):
+        Reranker(base, feedback=feedback, auto_adapt=8)
+    with pytest.raises(ValueError, match="needs the Reranker to record selections"):
+        Reranker(base, auto_adapt=auto)
+
+
 def test_auto_adapt_needs_both_stores_and_a_count(base: Scorer, tmp_path: Path) -> None:
     import httpx2
     from fake_upstream import Upstream, completion, proxy
@@ -338,8 +374,16 @@ def test_auto_adapt_needs_both_stores_and_a_count(base: Scorer, tmp_path: Path) 
     from capplug.training.auto_adapt import AutoAdapter
 
     upstream = Upstream(lambda r: httpx2.Response(200, json=completion(ANSWERS)))
-    with pytest.raises(ValueError, match="needs feedback"):
+    with pytest.raises(ValueError, match="needs the proxy to record selections"):
         proxy(upstream, base, auto_adapt=4)
+    with pytest.raises(ValueError, match="give the proxy task_scorers"):
+        proxy(upstream, base, feedback=tmp_path / "f.sqlite3", auto_adapt=4)
+    elsewhere = AutoAdapter(
+        FeedbackStore(tmp_path / "other.sqlite3"), TaskScorers(tmp_path, scorer=base)
+    )
+    with pytest.raises(ValueError, match="must watch the feedback store the proxy records in"):
+        proxy(upstream, base, feedback=tmp_path / "f.sqlite3", auto_adapt=elsewhere)
+    elsewhere.close()
     with pytest.raises(TypeError, match="a count"):
         proxy(
             upstream, base, feedback=tmp_path / "f.sqlite3", task_scorers=tmp_path, auto_adapt="4"

@@ -78,3 +78,33 @@ def test_without_a_feedback_store_there_is_no_judge_tool(tiny_bert_scorer: Path)
         "rank",
         "select",
     }
+
+
+def test_a_judgement_reaches_the_rerankers_auto_adapter(
+    tiny_bert_scorer: Path, tmp_path: Path
+) -> None:
+    from capplug import Reranker
+    from capplug.serve.mcp import create_mcp_server
+    from capplug.training.auto_adapt import AutoAdapter
+
+    class Watching(AutoAdapter):  # what the server tells it, without training anything
+        def notify(self, selection_id):
+            self.told = [*getattr(self, "told", []), selection_id]
+
+    feedback = FeedbackStore(tmp_path / "feedback.sqlite3")
+    auto = Watching(feedback, task_scorers=None, out_root=tmp_path / "runs")
+    reranker = Reranker(tiny_bert_scorer, feedback=feedback, auto_adapt=auto)
+    server = create_mcp_server(scorer=reranker)
+
+    async def work():
+        chosen = await server.call_tool("select", {"instruction": "q", "candidates": ["a", "b"]})
+        selection_id = chosen[1]["selection_id"]
+        await server.call_tool("judge", {"selection_id": selection_id, "label": 1.0})
+        return selection_id
+
+    selection_id = asyncio.run(work())
+    assert auto.told == [selection_id]
+    auto.close()
+    with pytest.raises(ValueError, match="must watch the feedback store the MCP server records"):
+        create_mcp_server(scorer=reranker, feedback=tmp_path / "other.sqlite3")
+    assert reranker.feedback is feedback  # refused: nothing changed

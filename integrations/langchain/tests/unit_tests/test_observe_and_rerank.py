@@ -12,6 +12,7 @@ from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, Generation
 
+from capplug.errors import FeedbackError
 from langchain_capplug import (
     AsyncCappyScoreCallbackHandler,
     BestGenerationParser,
@@ -230,3 +231,32 @@ def test_observed_generations_are_recorded_judged_and_forwarded_to_langsmith(tmp
         CappyScoreCallbackHandler(scorer=KeywordScorer()).judge("sel_x", label=1.0)
     with pytest.raises(TypeError, match=r"langsmith\.Client"):
         CappyScoreCallbackHandler(scorer=KeywordScorer(), langsmith=object())
+
+
+def test_judging_through_the_handler_tells_its_auto_adapter(tmp_path):
+    from capplug.feedback import FeedbackStore
+    from capplug.training.auto_adapt import AutoAdapter
+
+    class Watching(AutoAdapter):  # what the handler tells it, without training anything
+        def notify(self, selection_id):
+            self.told = [*getattr(self, "told", []), selection_id]
+
+    records: list[ScoreRecord] = []
+    feedback = FeedbackStore(tmp_path / "f.sqlite3")
+    auto = Watching(feedback, task_scorers=None, out_root=tmp_path / "runs")
+    handler = CappyScoreCallbackHandler(
+        scorer=KeywordScorer(), sink=records, feedback=feedback, auto_adapt=auto
+    )
+    model = ChoicesChatModel(script=Script(["Lyon.", "Paris."]))
+    model.generate([[HumanMessage("Capital of France?")]], n=2, callbacks=[handler])
+    (record,) = records
+    handler.judge(record.selection_id, preferred=1)
+    assert auto.told == [record.selection_id]
+    with pytest.raises(FeedbackError):  # a judgement refused is not passed on
+        handler.judge(record.selection_id, preferred=7)
+    assert auto.told == [record.selection_id]
+    auto.close()
+    with pytest.raises(TypeError, match=r"must be a capplug\.training\.auto_adapt\.AutoAdapter"):
+        CappyScoreCallbackHandler(scorer=KeywordScorer(), feedback=feedback, auto_adapt=8)
+    with pytest.raises(ValueError, match="record selections"):
+        CappyScoreCallbackHandler(scorer=KeywordScorer(), auto_adapt=auto)

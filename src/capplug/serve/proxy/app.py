@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -181,7 +180,11 @@ def create_proxy_app(
     loaded = load_scorer(scorer)
     feedback_store = as_feedback_store(feedback)
     task_store = as_task_scorers(task_scorers, loaded)
-    adapter = _auto_adapter(auto_adapt, feedback_store, task_store)
+    adapter = None
+    if auto_adapt is not None:
+        from capplug.training.auto_adapt import as_auto_adapter
+
+        adapter = as_auto_adapter(auto_adapt, feedback_store, task_store, owner="the proxy")
     proxy_metrics = ProxyMetrics()
     target = Upstream(
         upstream,
@@ -267,24 +270,3 @@ def create_proxy_app(
         return await target.passthrough(request)
 
     return app
-
-
-def _auto_adapter(auto_adapt: Any, feedback: Any, task_scorers: Any) -> Any:
-    """The proxy's :class:`~capplug.training.auto_adapt.AutoAdapter`: None for none, a count
-    (adapt a task after every that many new judged selections), or one made already."""
-    if auto_adapt is None:
-        return None
-    if feedback is None or task_scorers is None:
-        raise ValueError(
-            "auto_adapt needs feedback (where judgements go) and task_scorers (where the "
-            "adapted scorers go)"
-        )
-    from capplug.training.auto_adapt import AutoAdapter
-
-    if isinstance(auto_adapt, AutoAdapter):
-        if Path(auto_adapt.feedback.path) != Path(feedback.path):
-            raise ValueError("auto_adapt must watch the proxy's own feedback store")
-        return auto_adapt
-    if isinstance(auto_adapt, bool) or not isinstance(auto_adapt, int):
-        raise TypeError(f"auto_adapt must be a count, an AutoAdapter or None; got {auto_adapt!r}")
-    return AutoAdapter(feedback, task_scorers, every=auto_adapt)
