@@ -4,11 +4,13 @@ texts are one answer. Every package uses it."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
 __all__ = [
     "Instruction",
+    "blank",
     "chat_turns",
     "check_responses",
     "dedupe_key",
@@ -164,6 +166,16 @@ def distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
             unique.append(text)
         where.append(position[key])
     return unique, where
+
+
+_INVISIBLE = ("Z", "Cc", "Cf")  # separators, control characters, format characters (U+200B, BOM)
+
+
+def blank(text: str) -> bool:
+    """Whether ``text`` has nothing to read: only whitespace, control characters or invisible
+    format characters (zero-width spaces, byte-order marks, direction marks). An instruction,
+    probe or task that is blank is refused as empty everywhere."""
+    return all(unicodedata.category(c).startswith(_INVISIBLE) for c in text)
 
 
 def one_line(text: str, width: int) -> str:

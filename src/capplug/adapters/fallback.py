@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from capplug._runtime import check_positive_int
 from capplug.adapters.examples import user_prompt
 from capplug.adapters.store.records import AdapterCheck, AdapterRecord, Side
-from capplug.chat import Instruction
+from capplug.chat import Instruction, blank
 from capplug.errors import ProbeError
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class AdapterJudge:
         prompt = _PROBE_REQUEST.format(instruction=instruction.strip())
         text = self.runtime.generate([prompt], adapter=None, max_new_tokens=self.max_new_tokens)
         probe = text[0].strip().strip('"').strip()
-        if not probe:
+        if blank(probe):
             raise ProbeError(
                 f"the base model wrote no example input for the instruction "
                 f"{instruction[:80]!r}; give a probe (an example input of the task)"
@@ -211,7 +211,7 @@ class AdapterJudge:
             ValueError: an empty probe.
         """
         record = store.resolve(adapter_id)
-        if probe is not None and not probe.strip():
+        if probe is not None and blank(probe):
             raise ValueError("probe is empty; give an example input of the task, or None")
         if record.id not in self.runtime:
             self.runtime.add(record.id, store.files(record.id).folder)

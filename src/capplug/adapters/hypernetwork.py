@@ -40,6 +40,7 @@ from torch import nn
 
 from capplug._cache import share_like_umask
 from capplug._runtime import pick_device, quiet_transformers, seeded
+from capplug.chat import blank
 from capplug.errors import CheckpointError, ModelNotFoundError, TruncationWarning
 from capplug.models import BUNDLED_DIR, DEFAULT_CHAT_MODEL, DEFAULT_HYPERNETWORK, resolve
 from capplug.models.adapter_folder import (
@@ -458,7 +459,7 @@ def _key(module_type: str) -> str:
 def _check_instruction(text: Any, argument: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"{argument} must be a string; got {type(text).__name__}")
-    if not text.strip():
+    if blank(text):
         raise ValueError(
             f"{argument} is empty; give the task's instruction, e.g. 'Answer the question with "
             f"yes or no.'"

@@ -31,7 +31,7 @@ from typing import Any
 from capplug._cache import cache_home
 from capplug.adapters.store import AdapterStore
 from capplug.adapters.store.records import AdapterRecord
-from capplug.chat import Instruction, task_text
+from capplug.chat import Instruction, blank, task_text
 from capplug.errors import AdapterFileError, UnknownAdapterError
 from capplug.models.adapter_folder import (
     AdapterFiles,
@@ -164,7 +164,7 @@ class TaskScorers:
     def find(self, instruction: Instruction) -> TaskScorerChoice:
         """The task scorer for ``instruction``'s task, or ``None`` with the reason."""
         task = task_text(instruction)
-        if not task.strip():
+        if blank(task):
             return TaskScorerChoice(None, {"used": False, "reason": "the instruction is empty"})
         task = task[: self.store.max_instruction_chars]
         with self._lock:

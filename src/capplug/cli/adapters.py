@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from capplug.chat import blank
 from capplug.cli._common import (
     UsageError,
     add_archive_option,
@@ -228,7 +229,7 @@ def _adapters_module(name: str) -> Any:
 
 
 def _check_instruction_arg(text: str, option: str = "--instruction") -> None:
-    if not text.strip():
+    if blank(text):
         raise UsageError(f"{option} is empty; give the task's instruction text")
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from capplug.chat import one_line
+from capplug.chat import blank, one_line
 from capplug.cli._common import add_device_option, add_hypernet_option
 from capplug.errors import CapplugError
 from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_SCORER
@@ -232,7 +232,7 @@ def _answered_by(record: Any) -> str:
 def _run_check(args: argparse.Namespace) -> int:
     if args.judge_tokens < 1:
         raise ValueError(f"--judge-tokens must be >= 1; got {args.judge_tokens}")
-    if args.probe is not None and not args.probe.strip():
+    if args.probe is not None and blank(args.probe):
         raise ValueError("--probe is empty; give an example input of the task, or leave it out")
     from capplug.adapters.fallback import AdapterJudge
     from capplug.adapters.runtime import AdapterRuntime
@@ -283,7 +283,7 @@ def _run_lookup(args: argparse.Namespace) -> int:
 def _run_create(args: argparse.Namespace) -> int:
     from capplug.adapters.store import AdapterStore
 
-    if not args.instruction.strip():
+    if blank(args.instruction):
         raise ValueError("--instruction is empty; give the task's instruction text")
     hypernet = _load_hypernetwork(args.hypernet, args.device)
     base = hypernet.config.base_model

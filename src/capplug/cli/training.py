@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from capplug.chat import blank
 from capplug.cli._common import UsageError, add_device_option
 from capplug.models import DEFAULT_SCORER
 
@@ -387,7 +388,7 @@ def _run_adapt_tasks(args: argparse.Namespace) -> int:
         raise UsageError("--instruction-like goes with --task-scorers (where to store it)")
     if not args.from_feedback:
         raise UsageError("--task-scorers goes with --from-feedback")
-    if args.instruction_like is not None and not args.instruction_like.strip():
+    if args.instruction_like is not None and blank(args.instruction_like):
         raise UsageError("--instruction-like needs the task's instruction text")
     if args.min_selections < 2:
         raise UsageError("--min-selections must be >= 2 (one to train on, one for the guard)")

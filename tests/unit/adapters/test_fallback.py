@@ -219,9 +219,12 @@ def test_check_without_a_probe_asks_the_base_model_for_one(
     assert INSTRUCTION in asked[0] and checked.check.probe == "France"
     assert checked.check.winner == "adapter" and not checked.falls_back
 
-    monkeypatch.setattr(runtime, "generate", lambda prompts, **kwargs: ["  "])
-    with pytest.raises(ProbeError, match="give a probe"):
-        judge.check(store, record.id)
+    for nothing in ("  ", '"\u200b"'):  # a probe with nothing to read, quoted or not
+        monkeypatch.setattr(
+            runtime, "generate", lambda prompts, nothing=nothing, **kwargs: [nothing]
+        )
+        with pytest.raises(ProbeError, match="give a probe"):
+            judge.check(store, record.id)
     with pytest.raises(ValueError, match="probe is empty"):
         judge.check(store, record.id, probe=" ")
     assert store.get(record.id).check == checked.check  # a failed check loses nothing

@@ -164,6 +164,34 @@ def test_create_misses_then_hits_and_lists_the_files(
     _error(client.get("/v1/adapters", params={"limit": 0}), 400, "invalid_value")
 
 
+def test_instructions_in_other_scripts_make_adapters_that_answer_and_hit_again(
+    client: TestClient, store: AdapterStore
+) -> None:
+    for instruction in (
+        "将句子翻译成法语。",
+        "ترجم الجملة إلى الفرنسية.",
+        "Переведите предложение на французский.",
+        "🇫🇷 ➡️ 🔤",
+    ):
+        made = _create(client, instruction, 201)
+        assert made["instruction"] == instruction
+        assert _create(client, instruction, 200)["id"] == made["id"]
+        answered = _chat(client, instruction=instruction)
+        assert answered["capplug"]["adapter"] == made["id"] and answered["capplug"]["hit"]
+    assert len(store) == 4
+    # Nothing to read is empty, whatever the characters: zero-width spaces, a byte-order mark,
+    # direction marks, control characters. Nothing is stored.
+    for invisible in ("\u200b\u200b", "\ufeff", "\u200e\u202e", "\x00\x07 \t"):
+        error = _error(client.post("/v1/adapters", json={"instruction": invisible}), 400)
+        assert error["param"] == "instruction" and "empty" in error["message"]
+        _error(post_chat(client, instruction=invisible), 400, "invalid_value")
+    assert len(store) == 4
+
+
+def post_chat(client: TestClient, **body: Any) -> httpx2.Response:
+    return client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+
+
 def test_files_are_the_stored_bytes_and_nothing_else(
     client: TestClient, store: AdapterStore
 ) -> None:

@@ -225,8 +225,9 @@ def test_loading_refuses_missing_and_broken_hypernetworks(hypernet, tmp_path, mo
 
 
 def test_empty_instruction_is_refused(hypernet):
-    with pytest.raises(ValueError, match="instruction is empty"):
-        hypernet.generate("   ")
+    for nothing_to_read in ("   ", "\u200b\ufeff", "\u202e\x00"):
+        with pytest.raises(ValueError, match="instruction is empty"):
+            hypernet.generate(nothing_to_read)
     with pytest.raises(TypeError, match="instruction must be a string"):
         hypernet.generate(None)  # type: ignore[arg-type]
 

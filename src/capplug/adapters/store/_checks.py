@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from capplug.adapters.store.records import SOURCES, Source
+from capplug.chat import blank
 from capplug.errors import AdapterNameError, TruncationWarning, UnknownAdapterError
 from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
 
@@ -28,7 +29,7 @@ def check_instruction(instruction: Any, max_chars: int) -> str:
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a string; got {type(instruction).__name__}")
     text = instruction.strip()
-    if not text:
+    if blank(text):
         raise ValueError(
             "instruction is empty; give the task's instruction, e.g. 'Answer the question "
             "with yes or no.'"

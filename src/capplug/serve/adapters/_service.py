@@ -29,6 +29,7 @@ from capplug.adapters.store import (
     UnknownAdapterFileError,
     check_name,
 )
+from capplug.chat import blank
 from capplug.models import packaged_model
 from capplug.models.adapter_folder import (
     ADAPTER_CONFIG,
@@ -162,7 +163,7 @@ class Service:
     # ------------------------------------------------------------------------- adapters
 
     def instruction(self, text: str, param: str = "instruction") -> str:
-        if not text.strip():
+        if blank(text):
             raise APIError(
                 400,
                 f"Invalid value for '{param}': it is empty; give the task's instruction",
