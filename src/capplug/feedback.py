@@ -45,6 +45,7 @@ __all__ = [
     "as_feedback_store",
     "check_watcher",
     "default_feedback_path",
+    "judge_selection",
     "require_recording",
 ]
 
@@ -148,6 +149,34 @@ def check_watcher(value: Any, feedback: FeedbackStore | None, *, owner: str) -> 
             f"it watches {value.feedback.path}"
         )
     return value
+
+
+def judge_selection(
+    feedback: FeedbackStore | None,
+    selection_id: str,
+    *,
+    owner: str,
+    watcher: Any = None,
+    **judgement: Any,
+) -> Judgement:
+    """Store a judgement of a selection ``owner`` recorded in ``feedback``
+    (:meth:`FeedbackStore.add` takes ``judgement``), then tell ``watcher`` (an
+    :class:`~capplug.training.auto_adapt.AutoAdapter`; it returns at once). What
+    :meth:`capplug.Reranker.judge` and the LangChain handlers' ``judge`` do.
+
+    Raises:
+        ValueError: ``owner`` records no selections (``feedback`` is None).
+        FeedbackError: as :meth:`FeedbackStore.add`; nothing is stored and nobody is told.
+    """
+    if feedback is None:
+        raise ValueError(
+            f"{owner} records no selections, so there is nothing to judge: give it "
+            "feedback=True (or a path, or a capplug.feedback.FeedbackStore)"
+        )
+    stored = feedback.add(selection_id, **judgement)
+    if watcher is not None:
+        watcher.notify(selection_id)
+    return stored
 
 
 def default_feedback_path() -> Path:

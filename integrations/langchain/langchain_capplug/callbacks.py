@@ -101,14 +101,15 @@ class _Scoring:
     def judge(self, selection_id: str, run_id: str | None, **judgement: Any) -> Any:
         """Store a judgement of a recorded selection; forward it to LangSmith when a client was
         given (``capplug`` feedback on the model run that produced the selection)."""
-        if self.feedback is None:
-            raise ValueError(
-                "this handler records no selections; give it feedback=True (or a path or a "
-                "FeedbackStore) to judge them"
-            )
-        stored = self.feedback.add(selection_id, **judgement)
-        if self.auto_adapter is not None:
-            self.auto_adapter.notify(selection_id)  # returns at once: a run goes in the background
+        from capplug.feedback import judge_selection
+
+        stored = judge_selection(
+            self.feedback,
+            selection_id,
+            owner="this handler",
+            watcher=self.auto_adapter,
+            **judgement,
+        )
         run = run_id or self._runs.get(selection_id)
         if self.langsmith is not None and run is not None:
             score: float | None = stored.label

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from capplug.chat import Instruction, check_responses, dedupe_key, distinct, flatten_chat
-from capplug.feedback import as_feedback_store, check_watcher
+from capplug.feedback import as_feedback_store, check_watcher, judge_selection
 from capplug.models import DEFAULT_SCORER
 from capplug.selection.agreement import echo, rouge_agreement, word_counts
 from capplug.selection.combiner import CONFIG_KEY, SIGNALS, Combiner
@@ -460,15 +460,13 @@ class Reranker:
             ValueError: this reranker records no selections (no ``feedback``).
             capplug.feedback.FeedbackError: as ``FeedbackStore.add`` (nothing is stored).
         """
-        if self.feedback is None:
-            raise ValueError(
-                "this Reranker records no selections, so there is nothing to judge: give it "
-                "feedback=True (or a path, or a capplug.feedback.FeedbackStore)"
-            )
-        stored = self.feedback.add(selection_id, **judgement)
-        if self.auto_adapter is not None:
-            self.auto_adapter.notify(selection_id)
-        return stored
+        return judge_selection(
+            self.feedback,
+            selection_id,
+            owner="this Reranker",
+            watcher=self.auto_adapter,
+            **judgement,
+        )
 
     def rank(
         self,
