@@ -62,7 +62,7 @@ DOCUMENTED = CAPPLUG + [c for c in DOCS if c.startswith("capplug ") and c not in
 
 def test_the_readme_has_the_commands_a_newcomer_runs() -> None:
     assert "make demo" in SHELL and "make test" in SHELL
-    assert len(CAPPLUG) >= 15
+    assert len(CAPPLUG) >= 12  # the rest of each command family is in docs/ (parsed below too)
 
 
 @pytest.mark.parametrize("command", DOCUMENTED, ids=[c[:50] for c in DOCUMENTED])
