@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from capplug._cache import cache_home
-from capplug.adapters.store import AdapterStore
+from capplug.adapters.store import AdapterStore, normalize_instruction
 from capplug.adapters.store.records import AdapterRecord
 from capplug.chat import Instruction, blank, task_text
 from capplug.errors import AdapterFileError, UnknownAdapterError
@@ -122,10 +122,13 @@ class TaskScorers:
         *,
         guard: Any = None,
         name: str | None = None,
+        selections: int | None = None,
     ) -> AdapterRecord:
         """Store the task scorer in ``folder`` (``capplug adapt --lora-rank`` writes one) for the
         task ``instruction``, with the guard's verdict (a :class:`~capplug.scoring.guard.
-        GuardReport` or its dict; ``None`` stores it as not checked, so it is not used).
+        GuardReport` or its dict; ``None`` stores it as not checked, so it is not used) and
+        the number of judged ``selections`` it was adapted on (kept in the verdict, read back by
+        :meth:`adapted_on`).
 
         Once stored, a task scorer the guard allowed replaces the older ones for the same
         instruction; one it refused leaves them in use.
@@ -143,6 +146,8 @@ class TaskScorers:
                 f"header has no {META_KIND}={KIND}); make one with capplug adapt --lora-rank"
             )
         verdict = _verdict_dict(guard)
+        if selections is not None:
+            verdict["selections"] = selections
         record = self.store.put(
             files.state_dict,
             files.config,
@@ -200,6 +205,28 @@ class TaskScorers:
                 "reason": f"no task scorer within similarity {self.threshold} of this task",
             },
         )
+
+    def adapted_on(self, task: str) -> int | None:
+        """How many judged selections the latest adaptation of exactly ``task`` saw (the most
+        any stored task scorer for it was adapted on, whether its guard allowed it or not), or
+        ``None`` when none says. An exact repeat is looked up without the encoder."""
+        text = task[: self.store.max_instruction_chars]
+        if blank(text):
+            return None
+        wanted = normalize_instruction(text)
+        with self._lock:
+            matches = self.store.lookup(text, threshold=1.0, k=100)
+        counts = []
+        for match in matches:
+            if normalize_instruction(match.record.instruction) != wanted:
+                continue
+            try:
+                count = self.verdict(match.record).get("selections")
+            except (AdapterFileError, OSError):
+                continue
+            if isinstance(count, int) and not isinstance(count, bool):
+                counts.append(count)
+        return max(counts, default=None)
 
     def verdict(self, record: AdapterRecord) -> dict[str, Any]:
         """The guard's verdict stored with a task scorer (read once per stored file)."""

@@ -124,7 +124,9 @@ def _run_stats(args: argparse.Namespace) -> int:
         guard = entry["guard"]
         state = "used" if guard.get("use") else "not used"
         print(f"task scorer {entry['id']} ({state}) for {one_line(entry['instruction'], 70)}")
-        print(f"  guard: {guard.get('reason', '')}")
+        seen = guard.get("selections")
+        adapted = f"adapted on {seen} judged selections; " if seen is not None else ""
+        print(f"  {adapted}guard: {guard.get('reason', '')}")
     return 0
 
 

@@ -18,8 +18,8 @@ The surfaces that record selections take one as ``auto_adapt``: ``create_proxy_a
 :class:`capplug.Reranker` (notified by :meth:`~capplug.Reranker.judge`) and the LangChain
 callback handlers (notified by their ``judge``).
 
-Counts live in memory: after a restart, a task's next judgement adapts it again from all its
-feedback once it has enough.
+Each task scorer is stored with the number of judged selections it was adapted on, so after a
+restart a task is adapted again once ``every`` more than that have arrived, not at once.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class AutoAdapter:
         self.errors: list[str] = []
         """Runs that failed, as one line each (the server keeps answering)."""
         self._lock = threading.Lock()
-        self._adapted: dict[str, int] = {}  # task -> judged selections when last adapted
+        # task -> judged selections when last adapted (None: never), read from the store once
+        self._adapted: dict[str, int | None] = {}
         self._running: set[str] = set()
         self._futures: list[Future[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capplug-adapt")
@@ -89,7 +90,8 @@ class AutoAdapter:
     def __repr__(self) -> str:
         return (
             f"AutoAdapter(every={self.every}, min_selections={self.min_selections}, "
-            f"adapted={len(self._adapted)}, running={sorted(self._running)})"
+            f"adapted={sum(v is not None for v in self._adapted.values())}, "
+            f"running={sorted(self._running)})"
         )
 
     def notify(self, selection_id: str) -> Future[None] | None:
@@ -98,11 +100,17 @@ class AutoAdapter:
         try:
             task = self.feedback.selection(selection_id)["task"]
             judged = self.feedback.judged_selections(task)
+            with self._lock:
+                known = task in self._adapted
+            if not known:  # the first judgement of this task since start: what was stored?
+                before = self.task_scorers.adapted_on(task)
+                with self._lock:
+                    self._adapted.setdefault(task, before)
         except Exception as exc:
             logger.warning("auto-adapt: cannot read selection %s: %s", selection_id, exc)
             return None
         with self._lock:
-            last = self._adapted.get(task)
+            last = self._adapted[task]
             due = judged >= self.min_selections and (last is None or judged - last >= self.every)
             if not due or task in self._running:
                 return None

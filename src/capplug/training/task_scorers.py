@@ -168,7 +168,7 @@ def adapt_task_scorers(
             )
         report = guard(scorer, scorer.with_lora(out_dir), held)
         log(f"task {short!r}: guard: {report.reason}")
-        record = task_scorers.add(out_dir, task, guard=report)
+        record = task_scorers.add(out_dir, task, guard=report, selections=selections)
         results.append(TaskAdaptation(task, selections, out_dir, report, record))
     return results
 

@@ -239,7 +239,8 @@ def test_the_adapt_and_stats_commands_make_and_show_task_scorers(
     stats = ["feedback", "stats", "--db", str(db), "--task-scorers", folder]
     assert main([*stats, "--scorer", str(tiny_bert_scorer)]) == 0
     out = capsys.readouterr().out
-    assert f"task scorer {task['task_scorer']}" in out and "guard:" in out
+    assert f"task scorer {task['task_scorer']}" in out
+    assert "adapted on 10 judged selections; guard:" in out
 
 
 def test_proxy_traffic_and_feedback_then_one_command_and_the_next_picks_use_the_task_scorer(
@@ -356,8 +357,18 @@ def test_with_auto_adapt_a_reranker_adapts_as_it_is_judged(base: Scorer, tmp_pat
     assert run.selections == 8 and run.record is not None and not auto.errors
     after = reranker.select(chat(99), ANSWERS).task_scorer
     assert after is not None and after["guard"]["examples"] == 2  # a quarter held out
-    assert after["used"] is run.used
+    assert after["used"] is run.used and after["guard"]["selections"] == 8
     auto.close()
+    assert store.adapted_on(TASK) == 8 and store.adapted_on("Another task.") is None
+    # A restart does not adapt again at once: the store says what the last run saw.
+    restarted = AutoAdapter(feedback, store, every=4, min_selections=8, config=TINY_RECIPE)
+    reranker.auto_adapter = restarted
+    assert restarted.notify(chosen.id) is None
+    for i in range(8, 12):
+        reranker.judge(reranker.select(chat(i), ANSWERS).id, preferred=wanted)
+    (again,) = restarted.wait(timeout=120)  # the 4th new judgement
+    assert again.selections == 12 and store.adapted_on(TASK) == 12
+    restarted.close()
     with pytest.raises(ValueError, match="records no selections"):
         Reranker(base).judge("sel_x", label=1.0)
     with pytest.raises(TypeError, match="AutoAdapter or None"):
