@@ -56,3 +56,59 @@ def add_hypernet_option(parser: argparse.ArgumentParser) -> None:
         help=f"hypernetwork folder (default: the bundled {DEFAULT_HYPERNETWORK})",
     )
     add_device_option(parser)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
+def add_feedback_options(
+    parser: argparse.ArgumentParser, *, recorded: str, judged: str, scored: str
+) -> None:
+    """``--feedback [FILE]``, ``--task-scorers [DIR]`` and ``--auto-adapt N``: what a server
+    records (``recorded``), how its clients judge it (``judged``) and what the task scorers
+    score (``scored``); :func:`check_feedback_options` checks them together."""
+    parser.add_argument(
+        "--feedback",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FILE",
+        help=f"record {recorded} so clients can judge them ({judged}): in FILE, or without FILE "
+        "in $CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home (default: record "
+        "nothing)",
+    )
+    parser.add_argument(
+        "--task-scorers",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help=f"score {scored} with the task scorer adapted to its task (capplug adapt "
+        "--from-feedback --task-scorers) where the guard allowed one: in DIR, or without DIR in "
+        "$CAPPLUG_TASK_SCORERS or task-scorers in the capplug home; new ones are used without a "
+        "restart (default: the scorer alone)",
+    )
+    parser.add_argument(
+        "--auto-adapt",
+        type=positive_int,
+        metavar="N",
+        help="with --feedback and --task-scorers: adapt a task's scorer as judgements arrive, "
+        "with no command to run (what capplug adapt --from-feedback --task-scorers does, in a "
+        "background thread): once a task has 8 judged selections, and again after every N more",
+    )
+
+
+def check_feedback_options(args: argparse.Namespace) -> None:
+    if args.auto_adapt is not None and (args.feedback is None or args.task_scorers is None):
+        raise UsageError(
+            "--auto-adapt needs --feedback (where judgements go) and --task-scorers (where the "
+            "adapted scorers go)"
+        )

@@ -7,7 +7,12 @@ import logging
 import sys
 from typing import Any
 
-from capplug.cli._common import UsageError, add_device_option
+from capplug.cli._common import (
+    UsageError,
+    add_device_option,
+    add_feedback_options,
+    check_feedback_options,
+)
 from capplug.models import DEFAULT_SCORER
 
 __all__ = ["add_parser"]
@@ -21,7 +26,8 @@ def add_parser(sub: Any) -> None:
         description=(
             "A Model Context Protocol server on standard input and output, for agents and MCP "
             "clients: tools score, rank and select (best of n through capplug's selection core); "
-            "judge with --feedback; lookup_adapter with --store."
+            "judge with --feedback (and --task-scorers with --auto-adapt N to adapt a task's "
+            "scorer as judgements arrive); lookup_adapter with --store."
         ),
     )
     mcp.add_argument(
@@ -30,14 +36,11 @@ def add_parser(sub: Any) -> None:
         metavar="REF",
         help=f"scorer checkpoint (default: {DEFAULT_SCORER})",
     )
-    mcp.add_argument(
-        "--feedback",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="FILE",
-        help="record each select so it can be judged (the judge tool): in FILE, or by default "
-        "in $CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home",
+    add_feedback_options(
+        mcp,
+        recorded="each select's candidates and choice",
+        judged="the judge tool, with its selection_id",
+        scored="each select",
     )
     mcp.add_argument("--store", metavar="DIR", help="an adapter store: adds lookup_adapter")
     mcp.add_argument("--base", metavar="REF", help="the adapter store's base model")
@@ -46,6 +49,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _run_mcp(args: argparse.Namespace) -> int:
+    check_feedback_options(args)
     try:
         import mcp  # noqa: F401 - checked before the scorer loads
     except ImportError as exc:
@@ -58,9 +62,16 @@ def _run_mcp(args: argparse.Namespace) -> int:
 
     # stdout carries the protocol: everything else goes to stderr.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
-    reranker = Reranker(Scorer.from_pretrained(args.scorer, device=args.device))
-    server = create_mcp_server(
-        scorer=reranker, feedback=args.feedback, store=args.store, base_model=args.base
+    from capplug.training.auto_adapt import as_auto_adapter
+
+    reranker = Reranker(
+        Scorer.from_pretrained(args.scorer, device=args.device),
+        feedback=args.feedback,
+        task_scorers=args.task_scorers,
     )
+    reranker.auto_adapter = as_auto_adapter(
+        args.auto_adapt, reranker.feedback, reranker.task_scorers, owner="capplug mcp"
+    )
+    server = create_mcp_server(scorer=reranker, store=args.store, base_model=args.base)
     server.run(transport="stdio")
     return 0

@@ -12,7 +12,15 @@ import os
 import sys
 from typing import Any
 
-from capplug.cli._common import UsageError, add_api_key_option, add_bind_options, add_device_option
+from capplug.cli._common import (
+    UsageError,
+    add_api_key_option,
+    add_bind_options,
+    add_device_option,
+    add_feedback_options,
+    check_feedback_options,
+    positive_int,
+)
 from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_HYPERNETWORK, DEFAULT_SCORER
 
 
@@ -356,38 +364,15 @@ def _add_proxy_parser(sub: Any) -> None:
         help="do not ask the upstream for logprobs (by default they are asked for as a "
         "selection signal when the request does not say, and dropped where refused)",
     )
-    proxy.add_argument(
-        "--feedback",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="FILE",
-        help="record each reranked answer's candidates and choice so clients can judge them "
-        "(POST /v1/feedback with its selection_id): in FILE, or without FILE in "
-        "$CAPPLUG_FEEDBACK_DB or feedback.sqlite3 in the capplug home (default: record nothing)",
-    )
-    proxy.add_argument(
-        "--task-scorers",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="DIR",
-        help="score each request with the task scorer adapted to its task (capplug adapt "
-        "--from-feedback --task-scorers) where the guard allowed one: in DIR, or without DIR in "
-        "$CAPPLUG_TASK_SCORERS or task-scorers in the capplug home; new ones are used without a "
-        "restart (default: the scorer alone)",
-    )
-    proxy.add_argument(
-        "--auto-adapt",
-        type=_positive_int,
-        metavar="N",
-        help="with --feedback and --task-scorers: adapt a task's scorer as judgements arrive, "
-        "with no command to run (what capplug adapt --from-feedback --task-scorers does, in a "
-        "background thread): once a task has 8 judged selections, and again after every N more",
+    add_feedback_options(
+        proxy,
+        recorded="each reranked answer's candidates and choice",
+        judged="POST /v1/feedback with its selection_id",
+        scored="each request",
     )
     proxy.add_argument(
         "--scoring-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="threads that score each call's parts, one torch thread each (default: one per CPU "
@@ -398,11 +383,7 @@ def _add_proxy_parser(sub: Any) -> None:
 
 def _run_proxy(args: argparse.Namespace) -> int:
     _check_bind(args)
-    if args.auto_adapt is not None and (args.feedback is None or args.task_scorers is None):
-        raise UsageError(
-            "--auto-adapt needs --feedback (where judgements go) and --task-scorers (where the "
-            "adapted scorers go)"
-        )
+    check_feedback_options(args)
     # before the scorer loads, so a missing extra fails at once
     uvicorn, create_proxy_app = _server_imports(
         "capplug.serve",
@@ -433,16 +414,6 @@ def _run_proxy(args: argparse.Namespace) -> int:
     # (the upstream URL carries no credentials: create_proxy_app refuses them)
     _run_server(uvicorn, app, args, f"reranking {args.upstream} (best of {args.n})")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
-    return value
 
 
 def _scoring_threads(asked: int | None) -> int:

@@ -108,3 +108,33 @@ def test_a_judgement_reaches_the_rerankers_auto_adapter(
     with pytest.raises(ValueError, match="must watch the feedback store the MCP server records"):
         create_mcp_server(scorer=reranker, feedback=tmp_path / "other.sqlite3")
     assert reranker.feedback is feedback  # refused: nothing changed
+
+
+def test_capplug_mcp_with_auto_adapt_gives_its_reranker_an_auto_adapter(
+    tiny_bert_scorer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from capplug.cli import main
+    from capplug.serve import mcp as mcp_module
+    from capplug.training.auto_adapt import AutoAdapter
+
+    made = {}
+
+    class Server:
+        def run(self, transport):
+            made["transport"] = transport
+
+    def create(**kwargs):
+        made.update(kwargs)
+        return Server()
+
+    monkeypatch.setattr(mcp_module, "create_mcp_server", create)
+    db, folder = tmp_path / "feedback.sqlite3", tmp_path / "scorers"
+    args = ["mcp", "--scorer", str(tiny_bert_scorer), "--feedback", str(db)]
+    assert main([*args, "--task-scorers", str(folder), "--auto-adapt", "4"]) == 0
+    reranker = made["scorer"]
+    assert isinstance(reranker.auto_adapter, AutoAdapter) and reranker.auto_adapter.every == 4
+    assert reranker.auto_adapter.feedback is reranker.feedback
+    assert reranker.task_scorers.store.root == folder and made["transport"] == "stdio"
+    reranker.auto_adapter.close()
+    assert main([*args, "--auto-adapt", "4"]) == 2  # no --task-scorers: said before loading
+    assert "--auto-adapt needs --feedback" in capsys.readouterr().err
