@@ -15,8 +15,9 @@ store reloads live), where the guard allowed it.
 
 The surfaces that record selections take one as ``auto_adapt``: ``create_proxy_app`` and
 ``capplug serve proxy --auto-adapt N`` (notified by ``POST /v1/feedback``),
-:class:`capplug.Reranker` (notified by :meth:`~capplug.Reranker.judge`) and the LangChain
-callback handlers (notified by their ``judge``).
+:class:`capplug.Reranker` (notified by :meth:`~capplug.Reranker.judge`, which the MCP server's
+``judge`` tool calls: ``capplug mcp --auto-adapt N``) and the LangChain callback handlers
+(notified by their ``judge``).
 
 Each task scorer is stored with the number of judged selections it was adapted on, so after a
 restart a task is adapted again once ``every`` more than that have arrived, not at once.
