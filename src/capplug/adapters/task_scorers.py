@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from capplug._cache import cache_home
-from capplug.adapters.store import AdapterStore, normalize_instruction
+from capplug.adapters.store import AdapterStore, instruction_hash
 from capplug.adapters.store.records import AdapterRecord
 from capplug.chat import Instruction, blank, task_text
 from capplug.errors import AdapterFileError, UnknownAdapterError
@@ -157,12 +157,17 @@ class TaskScorers:
             metadata={**files.metadata, META_GUARD: json.dumps(verdict)},
         )
         if verdict["use"]:
-            for older in self.store.lookup(record.instruction, threshold=1.0, k=100):
-                if older.record.id != record.id and older.record.instruction_hash == (
-                    record.instruction_hash
-                ):
-                    self.store.remove(older.record.id)
+            for older in self._same_task(record.instruction):
+                if older.id != record.id:
+                    self.store.remove(older.id)
         return record
+
+    def _same_task(self, task: str) -> list[AdapterRecord]:
+        """The stored task scorers for exactly ``task`` (the same text once normalised), newest
+        first; an exact repeat is looked up without the encoder."""
+        wanted = instruction_hash(task)
+        matches = self.store.lookup(task, threshold=1.0, k=100)
+        return [m.record for m in matches if m.record.instruction_hash == wanted]
 
     # ------------------------------------------------------------------------------ finding
 
@@ -209,19 +214,16 @@ class TaskScorers:
     def adapted_on(self, task: str) -> int | None:
         """How many judged selections the latest adaptation of exactly ``task`` saw (the most
         any stored task scorer for it was adapted on, whether its guard allowed it or not), or
-        ``None`` when none says. An exact repeat is looked up without the encoder."""
+        ``None`` when none says."""
         text = task[: self.store.max_instruction_chars]
         if blank(text):
             return None
-        wanted = normalize_instruction(text)
         with self._lock:
-            matches = self.store.lookup(text, threshold=1.0, k=100)
+            records = self._same_task(text)
         counts = []
-        for match in matches:
-            if normalize_instruction(match.record.instruction) != wanted:
-                continue
+        for record in records:
             try:
-                count = self.verdict(match.record).get("selections")
+                count = self.verdict(record).get("selections")
             except (AdapterFileError, OSError):
                 continue
             if isinstance(count, int) and not isinstance(count, bool):

@@ -168,10 +168,10 @@ def as_auto_adapter(value: Any, feedback: Any, task_scorers: Any, *, owner: str)
             another feedback store.
         TypeError: anything else.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        if value is not None and not isinstance(value, AutoAdapter):
-            raise TypeError(f"auto_adapt must be a count, an AutoAdapter or None; got {value!r}")
+    if value is None or isinstance(value, AutoAdapter):
         return check_watcher(value, feedback, owner=owner)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"auto_adapt must be a count, an AutoAdapter or None; got {value!r}")
     require_recording(feedback, owner=owner)
     if task_scorers is None:
         raise ValueError(
