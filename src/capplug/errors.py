@@ -9,7 +9,9 @@ The hierarchy::
     │   └── AdapterFileError                 an adapter folder is missing, corrupt or does not fit
     │       ├── WrongBaseModelError          made for another base model
     │       └── CorruptAdapterError          a stored adapter fails its recorded sha256
-    ├── BigBenchArchiveError(ValueError)     the BIG-bench archive or its cache is unreadable
+    ├── DataError(ValueError)                a task data file or folder is unusable (names path, field)
+    │   ├── NoDataError(FileNotFoundError)   no task data where capplug looked (names the places)
+    │   └── BigBenchArchiveError             the BIG-bench archive or its cache is unreadable
     ├── RowError(ValueError)                 rows of a data file are unusable (listed by number)
     ├── UpstreamHTTPError                    an upstream answered with an HTTP error
     ├── AttemptsSpent                        a request's upstream attempts are spent
@@ -48,9 +50,11 @@ __all__ = [
     "CapplugError",
     "CheckpointError",
     "CorruptAdapterError",
+    "DataError",
     "DuplicateFeedbackError",
     "FeedbackError",
     "ModelNotFoundError",
+    "NoDataError",
     "NoGeneratorError",
     "PackageFetchError",
     "ProbeError",
@@ -97,7 +101,15 @@ class CorruptAdapterError(AdapterFileError):
     """A stored adapter's files are missing or do not match the sha256 the index recorded."""
 
 
-class BigBenchArchiveError(CapplugError, ValueError):
+class DataError(CapplugError, ValueError):
+    """A task data file or folder is unusable; the message names the path (and the field)."""
+
+
+class NoDataError(DataError, FileNotFoundError):
+    """No task data was found; the message names the places looked in and how to give some."""
+
+
+class BigBenchArchiveError(DataError):
     """The BIG-bench archive or its extracted cache is unreadable or lacks a task."""
 
 

@@ -18,9 +18,21 @@ def add_device_option(parser: Any) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
 
 
-def add_archive_option(parser: argparse.ArgumentParser) -> None:
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    """``--data PATH`` (default: $CAPPLUG_DATA, then ../shared/data beside a source checkout)
+    and ``--strict``, for every command that reads tasks."""
     parser.add_argument(
-        "--archive", metavar="FILE", help="a bigbench-1.0.0.tar.gz you already have"
+        "--data",
+        metavar="PATH",
+        help="task data: a folder of BIG-bench, Natural Instructions, P3, BBH, "
+        "instruction-induction or JSONL task files (with or without a manifest.json), one such "
+        "file, or a bigbench-1.0.0.tar.gz (default: $CAPPLUG_DATA, then ../shared/data beside a "
+        "source checkout of capplug)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unusable task file instead of skipping it with a message",
     )
 
 

@@ -1,15 +1,11 @@
-"""BIG-bench tasks and Cappy's weak labels for training the scorer."""
+"""Task data: one task model read from every format, the pool it comes from, and Cappy's weak
+labels for training the scorer.
 
-from capplug.data.bigbench import (
-    BigBenchArchiveError,
-    Example,
-    Task,
-    extract_tasks,
-    is_test_example,
-    load_task,
-    parse_task,
-    task_names,
-)
+``open_pool()`` finds the data (``data=``/``--data``, ``$CAPPLUG_DATA``, or ``../shared/data``
+beside a source checkout); ``load_task`` and ``task_names`` read it by name and split.
+"""
+
+from capplug.data.formats import SOURCES, parse_task, template_of
 from capplug.data.labels import (
     LabelledRow,
     clipped_variants,
@@ -19,21 +15,41 @@ from capplug.data.labels import (
     reference_rows,
     rouge_l,
 )
+from capplug.data.pool import (
+    DATA_ENV,
+    Pool,
+    PoolSummary,
+    data_paths,
+    load_task,
+    open_pool,
+    task_names,
+)
+from capplug.data.tasks import Example, Split, Task, is_test_example
+from capplug.errors import BigBenchArchiveError, DataError, NoDataError
 
 __all__ = [
+    "DATA_ENV",
+    "SOURCES",
     "BigBenchArchiveError",
+    "DataError",
     "Example",
     "LabelledRow",
+    "NoDataError",
+    "Pool",
+    "PoolSummary",
+    "Split",
     "Task",
     "clipped_variants",
-    "extract_tasks",
+    "data_paths",
     "is_test_example",
     "label_candidates",
     "label_clipped",
     "load_task",
     "normalised_option_scores",
+    "open_pool",
     "parse_task",
     "reference_rows",
     "rouge_l",
     "task_names",
+    "template_of",
 ]

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from capplug.data.bigbench import Example, Task
+from capplug.data.tasks import Example, Task
 
 Source = Literal["gold", "negative", "option", "sampled", "clipped"]
 Candidate = str | tuple[str, str | Mapping[str, Any]]
