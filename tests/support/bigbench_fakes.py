@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from capplug.data.bigbench import parse_task
+from capplug.data import parse_task
 
 MC_TASK = "arithmetic/1_digit_addition"
 GEN_TASK = "anachronisms"

@@ -1,4 +1,5 @@
-"""``capplug data build | clip | merge``: weakly labelled training data from BIG-bench."""
+"""``capplug data sources | build | clip | merge``: the task pool, and weakly labelled training
+data from it."""
 
 from __future__ import annotations
 
@@ -7,18 +8,38 @@ import dataclasses
 import json
 from typing import Any
 
-from capplug.cli._common import UsageError, add_archive_option
+from capplug.cli._common import UsageError, add_data_option
 
 
 def add_parser(sub: Any) -> None:
     """Add this module's commands to the ``capplug`` subparsers."""
-    data = sub.add_parser("data", help="build weakly labelled training data")
+    data = sub.add_parser("data", help="look at the task pool; build weakly labelled training data")
     data_sub = data.add_subparsers(title="data commands", metavar="ACTION")
+    sources = data_sub.add_parser(
+        "sources",
+        help="the tasks and examples in the task pool, per source and split",
+        description=(
+            "Read every task file of the task pool and print, per source and split, the tasks "
+            "and examples found, and each file passed over and why. The pool is --data, else "
+            "$CAPPLUG_DATA, else ../shared/data beside a source checkout."
+        ),
+    )
+    add_data_option(sources)
+    sources.add_argument(
+        "--quick",
+        action="store_true",
+        help="list the tasks without reading them (example counts from the manifest)",
+    )
+    sources.add_argument(
+        "--tasks", action="store_true", help="also list every task with its split and family"
+    )
+    sources.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sources.set_defaults(run=_run_data_sources)
     build = data_sub.add_parser(
         "build",
-        help="label BIG-bench train tasks Cappy's way into Parquet shards (resumable)",
+        help="label the pool's train tasks Cappy's way into Parquet shards (resumable)",
         description=(
-            "Write one Parquet shard per BIG-bench train task: each reference labelled 1.0, a "
+            "Write one Parquet shard per train task of the task pool: each reference labelled 1.0, a "
             "reference of another example 0.0, multiple-choice options their normalised score, "
             "and, with --generator, sampled candidates labelled by Rouge-L. A rerun with the same "
             "settings skips finished shards."
@@ -81,9 +102,12 @@ def add_parser(sub: Any) -> None:
         "--api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)"
     )
     build.add_argument(
-        "--task", action="append", metavar="NAME", help="only these train tasks (repeatable)"
+        "--task",
+        action="append",
+        metavar="NAME",
+        help="only these train tasks, e.g. bigbench/anachronisms (repeatable)",
     )
-    add_archive_option(build)
+    add_data_option(build)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(run=_run_data_build)
@@ -146,12 +170,38 @@ def _run_data_build(args: argparse.Namespace) -> int:
         sample_skip=args.sample_skip,
         clip_candidates=args.clip_candidates,
     )
+    from capplug.data.pool import open_pool
+
+    pool = open_pool(args.data, strict=args.strict)
     return _print_build(
-        build_dataset(
-            args.out, config=config, source=source, tasks=args.task, archive=args.archive
-        ),
+        build_dataset(args.out, config=config, source=source, tasks=args.task, data=pool),
         args,
     )
+
+
+def _run_data_sources(args: argparse.Namespace) -> int:
+    import logging
+
+    from capplug.data.pool import open_pool
+
+    pool = open_pool(args.data, strict=args.strict)
+    logging.getLogger("capplug.data.pool").setLevel(logging.ERROR)  # listed in the summary
+    summary = pool.summary(read=not args.quick, progress=not args.json)
+    if args.json:
+        out = summary.to_dict()
+        if args.tasks:
+            out["tasks"] = [
+                {"name": n, "split": pool.entry(n).split, "family": pool.family(n)}
+                for n in pool.names(None)
+            ]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(summary.format())
+    if args.tasks:
+        for name in pool.names(None):
+            entry = pool.entry(name)
+            print(f"{name}\t{entry.split}\t{entry.family}")
+    return 0
 
 
 def _run_data_clip(args: argparse.Namespace) -> int:

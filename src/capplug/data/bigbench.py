@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import os
 import shutil
 import tarfile
 import time
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from capplug._cache import (

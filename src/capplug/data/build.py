@@ -1,4 +1,4 @@
-"""Building the scorer's weakly labelled training data from BIG-bench, one Parquet shard per task.
+"""Building the scorer's weakly labelled training data from the task pool, one Parquet shard per task.
 
 A build folder holds ``build.json`` (the settings and what each shard holds) and
 ``shards/<task>.parquet``. Every shard is written atomically, so a build that is stopped and
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from capplug._cache import share_like_umask, write_json_atomic
-from capplug.data.bigbench import Example, load_task, task_names
 from capplug.data.labels import LabelledRow, label_candidates, label_clipped, reference_rows
+from capplug.data.pool import Pool, open_pool
+from capplug.data.tasks import Example
+from capplug.errors import DataError
 
 __all__ = [
     "BuildConfig",
@@ -173,14 +175,26 @@ def build_dataset(
     config: BuildConfig | None = None,
     source: CandidateSource | None = None,
     tasks: Sequence[str] | None = None,
-    archive: str | Path | None = None,
+    data: str | os.PathLike[str] | Pool | None = None,
     progress: bool = True,
-    task_loader: Callable[..., Any] = load_task,
+    task_loader: Callable[[str], Any] | None = None,
 ) -> BuildResult:
-    """Write one labelled shard per task into ``out_dir``, skipping shards already written.
+    """Write one labelled shard per train task of the pool into ``out_dir``, skipping shards
+    already written.
+
+    Args:
+        tasks: names of train tasks (``bigbench/anachronisms``, or a bare name when only one
+            task has it); by default every train task of the pool.
+        data: the task pool (a path or :class:`~capplug.data.pool.Pool`); by default
+            ``$CAPPLUG_DATA`` or ``../shared/data`` beside a source checkout.
+        task_loader: loads a task by name instead of the pool (tests).
+
+    A task whose file is unusable is skipped with a warning (its shard is not written, so a
+    rerun tries it again), unless the pool is strict.
 
     Raises:
         ValueError: ``out_dir`` holds a build with other settings, or a task is not a train task.
+        NoDataError: no task data was found.
     """
     config = config or BuildConfig()
     if config.split != "train":
@@ -195,29 +209,56 @@ def build_dataset(
         raise ValueError(f"sample_skip must be >= 0; got {config.sample_skip}")
     if source is not None and config.generator != source.name:
         config = BuildConfig(**{**asdict(config), "generator": source.name})
-    allowed = task_names("train")
-    names = list(tasks) if tasks is not None else allowed
-    unknown = sorted(set(names) - set(allowed))
-    if unknown:
-        raise ValueError(f"not train tasks (see bigbench_splits.json): {', '.join(unknown[:5])}")
+    if task_loader is not None:
+        names = list(tasks or ())
+        load = task_loader
+    else:
+        pool = open_pool(data)
+        names = _train_names(pool, tasks)
+        load = pool.load
 
     out = Path(out_dir).expanduser().resolve()
     (out / "shards").mkdir(parents=True, exist_ok=True)
     state = _load_state(out, config)
 
-    def task_rows(name: str) -> tuple[list[LabelledRow], int]:
-        task = task_loader(name, archive=archive) if archive is not None else task_loader(name)
+    def task_rows(name: str) -> tuple[list[LabelledRow], int] | None:
+        try:
+            task = load(name)
+        except DataError as exc:
+            if task_loader is None and pool.strict:
+                raise
+            logger.warning("skipped task %s: %s", name, exc)
+            return None
         examples = _draw(task.examples, config, name)
         return _rows(examples, config, source), len(examples)
 
     return _write_shards(out, state, names, task_rows, desc="building", progress=progress)
 
 
+def _train_names(pool: Pool, tasks: Sequence[str] | None) -> list[str]:
+    """The pool's names of ``tasks`` (every train task by default), refusing any other split."""
+    if tasks is None:
+        return pool.names("train")
+    names = []
+    for name in tasks:
+        try:
+            resolved = pool.resolve(name)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+        if pool.entry(resolved).split != "train":
+            raise ValueError(
+                f"{resolved} is a {pool.entry(resolved).split} task: only train tasks of "
+                f"{pool.root} are trained on"
+            )
+        names.append(resolved)
+    return list(dict.fromkeys(names))
+
+
 def _write_shards(
     out: Path,
     state: dict[str, Any],
     names: Sequence[str],
-    task_rows: Callable[[str], tuple[list[LabelledRow], int]],
+    task_rows: Callable[[str], tuple[list[LabelledRow], int] | None],
     *,
     desc: str,
     progress: bool,
@@ -234,7 +275,10 @@ def _write_shards(
             skipped += 1
             continue
         bar.set_postfix_str(name[-40:])
-        rows, examples = task_rows(name)
+        made = task_rows(name)
+        if made is None:
+            continue
+        rows, examples = made
         _write_shard(shard, rows)
         state["shards"][name] = {"rows": len(rows), "examples": examples}
         write_json_atomic(out / BUILD_FILE, state)

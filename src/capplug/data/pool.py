@@ -158,7 +158,9 @@ class PoolSummary:
         examples = sum(c.examples for c in self.counts)
         lines.append(f"{'all':<28} {'':<6} {tasks:>6} {examples:>9}  in {self.families} families")
         if not self.read:
-            lines.append("(example counts from the manifest; run without --quick to read every file)")
+            lines.append(
+                "(example counts from the manifest; run without --quick to read every file)"
+            )
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}:")
             lines += [f"  {path}: {why}" for path, why in self.skipped]

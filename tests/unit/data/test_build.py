@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from bigbench_fakes import GEN_TASK, MC_TASK, fake_loader
+from task_files import write_pool
 
 from capplug.data.build import BuildConfig, build_dataset, clip_build, merge_builds
 
@@ -96,8 +97,11 @@ def test_sampled_candidates_are_deduplicated_and_labelled_by_rouge(tmp_path: Pat
 
 
 def test_only_train_tasks_are_built(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not train tasks"):
-        build_dataset(tmp_path / "b", tasks=["analytic_entailment"], progress=False)
+    pool = write_pool(tmp_path / "pool", dev=("bigbench/anachronisms",))
+    with pytest.raises(ValueError, match="bigbench/anachronisms is a dev task"):
+        build_dataset(tmp_path / "b", tasks=["anachronisms"], data=pool, progress=False)
+    with pytest.raises(ValueError, match="no task 'nothing'"):
+        build_dataset(tmp_path / "b", tasks=["nothing"], data=pool, progress=False)
     with pytest.raises(ValueError, match="split must be 'train'"):
         build_dataset(tmp_path / "b", config=BuildConfig(split="dev"), progress=False)  # type: ignore[arg-type]
 
@@ -260,3 +264,15 @@ def test_merged_builds_keep_every_row_once_and_resume(
         merge_builds([tmp_path / "a"], tmp_path / "n", progress=False)
     with pytest.raises(ValueError, match="clip each build, then merge"):
         clip_build(tmp_path / "m", tmp_path / "mc", progress=False)
+
+
+def test_every_train_task_of_the_pool_is_built_and_a_bad_one_skipped(tmp_path: Path) -> None:
+    root = write_pool(tmp_path / "pool", manifest=False)
+    (root / "bbh" / "broken.json").write_text('{"examples": [')
+    result = build_dataset(tmp_path / "b", data=root, progress=False)
+    assert result.shards_written == 8  # one per format's task; the truncated file is skipped
+    rows = read(tmp_path / "b", "p3/imdb_is_positive")
+    assert {r["source"] for r in rows} == {"gold", "negative", "option"}
+    assert not (tmp_path / "b" / "shards" / "bbh__broken.parquet").exists()
+    again = build_dataset(tmp_path / "b", data=root, progress=False)
+    assert (again.shards_written, again.shards_skipped) == (0, 8)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from capplug.data.bigbench import Task, parse_task
+from capplug.data import Task, parse_task
 from capplug.data.labels import (
     LabelledRow,
     clipped_variants,

@@ -116,8 +116,15 @@ def _from_manifest(root: Path) -> tuple[list[TaskFile], list[tuple[str, str]]]:
         name = _name(source, str(row.get("task") or "") or (guess[1] if guess else file.stem))
         entry = found.setdefault(
             name,
-            {"name": name, "source": source, "paths": [], "split": split, "examples": 0,
-             "sha256": {}, "family": _family(source, name, file)},
+            {
+                "name": name,
+                "source": source,
+                "paths": [],
+                "split": split,
+                "examples": 0,
+                "sha256": {},
+                "family": _family(source, name, file),
+            },
         )
         entry["paths"].append(file)
         if isinstance(row.get("sha256"), str):
@@ -152,8 +159,13 @@ def _by_layout(root: Path) -> tuple[list[TaskFile], list[tuple[str, str]]]:
             name = _name(source, task)
             entry = found.setdefault(
                 name,
-                {"name": name, "source": source, "paths": [], "split": "train",
-                 "family": _family(source, name, file)},
+                {
+                    "name": name,
+                    "source": source,
+                    "paths": [],
+                    "split": "train",
+                    "family": _family(source, name, file),
+                },
             )
             entry["paths"].append(file)
     entries = [TaskFile(**{**e, "paths": tuple(e["paths"])}) for e in found.values()]

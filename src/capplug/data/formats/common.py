@@ -64,8 +64,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(value, dict):
                     raise DataError(
-                        f"{path}, line {number}: expected a JSON object; got "
-                        f"{type(value).__name__}"
+                        f"{path}, line {number}: expected a JSON object; got {type(value).__name__}"
                     )
                 yield number, value
         except UnicodeDecodeError as exc:
@@ -126,7 +125,11 @@ def with_label_options(examples: list[Example]) -> list[Example]:
         return examples
     labels = sorted(counts, key=lambda label: (-counts[label], label))
     return [
-        replace(e, targets=[e.targets[0].strip()], target_scores=choice_scores(labels, [e.targets[0].strip()]))
+        replace(
+            e,
+            targets=[e.targets[0].strip()],
+            target_scores=choice_scores(labels, [e.targets[0].strip()]),
+        )
         for e in examples
     ]
 
@@ -162,6 +165,4 @@ def merge_families(families: dict[str, str]) -> dict[str, str]:
                 break
         else:
             canon[tokens] = tokens
-    return {
-        task: "_".join(canon[family_tokens(f)]) if f else task for task, f in families.items()
-    }
+    return {task: "_".join(canon[family_tokens(f)]) if f else task for task, f in families.items()}

@@ -68,13 +68,17 @@ def template_of(prompts: list[str]) -> str:
     ``" ... "``: a rendered template's fixed words. Empty when they share too little."""
     if len(prompts) < 2:
         return ""
-    head = os.path.commonprefix(prompts)
-    tail = os.path.commonprefix([p[::-1] for p in prompts])[::-1]
+    head = os.path.commonprefix(prompts)  # noqa: RUF071 - characters, not paths
+    tail = os.path.commonprefix([p[::-1] for p in prompts])[::-1]  # noqa: RUF071
     shortest = min(len(p) for p in prompts)
     if len(head) + len(tail) > shortest:  # the shared start and end overlap in some prompt
         tail = tail[len(head) + len(tail) - shortest :]
     head = head[: head.rfind(" ") + 1] if not head.endswith((" ", "\n")) and " " in head else head
-    tail = tail[tail.find(" ") :] if tail and not tail.startswith((" ", "\n")) and " " in tail else tail
+    tail = (
+        tail[tail.find(" ") :]
+        if tail and not tail.startswith((" ", "\n")) and " " in tail
+        else tail
+    )
     parts = [p.strip() for p in (head, tail) if len(p.strip()) >= 3]
     text = " ... ".join(parts)
     return text if len(text) >= _MIN_TEMPLATE_CHARS else ""
@@ -151,7 +155,9 @@ def _correct(value: Any, options: list[str], where: str) -> list[str]:
     out = []
     for item in items:
         if isinstance(item, bool):
-            raise DataError(f"{where}: field 'correct' holds options or 0-based indices, not {item}")
+            raise DataError(
+                f"{where}: field 'correct' holds options or 0-based indices, not {item}"
+            )
         if isinstance(item, int):
             if not 0 <= item < len(options):
                 raise DataError(

@@ -10,17 +10,23 @@ from typing import Any
 
 import pytest
 
-from capplug.data import bigbench
-from capplug.data.bigbench import (
+from capplug.data import (
     BigBenchArchiveError,
-    extract_tasks,
+    DataError,
+    Pool,
+    bigbench,
     is_test_example,
-    load_task,
     parse_task,
-    task_names,
 )
+from capplug.data.bigbench import extract_tasks
 
 NI_TASK = "natural_instructions/subtask043_essential_terms_answering_incomplete_questions"
+
+
+def load_task(name: str, *, archive: Path) -> Any:
+    """A task of the sdist, read through a pool over the archive as a user's --data would."""
+    return Pool(archive).load(name)
+
 
 FAKE_TASKS: dict[str, dict[str, Any]] = {
     # A container task: BIG-bench keeps subtasks in folders below it.
@@ -127,14 +133,13 @@ def test_default_prefixes_and_appended_choices(archive: Path) -> None:
     assert first.targets == ["2"]
     assert first.target_scores == {"2": 1.0, "3": 0.0, "x": 0.0}
     assert task.is_multiple_choice and task.is_generative
-    assert task.definition is None
+    assert task.instruction == "1-digit addition."  # no task_prefix: the description
 
 
 def test_task_prefixes_without_appended_choices(archive: Path) -> None:
     task = load_task("anachronisms", archive=archive)
     example = task.examples[0]
     assert example.prompt == "Read this.\n\nSentence: Caesar used a phone.\nAnachronism? "
-    assert example.query == "\nSentence: Caesar used a phone.\nAnachronism? "
     # Pure multiple choice: the reference is the top-scored option.
     assert [e.targets for e in task.examples] == [["Yes"], ["No"]]
     assert not task.is_generative
@@ -143,7 +148,7 @@ def test_task_prefixes_without_appended_choices(archive: Path) -> None:
 def test_generative_targets_duplicates_and_metadata(archive: Path) -> None:
     task = load_task("qa_wikidata", archive=archive)
     assert [e.index for e in task.examples] == [0, 1, 3]  # exact duplicate 2 dropped
-    assert task.duplicates_dropped == 1
+    assert task.dropped == 1
     assert task.examples[0].targets == ["Paris", "paris"]
     assert task.examples[1].targets == ["Madrid"]
     assert task.examples[1].metadata == {"comment": "c1"}
@@ -154,9 +159,9 @@ def test_generative_targets_duplicates_and_metadata(archive: Path) -> None:
 def test_natural_instructions_definition_is_separable(archive: Path) -> None:
     task = load_task(NI_TASK, archive=archive)
     example = task.examples[0]
-    assert task.definition == "Definition: Answer with A-E."
-    assert example.prompt == task.definition + example.query
-    assert example.query == "\nQ: Question: *** (A) x (B) y\nA: "
+    assert task.name == "bigbench/" + NI_TASK and task.split == "dev"
+    assert task.instruction == task.definition == "Definition: Answer with A-E."
+    assert example.prompt == task.definition + "\nQ: Question: *** (A) x (B) y\nA: "
 
 
 def test_stringly_false_append_choices_is_truthy_as_in_bigbench() -> None:
@@ -175,7 +180,7 @@ def test_choice_prefix_is_honoured() -> None:
         "choice_prefix": "\n - ",
         "examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}}],
     }
-    assert parse_task("anachronisms", data).examples[0].query == "\nQ: q\n - b\n - a\nA: "
+    assert parse_task("anachronisms", data).examples[0].prompt == "\nQ: q\n - b\n - a\nA: "
 
 
 def test_split_rule_matches_hand_computed_sha1() -> None:
@@ -189,11 +194,11 @@ def test_split_rule_matches_hand_computed_sha1() -> None:
 
 def test_task_split_partitions_examples(archive: Path) -> None:
     task = load_task("qa_wikidata", archive=archive)
-    test, train = task.split("test"), task.split("train")
+    test, train = task.split_examples("test"), task.split_examples("train")
     assert sorted(e.index for e in test + train) == [e.index for e in task.examples]
-    assert all(is_test_example("qa_wikidata", e.input) for e in test)
+    assert all(is_test_example("bigbench/qa_wikidata", e.input) for e in test)
     with pytest.raises(ValueError, match="part must be"):
-        task.split("dev")  # type: ignore[arg-type]
+        task.split_examples("dev")  # type: ignore[arg-type]
 
 
 def test_extraction_happens_once_and_is_reused(
@@ -232,19 +237,31 @@ def test_default_archive_is_fetched_with_pinned_hash(
         return fake
 
     monkeypatch.setattr(bigbench, "download_distribution", fetch)
-    assert load_task("anachronisms").examples[0].input == "Caesar used a phone."
-    load_task("qa_wikidata")
+    folder = extract_tasks()
+    assert (folder / "tasks" / "anachronisms" / "task.json").is_file()
+    extract_tasks()
     assert seen == [("bigbench", "1.0.0", bigbench.BIGBENCH_SHA256)]
 
 
-def test_unknown_task_names_the_lists(archive: Path) -> None:
-    with pytest.raises(ValueError, match="not in capplug's BIG-bench train or dev lists"):
-        load_task("zz_invented_unlisted_task", archive=archive)
+def test_unlisted_task_is_never_read(archive: Path) -> None:
+    pool = Pool(archive)
+    assert "bigbench/zz_invented_unlisted_task" not in pool.names(None)
+    with pytest.raises(KeyError, match="no task 'zz_invented_unlisted_task'"):
+        pool.load("zz_invented_unlisted_task")
+
+
+def test_sdist_splits_come_from_the_packaged_lists(archive: Path) -> None:
+    pool = Pool(archive)
+    assert pool.names("train") == [
+        "bigbench/anachronisms",
+        "bigbench/arithmetic/1_digit_addition",
+    ]
+    assert "bigbench/qa_wikidata" in pool.names("dev", benchmark="rerank_generation")
 
 
 def test_listed_task_missing_from_archive(tmp_path: Path, home: Path) -> None:
     small = build_archive(tmp_path / "small.tar.gz", {"anachronisms": FAKE_TASKS["anachronisms"]})
-    with pytest.raises(BigBenchArchiveError, match="not in the archive"):
+    with pytest.raises(KeyError, match="no task 'qa_wikidata'"):
         load_task("qa_wikidata", archive=small)
 
 
@@ -263,26 +280,10 @@ def test_corrupt_archive_is_reported(tmp_path: Path, home: Path, payload: bytes 
 
 
 def test_missing_archive_path(tmp_path: Path, home: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="archive"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.tar\.gz"):
         load_task("anachronisms", archive=tmp_path / "nope.tar.gz")
 
 
-def test_task_names_reads_packaged_splits() -> None:
-    train = task_names("train")
-    assert "arithmetic/1_digit_addition" in train and len(train) == len(set(train))
-    choice = task_names("dev", "zero_shot_choice")
-    assert "winowhy" in choice
-    every_dev = task_names("dev")
-    assert set(choice) <= set(every_dev)
-    assert not set(train) & set(every_dev)
-    with pytest.raises(ValueError, match="benchmark must be one of"):
-        task_names("dev", "nope")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="split='dev' only"):
-        task_names("train", "zero_shot_choice")
-    with pytest.raises(ValueError, match="split must be"):
-        task_names("test")  # type: ignore[arg-type]
-
-
 def test_example_without_target_is_rejected() -> None:
-    with pytest.raises(BigBenchArchiveError, match="example 0"):
+    with pytest.raises(DataError, match="example 0: has neither 'target' nor 'target_scores'"):
         parse_task("anachronisms", {"examples": [{"input": "q"}]})
