@@ -9,6 +9,7 @@ be a folder of any format :mod:`capplug.data.formats` reads (with or without a
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -259,6 +260,30 @@ class Pool:
     def family(self, name: str) -> str:
         """The dataset family of a task: tasks of one family go in one validation fold."""
         return self.entry(name).family
+
+    def folds(self, k: int = 5, *, split: Split = "train", seed: int = 0) -> list[list[str]]:
+        """``k`` folds of the split's task names, every family inside one fold, for choosing
+        settings on held-out datasets. Families go, largest first (ties in a seeded order), to
+        the fold with the fewest tasks so far, so folds are as even as the families allow."""
+        if not isinstance(k, int) or k < 2:
+            raise ValueError(f"k must be an integer >= 2; got {k!r}")
+        by_family: dict[str, list[str]] = defaultdict(list)
+        for name in self.names(split):
+            by_family[self._entries[name].family].append(name)
+        if len(by_family) < k:
+            raise ValueError(
+                f"{len(by_family)} families of {split} tasks cannot fill {k} folds; use fewer"
+            )
+
+        def order(family: str) -> tuple[int, str]:
+            digest = hashlib.sha1(f"{seed}\x00{family}".encode()).hexdigest()
+            return (-len(by_family[family]), digest)
+
+        folds: list[list[str]] = [[] for _ in range(k)]
+        for family in sorted(by_family, key=order):
+            smallest = min(range(k), key=lambda i: (len(folds[i]), i))
+            folds[smallest] += by_family[family]
+        return [sorted(fold) for fold in folds]
 
     def resolve(self, name: str) -> str:
         """The pool's name for ``name``: itself, or the one task whose name ends with it.

@@ -172,3 +172,20 @@ def test_cli_data_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["data", "sources", "--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "no task data at" in err and len(err.strip().splitlines()) == 1
+
+
+def test_folds_never_split_a_family(tmp_path: Path) -> None:
+    root = write_pool(tmp_path, manifest=False)
+    for i in range(3):  # three more subtasks of one dataset
+        sub = root / "bigbench" / "arithmetic" / f"{i}_digit_subtraction" / "task.json"
+        sub.parent.mkdir(parents=True)
+        sub.write_text(json.dumps({"examples": [{"input": "q", "target": "a"}]}))
+    pool = Pool(root)
+    folds = pool.folds(3)
+    assert sorted(n for fold in folds for n in fold) == pool.names("train")
+    homes = {pool.family(n): i for i, fold in enumerate(folds) for n in fold}
+    assert all(homes[pool.family(n)] == i for i, fold in enumerate(folds) for n in fold)
+    assert any(len(fold) == 4 and all("arithmetic" in n for n in fold) for fold in folds)
+    assert pool.folds(3) == folds  # the same seed, the same folds
+    with pytest.raises(ValueError, match="cannot fill 20 folds"):
+        pool.folds(20)
