@@ -55,6 +55,13 @@ def add_parser(sub: Any) -> None:
         "--max-per-task", type=int, default=32, metavar="N", help="examples per task (default: 32)"
     )
     build.add_argument(
+        "--max-per-family",
+        type=int,
+        metavar="N",
+        help="examples per family (a dataset's templates or subtasks together), shared evenly "
+        "among its tasks (default: no cap beyond --max-per-task)",
+    )
+    build.add_argument(
         "--max-options",
         type=int,
         default=8,
@@ -164,6 +171,7 @@ def _run_data_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         split=args.split,
         max_per_task=args.max_per_task,
+        max_per_family=args.max_per_family,
         max_options=args.max_options,
         seed=args.seed,
         sample_per_task=args.sample_per_task,

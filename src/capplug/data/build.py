@@ -142,6 +142,10 @@ class BuildConfig:
     """Only ``train`` tasks are ever trained on."""
     max_per_task: int = 32
     """Examples drawn per task (seeded), so large tasks do not swamp small ones."""
+    max_per_family: int | None = None
+    """Examples drawn per family (a dataset's templates or subtasks together), shared evenly
+    among its tasks, so a dataset with hundreds of subtasks does not swamp the others; ``None``:
+    no cap beyond ``max_per_task``."""
     max_options: int = 8
     """Options kept per multiple-choice example: every positive one, then a seeded draw."""
     seed: int = 0
@@ -203,12 +207,15 @@ def build_dataset(
         )
     if config.max_per_task < 1 or config.max_options < 1:
         raise ValueError("max_per_task and max_options must be >= 1")
+    if config.max_per_family is not None and config.max_per_family < 1:
+        raise ValueError(f"max_per_family must be >= 1 (or None); got {config.max_per_family}")
     if config.sample_per_task is not None and config.sample_per_task < 0:
         raise ValueError("sample_per_task must be >= 0 (or None for every drawn example)")
     if config.sample_skip < 0:
         raise ValueError(f"sample_skip must be >= 0; got {config.sample_skip}")
     if source is not None and config.generator != source.name:
         config = BuildConfig(**{**asdict(config), "generator": source.name})
+    caps: dict[str, int] = {}
     if task_loader is not None:
         names = list(tasks or ())
         load = task_loader
@@ -216,6 +223,8 @@ def build_dataset(
         pool = open_pool(data)
         names = _train_names(pool, tasks)
         load = pool.load
+        if config.max_per_family is not None:
+            caps = _family_caps(pool, config.max_per_family)
 
     out = Path(out_dir).expanduser().resolve()
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -229,7 +238,7 @@ def build_dataset(
                 raise
             logger.warning("skipped task %s: %s", name, exc)
             return None
-        examples = _draw(task.examples, config, name)
+        examples = _draw(task.examples, config, name, caps.get(name, config.max_per_task))
         return _rows(examples, config, source), len(examples)
 
     return _write_shards(out, state, names, task_rows, desc="building", progress=progress)
@@ -287,12 +296,27 @@ def _write_shards(
     return BuildResult(out, written, skipped, total, time.monotonic() - started)
 
 
-def _draw(examples: list[Example], config: BuildConfig, task: str) -> list[Example]:
+def _family_caps(pool: Pool, per_family: int) -> dict[str, int]:
+    """Each train task's share of its family's examples (at least one each)."""
+    sizes: dict[str, int] = defaultdict(int)
+    for name in pool.names("train"):
+        sizes[pool.family(name)] += 1
+    return {
+        name: max(1, -(-per_family // sizes[pool.family(name)])) for name in pool.names("train")
+    }
+
+
+def _draw(
+    examples: list[Example], config: BuildConfig, task: str, cap: int | None = None
+) -> list[Example]:
+    limit = min(config.max_per_task, cap or config.max_per_task)
     usable = [e for e in examples if e.targets and len(e.prompt) <= config.max_prompt_chars]
-    if len(usable) <= config.max_per_task:
+    if len(usable) <= limit:
         return usable
     rng = random.Random(f"{config.seed}\x00{task}")
-    chosen = sorted(rng.sample(range(len(usable)), config.max_per_task))
+    # the draw for a smaller cap is the start of the draw for a larger one
+    draw = rng.sample(range(len(usable)), min(config.max_per_task, len(usable)))
+    chosen = sorted(draw[:limit])
     return [usable[i] for i in chosen]
 
 

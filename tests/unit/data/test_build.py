@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -276,3 +277,25 @@ def test_every_train_task_of_the_pool_is_built_and_a_bad_one_skipped(tmp_path: P
     assert not (tmp_path / "b" / "shards" / "bbh__broken.parquet").exists()
     again = build_dataset(tmp_path / "b", data=root, progress=False)
     assert (again.shards_written, again.shards_skipped) == (0, 8)
+
+
+def test_a_family_cap_is_shared_among_its_tasks(tmp_path: Path) -> None:
+    root = write_pool(tmp_path / "pool", manifest=False)
+    for i in range(4):  # four more subtasks of one dataset, 10 examples each
+        sub = root / "bigbench" / "arithmetic" / f"{i}_digit_subtraction" / "task.json"
+        sub.parent.mkdir(parents=True)
+        examples = [{"input": f"{i}: {j} minus 1?", "target": str(j - 1)} for j in range(10)]
+        sub.write_text(json.dumps({"examples": examples}))
+    config = BuildConfig(max_per_task=8, max_per_family=10)
+    build_dataset(tmp_path / "b", config=config, data=root, progress=False)
+    drawn = {
+        name: len({r["example_id"] for r in read(tmp_path / "b", name)})
+        for name in [f"bigbench/arithmetic/{i}_digit_subtraction" for i in range(4)]
+    }
+    assert drawn == dict.fromkeys(drawn, 2)  # 10 over 5 arithmetic tasks
+    assert len({r["example_id"] for r in read(tmp_path / "b", "bbh/boolean_expressions")}) == 6
+    # a cap draws the start of the uncapped draw
+    build_dataset(tmp_path / "c", config=BuildConfig(max_per_task=8), data=root, progress=False)
+    name = "bigbench/arithmetic/0_digit_subtraction"
+    capped = {r["example_id"] for r in read(tmp_path / "b", name)}
+    assert capped <= {r["example_id"] for r in read(tmp_path / "c", name)}
