@@ -654,8 +654,8 @@ def test_retries_honour_retry_after_then_answer(sleeps: Sleeps) -> None:
         ),
         (
             lambda: httpx2.Response(429, headers={"Retry-After": "2"}, text="busy"),
-            502,
-            "upstream_error",
+            429,
+            "rate_limit_exceeded",
             "upstream answered 429: busy",
             "429",
         ),
@@ -699,7 +699,8 @@ def test_upstream_failures_after_bounded_retries(
         assert (
             metric(client, "capplug_proxy_requests_total", mode="rerank", status=str(status)) == 1
         )
-    assert error["code"] == code and error["type"] == "server_error"
+    kind = "rate_limit_error" if status == 429 else "server_error"
+    assert error["code"] == code and error["type"] == kind
     assert error["message"] == (
         f"the upstream http://upstream.test failed after 3 attempts: {reason}"
     )

@@ -234,6 +234,9 @@ def test_a_lasting_failure_costs_the_configured_attempts_with_sdk_retries(
     app = proxy(upstream, retry=fast_retry(Sleeps(), attempts=3), **options).app
     error = asyncio.run(sdk_call(app))  # the SDK would retry a 502 twice more on its own
     status = 504 if isinstance(fault, httpx2.TimeoutException) else 502
+    if fault == 429:  # still rate limited after the proxy's own retries: a rate limit
+        status = 429
+        assert isinstance(error, openai.RateLimitError)
     assert isinstance(error, openai.APIStatusError) and error.status_code == status
     assert error.response.headers["x-should-retry"] == "false"
     assert len(upstream.requests) == 3, [json.loads(r.content).get("n") for r in upstream.requests]
@@ -498,3 +501,18 @@ def test_scoring_threads_split_each_call_and_keep_the_order() -> None:
     assert scores == [len(r) / 100 for r in responses]  # in order, every one
     assert sorted(len(call) for call in scorer.calls) == [3, 4]  # one part per thread
     assert {r for call in scorer.calls for _, r in call} == set(responses)
+
+
+def test_a_lasting_rate_limit_reaches_the_sdk_as_a_rate_limit_with_its_retry_after() -> None:
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            429, headers={"Retry-After": "30"}, json={"error": {"message": "slow down"}}
+        )
+
+    upstream = Upstream(answer)
+    app = proxy(upstream, n=2, retry=fast_retry(Sleeps(), attempts=2)).app
+    error = asyncio.run(sdk_call(app))
+    assert isinstance(error, openai.RateLimitError)
+    assert error.response.headers["retry-after"] == "30"
+    assert error.body["code"] == "rate_limit_exceeded" and "slow down" in error.message
+    assert len(upstream.requests) == 2  # the proxy's attempts; the SDK adds none

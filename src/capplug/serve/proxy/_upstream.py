@@ -217,6 +217,12 @@ class Upstream:
         headers = {"x-should-retry": "false"}
         if retry_after:
             headers["Retry-After"] = str(math.ceil(retry_after))
+        if isinstance(error, UpstreamHTTPError) and error.status == 429:
+            # Rate limited for good: the client sees a rate limit (the SDKs' RateLimitError),
+            # with the upstream's Retry-After, so its own rate-limit handling can wait.
+            return APIError(
+                429, message, code="rate_limit_exceeded", kind="rate_limit_error", headers=headers
+            )
         return APIError(
             504 if timed_out else 502,
             message,
