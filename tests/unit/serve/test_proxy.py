@@ -39,6 +39,7 @@ from capplug import Scorer, flatten_chat
 from capplug.cli import main
 from capplug.selection import METADATA_KEYS
 from capplug.serve import create_proxy_app
+from capplug.serve.proxy._candidates import FAN_OUT_SIGHTINGS, Quirks
 
 
 @pytest.fixture
@@ -117,22 +118,27 @@ def test_the_real_scorer_picks_its_own_favourite(tiny_scorer: Scorer) -> None:
 def test_an_upstream_that_ignores_n_gets_single_requests_and_is_remembered() -> None:
     upstream = Upstream(honours_n=False)
     with proxy(upstream, n=4) as client:
-        first = ok(post(client))
-        second = ok(post(client))
+        first = [ok(post(client)) for _ in range(FAN_OUT_SIGHTINGS)]
+        later = ok(post(client))
         other_model = ok(post(client, {**CHAT, "model": "other"}))
+        fanned_out = metric(client, "capplug_proxy_fanned_out_models")
 
     bodies = upstream.bodies()
-    # First request: n=4 came back with one choice, so three single requests made up the rest.
-    assert [b.get("n") for b in bodies[:4]] == [4, None, None, None]
-    assert first["capplug"]["n_received"] == 4 and first["capplug"]["upstream_calls"] == 4
-    assert first["usage"]["prompt_tokens"] == 4 * 10  # summed over all four calls
-    assert first["usage"]["completion_tokens"] == 4 * 2
-    # Second request, same model: single requests straight away.
-    assert [b.get("n") for b in bodies[4:8]] == [None] * 4
-    assert second["capplug"]["native_n"] is False and second["capplug"]["upstream_calls"] == 4
+    # Each first request: n=4 came back with one choice, so three single requests made up the
+    # rest; after the third such answer the model is believed to ignore n.
+    for i, reply in enumerate(first):
+        assert [b.get("n") for b in bodies[4 * i : 4 * i + 4]] == [4, None, None, None]
+        assert reply["capplug"]["n_received"] == 4 and reply["capplug"]["upstream_calls"] == 4
+    assert first[0]["usage"]["prompt_tokens"] == 4 * 10  # summed over all four calls
+    assert first[0]["usage"]["completion_tokens"] == 4 * 2
+    # The next request, same model: single requests straight away.
+    k = 4 * FAN_OUT_SIGHTINGS
+    assert [b.get("n") for b in bodies[k : k + 4]] == [None] * 4
+    assert later["capplug"]["native_n"] is False and later["capplug"]["upstream_calls"] == 4
     # Another model is tried natively again.
-    assert bodies[8].get("n") == 4 and other_model["capplug"]["n_received"] == 4
-    assert len(bodies) == 12
+    assert bodies[k + 4].get("n") == 4 and other_model["capplug"]["n_received"] == 4
+    assert len(bodies) == k + 8
+    assert fanned_out == 1
 
 
 def test_single_requests_get_their_own_seeds_and_keep_their_order() -> None:
@@ -792,7 +798,7 @@ def test_no_request_is_lost_or_answered_twice_through_a_flaky_upstream() -> None
     responses = asyncio.run(scenario())
     answered = 0
     for key, response in zip(keys, responses, strict=True):
-        assert response.status_code in (200, 502, 504), response.text
+        assert response.status_code in (200, 429, 502, 504), response.text
         if response.status_code == 200:
             answered += 1
             (choice,) = response.json()["choices"]
@@ -997,3 +1003,31 @@ def test_cli_proxy_names_the_missing_extra(
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     assert main(["proxy", "--upstream", UPSTREAM]) == 2
     assert "pip install 'capplug[serve]'" in capsys.readouterr().err
+
+
+def test_a_quirk_needs_repeated_evidence_is_probed_and_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    quirks = Quirks("u", "fanning out", seconds=600, sightings=3, probe_seconds=60,
+                    clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="capplug.serve.proxy"):
+        quirks.remember("m", "answered with one choice")
+        now[0] = 700.0  # the first sighting has run out of the window
+        quirks.remember("m", "answered with one choice")
+        quirks.remember("m", "answered with one choice")
+        assert "m" not in quirks and len(quirks) == 0  # two sightings in the window
+        quirks.remember("m", "answered with one choice")
+        assert "m" in quirks and len(quirks) == 1
+        now[0] = 770.0  # a minute on: one request probes, the next ones still fan out
+        assert "m" not in quirks
+        assert "m" in quirks
+        quirks.forget("m")  # the probe was answered in full
+        assert "m" not in quirks and len(quirks) == 0
+        quirks.remember("x", "refused n", conclusive=True)
+        assert "x" in quirks
+        now[0] = 1400.0
+        assert "x" not in quirks  # believed for 600 s only
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("for the next 600 s" in m for m in messages) == 2
+    assert any("supports it again for model 'm'" in m for m in messages)

@@ -39,14 +39,19 @@ logger = logging.getLogger("capplug.serve.proxy")
 
 
 _MAX_REMEMBERED_MODELS = 1024
+# Single-choice answers to ``n`` within the quirk window before a model is fanned out: one short
+# reply (a transient, a filtered choice) must not multiply calls and prompt tokens by n.
+FAN_OUT_SIGHTINGS = 3
 
 
 class Quirks:
     """What the upstream was seen not to support, per model, believed for ``seconds`` only.
 
-    Each new entry is logged at WARNING (the log a ``capplug proxy`` operator sees), and so is
-    nothing else: an entry that runs out is simply tried again, and remembered again if the
-    upstream still does not support it.
+    A quirk is believed after ``sightings`` sightings within ``seconds`` (one transient short
+    reply changes nothing), or at once when :meth:`remember` is told the evidence is conclusive
+    (the upstream refused the request). While believed, one request every ``probe_seconds`` is
+    let through to try again (``model in quirks`` is false for it), and :meth:`forget` drops the
+    quirk when that try succeeds. Believing and forgetting are logged at WARNING and INFO.
     """
 
     def __init__(
@@ -55,25 +60,49 @@ class Quirks:
         consequence: str,
         *,
         seconds: float,
+        sightings: int = 1,
+        probe_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
         self.consequence = consequence
         self.seconds = seconds
+        self.sightings = sightings
+        self.probe_seconds = probe_seconds
         self.clock = clock
         self._until: OrderedDict[str, float] = OrderedDict()
+        self._probe_at: dict[str, float] = {}
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Models the quirk is believed of now."""
+        now = self.clock()
+        return sum(until > now for until in self._until.values())
 
     def __contains__(self, model: object) -> bool:
         until = self._until.get(model)  # type: ignore[call-overload]
         if until is None:
             return False
-        if self.clock() >= until:
-            del self._until[model]  # type: ignore[arg-type]
+        now = self.clock()
+        if now >= until:
+            self._drop(model)  # type: ignore[arg-type]
             return False
+        if self.probe_seconds is not None and now >= self._probe_at.get(model, until):  # type: ignore[call-overload]
+            self._probe_at[model] = now + self.probe_seconds  # type: ignore[index]
+            return False  # this request tries again
         return True
 
-    def remember(self, model: str, why: str) -> None:
-        if model in self:
+    def remember(self, model: str, why: str, *, conclusive: bool = False) -> None:
+        """One sighting of the quirk (``conclusive``: enough on its own)."""
+        now = self.clock()
+        if self._until.get(model, 0.0) > now:
+            self._until[model] = now + self.seconds  # seen again while probing: believed on
+            return
+        seen = [t for t in self._seen.pop(model, []) if t > now - self.seconds] + [now]
+        if not conclusive and len(seen) < self.sightings:
+            self._seen[model] = seen
+            while len(self._seen) > _MAX_REMEMBERED_MODELS:
+                self._seen.popitem(last=False)
             return
         logger.warning(
             "the upstream %s %s for model %r; %s for the next %d s",
@@ -83,9 +112,22 @@ class Quirks:
             self.consequence,
             round(self.seconds),
         )
-        self._until[model] = self.clock() + self.seconds
+        self._until[model] = now + self.seconds
+        if self.probe_seconds is not None:
+            self._probe_at[model] = now + self.probe_seconds
         while len(self._until) > _MAX_REMEMBERED_MODELS:
-            self._until.popitem(last=False)
+            self._drop(next(iter(self._until)))
+
+    def forget(self, model: str) -> None:
+        """The upstream did support it after all: believe it again (and forget the sightings)."""
+        self._seen.pop(model, None)
+        if model in self._until:
+            self._drop(model)
+            logger.info("the upstream %s supports it again for model %r", self.upstream, model)
+
+    def _drop(self, model: str) -> None:
+        self._until.pop(model, None)
+        self._probe_at.pop(model, None)
 
 
 @dataclass
@@ -119,8 +161,13 @@ class Candidates:
         self.feedback = feedback
         self.native_n = native_n
         self._ignores_n = Quirks(
-            upstream.name, "asking for one candidate per request", seconds=quirk_seconds
+            upstream.name,
+            "asking for one candidate per request",
+            seconds=quirk_seconds,
+            sightings=FAN_OUT_SIGHTINGS,
+            probe_seconds=quirk_seconds / 10,
         )
+        self.metrics.fanned_out_models.set_function(lambda: len(self._ignores_n))
 
     async def collect(
         self,
@@ -143,9 +190,15 @@ class Candidates:
         native = self.native_n == "auto" and model not in self._ignores_n
         collected = await acollect(call, n, native=native, max_concurrency=None)
         if collected.refused is not None:
-            self._ignores_n.remember(model, f"refused n={n} ({describe_error(collected.refused)})")
+            self._ignores_n.remember(
+                model, f"refused n={n} ({describe_error(collected.refused)})", conclusive=True
+            )
         elif collected.native and collected.native_count < 2:
-            self._ignores_n.remember(model, f"answered n={n} with one choice")
+            self._ignores_n.remember(
+                model, f"answered n={n} with one choice {FAN_OUT_SIGHTINGS} times"
+            )
+        elif collected.native:
+            self._ignores_n.forget(model)
         return _received_or_raise(collected), replies
 
     async def collect_responses(

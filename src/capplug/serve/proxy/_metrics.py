@@ -45,6 +45,12 @@ class ProxyMetrics:
         self.in_flight = Gauge(
             "capplug_proxy_requests_in_flight", "Requests under /v1 being answered", registry=r
         )
+        self.fanned_out_models = Gauge(
+            "capplug_proxy_fanned_out_models",
+            "Models the upstream is believed to answer n with one choice, so asked one "
+            "candidate per request for now",
+            registry=r,
+        )
         self.candidates = Counter(
             "capplug_proxy_candidates", "Candidates received from the upstream", registry=r
         )
