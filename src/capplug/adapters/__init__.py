@@ -2,7 +2,7 @@
 
 - :class:`AdapterRuntime`: one local model with many named peft adapters (LRU-capped), batched
   generation where each prompt picks its adapter;
-- :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on Natural-Instructions train tasks
+- :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on the task pool's train tasks
   (trained in :mod:`capplug.training`, exported here too);
 - :class:`Hypernetwork`: instruction text -> LoRA weights in one forward pass;
 - :func:`train_hypernetwork`: TAGI's objective (prediction + distillation + weight matching),

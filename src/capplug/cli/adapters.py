@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capplug.chat import blank
 from capplug.cli._common import (
     UsageError,
-    add_archive_option,
+    add_data_option,
     add_device_option,
     add_hypernet_option,
 )
 from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_SCORER
+
+if TYPE_CHECKING:
+    from capplug.data import Pool
 
 
 def add_parser(sub: Any) -> None:
@@ -33,22 +36,30 @@ def add_parser(sub: Any) -> None:
 
     lora = adapters_sub.add_parser(
         "train-lora",
-        help="train a teacher LoRA on a Natural-Instructions train task (resumable)",
+        help="train a teacher LoRA on a train task of the task data (resumable)",
         description=(
-            "Train a peft LoRA on one Natural-Instructions train task's train examples, the "
-            "definition and input in the prompt and the loss on the answer. With --task the "
-            "adapter is written into --out; with --all every train task gets --out/<task>/, "
-            "finished ones are skipped; with --multitask one adapter in --out learns the train "
-            "examples of all 44 train tasks mixed (an equal share each; 16 steps per task by "
-            "default). Run the same command again to resume."
+            "Train a peft LoRA on the train examples of one train task of the task data (--data) "
+            "that has an instruction, the instruction and input in the prompt and the loss on "
+            "the answer. With --task the adapter is written into --out; with --all every Natural "
+            "Instructions train task gets --out/<task>/, finished ones are skipped; with "
+            "--multitask one adapter in --out learns the train examples of all of them mixed (an "
+            "equal share each; 16 steps per task by default). Run the same command again to "
+            "resume."
         ),
     )
-    lora.add_argument("--task", metavar="NAME", help="a train task, natural_instructions/...")
-    lora.add_argument("--all", action="store_true", help="every Natural-Instructions train task")
+    lora.add_argument(
+        "--task",
+        metavar="NAME",
+        help="a train task, e.g. natural_instructions_v1/subtask003_... (a name without its "
+        "source is enough when only one task has it)",
+    )
+    lora.add_argument(
+        "--all", action="store_true", help="every Natural Instructions train task, one each"
+    )
     lora.add_argument(
         "--multitask",
         action="store_true",
-        help="one adapter on all Natural-Instructions train tasks mixed (the multi-task baseline)",
+        help="one adapter on all Natural Instructions train tasks mixed (the multi-task baseline)",
     )
     lora.add_argument("--out", required=True, metavar="DIR", help="adapter folder (--all: parent)")
     lora.add_argument(
@@ -67,7 +78,7 @@ def add_parser(sub: Any) -> None:
     lora.add_argument(
         "--steps",
         type=int,
-        help="optimizer steps per adapter (default: 64; --multitask: 16 per task mixed, 704)",
+        help="optimizer steps per adapter (default: 64; --multitask: 16 per task mixed)",
     )
     lora.add_argument("--batch-size", type=int, help="examples per step (default: 4)")
     lora.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4)")
@@ -79,7 +90,7 @@ def add_parser(sub: Any) -> None:
     )
     lora.add_argument("--seed", type=int, help="(default: 0)")
     lora.add_argument("--restart", action="store_true", help="ignore a checkpoint: start over")
-    add_archive_option(lora)
+    add_data_option(lora)
     add_device_option(lora)
     lora.set_defaults(run=_run_adapters_train_lora)
 
@@ -92,8 +103,9 @@ def add_parser(sub: Any) -> None:
             "definition, + lambda-weights * the distance of the generated update B@A from the "
             "teacher's. The first --reconstruction-steps train on the weight distance alone. "
             "Without --teachers (or for a task that has none) the KL is taken from the base "
-            "model reading the definition, and there is no weight term. "
-            "Run the same command again to resume."
+            "model reading the definition, and there is no weight term. It trains on train tasks "
+            "of the task data (--data) that have an instruction. Run the same command again to "
+            "resume."
         ),
     )
     hyper.add_argument(
@@ -105,8 +117,8 @@ def add_parser(sub: Any) -> None:
         "--task",
         action="append",
         metavar="NAME",
-        help="train on these tasks only (repeatable; default: the teachers' tasks, or all 44 "
-        "Natural-Instructions train tasks without --teachers)",
+        help="train on these tasks only (repeatable; default: the teachers' tasks, or without "
+        "--teachers every train task that has an instruction)",
     )
     hyper.add_argument("--r", type=int, default=8, help="rank, without teachers (default: 8)")
     hyper.add_argument(
@@ -160,7 +172,7 @@ def add_parser(sub: Any) -> None:
     hyper.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
     hyper.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
     hyper.add_argument("--seed", type=int, help="(default: 0)")
-    add_archive_option(hyper)
+    add_data_option(hyper)
     add_device_option(hyper)
     hyper.set_defaults(run=_run_adapters_train_hypernet)
 
@@ -240,8 +252,9 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
             "--multitask (one adapter for all train tasks mixed)"
         )
     lora = _adapters_module("training.teacher_lora")
+    pool = _pool(args)
     if args.task:
-        lora.check_train_task(args.task)  # before any model loads
+        lora.check_train_task(args.task, data=pool)  # before any model loads
     overrides = {
         "r": args.r,
         "alpha": args.alpha,
@@ -256,14 +269,20 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if args.multitask:
-        config = lora.multitask_config(len(lora.train_task_names()), **overrides)
+        tasks = lora.train_task_names(pool)
+        if not tasks:
+            raise UsageError(
+                f"{pool.root} holds no Natural Instructions train tasks for --multitask"
+            )
+        config = lora.multitask_config(len(tasks), **overrides)
         result = lora.train_multitask_lora(
             args.out,
+            tasks=tasks,
             base=args.base,
             config=config,
             resume=not args.restart,
             device=args.device,
-            archive=args.archive,
+            data=pool,
         )
         state, before, after = _lora_summary(result)
         print(
@@ -277,7 +296,7 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
         if args.restart:
             raise UsageError("--restart applies to --task only; delete a task's folder to redo it")
         results = lora.train_all(
-            args.out, base=args.base, config=config, device=args.device, archive=args.archive
+            args.out, base=args.base, config=config, device=args.device, data=pool
         )
         trained = [r for r in results if not r.skipped]
         print(f"{len(results)} teachers at {args.out} ({len(trained)} trained now)")
@@ -289,12 +308,19 @@ def _run_adapters_train_lora(args: argparse.Namespace) -> int:
         config=config,
         resume=not args.restart,
         device=args.device,
-        archive=args.archive,
+        data=pool,
     )
     state, before, after = _lora_summary(result)
     print(f"{result.task}: {result.steps} steps ({state}); held-out loss {before} -> {after}")
     print(result.out_dir)
     return 0
+
+
+def _pool(args: argparse.Namespace) -> Pool:
+    """The task pool of ``--data`` (default: the default places), ``--strict`` when asked."""
+    from capplug.data import open_pool
+
+    return open_pool(args.data, strict=args.strict)
 
 
 def _lora_summary(result: Any) -> tuple[str, str, str]:
@@ -339,7 +365,7 @@ def _run_adapters_train_hypernet(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
         device=args.device,
-        archive=args.archive,
+        data=_pool(args),
     )
     best = result.best_eval or {}
     print(

@@ -4,7 +4,7 @@
   (checkpoints, warm-up and decay, accumulation, precision, the JSON log, progress);
 - :mod:`capplug.training.scorer`: :func:`train_scorer` (weak labels, or a user's own data);
 - :mod:`capplug.training.teacher_lora`: :func:`train_task_lora` and :func:`train_all`, one peft
-  LoRA per Natural-Instructions train task (needs peft);
+  LoRA per train task of the task pool (needs peft);
 - :mod:`capplug.training.hypernetwork`: :func:`train_hypernetwork`, instruction text to LoRA
   weights (needs peft).
 

@@ -28,7 +28,7 @@ from capplug.adapters.hypernetwork import (
     CONFIG_FILE,
     Hypernetwork,
 )
-from capplug.data.bigbench import Example, Task
+from capplug.data import Example, Task
 from capplug.llms.local import LocalChatModel
 from capplug.models.adapter_folder import (
     AdapterFiles,

@@ -1,5 +1,10 @@
 """Training the hypernetwork with TAGI's objective, from the teacher LoRAs of the train tasks.
 
+The hypernetwork learns from ``train`` tasks of the pool (:func:`capplug.data.open_pool`) that
+have an instruction and train examples: by default the teachers' tasks, or without teachers
+every such task of the pool (672 in the shared data: BIG-bench, Natural Instructions, P3,
+instruction induction). Dev tasks are refused.
+
 Teachers are optional, per task: a task without a teacher LoRA trains on ``L_pred`` and on the
 KL from the *base model reading the definition* (distilling the instruction into the adapter,
 as Text-to-LoRA's supervised mode plus context distillation), and has no ``L_weights`` term. A
@@ -32,7 +37,7 @@ held-out ``L_pred``), ``train_log.jsonl``, and at the end the hypernetwork itsel
 Cost on this project's build machine (2-core AMD EPYC, shared with another job, SmolLM2-135M,
 MiniLM encoder, hidden 256, batch 2 tasks x 4 examples, ``max_length=256``): a full step is
 27 CPU seconds (39 s wall) in float32; bf16 autocast is slower here (35 CPU s), because the
-hooks' small matrix products pay for the casts. A reconstruction step over all 44 tasks takes
+hooks' small matrix products pay for the casts. A reconstruction step over 44 tasks takes
 about 3 s. The defaults (200 reconstruction + 800 full steps) come to about 9 hours on that
 shared machine, about 4 with the two cores to itself. Without teachers (KL from the base model
 reading the definition, batch 4 tasks x 2 examples, float32) a step is 15 CPU seconds, 7.9 s
@@ -59,7 +64,7 @@ from capplug.adapters.hypernetwork import (
     HypernetworkConfig,
     hypernetwork_folder,
 )
-from capplug.data.bigbench import Task
+from capplug.data import Pool, Task, open_pool
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 from capplug.models.adapter_folder import (
     ADAPTER_CONFIG,
@@ -144,7 +149,7 @@ def train_hypernetwork(
     tasks: Mapping[str, Task] | None = None,
     chat: LocalChatModel | None = None,
     device: str | torch.device | None = None,
-    archive: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | Pool | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> HypernetTrainResult:
@@ -161,18 +166,26 @@ def train_hypernetwork(
         init_from: start from a trained hypernetwork instead (a folder, or the bundled
             default's name) and train it further; its shape wins over ``r``, ``encoder`` and
             the rest, and its weights' hash is part of the run's settings.
-        task_names: the tasks to train on (default: the teachers' tasks; with no teachers, every
-            task of ``tasks``, or all Natural-Instructions train tasks). A task without a teacher
+        task_names: the tasks to train on, by their names in the pool (default: the teachers'
+            tasks; with no teachers, every task of ``tasks``, or else every ``train`` task of
+            the pool that has an instruction and train examples). A task without a teacher
             learns from ``L_pred`` and the KL from the base model reading the definition.
-        tasks: the loaded tasks by name (default: loaded from BIG-bench).
+        tasks: loaded tasks by name, used instead of reading those tasks from the pool.
         chat: the base model already loaded; it is frozen and put in eval mode.
+        data: the task data the tasks are read from: a folder, task file or BIG-bench sdist,
+            or a :class:`~capplug.data.Pool` (default: the default pool, see
+            :func:`capplug.data.open_pool`).
+        progress: show progress bars (reading every task of the pool, and training).
 
     A resumed run rebuilds the hypernetwork from its checkpoint, whatever ``encoder`` and
     ``hidden_dim`` say.
 
     Raises:
-        ValueError: no teachers, teachers that disagree on rank or modules, or an ``out`` folder
-            that holds a run with other settings.
+        ValueError: no teachers, teachers that disagree on rank or modules, a named task that is
+            not in the pool, is a dev task, or has no instruction or no train examples, or an
+            ``out`` folder that holds a run with other settings.
+        NoDataError: tasks to read, and no task data at ``data`` (or in the default places).
+        DataError: a named task's file is unreadable or malformed.
         WrongBaseModelError: a teacher made for another base model.
     """
     config = config or HypernetTrainConfig()
@@ -187,8 +200,9 @@ def train_hypernetwork(
             )
     else:
         teacher_folders = find_teachers(teachers)
-    names = _task_list(task_names, teacher_folders, tasks)
-    teacher_folders = {n: f for n, f in teacher_folders.items() if n in names}
+    loaded = _training_tasks(task_names, teacher_folders, tasks, data, progress)
+    names = sorted(loaded)
+    teacher_folders = {n: f for n, f in teacher_folders.items() if n in loaded}
     if not teacher_folders and config.reconstruction_steps > 0:
         raise ValueError(
             f"the reconstruction warm start ({config.reconstruction_steps} steps) learns from "
@@ -207,7 +221,6 @@ def train_hypernetwork(
         for n in sorted(teacher_folders)
     }
     _check_teachers_agree(list(files), list(files.values()))
-    loaded = _load_tasks(names, tasks, archive)
     folder = Path(out).expanduser().resolve()
     checkpoint = folder / "checkpoint"
     init: dict[str, str] | None = None
@@ -274,25 +287,65 @@ def train_hypernetwork(
         run.injection.remove()
 
 
-def _task_list(
+def _training_tasks(
     given: Sequence[str] | None,
     teachers: Mapping[str, Path],
     tasks: Mapping[str, Task] | None,
-) -> list[str]:
+    data: str | os.PathLike[str] | Pool | None,
+    progress: bool,
+) -> dict[str, Task]:
+    """The tasks a run trains on, by name: those named, else the teachers', else ``tasks``,
+    else every train task of the pool with an instruction and train examples."""
     if given is not None:
         if isinstance(given, str):
             raise TypeError("task_names must be a list of task names, not one string")
         names = sorted(set(given))
         if not names:
             raise ValueError("task_names is empty; leave it out to train on every train task")
-        return names
-    if teachers:
-        return sorted(teachers)
-    if tasks is not None:
-        return sorted(tasks)
-    from capplug.training.teacher_lora import train_task_names
+    elif teachers:
+        names = sorted(teachers)
+    elif tasks is not None:
+        names = sorted(tasks)
+        if not names:
+            raise ValueError("tasks is empty; leave it out to read the tasks from the pool")
+    else:
+        pool = open_pool(data)
+        found = {t.name: t for t in pool.tasks(split="train", progress=progress) if not _unfit(t)}
+        if not found:
+            raise ValueError(
+                f"the pool at {pool.root} holds no train task with an instruction and train "
+                f"examples to train the hypernetwork on"
+            )
+        logger.info("capplug: %d train tasks of %s have an instruction", len(found), pool.root)
+        return found
+    loaded: dict[str, Task] = {}
+    for name in names:
+        task = tasks.get(name) if tasks is not None else None
+        if task is None:
+            task = _read_task(open_pool(data), name)
+        problem = _unfit(task)
+        if problem:
+            raise ValueError(f"task {task.name!r} {problem}")
+        loaded[task.name] = task
+    return loaded
 
-    return sorted(train_task_names())
+
+def _read_task(pool: Pool, name: str) -> Task:
+    try:
+        return pool.load(name)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+def _unfit(task: Task) -> str:
+    """Why the hypernetwork cannot train on ``task`` (empty when it can)."""
+    if task.split != "train":
+        return "is a dev task, kept for measurement: the hypernetwork trains on train tasks only"
+    if not task.instruction.strip():
+        return "has no instruction to write an adapter from"
+    if not task.split_examples("train"):
+        return "has no train examples"
+    return ""
 
 
 def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
@@ -308,21 +361,3 @@ def _check_teachers_agree(names: list[str], files: list[AdapterFiles]) -> None:
                 f"the teacher of {names[0]} has r={want[0]}, alpha={want[1]} on {len(want[2])}: "
                 f"train all teachers with the same settings"
             )
-
-
-def _load_tasks(
-    names: list[str], given: Mapping[str, Task] | None, archive: str | os.PathLike[str] | None
-) -> dict[str, Task]:
-    from capplug.data.bigbench import load_task
-    from capplug.training.teacher_lora import check_train_task
-
-    loaded: dict[str, Task] = {}
-    for name in names:
-        check_train_task(name)
-        task = given[name] if given is not None and name in given else None
-        loaded[name] = task if task is not None else load_task(name, archive=archive)
-        if not (loaded[name].definition or "").strip():
-            raise ValueError(f"task {name!r} has no definition to write an adapter from")
-        if not any(not e.is_test for e in loaded[name].examples):
-            raise ValueError(f"task {name!r} has no train examples")
-    return loaded

@@ -22,7 +22,7 @@ import torch
 from capplug._runtime import seeded
 from capplug.adapters.examples import Encoded, answer_logits, encode_example
 from capplug.adapters.runtime import quiet_peft
-from capplug.data.bigbench import Example
+from capplug.data import Example
 from capplug.llms.local import LocalChatModel
 from capplug.models.adapter_folder import (
     META_BASE_ARCHITECTURE,

@@ -1,11 +1,19 @@
-"""Teacher adapters: one peft LoRA per Natural-Instructions ``train`` task.
+"""Teacher adapters: one peft LoRA per ``train`` task of the pool that has an instruction.
 
 :func:`train_task_lora` trains a LoRA (default r=8, alpha=16 on ``q_proj`` and ``v_proj``) on one
 task's train examples (the ``example_split`` rule: ``not example.is_test``). The model reads the
-task's definition and the example's input as one chat turn and learns the reference answer: the
-loss is taken on the answer tokens (and the end-of-turn token) only. These adapters are the
-teachers of the hypernetwork (:mod:`capplug.training.hypernetwork`) and the per-task ceiling
-of the instruction-to-adapter benchmark.
+task's instruction (its definition) and the example's input as one chat turn and learns the
+reference answer: the loss is taken on the answer tokens (and the end-of-turn token) only. These
+adapters are the teachers of the hypernetwork (:mod:`capplug.training.hypernetwork`) and the
+per-task ceiling of the instruction-to-adapter benchmark.
+
+Tasks come from the pool (:func:`capplug.data.open_pool`: ``data=``, ``$CAPPLUG_DATA``, or
+``../shared/data`` beside a source checkout) by name, e.g.
+``natural_instructions_v1/subtask003_mctaco_question_generation_event_duration`` (a name without
+its source is enough when only one task has it), or as loaded :class:`~capplug.data.Task` objects.
+Any ``train`` task with an instruction can have a teacher; by default (:func:`train_task_names`)
+:func:`train_all` and :func:`train_multitask_lora` take the pool's Natural Instructions (v1)
+train tasks, 38 in the shared data.
 
 A run writes into its folder ``out``:
 
@@ -18,20 +26,23 @@ A run writes into its folder ``out``:
   ``checkpoint_every`` steps. Running the same call again resumes exactly where it stopped (the
   same final weights as an uninterrupted run); it is removed once the adapter is written.
 
-:func:`train_all` does this for all 44 train tasks, one sub-folder each, skipping finished ones.
+:func:`train_all` does this for every default task (or the ones named), one sub-folder each
+(:func:`task_folder_name`), skipping finished ones.
 
-:func:`train_multitask_lora` trains one LoRA on the train examples of all 44 train tasks mixed
-(each example with its own task's definition), the multi-task baseline of the benchmark; it
+:func:`train_multitask_lora` trains one LoRA on the train examples of many train tasks mixed
+(each example with its own task's instruction), the multi-task baseline of the benchmark; it
 resumes the same way. Each task contributes an equal share of the ``steps * batch_size``
 examples seen (a seeded sample of its train examples, or all of them when it has fewer), so the
-big tasks do not drown the small ones. The default is 16 steps per task: 704 steps for all 44.
+big tasks do not drown the small ones. The default is 16 steps per task: 608 steps for the 38
+default tasks of the shared data.
 
 Dev tasks are kept for measurement, so :func:`train_task_lora` refuses them. The one exception
 is the per-task ceiling of ``benchmarks/instruction_to_adapter.py``, which needs a LoRA trained
 on a dev task's own *train* examples: ``purpose="benchmark-ceiling"`` permits exactly that, for
-the tasks of ``dev.instruction_to_adapter`` only. Such a run trains on the examples the
-``example_split`` rule puts in the train part, and reads none of the test examples, not even to
-measure a held-out loss (which it leaves out).
+the pool's ``instruction_to_adapter`` dev tasks only (``capplug.data.task_names("dev",
+"instruction_to_adapter")``). Such a run trains on the examples the ``example_split`` rule puts
+in the train part, and reads none of the test examples, not even to measure a held-out loss
+(which it leaves out).
 
 Cost per optimizer step, SmolLM2-135M-Instruct, ``max_length=256``, batch 4, measured on this
 project's build machine (2-core AMD EPYC with AVX-512 BF16, torch 2.13 CPU, 2 threads, sharing
@@ -44,8 +55,8 @@ batch                         ``precision="fp32"``   ``precision="bf16"``
 4 x 256 tokens (winogrande)   21.2 CPU s, 38 s wall  12.4 CPU s, 19 s wall
 ============================  =====================  =====================
 
-So the default 64 steps take 20-40 minutes per task on that shared machine, and all 44 train
-tasks about 15 hours with ``bf16`` (about 6 hours with the two cores to itself).
+So the default 64 steps take 20-40 minutes per task on that shared machine, and 44 tasks about
+15 hours with ``bf16`` (about 6 hours with the two cores to itself).
 """
 
 from __future__ import annotations
@@ -62,7 +73,7 @@ from typing import Any, Literal
 import torch
 
 from capplug._cache import write_json_atomic
-from capplug.data.bigbench import Example, Task
+from capplug.data import Example, Pool, Task, is_test_example, open_pool, task_names
 from capplug.llms.local import DEFAULT_MODEL, LocalChatModel
 from capplug.models.adapter_folder import (
     BaseModelIdentity,
@@ -82,8 +93,10 @@ __all__ = [
     "BENCHMARK_CEILING",
     "DEFAULT_BASE",
     "MULTITASK",
+    "TEACHER_SOURCE",
     "LoraTrainConfig",
     "LoraTrainResult",
+    "check_train_task",
     "multitask_config",
     "task_folder_name",
     "train_all",
@@ -95,8 +108,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE = DEFAULT_MODEL
-_NI = "natural_instructions/"
 _INDEX = "teachers.json"
+
+DataRef = str | os.PathLike[str] | Pool | None
+"""Where tasks named by a string are read from: a folder, task file or BIG-bench sdist, an
+opened :class:`~capplug.data.Pool`, or ``None`` for the default pool (see
+:func:`capplug.data.open_pool`)."""
+
+TEACHER_SOURCE = "natural_instructions_v1"
+"""The source whose train tasks get a teacher by default (:func:`train_task_names`)."""
 
 Purpose = Literal["teacher", "benchmark-ceiling"]
 BENCHMARK_CEILING: Purpose = "benchmark-ceiling"
@@ -104,79 +124,96 @@ BENCHMARK_CEILING: Purpose = "benchmark-ceiling"
 MULTITASK = "multitask"
 """The ``task`` a multi-task LoRA reports (its summary lists the tasks themselves)."""
 MULTITASK_STEPS_PER_TASK = 16
-"""Default steps of a multi-task run per task mixed in (704 for all 44 train tasks)."""
+"""Default steps of a multi-task run per task mixed in (608 for the 38 default tasks)."""
 
 
-def train_task_names() -> list[str]:
-    """The Natural-Instructions tasks of the ``train`` split (44), the only ones teachers learn."""
-    from capplug.data.bigbench import task_names
+def train_task_names(data: DataRef = None) -> list[str]:
+    """The pool's Natural Instructions (v1) ``train`` tasks, sorted: the tasks :func:`train_all`
+    and :func:`train_multitask_lora` train by default (38 in the shared data).
 
-    return [n for n in task_names("train") if n.startswith(_NI)]
+    Raises:
+        NoDataError: no task data at ``data`` (or in the default places).
+    """
+    return open_pool(data).names("train", source=TEACHER_SOURCE)
+
+
+def _default_tasks(pool: Pool) -> list[str]:
+    names = train_task_names(pool)
+    if not names:
+        raise ValueError(
+            f"the pool at {pool.root} holds no {TEACHER_SOURCE} train tasks to train by default; "
+            f"name the tasks to train"
+        )
+    return names
 
 
 def task_folder_name(task: str) -> str:
-    """The sub-folder :func:`train_all` gives a task: its name below ``natural_instructions/``."""
-    return task.removeprefix(_NI).replace("/", "__")
+    """The sub-folder :func:`train_all` gives a task: its name with ``/`` written ``__``."""
+    return task.replace("/", "__")
 
 
-def check_train_task(name: str) -> None:
-    """A clear error unless ``name`` is a Natural-Instructions task of the train split."""
-    from capplug.data.bigbench import task_names
+def check_train_task(name: str, *, data: DataRef = None) -> str:
+    """The pool's name for ``name`` (see :meth:`~capplug.data.Pool.resolve`) when it is one of its
+    ``train`` tasks; a clear error otherwise. Nothing is read beyond the pool's listing.
 
-    if name in train_task_names():
-        return
-    if name in task_names("dev"):
-        raise ValueError(
-            f"task {name!r} is a dev task, kept for measurement: teacher adapters are trained on "
-            f"Natural-Instructions train tasks only (see capplug.training.teacher_lora.train_task_names())"
-        )
-    raise ValueError(
-        f"task {name!r} is not a Natural-Instructions train task; teacher adapters are trained on "
-        f"the 44 listed by capplug.training.teacher_lora.train_task_names(), e.g. "
-        f"{train_task_names()[0]!r}"
-    )
+    Raises:
+        ValueError: no such task in the pool, several match, or it is a dev task.
+        NoDataError: no task data at ``data`` (or in the default places).
+    """
+    pool = open_pool(data)
+    resolved = _pool_name(pool, name)
+    _check_task(resolved, pool.entry(resolved).split, "teacher", pool)
+    return resolved
 
 
-def _check_task(name: str, purpose: Purpose) -> None:
+def _pool_name(pool: Pool, name: str) -> str:
+    try:
+        return pool.resolve(name)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+def _check_task(name: str, split: str, purpose: Purpose, data: DataRef) -> None:
     """Refuse a task the ``purpose`` does not allow (before any model is loaded)."""
     if purpose == "teacher":
-        check_train_task(name)
+        if split != "train":
+            raise ValueError(
+                f"task {name!r} is a dev task, kept for measurement: teacher adapters are "
+                f"trained on the pool's train tasks only (e.g. those of "
+                f"capplug.training.teacher_lora.train_task_names())"
+            )
         return
     if purpose != BENCHMARK_CEILING:
         raise ValueError(f"purpose must be 'teacher' or {BENCHMARK_CEILING!r}; got {purpose!r}")
-    from capplug.data.bigbench import task_names
-
-    allowed = task_names("dev", "instruction_to_adapter")
+    allowed = task_names("dev", "instruction_to_adapter", data=data)
     if name not in allowed:
+        example = f" (e.g. {allowed[0]!r})" if allowed else ""
         raise ValueError(
             f"purpose={BENCHMARK_CEILING!r} trains the per-task ceiling of the "
-            f"instruction-to-adapter benchmark on a task of dev.instruction_to_adapter only "
-            f"(e.g. {allowed[0]!r}); {name!r} is not one"
+            f"instruction-to-adapter benchmark, on a task of its dev list only{example}; "
+            f"{name!r} is not one"
         )
 
 
-def _resolve_task(
-    task: str | Task, archive: str | os.PathLike[str] | None, purpose: Purpose = "teacher"
-) -> Task:
+def _resolve_task(task: str | Task, data: DataRef, purpose: Purpose = "teacher") -> Task:
+    """The task, loaded from the pool when named, once the ``purpose`` allows it."""
     if isinstance(task, Task):
-        _check_task(task.name, purpose)
+        _check_task(task.name, task.split, purpose, data)
         loaded = task
     elif isinstance(task, str):
-        _check_task(task, purpose)
-        from capplug.data.bigbench import load_task
-
-        loaded = load_task(task, archive=archive)
+        pool = open_pool(data)
+        name = _pool_name(pool, task)
+        _check_task(name, pool.entry(name).split, purpose, pool)
+        loaded = pool.load(name)
     else:
         raise TypeError(f"task must be a task name or a Task; got {type(task).__name__}")
-    if not (loaded.definition or "").strip():
-        raise ValueError(f"task {loaded.name!r} has no definition to put in the prompt")
+    if not loaded.instruction.strip():
+        raise ValueError(f"task {loaded.name!r} has no instruction to put in the prompt")
     return loaded
 
 
 def _train_part(task: Task) -> list[Example]:
     """The task's train examples by the ``example_split`` rule, judged under the task's own name."""
-    from capplug.data.bigbench import is_test_example
-
     return [e for e in task.examples if not e.is_test and not is_test_example(task.name, e.input)]
 
 
@@ -223,15 +260,16 @@ def train_task_lora(
     resume: bool = True,
     chat: LocalChatModel | None = None,
     device: str | torch.device | None = None,
-    archive: str | os.PathLike[str] | None = None,
+    data: DataRef = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     purpose: Purpose = "teacher",
 ) -> LoraTrainResult:
-    """Train a teacher LoRA on one Natural-Instructions ``train`` task; resumable.
+    """Train a teacher LoRA on one ``train`` task of the pool that has an instruction; resumable.
 
     Args:
-        task: a train task's name (``natural_instructions/subtask...``) or its loaded ``Task``.
+        task: a train task's name in the pool (e.g. ``natural_instructions_v1/subtask003_...``)
+            or a loaded ``Task`` (its ``split`` must be ``train``).
         out: the run folder; it ends up a standard peft adapter folder.
         base: the model to adapt (default: the packaged SmolLM2-135M-Instruct).
         r, alpha, target_modules, steps, batch_size, lr, max_length: override ``config``.
@@ -240,19 +278,23 @@ def train_task_lora(
         chat: an already loaded base model to reuse (as :func:`train_all` does); it gets the
             adapter layers only while training.
         device: where to train when ``chat`` is not given (default: the GPU if there is one).
-        archive: a bigbench-1.0.0 sdist you already have (else fetched into the cache).
+        data: the task data a task name is read from (see :data:`DataRef`; default: the
+            default pool).
         progress: show a progress bar.
         on_step: called after every optimizer step with the step and its log entry.
-        purpose: ``"teacher"`` (default): Natural-Instructions train tasks only.
-            ``"benchmark-ceiling"`` (:data:`BENCHMARK_CEILING`) is for
-            ``benchmarks/instruction_to_adapter.py`` alone: it accepts a task of
-            ``dev.instruction_to_adapter`` (and no other task, train tasks included) and trains
-            on that task's train examples by the ``example_split`` rule. None of its test
-            examples is read, not even for the held-out loss, which such a run leaves out.
+        purpose: ``"teacher"`` (default): train tasks only. ``"benchmark-ceiling"``
+            (:data:`BENCHMARK_CEILING`) is for ``benchmarks/instruction_to_adapter.py`` alone: it
+            accepts a dev task of the pool's ``instruction_to_adapter`` list (and no other task,
+            train tasks included) and trains on that task's train examples by the
+            ``example_split`` rule. None of its test examples is read, not even for the held-out
+            loss, which such a run leaves out.
 
     Raises:
-        ValueError: a task the ``purpose`` does not allow, bad settings, or an ``out`` folder
-            that holds an adapter trained with other settings.
+        ValueError: a task the ``purpose`` does not allow, one not in the pool or without an
+            instruction, bad settings, or an ``out`` folder that holds an adapter trained with
+            other settings.
+        NoDataError: a task name, and no task data at ``data`` (or in the default places).
+        DataError: the task's file is unreadable or malformed.
     """
     config = config_with(
         config,
@@ -264,16 +306,16 @@ def train_task_lora(
         lr=lr,
         max_length=max_length,
     )
-    loaded_task = _resolve_task(task, archive, purpose)
-    definition = loaded_task.definition or ""
-    examples = [(definition, e) for e in _train_part(loaded_task)]
+    loaded_task = _resolve_task(task, data, purpose)
+    instruction = loaded_task.instruction
+    examples = [(instruction, e) for e in _train_part(loaded_task)]
     if not examples:
         raise ValueError(f"task {loaded_task.name!r} has no train examples")
     if purpose == BENCHMARK_CEILING:
         heldout: list[tuple[str, Example]] = []  # a dev task's test part is the benchmark's
     else:
         test = [e for e in loaded_task.examples if e.is_test]
-        heldout = [(definition, e) for e in test[: config.eval_examples]]
+        heldout = [(instruction, e) for e in test[: config.eval_examples]]
     folder = Path(out).expanduser().resolve()
     chat, identity = _base_model(chat, base, device)
     identity_parts = {
@@ -315,13 +357,13 @@ def train_multitask_lora(
     resume: bool = True,
     chat: LocalChatModel | None = None,
     device: str | torch.device | None = None,
-    archive: str | os.PathLike[str] | None = None,
+    data: DataRef = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> LoraTrainResult:
-    """Train one LoRA on the mixed train examples of many Natural-Instructions train tasks.
+    """Train one LoRA on the mixed train examples of many train tasks.
 
-    Every example is read with its own task's definition, as a teacher reads it. Each task
+    Every example is read with its own task's instruction, as a teacher reads it. Each task
     contributes ``ceil(steps * batch_size / len(tasks))`` train examples (a sample fixed by the
     seed; all of them when it has fewer), pooled and shuffled epoch by epoch as in
     :func:`train_task_lora`, whose training loop, checkpoints and exact resume this shares.
@@ -329,23 +371,24 @@ def train_multitask_lora(
 
     Args:
         out: the run folder; it ends up a standard peft adapter folder.
-        tasks: train task names or loaded ``Task`` objects (default: all 44 train tasks).
+        tasks: train task names or loaded ``Task`` objects (default:
+            :func:`train_task_names`, the pool's Natural Instructions train tasks).
         steps: optimizer steps (default: :data:`MULTITASK_STEPS_PER_TASK` per task, unless
             ``config`` sets other than the per-task default of 64).
-        config, resume, chat, device, archive, progress, on_step: as for
+        config, resume, chat, device, data, progress, on_step: as for
             :func:`train_task_lora`.
 
     Raises:
-        ValueError: a task outside the Natural-Instructions train split, a task given twice,
-            bad settings, or an ``out`` folder holding an adapter trained otherwise.
+        ValueError: a task outside the pool's train split or without an instruction, a task
+            given twice, bad settings, or an ``out`` folder holding an adapter trained otherwise.
     """
-    given = list(tasks) if tasks is not None else train_task_names()
+    given = list(tasks) if tasks is not None else _default_tasks(open_pool(data))
     if not given:
-        raise ValueError("tasks is empty; leave it out to mix all 44 train tasks")
+        raise ValueError("tasks is empty; leave it out to mix the default train tasks")
     for task in given:  # every name is checked before anything is loaded
         if isinstance(task, str):
-            check_train_task(task)
-    loaded = [_resolve_task(task, archive) for task in given]
+            check_train_task(task, data=data)
+    loaded = [_resolve_task(task, data) for task in given]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ValueError(
@@ -365,10 +408,10 @@ def train_multitask_lora(
             )
             train = [train[i] for i in keep]
         per_task[task.name] = len(train)
-        examples += [(task.definition or "", e) for e in train]
+        examples += [(task.instruction, e) for e in train]
     per_eval = math.ceil(config.eval_examples / len(loaded))
     heldout = [
-        (task.definition or "", e)
+        (task.instruction, e)
         for task in loaded
         for e in [e for e in task.examples if e.is_test][:per_eval]
     ][: config.eval_examples]
@@ -405,36 +448,41 @@ def train_all(
     tasks: Sequence[str] | None = None,
     config: LoraTrainConfig | None = None,
     device: str | torch.device | None = None,
-    archive: str | os.PathLike[str] | None = None,
+    data: DataRef = None,
     progress: bool = True,
 ) -> list[LoraTrainResult]:
-    """Train a teacher LoRA for every Natural-Instructions train task into ``out/<task>/``.
+    """Train a teacher LoRA for each task into ``out/<task>/`` (:func:`task_folder_name`).
 
     Finished adapters are skipped and an interrupted one resumes, so running the same call
     again after a stop continues the job. ``out/teachers.json`` lists the tasks and folders.
 
     Args:
-        tasks: a subset of :func:`train_task_names` (default: all 44).
+        tasks: train task names of the pool (default: :func:`train_task_names`, its Natural
+            Instructions train tasks).
+        data: the task data (see :data:`DataRef`; default: the default pool).
+
+    Raises:
+        ValueError: a task outside the pool's train split or without an instruction.
     """
-    names = list(tasks) if tasks is not None else train_task_names()
-    if not names:
-        raise ValueError("tasks is empty; leave it out to train all 44 train tasks")
-    for name in names:
-        check_train_task(name)
+    pool = open_pool(data)
+    given = list(tasks) if tasks is not None else _default_tasks(pool)
+    if not given:
+        raise ValueError("tasks is empty; leave it out to train the default train tasks")
+    names = [check_train_task(name, data=pool) for name in given]
+    loaded = [_resolve_task(name, pool) for name in names]  # each one readable, before training
     config = config or LoraTrainConfig()
     root = Path(out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
     identity = model_identity(base, chat.model.config)
     results: list[LoraTrainResult] = []
-    for position, name in enumerate(names, start=1):
-        logger.warning("capplug: teacher %d/%d: %s", position, len(names), name)
+    for position, task in enumerate(loaded, start=1):
+        logger.warning("capplug: teacher %d/%d: %s", position, len(loaded), task.name)
         result = train_task_lora(
-            name,
-            root / task_folder_name(name),
+            task,
+            root / task_folder_name(task.name),
             config=config,
             chat=chat,
-            archive=archive,
             progress=progress,
         )
         results.append(result)

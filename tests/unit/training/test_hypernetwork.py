@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_teacher_lora import toy_task
+from test_teacher_lora import BARE, DESCRIBED, DEV, FIRST_WORD, YES, write_toy_pool
 
 from capplug.adapters import (
     AdapterRuntime,
@@ -23,13 +23,14 @@ from capplug.adapters import (
 )
 from capplug.adapters.examples import LoraInjection, answer_logits, encode_example
 from capplug.cli import main
+from capplug.data import load_task
 from capplug.errors import CheckpointError, ModelNotFoundError
 from capplug.llms import LocalChatModel
 from capplug.models.adapter_folder import peft_key
 from capplug.scoring import TruncationWarning
 from capplug.testing import save_tiny_llama
 from capplug.training.hypernetwork import relative_weight_error
-from capplug.training.teacher_lora import task_folder_name, train_task_names
+from capplug.training.teacher_lora import task_folder_name
 
 INSTRUCTION = "Answer the question with yes or no."
 
@@ -50,12 +51,13 @@ def hypernet(base_dir: Path, tiny_bert_backbone: Path) -> Hypernetwork:
 
 
 @pytest.fixture(scope="module")
-def toys():
-    names = train_task_names()[:2]
-    return {
-        names[0]: toy_task(names[0], lambda _: "yes", "Answer yes to everything."),
-        names[1]: toy_task(names[1], lambda s: s.split()[0], "Repeat the first word."),
-    }
+def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_pool(tmp_path_factory.mktemp("toy-pool"))
+
+
+@pytest.fixture(scope="module")
+def toys(pool_dir):
+    return {name: load_task(name, data=pool_dir) for name in (YES, FIRST_WORD)}
 
 
 @pytest.fixture(scope="module")
@@ -567,6 +569,49 @@ def test_training_mixes_tasks_with_and_without_teachers(
     assert steps[2]["weights"] < steps[0]["weights"]
 
 
+def test_without_teachers_every_train_task_with_an_instruction_is_read_from_the_pool(
+    chat, pool_dir, tmp_path, tiny_bert_backbone
+):
+    from dataclasses import replace
+
+    config = replace(TRAIN, reconstruction_steps=0, steps=2, eval_every=2)
+    result = train_hypernetwork(
+        None,
+        tmp_path / "pool",
+        chat=chat,
+        data=pool_dir,
+        encoder=str(tiny_bert_backbone),
+        hidden_dim=32,
+        r=2,
+        config=config,
+        progress=False,
+    )
+    # the dev tasks and the task without an instruction are left out
+    assert result.tasks == sorted([DESCRIBED, YES, FIRST_WORD])
+
+
+def test_named_tasks_must_be_train_tasks_with_an_instruction(
+    chat, pool_dir, tmp_path, tiny_bert_backbone
+):
+    from dataclasses import replace
+
+    config = replace(TRAIN, reconstruction_steps=0)
+    kw = dict(chat=chat, data=pool_dir, encoder=str(tiny_bert_backbone), config=config)
+    refusals = {
+        DEV: "is a dev task, kept for measurement",
+        BARE: "has no instruction",
+        "nope": "no task 'nope' in the pool",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            train_hypernetwork(None, tmp_path / "out", task_names=[YES, name], **kw)
+    with pytest.raises(ValueError, match="dev task"):
+        train_hypernetwork(None, tmp_path / "out", tasks={DEV: load_task(DEV, data=pool_dir)}, **kw)
+    with pytest.raises(FileNotFoundError, match="no task data at"):
+        train_hypernetwork(None, tmp_path / "out", data=tmp_path / "no-data", chat=chat)
+    assert not (tmp_path / "out").exists()
+
+
 # -------------------------------------------------------------------------------- CLI
 
 
@@ -663,6 +708,9 @@ def test_cli_adapter_error_paths(hypernet, tmp_path, capsys, monkeypatch):
         == 2
     )
     assert "no finished teacher adapters" in capsys.readouterr().err
+    no_data = ["--data", str(tmp_path / "no-data")]
+    assert main(["adapters", "train-hypernet", "--out", out, *no_data]) == 2
+    assert "no task data at" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,23 +15,67 @@ from safetensors.torch import load_file
 from capplug.adapters import LoraTrainConfig, read_adapter, train_all, train_task_lora
 from capplug.adapters.examples import answer_logits, encode_example
 from capplug.cli import main
-from capplug.data.bigbench import Example, Task, task_names
+from capplug.data import Example, Task, is_test_example, load_task
 from capplug.llms import LocalChatModel
 from capplug.testing import save_tiny_llama
-from capplug.training.teacher_lora import task_folder_name, train_task_names
+from capplug.training.teacher_lora import check_train_task, task_folder_name, train_task_names
 
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
 
+# The toy pool's tasks: two Natural Instructions train tasks (the default teachers), a
+# BIG-bench train task with an instruction and one without, and two dev tasks, one of the
+# instruction-to-adapter benchmark's list and one of another benchmark's.
+YES = "natural_instructions_v1/subtask900_toy_answer_yes"
+FIRST_WORD = "natural_instructions_v1/subtask901_toy_first_word"
+DESCRIBED = "bigbench/toy_last_word"
+BARE = "bigbench/toy_no_instruction"
+DEV = "natural_instructions_v1/subtask043_essential_terms_answering_incomplete_questions"
+OTHER_DEV = "bigbench/winowhy"
 
-def toy_task(name: str, answer: Callable[[str], str], definition: str, *, count: int = 48) -> Task:
-    """A task under a real train task's name, with made-up examples the tiny model can learn."""
-    examples = []
-    for i in range(count):
-        text = f"{WORDS[i % len(WORDS)]} {WORDS[(3 * i + 1) % len(WORDS)]} {WORDS[(7 * i + 2) % len(WORDS)]}"
-        examples.append(
-            Example(task=name, index=i, input=text, prompt=text, query=text, targets=[answer(text)])
-        )
-    return Task(name=name, description="toy", examples=examples, definition=definition)
+
+def toy_texts(count: int = 48) -> list[str]:
+    """Made-up three-word inputs the tiny model can learn to answer."""
+    n = len(WORDS)
+    return [
+        f"{WORDS[i % n]} {WORDS[(3 * i + 1) % n]} {WORDS[(7 * i + 2) % n]}" for i in range(count)
+    ]
+
+
+def _ni_task(definition: str, answer: Callable[[str], str]) -> dict[str, Any]:
+    instances = [{"input": t, "output": [answer(t)]} for t in toy_texts()]
+    return {"Title": "toy", "Definition": definition, "Instances": instances}
+
+
+def _bigbench_task(description: str, answer: Callable[[str], str]) -> dict[str, Any]:
+    examples = [{"input": t, "target": answer(t)} for t in toy_texts()]
+    return {"name": "toy", "description": description, "examples": examples}
+
+
+def write_toy_pool(root: Path) -> Path:
+    """The toy pool above as task files (NI v1 JSON, BIG-bench ``task.json``) and a manifest."""
+    files = {
+        YES: _ni_task("Answer yes to everything.", lambda _: "yes"),
+        FIRST_WORD: _ni_task("Repeat the first word.", lambda s: s.split()[0]),
+        DESCRIBED: _bigbench_task("Repeat the last word.", lambda s: s.split()[-1]),
+        BARE: _bigbench_task("", lambda _: "no"),
+        DEV: _ni_task("Answer yes.", lambda _: "yes"),
+        OTHER_DEV: _bigbench_task("Say whether it is so.", lambda _: "yes"),
+    }
+    rows = []
+    for name, content in files.items():
+        source, task = name.split("/")
+        path = f"{name}.json" if source != "bigbench" else f"{name}/task.json"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps(content), encoding="utf-8")
+        split = "dev" if name in (DEV, OTHER_DEV) else "train"
+        rows.append({"source": source, "task": task, "split": split, "path": path})
+    (root / "manifest.json").write_text(json.dumps({"tasks": rows}), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_pool(tmp_path_factory.mktemp("toy-pool"))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +89,8 @@ def chat(base_dir: Path) -> LocalChatModel:
 
 
 @pytest.fixture(scope="module")
-def yes_task() -> Task:
-    return toy_task(train_task_names()[0], lambda _: "yes", "Answer yes to everything.")
+def yes_task(pool_dir) -> Task:
+    return load_task(YES, data=pool_dir)
 
 
 FAST = LoraTrainConfig(
@@ -97,7 +143,7 @@ def test_training_lowers_the_loss_and_writes_a_peft_folder(chat, yes_task, tmp_p
             chat,
             input=e.input,
             answer=e.targets[0],
-            definition=yes_task.definition,
+            definition=yes_task.instruction,
             max_length=config.max_length,
             max_answer_tokens=config.max_answer_tokens,
         )
@@ -172,20 +218,26 @@ def test_keywords_override_the_config(chat, yes_task, tmp_path):
     assert read_adapter(tmp_path / "kw").config.r == 2
 
 
-def test_only_natural_instructions_train_tasks_are_accepted(chat, tmp_path):
-    dev = task_names("dev", "instruction_to_adapter")[0]
+def test_the_default_teachers_are_the_natural_instructions_train_tasks(pool_dir):
+    assert train_task_names(pool_dir) == [YES, FIRST_WORD]
+    assert task_folder_name(YES) == "natural_instructions_v1__subtask900_toy_answer_yes"
+    # any train task can have a teacher, and a name without its source is enough
+    assert check_train_task(DESCRIBED, data=pool_dir) == DESCRIBED
+    assert check_train_task("subtask901_toy_first_word", data=pool_dir) == FIRST_WORD
+
+
+def test_only_train_tasks_with_an_instruction_are_accepted(chat, pool_dir, tmp_path):
+    kw = dict(chat=chat, config=FAST, progress=False, data=pool_dir)
     with pytest.raises(ValueError, match="is a dev task, kept for measurement"):
-        train_task_lora(dev, tmp_path / "dev", chat=chat, config=FAST, progress=False)
-    other_train = next(n for n in task_names("train") if not n.startswith("natural_instructions/"))
-    with pytest.raises(ValueError, match="not a Natural-Instructions train task"):
-        train_task_lora(other_train, tmp_path / "x", chat=chat, config=FAST, progress=False)
-    disguised = toy_task(dev, lambda _: "yes", "Answer yes.")
+        train_task_lora(DEV, tmp_path / "dev", **kw)
+    with pytest.raises(ValueError, match="no task 'nope' in the pool"):
+        train_task_lora("nope", tmp_path / "x", **kw)
+    loaded_dev = load_task(DEV, data=pool_dir)  # a loaded dev task is refused as well
     with pytest.raises(ValueError, match="dev task"):
-        train_task_lora(disguised, tmp_path / "y", chat=chat, config=FAST, progress=False)
-    undefined = toy_task(train_task_names()[1], lambda _: "yes", "")
-    with pytest.raises(ValueError, match="no definition"):
-        train_task_lora(undefined, tmp_path / "z", chat=chat, config=FAST, progress=False)
-    assert not (tmp_path / "dev").exists()
+        train_task_lora(loaded_dev, tmp_path / "y", chat=chat, config=FAST, progress=False)
+    with pytest.raises(ValueError, match="has no instruction"):
+        train_task_lora(BARE, tmp_path / "z", **kw)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -204,27 +256,27 @@ def test_bad_settings_are_refused(overrides, message):
         LoraTrainConfig(**overrides)
 
 
-def test_train_all_trains_each_task_once_and_resumes_the_job(
-    base_dir, yes_task, tmp_path, monkeypatch
-):
-    import capplug.data.bigbench as bigbench
-
-    second = toy_task(train_task_names()[1], lambda s: s.split()[0], "Repeat the first word.")
-    toys = {yes_task.name: yes_task, second.name: second}
-    monkeypatch.setattr(bigbench, "load_task", lambda name, archive=None: toys[name])
+def test_train_all_trains_each_task_once_and_resumes_the_job(base_dir, pool_dir, tmp_path):
     config = LoraTrainConfig(**{**FAST.__dict__, "steps": 2, "eval_examples": 0})
+    kw = dict(base=base_dir, config=config, data=pool_dir, progress=False)
 
-    first = train_all(tmp_path, base=base_dir, tasks=list(toys), config=config, progress=False)
-    again = train_all(tmp_path, base=base_dir, tasks=list(toys), config=config, progress=False)
+    first = train_all(tmp_path, **kw)  # the default tasks: the pool's NI train tasks
+    again = train_all(tmp_path, tasks=["subtask900_toy_answer_yes", FIRST_WORD], **kw)
 
     assert [r.skipped for r in first] == [False, False]
     assert [r.skipped for r in again] == [True, True]
     index = json.loads((tmp_path / "teachers.json").read_text())
-    assert index["teachers"] == {name: task_folder_name(name) for name in toys}
-    for name in toys:
+    assert index["teachers"] == {name: task_folder_name(name) for name in (YES, FIRST_WORD)}
+    for name in (YES, FIRST_WORD):
         assert (tmp_path / task_folder_name(name) / "adapter_model.safetensors").is_file()
+    # refused before any model loads or folder is made
     with pytest.raises(ValueError, match="dev task"):
-        train_all(tmp_path, base=base_dir, tasks=[task_names("dev", "instruction_to_adapter")[0]])
+        train_all(tmp_path / "dev", tasks=[DEV], **kw)
+    with pytest.raises(ValueError, match="has no instruction"):
+        train_all(tmp_path / "bare", tasks=[YES, BARE], **kw)
+    with pytest.raises(ValueError, match="tasks is empty"):
+        train_all(tmp_path / "none", tasks=[], **kw)
+    assert not any((tmp_path / d).exists() for d in ("dev", "bare", "none"))
 
 
 def test_long_definitions_are_cut_before_the_input(chat):
@@ -253,20 +305,27 @@ def test_long_definitions_are_cut_before_the_input(chat):
 # -------------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_lora_error_paths(capsys, tmp_path):
-    assert main(["adapters", "train-lora", "--out", str(tmp_path)]) == 2
+def test_cli_train_lora_error_paths(capsys, pool_dir, tmp_path):
+    out = tmp_path / "out"
+    lora = ["adapters", "train-lora", "--out", str(out), "--data", str(pool_dir)]
+    assert main(lora) == 2
     assert "give either --task NAME" in capsys.readouterr().err
 
-    dev = task_names("dev", "instruction_to_adapter")[0]
-    assert main(["adapters", "train-lora", "--task", dev, "--out", str(tmp_path)]) == 2
+    assert main([*lora, "--task", DEV]) == 2
     assert "is a dev task" in capsys.readouterr().err
 
-    name = train_task_names()[0]
-    assert main(["adapters", "train-lora", "--task", name, "--all", "--out", str(tmp_path)]) == 2
+    assert main([*lora, "--task", "nope"]) == 2
+    assert "no task 'nope' in the pool" in capsys.readouterr().err
+
+    assert main([*lora, "--task", YES, "--all"]) == 2
     assert "give either --task NAME" in capsys.readouterr().err
 
-    assert main(["adapters", "train-lora", "--task", name, "--r", "0", "--out", str(tmp_path)]) == 2
+    assert main([*lora, "--task", YES, "--r", "0"]) == 2
     assert "r must be an integer >= 1" in capsys.readouterr().err
+
+    lora[-1] = str(tmp_path / "no-data")
+    assert main([*lora, "--task", YES]) == 2
+    assert "no task data at" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was written by any refused command
 
 
@@ -274,23 +333,20 @@ def test_cli_train_lora_error_paths(capsys, tmp_path):
 
 
 def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
-    chat, tmp_path, monkeypatch
+    chat, pool_dir, tmp_path, monkeypatch
 ):
     import capplug.training.lora_run as lora_run
-    from capplug.data.bigbench import is_test_example
 
-    dev = task_names("dev", "instruction_to_adapter")[0]
-    task = toy_task(dev, lambda _: "yes", "Answer yes.")
+    dev = DEV
+    task = load_task(dev, data=pool_dir)
     # An example labelled with another task's name, which is a test example under the dev
     # task's own name: the split is judged under the task trained on, whatever the label says.
     sneaky = next(
-        Example(
-            task=train_task_names()[0], index=900 + i, input=t, prompt=t, query=t, targets=["x"]
-        )
+        Example(task=YES, index=900 + i, input=t, prompt=t, targets=["x"])
         for i, t in enumerate(f"sneaky {n}" for n in range(100))
-        if is_test_example(dev, t) and not is_test_example(train_task_names()[0], t)
+        if is_test_example(dev, t) and not is_test_example(YES, t)
     )
-    task = Task(task.name, task.description, [*task.examples, sneaky], definition=task.definition)
+    task = replace(task, examples=[*task.examples, sneaky])
     seen: list[str] = []
     real_encode = lora_run.encode_example
 
@@ -306,6 +362,7 @@ def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
         config=FAST,
         progress=False,
         purpose="benchmark-ceiling",
+        data=pool_dir,
     )
 
     train = [e for e in task.examples if not is_test_example(dev, e.input) and e.task == dev]
@@ -318,25 +375,19 @@ def test_the_ceiling_switch_trains_a_dev_task_on_its_train_examples_only(
     assert read_adapter(tmp_path / "ceiling").metadata["capplug_purpose"] == "benchmark-ceiling"
 
 
-def test_the_ceiling_switch_is_off_by_default_and_limited_to_the_benchmark_tasks(chat, tmp_path):
-    dev = task_names("dev", "instruction_to_adapter")[0]
+def test_the_ceiling_switch_is_off_by_default_and_limited_to_the_benchmark_tasks(
+    chat, pool_dir, tmp_path
+):
     with pytest.raises(ValueError, match="is a dev task, kept for measurement"):
-        train_task_lora(toy_task(dev, lambda _: "yes", "Answer."), tmp_path / "a", chat=chat)
-    other_dev = next(
-        n for n in task_names("dev") if n not in task_names("dev", "instruction_to_adapter")
-    )
-    for name in (other_dev, train_task_names()[0]):
-        with pytest.raises(ValueError, match=r"dev\.instruction_to_adapter only"):
-            train_task_lora(
-                toy_task(name, lambda _: "yes", "Answer."),
-                tmp_path / "b",
-                chat=chat,
-                purpose="benchmark-ceiling",
-            )
-        with pytest.raises(ValueError, match=r"dev\.instruction_to_adapter only"):
-            train_task_lora(name, tmp_path / "b", chat=chat, purpose="benchmark-ceiling")
+        train_task_lora(load_task(DEV, data=pool_dir), tmp_path / "a", chat=chat)
+    for name in (OTHER_DEV, YES):
+        kw = dict(chat=chat, purpose="benchmark-ceiling", data=pool_dir)
+        with pytest.raises(ValueError, match="on a task of its dev list only"):
+            train_task_lora(load_task(name, data=pool_dir), tmp_path / "b", **kw)
+        with pytest.raises(ValueError, match="on a task of its dev list only"):
+            train_task_lora(name, tmp_path / "b", **kw)
     with pytest.raises(ValueError, match="purpose must be"):
-        train_task_lora(train_task_names()[0], tmp_path / "c", chat=chat, purpose="anything")
+        train_task_lora(YES, tmp_path / "c", chat=chat, purpose="anything", data=pool_dir)
     assert not any(tmp_path.iterdir())
 
 
@@ -344,9 +395,8 @@ def test_the_ceiling_switch_is_off_by_default_and_limited_to_the_benchmark_tasks
 
 
 @pytest.fixture(scope="module")
-def two_tasks(yes_task) -> list[Task]:
-    first_word = toy_task(train_task_names()[1], lambda s: s.split()[0], "Repeat the first word.")
-    return [yes_task, first_word]
+def two_tasks(yes_task, pool_dir) -> list[Task]:
+    return [yes_task, load_task(FIRST_WORD, data=pool_dir)]
 
 
 def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks, tmp_path):
@@ -357,8 +407,10 @@ def test_multitask_training_mixes_the_tasks_and_lowers_the_loss(chat, two_tasks,
         tmp_path / "mt", tasks=two_tasks, chat=chat, config=config, progress=False
     )
     losses = [entry["loss"] for entry in _log(tmp_path / "mt")]
-    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
-    assert result.eval_loss_after < result.eval_loss_before
+    assert len(losses) == 12
+    # One step's loss depends on its batch's mix of the two tasks; the held-out loss, taken on
+    # the same examples before and after, is the steady measure.
+    assert result.eval_loss_after < 0.6 * result.eval_loss_before
     assert result.task == MULTITASK and result.steps == 12
     summary = json.loads((tmp_path / "mt" / "training_summary.json").read_text())
     share = -(-12 * 4 // 2)  # ceil(steps * batch / tasks): an equal share each
@@ -387,9 +439,9 @@ def test_multitask_examples_keep_their_own_definitions(chat, two_tasks, tmp_path
     config = LoraTrainConfig(**{**FAST.__dict__, "steps": 4, "eval_examples": 0})
     train_multitask_lora(tmp_path / "mt", tasks=two_tasks, chat=chat, config=config, progress=False)
     yes, first_word = two_tasks
-    assert {d for d, _, _ in seen} == {yes.definition, first_word.definition}
-    for definition, text, answer in seen:  # each example with its own task's definition
-        assert answer == ("yes" if definition == yes.definition else text.split()[0])
+    assert {d for d, _, _ in seen} == {yes.instruction, first_word.instruction}
+    for definition, text, answer in seen:  # each example with its own task's instruction
+        assert answer == ("yes" if definition == yes.instruction else text.split()[0])
 
 
 def test_multitask_resume_ends_with_the_same_weights(chat, two_tasks, tmp_path):
@@ -431,55 +483,37 @@ def test_multitask_resume_ends_with_the_same_weights(chat, two_tasks, tmp_path):
     assert again.skipped
 
 
-def test_multitask_refusals_and_default_steps(chat, two_tasks, tmp_path):
+def test_multitask_refusals_and_default_steps(chat, two_tasks, pool_dir, tmp_path):
     from capplug.training.teacher_lora import multitask_config, train_multitask_lora
 
-    dev = task_names("dev", "instruction_to_adapter")[0]
+    kw = dict(chat=chat, data=pool_dir)
     with pytest.raises(ValueError, match="dev task"):
-        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0].name, dev], chat=chat)
+        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0].name, DEV], **kw)
     with pytest.raises(ValueError, match="dev task"):
-        train_multitask_lora(
-            tmp_path / "x", tasks=[two_tasks[0], toy_task(dev, str, "Echo.")], chat=chat
-        )
+        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0], load_task(DEV, data=pool_dir)])
     with pytest.raises(ValueError, match="a task twice"):
-        train_multitask_lora(tmp_path / "x", tasks=[two_tasks[0], two_tasks[0]], chat=chat)
+        train_multitask_lora(tmp_path / "x", tasks=[YES, "subtask900_toy_answer_yes"], **kw)
+    with pytest.raises(ValueError, match="has no instruction"):
+        train_multitask_lora(tmp_path / "x", tasks=[YES, BARE], **kw)
     with pytest.raises(ValueError, match="tasks is empty"):
-        train_multitask_lora(tmp_path / "x", tasks=[], chat=chat)
+        train_multitask_lora(tmp_path / "x", tasks=[], **kw)
     assert not (tmp_path / "x").exists()
     assert multitask_config(44).steps == 704
     assert multitask_config(44, steps=10).steps == 10
     assert multitask_config(2, LoraTrainConfig(steps=5)).steps == 5
 
 
-def test_cli_train_lora_multitask(base_dir, two_tasks, tmp_path, monkeypatch, capsys):
-    import capplug.data.bigbench as bigbench
-    import capplug.training.teacher_lora as lora
-
-    toys = {t.name: t for t in two_tasks}
-    monkeypatch.setattr(lora, "train_task_names", lambda: list(toys))
-    monkeypatch.setattr(bigbench, "load_task", lambda name, archive=None: toys[name])
+def test_cli_train_lora_multitask(base_dir, pool_dir, tmp_path, capsys):
     out = tmp_path / "mt"
-    assert (
-        main(
-            [
-                "adapters",
-                "train-lora",
-                "--multitask",
-                "--task",
-                two_tasks[0].name,
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    args = ["adapters", "train-lora", "--multitask", "--out", str(out), "--data", str(pool_dir)]
+    assert main([*args, "--task", YES]) == 2
     assert "--multitask" in capsys.readouterr().err
-    args = ["adapters", "train-lora", "--multitask", "--out", str(out), "--base", str(base_dir)]
-    args += ["--steps", "2", "--max-length", "96", "--batch-size", "2", "--device", "cpu"]
+    args += ["--base", str(base_dir), "--steps", "2", "--max-length", "96", "--batch-size", "2"]
+    args += ["--device", "cpu", "--strict"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "multi-task adapter: 2 steps" in printed
     summary = json.loads((out / "training_summary.json").read_text())
-    assert sorted(summary["tasks"]) == sorted(toys)
+    assert sorted(summary["tasks"]) == [YES, FIRST_WORD]  # the pool's NI train tasks
     assert main(args) == 0
     assert "already trained" in capsys.readouterr().out
