@@ -11,6 +11,7 @@ The hierarchy::
     │       └── CorruptAdapterError          a stored adapter fails its recorded sha256
     ├── DataError(ValueError)                a task data file or folder is unusable (names path, field)
     │   ├── NoDataError(FileNotFoundError)   no task data where capplug looked (names the places)
+    │   ├── UnknownTaskError(KeyError)       no task of that name in the pool (or several)
     │   └── BigBenchArchiveError             the BIG-bench archive or its cache is unreadable
     ├── RowError(ValueError)                 rows of a data file are unusable (listed by number)
     ├── UpstreamHTTPError                    an upstream answered with an HTTP error
@@ -64,6 +65,7 @@ __all__ = [
     "UnknownAdapterError",
     "UnknownAdapterFileError",
     "UnknownSelectionError",
+    "UnknownTaskError",
     "UnsupportedEncoder",
     "UpstreamHTTPError",
     "WrongBaseModelError",
@@ -107,6 +109,13 @@ class DataError(CapplugError, ValueError):
 
 class NoDataError(DataError, FileNotFoundError):
     """No task data was found; the message names the places looked in and how to give some."""
+
+
+class UnknownTaskError(DataError, KeyError):
+    """No task of that name is in the pool, or a bare name fits several (the message lists them)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class BigBenchArchiveError(DataError):

@@ -25,7 +25,7 @@ from capplug.data.pool import (
     task_names,
 )
 from capplug.data.tasks import Example, Split, Task, is_test_example
-from capplug.errors import BigBenchArchiveError, DataError, NoDataError
+from capplug.errors import BigBenchArchiveError, DataError, NoDataError, UnknownTaskError
 
 __all__ = [
     "DATA_ENV",
@@ -39,6 +39,7 @@ __all__ = [
     "PoolSummary",
     "Split",
     "Task",
+    "UnknownTaskError",
     "clipped_variants",
     "data_paths",
     "is_test_example",

@@ -250,10 +250,7 @@ def _train_names(pool: Pool, tasks: Sequence[str] | None) -> list[str]:
         return pool.names("train")
     names = []
     for name in tasks:
-        try:
-            resolved = pool.resolve(name)
-        except KeyError as exc:
-            raise ValueError(str(exc.args[0])) from None
+        resolved = pool.resolve(name)
         if pool.entry(resolved).split != "train":
             raise ValueError(
                 f"{resolved} is a {pool.entry(resolved).split} task: only train tasks of "

@@ -25,7 +25,7 @@ from typing import Literal
 from capplug._cache import sha256_file
 from capplug.data.formats import MANIFEST, SOURCES, TaskFile, discover, read_task
 from capplug.data.tasks import SPLITS, Split, Task
-from capplug.errors import DataError, NoDataError
+from capplug.errors import DataError, NoDataError, UnknownTaskError
 
 __all__ = [
     "DATA_ENV",
@@ -289,15 +289,16 @@ class Pool:
         """The pool's name for ``name``: itself, or the one task whose name ends with it.
 
         Raises:
-            KeyError: no task has that name, or several do (the message lists them).
+            UnknownTaskError: no task has that name, or several do (the message lists them);
+                a ``KeyError`` and a ``DataError``.
         """
         found = self._find(name)
         if found is None:
             close = [n for n in self._entries if n.endswith(name.rsplit("/", 1)[-1])][:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"no task {name!r} in the pool at {self.root}{hint}")
+            raise UnknownTaskError(f"no task {name!r} in the pool at {self.root}{hint}")
         if isinstance(found, list):
-            raise KeyError(f"{name!r} names several tasks; give one of: {', '.join(found)}")
+            raise UnknownTaskError(f"{name!r} names several tasks; give one of: {', '.join(found)}")
         return found
 
     def _find(self, name: str) -> str | list[str] | None:
@@ -312,7 +313,7 @@ class Pool:
         """One task, parsed (and checked against the manifest's sha256) on first use.
 
         Raises:
-            KeyError: no such task (see :meth:`resolve`).
+            UnknownTaskError: no such task (see :meth:`resolve`).
             DataError: its file is unreadable, malformed or changed (the message names it).
         """
         key = self.resolve(name)

@@ -322,19 +322,12 @@ def _training_tasks(
     for name in names:
         task = tasks.get(name) if tasks is not None else None
         if task is None:
-            task = _read_task(open_pool(data), name)
+            task = open_pool(data).load(name)
         problem = _unfit(task)
         if problem:
             raise ValueError(f"task {task.name!r} {problem}")
         loaded[task.name] = task
     return loaded
-
-
-def _read_task(pool: Pool, name: str) -> Task:
-    try:
-        return pool.load(name)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
 
 
 def _unfit(task: Task) -> str:

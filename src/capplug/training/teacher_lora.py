@@ -161,16 +161,9 @@ def check_train_task(name: str, *, data: DataRef = None) -> str:
         NoDataError: no task data at ``data`` (or in the default places).
     """
     pool = open_pool(data)
-    resolved = _pool_name(pool, name)
+    resolved = pool.resolve(name)
     _check_task(resolved, pool.entry(resolved).split, "teacher", pool)
     return resolved
-
-
-def _pool_name(pool: Pool, name: str) -> str:
-    try:
-        return pool.resolve(name)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
 
 
 def _check_task(name: str, split: str, purpose: Purpose, data: DataRef) -> None:
@@ -202,7 +195,7 @@ def _resolve_task(task: str | Task, data: DataRef, purpose: Purpose = "teacher")
         loaded = task
     elif isinstance(task, str):
         pool = open_pool(data)
-        name = _pool_name(pool, task)
+        name = pool.resolve(task)
         _check_task(name, pool.entry(name).split, purpose, pool)
         loaded = pool.load(name)
     else:

@@ -124,3 +124,9 @@ def test_families_of_one_dataset_merge_across_sources() -> None:
     assert merged["bbh/logical_deduction_three_objects"] == "logical_deduction"
     assert merged["bigbench/formal_fallacies_syllogisms_negation"] == "formal_fallacies"
     assert merged["p3/imdb_x"] == "imdb"
+
+
+def test_a_p3_input_is_what_the_prompt_adds_to_the_template(pool: Pool) -> None:
+    task = pool.load("p3/imdb_is_positive")
+    assert [e.input for e in task.examples[:2]] == ["0", "1"]
+    assert task.examples[0].prompt == "Review: great film 0\nIs this review positive?\n"

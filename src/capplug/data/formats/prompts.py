@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from capplug.data.formats.common import (
@@ -24,7 +25,7 @@ def read_p3(entry: TaskFile) -> Task:
     """One P3 template file: ``{"prompt", "completion"}`` lines, the prompt as written, the
     completion (without its end marker) the reference. A classification template's labels are
     its options. The instruction is the template text the prompts share (their common start and
-    end), where they share enough of it."""
+    end), where they share enough of it, and an example's input is the rest of its prompt."""
     (path,) = entry.paths
     examples = []
     lines = 0
@@ -50,6 +51,12 @@ def read_p3(entry: TaskFile) -> Task:
     if not examples:
         raise no_references(path, lines, "completion")
     template = template_of([e.prompt for e in examples])
+    head, tail = shared_ends([e.prompt for e in examples])
+    if template:  # an example's input is what its prompt adds to the template
+        examples = [
+            replace(e, input=e.prompt[len(head) : len(e.prompt) - len(tail)].strip() or e.prompt)
+            for e in examples
+        ]
     return Task(
         name=entry.name,
         examples=with_label_options(examples),
@@ -63,22 +70,29 @@ def read_p3(entry: TaskFile) -> Task:
     )
 
 
-def template_of(prompts: list[str]) -> str:
-    """The text all prompts share at their start and end (cut at word boundaries), joined by
-    ``" ... "``: a rendered template's fixed words. Empty when they share too little."""
+def shared_ends(prompts: list[str]) -> tuple[str, str]:
+    """The text every prompt starts with and the text every one ends with, each cut back to a
+    word boundary and never overlapping within a prompt: a rendered template's fixed parts."""
     if len(prompts) < 2:
-        return ""
+        return "", ""
     head = os.path.commonprefix(prompts)  # noqa: RUF071 - characters, not paths
     tail = os.path.commonprefix([p[::-1] for p in prompts])[::-1]  # noqa: RUF071
     shortest = min(len(p) for p in prompts)
     if len(head) + len(tail) > shortest:  # the shared start and end overlap in some prompt
         tail = tail[len(head) + len(tail) - shortest :]
-    head = head[: head.rfind(" ") + 1] if not head.endswith((" ", "\n")) and " " in head else head
-    tail = (
-        tail[tail.find(" ") :]
-        if tail and not tail.startswith((" ", "\n")) and " " in tail
-        else tail
-    )
+    if head and not all(p == head or p[len(head)].isspace() or head[-1].isspace() for p in prompts):
+        head = head[: max((i + 1 for i, c in enumerate(head) if c.isspace()), default=0)]
+    if tail and not all(
+        p == tail or p[-len(tail) - 1].isspace() or tail[0].isspace() for p in prompts
+    ):
+        tail = tail[min((i for i, c in enumerate(tail) if c.isspace()), default=len(tail)) :]
+    return head, tail
+
+
+def template_of(prompts: list[str]) -> str:
+    """The words all prompts share at their start and end, joined by ``" ... "``: a rendered
+    template's fixed words. Empty when they share too little."""
+    head, tail = shared_ends(prompts)
     parts = [p.strip() for p in (head, tail) if len(p.strip()) >= 3]
     text = " ... ".join(parts)
     return text if len(text) >= _MIN_TEMPLATE_CHARS else ""
