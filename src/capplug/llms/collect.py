@@ -4,11 +4,12 @@ The policy, written once for every client that samples candidates (the proxy, th
 best-of-n components, :class:`~capplug.llms.remote.OpenAICompatibleModel`):
 
 1. with ``native`` and ``n > 1``, one call asks for all ``n``. A call whose retries ran out (a
-   retryable error) is raised: more calls would meet the same. A 400 or 422, or an error with
-   no HTTP status, may be a refusal of ``n`` itself or of the whole request: one plain call
-   tells which. When that call fails too, or the error was another status (401, 404, ...: the
-   request itself is refused), collecting stops with that error as the only failure; otherwise
-   the refusal is kept in :attr:`Collected.refused`, not counted as a failure;
+   retryable error) is raised: more calls would meet the same. A 400 or 422 that names ``n``
+   (its ``param``, or the word in its message), or an error with no HTTP status, may be a
+   refusal of ``n`` itself: one plain call tells. Any other refusal (a 400 about something
+   else, 401, 404, ...: the request itself is refused), or a plain call that fails too, stops
+   collecting with that error as the only failure, so a bad request costs one upstream call;
+   otherwise the refusal is kept in :attr:`Collected.refused`, not counted as a failure;
 2. whatever is still missing (the ``n`` call refused, ignored ``n`` or returned fewer) comes from
    single calls, at most ``max_concurrency`` at a time; failed ones are kept as failures.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -168,11 +170,25 @@ def _plain_call_next(out: Collected[T], error: Exception) -> bool:
     tells whether ``n`` alone was refused (True)."""
     if is_retryable(error):
         raise error
-    if status_of(error) not in (None, 400, 422):
+    status = status_of(error)
+    if status is not None and not (status in (400, 422) and _names_n(error)):
         out.failures.append(error)
         return False
     out.calls += 1
     return True
+
+
+_N_WORD = re.compile(r"(?<![\w-])n(?![\w-])")
+
+
+def _names_n(error: BaseException) -> bool:
+    """Whether a refusal is about ``n``: OpenAI's ``param`` says so, or ``n`` stands as a word
+    in its message ("n must be 1", "unknown parameter 'n'")."""
+    body = getattr(error, "body", None)
+    detail = body.get("error") if isinstance(body, dict) else None
+    if isinstance(detail, dict) and detail.get("param") is not None:
+        return detail.get("param") == "n"
+    return bool(_N_WORD.search(str(error)))
 
 
 def seed_for(seed: Any, k: int) -> Any:

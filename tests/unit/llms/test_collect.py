@@ -75,13 +75,32 @@ def test_a_refused_n_is_told_apart_by_one_plain_call_then_fans_out():
     assert endpoint.calls == [(3, 0), (None, 0), (None, 1), (None, 2)]
 
 
-def test_a_request_refused_outright_stops_after_the_plain_call():
+def test_a_request_refused_outright_costs_one_call():
     refused = UpstreamHTTPError(400, "bad messages")
-    again = UpstreamHTTPError(400, "bad messages")
-    endpoint = Endpoint(refused, [again, "never asked"])
+    endpoint = Endpoint(refused, ["never asked"])
     got = both(endpoint, 4)
-    assert got.received == [] and got.failures == [again] and got.refused is None
-    assert endpoint.calls == [(4, 0), (None, 0)]  # not four more calls that would fail alike
+    assert got.received == [] and got.failures == [refused] and got.refused is None
+    assert endpoint.calls == [(4, 0)]  # no plain call, nor four more that would fail alike
+
+
+@pytest.mark.parametrize(
+    ("error", "about_n"),
+    [
+        (UpstreamHTTPError(400, "'n' must be 1 for this model"), True),
+        (UpstreamHTTPError(422, "n: only 1 is supported"), True),
+        (UpstreamHTTPError(400, "x", body={"error": {"message": "x", "param": "n"}}), True),
+        (UpstreamHTTPError(400, "invalid n-gram", body={"error": {"param": "messages"}}), False),
+        (UpstreamHTTPError(400, "temperature is not a number"), False),
+        (UpstreamHTTPError(404, "no model named n"), False),
+    ],
+)
+def test_only_a_refusal_of_n_is_checked_with_a_plain_call(
+    error: UpstreamHTTPError, about_n: bool
+) -> None:
+    endpoint = Endpoint(error, ["a", "b"])
+    got = both(endpoint, 2)
+    assert (got.refused is error) is about_n
+    assert len(endpoint.calls) == (3 if about_n else 1)
 
 
 def test_a_native_call_whose_retries_ran_out_is_raised():

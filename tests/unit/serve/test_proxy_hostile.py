@@ -510,3 +510,56 @@ def test_a_lasting_rate_limit_reaches_the_sdk_as_a_rate_limit_with_its_retry_aft
     assert error.response.headers["retry-after"] == "30"
     assert error.body["code"] == "rate_limit_exceeded" and "slow down" in error.message
     assert len(upstream.requests) == 2  # the proxy's attempts; the SDK adds none
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "hot"),
+        ("temperature", float("nan")),
+        ("temperature", 2.5),
+        ("top_p", -5),
+        ("top_p", True),
+        ("presence_penalty", 3),
+        ("max_tokens", 0),
+        ("max_tokens", 1.5),
+        ("top_logprobs", 21),
+        ("seed", "7"),
+        ("logprobs", "yes"),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", 3),
+    ],
+)
+def test_a_sampling_field_out_of_range_is_a_400_naming_it_before_any_upstream_call(
+    field: str, value: Any
+) -> None:
+    upstream = Upstream()
+    client = proxy(upstream, n=2)
+    response = client.post(
+        "/v1/chat/completions",
+        content=json.dumps({"model": "m", "messages": MESSAGES, field: value}),
+        headers={"content-type": "application/json"},
+    )
+    error = error_of(response, 400)
+    assert error["param"] == field and error["code"] == "invalid_value"
+    assert upstream.requests == []
+
+
+def test_an_upstream_refusal_costs_one_call() -> None:
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            400,
+            json={
+                "error": {
+                    "message": "model not found",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                }
+            },
+        )
+
+    upstream = Upstream(answer)
+    response = post(proxy(upstream, n=4))
+    assert error_of(response, 400)["message"] == "model not found"  # relayed as it came
+    assert len(upstream.requests) == 1

@@ -17,6 +17,7 @@ from capplug.serve._http import read_json_object, unless_disconnected
 from capplug.serve.proxy._candidates import Candidates, Quirks
 from capplug.serve.proxy._replies import completion_chunks, summed_usage
 from capplug.serve.proxy._requests import (
+    check_sampling,
     choices_wanted,
     header_count,
     header_flag,
@@ -66,6 +67,7 @@ class ChatRoutes:
     async def _rerank(self, request: Request, body: dict[str, Any]) -> Response:
         instruction = instruction_of(body)
         want = choices_wanted(body, self.max_n)
+        check_sampling(body)
         asked_n = header_count(request.headers, "X-Capplug-N", self.max_n)
         # A request that offers tools is an agent step whose candidates would call tools, and
         # tool calls are not scored: sampling n of them costs n calls for nothing, so it gets

@@ -68,6 +68,54 @@ def choices_wanted(body: dict[str, Any], max_n: int) -> int:
     return n
 
 
+# OpenAI's own ranges for the sampling fields the proxy reads or passes on: (low, high, whole).
+_SAMPLING_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.0, 1.0, False),
+    "presence_penalty": (-2.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "max_tokens": (1, None, True),
+    "max_completion_tokens": (1, None, True),
+    "top_logprobs": (0, 20, True),
+    "seed": (None, None, True),
+}
+_MAX_STOP_SEQUENCES = 4
+
+
+def check_sampling(body: dict[str, Any]) -> None:
+    """Refuse a sampling field outside OpenAI's range with a 400 naming it, before any upstream
+    call: a ``"hot"`` or ``NaN`` temperature is the client's mistake, not the upstream's."""
+    for name, (low, high, whole) in _SAMPLING_RANGES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        kind = "a whole number" if whole else "a number"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (whole and not isinstance(value, int)) or value != value:
+            _bad(name, f"give {kind}; got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            _bad(name, f"give {kind} {bounds}; got {value!r}")
+    if (
+        "logprobs" in body
+        and body["logprobs"] is not None
+        and not isinstance(body["logprobs"], bool)
+    ):
+        _bad("logprobs", f"give true or false; got {body['logprobs']!r}")
+    stop = body.get("stop")
+    listed = isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and (not listed or len(stop) > _MAX_STOP_SEQUENCES)
+    ):
+        _bad("stop", f"give a string or a list of at most {_MAX_STOP_SEQUENCES} strings")
+
+
+def _bad(name: str, why: str) -> None:
+    raise APIError(400, f"Invalid value for '{name}': {why}", param=name, code="invalid_value")
+
+
 def stream_flag(body: dict[str, Any]) -> tuple[bool, bool]:
     """``(stream, include_usage)`` from the request."""
     stream = body.get("stream")
