@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import secrets
+import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -276,28 +277,44 @@ def _content_length(scope: Scope) -> int | None:
 _MAX_UNQUOTE = 4  # %25 nested deeper than this is refused outright
 
 
+_U_ESCAPE = re.compile(r"%u([0-9a-fA-F]{4})")
+# Control, format (bidi overrides such as U+202E), line and paragraph separator characters.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
 def unsafe_path_reason(raw_path: str) -> str | None:
     """Why a request path may not be served or forwarded, or None when it may.
 
-    A segment is refused when, decoded once or as often as it decodes, it is ``.`` or ``..``
-    or holds a ``/``, a ``\\`` or a control character: any of them can move a forwarded
-    request out of the upstream's base path (``/v1/%2e%2e/admin``), however the upstream or an
-    HTTP library in between normalises it. API paths never need them.
+    A segment is refused when, decoded once or as often as it decodes (``%xx``, and IIS's
+    ``%uXXXX``), it or its part before a ``;`` (Tomcat's path parameters: ``..;`` is ``..``
+    there) is ``.`` or ``..``, or it holds a ``/``, a ``\\``, or a control, format (bidi) or
+    separator character; an empty segment inside the path (``/v1//host/x``) is refused too. Any
+    of them can move a forwarded request out of the upstream's base path, however the upstream
+    or an HTTP library in between normalises it. API paths never need them.
     """
-    for segment in raw_path.split("/"):
+    segments = raw_path.split("/")
+    for position, segment in enumerate(segments):
+        if not segment and 0 < position < len(segments) - 1:
+            return "the path has an empty segment ('//')"
         text = segment
         for _ in range(_MAX_UNQUOTE + 1):
-            if text in (".", ".."):
+            if text in (".", "..") or text.split(";", 1)[0] in (".", ".."):
                 return f"the path segment '{segment}' moves up or stays in place"
-            if "/" in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
-                return f"the path segment '{segment}' holds a separator or a control character"
-            decoded = urllib.parse.unquote(text, errors="strict")
+            if "/" in text or "\\" in text:
+                return f"the path segment '{segment}' holds a separator"
+            if any(unicodedata.category(c) in _INVISIBLE for c in text):
+                return f"the path segment '{segment}' holds a control or bidi character"
+            decoded = urllib.parse.unquote(_U_ESCAPE.sub(_u_char, text), errors="strict")
             if decoded == text:
                 break
             text = decoded
         else:
             return f"the path segment '{segment}' is percent-encoded too many times"
     return None
+
+
+def _u_char(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 16))
 
 
 class SafePath:

@@ -117,6 +117,14 @@ def test_a_crash_answers_500_without_the_exception_text(caplog: pytest.LogCaptur
         "/v1/%252e%252e/%252e%252e/admin",
         "/v1/models/.",
         "/v1/models%5c..%5c..%5cadmin",
+        "/v1/..;/admin",  # Tomcat-style path parameters: ..; is ..
+        "/v1/.;jsessionid=1/admin",
+        "/v1//evil.example/x",  # an empty segment
+        "/v1/%u002e%u002e/secret",  # IIS-style %u escapes
+        "/v1/%25u002e%25u002e/secret",
+        "/v1/%E2%80%AE",  # a right-to-left override
+        "/v1/models%E2%80%8B",  # a zero-width space
+        "/v1/models%C2%85x",  # a next-line control
     ],
 )
 def test_a_path_that_climbs_out_of_the_base_never_reaches_the_upstream(path: str) -> None:
@@ -126,6 +134,14 @@ def test_a_path_that_climbs_out_of_the_base_never_reaches_the_upstream(path: str
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_path"
     assert upstream.requests == []
     assert KEY.encode() not in body
+
+
+def test_ordinary_paths_still_pass() -> None:
+    upstream = Upstream()
+    client = proxy(upstream, upstream_api_key=KEY)
+    for path in ("/v1/models", "/v1/models/", "/v1/files/file-abc;x=1", "/v1/models/caf%C3%A9"):
+        status, _ = send_raw_path(client.app, path)
+        assert status != 400, path
 
 
 def send_raw_path(
