@@ -250,8 +250,38 @@ def test_files_reached_through_links_are_refused(
     third = _create(client, "Name the capital city.", 201)
     config = store.get(third["id"]).folder / "adapter_config.json"
     config.write_text(config.read_text().replace('"r": 4', '"r": 5'))
-    error = _error(client.get(f"/v1/adapters/{third['id']}/files/adapter_config.json"), 500)
-    assert error["code"] == "corrupt_adapter" and error["type"] == "server_error"
+    error = _error(client.get(f"/v1/adapters/{third['id']}/files/adapter_config.json"), 503)
+    assert error["code"] == "corrupt_adapter" and "verify --repair" in error["message"]
+
+
+def test_a_corrupt_adapter_asked_for_by_id_is_made_again_from_its_instruction(
+    client: TestClient, store: AdapterStore, runtime: AdapterRuntime
+) -> None:
+    made = _create(client, TRANSLATE, 201)
+    weights = store.get(made["id"]).folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated on disk
+    reply = _chat(client, model=f"{BASE_NAME}@{made['id']}", max_tokens=2)
+    remade = client.get("/v1/adapters").json()["data"]
+    assert [a["instruction"] for a in remade] == [TRANSLATE]
+    assert reply["choices"][0]["message"]["content"] is not None
+
+
+def test_a_corrupt_adapter_with_nothing_to_make_it_again_is_a_503(
+    tmp_path: Path, tiny_dir: Path, hypernet: Hypernetwork, runtime: AdapterRuntime
+) -> None:
+    with _store(tmp_path / "s", tiny_dir, hypernet.generate) as making:
+        made = making.get_or_create(TRANSLATE).record
+    weights = made.folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with _store(tmp_path / "s", tiny_dir) as bare:  # a service without a hypernetwork
+        app = create_adapter_app(bare, runtime, model_name=BASE_NAME, max_tokens_cap=8)
+        with TestClient(app) as test_client:
+            response = test_client.post(
+                "/v1/chat/completions",
+                json={"messages": MESSAGES, "model": f"{BASE_NAME}@{made.id}", "max_tokens": 2},
+            )
+    error = _error(response, 503, "corrupt_adapter")
+    assert made.id in error["message"]
 
 
 def test_delete_removes_the_adapter_and_detaches_it(
@@ -828,3 +858,16 @@ def test_cli_serve_adapters_runs_uvicorn_with_the_service(
     assert main([*argv, "--model", "someone/other-model"]) == 2
     assert "someone/other-model" in capsys.readouterr().err
     assert json.dumps(seen)  # what the server answered is plain JSON
+
+
+def test_the_reply_names_the_adapter_as_the_request_did(
+    client: TestClient, store: AdapterStore
+) -> None:
+    made = _create(client, TRANSLATE, 201)
+    by_id = _chat(client, model=f"{BASE_NAME}@{made['id']}", max_tokens=2)
+    assert by_id["model"] == f"{BASE_NAME}@{made['id']}"
+    store.rename(made["id"], "french")
+    by_name = _chat(client, model="french", max_tokens=2)
+    assert by_name["model"] == "french" and by_name["capplug"]["adapter"] == made["id"]
+    found = _chat(client, instruction=TRANSLATE, max_tokens=2)
+    assert found["model"] == f"{BASE_NAME}@{made['id']}"  # found by instruction: its id

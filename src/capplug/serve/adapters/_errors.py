@@ -45,9 +45,13 @@ def store_failure(exc: Exception, adapter_id: str) -> APIError:
     if isinstance(exc, WrongBaseModelError):
         return APIError(409, str(exc), code="wrong_base_model")
     if isinstance(exc, CorruptAdapterError):
+        # The service is fine; this adapter's files are not (503, not a bare 500). A chat that
+        # names it is answered by one made again from its instruction, where it has one.
         return APIError(
-            500,
-            f"adapter {adapter_id} is corrupt: {exc}",
+            503,
+            f"adapter {adapter_id} is corrupt (its files are missing or fail their sha256): "
+            f"{exc}. `capplug store verify --repair` sets it aside; make it again from its "
+            f"instruction (POST /v1/adapters) or import it again",
             code="corrupt_adapter",
             kind="server_error",
         )

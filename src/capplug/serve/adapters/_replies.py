@@ -17,10 +17,12 @@ from capplug.serve.adapters._service import Answer, Plan, Service
 def completion(service: Service, answer: Answer) -> dict[str, Any]:
     """The answer as OpenAI's ``chat.completion``, with the ``capplug`` object: the adapter
     found, how it was picked, which side answered (the judged fallback), and the timings.
-    ``model`` names what answered: the adapter, or the base model when it fell back."""
+    ``model`` names what answered: the adapter (as the request named it, the way vLLM echoes
+    a LoRA's name; ``<base>@<id>`` for one found by instruction), or the base model when it
+    fell back."""
     model = service.model_name
     if answer.adapter_id is not None and answer.used != "base":
-        model = f"{model}@{answer.adapter_id}"
+        model = answer.asked_as or f"{model}@{answer.adapter_id}"
     source = (
         "base" if answer.adapter_id is None else ("instruction" if answer.hit is not None else "id")
     )

@@ -5,6 +5,7 @@ error the client gets (:mod:`._errors`)."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -52,6 +53,8 @@ from capplug.serve.adapters._fallback import (
     reusable,
 )
 
+logger = logging.getLogger("capplug.serve.adapters")
+
 # ---------------------------------------------------------------------------- the service
 
 
@@ -63,6 +66,8 @@ class Plan(_chat.Sampling):
     instruction: str | None
     stream: bool = False
     fallback: FallbackMode = "off"
+    asked_as: str | None = None
+    """The ``model`` the request named its adapter by, echoed in the reply (as vLLM does)."""
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Answer:
     """Which side answered (None: the base model was asked for)."""
     fallback: dict[str, Any] | None = None
     """The judged fallback's part of the reply's ``capplug`` object."""
+    asked_as: str | None = None
+    """The ``model`` the request named its adapter by (see :class:`Plan`)."""
 
 
 class ChatRequest(_chat.ChatRequest, Protocol):
@@ -189,6 +196,20 @@ class Service:
         except Exception as exc:
             raise store_failure(exc, "") from exc
         return result.record, result
+
+    def intact_or_remade(self, record: AdapterRecord) -> tuple[str, AdapterRecord]:
+        """``record`` when its files are intact; when they are corrupt and the store can make
+        adapters, one made again from its instruction (the corrupt one is set aside by the
+        lookup, as for a request by instruction); else the corrupt adapter's 503."""
+        try:
+            self.store.files(record.id)
+            return record.id, record
+        except CorruptAdapterError as exc:
+            if self.store.generator is None or not (record.instruction or "").strip():
+                raise store_failure(exc, record.id) from exc
+            logger.warning("adapter %s is corrupt (%s); making it again", record.id, exc)
+        remade, _ = self.get_or_create(record.instruction, None)
+        return remade.id, remade
 
     def record(self, adapter_id: str) -> AdapterRecord:
         """The adapter with this id or name (404 for neither)."""
@@ -381,6 +402,7 @@ class Service:
             stops=list(request.stop or []),
             stream=bool(request.stream),
             fallback=fallback,
+            asked_as=request.model if adapter_id is not None else None,
         )
 
     def adapter_in_model(self, model: str | None) -> str | None:
@@ -422,8 +444,14 @@ class Service:
             adapter_id, hit, similarity = record.id, result.hit, result.similarity
             if self.metrics is not None:
                 self.metrics.lookups.labels("hit" if hit else "made").inc()
-        elif adapter_id is not None and plan.fallback == "best_of":
-            record = self.record(adapter_id)  # its instruction goes in the base model's prompt
+        elif adapter_id is not None:
+            if plan.fallback == "best_of":
+                record = self.record(adapter_id)  # its instruction goes in the base prompt
+            if adapter_id not in self.runtime:  # attached ones were checked when attached
+                stored = record or self.record(adapter_id)
+                remade_id, remade = self.intact_or_remade(stored)
+                if remade_id != adapter_id:
+                    adapter_id, record = remade_id, (remade if record is not None else None)
         timings["adapter"] = _ms(started)
         decision = None if adapter_id is None else decide(plan.fallback, record)
         comparison: Comparison | None = None
@@ -519,6 +547,7 @@ class Service:
             timings=timings,
             used=None if decision is None else decision.side,
             fallback=fallback,
+            asked_as=plan.asked_as,
         )
 
     def keep_check(
