@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 
+from capplug.adapters.store import AdapterRecord
+from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.serve import _chat
 from capplug.serve.adapters._service import Answer, Plan, Service
 
@@ -90,3 +92,39 @@ async def streamed(service: Service, plan: Plan) -> Response:
 def server_timing(timings: dict[str, float]) -> str:
     """The ``Server-Timing`` header for an answer's timings (ms)."""
     return ", ".join(f"{name};dur={value:g}" for name, value in timings.items())
+
+
+def adapter_json(record: AdapterRecord) -> dict[str, Any]:
+    """An adapter as the service lists it: its record, and its two files with their sizes."""
+    files = []
+    for name, sha in ((ADAPTER_WEIGHTS, record.sha256), (ADAPTER_CONFIG, record.config_sha256)):
+        try:
+            size: int | None = (record.folder / name).stat().st_size
+        except OSError:
+            size = None
+        files.append(
+            {
+                "name": name,
+                "bytes": size,
+                "sha256": sha,
+                "url": f"/v1/adapters/{record.id}/files/{name}",
+            }
+        )
+    return {
+        "id": record.id,
+        "object": "adapter",
+        "base_model": record.base_model,
+        "instruction": record.instruction,
+        "source": record.source,
+        "rank": record.rank,
+        "target_modules": list(record.target_modules),
+        "size": record.size,
+        "created": record.created,
+        "last_used": record.last_used,
+        "hypernetwork_version": record.hypernetwork_version,
+        "name": record.name,
+        "check": None if record.check is None else record.check.to_dict(),
+        "pinned": record.pinned,
+        "falls_back": record.falls_back,
+        "files": files,
+    }

@@ -33,8 +33,6 @@ from capplug.adapters.store import (
 from capplug.chat import blank
 from capplug.models import packaged_model
 from capplug.models.adapter_folder import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     AdapterFileError,
     WrongBaseModelError,
 )
@@ -217,40 +215,6 @@ class Service:
             return self.store.resolve(adapter_id)
         except UnknownAdapterError as exc:
             raise not_found(adapter_id) from exc
-
-    def adapter_json(self, record: AdapterRecord) -> dict[str, Any]:
-        files = []
-        for name, sha in ((ADAPTER_WEIGHTS, record.sha256), (ADAPTER_CONFIG, record.config_sha256)):
-            try:
-                size: int | None = (record.folder / name).stat().st_size
-            except OSError:
-                size = None
-            files.append(
-                {
-                    "name": name,
-                    "bytes": size,
-                    "sha256": sha,
-                    "url": f"/v1/adapters/{record.id}/files/{name}",
-                }
-            )
-        return {
-            "id": record.id,
-            "object": "adapter",
-            "base_model": record.base_model,
-            "instruction": record.instruction,
-            "source": record.source,
-            "rank": record.rank,
-            "target_modules": list(record.target_modules),
-            "size": record.size,
-            "created": record.created,
-            "last_used": record.last_used,
-            "hypernetwork_version": record.hypernetwork_version,
-            "name": record.name,
-            "check": None if record.check is None else record.check.to_dict(),
-            "pinned": record.pinned,
-            "falls_back": record.falls_back,
-            "files": files,
-        }
 
     def file_bytes(self, adapter_id: str, name: str) -> bytes:
         """One of the adapter's peft files, read without following links and checked."""

@@ -31,7 +31,7 @@ from capplug.serve._http import (
 )
 from capplug.serve._request_metrics import CountRequests, RequestMetrics
 from capplug.serve.adapters._fallback import require_judge
-from capplug.serve.adapters._replies import completion, server_timing, streamed
+from capplug.serve.adapters._replies import adapter_json, completion, server_timing, streamed
 from capplug.serve.adapters._schema import (
     Adapter,
     AdapterList,
@@ -238,7 +238,7 @@ def create_adapter_app(
         record, result = await run_in_threadpool(service.get_or_create, text, body.threshold)
         if body.probe is not None:
             record = await run_in_threadpool(service.check, record.id, body.probe)
-        data = await run_in_threadpool(service.adapter_json, record)
+        data = await run_in_threadpool(adapter_json, record)
         data.update(
             hit=result.hit,
             similarity=None if result.similarity is None else round(result.similarity, 4),
@@ -251,14 +251,14 @@ def create_adapter_app(
     ) -> dict[str, Any]:
         def listing() -> list[dict[str, Any]]:
             records = store.list_adapters()[:limit]
-            return [service.adapter_json(r) for r in records]
+            return [adapter_json(r) for r in records]
 
         return {"object": "list", "data": await run_in_threadpool(listing)}
 
     @app.get("/v1/adapters/{adapter_id}", response_model=Adapter, responses=errors(404))
     async def retrieve_adapter(adapter_id: str) -> dict[str, Any]:
         record = await run_in_threadpool(service.record, adapter_id)
-        return await run_in_threadpool(service.adapter_json, record)
+        return await run_in_threadpool(adapter_json, record)
 
     @app.get(
         "/v1/adapters/{adapter_id}/files/{name}",
@@ -289,7 +289,7 @@ def create_adapter_app(
     @app.patch("/v1/adapters/{adapter_id}", response_model=Adapter, responses=errors(404))
     async def patch_adapter(adapter_id: str, body: PatchAdapter) -> dict[str, Any]:
         record = await run_in_threadpool(service.pin, adapter_id, body.pinned)
-        return await run_in_threadpool(service.adapter_json, record)
+        return await run_in_threadpool(adapter_json, record)
 
     @app.post(
         "/v1/adapters/{adapter_id}/check",
@@ -302,7 +302,7 @@ def create_adapter_app(
     async def check_adapter(adapter_id: str, body: CheckAdapter | None = None) -> dict[str, Any]:
         probe = None if body is None else body.probe
         record = await run_in_threadpool(service.check, adapter_id, probe)
-        return await run_in_threadpool(service.adapter_json, record)
+        return await run_in_threadpool(adapter_json, record)
 
     @app.delete("/v1/adapters/{adapter_id}", response_model=Deleted, responses=errors(404))
     async def delete_adapter(adapter_id: str) -> dict[str, Any]:
