@@ -50,7 +50,7 @@ def test_object_documents_rank_fields_and_return_documents() -> None:
     assert reply["results"][0] == {
         "index": 2,
         "relevance_score": 0.9,
-        "document": {"text": "Canberra is the capital."},
+        "document": {"text": "Canberra is the capital.", "id": 2},  # every field kept
     }
     fields = client.post(
         "/v1/rerank",
@@ -61,7 +61,7 @@ def test_object_documents_rank_fields_and_return_documents() -> None:
             "return_documents": True,
         },
     ).json()
-    assert fields["results"][0]["document"] == {"text": "title: A\nbody: b"}
+    assert fields["results"][0]["document"] == {"title": "A", "body": "b"}
 
 
 @pytest.mark.parametrize(

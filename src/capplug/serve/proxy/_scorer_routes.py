@@ -62,8 +62,9 @@ class ScorerRoutes:
         results: list[dict[str, Any]] = []
         for i in order:
             result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if return_documents:
-                result["document"] = {"text": texts[i]}
+            if return_documents:  # as the client sent it: a string as {"text"}, an object whole
+                sent = body["documents"][i]
+                result["document"] = sent if isinstance(sent, dict) else {"text": texts[i]}
             results.append(result)
         model = body.get("model")
         return JSONResponse(
