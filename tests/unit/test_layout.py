@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
+import shutil
 from pathlib import Path
+
+import pytest
+from import_rules import (
+    every_crossing,
+    layer_crossings,
+    private_module_crossings,
+    private_name_crossings,
+)
 
 import capplug
 
@@ -12,70 +20,62 @@ SRC = Path(capplug.__file__).parent
 
 
 def test_no_private_name_is_imported_from_another_module():
-    crossings = []
-    for path in sorted(SRC.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
-                "capplug"
-            ):
-                continue
-            for alias in node.names:
-                if not alias.name.startswith("_") or alias.name.endswith("__"):
-                    continue  # public names, and dunders such as __version__
-                # A private module shared inside its package (serve._chat, say) is fine.
-                if importlib.util.find_spec(f"{node.module}.{alias.name}") is not None:
-                    continue
-                crossings.append(f"{path.relative_to(SRC)}: {node.module}.{alias.name}")
-    assert crossings == []
+    assert private_name_crossings(SRC) == []
 
 
-# What a path may touch: a package imports only from the layers below its own (and from itself).
-LAYERS = [
-    {"errors"},
-    {"_cache", "_runtime"},
-    {"models", "chat"},
-    {"llms", "feedback"},
-    {"data"},
-    {"scoring"},
-    {"adapters"},
-    {"selection"},
-    {"training"},
-    {"serve"},
-    {"cli"},
-]
-LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
-
-
-def _top(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+def test_a_private_module_is_imported_only_inside_its_package():
+    assert private_module_crossings(SRC) == []
 
 
 def test_every_package_imports_only_the_layers_below_it():
-    upward = []
-    for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC)
-        here = rel.parts[0].removesuffix(".py")
-        if here in ("__init__", "__main__", "testing"):
-            continue  # the package's lazy front door and the test helpers see everything
-        assert here in LAYER, f"{rel}: place {here!r} in a layer of LAYERS"
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("capplug"):
-                targets = [
-                    f"{node.module}.{a.name}" if node.module == "capplug" else node.module
-                    for a in node.names
-                ]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names if a.name.startswith("capplug.")]
-            else:
-                continue
-            for target in targets:
-                there = _top(target)
-                if there in ("", "__version__") or there == here:
-                    continue
-                if LAYER.get(there, 99) >= LAYER[here]:
-                    upward.append(f"{rel}:{node.lineno} imports {target}")
-    assert upward == []
+    # Imports by name as a string (importlib, the lazy maps of __init__ files) count too.
+    assert layer_crossings(SRC) == []
+
+
+PLANTED = {
+    "a private module from another package": (
+        "training/planted.py",
+        "from capplug.scoring._checkpoint import load\n",
+        "imports the private capplug.scoring._checkpoint",
+    ),
+    "a private module, imported as a name": (
+        "training/planted.py",
+        "from capplug.scoring import _checkpoint\n",
+        "imports the private capplug.scoring._checkpoint",
+    ),
+    "a private function": (
+        "training/planted.py",
+        "from capplug.scoring.model import _helper\n",
+        "imports the private name capplug.scoring.model._helper",
+    ),
+    "a higher layer, through importlib": (
+        "data/planted.py",
+        'import importlib\nimportlib.import_module("capplug.serve.proxy")\n',
+        "imports capplug.serve.proxy (by name, as a string)",
+    ),
+    "a higher layer, through a lazy map": (
+        "scoring/planted.py",
+        '_LAZY = {"Reranker": "capplug.selection.core"}\n',
+        "imports capplug.selection.core (by name, as a string)",
+    ),
+    "a higher layer, relatively": (
+        "data/planted.py",
+        "from ..training import scorer\n",
+        "imports capplug.training",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLANTED))
+def test_a_planted_violation_is_reported(tmp_path: Path, case: str) -> None:
+    relative, code, expected = PLANTED[case]
+    tree = tmp_path / "capplug"
+    shutil.copytree(SRC, tree, ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
+    assert every_crossing(tree) == []  # the copy is clean
+    (tree / relative).write_text(code)
+    found = every_crossing(tree)
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith(relative)
 
 
 def test_every_default_model_name_is_defined_once():

@@ -2,11 +2,8 @@
 
 - :class:`AdapterRuntime`: one local model with many named peft adapters (LRU-capped), batched
   generation where each prompt picks its adapter;
-- :func:`train_task_lora` / :func:`train_all`: teacher LoRAs on the task pool's train tasks
-  (trained in :mod:`capplug.training`, exported here too);
-- :class:`Hypernetwork`: instruction text -> LoRA weights in one forward pass;
-- :func:`train_hypernetwork`: TAGI's objective (prediction + distillation + weight matching),
-  with teacher LoRAs or without;
+- :class:`Hypernetwork`: instruction text -> LoRA weights in one forward pass (trained by
+  :mod:`capplug.training`: teacher LoRAs on the task pool's train tasks, and TAGI's objective);
 - :class:`AdapterStore`: adapters indexed in Chroma by instruction, reused for similar ones;
   :class:`ScorerHitCheck` checks a hit with the scorer before it is used;
 - :class:`AdapterJudge`: the judged fallback: an adapter's answer against the bare base model's,
@@ -36,16 +33,7 @@ _EXPORTS = {
     "DEFAULT_HYPERNETWORK": "hypernetwork",
     "Hypernetwork": "hypernetwork",
     "HypernetworkConfig": "hypernetwork",
-    "LoraTrainConfig": "capplug.training.teacher_lora",
-    "LoraTrainResult": "capplug.training.teacher_lora",
-    "train_all": "capplug.training.teacher_lora",
-    "train_task_lora": "capplug.training.teacher_lora",
-    "train_task_names": "capplug.training.teacher_lora",
     "AdapterRuntime": "runtime",
-    "HypernetTrainConfig": "capplug.training.hypernetwork",
-    "HypernetTrainResult": "capplug.training.hypernetwork",
-    "find_teachers": "capplug.training.hypernetwork",
-    "train_hypernetwork": "capplug.training.hypernetwork",
     "AdapterStore": "store",
     "AdapterJudge": "fallback",
     "Comparison": "fallback",

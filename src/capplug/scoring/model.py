@@ -33,8 +33,8 @@ from capplug.scoring._checkpoint import (
     load_checkpoint,
     model_name,
 )
-from capplug.scoring._precision import Precision, prepare
-from capplug.scoring._precision import choose as choose_cpu_precision
+from capplug.scoring.precision import Precision, prepare
+from capplug.scoring.precision import choose as choose_cpu_precision
 
 if TYPE_CHECKING:
     from capplug.models.adapter_folder import AdapterFiles, BaseModelIdentity

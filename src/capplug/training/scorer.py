@@ -33,7 +33,6 @@ import torch
 from capplug._runtime import seeded
 from capplug.data.rows import LabelledPair
 from capplug.models.adapter_folder import ADAPTER_CONFIG, read_adapter
-from capplug.scoring._precision import prepare
 from capplug.scoring.lora import (
     add_lora,
     lora_alpha,
@@ -43,6 +42,7 @@ from capplug.scoring.lora import (
     write_lora,
 )
 from capplug.scoring.model import EncodedPair, Scorer
+from capplug.scoring.precision import prepare
 from capplug.training._scorer_card import format_metrics, write_final
 from capplug.training.loop import Loop, Precision, Schedule
 

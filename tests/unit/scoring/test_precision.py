@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from capplug import Scorer
-from capplug.scoring import _precision
-from capplug.scoring._precision import ENV_VAR, Precision
+from capplug.scoring import precision as _precision
+from capplug.scoring.precision import ENV_VAR, Precision
 
 QUESTION = "what is the capital of france ?"
 RESPONSES = ["paris", "lyon", "the capital of france is paris .", "london"]

@@ -12,13 +12,9 @@ from test_teacher_lora import BARE, DESCRIBED, DEV, FIRST_WORD, YES, write_toy_p
 
 from capplug.adapters import (
     AdapterRuntime,
-    HypernetTrainConfig,
     Hypernetwork,
-    LoraTrainConfig,
     WrongBaseModelError,
     read_adapter,
-    train_hypernetwork,
-    train_task_lora,
     write_peft_folder,
 )
 from capplug.adapters.examples import LoraInjection, answer_logits, encode_example
@@ -29,6 +25,12 @@ from capplug.llms import LocalChatModel
 from capplug.models.adapter_folder import peft_key
 from capplug.scoring import TruncationWarning
 from capplug.testing import save_tiny_llama
+from capplug.training import (
+    HypernetTrainConfig,
+    LoraTrainConfig,
+    train_hypernetwork,
+    train_task_lora,
+)
 from capplug.training.hypernetwork import relative_weight_error
 from capplug.training.teacher_lora import task_folder_name
 

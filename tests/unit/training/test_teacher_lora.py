@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from capplug.adapters import LoraTrainConfig, read_adapter, train_all, train_task_lora
+from capplug.adapters import read_adapter
 from capplug.adapters.examples import answer_logits, encode_example
 from capplug.cli import main
 from capplug.data import Example, Task, is_test_example, load_task
 from capplug.llms import LocalChatModel
 from capplug.testing import save_tiny_llama
+from capplug.training import LoraTrainConfig, train_all, train_task_lora
 from capplug.training.teacher_lora import check_train_task, task_folder_name, train_task_names
 
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
