@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from capplug import Scorer
-from capplug.scoring._precision import route_linears_to_onednn, unroute_linears
+from capplug.scoring.precision import route_linears_to_onednn, unroute_linears
 
 Pairs = list[tuple[str, str]]
 

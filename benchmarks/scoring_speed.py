@@ -37,7 +37,7 @@ from capplug import Reranker, Scorer, resolve
 from capplug._cache import write_json_atomic
 from capplug._runtime import usable_cpus
 from capplug.errors import PackageFetchError
-from capplug.scoring._precision import native_bf16, processor_name
+from capplug.scoring.precision import native_bf16, processor_name
 
 RESULTS = Path(__file__).parent / "results"
 BIGBENCH_SOURCE = "the dev zero-shot choice tasks"

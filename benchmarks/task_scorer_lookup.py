@@ -45,7 +45,7 @@ from capplug.models.adapter_folder import (
     read_adapter,
     write_peft_folder,
 )
-from capplug.scoring._precision import processor_name
+from capplug.scoring.precision import processor_name
 from capplug.scoring.guard import GuardReport
 from capplug.training.scorer import TrainConfig, train_scorer
 

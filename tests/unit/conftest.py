@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from capplug.scoring._precision import ENV_VAR
+from capplug.scoring.precision import ENV_VAR
 
 
 @pytest.fixture(autouse=True, scope="session")
