@@ -139,22 +139,29 @@ def dev_list(pool: Pool, benchmark: str) -> dict[str, Any]:
     }
 
 
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"
+
+
 def dev_list_lines(lists: Iterable[dict[str, Any]], ran: Iterable[str]) -> list[str]:
     """For each dev list shorter than the original (or a run on part of it), one line that says
-    which tasks are left out and how many remain; no lines when every list is whole."""
+    which tasks are left out and how many remain; no lines when every list is whole, and none for
+    a list the run has no task of."""
     ran_set = set(ran)
     lines = []
     for info in lists:
         tasks, kept, missing = info["tasks"], info["kept"], info["missing"]
         name, total = f"dev.{info['benchmark']}", info["original"]
         here = [t for t in tasks if t in ran_set]
+        if not here:
+            continue
         parts = []
         if missing:
             parts.append(
-                f"{name}: {len(kept)} of the {total} tasks of the original BIG-bench list are in "
-                f"the task pool; {len(missing)} could not be recovered and are left out "
-                f"({', '.join(missing)}), so its figures are over {len(tasks)} tasks and do not "
-                f"compare with reports on all {total}."
+                f"{name}: {len(kept)} of the {total} tasks of the original BIG-bench list "
+                f"{_are(len(kept))} in the task pool; {len(missing)} could not be recovered and "
+                f"{_are(len(missing))} left out ({', '.join(missing)}), so its figures are over "
+                f"{len(tasks)} tasks and do not compare with reports on all {total}."
             )
         extra = [t for t in tasks if _bare(t) not in {_bare(k) for k in kept}]
         if extra:
@@ -164,9 +171,7 @@ def dev_list_lines(lists: Iterable[dict[str, Any]], ran: Iterable[str]) -> list[
                 else f"The pool adds dev tasks not on the original list: {', '.join(extra)}."
             )
         if len(here) < len(tasks):
-            parts.append(
-                f"This run covers {len(here)} of the {len(tasks)} ({', '.join(here) or 'none'})."
-            )
+            parts.append(f"This run covers {len(here)} of the {len(tasks)} ({', '.join(here)}).")
         if parts:
             lines.append(" ".join(parts))
     return lines

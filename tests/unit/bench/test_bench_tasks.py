@@ -44,6 +44,8 @@ def test_a_shrunk_dev_list_names_what_is_left_out(pool) -> None:
     # a run on part of the list says so too
     (part,) = _tasks.dev_list_lines([info], ["bigbench/winowhy"])
     assert part.endswith("This run covers 1 of the 2 (bigbench/winowhy).")
+    # a run on none of the list's tasks (another dev group) says nothing of it
+    assert _tasks.dev_list_lines([info], ["bigbench/tense"]) == []
 
 
 def test_natural_instructions_names_are_matched_across_sources() -> None:
@@ -51,6 +53,12 @@ def test_natural_instructions_names_are_matched_across_sources() -> None:
     assert _tasks._bare("natural_instructions_v1/subtask043_x") == "subtask043_x"
     assert _tasks._bare("bigbench/gem/common_gen") == "gem/common_gen"
     assert _tasks._bare("gem/common_gen") == "gem/common_gen"
+
+
+def test_one_task_left_out_reads_as_one(pool) -> None:
+    info = {**_tasks.dev_list(pool, "zero_shot_choice"), "missing": ["crass_ai"]}
+    (line,) = _tasks.dev_list_lines([info], info["tasks"])
+    assert "1 could not be recovered and is left out (crass_ai)" in line
 
 
 def test_a_whole_list_adds_no_line() -> None:
