@@ -4,8 +4,9 @@ A store hit means an instruction is worded like one an adapter was made for, not
 same task. This measures what using such hits costs in answer quality, and whether the scorer
 check catches the harmful ones:
 
-1. The hypernetwork makes an adapter for each Natural-Instructions *train* task's definition;
-   all of them go into a fresh store (indexed by the packaged MiniLM, as in production).
+1. The hypernetwork makes an adapter for each Natural-Instructions (v1) *train* task's
+   definition in the task pool; all of them go into a fresh store (indexed by the packaged
+   MiniLM, as in production).
 2. Each `dev.instruction_to_adapter` task's definition is looked up at a similarity threshold:
    the store's default 0.8, and 0.6 where hits are commoner (both fixed beforehand, not tuned).
 3. Three ways to get that dev task's adapter:
@@ -20,10 +21,15 @@ check catches the harmful ones:
 Per task: the best hit's task and similarity, the check's score and verdict, and the Rouge-L of
 each way. Overall: mean Rouge-L per way and threshold, how many hits were refused, how many of
 the refusals were right (the hit answered worse than a fresh adapter) and how many kept hits
-were right, and what a check costs. Answers are cached per (adapter weights, task) under
+were right, and what a check costs. Answers are cached per (adapter weights, task data) under
 $CAPPLUG_HOME/bench-cache/adapter_hit_check.
 
-    python -m benchmarks.adapter_hit_check [--hypernet REF] [--limit 30] [--bar 0.5]
+Tasks come from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout). Where the pool's dev list is shorter than the original BIG-bench list, the report
+says which tasks are left out.
+
+    python -m benchmarks.adapter_hit_check [--data PATH] [--hypernet REF] [--limit 30]
+        [--bar 0.5] [--tasks ...]
 
 Writes benchmarks/results/adapter_hit_check.{json,md} (or into --results DIR).
 """
@@ -40,20 +46,31 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._report import write_results
+from benchmarks._tasks import (
+    add_data_option,
+    dev_list,
+    dev_list_lines,
+    dev_tasks,
+    open_data,
+    resolve_tasks,
+)
 from benchmarks.instruction_to_adapter import (
     DEFAULT_HYPERNET,
     MAX_NEW_TOKENS,
     AnswerCache,
     short,
+    task_digest,
     tensors_digest,
     test_examples,
 )
-from capplug.data import bigbench
-from capplug.data.bigbench import Task, task_names
+from capplug.data import Pool, Task
 from capplug.data.labels import rouge_l
+from capplug.errors import DataError
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "adapter_hit_check"
+DEV = "instruction_to_adapter"  # the dev list whose tasks look up the store
+STORED_SOURCE = "natural_instructions_v1"  # the train tasks whose adapters fill the store
 THRESHOLDS = (0.8, 0.6)
 WAYS = {
     "fresh": "always fresh (a miss)",
@@ -79,7 +96,12 @@ class Answers:
             return self.scores[key]
         task = self.loaded[task_name]
         test = test_examples(task, self.args.limit)
-        source = {"adapter": f"weights:{digest}", "definition": True, "decoding": "greedy"}
+        source = {
+            "task": task_digest(task),
+            "adapter": f"weights:{digest}",
+            "definition": True,
+            "decoding": "greedy",
+        }
         cache = AnswerCache(digest, task_name, source, bench=NAME)
         todo = cache.missing(test)
         if todo:
@@ -98,20 +120,34 @@ class Answers:
         return self.scores[key]
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def stored_tasks(pool: Pool) -> list[str]:
+    """The train tasks whose adapters fill the store: the pool's Natural-Instructions v1 ones.
+
+    Raises:
+        DataError: the pool has none.
+    """
+    names = pool.names("train", source=STORED_SOURCE)
+    if not names:
+        raise DataError(
+            f"the task pool at {pool.root} has no {STORED_SOURCE} train tasks to fill the "
+            f"store with"
+        )
+    return names
+
+
+def evaluate(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
     from capplug import Scorer
     from capplug.adapters import AdapterRuntime, AdapterStore, Hypernetwork, ScorerHitCheck
     from capplug.models.adapter_folder import read_adapter
-    from capplug.training.teacher_lora import train_task_names
 
+    dev = args.tasks or dev_tasks(pool, DEV)
+    train = stored_tasks(pool)
+    loaded = {name: pool.load(name) for name in [*dev, *train]}
     hypernet = Hypernetwork.from_pretrained(args.hypernet, device=args.device)
     runtime = AdapterRuntime.from_pretrained(
         hypernet.config.base_ref, device=args.device, max_loaded=4
     )
     scorer = Scorer.from_pretrained("capplug-default", device=args.device)
-    dev = args.tasks or task_names("dev", "instruction_to_adapter")
-    train = train_task_names()
-    loaded = {name: bigbench.load_task(name) for name in [*dev, *train]}
     answers = Answers(runtime, loaded, args)
     by_instruction: dict[str, str] = {}
     fresh = {name: hypernet.generate(loaded[name].definition or "") for name in dev}
@@ -188,13 +224,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "benchmark": NAME,
+        "data": str(pool.root),
+        "dev_lists": [dev_list(pool, DEV)],
+        "dev_tasks": dev,
         "hypernet": str(args.hypernet),
         "base_model": hypernet.config.base_model,
         "bar": args.bar,
         "limit": args.limit,
         "max_new_tokens": MAX_NEW_TOKENS,
         "metric": "Rouge-L F x 100, max over references",
-        "store": f"{len(train)} adapters, one per Natural-Instructions train task",
+        "store": f"{len(train)} adapters, one per Natural-Instructions train task of the pool",
         "thresholds": runs,
         "machine": machine(runtime.chat.device),
     }
@@ -236,6 +275,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
                     f"{hit['check_score']:.3f} {'kept' if hit['kept'] else 'refused'}, Rouge-L "
                     f"{hit['rouge']:.1f} vs. fresh {row['fresh']:.1f}"
                 )
+    notes = dev_list_lines(result.get("dev_lists") or [], result.get("dev_tasks") or [])
+    if notes:
+        lines += ["", *notes]
     return lines
 
 
@@ -248,25 +290,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hypernet", default=DEFAULT_HYPERNET, metavar="REF")
     parser.add_argument("--limit", type=int, default=30, help="test examples per task")
     parser.add_argument("--bar", type=float, default=0.5, help="ScorerHitCheck's bar")
-    parser.add_argument("--tasks", nargs="*", help="a subset of dev.instruction_to_adapter")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        help="a subset of dev.instruction_to_adapter (natural_instructions_v1/subtask043_..., or "
+        "subtask043_...)",
+    )
     parser.add_argument("--batch", type=int, default=16, help="prompts per generation call")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the report")
+    add_data_option(parser)
     args = parser.parse_args(argv)
-    allowed = task_names("dev", "instruction_to_adapter")
-    if args.tasks and not set(args.tasks) <= set(allowed):
-        parser.error(f"--tasks must be tasks of dev.instruction_to_adapter: {allowed}")
     if args.limit < 1:
         parser.error("--limit must be >= 1")
     if not 0.0 <= args.bar <= 1.0:
         parser.error("--bar must be in [0, 1]")
+    args.pool = open_data(args, parser)
+    try:
+        allowed = dev_tasks(args.pool, DEV)
+        stored_tasks(args.pool)
+    except DataError as exc:
+        parser.error(str(exc))
+    args.tasks = resolve_tasks(parser, args.pool, args.tasks, allowed, "dev.instruction_to_adapter")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    result = evaluate(args)
+    result = evaluate(args, args.pool)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report(result, args.results)
     return 0

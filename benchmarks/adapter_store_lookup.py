@@ -8,9 +8,10 @@ indexed in bulk by ``AdapterStore.add_in_place`` rather than one ``put`` at a ti
 writes, ~45 ms of SQLite commit each plus an embedding, would take a quarter of an hour here and
 measure nothing lookup does); the rows, metadata and layout are the store's own.
 
-The indexed instructions are synthetic but realistic: the opening sentences of the 44
-Natural-Instructions definitions among the BIG-bench ``train`` tasks, each combined (seeded) with
-an input domain and two output constraints, 10,000 distinct texts. Two query kinds, timed apart:
+The indexed instructions are synthetic but realistic: the opening sentences of the definitions
+of the task pool's Natural-Instructions (v1) ``train`` tasks (38 in ../shared/data), each
+combined (seeded) with an input domain and two output constraints, 10,000 distinct texts. Two
+query kinds, timed apart:
 
 - unseen paraphrases: an indexed instruction reworded (the definition's phrasing rewritten, the
   domain and constraints said differently and reordered), so its hash is new and the lookup
@@ -21,7 +22,11 @@ an input domain and two output constraints, 10,000 distinct texts. Two query kin
 Beside the end-to-end figure: the embedding alone (MiniLM, one text), the Chroma query alone
 (k=3, with metadata and documents), and the hash lookup alone (``get`` by metadata).
 
-    python -m benchmarks.adapter_store_lookup [--sizes 100 1000 10000]   # threads = cores
+    python -m benchmarks.adapter_store_lookup [--data PATH] [--sizes 100 1000 10000]
+        [--queries 300] [--out PATH]   # threads = cores
+
+Tasks come from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout).
 
 Writes benchmarks/results/adapter_store_lookup.{json,md}.
 """
@@ -44,14 +49,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks._tasks import add_data_option, open_data
 from capplug._cache import cache_home, sha256_file, write_json_atomic
 from capplug.adapters.embedding import SentenceEncoderEmbeddingFunction
 from capplug.adapters.store import AdapterRecord, AdapterStore, instruction_hash
-from capplug.data.bigbench import load_task, task_names
+from capplug.data import Pool
+from capplug.errors import DataError
 from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 RESULTS = Path(__file__).parent / "results"
 BASE = "smollm2-135m-instruct"
+DEFINITIONS_SOURCE = "natural_instructions_v1"  # the train tasks whose definitions are indexed
 
 DOMAINS = [
     ("news articles", "pieces of news reporting"),
@@ -118,24 +126,33 @@ REWRITES = [
 # ------------------------------------------------------------------------------ the texts
 
 
-def definitions() -> list[str]:
-    """The opening sentences of each Natural-Instructions train task's definition."""
+def definitions(pool: Pool) -> list[str]:
+    """The opening sentences of each Natural-Instructions (v1) train task's definition.
+
+    Raises:
+        DataError: the pool has no such task with a definition.
+    """
     cores = []
-    for name in task_names("train"):
-        if not name.startswith("natural_instructions/"):
-            continue
-        definition = (load_task(name).definition or "").strip()
+    for task in pool.tasks(pool.names("train", source=DEFINITIONS_SOURCE)):
+        definition = (task.definition or "").strip()
         definition = re.sub(r"^Definition:\s*", "", definition)
         sentences = re.split(r"(?<=[.!?])\s+", definition)
         core = " ".join(sentences[:2]).strip()
         if core:
             cores.append(core)
+    if not cores:
+        raise DataError(
+            f"the task pool at {pool.root} has no {DEFINITIONS_SOURCE} train task with a "
+            f"definition to make instructions from"
+        )
     return cores
 
 
-def instructions(count: int, seed: int = 0) -> tuple[list[str], list[dict[str, Any]]]:
-    """``count`` distinct instructions and the parts each was made from (to paraphrase it)."""
-    cores = definitions()
+def instructions(
+    cores: list[str], count: int, seed: int = 0
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """``count`` distinct instructions made from ``cores`` and the parts each was made from (to
+    paraphrase it)."""
     rng = random.Random(seed)
     texts: list[str] = []
     parts: list[dict[str, Any]] = []
@@ -370,13 +387,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--queries", type=int, default=300, help="per query kind and size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "adapter_store_lookup")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "adapter_store_lookup",
+        help="where to write the report: OUT.json and OUT.md (default: %(default)s)",
+    )
+    add_data_option(parser)
     args = parser.parse_args()
+    if min(args.sizes) < 1 or args.queries < 1:
+        parser.error("--sizes and --queries must be >= 1")
+    try:
+        cores = definitions(open_data(args, parser))
+    except DataError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     load_before = os.getloadavg()
 
-    texts, parts = instructions(max(args.sizes), seed=args.seed)
-    cores = definitions()
+    texts, parts = instructions(cores, max(args.sizes), seed=args.seed)
     ef = SentenceEncoderEmbeddingFunction()
     started = time.perf_counter()
     vectors = embed_all(ef, texts)
@@ -427,8 +455,10 @@ def main() -> None:
             "index": "chromadb PersistentClient, HNSW cosine, defaults (M=16, ef_search=100)",
             "k": 3,
             "queries_per_kind": args.queries,
-            "instructions": "opening sentences of 44 Natural-Instructions train definitions x 24 "
-            "domains x 2 of 16 constraints (seeded); paraphrases reword all three parts",
+            "instructions": f"opening sentences of {len(cores)} Natural-Instructions train "
+            f"definitions (the task pool's {DEFINITIONS_SOURCE} train tasks) x {len(DOMAINS)} "
+            f"domains x 2 of {len(CONSTRAINTS)} constraints (seeded); paraphrases reword all "
+            "three parts",
             "adapter_files": "placeholders (rank-1, one module); the index is what is measured",
             "bulk_embedding_seconds": round(embed_all_s, 1),
         },

@@ -1,14 +1,14 @@
 """Instruction-to-adapter quality (docs/benchmarks.md, "Instruction-to-adapter quality").
 
-On the Natural-Instructions tasks of dev.instruction_to_adapter, with the test examples of the
-example_split rule (at most 100 per task), greedy decoding and at most 64 new tokens, the mean
-Rouge-L F (max over references) of five ways to answer, side by side:
+On the Natural-Instructions tasks the task pool marks dev for instruction_to_adapter, with the
+test examples of the example_split rule (at most 100 per task), greedy decoding and at most 64
+new tokens, the mean Rouge-L F (max over references) of five ways to answer, side by side:
 
 - the base model with the task's definition in the prompt (zero-shot);
 - the base model + the adapter the hypernetwork makes from the definition, definition in the
   prompt;
 - the same adapter without the definition in the prompt;
-- one multi-task LoRA trained on all 44 Natural-Instructions train tasks
+- one multi-task LoRA trained on all Natural-Instructions train tasks
   (`capplug adapters train-lora --multitask`), definition in the prompt, as it was trained;
 - the generated adapter behind the judged fallback (:class:`capplug.adapters.AdapterJudge`):
   per task, the adapter and the base model (both with the definition) answer one probe, the
@@ -26,10 +26,14 @@ training run recorded), as a ratio.
 A row whose model is not there (no hypernetwork, no --multitask, a task without a per-task
 LoRA) is reported missing, with the reason; no number is made up for it. Answers are cached per
 (variant, task) under $CAPPLUG_HOME/bench-cache/instruction_to_adapter, keyed by a digest of the
-weights that made them, so the script can be stopped and run again, and a retrained adapter gets
-fresh answers.
+weights that made them and of the task's definition and inputs, so the script can be stopped and
+run again, and a retrained adapter (or changed task data) gets fresh answers.
 
-    python -m benchmarks.instruction_to_adapter [--hypernet REF] [--multitask DIR]
+Tasks come from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout). Where the pool's dev list is shorter than the original BIG-bench list, the report
+says which tasks are left out.
+
+    python -m benchmarks.instruction_to_adapter [--data PATH] [--hypernet REF] [--multitask DIR]
         [--per-task DIR [--train-missing]] [--scorer REF] [--limit 100] [--tasks ...]
 
 Writes benchmarks/results/instruction_to_adapter.{json,md,png} (or into --results DIR).
@@ -50,18 +54,26 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._report import bar_chart, task_table, write_results
+from benchmarks._tasks import (
+    add_data_option,
+    dev_list,
+    dev_list_lines,
+    dev_tasks,
+    open_data,
+    resolve_tasks,
+)
 from capplug._cache import cache_home, write_json_atomic
-from capplug.data import bigbench
-from capplug.data.bigbench import Example, Task, task_names
+from capplug.data import Example, Pool, Task
 from capplug.data.labels import rouge_l
+from capplug.errors import DataError
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "instruction_to_adapter"
 MAX_NEW_TOKENS = 64
 GAIN_TARGET = 3.0
+"""Generated adapter + definition must beat base + definition by this many Rouge-L points."""
 FALLBACK_FLOOR = -2.0
 """With the judged fallback, no task may fall below base + definition by more than this."""
-"""Generated adapter + definition must beat base + definition by this many Rouge-L points."""
 SPEEDUP_TARGET = 1000.0
 DEFAULT_HYPERNET = "capplug-hypernet-smollm2"
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -94,6 +106,15 @@ def short(task: str) -> str:
 def test_examples(task: Task, limit: int) -> list[Example]:
     """The example_split rule's test part with references, in file order, at most ``limit``."""
     return [e for e in task.examples if e.is_test and e.targets][:limit]
+
+
+def task_digest(task: Task) -> str:
+    """What a task's answers depend on besides the model: its definition and its inputs (so
+    answers cached for other task data are made again)."""
+    digest = hashlib.sha256((task.definition or "").encode())
+    for example in task.examples:
+        digest.update(f"\n{example.index}\t{example.input}".encode())
+    return digest.hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:
@@ -184,16 +205,18 @@ class Models:
 
 
 def train_missing_ceilings(
-    tasks: list[str], per_task: Path, models: Models, args: argparse.Namespace
+    tasks: dict[str, Task], per_task: Path, models: Models, args: argparse.Namespace
 ) -> None:
-    """Train (or resume) the per-task LoRA of every task that has none: dev train examples only."""
+    """Train (or resume) the per-task LoRA of every task that has none: dev train examples only.
+
+    Each is given the task as loaded from the pool, so it trains on that data."""
     from capplug.training.teacher_lora import BENCHMARK_CEILING, task_folder_name, train_task_lora
 
     todo = [t for t in tasks if finished_lora(per_task / task_folder_name(t), t) is None]
     for position, name in enumerate(todo, start=1):
         print(f"per-task LoRA {position}/{len(todo)}: {short(name)}")
         train_task_lora(
-            name,
+            tasks[name],
             per_task / task_folder_name(name),
             chat=models.load_chat(),
             config=ceiling_config(),
@@ -202,14 +225,14 @@ def train_missing_ceilings(
         )
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
     from capplug.adapters.examples import user_prompt
     from capplug.errors import CheckpointError, ModelNotFoundError
     from capplug.models.adapter_folder import AdapterFileError, canonical_model_name
-    from capplug.training.teacher_lora import task_folder_name
 
-    tasks = args.tasks or task_names("dev", "instruction_to_adapter")
-    loaded = {name: bigbench.load_task(name) for name in tasks}
+    tasks = args.tasks or dev_tasks(pool, NAME)
+    loaded = {name: pool.load(name) for name in tasks}
+    digests = {name: task_digest(task) for name, task in loaded.items()}
     missing: dict[str, str] = {}
 
     hypernet = None
@@ -244,12 +267,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "no per-task LoRA folder given: pass --per-task DIR (--train-missing trains them)"
         )
     elif args.train_missing:
-        train_missing_ceilings(tasks, per_task, models, args)
+        train_missing_ceilings(loaded, per_task, models, args)
+
+    def ceiling_folder(task: str) -> Path:
+        from capplug.training.teacher_lora import task_folder_name
+
+        assert per_task is not None
+        return per_task / task_folder_name(task)
 
     def ceiling(task: str) -> dict[str, Any] | None:
         if per_task is None:
             return None
-        return finished_lora(per_task / task_folder_name(task), task)
+        return finished_lora(ceiling_folder(task), task)
 
     timing = measure_generation(hypernet, [loaded[t].definition or "" for t in tasks], tasks)
     generation_adapters: dict[str, Any] = {}
@@ -267,9 +296,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         elif variant == "per-task":
             if ceiling(task) is None:
                 return None
-            folder = per_task / task_folder_name(task)
-            adapter = "lora:" + file_digest(folder / "adapter_model.safetensors")
+            adapter = "lora:" + file_digest(ceiling_folder(task) / "adapter_model.safetensors")
         return {
+            "task": digests[task],
             "base": base_name,
             "adapter": adapter,
             "definition": WITH_DEFINITION[variant],
@@ -291,7 +320,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         elif variant == "multitask":
             runtime.add(name, multitask)
         else:
-            runtime.add(name, per_task / task_folder_name(task))
+            runtime.add(name, ceiling_folder(task))
         models.attached[name] = key
         return name
 
@@ -386,6 +415,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     timing["speedup"] = train / gen if gen and train is not None else None
     return {
         "benchmark": NAME,
+        "data": str(pool.root),
+        "dev_lists": [dev_list(pool, NAME)],
         "base_model": base_name,
         "hypernet": str(args.hypernet) if hypernet is not None else None,
         "multitask": str(multitask) if multitask is not None else None,
@@ -540,7 +571,16 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     if result["missing"]:
         lines += ["", "Missing rows:", ""]
         lines += [f"- {VARIANTS[v]}: {why}" for v, why in result["missing"].items()]
+    notes = dev_list_lines(result.get("dev_lists") or [], _full_names(result))
+    if notes:
+        lines += ["", *notes]
     return lines
+
+
+def _full_names(result: dict[str, Any]) -> list[str]:
+    """The pool's names of the tasks a result holds (its rows are keyed by short names)."""
+    listed = [t for info in result.get("dev_lists") or [] for t in info["tasks"]]
+    return [t for t in listed if short(t) in result["tasks"]]
 
 
 def write_report(result: dict[str, Any], folder: Path) -> None:
@@ -550,7 +590,7 @@ def write_report(result: dict[str, Any], folder: Path) -> None:
         folder / f"{NAME}.png",
         [VARIANTS[v] for v in shown],
         [result["mean"][v] for v in shown],
-        "mean Rouge-L F, Natural-Instructions dev tasks (dev.instruction_to_adapter)",
+        f"mean Rouge-L F, {len(result['tasks'])} Natural-Instructions dev tasks",
     )
 
 
@@ -580,7 +620,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the scorer the judged fallback's selector judges with (default: capplug-default)",
     )
     parser.add_argument("--limit", type=int, default=100, help="test examples per task")
-    parser.add_argument("--tasks", nargs="*", help="a subset of dev.instruction_to_adapter")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        help="a subset of dev.instruction_to_adapter (natural_instructions_v1/subtask043_..., or "
+        "subtask043_...)",
+    )
     parser.add_argument(
         "--base", metavar="REF", help="base model (default: the hypernetwork's, else SmolLM2)"
     )
@@ -588,20 +633,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the report")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_data_option(parser)
     args = parser.parse_args(argv)
-    allowed = task_names("dev", "instruction_to_adapter")
-    if args.tasks and not set(args.tasks) <= set(allowed):
-        parser.error(f"--tasks must be tasks of dev.instruction_to_adapter: {allowed}")
     if args.train_missing and not args.per_task:
         parser.error("--train-missing needs --per-task DIR to train into")
     if args.limit < 1 or args.batch < 1:
         parser.error("--limit and --batch must be >= 1")
+    args.pool = open_data(args, parser)
+    try:
+        allowed = dev_tasks(args.pool, NAME)
+    except DataError as exc:
+        parser.error(str(exc))
+    args.tasks = resolve_tasks(parser, args.pool, args.tasks, allowed, "dev.instruction_to_adapter")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = evaluate(args)
+    result = evaluate(args, args.pool)
     write_report(result, args.results)
     return result
 

@@ -1,22 +1,27 @@
-"""Reranking generated answers on BIG-bench dev tasks (docs/benchmarks.md, "Rerank generation").
+"""Reranking generated answers on the dev tasks (docs/benchmarks.md, "Rerank generation").
 
-For each task in dev.rerank_generation and dev.instruction_to_adapter, examples are split by the
-example_split rule and at most 100 test examples are used. Every test instruction gets 17
-candidates from SmolLM2-135M-Instruct (Cappy's recipe: 1 beam-search output with 4 beams, then 4
-each of plain sampling, temperature 0.9, top-k 40 and top-p 0.95; at most 64 new tokens), drawn
-with fixed seeds and cached so every selector sees the same candidates. Reported: mean Rouge-L F
+For each task the task pool marks dev for rerank_generation and instruction_to_adapter, examples
+are split by the example_split rule and at most 100 test examples are used. Every test
+instruction gets 17 candidates from SmolLM2-135M-Instruct (Cappy's recipe: 1 beam-search output
+with 4 beams, then 4 each of plain sampling, temperature 0.9, top-k 40 and top-p 0.95; at most 64
+new tokens), drawn with fixed seeds and cached so every selector sees the same candidates. Reported: mean Rouge-L F
 of the candidate each selector picks, and the share of the gap between the best non-oracle
 baseline (beam search, self-scoring by summed or mean log-probability) and the oracle that a
 selector closes, each with a 95% interval from a paired bootstrap over the test examples (the
 results JSON keeps every example's Rouge-L under every selector for this).
 
+Tasks come from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout). Where the pool's dev lists are shorter than the original BIG-bench lists, the
+report says which tasks are left out.
+
 Generating candidates is the slow part (4-12 s per instruction on a 2-core CPU); it is
 cached per task under $CAPPLUG_HOME/bench-cache and resumes where it stopped, so the script can
 be run, stopped and run again. `--generate-only` fills the cache without scoring.
 
-    python -m benchmarks.rerank_generation [--scorer REF] [--adapt-examples 32] [--tasks ...]
+    python -m benchmarks.rerank_generation [--data PATH] [--scorer REF] [--adapt-examples 32]
+        [--limit 100] [--tasks ...] [--results DIR]
 
-Writes benchmarks/results/rerank_generation.{json,md,png}.
+Writes benchmarks/results/rerank_generation.{json,md,png} (or into --results DIR).
 
 Choices about the adapted scorer (`--adapt-rank-weight`, `--adapt-epochs`, `--adapt-lr`) are
 made on train tasks, never on dev: `--split train --tasks T ... --out FILE` runs the same
@@ -30,15 +35,19 @@ import hashlib
 import json
 import random
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import _tasks
 from benchmarks._report import bar_chart, task_table
+from benchmarks._tasks import add_data_option, dev_list, dev_list_lines, open_data, resolve_tasks
 from capplug._cache import cache_home, write_json_atomic
-from capplug.data.bigbench import Example, load_task, task_names
+from capplug.data import Example, Pool
 from capplug.data.labels import rouge_l
+from capplug.errors import DataError
 from capplug.selection import SIGNALS, rouge_agreement
 
 RESULTS = Path(__file__).parent / "results"
@@ -130,8 +139,10 @@ class _Lookup:
         return [self.table[r] for r in responses]
 
 
-def split(task: str, limit: int) -> tuple[list[Example], list[Example]]:
-    examples = [e for e in load_task(task).examples if e.targets]
+def split(pool: Pool, task: str, limit: int) -> tuple[list[Example], list[Example]]:
+    """A task's test examples by the example_split rule (at most ``limit``, in file order) and
+    its train examples (all of them), each with references."""
+    examples = [e for e in pool.load(task).examples if e.targets]
     test = [e for e in examples if e.is_test][:limit]
     train = [e for e in examples if not e.is_test]
     return test, train
@@ -226,8 +237,8 @@ def adapt_scorer(
     return scorer
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    tasks = args.tasks or dev_tasks()
+def evaluate(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
+    tasks = args.tasks or dev_tasks(pool)
     model = fused = None
     lookup = _Lookup()
     loaded: list[Any] = []
@@ -242,7 +253,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, float]] = {}
     for task in tasks:
-        test, train = split(task, args.limit)
+        test, train = split(pool, task, args.limit)
         adapt_examples = adaptation_examples(task, train, args.adapt_examples)
         cache = CandidateCache(task, args.seed)
         if cache.missing(test + adapt_examples):
@@ -313,8 +324,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.generate_only:
         return {}
     mean, best_baseline, closed = summarise(list(per_task.values()))
+    dev = args.split == "dev"
     return {
         "benchmark": "rerank_generation",
+        "data": str(pool.root),
+        # each dev group's tasks in this run, in list order (for the per-group table)
+        "groups": {
+            group: [t for t in pool.names("dev", benchmark=group) if t in per_task]
+            for group in (GROUPS if dev else ())
+        },
+        "dev_lists": [dev_list(pool, group) for group in GROUPS] if dev else [],
         "scorer": args.scorer,
         "lm": args.lm,
         "limit": args.limit,
@@ -387,9 +406,10 @@ def paired_intervals(
         gap = means["oracle"] - best
         margin = means[c] - best
         share = np.divide(margin, gap, out=np.full_like(margin, np.nan), where=gap > 0)
+        share = share[~np.isnan(share)]  # resamples with no gap to close have no share
         out[c] = {
             "margin": tuple(np.percentile(margin, [2.5, 97.5])),
-            "gap_closed": tuple(np.nanpercentile(share, [2.5, 97.5])),
+            "gap_closed": tuple(np.percentile(share, [2.5, 97.5])) if share.size else (np.nan,) * 2,
         }
     return out
 
@@ -412,20 +432,25 @@ def interval_lines(result: dict[str, Any]) -> list[str]:
         gap = result["mean"]["oracle"] - result["mean"][best]
         (lo, hi), (slo, shi) = interval["margin"], interval["gap_closed"]
         which = "best baseline" if baselines == BASELINES else "best baseline without log-probs"
+        closed = (
+            f"gap closed {percent(margin / gap)}, interval {percent(slo)} to {percent(shi)}"
+            if gap > 0
+            else "no gap to close (the oracle is no better)"
+        )
         lines.append(
             f"- {LABELS[c]}: {margin:+.1f} points against the {which} ({LABELS[best]}), "
-            f"interval {lo:+.1f} to {hi:+.1f}; gap closed {percent(margin / gap)}, "
-            f"interval {percent(slo)} to {percent(shi)}."
+            f"interval {lo:+.1f} to {hi:+.1f}; {closed}."
         )
     return lines
 
 
 def group_lines(result: dict[str, Any]) -> list[str]:
-    """Per dev group (rerank_generation, instruction_to_adapter): a Markdown table of its means."""
+    """Per dev group (rerank_generation, instruction_to_adapter): a Markdown table of its means
+    (none for a run on one group, on train tasks, or a result that does not record its groups)."""
     groups = {
         f"{len(tasks)} `dev.{group}`": tasks
-        for group in GROUPS
-        if (tasks := [t for t in task_names("dev", group) if t in result["tasks"]])
+        for group, names in (result.get("groups") or {}).items()
+        if (tasks := [t for t in names if t in result["tasks"]])
     }
     if len(groups) < 2:
         return []
@@ -452,8 +477,9 @@ def group_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def dev_tasks() -> list[str]:
-    return [task for group in GROUPS for task in task_names("dev", group)]
+def dev_tasks(pool: Pool) -> list[str]:
+    """The pool's dev tasks of both groups, in list order."""
+    return _tasks.dev_tasks(pool, *GROUPS)
 
 
 def columns_of(result: dict[str, Any]) -> list[str]:
@@ -464,7 +490,9 @@ def columns_of(result: dict[str, Any]) -> list[str]:
 def report_lines(result: dict[str, Any]) -> list[str]:
     """The per-task table and each scorer's share of the gap, as Markdown lines."""
     columns = columns_of(result)
-    order = {task: i for i, task in enumerate(dev_tasks())}  # the JSON keeps task names sorted
+    # the JSON keeps task names sorted: dev tasks go back into list order
+    listed = [t for names in (result.get("groups") or {}).values() for t in names]
+    order = {task: i for i, task in enumerate(dict.fromkeys(listed))}
     tasks = {t: result["tasks"][t] for t in sorted(result["tasks"], key=lambda t: order.get(t, -1))}
     lines = task_table(columns, LABELS, tasks, result["mean"], lambda v: f"{v:.1f}")
     lines.append("")
@@ -482,25 +510,28 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     groups = group_lines(result)
     if groups:
         lines += ["", "By group of dev tasks (means over each group's tasks):", "", *groups]
+    notes = dev_list_lines(result.get("dev_lists") or [], result["tasks"])
+    if notes:
+        lines += ["", *notes]
     return lines
 
 
-def write_report(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "rerank_generation.json", result)
+def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "rerank_generation.json", result)
     lines = report_lines(result)
-    (RESULTS / "rerank_generation.md").write_text("\n".join(lines) + "\n")
+    (folder / "rerank_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     columns = columns_of(result)
     bar_chart(
-        RESULTS / "rerank_generation.png",
+        folder / "rerank_generation.png",
         [LABELS[c] for c in columns],
         [result["mean"][c] for c in columns],
-        "mean Rouge-L of the chosen candidate, BIG-bench dev generation tasks",
+        f"mean Rouge-L of the chosen candidate, {len(result['tasks'])} dev generation tasks",
     )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--lm", default="smollm2-135m-instruct")
@@ -514,7 +545,8 @@ def main() -> None:
     parser.add_argument(
         "--tasks",
         nargs="*",
-        help="a subset of the dev generation tasks (required with --split train)",
+        help="a subset of the dev generation tasks (bigbench/tense, or tense); required with "
+        "--split train",
     )
     parser.add_argument(
         "--split",
@@ -523,6 +555,12 @@ def main() -> None:
         help="train: run the protocol on train tasks, for choices about adaptation (needs --out)",
     )
     parser.add_argument("--out", type=Path, help="with --split train: where to write the JSON")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="with --split dev: where to write the report (default: %(default)s)",
+    )
     parser.add_argument(
         "--adapt-rank-weight",
         type=float,
@@ -554,31 +592,38 @@ def main() -> None:
     parser.add_argument(
         "--generate-only", action="store_true", help="fill the candidate cache and stop"
     )
-    args = parser.parse_args()
+    add_data_option(parser)
+    args = parser.parse_args(argv)
     if args.adapt_rank_weight < 0:
         parser.error("--adapt-rank-weight must be >= 0")
     if args.adapt_epochs <= 0 or args.adapt_lr <= 0:
         parser.error("--adapt-epochs and --adapt-lr must be positive")
+    if args.limit < 1 or args.adapt_examples < 0:
+        parser.error("--limit must be >= 1 and --adapt-examples >= 0")
     if args.split == "dev":
         if args.out is not None:
-            parser.error("--out is for --split train; dev results go to benchmarks/results/")
-        if args.tasks and not set(args.tasks) <= set(dev_tasks()):
-            parser.error(
-                "--tasks must be dev.rerank_generation or dev.instruction_to_adapter tasks"
-            )
-    else:
-        if not args.tasks or (args.out is None and not args.generate_only):
-            parser.error("--split train needs --tasks and --out")
-        if not set(args.tasks) <= set(task_names("train")):
-            parser.error("with --split train, --tasks must be train tasks")
-    result = evaluate(args)
-    if not result:
-        return
+            parser.error("--out is for --split train; dev results go to --results")
+    elif not args.tasks or (args.out is None and not args.generate_only):
+        parser.error("--split train needs --tasks and --out")
+    pool = open_data(args, parser)
     if args.split == "dev":
-        write_report(result)
+        try:
+            allowed = dev_tasks(pool)
+        except DataError as exc:
+            parser.error(str(exc))
+        what = "dev.rerank_generation or dev.instruction_to_adapter"
+    else:
+        allowed, what = pool.names("train"), "train"
+    args.tasks = resolve_tasks(parser, pool, args.tasks, allowed, what)
+    result = evaluate(args, pool)
+    if not result:
+        return result
+    if args.split == "dev":
+        write_report(result, args.results)
     else:
         write_json_atomic(args.out, result)
         print("\n".join(report_lines(result)))
+    return result
 
 
 if __name__ == "__main__":

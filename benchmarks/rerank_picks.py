@@ -3,9 +3,11 @@
 For each test instruction of TASK: its reference, and the candidate that the zero-shot scorer
 and the adapted scorer (adapted exactly as rerank_generation adapts it) pick, with its Rouge-L;
 then the picks each selector makes most often. Reads the same candidate cache as
-rerank_generation and draws nothing: run that first.
+rerank_generation and draws nothing: run that first. Tasks come from the task pool (--data PATH;
+default $CAPPLUG_DATA, then ../shared/data beside the checkout).
 
-    python -m benchmarks.rerank_picks TASK [--limit 30] [--adapt-examples 16] [--width 60]
+    python -m benchmarks.rerank_picks TASK [--data PATH] [--limit 30] [--adapt-examples 16]
+        [--width 60]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import Counter
 
 import numpy as np
 
+from benchmarks._tasks import add_data_option, open_data
 from benchmarks.rerank_generation import (
     ADAPT_EPOCHS,
     ADAPT_LR,
@@ -26,6 +29,7 @@ from benchmarks.rerank_generation import (
     split,
 )
 from capplug.data.labels import rouge_l
+from capplug.errors import DataError
 
 
 def picks_report(
@@ -55,9 +59,11 @@ def picks_report(
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", help="a dev generation task, as rerank_generation names it")
+    parser.add_argument(
+        "task", help="a dev generation task (bigbench/tense, or tense), as rerank_generation runs"
+    )
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--limit", type=int, default=30, help="test examples")
     parser.add_argument("--adapt-examples", type=int, default=16, help="0 skips adaptation")
@@ -66,18 +72,32 @@ def main() -> None:
     parser.add_argument("--adapt-rank-weight", type=float, default=ADAPT_RANK_WEIGHT)
     parser.add_argument("--seed", type=int, default=0, help="the candidate cache's seed")
     parser.add_argument("--width", type=int, default=60, help="characters shown per candidate")
-    args = parser.parse_args()
-    if args.task not in dev_tasks():
-        parser.error("TASK must be a dev.rerank_generation or dev.instruction_to_adapter task")
-    test, train = split(args.task, args.limit)
-    adapt_examples = adaptation_examples(args.task, train, args.adapt_examples)
-    cache = CandidateCache(args.task, args.seed)
+    add_data_option(parser)
+    args = parser.parse_args(argv)
+    pool = open_data(args, parser)
+    try:
+        allowed = dev_tasks(pool)
+    except DataError as exc:
+        parser.error(str(exc))
+    try:
+        task = pool.resolve(args.task)
+    except KeyError as exc:
+        parser.error(f"TASK: {exc.args[0]}")
+    if task not in allowed:
+        parser.error(
+            "TASK must be a dev.rerank_generation or dev.instruction_to_adapter task: "
+            + ", ".join(allowed)
+        )
+    test, train = split(pool, task, args.limit)
+    adapt_examples = adaptation_examples(task, train, args.adapt_examples)
+    cache = CandidateCache(task, args.seed)
     if missing := cache.missing(test + adapt_examples):
+        data = f" --data {args.data}" if args.data else ""
         parser.exit(
             2,
             f"rerank_picks: {len(missing)} instructions have no cached candidates; run "
-            f"rerank_generation.py --tasks {args.task} --limit {args.limit} --adapt-examples "
-            f"{args.adapt_examples} --generate-only first\n",
+            f"python -m benchmarks.rerank_generation{data} --tasks {task} --limit {args.limit} "
+            f"--adapt-examples {args.adapt_examples} --generate-only first\n",
         )
     from capplug import Scorer
 
@@ -87,12 +107,12 @@ def main() -> None:
             args.scorer,
             adapt_examples,
             cache,
-            args.task,
+            task,
             rank_weight=args.adapt_rank_weight,
             epochs=args.adapt_epochs,
             learning_rate=args.adapt_lr,
         )
-    print("\n".join(picks_report(args.task, selectors, cache, test, args.width)))
+    print("\n".join(picks_report(task, selectors, cache, test, args.width)))
 
 
 if __name__ == "__main__":

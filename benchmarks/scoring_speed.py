@@ -1,12 +1,12 @@
 """Scorer speed on CPU against sentence-transformers' CrossEncoder (docs/benchmarks.md, "Scorer speed").
 
-1,024 (instruction, response) pairs, whole groups of one instruction's candidates drawn (seeded)
-from the BIG-bench dev zero-shot choice tasks, so their token lengths follow that data; where the
-BIG-bench archive cannot be fetched, the 64 instructions x 16 SmolLM2 candidates of
-``benchmarks/generated_pairs.py`` (the report says which). All sides run the same weights on the
-same pairs with torch threads = cores. Each round runs every variant once, in rotating order;
-medians over the rounds are reported, and speed as a ratio to the CrossEncoder measured in the
-same run. Float32 scores must match CrossEncoder's to 1e-4.
+1,024 (instruction, response) pairs: whole groups of one prompt and its options, drawn (seeded)
+from the multiple-choice train tasks of the task pool (--data PATH; default $CAPPLUG_DATA, then
+../shared/data beside the checkout), at most 4 examples of a task, so their token lengths follow
+that data. All sides run the same weights on the same pairs with torch threads = cores. Each
+round runs every variant once, in rotating order; medians over the rounds are reported, and speed
+as a ratio to the CrossEncoder measured in the same run. Float32 scores must match
+CrossEncoder's to 1e-4.
 
 Variants: CrossEncoder; capplug at float32; capplug at the precision it chooses on this machine
 (``Scorer.precision``). The chosen precision's ranking is compared with float32's: the same best
@@ -15,72 +15,112 @@ response in each group (by text), and Spearman over all pairs.
 Also: the time capplug adds to one best-of-8 call, as a fraction of the time the local model
 takes to generate the 8 candidates.
 
-    python -m benchmarks.scoring_speed [--model REF] [--rounds 3] [--pairs 1024]
+    python -m benchmarks.scoring_speed [--data PATH] [--model REF] [--rounds 3] [--pairs 1024]
+        [--calls 4] [--results DIR]
 
-Writes benchmarks/results/scoring_speed.{json,md}.
+Writes benchmarks/results/scoring_speed.{json,md} (or into --results DIR).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks._tasks import add_data_option, open_data
 from capplug import Reranker, Scorer, resolve
 from capplug._cache import write_json_atomic
 from capplug._runtime import usable_cpus
-from capplug.errors import PackageFetchError
+from capplug.data import Pool, open_pool
+from capplug.errors import DataError
 from capplug.scoring.precision import native_bf16, processor_name
 
 RESULTS = Path(__file__).parent / "results"
-BIGBENCH_SOURCE = "the dev zero-shot choice tasks"
-GENERATED_SOURCE = "64 instructions x 16 SmolLM2-135M candidates (benchmarks/generated_pairs.py)"
+GROUPS_PER_TASK = 4
+"""Examples (groups) drawn from one task at most, so that many tasks' lengths are mixed."""
+
+Group = tuple[str, list[str]]
+
+
+def choice_groups(pool: Pool, seed: int) -> Iterator[tuple[str, list[Group]]]:
+    """Per multiple-choice train task of ``pool``, in a seeded order: ``(task, groups)``, up to
+    :data:`GROUPS_PER_TASK` of its examples (a seeded draw) as ``(prompt, options)``."""
+    names = pool.names("train")
+    random.Random(seed).shuffle(names)
+    for task in pool.tasks(names):
+        if not task.is_multiple_choice:
+            continue
+        examples = [e for e in task.examples if len(e.options) > 1]
+        drawn = random.Random(f"{seed}:{task.name}").sample(
+            examples, min(GROUPS_PER_TASK, len(examples))
+        )
+        yield task.name, [(e.prompt, e.options) for e in drawn]
 
 
 def pair_groups(
-    count: int, seed: int, *, tokenizer: Any = None, max_length: int = 512
-) -> tuple[str, list[tuple[str, list[str]]]]:
-    """``(source, groups)``: seeded whole groups (instruction, responses), ``count`` pairs in all.
+    count: int,
+    seed: int,
+    *,
+    data: str | os.PathLike[str] | Pool | None = None,
+    tokenizer: Any = None,
+    max_length: int = 512,
+) -> tuple[str, list[Group]]:
+    """``(source, groups)``: seeded whole groups (prompt, options) of the multiple-choice train
+    tasks of the task pool at ``data`` (see :func:`capplug.data.open_pool`), ``count`` pairs in
+    all; only the last group may be cut. ``source`` says where they came from.
 
     With a tokenizer, only pairs that fit ``max_length``: pairs that need cutting are left out of
     the speed comparison, since capplug keeps the end of a long instruction and CrossEncoder cuts
     the longest side, so their scores differ by design.
+
+    Raises:
+        DataError: the pool has too few multiple-choice train tasks for one group.
     """
-    try:
-        from capplug.data.bigbench import load_task, task_names
-
-        source, pool = BIGBENCH_SOURCE, []
-        for task in task_names("dev", "zero_shot_choice"):
-            examples = [e for e in load_task(task).examples if e.target_scores][:200]
-            pool += [(e.prompt, list(e.target_scores)) for e in examples]
-    except PackageFetchError:
-        from benchmarks.generated_pairs import generated_pairs
-
-        source = GENERATED_SOURCE
-        pool = [(g["instruction"], list(g["responses"])) for g in generated_pairs()]
-    if tokenizer is not None:
-        fitted = []
-        for prompt, responses in pool:
-            lengths = tokenizer([prompt] * len(responses), responses)["input_ids"]
-            kept = [r for r, ids in zip(responses, lengths, strict=True) if len(ids) <= max_length]
-            if len(kept) > 1:
-                fitted.append((prompt, kept))
-        pool = fitted
-    random.Random(seed).shuffle(pool)
-    groups, total = [], 0
-    for prompt, responses in pool:
+    pool = open_pool(data)
+    chosen: list[tuple[str, Group]] = []  # (task, group)
+    total = 0
+    for name, drawn in choice_groups(pool, seed):
         if total >= count:
             break
-        responses = responses[: count - total]
-        groups.append((prompt, responses))
-        total += len(responses)
+        for prompt, options in drawn:
+            if tokenizer is not None:
+                lengths = tokenizer([prompt] * len(options), options)["input_ids"]
+                options = [
+                    o for o, ids in zip(options, lengths, strict=True) if len(ids) <= max_length
+                ]
+                if len(options) < 2:
+                    continue
+            chosen.append((name, (prompt, options)))
+            total += len(options)
+    if not chosen:
+        raise DataError(
+            f"the task pool at {pool.root} has no multiple-choice train task with options to "
+            f"score (that fit {max_length} tokens)"
+        )
+    random.Random(seed).shuffle(chosen)
+    groups: list[Group] = []
+    tasks: set[str] = set()
+    total = 0
+    for name, (prompt, options) in chosen:
+        if total >= count:
+            break
+        options = options[: count - total]
+        groups.append((prompt, options))
+        tasks.add(name)
+        total += len(options)
+    source = (
+        f"{len(tasks)} multiple-choice train tasks of the task pool ({pool.root}), at most "
+        f"{GROUPS_PER_TASK} examples each"
+    )
     return source, groups
 
 
@@ -103,7 +143,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("this benchmark compares sigmoid-mapped checkpoints with CrossEncoder")
     cross_encoder = CrossEncoder(str(folder), device=args.device, max_length=exact.max_length)
     source, groups = pair_groups(
-        args.pairs, args.seed, tokenizer=cross_encoder.tokenizer, max_length=exact.max_length
+        args.pairs,
+        args.seed,
+        data=args.pool,
+        tokenizer=cross_encoder.tokenizer,
+        max_length=exact.max_length,
     )
     pairs = [(prompt, r) for prompt, responses in groups for r in responses]
     lengths = [
@@ -214,7 +258,7 @@ def best_of_8_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     model = LocalChatModel.from_pretrained(args.lm)
     scorer = Scorer.from_pretrained(args.model, device="cpu")
-    _, groups = pair_groups(64, args.seed + 1)
+    _, groups = pair_groups(64, args.seed + 1, data=args.pool)
     prompts = [prompt for prompt, _ in groups][: args.calls]
     recipe = SamplingRecipe(
         (SamplingStrategy(n=8, method="sample", temperature=0.9),), max_new_tokens=64
@@ -263,10 +307,10 @@ def agreement_ms(model: Any, prompt: str) -> float:
     return 1000 * statistics.median(times)
 
 
-def write_report(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     name = "scoring_speed" + result.get("suffix", "")
-    write_json_atomic(RESULTS / f"{name}.json", result)
+    write_json_atomic(folder / f"{name}.json", result)
     s = result["speed"]
     p = s["precision"]
     agreement = p["top1_agreement"]
@@ -319,7 +363,7 @@ def write_report(result: dict[str, Any]) -> None:
                 f"candidates takes {b['agreement_ms_17']:.1f} ms.",
             ]
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"{name}.md").write_text(text)
+    (folder / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -344,7 +388,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=4, help="best-of-8 calls to time (0 skips)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where to write the report (default: %(default)s)",
+    )
+    add_data_option(parser)
     args = parser.parse_args()
+    if args.pairs < 2 or args.rounds < 1 or args.calls < 0:
+        parser.error("--pairs must be >= 2, --rounds >= 1 and --calls >= 0")
+    args.pool = open_data(args, parser)
     cores = usable_cpus()
     torch.set_num_threads(cores)
     result: dict[str, Any] = {
@@ -362,7 +416,7 @@ def main() -> None:
         result["suffix"] = f"_{args.device.split(':')[0]}_b{args.batch_size}"
     elif args.calls > 0:
         result["best_of_8"] = best_of_8_overhead(args)
-    write_report(result)
+    write_report(result, args.results)
 
 
 if __name__ == "__main__":

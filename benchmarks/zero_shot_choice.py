@@ -1,8 +1,9 @@
-"""Zero-shot multiple choice on the BIG-bench dev tasks (docs/benchmarks.md, "Zero-shot choice").
+"""Zero-shot multiple choice on the dev tasks (docs/benchmarks.md, "Zero-shot choice").
 
-For each task in dev.zero_shot_choice, the first 200 examples in file order: the instruction is
-the task's own prompt, each option of target_scores is a candidate, the prediction is the
-highest-scoring option, and a hit is an option with the highest target score. Methods:
+For each task the task pool marks dev for zero_shot_choice, the first 200 examples with options
+in file order: the instruction is the task's own prompt, each option of target_scores is a
+candidate, the prediction is the highest-scoring option, and a hit is an option with the highest
+target score. Methods:
 
 - scorer: capplug's default scorer (or --scorer REF), no task data seen;
 - lm-sum / lm-mean: SmolLM2-135M-Instruct log-likelihood of each option given the prompt,
@@ -10,10 +11,14 @@ highest-scoring option, and a hit is an option with the highest target score. Me
 - cosine: cosine similarity of MiniLM sentence embeddings of instruction and option;
 - chance: the expected accuracy of a uniform pick.
 
-Per-method results are cached under $CAPPLUG_HOME/bench-cache, so a rerun only computes what
-is missing (--fresh recomputes). Writes benchmarks/results/zero_shot_choice.{json,md,png}.
+Tasks come from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout). Where the pool's dev list is shorter than the original BIG-bench list, the report
+says which tasks are left out. Per-method results are cached under $CAPPLUG_HOME/bench-cache, so
+a rerun only computes what is missing (--fresh recomputes). Writes
+benchmarks/results/zero_shot_choice.{json,md,png} (or into --results DIR).
 
-    python -m benchmarks.zero_shot_choice [--scorer REF] [--methods scorer,lm,cosine] [--limit 200]
+    python -m benchmarks.zero_shot_choice [--data PATH] [--scorer REF]
+        [--methods scorer,lm,cosine] [--limit 200] [--tasks ...] [--results DIR]
 """
 
 from __future__ import annotations
@@ -22,16 +27,27 @@ import argparse
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks._report import bar_chart, task_table
+from benchmarks._tasks import (
+    add_data_option,
+    dev_list,
+    dev_list_lines,
+    dev_tasks,
+    open_data,
+    resolve_tasks,
+)
 from capplug._cache import cache_home, write_json_atomic
-from capplug.data.bigbench import Example, load_task, task_names
+from capplug.data import Example, Pool
+from capplug.errors import DataError
 
 RESULTS = Path(__file__).parent / "results"
+BENCHMARK = "zero_shot_choice"
 METHODS = ("scorer", "lm", "cosine")
 LABELS = {
     "scorer": "capplug scorer",
@@ -43,8 +59,9 @@ LABELS = {
 }
 
 
-def examples_of(task: str, limit: int) -> list[Example]:
-    chosen = [e for e in load_task(task).examples if e.target_scores]
+def examples_of(pool: Pool, task: str, limit: int) -> list[Example]:
+    """The task's first ``limit`` examples that have options, in file order."""
+    chosen = [e for e in pool.load(task).examples if e.target_scores]
     return chosen[:limit]
 
 
@@ -99,9 +116,22 @@ class Cache:
         write_json_atomic(self.path, self.data)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    tasks = args.tasks or task_names("dev", "zero_shot_choice")
-    data = {task: examples_of(task, args.limit) for task in tasks}
+def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
+    tasks = args.tasks or dev_tasks(pool, BENCHMARK)
+    data: dict[str, list[Example]] = {}
+    skipped: dict[str, str] = {}
+    for task in tasks:
+        examples = examples_of(pool, task, args.limit)
+        if examples:
+            data[task] = examples
+        else:
+            skipped[task] = "no example has options (target_scores) to choose from"
+            print(f"skipping {task}: {skipped[task]}")
+    if not data:
+        raise SystemExit(
+            f"zero_shot_choice: none of the tasks ({', '.join(tasks)}) has multiple-choice "
+            f"examples in the task pool at {pool.root}"
+        )
     scorer_id = _scorer_id(args.scorer)
     cache = Cache(hashlib.sha1(f"{args.limit}".encode()).hexdigest()[:8], args.fresh)
     per_task: dict[str, dict[str, float]] = {}
@@ -109,10 +139,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded: dict[str, Any] = {}
 
-    def cached(method: str, key: str, compute: Any) -> Any:
-        """A method's result for one task from the cache, else computed (and timed) and cached."""
+    def cached(method: str, key: str, compute: Any, size: int) -> Any:
+        """A method's result for one task (``size`` pair scores) from the cache, else computed
+        (and timed) and cached; a cached result of another size (other data) is recomputed."""
         value = cache.get(key)
-        if value is None:
+        if value is None or len(value) != size:
             started = time.perf_counter()
             value = compute()
             timings[method] = timings.get(method, 0.0) + time.perf_counter() - started
@@ -134,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lambda p=prompts, o=options: model("scorer", _load_scorer(args.scorer)).score_pairs(
                     list(zip(p, o, strict=True))
                 ),
+                len(options),
             )
             row["scorer"] = float(np.mean(hits(examples, regroup(flat, sizes))))
             scores_flat = flat
@@ -147,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         p, o, batch_size=8, progress=True
                     )
                 ],
+                len(options),
             )
             lm_flat = flat
             row["lm-sum"] = float(np.mean(hits(examples, regroup([f[0] for f in flat], sizes))))
@@ -171,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "cosine",
                 f"cosine:{task}",
                 lambda p=prompts, o=options: _cosine(model("cosine", _load_encoder), p, o),
+                len(options),
             )
             row["cosine"] = float(np.mean(hits(examples, regroup(flat, sizes))))
         per_task[task] = row
@@ -191,7 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rest = [r for t, r in per_task.items() if t not in movers]
     without = {c: float(np.mean([r[c] for r in rest])) for c in columns} if movers and rest else {}
     return {
-        "benchmark": "zero_shot_choice",
+        "benchmark": BENCHMARK,
+        "data": str(pool.root),
+        "dev_lists": [dev_list(pool, BENCHMARK)],
+        "skipped": skipped,
         "scorer": args.scorer,
         "scorer_id": scorer_id,
         "lm": args.lm,
@@ -262,9 +299,9 @@ def _scorer_id(ref: str) -> str:
     return hashlib.sha1(stamp.encode()).hexdigest()[:12]
 
 
-def write_report(result: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "zero_shot_choice.json", result)
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The per-task table, the mean without any task that alone moves it, the count of tasks
+    above chance, and which tasks of the original dev list are left out (where any are)."""
     columns = [c for c in LABELS if c in result["mean"]]
     lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}")
     extra = result.get("mean_without") or {}
@@ -284,18 +321,32 @@ def write_report(result: dict[str, Any]) -> None:
             + ", ".join(f"{LABELS[c]} {n}" for c, n in counts.items())
             + ".",
         ]
-    (RESULTS / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
+    skipped = result.get("skipped") or {}
+    if skipped:
+        lines += ["", *(f"Left out {task}: {why}." for task, why in skipped.items())]
+    notes = dev_list_lines(result.get("dev_lists") or [], result["tasks"])
+    if notes:
+        lines += ["", *notes]
+    return lines
+
+
+def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "zero_shot_choice.json", result)
+    lines = report_lines(result)
+    (folder / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    columns = [c for c in LABELS if c in result["mean"]]
     bar_chart(
-        RESULTS / "zero_shot_choice.png",
+        folder / "zero_shot_choice.png",
         [LABELS[c] for c in columns],
         [100 * result["mean"][c] for c in columns],
-        "mean accuracy on BIG-bench dev zero-shot choice tasks (%)",
+        f"mean accuracy on {len(result['tasks'])} dev zero-shot choice tasks (%)",
         xlim=100,
     )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--lm", default="smollm2-135m-instruct")
@@ -305,17 +356,35 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, default=200, help="examples per task (first in file order)"
     )
-    parser.add_argument("--tasks", nargs="*", help="a subset of the dev.zero_shot_choice tasks")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        help="a subset of the dev.zero_shot_choice tasks (bigbench/winowhy, or winowhy)",
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where to write the report (default: %(default)s)",
+    )
+    add_data_option(parser)
+    args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
-    allowed = set(task_names("dev", "zero_shot_choice"))
-    if args.tasks and not set(args.tasks) <= allowed:
-        parser.error("--tasks must be dev.zero_shot_choice tasks")
-    write_report(run(args))
+    if args.limit < 1:
+        parser.error("--limit must be >= 1")
+    pool = open_data(args, parser)
+    try:
+        allowed = dev_tasks(pool, BENCHMARK)
+    except DataError as exc:
+        parser.error(str(exc))
+    args.tasks = resolve_tasks(parser, pool, args.tasks, allowed, "dev.zero_shot_choice")
+    result = run(args, pool)
+    write_report(result, args.results)
+    return result
 
 
 if __name__ == "__main__":

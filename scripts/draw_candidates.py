@@ -1,15 +1,19 @@
 """Draw candidates and option log-likelihoods for a file of prompts, on any machine with torch.
 
-The selector's training data (sampled candidates on BIG-bench train tasks, options of
-multiple-choice train tasks) and the rerank benchmark's candidate cache take hours to draw on a
-CPU and minutes on a GPU. This script does only that part, with capplug's own
+The selector's training data (sampled candidates on the task pool's generative train tasks,
+options of its multiple-choice train tasks) and the dev benchmarks' candidate caches take hours
+to draw on a CPU and minutes on a GPU. This script does only that part, with capplug's own
 ``LocalChatModel`` (the same recipe and seeds as ``benchmarks/rerank_generation.py``), so it
-runs where BIG-bench is not installed: ``export`` writes the prompts here, ``draw`` runs there,
-and the results come back as JSON lines.
+runs where the task data is not: ``export`` writes the prompts here, ``draw`` runs there, and
+the results come back as JSON lines.
 
-    python scripts/draw_candidates.py export --out runs/prompts.jsonl   # needs BIG-bench
+    python scripts/draw_candidates.py export --out runs/prompts.jsonl [--data PATH]
     python scripts/draw_candidates.py draw runs/prompts.jsonl --out runs/drawn [--device cuda]
     python scripts/draw_candidates.py install runs/drawn                # into the bench caches
+
+``export`` reads the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
+the checkout): every train task, and the dev tasks of the rerank and zero-shot choice
+benchmarks, exactly as those benchmarks choose their examples.
 
 ``draw`` appends one line per prompt to ``<out>/<group>.jsonl`` after every batch and skips
 prompts already there, so it resumes where it stopped.
@@ -25,9 +29,13 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+if TYPE_CHECKING:
+    from capplug.data import Pool
 
 # Drawn per task for the selector's training data (kept small so many tasks fit).
 GEN_PER_TASK = 5
@@ -45,30 +53,29 @@ def _draw(items: list[Any], n: int, key: str) -> list[Any]:
     return [items[i] for i in sorted(rng.sample(range(len(items)), n))]
 
 
-def export(out: Path) -> None:
-    """Every prompt the selector's data and the dev benchmarks need, as JSON lines."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from rerank_generation import adaptation_examples, dev_tasks, split
-
-    from capplug.data.bigbench import load_task, task_names
+def export(out: Path, pool: Pool) -> None:
+    """Every prompt the selector's data (train tasks of ``pool``) and the dev benchmarks (its dev
+    tasks) need, as JSON lines."""
+    sys.path.insert(0, str(ROOT))  # the benchmarks package
+    from benchmarks._tasks import dev_tasks as dev_list
+    from benchmarks.rerank_generation import adaptation_examples, dev_tasks, split
+    from benchmarks.zero_shot_choice import examples_of
 
     rows: list[dict[str, Any]] = []
-    for name in task_names("train"):
-        task = load_task(name)
+    for task in pool.tasks(split="train", progress=True):
         usable = [e for e in task.examples if e.targets and len(e.prompt) <= MAX_PROMPT_CHARS]
         if task.is_multiple_choice:
-            for e in _draw(usable, MC_PER_TASK, name):
+            for e in _draw(usable, MC_PER_TASK, task.name):
                 rows.append(_row("train-mc", e, options=list(e.target_scores)))
         elif task.is_generative:
-            for e in _draw(usable, GEN_PER_TASK, name):
+            for e in _draw(usable, GEN_PER_TASK, task.name):
                 rows.append(_row("train-gen", e))
-    for name in dev_tasks():
-        test, train = split(name, DEV_TEST_LIMIT)
+    for name in dev_tasks(pool):
+        test, train = split(pool, name, DEV_TEST_LIMIT)
         for e in test + adaptation_examples(name, train, DEV_ADAPT):
             rows.append(_row("dev-rerank", e))
-    for name in task_names("dev", "zero_shot_choice"):
-        chosen = [e for e in load_task(name).examples if e.target_scores][:CHOICE_LIMIT]
-        for e in chosen:
+    for name in dev_list(pool, "zero_shot_choice"):
+        for e in examples_of(pool, name, CHOICE_LIMIT):
             rows.append(_row("dev-choice", e, options=list(e.target_scores)))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
@@ -209,10 +216,14 @@ def install(drawn: Path) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))  # the benchmarks package
+    from benchmarks._tasks import add_data_option
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("export", help="write the prompts (needs BIG-bench)")
+    p = sub.add_parser("export", help="write the prompts (reads the task pool)")
     p.add_argument("--out", type=Path, required=True)
+    add_data_option(p)
     p = sub.add_parser("draw", help="draw candidates and option log-likelihoods")
     p.add_argument("prompts", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -223,7 +234,17 @@ def main() -> None:
     p.add_argument("drawn", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        export(args.out)
+        from capplug.data import open_pool
+        from capplug.errors import DataError
+
+        try:
+            pool = open_pool(args.data, strict=args.strict)
+        except DataError as exc:
+            parser.error(str(exc))
+        try:
+            export(args.out, pool)
+        except DataError as exc:
+            raise SystemExit(f"draw_candidates export: {exc}") from exc
     elif args.command == "draw":
         draw(args.prompts, args.out, device=args.device, batch=args.batch, model_ref=args.model)
     else:

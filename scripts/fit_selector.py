@@ -1,12 +1,17 @@
-"""Fit the selection weights on BIG-bench train tasks and write them into the scorer checkpoint.
+"""Fit the selection weights on the task pool's train tasks and write them into the scorer
+checkpoint.
 
 Data: candidates drawn on generative train tasks and options of multiple-choice train tasks
-(``scripts/draw_candidates.py``), scored by the scorer (``scripts/score_drawn.py``). Every
-setting is chosen on a held-out slice of train task families (one in three, by a hash of the
-family name: ``arithmetic/1_digit_addition`` belongs to ``arithmetic``); dev is never read. Every
-family weighs the same in fitting and in the figures (list_functions' 261 subtasks are one).
+(``scripts/draw_candidates.py``), scored by the scorer (``scripts/score_drawn.py``); the tasks'
+references are read from the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data
+beside the checkout). Train tasks only: drawn data that names a dev task, or a task the pool
+lacks, is refused. Every setting is chosen on a held-out slice of train task families (one in
+three, by a hash of the family's name; a family is a dataset, as the pool groups tasks:
+``bigbench/arithmetic/1_digit_addition`` belongs to ``arithmetic``, and other sources' copies of
+a dataset belong to the same family); dev is never read. Every family weighs the same in fitting
+and in the figures (list_functions' 261 subtasks are one).
 
-    python scripts/fit_selector.py runs/drawn [--scorer capplug-default] [--write]
+    python scripts/fit_selector.py runs/drawn [--data PATH] [--scorer capplug-default] [--write]
 
 Prints the held-out figures (mean Rouge-L of the pick on generative sets; mean target score of
 the pick, i.e. accuracy, on multiple-choice sets) for each signal alone and each fused subset,
@@ -20,7 +25,7 @@ import json
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +39,9 @@ from capplug.selection.fit import (
     pick_quality,
     write_combiner,
 )
+
+if TYPE_CHECKING:
+    from capplug.data import Pool
 
 GRID = [(t, l2) for t in (0.02, 0.05, 0.2) for l2 in (1e-3, 1e-2, 1e-1)]
 SUBSETS = [
@@ -51,30 +59,71 @@ SUBSETS = [
 ]
 
 
-def family(task: str) -> str:
-    return task.split("/")[0]
+def held_out(family: str) -> bool:
+    """Whether a task family is in the held-out slice (one in three, by a hash of its name)."""
+    return zlib.crc32(family.encode()) % 3 == 0
 
 
-def held_out(task: str) -> bool:
-    return zlib.crc32(family(task).encode()) % 3 == 0
+def check_train_tasks(pool: Pool, names: set[str]) -> dict[str, str]:
+    """Each drawn task's name in ``pool``, checked to be a train task.
+
+    Raises:
+        SystemExit: some are not in the pool, or are not train tasks (the selection is fitted on
+            train tasks only).
+    """
+    found: dict[str, str] = {}
+    unknown: list[str] = []
+    not_train: list[str] = []
+    for name in sorted(names):
+        try:
+            found[name] = pool.resolve(name)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if pool.entry(found[name]).split != "train":
+            not_train.append(found[name])
+    if not_train:
+        raise SystemExit(
+            f"fit_selector: the drawn data holds {len(not_train)} task(s) that the task pool at "
+            f"{pool.root} does not mark train ({', '.join(not_train[:10])}); the selection is "
+            f"fitted on train tasks only: export the prompts again (scripts/draw_candidates.py "
+            f"export) from this pool"
+        )
+    if unknown:
+        raise SystemExit(
+            f"fit_selector: the drawn data names {len(unknown)} task(s) that the task pool at "
+            f"{pool.root} lacks ({', '.join(unknown[:10])}); give --data the pool the prompts "
+            f"were exported from, or export them again from this one"
+        )
+    return found
 
 
-def load_sets(drawn: Path, scorer_ref: str, kind: str) -> list[tuple[str, CandidateSet]]:
-    """(task, set) pairs of one kind: "gen" (sampled candidates) or "mc" (options)."""
-    from capplug.data.bigbench import load_task
+def load_sets(
+    drawn: Path, scorer_ref: str, kind: str, pool: Pool
+) -> list[tuple[str, CandidateSet]]:
+    """(task, set) pairs of one kind: "gen" (sampled candidates) or "mc" (options), each set
+    grouped by its task's family in ``pool``."""
     from capplug.data.labels import normalised_option_scores, rouge_l
 
     group = {"gen": "train-gen", "mc": "train-mc"}[kind]
     scores = json.loads((drawn / f"{group}.scores-{scorer_ref.replace('/', '_')}.json").read_text())
+    rows = [
+        r for r in read_drawn(drawn / f"{group}.jsonl.gz") if f"{r['task']}#{r['index']}" in scores
+    ]
+    names = check_train_tasks(pool, {r["task"] for r in rows})
     tasks: dict[str, Any] = {}
     out = []
-    for row in read_drawn(drawn / f"{group}.jsonl.gz"):
+    for row in rows:
         key = f"{row['task']}#{row['index']}"
-        if key not in scores:
-            continue
-        if row["task"] not in tasks:
-            tasks[row["task"]] = {e.index: e for e in load_task(row["task"]).examples}
-        example = tasks[row["task"]][row["index"]]
+        name = names[row["task"]]
+        if name not in tasks:
+            tasks[name] = {e.index: e for e in pool.load(name).examples}
+        example = tasks[name].get(row["index"])
+        if example is None:
+            raise SystemExit(
+                f"fit_selector: {key} is not an example of {name} in the task pool at "
+                f"{pool.root}; were the prompts exported from other task data?"
+            )
         if kind == "gen":
             texts = [c["text"] for c in row["candidates"]]
             lp = np.array([c["sum_logprob"] for c in row["candidates"]])
@@ -93,13 +142,13 @@ def load_sets(drawn: Path, scorer_ref: str, kind: str) -> list[tuple[str, Candid
             token_counts=counts,
             instruction=example.prompt,
         )
-        out.append((row["task"], CandidateSet(values, quality, family(row["task"]))))
+        out.append((name, CandidateSet(values, quality, pool.family(name))))
     return out
 
 
 def evaluate(kind: str, sets: list[tuple[str, CandidateSet]]) -> dict[str, Any]:
-    fit_sets = [s for t, s in sets if not held_out(t)]
-    test_sets = [s for t, s in sets if held_out(t)]
+    fit_sets = [s for _, s in sets if not held_out(s.group)]
+    test_sets = [s for _, s in sets if held_out(s.group)]
     families = sorted({s.group for s in test_sets})
     print(
         f"\n== {kind}: {len(fit_sets)} sets to fit, {len(test_sets)} held out in "
@@ -124,7 +173,7 @@ def evaluate(kind: str, sets: list[tuple[str, CandidateSet]]) -> dict[str, Any]:
 def cross_validate(sets: list[tuple[str, CandidateSet]]) -> tuple[float, float]:
     """Three folds by family (every family held out once): settings chosen on the mean held-out
     Rouge-L of the full signal set, then each signal subset's figure; returns the settings."""
-    fold = {family(task): zlib.crc32(family(task).encode()) % 3 for task, _ in sets}
+    fold = {s.group: zlib.crc32(s.group.encode()) % 3 for _, s in sets}
 
     def figure(
         subset: tuple[str, ...], t: float | None = None, l2: float | None = None
@@ -132,8 +181,8 @@ def cross_validate(sets: list[tuple[str, CandidateSet]]) -> tuple[float, float]:
         t, l2 = chosen if t is None else (t, l2)  # type: ignore[assignment]
         values = []
         for k in range(3):
-            train = [s for task, s in sets if fold[family(task)] != k]
-            test = [s for task, s in sets if fold[family(task)] == k]
+            train = [s for _, s in sets if fold[s.group] != k]
+            test = [s for _, s in sets if fold[s.group] == k]
             combiner = fit_combiner(train, temperature=t, l2=l2, subsets=[subset])
             values.append(100 * pick_quality(test, combiner.weights_for(subset)))
         return float(np.mean(values)), values
@@ -158,15 +207,15 @@ def leave_one_family_out(
     if, in both cases, it raises the mean over families, raises it on more families than it
     lowers it, and still raises the mean with the family it helps most left out."""
     t, l2 = settings
-    families = sorted({family(task) for task, _ in sets})
+    families = sorted({s.group for _, s in sets})
     no_logprobs = tuple(s for s in SIGNALS if not s.startswith("logprob"))
     verdict: dict[str, Any] = {}
     for name, full in (("all signals", SIGNALS), ("without log-probs", no_logprobs)):
         without = tuple(s for s in full if s != signal)
         gains = {}
         for held in families:
-            train = [s for task, s in sets if family(task) != held]
-            test = [s for task, s in sets if family(task) == held]
+            train = [s for _, s in sets if s.group != held]
+            test = [s for _, s in sets if s.group == held]
             combiner = fit_combiner(train, temperature=t, l2=l2, subsets=[full, without])
             gains[held] = 100 * (
                 pick_quality(test, combiner.weights_for(full))
@@ -189,6 +238,12 @@ def leave_one_family_out(
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
+    from benchmarks._tasks import add_data_option
+
+    from capplug.data import open_pool
+    from capplug.errors import DataError
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("drawn", type=Path)
     parser.add_argument("--scorer", default="capplug-default")
@@ -204,8 +259,13 @@ def main() -> None:
         help="decide whether SIGNAL earns its place, leaving one family out at a time; a signal "
         "that does not is left out of the weights --write stores",
     )
+    add_data_option(parser)
     args = parser.parse_args()
-    data = {kind: load_sets(args.drawn, args.scorer, kind) for kind in args.kinds}
+    try:
+        pool = open_pool(args.data, strict=args.strict)
+    except DataError as exc:
+        parser.error(str(exc))
+    data = {kind: load_sets(args.drawn, args.scorer, kind, pool) for kind in args.kinds}
     report = {kind: evaluate(kind, sets) for kind, sets in data.items()}
     if args.cv and "gen" in data:
         report["gen"]["settings"] = cross_validate(data["gen"])  # the settings --write uses
@@ -218,13 +278,13 @@ def main() -> None:
     if len(data) == 2:
         for a, b in (("gen", "mc"), ("mc", "gen")):
             fitted = fit_combiner(
-                [s for t, s in data[a] if not held_out(t)],
+                [s for _, s in data[a] if not held_out(s.group)],
                 temperature=report[a]["settings"][0],
                 l2=report[a]["settings"][1],
                 subsets=[SIGNALS],
             )
             value = 100 * pick_quality(
-                [s for t, s in data[b] if held_out(t)], fitted.weights_for(SIGNALS)
+                [s for _, s in data[b] if held_out(s.group)], fitted.weights_for(SIGNALS)
             )
             print(f"weights fitted on {a}, held-out {b}: {value:.1f}")
             report[f"{a}_on_{b}"] = value
@@ -236,9 +296,9 @@ def main() -> None:
         t, l2 = report["gen"]["settings"]
         sets = [s for _, s in data["gen"]]
         info = {
-            "fitted_on": "BIG-bench train tasks: 17 SmolLM2-135M-Instruct candidates per prompt "
-            "(Cappy's recipe), quality = Rouge-L to the reference; every task family weighs "
-            "the same",
+            "fitted_on": "the task pool's generative train tasks: 17 SmolLM2-135M-Instruct "
+            "candidates per prompt (Cappy's recipe), quality = Rouge-L to the reference; every "
+            "task family weighs the same",
             "prompts": len(sets),
             "tasks": len({t for t, _ in data["gen"]}),
             "families": len({s.group for s in sets}),

@@ -1,4 +1,5 @@
-"""benchmarks/instruction_to_adapter.py on a tiny random Llama and two made-up dev tasks."""
+"""benchmarks/instruction_to_adapter.py on a tiny random Llama and a small task pool of
+made-up Natural Instructions tasks (two dev, two train)."""
 
 from __future__ import annotations
 
@@ -8,37 +9,43 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bench_pool import ni_task, write_pool
 
-from capplug.adapters import LoraTrainConfig
-from capplug.data.bigbench import Example, Task, is_test_example, task_names
+from capplug.data import Task, is_test_example, open_pool
 from capplug.testing import save_tiny_llama, save_tiny_scorer
-from capplug.training.teacher_lora import task_folder_name, train_multitask_lora, train_task_names
 
 WORDS = "the cat dog sat mat sky blue red one two three river city".split()
-DEV = task_names("dev", "instruction_to_adapter")[:2]
-TINY = LoraTrainConfig(
-    r=2,
-    alpha=4,
-    steps=2,
-    batch_size=2,
-    lr=1e-2,
-    warmup_steps=0,
-    max_length=64,
-    max_answer_tokens=8,
-    checkpoint_every=1,
-    log_every=1,
-    eval_examples=2,
-)
+DEV = [
+    "natural_instructions_v1/subtask043_essential_terms_answering_incomplete_questions",
+    "natural_instructions_v1/subtask044_essential_terms_identifying_essential_words",
+]
+TRAIN = ["natural_instructions_v1/subtask900_toy_no", "natural_instructions_v1/subtask901_toy_last"]
 
 
-def toy_task(name: str, answer: Callable[[str], str], definition: str, count: int = 24) -> Task:
-    examples = []
-    for i in range(count):
-        text = f"{WORDS[i % 13]} {WORDS[(3 * i + 1) % 13]} {WORDS[(7 * i + 2) % 13]} {i}"
-        examples.append(
-            Example(task=name, index=i, input=text, prompt=text, query=text, targets=[answer(text)])
-        )
-    return Task(name=name, description="toy", examples=examples, definition=definition)
+def tiny_config():
+    from capplug.training import LoraTrainConfig
+
+    return LoraTrainConfig(
+        r=2,
+        alpha=4,
+        steps=2,
+        batch_size=2,
+        lr=1e-2,
+        warmup_steps=0,
+        max_length=64,
+        max_answer_tokens=8,
+        checkpoint_every=1,
+        log_every=1,
+        eval_examples=2,
+    )
+
+
+def toy_task(answer: Callable[[str], str], definition: str, count: int = 24) -> dict:
+    texts = [
+        f"{WORDS[i % 13]} {WORDS[(3 * i + 1) % 13]} {WORDS[(7 * i + 2) % 13]} {i}"
+        for i in range(count)
+    ]
+    return ni_task(definition, [(text, answer(text)) for text in texts])
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +59,26 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def toys(monkeypatch, tmp_path) -> dict[str, Task]:
-    import capplug.data.bigbench as bigbench
-
-    tasks = [
-        toy_task(DEV[0], lambda _: "yes", "Answer yes."),
-        toy_task(DEV[1], lambda s: s.split()[0], "Repeat the first word."),
-        toy_task(train_task_names()[0], lambda _: "no", "Answer no."),
-        toy_task(train_task_names()[1], lambda s: s.split()[-1], "Repeat the last word."),
-    ]
-    by_name = {t.name: t for t in tasks}
-    monkeypatch.setattr(bigbench, "load_task", lambda name, archive=None: by_name[name])
+def data(monkeypatch, tmp_path) -> Path:
+    """The pool's folder; it is also $CAPPLUG_DATA, so training reads the same tasks."""
+    root = write_pool(
+        tmp_path / "data",
+        {
+            DEV[0]: ("dev", toy_task(lambda _: "yes", "Answer yes.")),
+            DEV[1]: ("dev", toy_task(lambda s: s.split()[0], "Repeat the first word.")),
+            TRAIN[0]: ("train", toy_task(lambda _: "no", "Answer no.")),
+            TRAIN[1]: ("train", toy_task(lambda s: s.split()[-1], "Repeat the last word.")),
+        },
+    )
+    monkeypatch.setenv("CAPPLUG_DATA", str(root))
     monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "home"))
-    return by_name
+    return root
+
+
+@pytest.fixture
+def toys(data) -> dict[str, Task]:
+    pool = open_pool(data)
+    return {name: pool.load(name) for name in [*DEV, *TRAIN]}
 
 
 @pytest.fixture
@@ -95,15 +109,21 @@ def test_the_answer_cache_resumes_and_forgets_answers_of_another_model(bench, to
 
 
 def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
-    bench, base_dir, toys, hypernet_dir, tmp_path, monkeypatch
+    bench, base_dir, data, toys, hypernet_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(bench, "ceiling_config", lambda: TINY)
+    from capplug.training.teacher_lora import task_folder_name, train_multitask_lora
+
+    monkeypatch.setattr(bench, "ceiling_config", tiny_config)
     multitask = tmp_path / "multitask"
     train_multitask_lora(
-        multitask, tasks=train_task_names()[:2], base=base_dir, config=TINY, progress=False
+        multitask,
+        tasks=[toys[name] for name in TRAIN],
+        base=base_dir,
+        config=tiny_config(),
+        progress=False,
     )
     results = tmp_path / "results"
-    argv = ["--hypernet", str(hypernet_dir), "--multitask", str(multitask)]
+    argv = ["--data", str(data), "--hypernet", str(hypernet_dir), "--multitask", str(multitask)]
     argv += ["--per-task", str(tmp_path / "per-task"), "--train-missing", "--limit", "2"]
     argv += ["--tasks", *DEV, "--results", str(results), "--batch", "2", "--no-progress"]
     argv += ["--scorer", str(save_tiny_scorer(tmp_path / "scorer"))]
@@ -153,6 +173,9 @@ def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
     assert written["mean"] == result["mean"]
     markdown = (results / "instruction_to_adapter.md").read_text()
     assert "per-task LoRA + definition (ceiling)" in markdown and "missing" not in markdown
+    assert "dev.instruction_to_adapter: 2 of the 8 tasks of the original BIG-bench list" in (
+        markdown
+    )
     assert (results / "instruction_to_adapter.png").is_file()
     home = tmp_path / "home" / "bench-cache" / "instruction_to_adapter"
     assert len(list(home.glob("*/*.json"))) == len(bench.VARIANTS) * len(DEV)
@@ -167,9 +190,10 @@ def test_a_smoke_run_fills_every_row_and_reruns_from_the_cache(
     assert again["tasks"] == result["tasks"] and again["mean"] == result["mean"]
 
 
-def test_missing_models_are_reported_missing_never_invented(bench, base_dir, toys, tmp_path):
+def test_missing_models_are_reported_missing_never_invented(bench, base_dir, data, toys, tmp_path):
     results = tmp_path / "results"
-    argv = ["--hypernet", str(tmp_path / "no-such-hypernet"), "--base", str(base_dir)]
+    argv = ["--data", str(data), "--hypernet", str(tmp_path / "no-such-hypernet")]
+    argv += ["--base", str(base_dir)]
     argv += ["--per-task", str(tmp_path / "empty"), "--limit", "2", "--tasks", *DEV]
     argv += ["--results", str(results), "--no-progress"]
 
@@ -189,10 +213,26 @@ def test_missing_models_are_reported_missing_never_invented(bench, base_dir, toy
     assert not (tmp_path / "empty").exists()  # nothing trained without --train-missing
 
 
-def test_arguments_are_checked(bench, capsys):
+def test_arguments_are_checked(bench, data, capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--tasks", train_task_names()[0]])
+        bench.parse_args(["--data", str(data), "--tasks", TRAIN[0]])
     assert "dev.instruction_to_adapter" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.parse_args(["--train-missing"])
+        bench.parse_args(["--data", str(data), "--train-missing"])
     assert "--per-task" in capsys.readouterr().err
+    args = bench.parse_args(
+        ["--data", str(data), "--tasks", "subtask044_essential_terms_identifying_essential_words"]
+    )
+    assert args.tasks == [DEV[1]]
+
+
+def test_answers_cached_for_other_task_data_are_made_again(bench, toys):
+    task = toys[DEV[0]]
+    examples = bench.test_examples(task, 2)
+    source = {"task": bench.task_digest(task), "adapter": "a"}
+    bench.AnswerCache("base", DEV[0], source).put(examples, ["x", "y"])
+    changed = Task(
+        **{**{f: getattr(task, f) for f in Task.__dataclass_fields__}, "instruction": "New."}
+    )
+    other = bench.AnswerCache("base", DEV[0], {"task": bench.task_digest(changed), "adapter": "a"})
+    assert other.missing(examples) == examples

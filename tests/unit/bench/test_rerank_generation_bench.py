@@ -1,14 +1,21 @@
-"""benchmarks/rerank_generation.py's report: the overall means and the per-group table."""
+"""benchmarks/rerank_generation.py: its report (the overall means, the per-group table, the
+dev lists it ran on) and a run on a small task pool with a fake generator and scorer."""
 
 from __future__ import annotations
 
 import importlib
-import sys
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_pool import generation_task, ni_task, write_pool
 
-from capplug.data.bigbench import task_names
+RERANK = ["bigbench/qa_wikidata", "bigbench/tense"]
+I2A = ["natural_instructions_v1/subtask043_essential_terms_answering_incomplete_questions"]
+TRAIN = ["bigbench/anachronisms", "bigbench/auto_debugging", "bigbench/bbq_lite"]
+GROUPS = {"rerank_generation": RERANK, "instruction_to_adapter": I2A}
 
 
 @pytest.fixture
@@ -30,12 +37,19 @@ def row(base: float, scorer: float, adapted: float, oracle: float) -> dict[str, 
 
 def result_of(bench: ModuleType, tasks: dict[str, dict[str, float]]) -> dict:
     mean, best, closed = bench.summarise(list(tasks.values()))
-    return {"tasks": tasks, "mean": mean, "best_baseline": best, "gap_closed": closed}
+    groups = {g: [t for t in names if t in tasks] for g, names in GROUPS.items()}
+    return {
+        "tasks": tasks,
+        "groups": {g: names for g, names in groups.items() if names},
+        "mean": mean,
+        "best_baseline": best,
+        "gap_closed": closed,
+    }
 
 
 def test_each_dev_group_gets_its_own_means_and_gap_closed(bench: ModuleType) -> None:
-    rerank = task_names("dev", "rerank_generation")[:2]
-    i2a = task_names("dev", "instruction_to_adapter")[:1]
+    rerank = RERANK[:2]
+    i2a = I2A[:1]
     tasks = {
         rerank[0]: row(20, 25, 30, 40),
         rerank[1]: row(10, 15, 20, 20),  # group: baseline 15, zero-shot 20, adapted 25, oracle 30
@@ -50,9 +64,9 @@ def test_each_dev_group_gets_its_own_means_and_gap_closed(bench: ModuleType) -> 
 
 
 def test_a_run_on_one_group_or_on_train_tasks_has_no_group_table(bench: ModuleType) -> None:
-    one_group = {t: row(10, 12, 14, 20) for t in task_names("dev", "rerank_generation")[:2]}
+    one_group = {t: row(10, 12, 14, 20) for t in RERANK[:2]}
     assert bench.group_lines(result_of(bench, one_group)) == []
-    train = {t: row(10, 12, 14, 20) for t in task_names("train")[:3]}
+    train = {t: row(10, 12, 14, 20) for t in TRAIN}
     lines = bench.report_lines(result_of(bench, train))
     assert not any("dev." in line for line in lines)
     assert lines[-1].startswith("capplug scorer (adapted): closes 40%")
@@ -65,13 +79,12 @@ def test_a_run_on_one_group_or_on_train_tasks_has_no_group_table(bench: ModuleTy
 def test_adaptation_settings_are_checked_before_any_work(
     bench: ModuleType, flags: list[str], monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    def no_work(args):  # the run must stop at the argument check
+    def no_work(args, pool):  # the run must stop at the argument check
         raise AssertionError("evaluate was reached")
 
     monkeypatch.setattr(bench, "evaluate", no_work)
-    monkeypatch.setattr(sys, "argv", ["rerank_generation.py", *flags])
     with pytest.raises(SystemExit) as stop:
-        bench.main()
+        bench.main(flags)
     assert stop.value.code == 2
     assert "must be" in capsys.readouterr().err
 
@@ -81,7 +94,7 @@ def test_adaptation_trains_with_the_chosen_recipe_and_clipped_candidates_on_requ
 ) -> None:
     import capplug
     import capplug.training.scorer as train_module
-    from capplug.data.bigbench import Example
+    from capplug.data import Example
 
     seen: list[tuple[list, object]] = []
     monkeypatch.setattr(capplug.Scorer, "from_pretrained", classmethod(lambda cls, ref: ref))
@@ -90,10 +103,7 @@ def test_adaptation_trains_with_the_chosen_recipe_and_clipped_candidates_on_requ
         "train_scorer",
         lambda scorer, pairs, out, *, config, **kw: seen.append((pairs, config)),
     )
-    examples = [
-        Example("t", i, f"in {i}", f"Q: in {i}\nA: ", f"Q: in {i}\nA: ", [f"answer {i}"])
-        for i in range(2)
-    ]
+    examples = [Example("t", i, f"in {i}", f"Q: in {i}\nA: ", [f"answer {i}"]) for i in range(2)]
 
     class Cache:
         def get(self, example):
@@ -119,7 +129,7 @@ def with_examples(base: list[float], scorer: list[float], oracle: list[float]) -
 
 
 def test_paired_intervals_separate_a_steady_gain_from_a_noisy_tie(bench: ModuleType) -> None:
-    tasks = task_names("dev", "rerank_generation")[:2]
+    tasks = RERANK[:2]
     # Scorer 2 points above the baseline on every example: the interval is 2 to 2, and it
     # closes 2 of the 10 points to the oracle on every resample.
     steady = {
@@ -152,15 +162,15 @@ def test_paired_intervals_separate_a_steady_gain_from_a_noisy_tie(bench: ModuleT
 
 
 def test_results_without_per_example_scores_report_no_intervals(bench: ModuleType) -> None:
-    tasks = {t: row(10, 12, 14, 20) for t in task_names("dev", "rerank_generation")[:2]}
+    tasks = {t: row(10, 12, 14, 20) for t in RERANK[:2]}
     result = result_of(bench, tasks)
     assert bench.paired_intervals(result) == {}
     assert not any("interval" in line for line in bench.report_lines(result))
 
 
 def test_a_share_that_rounds_to_zero_is_printed_as_zero(bench: ModuleType) -> None:
-    rerank = task_names("dev", "rerank_generation")[:1]
-    i2a = task_names("dev", "instruction_to_adapter")[:1]
+    rerank = RERANK[:1]
+    i2a = I2A[:1]
     # zero-shot a hair below the baseline: -0.1% of the gap, which must not print as "-0%"
     tasks = {rerank[0]: row(10, 9.99, 15, 20), i2a[0]: row(10, 9.99, 15, 20)}
     lines = bench.report_lines(result_of(bench, tasks))
@@ -168,4 +178,140 @@ def test_a_share_that_rounds_to_zero_is_printed_as_zero(bench: ModuleType) -> No
     assert (
         "capplug scorer (zero-shot): is below the best baseline, by 0% of its gap to the oracle."
         in lines
+    )
+
+
+# ------------------------------------------------------------------ a run on a small task pool
+
+
+@dataclass
+class Candidate:
+    text: str
+    strategy: str
+    sum_logprob: float
+    mean_logprob: float
+
+
+class FakeGenerator:
+    """Draws four candidates per prompt, the beam one first; counts the prompts it saw."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def sample_candidates(self, prompts, *, seed, batch_size):
+        self.prompts += prompts
+        out = []
+        for prompt in prompts:
+            word = next((w for w in prompt.split() if w.startswith("word")), "x")
+            texts = [word, f"{word} {word}", "something else", "no idea at all"]
+            out.append(
+                [
+                    Candidate(t, "beam" if i == 0 else "sample", -1.0 - i, -0.5 - i / 10)
+                    for i, t in enumerate(texts)
+                ]
+            )
+        return out
+
+
+class LengthScorer:
+    def score(self, instruction, responses):
+        return [-float(len(r)) for r in responses]
+
+
+def pairs(prefix: str) -> list[tuple[str, str]]:
+    return [(f"{prefix} word{i} .", f"word{i}") for i in range(40)]
+
+
+@pytest.fixture
+def small_pool(tmp_path: Path) -> Path:
+    return write_pool(
+        tmp_path / "data",
+        {
+            "bigbench/qa_wikidata": ("dev", generation_task(pairs("qa"))),
+            "bigbench/tense": ("dev", generation_task(pairs("tense"))),
+            I2A[0]: ("dev", ni_task("Repeat the word.", pairs("ni"))),
+            "bigbench/anachronisms": ("train", generation_task(pairs("train"))),
+        },
+    )
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeGenerator:
+    import capplug
+    import capplug.llms
+
+    generator = FakeGenerator()
+    monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(
+        capplug.llms.LocalChatModel, "from_pretrained", classmethod(lambda cls, ref: generator)
+    )
+    monkeypatch.setattr(
+        capplug.Scorer, "from_pretrained", classmethod(lambda cls, ref: LengthScorer())
+    )
+    return generator
+
+
+def test_a_run_on_the_pool_reports_each_group_and_the_shrunk_dev_lists(
+    bench: ModuleType, small_pool: Path, fakes: FakeGenerator, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    argv = ["--data", str(small_pool), "--limit", "3", "--adapt-examples", "0"]
+    result = bench.main([*argv, "--scorer", str(tmp_path / "no-scorer"), "--results", str(out)])
+
+    assert list(result["tasks"]) == [*RERANK, *I2A]
+    assert all(row["examples"] == 3 for row in result["tasks"].values())
+    assert len(fakes.prompts) == 9  # three test instructions per task, each drawn once
+    assert result["groups"] == GROUPS
+    assert result["data"] == str(small_pool.resolve())
+    report = (out / "rerank_generation.md").read_text()
+    assert (
+        "| 2 `dev.rerank_generation` |" in report and "| 1 `dev.instruction_to_adapter` |" in report
+    )
+    assert (
+        "dev.rerank_generation: 2 of the 6 tasks of the original BIG-bench list are in the task "
+        "pool; 4 could not be recovered and are left out (auto_categorization, gem/common_gen, "
+        "gem/e2e_nlg, linguistic_mappings/sentence_negation_json), so its figures are over 2 "
+        "tasks and do not compare with reports on all 6."
+    ) in report
+    assert "dev.instruction_to_adapter: 1 of the 8 tasks" in report
+    # beam search finds every reference here: the oracle is no better, and the report says so
+    assert "no gap to close (the oracle is no better)" in report
+    assert json.loads((out / "rerank_generation.json").read_text())["groups"] == GROUPS
+
+    # A rerun draws nothing again: the candidates are cached per task.
+    again = bench.main([*argv, "--scorer", str(tmp_path / "no-scorer"), "--results", str(out)])
+    assert len(fakes.prompts) == 9 and again["mean"] == result["mean"]
+
+
+def test_tasks_are_named_as_the_pool_names_them_and_checked(
+    bench: ModuleType, small_pool: Path, fakes: FakeGenerator, tmp_path: Path, capsys
+) -> None:
+    argv = ["--data", str(small_pool), "--limit", "2", "--adapt-examples", "0"]
+    argv += ["--scorer", str(tmp_path / "no-scorer"), "--results", str(tmp_path / "out")]
+    result = bench.main([*argv, "--tasks", "tense"])
+    assert list(result["tasks"]) == ["bigbench/tense"]
+    assert "This run covers 1 of the 2 (bigbench/tense)." in "\n".join(bench.report_lines(result))
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--tasks", "anachronisms"])  # a train task
+    assert "--tasks must be dev.rerank_generation or dev.instruction_to_adapter" in (
+        capsys.readouterr().err
+    )
+    train = bench.main(
+        [*argv, "--split", "train", "--tasks", "anachronisms", "--out", str(tmp_path / "t.json")]
+    )
+    assert list(train["tasks"]) == ["bigbench/anachronisms"]
+    assert train["groups"] == {} and train["dev_lists"] == []
+
+
+def test_a_pool_without_dev_tasks_is_refused(
+    bench: ModuleType, tmp_path: Path, fakes: FakeGenerator, capsys
+) -> None:
+    root = write_pool(
+        tmp_path / "train-only", {"bigbench/x": ("train", generation_task(pairs("x")))}
+    )
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--data", str(root)])
+    assert stop.value.code == 2
+    assert "has no dev tasks for dev.rerank_generation and dev.instruction_to_adapter" in (
+        capsys.readouterr().err
     )

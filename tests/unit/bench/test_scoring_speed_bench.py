@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from bench_pool import choice_task, generation_task, write_pool
 
-from capplug.errors import PackageFetchError
+from capplug.errors import DataError
 
 
 @pytest.fixture
@@ -16,24 +18,62 @@ def speed() -> ModuleType:
     return importlib.import_module("benchmarks.scoring_speed")
 
 
-def test_without_bigbench_the_generated_groups_are_used_whole(
-    speed: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def unavailable(*args: object, **kwargs: object) -> None:
-        raise PackageFetchError("bigbench==1.0.0 is not on the registry")
+def choice(name: str, count: int, options: int) -> dict:
+    return choice_task(
+        [f"{name} question {i}" for i in range(count)], [f"o{j}" for j in range(options)]
+    )
 
-    generated = [
-        {"instruction": f"q{i}", "responses": [f"a{i}-{j}" for j in range(4)]} for i in range(10)
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    return write_pool(
+        tmp_path / "data",
+        {
+            "bigbench/mc_a": ("train", choice("mc_a", 10, 4)),
+            "bigbench/mc_b": ("train", choice("mc_b", 10, 3)),
+            "bigbench/mc_c": ("train", choice("mc_c", 2, 2)),
+            "bigbench/generative": ("train", generation_task([("q", "a")] * 1 + [("r", "b")])),
+            "bigbench/winowhy": ("dev", choice("dev", 10, 2)),
+        },
+    )
+
+
+def test_pairs_are_whole_option_groups_of_multiple_choice_train_tasks(
+    speed: ModuleType, pool: Path
+) -> None:
+    source, groups = speed.pair_groups(20, seed=0, data=pool)
+    assert sum(len(options) for _, options in groups) == 20
+    prompts = [prompt for prompt, _ in groups]
+    # train multiple-choice tasks only: no dev task, no generative task
+    assert not any("dev question" in p or "Q: q" in p for p in prompts)
+    # at most GROUPS_PER_TASK examples of a task
+    for name in ("mc_a", "mc_b", "mc_c"):
+        assert sum(f"{name} question" in p for p in prompts) <= speed.GROUPS_PER_TASK
+    # whole groups, each with its own prompt's options; only the last may be cut
+    assert all(len(options) == len({*options}) > 0 for _, options in groups)
+    assert [len(o) for _, o in groups[:-1]] == [
+        {"mc_a": 4, "mc_b": 3, "mc_c": 2}[p.split()[1]] for p in prompts[:-1]
     ]
-    monkeypatch.setattr("capplug.data.bigbench.task_names", unavailable)
-    monkeypatch.setattr("benchmarks.generated_pairs.generated_pairs", lambda: generated)
-    source, groups = speed.pair_groups(10, seed=0)
-    assert source == speed.GENERATED_SOURCE
-    assert sum(len(r) for _, r in groups) == 10
-    # Whole groups, each response with its own instruction; only the last group is cut.
-    assert [len(r) for _, r in groups] == [4, 4, 2]
-    assert all(r.startswith(f"a{p[1:]}-") for p, rs in groups for r in rs)
-    assert speed.pair_groups(10, seed=0) == (source, groups)  # seeded
+    used = {p.split()[1] for p in prompts}
+    assert source.startswith(f"{len(used)} multiple-choice train tasks of the task pool")
+    assert speed.pair_groups(20, seed=0, data=pool) == (source, groups)  # seeded
+
+
+def test_a_tokenizer_keeps_only_the_options_that_fit(speed: ModuleType, pool: Path) -> None:
+    def tokenizer(prompts, options):  # an option of "o0" is too long; the rest fit
+        return {"input_ids": [[0] * (99 if o == "o0" else 5) for o in options]}
+
+    _, groups = speed.pair_groups(12, seed=1, data=pool, tokenizer=tokenizer, max_length=10)
+    assert groups and all("o0" not in options for _, options in groups)
+    assert all(len(options) >= 1 for _, options in groups)
+
+
+def test_a_pool_without_multiple_choice_train_tasks_is_refused(
+    speed: ModuleType, tmp_path: Path
+) -> None:
+    root = write_pool(tmp_path / "gen", {"bigbench/g": ("train", generation_task([("q", "a")]))})
+    with pytest.raises(DataError, match="no multiple-choice train task"):
+        speed.pair_groups(10, seed=0, data=root)
 
 
 def test_top1_agreement_counts_equal_texts_as_one_choice(speed: ModuleType) -> None:

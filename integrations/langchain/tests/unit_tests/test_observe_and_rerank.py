@@ -175,7 +175,7 @@ def test_the_parser_chooses_through_the_selection_core():
 def test_a_chat_model_labels_scorer_training_data(tmp_path):
     import pyarrow.parquet as pq
 
-    from capplug.data.bigbench import parse_task
+    from capplug.data import parse_task
     from capplug.data.build import build_dataset
     from langchain_capplug.data import ChatModelCandidateSource
 
