@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
-from capplug.data import DATA_ENV, SOURCES, Pool, open_pool
+from capplug.data import SOURCES, Pool, add_data_option, open_pool
 from capplug.errors import DataError
 
 __all__ = [
@@ -31,23 +31,6 @@ __all__ = [
 
 # The original lists named BIG-bench's own Natural-Instructions copies this way.
 _ORIGINAL_NI = "natural_instructions/"
-
-
-def add_data_option(parser: argparse.ArgumentParser) -> None:
-    """``--data PATH`` and ``--strict``, as capplug's commands that read tasks take them."""
-    parser.add_argument(
-        "--data",
-        metavar="PATH",
-        help="task data: a folder of BIG-bench, Natural Instructions, P3, BBH, "
-        "instruction-induction or JSONL task files (with or without a manifest.json), one such "
-        f"file, or a bigbench-1.0.0.tar.gz (default: ${DATA_ENV}, then ../shared/data beside a "
-        "source checkout of capplug)",
-    )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first unusable task file instead of skipping it with a message",
-    )
 
 
 def open_data(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Pool:

@@ -45,8 +45,8 @@ from capplug.models.adapter_folder import (
     read_adapter,
     write_peft_folder,
 )
-from capplug.scoring.precision import processor_name
 from capplug.scoring.guard import GuardReport
+from capplug.scoring.precision import processor_name
 from capplug.training.scorer import TrainConfig, train_scorer
 
 RESULTS = Path(__file__).parent / "results"

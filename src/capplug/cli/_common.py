@@ -1,4 +1,5 @@
-"""What the command groups share: the usage error and the common options."""
+"""What the command groups share: the usage error and the common options (``--data`` is
+:func:`capplug.data.pool.add_data_option`, shared with the benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,24 +17,6 @@ class UsageError(Exception):
 def add_device_option(parser: Any) -> None:
     """``--device``, on a parser or an argument group."""
     parser.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
-
-
-def add_data_option(parser: argparse.ArgumentParser) -> None:
-    """``--data PATH`` (default: $CAPPLUG_DATA, then ../shared/data beside a source checkout)
-    and ``--strict``, for every command that reads tasks."""
-    parser.add_argument(
-        "--data",
-        metavar="PATH",
-        help="task data: a folder of BIG-bench, Natural Instructions, P3, BBH, "
-        "instruction-induction or JSONL task files (with or without a manifest.json), one such "
-        "file, or a bigbench-1.0.0.tar.gz (default: $CAPPLUG_DATA, then ../shared/data beside a "
-        "source checkout of capplug)",
-    )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first unusable task file instead of skipping it with a message",
-    )
 
 
 def add_bind_options(parser: argparse.ArgumentParser, *, port: int) -> None:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 from capplug.chat import blank
 from capplug.cli._common import (
     UsageError,
-    add_data_option,
     add_device_option,
     add_hypernet_option,
 )
+from capplug.data.pool import add_data_option
 from capplug.models import DEFAULT_CHAT_MODEL, DEFAULT_SCORER
 
 if TYPE_CHECKING:

@@ -8,7 +8,8 @@ import dataclasses
 import json
 from typing import Any
 
-from capplug.cli._common import UsageError, add_data_option
+from capplug.cli._common import UsageError
+from capplug.data.pool import add_data_option
 
 
 def add_parser(sub: Any) -> None:

@@ -8,6 +8,7 @@ be a folder of any format :mod:`capplug.data.formats` reads (with or without a
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -33,6 +34,7 @@ __all__ = [
     "Pool",
     "PoolSummary",
     "SourceCount",
+    "add_data_option",
     "data_paths",
     "load_task",
     "open_pool",
@@ -58,6 +60,24 @@ def data_paths(data: str | os.PathLike[str] | None = None) -> list[Path]:
     if (checkout / "pyproject.toml").is_file():
         places.append(checkout.parent / "shared" / "data")
     return places
+
+
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    """``--data PATH`` and ``--strict``: how every command and benchmark that reads tasks is
+    pointed at them (pass ``args.data`` and ``args.strict`` to :func:`open_pool`)."""
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="task data: a folder of BIG-bench, Natural Instructions, P3, BBH, "
+        "instruction-induction or JSONL task files (with or without a manifest.json), one such "
+        f"file, or a bigbench-1.0.0.tar.gz (default: ${DATA_ENV}, then ../shared/data beside a "
+        "source checkout of capplug)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unusable task file instead of skipping it with a message",
+    )
 
 
 def open_pool(data: str | os.PathLike[str] | Pool | None = None, *, strict: bool = False) -> Pool:
@@ -233,7 +253,8 @@ class Pool:
         benchmark: DevBenchmark | None = None,
     ) -> list[str]:
         """Task names, sorted: of one split (``None``: both), one source, or one dev benchmark's
-        list (those of its tasks this pool has as ``dev``; every dev task when it has none)."""
+        list (those of its tasks this pool has as ``dev``; every dev task of a pool that has
+        none of any list's tasks, such as a user's own)."""
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} or None; got {split!r}")
         if source is not None and source not in SOURCES:
@@ -247,15 +268,18 @@ class Pool:
             lists = dev_benchmarks()
             if benchmark not in lists:
                 raise ValueError(f"benchmark must be one of {sorted(lists)}; got {benchmark!r}")
-            listed = [n for n in lists[benchmark] if self._entries.get(n, None) is not None]
-            listed = [n for n in listed if self._entries[n].split == "dev"]
-            if listed:
-                return listed
+            listed = [n for n in lists[benchmark] if self._is_dev(n)]
+            if listed or any(self._is_dev(n) for names in lists.values() for n in names):
+                return listed  # a pool that has the lists keeps them apart
         return sorted(
             e.name
             for e in self._entries.values()
             if (split is None or e.split == split) and (source is None or e.source == source)
         )
+
+    def _is_dev(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.split == "dev"
 
     def family(self, name: str) -> str:
         """The dataset family of a task: tasks of one family go in one validation fold."""

@@ -10,7 +10,15 @@ import pytest
 from task_files import write_jsonl_task, write_pool
 
 from capplug.cli import main
-from capplug.data import DataError, NoDataError, Pool, load_task, open_pool, task_names
+from capplug.data import (
+    DataError,
+    NoDataError,
+    Pool,
+    is_test_example,
+    load_task,
+    open_pool,
+    task_names,
+)
 from capplug.data.pool import DATA_ENV
 
 EVERY_TASK = [
@@ -189,3 +197,28 @@ def test_folds_never_split_a_family(tmp_path: Path) -> None:
     assert pool.folds(3) == folds  # the same seed, the same folds
     with pytest.raises(ValueError, match="cannot fill 20 folds"):
         pool.folds(20)
+
+
+def test_a_dev_benchmark_list_falls_back_only_for_a_pool_without_the_lists(
+    tmp_path: Path,
+) -> None:
+    own = Pool(write_pool(tmp_path / "own", dev=("bigbench/anachronisms",)))
+    # none of the lists' tasks: the pool's own dev tasks stand in for every list
+    assert own.names("dev", benchmark="rerank_generation") == ["bigbench/anachronisms"]
+    root = tmp_path / "listed"
+    task = root / "bigbench" / "winowhy" / "task.json"
+    task.parent.mkdir(parents=True)
+    task.write_text(json.dumps({"examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}}]}))
+    rows = [{"path": "bigbench/winowhy/task.json", "split": "dev"}]
+    (root / "manifest.json").write_text(json.dumps({"tasks": rows}))
+    listed = Pool(root)
+    assert listed.names("dev", benchmark="zero_shot_choice") == ["bigbench/winowhy"]
+    assert listed.names("dev", benchmark="rerank_generation") == []  # not winowhy
+
+
+def test_the_example_split_hashes_the_original_names() -> None:
+    assert is_test_example("bigbench/tense", "x") == is_test_example("tense", "x")
+    for text in ("a", "b", "c", "d", "e", "f"):
+        assert is_test_example("natural_instructions_v1/subtask043_x", text) == (
+            is_test_example("natural_instructions/subtask043_x", text)
+        )
