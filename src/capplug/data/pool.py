@@ -382,12 +382,8 @@ class Pool:
         counts instead of reading every file."""
         started = time.perf_counter()
         counts: dict[tuple[str, str], SourceCount] = {}
-        listed: dict[tuple[str, str], int] = defaultdict(int)
         for entry in self._entries.values():
-            key = (entry.source, entry.split)
-            counts.setdefault(key, SourceCount(entry.source, entry.split))
-            if entry.examples is not None:
-                listed[key] += entry.examples
+            counts.setdefault((entry.source, entry.split), SourceCount(entry.source, entry.split))
         usable: set[str] = set()
         if read:
             for task in self.tasks(sorted(self._entries), split=None, progress=progress):
@@ -402,6 +398,11 @@ class Pool:
                 count.tasks += 1
                 count.examples += entry.examples or 0
                 usable.add(entry.name)
+        listed: dict[tuple[str, str], int] = defaultdict(int)
+        for name in usable:  # what the manifest lists for the tasks that were read
+            entry = self._entries[name]
+            if entry.examples is not None:
+                listed[(entry.source, entry.split)] += entry.examples
         for key, count in counts.items():
             count.listed_examples = listed.get(key)
         skipped = list(self.skipped)
