@@ -253,8 +253,16 @@ def test_logprobs_are_asked_for_dropped_where_refused_and_never_leak_to_the_clie
                 choice["logprobs"] = {"content": [{"token": "x", "logprob": -1.0}]}
         return httpx2.Response(200, json=reply)
 
+    from types import SimpleNamespace
+
+    from capplug.selection import Combiner
+
+    # Signals are computed where the weights use them, as on every surface: these use logprob.
+    weights = Combiner({"logprob+scorer": {"logprob": 1.0, "scorer": 1.0}, "scorer": {"scorer": 1}})
+    scorer = LookupScorer({"Paris": 0.9})
+    scorer.model = SimpleNamespace(config=SimpleNamespace(capplug_selection=weights.to_config()))
     upstream = Upstream(answer)
-    with proxy(upstream, LookupScorer({"Paris": 0.9}), n=2) as client:
+    with proxy(upstream, scorer, n=2) as client:
         plain = ok(post(client))
         asked = ok(post(client, {**CHAT, "logprobs": True}))
         refused = [ok(post(client, {**CHAT, "model": "no-logprobs"})) for _ in range(2)]
