@@ -24,6 +24,9 @@ from typing import Any
 
 __all__ = ["create_mcp_server"]
 
+SURFACE = "mcp"
+"""What the feedback store records as the surface of the tools' selections."""
+
 INSTRUCTIONS = (
     "capplug judges candidate answers: give it an instruction and several candidate responses "
     "(say, n samples from a model) and it ranks them or picks the best, fusing a small "
@@ -86,12 +89,9 @@ def create_mcp_server(
         """Candidates best first: each one's index into ``candidates``, the fused probability
         that it is the best, and its raw signals. ``logprobs``: each candidate's summed token
         log-probability, when the model that wrote them gives them."""
-        path = reranker.selector(surface="mcp")
+        path = reranker.selector(surface=SURFACE)
         ranked = path.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
-        return [
-            {"index": c.index, "response": c.response, "score": c.score, "signals": dict(c.signals)}
-            for c in ranked
-        ]
+        return [_scored(c) for c in ranked]
 
     @server.tool()
     def select(
@@ -100,15 +100,9 @@ def create_mcp_server(
         """The best candidate: its index into ``candidates``, the response, the fused score and
         signals, (when the server records selections) the ``selection_id`` to judge, and the
         ``capplug`` metadata every surface reports (every candidate's scores and signals)."""
-        chosen = reranker.selector(surface="mcp").select(instruction, candidates, logprobs=logprobs)
-        return {
-            "index": chosen.index,
-            "response": chosen.response,
-            "score": chosen.score,
-            "signals": dict(chosen.signals),
-            "selection_id": chosen.id,
-            "capplug": chosen.metadata(),
-        }
+        path = reranker.selector(surface=SURFACE)
+        chosen = path.select(instruction, candidates, logprobs=logprobs)
+        return {**_scored(chosen), "selection_id": chosen.id, "capplug": chosen.metadata()}
 
     if feedback_store is not None:
 
@@ -153,3 +147,13 @@ def create_mcp_server(
             ]
 
     return server
+
+
+def _scored(candidate: Any) -> dict[str, Any]:
+    """A candidate (or a selection's chosen one) as the tools answer it."""
+    return {
+        "index": candidate.index,
+        "response": candidate.response,
+        "score": candidate.score,
+        "signals": dict(candidate.signals),
+    }
