@@ -112,7 +112,7 @@ class Selector:
         """:meth:`select`, awaited: the lookup, the LM and the feedback store run in worker
         threads, and the scorer through ``score`` when given (a server's queue, called with the
         text, the distinct candidates and the scorer to use), else in a worker thread.
-        Cancelling it cancels the step it waits on."""
+        Cancelling it cancels the ``score`` it awaits (a worker thread finishes on its own)."""
         steps = self._steps(instruction, candidates, logprobs, token_counts, model)
         return await _arun(steps, score)
 
@@ -153,7 +153,8 @@ class Selector:
         signals = set(self.signals or ())
         several = len(texts) > 1
         if lp is None and self.lm is not None and several and {"logprob", "logprob_mean"} & signals:
-            given = prompt.text if isinstance(instruction, Prompt) else instruction  # its chat
+            # The LM reads a chat as a chat (its template); a Prompt is read as its text.
+            given = prompt.text if isinstance(instruction, Prompt) else instruction
             lp, counts = yield _Call(lm_logprobs, (self.lm, given, texts))
         scores, task = None, None
         if self.scorer is not None and "scorer" in signals and (several or self.score_single):
