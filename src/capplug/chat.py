@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 __all__ = [
     "Instruction",
+    "Prompt",
     "blank",
     "chat_turns",
     "check_responses",
@@ -53,10 +55,7 @@ def flatten_chat(instruction: Instruction, *, argument: str = "instruction") -> 
     """
     if isinstance(instruction, str):
         return instruction
-    turns = chat_turns(instruction, argument=argument)
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1]
-    return "\n".join(f"{role}: {text}" for role, text in turns)
+    return _flat(chat_turns(instruction, argument=argument))
 
 
 def task_text(instruction: Instruction, *, argument: str = "instruction") -> str:
@@ -64,11 +63,39 @@ def task_text(instruction: Instruction, *, argument: str = "instruction") -> str
     turns, joined by newlines; for a plain string or a chat without one, the whole flattened
     text. Task scorers are found, and feedback is grouped, by it. Raises as
     :func:`flatten_chat` does."""
-    if isinstance(instruction, str):
-        return instruction
-    turns = chat_turns(instruction, argument=argument)
-    system = [text for role, text in turns if role == "system" and text.strip()]
-    return "\n".join(system) if system else flatten_chat(instruction, argument=argument)
+    return Prompt.of(instruction, argument=argument).task
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An instruction read once: ``text``, what the scorer reads (:func:`flatten_chat`), and
+    ``task``, what task scorers are found and feedback is grouped by (:func:`task_text`).
+
+    The selection path takes one wherever it takes an instruction, so that a server that has
+    read a request's messages (and refused bad ones) does not read them again.
+    """
+
+    text: str
+    task: str
+
+    @classmethod
+    def of(cls, instruction: Instruction | Prompt, *, argument: str = "instruction") -> Prompt:
+        """``instruction`` read once (a :class:`Prompt` is returned as it is); raises as
+        :func:`flatten_chat` does."""
+        if isinstance(instruction, Prompt):
+            return instruction
+        if isinstance(instruction, str):
+            return cls(instruction, instruction)
+        turns = chat_turns(instruction, argument=argument)
+        text = _flat(turns)
+        system = [turn for role, turn in turns if role == "system" and turn.strip()]
+        return cls(text, "\n".join(system) if system else text)
+
+
+def _flat(turns: list[tuple[str, str]]) -> str:
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n".join(f"{role}: {text}" for role, text in turns)
 
 
 def chat_turns(instruction: Instruction, *, argument: str = "instruction") -> list[tuple[str, str]]:

@@ -1,14 +1,20 @@
-"""Choosing among candidate messages: capplug's selection core, fed from LangChain messages."""
+"""Choosing among candidate messages: capplug's one selection path, fed from LangChain messages."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage
 
 from langchain_capplug._sampling import candidate_text, has_tool_calls
+
+if TYPE_CHECKING:
+    from capplug.selection import Selection
+
+
+SURFACE = "langchain"
+"""What the feedback store records as the surface of choices made here."""
 
 
 def load_scorer(scorer: Any) -> Any:
@@ -18,47 +24,34 @@ def load_scorer(scorer: Any) -> Any:
     return load(scorer)
 
 
-def load_reranker(scorer: Any) -> Any:
-    """A capplug ``Reranker``: given, or built on a scorer object, reference or ``None``."""
-    from capplug.selection import Reranker
+def load_reranker(scorer: Any, *, documents: bool = False) -> Any:
+    """A capplug ``Reranker``: given, or built on a scorer object, reference or ``None`` (with
+    ``documents``, weighting the scorer alone: agreement among documents is no signal)."""
+    from capplug.selection import SCORER_ONLY, Reranker
 
     if isinstance(scorer, Reranker):
         return scorer
-    return Reranker(load_scorer(scorer))
-
-
-@dataclass
-class Selection:
-    """The outcome of choosing among candidates; ``metadata`` goes into ``response_metadata``."""
-
-    index: int  # into the messages given to :func:`select`
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def message_logprobs(message: BaseMessage) -> tuple[float, int] | None:
-    """A candidate's summed token log-probability and token count, when the model sent them."""
-    from capplug.selection import openai_logprobs
-
-    return openai_logprobs(message.response_metadata.get("logprobs"))
+    return Reranker(load_scorer(scorer), combiner=SCORER_ONLY if documents else None)
 
 
 def select(
     reranker: Any,
-    conversation: Sequence[BaseMessage],
+    conversation: Any,
     messages: Sequence[BaseMessage],
     *,
-    collected: dict[str, Any],
     score_tool_calls: bool = False,
+    **changes: Any,
 ) -> Selection:
-    """Choose the best of ``messages`` for ``conversation`` with capplug's selection core.
+    """Choose the best of ``messages`` for ``conversation`` through capplug's selection path
+    (:class:`capplug.selection.Selector`, configured by ``reranker``, with ``changes`` to its
+    fields: the callback handler's own ``feedback``, say).
 
-    ``collected`` is the collecting half of the metadata
-    (:meth:`capplug.llms.collect.Collected.metadata`). When tool calls are not scored and any
-    candidate carries them, the first such candidate is chosen unscored (``scores`` is ``None``
-    and ``reason`` says why). Otherwise every candidate goes to the core (repeats are scored once
-    and count towards agreement), with log-probabilities when every candidate carries them.
+    When tool calls are not scored and any candidate carries them, the first such candidate is
+    chosen unscored (:meth:`Selection.unscored`, with the reason). Otherwise every candidate
+    goes to the path (repeats are scored once and count towards agreement), with
+    log-probabilities by the one rule (:func:`capplug.selection.reply_logprobs`).
     """
-    from capplug.selection import TOOL_CALLS_UNSCORED, tool_call_order, unscored_metadata
+    from capplug.selection import TOOL_CALLS_UNSCORED, Selection, reply_logprobs, tool_call_order
 
     if not messages:
         raise ValueError("no candidates to choose from")
@@ -66,19 +59,11 @@ def select(
     if not score_tool_calls:
         order = tool_call_order([has_tool_calls(m) for m in messages])
         if order is not None:
-            unscored = unscored_metadata(
-                texts, order, f"{TOOL_CALLS_UNSCORED} (score_tool_calls=False)"
-            )
-            return Selection(order[0], {**collected, **unscored})
-    found = [message_logprobs(m) for m in messages]
-    have = all(f is not None for f in found)
-    selection = reranker.select(
-        list(conversation),
-        texts,
-        logprobs=[f[0] for f in found] if have else None,  # type: ignore[index]
-        token_counts=[f[1] for f in found] if have else None,  # type: ignore[index]
-    )
-    return Selection(selection.index, {**collected, **selection.metadata()})
+            reason = f"{TOOL_CALLS_UNSCORED} (score_tool_calls=False)"
+            return Selection.unscored(texts, order, reason)
+    logprobs, counts = reply_logprobs([m.response_metadata.get("logprobs") for m in messages])
+    path = reranker.selector(**{"surface": SURFACE, **changes})
+    return path.select(conversation, texts, logprobs=logprobs, token_counts=counts)
 
 
 def with_metadata(message: BaseMessage, metadata: dict[str, Any]) -> BaseMessage:

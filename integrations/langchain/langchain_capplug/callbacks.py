@@ -11,13 +11,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
-import numpy as np
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation, LLMResult
 
-from langchain_capplug._sampling import candidate_text
-from langchain_capplug._selection import load_scorer
+from langchain_capplug._selection import load_reranker, select
 
 __all__ = ["AsyncCappyScoreCallbackHandler", "CappyScoreCallbackHandler", "ScoreRecord"]
 
@@ -26,7 +24,8 @@ logger = logging.getLogger("langchain_capplug.callbacks")
 
 @dataclass(frozen=True)
 class ScoreRecord:
-    """The scores of one prompt's generations in one model run."""
+    """The scores of one prompt's generations in one model run, chosen among through capplug's
+    selection path (repeats scored once; log-probabilities when every generation has them)."""
 
     run_id: str
     parent_run_id: str | None
@@ -42,6 +41,9 @@ class ScoreRecord:
     """The selection core's probability that each response is the best."""
     selection_id: str | None = None
     """Its id in the handler's feedback store (``feedback=``): judge it with ``handler.judge``."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The ``capplug`` metadata of the choice, as every surface reports it
+    (:meth:`capplug.selection.Selection.metadata`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,15 +83,14 @@ class _Scoring:
         self, scorer: Any, sink: Any, feedback: Any, langsmith: Any, auto_adapt: Any
     ) -> None:
         from capplug.feedback import as_feedback_store, check_watcher
-        from capplug.selection import combiner_of
 
         if langsmith is not None and not callable(getattr(langsmith, "create_feedback", None)):
             raise TypeError(
                 "langsmith must be a langsmith.Client (with create_feedback); "
                 f"got {type(langsmith).__name__}"
             )
-        self.scorer = load_scorer(scorer)
-        self._combiner = combiner_of(self.scorer)
+        self._reranker = load_reranker(scorer)
+        self.scorer = self._reranker.scorer
         self.sink = _check_sink(sink)
         self.feedback = as_feedback_store(feedback)
         self.langsmith = langsmith
@@ -142,30 +143,26 @@ class _Scoring:
         self, prompts: list[Any], response: LLMResult, run_id: UUID, parent_run_id: UUID | None
     ) -> list[ScoreRecord]:
         from capplug import flatten_chat
-        from capplug.selection import choose
 
         out = []
         for index, (prompt, generations) in enumerate(
             zip(prompts, response.generations, strict=False)
         ):
-            texts = [_text(g) for g in generations]
-            if not texts:
+            if not generations:
                 continue
-            scores = [float(s) for s in self.scorer.score(prompt, texts)]
-            chosen = choose(
-                texts, scores=np.array(scores), instruction=prompt, combiner=self._combiner
+            messages = [_message(g) for g in generations]
+            # The handler's own feedback store; every generation is scored, a lone one too.
+            chosen = select(
+                self._reranker,
+                prompt,
+                messages,
+                score_tool_calls=True,
+                feedback=self.feedback,
+                score_single=True,
             )
-            selection_id = None
-            if self.feedback is not None:
-                selection_id = self.feedback.record(
-                    prompt,
-                    texts,
-                    chosen.index,
-                    scores=[c.score for c in chosen.candidates],
-                    surface="langchain",
-                )
+            if chosen.id is not None:
                 with self._lock:
-                    self._runs[selection_id] = str(run_id)
+                    self._runs[chosen.id] = str(run_id)
                     while len(self._runs) > _MAX_REMEMBERED_RUNS:
                         self._runs.pop(next(iter(self._runs)))
             out.append(
@@ -174,11 +171,14 @@ class _Scoring:
                     parent_run_id=str(parent_run_id) if parent_run_id else None,
                     prompt_index=index,
                     instruction=flatten_chat(prompt),
-                    responses=texts,
-                    scores=scores,
+                    responses=[c.response for c in chosen.candidates],
+                    scores=[
+                        c.signals["scorer"] for c in chosen.candidates if "scorer" in c.signals
+                    ],
                     best=chosen.index,
                     fused=[round(c.score, 6) for c in chosen.candidates],
-                    selection_id=selection_id,
+                    selection_id=chosen.id,
+                    metadata=chosen.metadata(),
                 )
             )
         return out
@@ -196,10 +196,11 @@ class _Scoring:
             logger.exception("capplug could not score run %s", run_id)
 
 
-def _text(generation: Generation) -> str:
+def _message(generation: Generation) -> BaseMessage:
+    """A generation as the message the selection reads (a plain LLM's text as an AI message)."""
     if isinstance(generation, ChatGeneration):
-        return candidate_text(generation.message)
-    return generation.text
+        return generation.message
+    return AIMessage(content=generation.text)
 
 
 class _Handler:
@@ -240,7 +241,10 @@ class CappyScoreCallbackHandler(_Handler, BaseCallbackHandler):
     It only observes: the prompt is remembered at chat-model (or LLM) start by ``run_id``, every
     generation is scored at ``on_llm_end``, and one :class:`ScoreRecord` per prompt goes to the
     sink (a list to append to, a ``logging.Logger`` to log to at INFO, or a function). A scoring
-    error is logged, never raised, and results are never changed.
+    error is logged, never raised, and results are never changed. The generations are chosen
+    among through capplug's selection path, as ``CappyBestOfN`` chooses: ``scorer`` is a capplug
+    ``Scorer``, a reference, or a ``Reranker`` (its weights, signals and task scorers then
+    apply; the handler's own ``feedback`` records).
 
     With ``feedback`` (``True``: the default store; or a path, or a ``FeedbackStore``) each
     record is also stored as a selection (``record.selection_id``), to be judged later with

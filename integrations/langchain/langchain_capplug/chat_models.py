@@ -288,16 +288,13 @@ class CappyBestOfN(BaseChatModel):
                 f"{self.min_candidates}"
             )
         selection = select(
-            self._reranker,
-            conversation,
-            received,
-            collected=collected.metadata(self.n),
-            score_tool_calls=self.score_tool_calls,
+            self._reranker, conversation, received, score_tool_calls=self.score_tool_calls
         )
-        chosen = with_metadata(received[selection.index], selection.metadata)
+        metadata = {**collected.metadata(self.n), **selection.metadata()}
+        chosen = with_metadata(received[selection.index], metadata)
         return ChatResult(
             generations=[ChatGeneration(message=chosen)],
-            llm_output={"capplug": selection.metadata},
+            llm_output={"capplug": metadata},
         )
 
 

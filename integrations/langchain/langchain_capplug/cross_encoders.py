@@ -9,12 +9,12 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import BaseGenerationOutputParser
 from langchain_core.outputs import ChatGeneration, Generation
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from langchain_capplug._sampling import candidate_text
-from langchain_capplug._selection import load_reranker, load_scorer, message_logprobs
+from langchain_capplug._selection import SURFACE, load_reranker, load_scorer, select
 
 __all__ = ["BestGenerationParser", "CappyCrossEncoder", "CappyReranker"]
 
@@ -55,6 +55,10 @@ class CappyReranker(BaseDocumentCompressor):
         retriever = ContextualCompressionRetriever(
             base_compressor=CappyReranker(top_n=3), base_retriever=base
         )
+
+    Documents are ranked through capplug's selection path: by the scorer alone, unless
+    ``scorer`` is a capplug ``Reranker`` (its weights and signals then rank them); repeated
+    documents (equal up to whitespace) are scored once and come after the distinct ones.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -62,9 +66,12 @@ class CappyReranker(BaseDocumentCompressor):
     scorer: Any = None
     top_n: int = Field(default=3, ge=1, description="How many documents to keep.")
 
+    _reranker: Any = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _load(self) -> CappyReranker:
-        self.scorer = load_scorer(self.scorer)
+        self._reranker = load_reranker(self.scorer, documents=True)
+        self.scorer = self._reranker.scorer
         return self
 
     def compress_documents(
@@ -72,16 +79,22 @@ class CappyReranker(BaseDocumentCompressor):
     ) -> Sequence[Document]:
         if not documents:
             return []
-        scores = self.scorer.score(query, [d.page_content for d in documents])
-        order = sorted(range(len(documents)), key=lambda i: -scores[i])[: self.top_n]
+        path = self._reranker.selector(surface=SURFACE, score_single=True)
+        chosen = path.select(query, [d.page_content for d in documents])
         return [
             Document(
                 page_content=documents[i].page_content,
-                metadata={**documents[i].metadata, "relevance_score": float(scores[i])},
+                metadata={**documents[i].metadata, "relevance_score": _relevance(chosen, i)},
                 id=documents[i].id,
             )
-            for i in order
+            for i in chosen.order()[: self.top_n]
         ]
+
+
+def _relevance(chosen: Any, i: int) -> float:
+    """A document's relevance score: the scorer's score, else (no scorer signal) the fused one."""
+    candidate = chosen.candidates[i]
+    return float(candidate.signals.get("scorer", candidate.score))
 
 
 class BestGenerationParser(BaseGenerationOutputParser[str]):
@@ -118,20 +131,12 @@ class BestGenerationParser(BaseGenerationOutputParser[str]):
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> str:
         if not result:
             raise OutputParserException("no generations to choose from")
-        texts = [
-            candidate_text(g.message) if isinstance(g, ChatGeneration) else g.text for g in result
+        messages = [
+            g.message if isinstance(g, ChatGeneration) else AIMessage(content=g.text)
+            for g in result
         ]
-        found = [
-            message_logprobs(g.message) if isinstance(g, ChatGeneration) else None for g in result
-        ]
-        have = all(f is not None for f in found)
-        chosen = self._reranker.select(
-            self.instruction,
-            texts,
-            logprobs=[f[0] for f in found] if have else None,  # type: ignore[index]
-            token_counts=[f[1] for f in found] if have else None,  # type: ignore[index]
-        )
-        return texts[chosen.index]
+        chosen = select(self._reranker, self.instruction, messages, score_tool_calls=True)
+        return chosen.response
 
     @property
     def _type(self) -> str:

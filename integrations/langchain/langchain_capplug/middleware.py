@@ -118,18 +118,16 @@ class CappyBestOfNMiddleware(AgentMiddleware):
             conversation.insert(0, request.system_message)
         messages = [_ai_message(r) for r in responses]
         selection = select(
-            self._reranker,
-            conversation,
-            messages,
-            collected={
-                **more.metadata(self.n),
-                "n_received": len(responses),
-                "upstream_calls": more.calls + 1,
-            },
-            score_tool_calls=self.score_tool_calls,
+            self._reranker, conversation, messages, score_tool_calls=self.score_tool_calls
         )
+        metadata = {
+            **more.metadata(self.n),
+            "n_received": len(responses),
+            "upstream_calls": more.calls + 1,
+            **selection.metadata(),
+        }
         chosen = responses[selection.index]
-        tagged = with_metadata(messages[selection.index], selection.metadata)
+        tagged = with_metadata(messages[selection.index], metadata)
         if isinstance(chosen, AIMessage):
             return ModelResponse(result=[tagged])
         result = [tagged if m is messages[selection.index] else m for m in chosen.result]

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from capplug.chat import dedupe_key, distinct
+
 __all__ = [
     "MAX_CANDIDATE_WORDS",
     "MAX_INSTRUCTION_WORDS",
@@ -86,25 +88,23 @@ def _f(ta: list[str], masks: dict[str, int], tb: list[str]) -> float:
 def rouge_agreement(texts: Sequence[str]) -> np.ndarray:
     """Each text's mean Rouge-L F to the other texts of the list, in list order.
 
-    Repeated texts count once per occurrence. A list of one text gets 0.0.
+    Repeated texts (equal up to whitespace: :func:`capplug.chat.distinct`) count once per
+    occurrence. A list of one text gets 0.0.
     """
     n = len(texts)
     if n < 2:
         return np.zeros(n)
-    distinct = list(dict.fromkeys(texts))
-    index = {t: i for i, t in enumerate(distinct)}
-    counts = np.zeros(len(distinct))
-    for t in texts:
-        counts[index[t]] += 1
-    words = [_head(t) for t in distinct]
+    unique, where = distinct(texts)
+    counts = np.bincount(where, minlength=len(unique)).astype(float)
+    words = [_head(t) for t in unique]
     masks = [_masks(w) for w in words]
-    sim = np.eye(len(distinct))
-    for i in range(len(distinct)):
-        for j in range(i + 1, len(distinct)):
+    sim = np.eye(len(unique))
+    for i in range(len(unique)):
+        for j in range(i + 1, len(unique)):
             sim[i, j] = sim[j, i] = _f(words[i], masks[i], words[j])
     # Sum over every other occurrence: all occurrences of all texts, less the text itself once.
     per_distinct = (sim @ counts - 1.0) / (n - 1)
-    return per_distinct[[index[t] for t in texts]]
+    return per_distinct[where]
 
 
 def word_counts(texts: Sequence[str]) -> np.ndarray:
@@ -119,8 +119,9 @@ def echo(instruction: str, texts: Sequence[str]) -> np.ndarray:
     out = np.zeros(len(texts))
     cache: dict[str, float] = {}
     for i, text in enumerate(texts):
-        if text not in cache:
+        key = dedupe_key(text)
+        if key not in cache:
             words = _head(text)
-            cache[text] = _lcs(_masks(words), len(words), source) / len(words) if words else 0.0
-        out[i] = cache[text]
+            cache[key] = _lcs(_masks(words), len(words), source) / len(words) if words else 0.0
+        out[i] = cache[key]
     return out

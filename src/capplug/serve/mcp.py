@@ -6,8 +6,8 @@ stdio and calls:
 - ``score``: the scorer's score in [0, 1] of each response to an instruction;
 - ``rank``: candidates best first through capplug's selection core (the scorer, agreement among
   the candidates, and log-probabilities when given), with each one's signals;
-- ``select``: the best candidate, its index, fused score and signals; with a feedback store, its
-  ``selection_id`` too;
+- ``select``: the best candidate, its index, fused score and signals, and the ``capplug``
+  metadata; with a feedback store, its ``selection_id`` too;
 - ``judge`` (with a feedback store): a label, a preferred candidate or a reference for a
   recorded selection;
 - ``lookup_adapter`` (with an adapter store): the stored adapters closest to an instruction,
@@ -23,6 +23,9 @@ import os
 from typing import Any
 
 __all__ = ["create_mcp_server"]
+
+SURFACE = "mcp"
+"""What the feedback store records as the surface of the tools' selections."""
 
 INSTRUCTIONS = (
     "capplug judges candidate answers: give it an instruction and several candidate responses "
@@ -86,26 +89,20 @@ def create_mcp_server(
         """Candidates best first: each one's index into ``candidates``, the fused probability
         that it is the best, and its raw signals. ``logprobs``: each candidate's summed token
         log-probability, when the model that wrote them gives them."""
-        ranked = reranker.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
-        return [
-            {"index": c.index, "response": c.response, "score": c.score, "signals": dict(c.signals)}
-            for c in ranked
-        ]
+        path = reranker.selector(surface=SURFACE)
+        ranked = path.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
+        return [_scored(c) for c in ranked]
 
     @server.tool()
     def select(
         instruction: str, candidates: list[str], logprobs: list[float] | None = None
     ) -> dict[str, Any]:
         """The best candidate: its index into ``candidates``, the response, the fused score and
-        signals, and (when the server records selections) the ``selection_id`` to judge."""
-        chosen = reranker.select(instruction, candidates, logprobs=logprobs)
-        return {
-            "index": chosen.index,
-            "response": chosen.response,
-            "score": chosen.score,
-            "signals": dict(chosen.signals),
-            "selection_id": chosen.id,
-        }
+        signals, (when the server records selections) the ``selection_id`` to judge, and the
+        ``capplug`` metadata every surface reports (every candidate's scores and signals)."""
+        path = reranker.selector(surface=SURFACE)
+        chosen = path.select(instruction, candidates, logprobs=logprobs)
+        return {**_scored(chosen), "selection_id": chosen.id, "capplug": chosen.metadata()}
 
     if feedback_store is not None:
 
@@ -150,3 +147,13 @@ def create_mcp_server(
             ]
 
     return server
+
+
+def _scored(candidate: Any) -> dict[str, Any]:
+    """A candidate (or a selection's chosen one) as the tools answer it."""
+    return {
+        "index": candidate.index,
+        "response": candidate.response,
+        "score": candidate.score,
+        "signals": dict(candidate.signals),
+    }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 
 import numpy as np
@@ -16,6 +18,7 @@ from capplug.selection import (
     TOOL_CALLS_UNSCORED,
     Combiner,
     Reranker,
+    Selection,
     distinct,
     echo,
     fit_weights,
@@ -182,6 +185,44 @@ def test_distinct_keeps_the_first_of_each_repeat_and_maps_every_text_to_it():
     assert distinct(["a", "b", " a ", "c", "b"]) == (["a", "b", "c"], [0, 1, 0, 2, 1])
 
 
+def test_agreement_counts_repeats_up_to_whitespace_as_repeats():
+    assert (
+        rouge_agreement(["a b", " a  b", "c"]).tolist()
+        == rouge_agreement(["a b", "a b", "c"]).tolist()
+    )
+
+
+def test_the_async_path_chooses_as_the_sync_one_does():
+    ranker, scorer = reranker({"good": 0.9, "bad": 0.1}, scorer=1.0, agreement=0.5)
+    texts = ["bad", "good", "good "]
+    awaited = asyncio.run(ranker.selector().aselect("q", texts))
+    assert awaited == ranker.select("q", texts)
+    assert scorer.calls == [["bad", "good"]] * 2  # repeats scored once, either way
+
+
+def test_a_feedback_store_that_fails_is_logged_and_the_choice_goes_out(caplog):
+    class Failing:
+        def record(self, *args, **kwargs):
+            raise OSError("disk full")
+
+        def add(self, *args, **kwargs):
+            raise AssertionError("not judged here")
+
+    scorer = FakeScorer({"good": 0.9})
+    ranker = Reranker(scorer, combiner=combiner(scorer=1.0), feedback=Failing())
+    with caplog.at_level(logging.ERROR, logger="capplug.selection"):
+        chosen = ranker.select("q", ["bad", "good"])
+    assert chosen.index == 1 and chosen.id is None
+    assert "could not record the selection" in caplog.text and "disk full" in caplog.text
+
+
+def test_an_unscored_choice_is_one_selection_too():
+    chosen = Selection.unscored(["a", "b", "c"], [2, 0, 1], TOOL_CALLS_UNSCORED)
+    assert (chosen.index, chosen.response, chosen.scored) == (2, "c", False)
+    assert chosen.order() == [2, 0, 1] and [c.index for c in chosen.ranking()] == [2, 0, 1]
+    assert chosen.metadata() == unscored_metadata(["a", "b", "c"], [2, 0, 1], TOOL_CALLS_UNSCORED)
+
+
 def test_candidates_go_back_chosen_first_then_distinct_answers_best_first_then_repeats():
     ranker, _ = reranker({"x": 0.9, "y": 0.5, "z": 0.1}, scorer=1.0)
     chosen = ranker.select("q", ["z", "x", "x", "y"])
@@ -215,6 +256,25 @@ def test_bad_input_raises_naming_the_field(candidates, logprobs, error, match):
     ranker, _ = reranker({}, scorer=1.0)
     with pytest.raises(error, match=match):
         ranker.select("q", candidates, logprobs=logprobs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_scorer_that_gives_non_finite_scores_is_refused(bad):
+    ranker, _ = reranker({"a": bad, "b": 0.5}, scorer=1.0)
+    with pytest.raises(ValueError, match="scores must be finite"):
+        ranker.select("q", ["a", "b"])
+    ranker, _ = reranker({"a": bad}, scorer=1.0)  # a lone candidate too, where it is scored
+    with pytest.raises(ValueError, match="scores must be finite"):
+        ranker.selector(score_single=True).select("q", ["a"])
+
+
+def test_a_scorer_that_loses_candidates_is_refused():
+    class Short:
+        def score(self, instruction, responses):
+            return [0.5]
+
+    with pytest.raises(ValueError, match="returned 1 scores for 2 candidates"):
+        Reranker(Short(), combiner=combiner(scorer=1.0)).select("q", ["a", "b", " a"])
 
 
 def test_all_none_logprobs_mean_none():

@@ -253,8 +253,16 @@ def test_logprobs_are_asked_for_dropped_where_refused_and_never_leak_to_the_clie
                 choice["logprobs"] = {"content": [{"token": "x", "logprob": -1.0}]}
         return httpx2.Response(200, json=reply)
 
+    from types import SimpleNamespace
+
+    from capplug.selection import Combiner
+
+    # Signals are computed where the weights use them, as on every surface: these use logprob.
+    weights = Combiner({"logprob+scorer": {"logprob": 1.0, "scorer": 1.0}, "scorer": {"scorer": 1}})
+    scorer = LookupScorer({"Paris": 0.9})
+    scorer.model = SimpleNamespace(config=SimpleNamespace(capplug_selection=weights.to_config()))
     upstream = Upstream(answer)
-    with proxy(upstream, LookupScorer({"Paris": 0.9}), n=2) as client:
+    with proxy(upstream, scorer, n=2) as client:
         plain = ok(post(client))
         asked = ok(post(client, {**CHAT, "logprobs": True}))
         refused = [ok(post(client, {**CHAT, "model": "no-logprobs"})) for _ in range(2)]
@@ -265,6 +273,23 @@ def test_logprobs_are_asked_for_dropped_where_refused_and_never_leak_to_the_clie
     sent = [b for b in upstream.bodies() if b["model"] == "no-logprobs"]
     # Refused once, asked again without; the second request does not ask at all.
     assert ["logprobs" in b for b in sent] == [True, False, False]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_score_is_refused_as_the_selection_core_refuses_it(
+    bad: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not dropped (the choice would silently go to the other signals): refused as choose()
+    # refuses it, so the answer goes out unscored, saying why, and counts as a scoring failure.
+    upstream = Upstream(lambda r: httpx2.Response(200, json=completion(["Lyon", "Paris"])))
+    with proxy(upstream, LookupScorer({"Lyon": bad, "Paris": 0.9}), n=2) as client:
+        reply = ok(post(client))
+        failures = metric(client, "capplug_proxy_scoring_failures_total")
+    meta = reply["capplug"]
+    assert meta["scores"] is None and meta["signals"] is None and meta["weights"] is None
+    assert "scoring failed" in meta["reason"] and "scores must be finite" in meta["reason"]
+    assert reply["choices"][0]["message"]["content"] == "Lyon"  # in the order received
+    assert failures == 1 and "scores must be finite" in caplog.text
 
 
 def test_the_request_n_gets_the_top_n_distinct_answers_first() -> None:

@@ -6,7 +6,7 @@ import asyncio
 from unittest.mock import patch
 
 import pytest
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
@@ -53,7 +53,8 @@ def test_native_n_asks_once_and_returns_the_best_with_metadata():
     assert meta["scores"][meta["chosen"]] == max(meta["scores"])
     assert set(meta) == set(METADATA_KEYS)  # the schema the proxy reports too
     assert set(meta["signals"]) >= {"scorer", "agreement"} and meta["weights"]
-    assert scorer.calls[0][0][0].content == "What is the capital of France?"
+    # The scorer reads the conversation as text, as on every surface (capplug.flatten_chat).
+    assert scorer.calls[0][0] == "What is the capital of France?"
     assert scorer.calls[0][1] == ["It is Lyon.", "London, I think.", "Paris."]  # repeat scored once
 
 
@@ -218,8 +219,8 @@ def test_async_batch_stream_and_composition():
     assert merged.content == "Paris." and "capplug" in merged.response_metadata
     prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{q}")])
     assert (prompt | best | StrOutputParser()).invoke({"q": "Capital of France?"}) == "Paris."
-    system, human = scorer.calls[-1][0]
-    assert isinstance(system, SystemMessage) and isinstance(human, HumanMessage)
+    # The whole conversation, system prompt included, as the text the scorer reads.
+    assert scorer.calls[-1][0] == "system: Be brief.\nuser: Capital of France?"
 
 
 def test_bad_arguments_are_refused_clearly():
@@ -255,11 +256,11 @@ def test_log_probabilities_sent_with_the_candidates_drive_the_choice():
     ranker = Reranker(KeywordScorer(), combiner=weights, signals=("logprob", "agreement"))
     question = [HumanMessage("What is the capital of France?")]
     sure = [reply("Paris.", [-0.1]), reply("Lyon.", [-3.0]), reply("Lyon.", [-3.0])]
-    chosen = select(ranker, question, sure, collected={})
-    assert chosen.index == 0 and chosen.metadata["signals"]["logprob"] == [-0.1, -3.0, -3.0]
+    chosen = select(ranker, question, sure)
+    assert chosen.index == 0 and chosen.metadata()["signals"]["logprob"] == [-0.1, -3.0, -3.0]
     # One candidate without log-probabilities: none are used, and agreement decides.
     unsure = [*sure[:2], AIMessage(content="Lyon.")]
-    assert select(ranker, question, unsure, collected={}).index == 1
+    assert select(ranker, question, unsure).index == 1
 
 
 class LogprobsChatModel(SingleChatModel):

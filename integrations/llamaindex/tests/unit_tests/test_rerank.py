@@ -92,7 +92,7 @@ def test_a_scorer_that_loses_nodes_is_an_error() -> None:
         def score(self, instruction: str, responses: list[str]) -> list[float]:
             return [0.5]
 
-    with pytest.raises(ValueError, match="1 scores for 2 nodes"):
+    with pytest.raises(ValueError, match="1 scores for 2 candidates"):
         CappyRerank(scorer=Short()).postprocess_nodes(nodes("a", "b"), query_str=QUERY)
 
 

@@ -1,31 +1,27 @@
 """One reranked request's candidates: collected from the upstream by capplug's one policy,
-then chosen among by the selection core (and recorded for feedback)."""
+then chosen among by the selection path (:class:`capplug.selection.Selector`, which records the
+choice for feedback), scored through the proxy's scoring queue."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import numpy as np
-from fastapi import Request
-
+from capplug.chat import Prompt
 from capplug.llms.collect import Collected, acollect, describe_error
 from capplug.llms.retry import AttemptBudget
 from capplug.selection import (
     TOOL_CALLS_UNSCORED,
-    choose,
-    distinct,
-    openai_logprobs,
+    Selection,
+    Selector,
+    reply_logprobs,
     tool_call_order,
-    unscored_metadata,
 )
 from capplug.serve._scoring_queue import ScoringQueue
-from capplug.serve.proxy._metrics import TIMING_KEY
 from capplug.serve.proxy._replies import (
     Replies,
     candidate_text,
@@ -130,13 +126,19 @@ class Quirks:
         self._probe_at.pop(model, None)
 
 
-@dataclass
-class Selection:
+@dataclass(frozen=True)
+class Reranked:
+    """One request's choice as the routes answer it."""
+
     order: list[int]
-    """Every candidate's index, in the order to return them: the chosen one first."""
+    """The indices of the choices to return (``want`` of them), the chosen one first."""
     metadata: dict[str, Any]
-    """The selection core's metadata (scores, signals and weights, or ``reason`` when unscored)."""
-    seconds: float = 0.0
+    """The ``capplug`` object: collecting's and the selection's metadata, and the proxy's own
+    (``returned``, ``upstream_seconds``, ``scoring_seconds``)."""
+    headers: dict[str, str]
+    """The answer's headers: the upstream's rate limits and the candidate counts."""
+    timings: tuple[tuple[str, float], ...]
+    """``(name, seconds)`` for the ``Server-Timing`` header."""
 
 
 class Candidates:
@@ -147,18 +149,14 @@ class Candidates:
         upstream: Upstream,
         *,
         scoring: ScoringQueue,
-        combiner: Any,
-        feedback: Any,
+        selector: Selector,
         native_n: Literal["auto", "never"],
         quirk_seconds: float,
-        task_scorers: Any = None,
     ) -> None:
         self.upstream = upstream
-        self.task_scorers = task_scorers
         self.metrics = upstream.metrics
         self.scoring = scoring
-        self.combiner = combiner
-        self.feedback = feedback
+        self.selector = selector
         self.native_n = native_n
         self._ignores_n = Quirks(
             upstream.name,
@@ -218,52 +216,46 @@ class Candidates:
         return _received_or_raise(collected), replies
 
     async def select(
-        self, instruction: str, choices: list[dict[str, Any]], task: str | None = None
-    ) -> Selection:
-        """The selection core's choice among ``choices``, and the order to return them in;
-        ``task`` (a chat's system message) finds its task scorer, if there are any."""
+        self, prompt: Prompt, choices: list[dict[str, Any]], model: str
+    ) -> tuple[Selection, float]:
+        """The selection path's choice among ``choices`` (scored through the scoring queue,
+        recorded for feedback) and the seconds it took; unscored, with the reason, when a
+        candidate calls tools or scoring fails (non-finite scores included)."""
         texts = [candidate_text(c) for c in choices]
         order = tool_call_order([has_tool_calls(c) for c in choices])
         if order is not None:
-            return Selection(order, unscored_metadata(texts, order, TOOL_CALLS_UNSCORED))
-        unique, where = distinct(texts)
+            return Selection.unscored(texts, order, TOOL_CALLS_UNSCORED), 0.0
+        logprobs, counts = reply_logprobs([c.get("logprobs") for c in choices])
         started = time.perf_counter()
-        task_choice = None
         try:
-            if self.task_scorers is not None:
-                task_choice = await asyncio.to_thread(self.task_scorers.find, task or instruction)
-            scorer = None if task_choice is None else task_choice.scorer
-            unique_scores = await self.scoring.score(instruction, unique, scorer=scorer)
+            selection = await self.selector.aselect(
+                prompt,
+                texts,
+                logprobs=logprobs,
+                token_counts=counts,
+                model=model,
+                score=self._score,
+            )
         except Exception as error:
-            seconds = time.perf_counter() - started
             self.metrics.scoring_failures.inc()
             logger.error("scoring failed; answering unscored: %s", describe_error(error))
             reason = (
                 f"scoring failed ({describe_error(error)}); candidates are in the order received"
             )
-            order = list(range(len(choices)))
-            return Selection(order, unscored_metadata(texts, order, reason), seconds)
-        scores = np.array([unique_scores[j] for j in where], dtype=float)
-        found = [openai_logprobs(c.get("logprobs")) for c in choices]
-        have = all(f is not None for f in found)
-        chosen = choose(
-            texts,
-            scores=scores if np.all(np.isfinite(scores)) else None,
-            logprobs=np.array([f[0] for f in found]) if have else None,  # type: ignore[index]
-            token_counts=np.array([f[1] for f in found]) if have else None,  # type: ignore[index]
-            instruction=instruction,
-            combiner=self.combiner,
-        )
+            seconds = time.perf_counter() - started
+            return Selection.unscored(texts, range(len(texts)), reason), seconds
         seconds = time.perf_counter() - started
         self.metrics.scoring_seconds.observe(seconds)
-        metadata = chosen.metadata()
-        metadata["task_scorer"] = None if task_choice is None else task_choice.info
-        return Selection(chosen.order(), metadata, seconds)
+        return selection, seconds
+
+    async def _score(self, text: str, texts: list[str], scorer: Any) -> list[float]:
+        """The scoring queue's scores (batched with other requests that use the same scorer)."""
+        own = scorer is self.scoring.scorer
+        return await self.scoring.score(text, texts, scorer=None if own else scorer)
 
     async def choose(
         self,
-        request: Request,
-        instruction: str,
+        prompt: Prompt,
         collected: Collected[dict[str, Any]],
         replies: Replies,
         choices: list[dict[str, Any]],
@@ -273,12 +265,10 @@ class Candidates:
         model: str,
         started: float,
         reason: str | None = None,
-        task: str | None = None,
-    ) -> tuple[list[int], dict[str, Any], dict[str, str]]:
+    ) -> Reranked:
         """Choose among one request's candidates: the order to return them in (``want`` of
-        them), the ``capplug`` metadata, and the headers that say the same. Counts and times
-        the request, records the selection for feedback, and leaves the timings for
-        ``Server-Timing``."""
+        them), the ``capplug`` metadata, the headers that say the same, and the timings for
+        ``Server-Timing``. Counts and times the request."""
         upstream_seconds = time.perf_counter() - started
         self.metrics.upstream_seconds.observe(upstream_seconds)
         self.metrics.candidates.inc(len(choices))
@@ -293,60 +283,32 @@ class Candidates:
                 len(choices),
                 describe_error(collected.failures[-1]),
             )
-        selection = await self.select(instruction, choices, task)
+        selection, scoring_seconds = await self.select(prompt, choices, model)
         if reason is not None:
-            selection.metadata["reason"] = reason
-        order = selection.order[:want]
-        if self.feedback is not None and selection.metadata["scores"] is not None:
-            selection.metadata["selection_id"] = await self._record(
-                instruction, selection.metadata, model, task
-            )
+            selection = replace(selection, reason=reason)
+        order = selection.order()[:want]
         meta = {
             **collected.metadata(n),
-            **selection.metadata,
+            **selection.metadata(),
             "returned": order,
             "upstream_seconds": round(upstream_seconds, 6),
-            "scoring_seconds": round(selection.seconds, 6),
+            "scoring_seconds": round(scoring_seconds, 6),
         }
-        setattr(
-            request.state,
-            TIMING_KEY,
-            [("upstream", upstream_seconds), ("scoring", selection.seconds)],
-        )
         logger.debug(
             "reranked %d candidates from %s: returned %s (upstream %.3f s, scoring %.3f s)",
             len(choices),
             self.upstream.name,
             order,
             upstream_seconds,
-            selection.seconds,
+            scoring_seconds,
         )
         headers = {
             **replies.headers,
             "X-Capplug-Candidates": str(len(choices)),
             "X-Capplug-Failures": str(len(collected.failures)),
         }
-        return order, meta, headers
-
-    async def _record(
-        self, instruction: str, chosen: dict[str, Any], model: str, task: str | None
-    ) -> str | None:
-        """Store a reranked answer's selection for feedback; its id, or None if storing failed
-        (the answer goes out either way)."""
-        try:
-            return await asyncio.to_thread(
-                self.feedback.record,
-                instruction,
-                chosen["candidates"],
-                chosen["chosen"],
-                scores=chosen["scores"],
-                surface="proxy",
-                model=model or None,
-                task=task,
-            )
-        except Exception as error:
-            logger.error("could not record the selection for feedback: %s", describe_error(error))
-            return None
+        timings = (("upstream", upstream_seconds), ("scoring", scoring_seconds))
+        return Reranked(order, meta, headers, timings)
 
 
 def _received_or_raise(collected: Collected[Any]) -> Collected[Any]:

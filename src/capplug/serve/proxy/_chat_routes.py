@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from capplug.chat import task_text
 from capplug.llms.collect import describe_error, names_parameter
 from capplug.llms.retry import AttemptBudget
 from capplug.serve._http import read_json_object, unless_disconnected
-from capplug.serve.proxy._candidates import Candidates, Quirks
+from capplug.serve.proxy._candidates import Candidates, Quirks, Reranked
+from capplug.serve.proxy._metrics import TIMING_KEY
 from capplug.serve.proxy._replies import completion_chunks, summed_usage
 from capplug.serve.proxy._requests import (
     check_sampling,
@@ -119,8 +119,7 @@ class ChatRoutes:
                 "the request offers tools: one candidate, since tool calls are not scored "
                 "(X-Capplug-N asks for more)"
             )
-        order, meta, headers_out = await self.candidates.choose(
-            request,
+        reranked = await self.candidates.choose(
             instruction,
             collected,
             replies,
@@ -130,8 +129,9 @@ class ChatRoutes:
             model=model_name,
             started=started,
             reason=reason,
-            task=task_text(body["messages"], argument="messages"),
         )
+        _leave_timings(request, reranked)
+        order, meta, headers_out = reranked.order, reranked.metadata, reranked.headers
         usage = summed_usage(replies.replies)
         returned = [{**choices[i], "index": j} for j, i in enumerate(order)]
         if not client_logprobs:
@@ -175,8 +175,7 @@ class ChatRoutes:
         except UpstreamFailure as failure:
             raise self.upstream.error(failure) from failure
         model = body.get("model")
-        order, meta, headers_out = await self.candidates.choose(
-            request,
+        reranked = await self.candidates.choose(
             instruction,
             collected,
             replies,
@@ -185,12 +184,16 @@ class ChatRoutes:
             want=1,
             model=model if isinstance(model, str) else "",
             started=started,
-            task=body["instructions"] if isinstance(body.get("instructions"), str) else None,
         )
-        chosen = collected.received[order[0]]
+        _leave_timings(request, reranked)
+        chosen = collected.received[reranked.order[0]]
         usage = summed_usage(replies.replies)
-        answer = {**chosen, **({"usage": usage} if usage is not None else {}), "capplug": meta}
-        return JSONResponse(answer, headers=headers_out)
+        answer = {
+            **chosen,
+            **({"usage": usage} if usage is not None else {}),
+            "capplug": reranked.metadata,
+        }
+        return JSONResponse(answer, headers=reranked.headers)
 
     def _sampled(self, payload: dict[str, Any], n: int) -> dict[str, Any]:
         """``payload`` with temperature 0 raised to ``sampling_temperature`` when several
@@ -204,3 +207,9 @@ class ChatRoutes:
         ):
             payload["temperature"] = self.sampling_temperature
         return payload
+
+
+def _leave_timings(request: Request, reranked: Reranked) -> None:
+    """Leave a reranked answer's timings in the request's state, for the ``Server-Timing``
+    header the metrics middleware writes."""
+    setattr(request.state, TIMING_KEY, list(reranked.timings))

@@ -6,7 +6,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from capplug.chat import flatten_chat
+from capplug.chat import Prompt
 from capplug.serve._http import (
     APIError,
 )
@@ -21,8 +21,9 @@ TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
 
 
-def instruction_of(body: dict[str, Any]) -> str:
-    """The conversation as the scorer reads it; raises a 400 naming what is wrong."""
+def instruction_of(body: dict[str, Any]) -> Prompt:
+    """The conversation, read once: the text the scorer reads and the task (its system
+    message, else the whole text); raises a 400 naming what is wrong."""
     if "messages" not in body:
         raise APIError(
             400,
@@ -40,7 +41,7 @@ def instruction_of(body: dict[str, Any]) -> str:
             code="invalid_value",
         )
     try:
-        return flatten_chat(messages, argument="messages")
+        return Prompt.of(messages, argument="messages")
     except (TypeError, ValueError) as error:
         raise APIError(
             400, f"Invalid value for 'messages': {error}", param="messages", code="invalid_value"

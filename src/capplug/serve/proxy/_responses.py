@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx2
 
-from capplug.chat import flatten_chat
+from capplug.chat import Prompt
 from capplug.llms.retry import UpstreamHTTPError
 from capplug.serve._http import APIError
 from capplug.serve.proxy._replies import json_body
@@ -58,8 +58,9 @@ def passthrough_reason(body: Mapping[str, Any]) -> str | None:
     return None
 
 
-def responses_instruction(body: Mapping[str, Any]) -> str:
-    """``instructions`` and ``input`` as the text the scorer reads."""
+def responses_instruction(body: Mapping[str, Any]) -> Prompt:
+    """``instructions`` and ``input``, read once: the text the scorer reads and the task
+    (``instructions``, else the whole text)."""
     turns: list[dict[str, str]] = []
     instructions = body.get("instructions")
     if isinstance(instructions, str) and instructions:
@@ -85,7 +86,7 @@ def responses_instruction(body: Mapping[str, Any]) -> str:
             param="input",
             code="invalid_value",
         )
-    return flatten_chat(turns)
+    return Prompt.of(turns)
 
 
 def response_object(response: httpx2.Response) -> dict[str, Any]:

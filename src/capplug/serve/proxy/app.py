@@ -16,9 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from capplug.feedback import as_feedback_store
 from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy
-from capplug.selection import as_task_scorers, combiner_of
+from capplug.selection import Reranker
 from capplug.serve._feedback import install_feedback_routes
 from capplug.serve._http import (
     BEARER,
@@ -178,8 +177,8 @@ def create_proxy_app(
     from capplug.scoring import load_scorer
 
     loaded = load_scorer(scorer)
-    feedback_store = as_feedback_store(feedback)
-    task_store = as_task_scorers(task_scorers, loaded)
+    reranker = Reranker(loaded, feedback=feedback, task_scorers=task_scorers)
+    feedback_store, task_store = reranker.feedback, reranker.task_scorers
     adapter = None
     if auto_adapt is not None:
         from capplug.training.auto_adapt import as_auto_adapter
@@ -199,11 +198,9 @@ def create_proxy_app(
     candidates = Candidates(
         target,
         scoring=scoring,
-        combiner=combiner_of(loaded),
-        feedback=feedback_store,
+        selector=reranker.selector(surface="proxy"),
         native_n=native_n,
         quirk_seconds=_QUIRK_SECONDS,
-        task_scorers=task_store,
     )
     chat = ChatRoutes(
         target,

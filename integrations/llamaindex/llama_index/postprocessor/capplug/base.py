@@ -15,6 +15,9 @@ from capplug.scoring import load_scorer
 
 dispatcher = get_dispatcher(__name__)
 
+SURFACE = "llamaindex"
+"""What a feedback store records as the surface of the rankings made here."""
+
 
 class CappyRerank(BaseNodePostprocessor):
     """Reorders retrieved nodes by capplug's scorer and keeps the ``top_n`` best.
@@ -23,6 +26,12 @@ class CappyRerank(BaseNodePostprocessor):
     query); with ``keep_retrieval_score=True`` the retriever's score moves to
     ``metadata["retrieval_score"]``, as ``SentenceTransformerRerank`` does. Nodes are read as
     their embedding text (``MetadataMode.EMBED``). Ties keep the retriever's order.
+
+    Nodes are ranked through capplug's selection path, as every capplug surface chooses: by the
+    scorer alone, unless ``scorer`` is a capplug ``Reranker`` (its weights, signals, task
+    scorers and feedback store then apply). Repeated nodes (the same text up to whitespace) are
+    scored once and come after the distinct ones. The ranking's ``capplug`` metadata is in the
+    ``RERANKING`` callback event's end payload, under ``"capplug"``.
 
     .. code-block:: python
 
@@ -35,8 +44,8 @@ class CappyRerank(BaseNodePostprocessor):
     Args:
         top_n: how many nodes to keep.
         scorer: a capplug ``Scorer``, a scorer reference (a folder, ``capplug-default``, a
-            Hugging Face id), anything with ``.score(query, texts)``, or ``None`` for capplug's
-            bundled default scorer, which works offline.
+            Hugging Face id), anything with ``.score(query, texts)``, a capplug ``Reranker``,
+            or ``None`` for capplug's bundled default scorer, which works offline.
         keep_retrieval_score: keep the retriever's score in ``metadata["retrieval_score"]``.
     """
 
@@ -48,7 +57,7 @@ class CappyRerank(BaseNodePostprocessor):
     )
     model: str = Field(default="", description="The scorer's name, for events and traces.")
 
-    _scorer: Any = PrivateAttr()
+    _reranker: Any = PrivateAttr()
 
     def __init__(
         self,
@@ -57,12 +66,15 @@ class CappyRerank(BaseNodePostprocessor):
         keep_retrieval_score: bool = False,
         **kwargs: Any,
     ) -> None:
-        loaded = load_scorer(scorer)
-        name = kwargs.pop("model", None) or _scorer_name(loaded)
+        from capplug.selection import SCORER_ONLY, Reranker
+
+        if not isinstance(scorer, Reranker):  # documents: the scorer alone ranks them
+            scorer = Reranker(load_scorer(scorer), combiner=SCORER_ONLY)
+        name = kwargs.pop("model", None) or _scorer_name(scorer.scorer)
         super().__init__(
             top_n=top_n, keep_retrieval_score=keep_retrieval_score, model=name, **kwargs
         )
-        self._scorer = loaded
+        self._reranker = scorer
 
     @classmethod
     def class_name(cls) -> str:
@@ -71,7 +83,7 @@ class CappyRerank(BaseNodePostprocessor):
     @property
     def scorer(self) -> Any:
         """The capplug scorer in use."""
-        return self._scorer
+        return self._reranker.scorer
 
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
@@ -99,21 +111,24 @@ class CappyRerank(BaseNodePostprocessor):
             },
         ) as event:
             texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
-            scores = [float(s) for s in self._scorer.score(query_bundle.query_str, texts)]
-            if len(scores) != len(nodes):
-                raise ValueError(f"the scorer returned {len(scores)} scores for {len(nodes)} nodes")
-            order = sorted(range(len(nodes)), key=lambda i: -scores[i])[: self.top_n]
+            path = self._reranker.selector(surface=SURFACE, score_single=True)
+            chosen = path.select(query_bundle.query_str, texts)
             kept = []
-            for i in order:
+            for i in chosen.order()[: self.top_n]:
                 node = nodes[i].node
                 if self.keep_retrieval_score:
                     node = node.model_copy(
                         update={"metadata": {**node.metadata, "retrieval_score": nodes[i].score}}
                     )
-                kept.append(NodeWithScore(node=node, score=scores[i]))
-            event.on_end(payload={EventPayload.NODES: kept})
+                kept.append(NodeWithScore(node=node, score=_node_score(chosen.candidates[i])))
+            event.on_end(payload={EventPayload.NODES: kept, "capplug": chosen.metadata()})
         dispatcher.event(ReRankEndEvent(nodes=kept))
         return kept
+
+
+def _node_score(candidate: Any) -> float:
+    """A kept node's score: the scorer's, else (a Reranker without the scorer) the fused one."""
+    return float(candidate.signals.get("scorer", candidate.score))
 
 
 def _scorer_name(scorer: Any) -> str:
