@@ -379,7 +379,7 @@ def test_transient_faults_are_retried_to_an_answer(
 @pytest.mark.parametrize(
     ("script", "error", "status", "attempts", "reason"),
     [
-        ("429", openai.InternalServerError, 502, 3, "upstream answered 429: slow down"),
+        ("429", openai.RateLimitError, 429, 3, "upstream answered 429: slow down"),
         ("500", openai.InternalServerError, 502, 3, "upstream answered 500: the model crashed"),
         ("slow", openai.APIStatusError, 504, 3, "ReadTimeout"),
         ("drop", openai.InternalServerError, 502, 3, "RemoteProtocolError"),
@@ -392,7 +392,7 @@ def test_transient_faults_are_retried_to_an_answer(
         ),
     ],
 )
-def test_lasting_faults_end_in_502_or_504_after_bounded_attempts(
+def test_lasting_faults_end_in_429_502_or_504_after_bounded_attempts(
     faulty: tuple[FaultyUpstream, str, openai.OpenAI],
     script: str,
     error: type[Exception],
