@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _tasks
-from benchmarks._report import bar_chart, task_table
+from benchmarks._report import bar_chart, task_table, write_results
 from benchmarks._tasks import add_data_option, dev_list, dev_list_lines, open_data, resolve_tasks
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data import Example, Pool
@@ -517,11 +517,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "rerank_generation.json", result)
-    lines = report_lines(result)
-    (folder / "rerank_generation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(folder, "rerank_generation", result, report_lines(result))
     columns = columns_of(result)
     bar_chart(
         folder / "rerank_generation.png",

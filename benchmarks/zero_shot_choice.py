@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import bar_chart, task_table
+from benchmarks._report import bar_chart, task_table, write_results
 from benchmarks._tasks import (
     add_data_option,
     dev_list,
@@ -331,11 +331,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "zero_shot_choice.json", result)
-    lines = report_lines(result)
-    (folder / "zero_shot_choice.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(folder, "zero_shot_choice", result, report_lines(result))
     columns = [c for c in LABELS if c in result["mean"]]
     bar_chart(
         folder / "zero_shot_choice.png",

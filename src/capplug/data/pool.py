@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -223,9 +223,7 @@ class Pool:
             splits = sdist_splits()
             names = {e.name: e.name.removeprefix("bigbench/") for e in entries}
             return [
-                TaskFile(**{**_fields(e), "split": splits[names[e.name]]})
-                for e in entries
-                if names[e.name] in splits
+                replace(e, split=splits[names[e.name]]) for e in entries if names[e.name] in splits
             ], skipped
         if path.is_file():
             entries, skipped = discover(path.parent)
@@ -437,10 +435,6 @@ class Pool:
                     f"was changed or truncated)"
                 )
             self._verified.add(key)
-
-
-def _fields(entry: TaskFile) -> dict[str, object]:
-    return {name: getattr(entry, name) for name in TaskFile.__dataclass_fields__}
 
 
 @functools.cache

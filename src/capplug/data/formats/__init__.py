@@ -16,6 +16,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,7 @@ def discover(root: Path) -> tuple[list[TaskFile], list[tuple[str, str]]]:
     else:
         entries, skipped = _by_layout(root)
     families = merge_families({e.name: e.family for e in entries})
-    entries = [TaskFile(**{**_as_dict(e), "family": families[e.name]}) for e in entries]
-    return entries, skipped
-
-
-def _as_dict(entry: TaskFile) -> dict[str, Any]:
-    return {name: getattr(entry, name) for name in TaskFile.__dataclass_fields__}
+    return [replace(e, family=families[e.name]) for e in entries], skipped
 
 
 def _from_manifest(root: Path) -> tuple[list[TaskFile], list[tuple[str, str]]]:

@@ -7,6 +7,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -117,13 +118,7 @@ def read_bbh(entry: TaskFile) -> Task:
         path=str(path),
     )
     examples = [_bbh_options(e) for e in task.examples]
-    return Task(
-        **{**_fields(task), "examples": with_label_options(examples), "instruction": ""},
-    )
-
-
-def _fields(task: Task) -> dict[str, Any]:
-    return {name: getattr(task, name) for name in Task.__dataclass_fields__}
+    return replace(task, examples=with_label_options(examples), instruction="")
 
 
 def _bbh_options(example: Example) -> Example:
@@ -133,15 +128,7 @@ def _bbh_options(example: Example) -> Example:
     options = [f"({letter})" for letter in letters]
     if len(options) < 2 or target not in options:
         return example
-    return Example(
-        task=example.task,
-        index=example.index,
-        input=example.input,
-        prompt=example.prompt,
-        targets=[target],
-        target_scores=choice_scores(options, [target]),
-        metadata=example.metadata,
-    )
+    return replace(example, targets=[target], target_scores=choice_scores(options, [target]))
 
 
 def _parse_example(
