@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def task_table(
     columns: list[str],
@@ -58,3 +60,22 @@ def write_results(folder: Path, name: str, result: dict[str, Any], lines: list[s
     write_json_atomic(folder / f"{name}.json", result)
     (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def resampled_means(
+    tasks: list[dict[str, list[float]]], resamples: int = 2000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Per bootstrap resample, each column's mean over ``tasks`` of its per-example scores.
+
+    ``tasks`` holds, per task, one list of per-example scores per column (the same examples
+    in every column). Each resample draws every task's examples with replacement, the same draw
+    for all columns, so differences between columns are paired."""
+    columns = [c for c in tasks[0] if all(c in t for t in tasks)]
+    rng = np.random.default_rng(seed)
+    means = {c: np.zeros(resamples) for c in columns}
+    for task in tasks:
+        n = len(task[columns[0]])
+        draw = rng.integers(0, n, size=(resamples, n))
+        for c in columns:
+            means[c] += np.asarray(task[c], dtype=float)[draw].mean(axis=1) / len(tasks)
+    return means

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.rerank_generation import BASELINES, LABELS, percent, resampled_means, summarise
+from benchmarks._report import resampled_means
+from benchmarks.rerank_generation import BASELINES, LABELS, percent, summarise
 
 SAME_CANDIDATES = (*BASELINES, "oracle")  # selectors that depend on the candidates alone
 

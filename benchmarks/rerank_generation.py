@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _tasks
-from benchmarks._report import bar_chart, task_table, write_results
+from benchmarks._report import bar_chart, resampled_means, task_table, write_results
 from benchmarks._tasks import add_data_option, dev_list, dev_list_lines, open_data, resolve_tasks
 from capplug._cache import cache_home, write_json_atomic
 from capplug.data import Example, Pool
@@ -364,25 +364,6 @@ def summarise(rows: list[dict[str, float]]) -> tuple[dict[str, float], float, di
 def percent(share: float) -> str:
     """A share as a whole percentage; a share that rounds to zero prints as 0%, never -0%."""
     return f"{round(100 * share)}%"
-
-
-def resampled_means(
-    tasks: list[dict[str, list[float]]], resamples: int = 2000, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Per bootstrap resample, each column's mean over ``tasks`` of its per-example scores.
-
-    ``tasks`` holds, per task, one list of per-example scores per column (the same examples
-    in every column). Each resample draws every task's examples with replacement, the same draw
-    for all columns, so differences between columns are paired."""
-    columns = [c for c in tasks[0] if all(c in t for t in tasks)]
-    rng = np.random.default_rng(seed)
-    means = {c: np.zeros(resamples) for c in columns}
-    for task in tasks:
-        n = len(task[columns[0]])
-        draw = rng.integers(0, n, size=(resamples, n))
-        for c in columns:
-            means[c] += np.asarray(task[c], dtype=float)[draw].mean(axis=1) / len(tasks)
-    return means
 
 
 def paired_intervals(

@@ -19,6 +19,12 @@ benchmarks/results/zero_shot_choice.{json,md,png} (or into --results DIR).
 
     python -m benchmarks.zero_shot_choice [--data PATH] [--scorer REF]
         [--methods scorer,lm,cosine] [--limit 200] [--tasks ...] [--results DIR]
+
+Choices are made on train tasks, never on dev: `--split train --fold K --out DIR` runs the same
+protocol on the tasks with options of fold K of the pool's family-grouped train folds (`--folds
+5`) and writes its report into DIR, leaving the committed dev results alone. Every report gives
+95% paired-bootstrap intervals of the fused pick against option log-likelihood and of the scorer
+against chance.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import bar_chart, task_table, write_results
+from benchmarks._report import bar_chart, resampled_means, task_table, write_results
 from benchmarks._tasks import (
     add_data_option,
     dev_list,
@@ -51,7 +57,7 @@ BENCHMARK = "zero_shot_choice"
 METHODS = ("scorer", "lm", "cosine")
 LABELS = {
     "scorer": "capplug scorer",
-    "fused": "capplug fused (scorer + log-lik)",
+    "fused": "capplug fused (Reranker(lm=...))",
     "lm-sum": "SmolLM2-135M log-lik (sum)",
     "lm-mean": "SmolLM2-135M log-lik (length-norm.)",
     "cosine": "MiniLM cosine",
@@ -75,12 +81,13 @@ def hits(examples: list[Example], option_scores: list[list[float]]) -> list[bool
     return out
 
 
-def chance(examples: list[Example]) -> float:
+def chance_rates(examples: list[Example]) -> list[float]:
+    """Per example, the expected accuracy of a uniform pick among its options."""
     rates = []
     for example in examples:
         values = list(example.target_scores.values())
         rates.append(sum(v == max(values) for v in values) / len(values))
-    return float(np.mean(rates))
+    return rates
 
 
 def pairs_of(examples: list[Example]) -> tuple[list[str], list[str], list[int]]:
@@ -126,7 +133,8 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
             data[task] = examples
         else:
             skipped[task] = "no example has options (target_scores) to choose from"
-            print(f"skipping {task}: {skipped[task]}")
+            if args.split == "dev":
+                print(f"skipping {task}: {skipped[task]}")
     if not data:
         raise SystemExit(
             f"zero_shot_choice: none of the tasks ({', '.join(tasks)}) has multiple-choice "
@@ -157,7 +165,7 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
 
     for task, examples in data.items():
         prompts, options, sizes = pairs_of(examples)
-        row = {"examples": len(examples), "chance": chance(examples)}
+        per_example: dict[str, list[float]] = {"chance": chance_rates(examples)}
         if "scorer" in args.methods:
             flat = cached(
                 "scorer",
@@ -167,7 +175,7 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
                 ),
                 len(options),
             )
-            row["scorer"] = float(np.mean(hits(examples, regroup(flat, sizes))))
+            per_example["scorer"] = hits(examples, regroup(flat, sizes))
             scores_flat = flat
         if "lm" in args.methods:
             flat = cached(
@@ -182,23 +190,20 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
                 len(options),
             )
             lm_flat = flat
-            row["lm-sum"] = float(np.mean(hits(examples, regroup([f[0] for f in flat], sizes))))
-            row["lm-mean"] = float(np.mean(hits(examples, regroup([f[1] for f in flat], sizes))))
+            per_example["lm-sum"] = hits(examples, regroup([f[0] for f in flat], sizes))
+            per_example["lm-mean"] = hits(examples, regroup([f[1] for f in flat], sizes))
         if "scorer" in args.methods and "lm" in args.methods:
-            # The default selector, called as a user with log-likelihoods would call it.
-            table = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
-            ranker = _fused_ranker(args.scorer, table)
+            # The default selector, called as a user with a local LM calls it
+            # (Reranker(lm=...)): the LM judges the options, the judged weights apply.
+            scored = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
+            judged = dict(zip(zip(prompts, options, strict=True), lm_flat, strict=True))
+            ranker = _fused_ranker(args.scorer, scored, judged)
             picks = []
-            for example, lm_scores in zip(examples, regroup(lm_flat, sizes), strict=True):
+            for example in examples:
                 keys = list(example.target_scores)
-                sums = [v[0] for v in lm_scores]
-                picks.append(
-                    [
-                        float(i == ranker.select(example.prompt, keys, logprobs=sums).index)
-                        for i in range(len(keys))
-                    ]
-                )
-            row["fused"] = float(np.mean(hits(examples, picks)))
+                chosen = ranker.select(example.prompt, keys).index
+                picks.append([float(i == chosen) for i in range(len(keys))])
+            per_example["fused"] = hits(examples, picks)
         if "cosine" in args.methods:
             flat = cached(
                 "cosine",
@@ -206,9 +211,12 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
                 lambda p=prompts, o=options: _cosine(model("cosine", _load_encoder), p, o),
                 len(options),
             )
-            row["cosine"] = float(np.mean(hits(examples, regroup(flat, sizes))))
-        per_task[task] = row
+            per_example["cosine"] = hits(examples, regroup(flat, sizes))
+        row: dict[str, Any] = {"examples": len(examples)}
+        row |= {c: float(np.mean(v)) for c, v in per_example.items()}
         print(task, {k: round(v, 3) for k, v in row.items()})
+        row["per_example"] = {c: [float(x) for x in v] for c, v in per_example.items()}
+        per_task[task] = row
 
     columns = [c for c in LABELS if all(c in r for r in per_task.values())]
     means = {c: float(np.mean([r[c] for r in per_task.values()])) for c in columns}
@@ -227,7 +235,9 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
     return {
         "benchmark": BENCHMARK,
         "data": str(pool.root),
-        "dev_lists": [dev_list(pool, BENCHMARK)],
+        "split": args.split,
+        "fold": [args.fold, args.folds] if args.split == "train" else None,
+        "dev_lists": [dev_list(pool, BENCHMARK)] if args.split == "dev" else [],
         "skipped": skipped,
         "scorer": args.scorer,
         "scorer_id": scorer_id,
@@ -243,15 +253,78 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
     }
 
 
-def _fused_ranker(ref: str, table: dict[tuple[str, str], float]) -> Any:
-    """capplug's default selector over already computed scorer scores (looked up, not rerun)."""
+# Each comparison: a column, and the columns it is measured against (the best of them, per
+# resample): the issue's targets are fused against option log-likelihood and the scorer against
+# chance.
+MARGINS = {
+    "fused": ("lm-sum", "lm-mean"),
+    "scorer": ("chance",),
+}
+
+
+def paired_intervals(result: dict[str, Any], resamples: int = 2000, seed: int = 0) -> dict:
+    """95% paired-bootstrap intervals (points) of each ``MARGINS`` column over the best of its
+    baselines, resampling every task's examples; empty for results without per-example hits."""
+    tasks = [result["tasks"][name] for name in sorted(result["tasks"])]
+    if not tasks or any("per_example" not in t for t in tasks):
+        return {}
+    means = resampled_means([t["per_example"] for t in tasks], resamples, seed)
+    out = {}
+    for column, baselines in MARGINS.items():
+        present = [b for b in baselines if b in means]
+        if column not in means or not present:
+            continue
+        best = max(present, key=lambda b: result["mean"][b])
+        margin = 100 * (means[column] - np.max([means[b] for b in present], axis=0))
+        out[column] = {
+            "against": best,
+            "margin": 100 * (result["mean"][column] - result["mean"][best]),
+            "interval": tuple(float(x) for x in np.percentile(margin, [2.5, 97.5])),
+        }
+    return out
+
+
+def interval_lines(result: dict[str, Any]) -> list[str]:
+    intervals = paired_intervals(result)
+    if not intervals:
+        return []
+    n = sum(t["examples"] for t in result["tasks"].values())
+    lines = [
+        f"95% intervals, from 2,000 paired bootstrap resamples of the {n} examples within their "
+        "tasks:",
+        "",
+    ]
+    for column, info in intervals.items():
+        lo, hi = info["interval"]
+        lines.append(
+            f"- {LABELS[column]}: {info['margin']:+.1f} points against {LABELS[info['against']]}, "
+            f"interval {lo:+.1f} to {hi:+.1f}."
+        )
+    return lines
+
+
+def _fused_ranker(
+    ref: str,
+    scores: dict[tuple[str, str], float],
+    log_likelihoods: dict[tuple[str, str], list[float]],
+) -> Any:
+    """capplug's default selector with a local LM, ``Reranker(lm=...)``, over already computed
+    scorer scores and LM log-likelihoods (looked up, not rerun)."""
     from capplug.selection import Reranker, load_combiner
 
-    class Lookup:
+    class Scores:
         def score(self, instruction: str, responses: list[str]) -> list[float]:
-            return [table[(instruction, r)] for r in responses]
+            return [scores[(instruction, r)] for r in responses]
 
-    return Reranker(Lookup(), combiner=load_combiner(ref))
+    class LogLikelihoods:
+        def log_likelihood(self, instructions: list[str], texts: list[str]) -> list[tuple]:
+            out = []
+            for instruction, text in zip(instructions, texts, strict=True):
+                total, mean = log_likelihoods[(instruction, text)]
+                out.append((total, mean, round(total / mean) if mean else 0))
+            return out
+
+    return Reranker(Scores(), combiner=load_combiner(ref), lm=LogLikelihoods())
 
 
 def _load_scorer(ref: str) -> Any:
@@ -303,7 +376,21 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     """The per-task table, the mean without any task that alone moves it, the count of tasks
     above chance, and which tasks of the original dev list are left out (where any are)."""
     columns = [c for c in LABELS if c in result["mean"]]
-    lines = task_table(columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}")
+    lines = []
+    if result.get("split") == "train":
+        k, n = result["fold"]
+        lines += [
+            f"Train fold {k} of {n} (families never split across folds): "
+            f"{len(result['tasks'])} tasks with options, at most {result['limit']} examples each"
+            + (f"; {_tasks_have_none(len(result['skipped']))}" if result.get("skipped") else "."),
+            "",
+        ]
+    lines += task_table(
+        columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}"
+    )
+    intervals = interval_lines(result)
+    if intervals:
+        lines += ["", *intervals]
     extra = result.get("mean_without") or {}
     if extra:
         lines += [
@@ -322,12 +409,18 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             + ".",
         ]
     skipped = result.get("skipped") or {}
-    if skipped:
+    if skipped and result.get("split", "dev") == "dev":
         lines += ["", *(f"Left out {task}: {why}." for task, why in skipped.items())]
     notes = dev_list_lines(result.get("dev_lists") or [], result["tasks"])
     if notes:
         lines += ["", *notes]
     return lines
+
+
+def _tasks_have_none(count: int) -> str:
+    if count == 1:
+        return "1 task of the fold has none and is left out."
+    return f"{count} tasks of the fold have none and are left out."
 
 
 def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
@@ -337,7 +430,8 @@ def write_report(result: dict[str, Any], folder: Path = RESULTS) -> None:
         folder / "zero_shot_choice.png",
         [LABELS[c] for c in columns],
         [100 * result["mean"][c] for c in columns],
-        f"mean accuracy on {len(result['tasks'])} dev zero-shot choice tasks (%)",
+        f"mean accuracy on {len(result['tasks'])} {result.get('split', 'dev')} zero-shot choice "
+        "tasks (%)",
         xlim=100,
     )
 
@@ -357,6 +451,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nargs="*",
         help="a subset of the dev.zero_shot_choice tasks (bigbench/winowhy, or winowhy)",
     )
+    parser.add_argument(
+        "--split",
+        choices=("dev", "train"),
+        default="dev",
+        help="train: run on the tasks with options of one family-grouped fold of the train "
+        "tasks (--fold), for choices made before dev is looked at (needs --out)",
+    )
+    parser.add_argument("--fold", type=int, help="with --split train: which fold (from 0)")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="with --split train: how many folds (default 5)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="with --split train: the folder to write the report into"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
     parser.add_argument(
         "--results",
@@ -372,14 +480,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     if args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.split == "dev" and (args.fold is not None or args.out is not None):
+        parser.error("--fold and --out are for --split train")
+    if args.split == "train" and (args.fold is None or args.out is None or args.tasks):
+        parser.error("--split train needs --fold and --out (and takes no --tasks)")
     pool = open_data(args, parser)
-    try:
-        allowed = dev_tasks(pool, BENCHMARK)
-    except DataError as exc:
-        parser.error(str(exc))
-    args.tasks = resolve_tasks(parser, pool, args.tasks, allowed, "dev.zero_shot_choice")
+    if args.split == "train":
+        try:
+            folds = pool.folds(args.folds)
+        except ValueError as exc:
+            parser.error(f"--folds: {exc}")
+        if not 0 <= args.fold < len(folds):
+            parser.error(f"--fold must be 0 to {len(folds) - 1}")
+        args.tasks = folds[args.fold]
+    else:
+        try:
+            allowed = dev_tasks(pool, BENCHMARK)
+        except DataError as exc:
+            parser.error(str(exc))
+        args.tasks = resolve_tasks(parser, pool, args.tasks, allowed, "dev.zero_shot_choice")
     result = run(args, pool)
-    write_report(result, args.results)
+    write_report(result, args.results if args.split == "dev" else args.out)
     return result
 
 

@@ -249,7 +249,10 @@ def main() -> None:
     parser.add_argument("--scorer", default="capplug-default")
     parser.add_argument("--kinds", nargs="*", default=["gen", "mc"], choices=["gen", "mc"])
     parser.add_argument(
-        "--write", action="store_true", help="store the gen weights in the checkpoint"
+        "--write",
+        action="store_true",
+        help="store the weights in the checkpoint: gen sets fit the main table, mc sets (options "
+        "with LM log-likelihoods) the table for judged candidates",
     )
     parser.add_argument("--report", type=Path, help="write the held-out figures as JSON here")
     parser.add_argument("--cv", action="store_true", help="also 3-fold cross-validation by family")
@@ -291,11 +294,27 @@ def main() -> None:
     if args.report:
         args.report.write_text(json.dumps(report, indent=1))
     if args.write:
-        from capplug.models import bundled_path, resolve
+        write(args.scorer, data, report, signals)
 
+
+def write(
+    scorer: str,
+    data: dict[str, list[tuple[str, CandidateSet]]],
+    report: dict[str, Any],
+    signals: tuple[str, ...],
+) -> None:
+    """Store the weights in the scorer checkpoint: from sampled candidates (gen) the main table,
+    from options judged by the LM (mc) the ``judged`` table; a kind not given keeps what the
+    checkpoint holds for it."""
+    from capplug.models import bundled_path, resolve
+    from capplug.selection import Combiner, load_combiner
+
+    old = load_combiner(scorer)
+    weights, judged, info = dict(old.weights), dict(old.judged), dict(old.info)
+    if "gen" in data:
         t, l2 = report["gen"]["settings"]
         sets = [s for _, s in data["gen"]]
-        info = {
+        gen_info = {
             "fitted_on": "the task pool's generative train tasks: 17 SmolLM2-135M-Instruct "
             "candidates per prompt (Cappy's recipe), quality = Rouge-L to the reference; every "
             "task family weighs the same",
@@ -309,11 +328,26 @@ def main() -> None:
             CandidateSet({k: v for k, v in s.values.items() if k in signals}, s.quality, s.group)
             for s in sets
         ]
-        combiner = fit_combiner(sets, temperature=t, l2=l2, info=info)
-        # A bundled checkpoint keeps its config in the package (the cache copy follows it).
-        path = write_combiner(combiner, bundled_path(args.scorer) or resolve(args.scorer))
-        print(f"wrote {len(combiner.weights)} weight sets to {path}")
-        print(json.dumps(combiner.weights["+".join(sorted(signals))], indent=1))
+        fitted = fit_combiner(sets, temperature=t, l2=l2, info=gen_info)
+        weights, info = dict(fitted.weights), dict(fitted.info)
+    if "mc" in data:
+        t, l2 = report["mc"]["settings"]
+        sets = [s for _, s in data["mc"]]
+        judged = dict(fit_combiner(sets, temperature=t, l2=l2).weights)
+        info["judged"] = {
+            "fitted_on": "options of the task pool's multiple-choice train tasks with their "
+            "SmolLM2-135M-Instruct log-likelihoods, quality = 1 for a correct option; every "
+            "task family weighs the same",
+            "prompts": len(sets),
+            "tasks": len({t for t, _ in data["mc"]}),
+            "families": len({s.group for s in sets}),
+            "settings": [t, l2],
+            "held_out": report["mc"]["held_out"],
+        }
+    combiner = Combiner(weights, info, judged)
+    # A bundled checkpoint keeps its config in the package (the cache copy follows it).
+    path = write_combiner(combiner, bundled_path(scorer) or resolve(scorer))
+    print(f"wrote {len(combiner.weights)} + {len(combiner.judged)} judged weight sets to {path}")
 
 
 if __name__ == "__main__":

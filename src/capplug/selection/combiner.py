@@ -6,8 +6,12 @@ models, prompts and APIs). The fused score is a weighted sum of those z-scores, 
 probability that a candidate is the best one is its softmax over the set (a conditional logit).
 
 Weights are fitted per subset of signals, so a missing signal (no log-probabilities from an API,
-say) uses weights fitted without it rather than a zero in its place. They live in the scorer
-checkpoint's ``config.json`` under ``capplug_selection``: readable, and swappable without code.
+say) uses weights fitted without it rather than a zero in its place. A second table,
+``judged``, holds weights for candidates whose log-likelihoods a local language model computed
+(options of a multiple-choice question, or answers from elsewhere judged by
+``Reranker(lm=...)``): such log-likelihoods rank fixed texts, not samples the model drew itself,
+and weigh differently. They live in the scorer checkpoint's ``config.json`` under
+``capplug_selection``: readable, and swappable without code.
 """
 
 from __future__ import annotations
@@ -57,53 +61,56 @@ class Combiner:
     """Keyed by the subset's signal names sorted and joined with ``+`` (``"agreement+scorer"``)."""
     info: Mapping[str, Any] = field(default_factory=dict)
     """How the weights were fitted (data, settings, held-out figures); informational."""
+    judged: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Weights, keyed as :attr:`weights`, for candidates whose log-likelihoods a local language
+    model computed (options it judged, not samples it drew); empty: :attr:`weights` serve."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, Mapping) or not self.weights:
             raise ValueError("weights must map at least one signal subset to its weights")
-        for key, table in self.weights.items():
-            names = key.split("+")
-            unknown = [n for n in names if n not in SIGNALS]
-            if unknown or _key(names) != key:
-                raise ValueError(
-                    f"weights key {key!r} must be signal names from {SIGNALS} sorted and joined "
-                    f"with '+'"
-                )
-            if set(table) != set(names):
-                raise ValueError(f"weights[{key!r}] must give one weight per signal in its key")
-            for name, value in table.items():
-                if not isinstance(value, int | float) or not math.isfinite(value):
-                    raise ValueError(f"weights[{key!r}][{name!r}] must be a finite number")
+        if not isinstance(self.judged, Mapping):
+            raise ValueError("judged must map signal subsets to their weights")
+        _check_tables("weights", self.weights)
+        _check_tables("judged", self.judged)
 
-    def subsets(self) -> list[frozenset[str]]:
-        return [frozenset(k.split("+")) for k in self.weights]
+    def subsets(self, *, judged: bool = False) -> list[frozenset[str]]:
+        return [frozenset(k.split("+")) for k in self._table(judged)]
 
-    def weights_for(self, available: Iterable[str]) -> dict[str, float]:
-        """The weights fitted for exactly ``available``, else for its largest fitted subset.
+    def _table(self, judged: bool) -> Mapping[str, Mapping[str, float]]:
+        return self.judged if judged and self.judged else self.weights
+
+    def weights_for(self, available: Iterable[str], *, judged: bool = False) -> dict[str, float]:
+        """The weights fitted for exactly ``available``, else for its largest fitted subset;
+        ``judged``: from the :attr:`judged` table where it has any.
 
         When no fitted subset lies within ``available``, the fitted set sharing the most signals
         with it is used with its missing signals dropped (marginalised).
         """
+        table = self._table(judged)
         have = frozenset(available)
-        exact = self.weights.get(_key(have))
+        exact = table.get(_key(have))
         if exact is not None:
             return dict(exact)
-        fitting = [s for s in self.subsets() if s <= have]
+        subsets = self.subsets(judged=judged)
+        fitting = [s for s in subsets if s <= have]
         if fitting:
             best = max(fitting, key=lambda s: (len(s), _key(s)))
-            return dict(self.weights[_key(best)])
-        overlap = max(self.subsets(), key=lambda s: (len(s & have), -len(s - have), _key(s)))
-        kept = {n: w for n, w in self.weights[_key(overlap)].items() if n in have}
+            return dict(table[_key(best)])
+        overlap = max(subsets, key=lambda s: (len(s & have), -len(s - have), _key(s)))
+        kept = {n: w for n, w in table[_key(overlap)].items() if n in have}
         if not kept:
             raise ValueError(
                 f"no selection weights fit the available signals {sorted(have)}; the combiner "
-                f"has weights for {sorted(self.weights)}"
+                f"has weights for {sorted(table)}"
             )
         return kept
 
-    def fuse(self, signals: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
-        """Fused score per candidate from raw signal arrays (already transformed), and the weights."""
-        weights = self.weights_for(signals)
+    def fuse(
+        self, signals: Mapping[str, np.ndarray], *, judged: bool = False
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Fused score per candidate from raw signal arrays (already transformed), and the
+        weights (``judged``: log-likelihoods a local LM computed for given texts)."""
+        weights = self.weights_for(signals, judged=judged)
         n = len(next(iter(signals.values())))
         total = np.zeros(n)
         for name, weight in weights.items():
@@ -111,11 +118,14 @@ class Combiner:
         return total, weights
 
     def to_config(self) -> dict[str, Any]:
-        return {
+        config: dict[str, Any] = {
             "version": 1,
             "weights": {k: dict(v) for k, v in sorted(self.weights.items())},
             "info": dict(self.info),
         }
+        if self.judged:
+            config["judged"] = {k: dict(v) for k, v in sorted(self.judged.items())}
+        return config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Combiner:
@@ -123,10 +133,31 @@ class Combiner:
             raise ValueError(
                 f"{CONFIG_KEY} must be an object with version 1 and weights; got {config!r:.120}"
             )
+
+        def table(value: Any) -> dict[str, dict[str, float]]:
+            return {k: {n: float(w) for n, w in v.items()} for k, v in value.items()}
+
         return cls(
-            {k: {n: float(w) for n, w in v.items()} for k, v in config["weights"].items()},
+            table(config["weights"]),
             dict(config.get("info", {})),
+            table(config.get("judged") or {}),
         )
+
+
+def _check_tables(name: str, tables: Mapping[str, Mapping[str, float]]) -> None:
+    """Each key is signal names sorted and joined with ``+``, with one finite weight per name."""
+    for key, table in tables.items():
+        names = key.split("+")
+        unknown = [n for n in names if n not in SIGNALS]
+        if unknown or _key(names) != key:
+            raise ValueError(
+                f"{name} key {key!r} must be signal names from {SIGNALS} sorted and joined with '+'"
+            )
+        if set(table) != set(names):
+            raise ValueError(f"{name}[{key!r}] must give one weight per signal in its key")
+        for signal, value in table.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name}[{key!r}][{signal!r}] must be a finite number")
 
 
 def fit_weights(

@@ -330,8 +330,11 @@ def choose(
     instruction: Any = None,
     combiner: Combiner,
     signals: Sequence[str] = SIGNALS,
+    judged: bool = False,
 ) -> Selection:
-    """Fuse the given signals of ``texts`` and choose; inputs already validated.
+    """Fuse the given signals of ``texts`` and choose; inputs already validated. ``judged``:
+    the log-probabilities are a local LM's log-likelihoods of given texts (the combiner's
+    :attr:`~capplug.selection.Combiner.judged` weights apply), not the generator's own.
 
     The selection policy, written once; :class:`capplug.selection.Selector` (the path every
     surface takes) gathers the inputs and calls it. Non-finite ``scores`` are refused
@@ -351,7 +354,7 @@ def choose(
         instruction=instruction,
         use=signals,
     )
-    fused, weights = combiner.fuse(values)
+    fused, weights = combiner.fuse(values, judged=judged and logprobs is not None)
     probability = np.exp(fused - fused.max())
     probability /= probability.sum()
     raw = {

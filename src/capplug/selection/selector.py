@@ -48,7 +48,8 @@ class Selector:
         combiner: the weights (default: the fallback weights).
         signals: the signals computed (default: those ``combiner`` has weights for).
         lm: a local causal LM whose log-likelihoods stand in for log-probabilities a caller
-            does not give (``log_likelihood(instructions, texts)``).
+            does not give (``log_likelihood(instructions, texts)``); the choice then uses the
+            combiner's weights for judged candidates (:attr:`Combiner.judged`).
         task_scorers: ``.find(task)`` gives the task scorer to score with, where one is allowed
             (:class:`capplug.adapters.TaskScorers`); the metadata says which scored and why.
         feedback: a :class:`capplug.feedback.FeedbackStore` that records each scored choice
@@ -152,10 +153,12 @@ class Selector:
             raise ValueError("token_counts needs logprobs: the mean is logprob / token_count")
         signals = set(self.signals or ())
         several = len(texts) > 1
+        judged = False
         if lp is None and self.lm is not None and several and {"logprob", "logprob_mean"} & signals:
             # The LM reads a chat as a chat (its template); a Prompt is read as its text.
             given = prompt.text if isinstance(instruction, Prompt) else instruction
             lp, counts = yield _Call(lm_logprobs, (self.lm, given, texts))
+            judged = True
         scores, task = None, None
         if self.scorer is not None and "scorer" in signals and (several or self.score_single):
             scorer = self.scorer
@@ -173,6 +176,7 @@ class Selector:
             instruction=prompt.text,
             combiner=self.combiner,
             signals=self.signals or (),
+            judged=judged,
         )
         chosen = replace(chosen, task_scorer=task)
         if self.feedback is not None:
@@ -189,7 +193,8 @@ def signals_for(combiner: Combiner, signals: Sequence[str] | None = None) -> tup
         ValueError: a name that is not a signal.
     """
     if signals is None:
-        signals = {name for key in combiner.weights for name in key.split("+")}
+        tables = (combiner.weights, combiner.judged)
+        signals = {name for table in tables for key in table for name in key.split("+")}
     unknown = [s for s in signals if s not in SIGNALS]
     if unknown:
         raise ValueError(f"signals must be names from {SIGNALS}; got {unknown}")

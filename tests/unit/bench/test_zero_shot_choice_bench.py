@@ -103,3 +103,49 @@ def test_tasks_outside_the_dev_list_are_refused(bench: ModuleType, pool: Path, c
         bench.main(["--data", str(pool), "--tasks", "anachronisms"])
     assert stop.value.code == 2
     assert "--tasks must be dev.zero_shot_choice tasks" in capsys.readouterr().err
+
+
+def test_a_train_fold_run_covers_that_fold_only_and_leaves_the_dev_results_alone(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPPLUG_HOME", str(tmp_path / "home"))
+    questions = [f"Is the {i}th thing here?" for i in range(6)]
+    tasks = {
+        f"bigbench/choice_{i}": ("train", choice_task(questions, ["yes", "no"])) for i in range(4)
+    }
+    tasks["bigbench/words"] = ("train", generation_task([("a?", "yes")]))
+    tasks["bigbench/winowhy"] = ("dev", choice_task(questions, ["yes", "no"]))
+    root = write_pool(tmp_path / "data", tasks)
+    scorer = str(save_tiny_scorer(tmp_path / "scorer"))
+    dev_results, out = tmp_path / "dev", tmp_path / "fold"
+    argv = ["--data", str(root), "--scorer", scorer, "--methods", "scorer", "--limit", "4"]
+
+    from capplug.data import open_pool
+
+    folds = open_pool(root).folds(2)
+    fold = next(i for i, names in enumerate(folds) if "bigbench/words" in names)
+    fold_args = ["--split", "train", "--folds", "2", "--fold", str(fold), "--out", str(out)]
+    result = bench.main([*argv, *fold_args, "--results", str(dev_results)])
+
+    assert set(result["tasks"]) == set(folds[fold]) - {"bigbench/words"}
+    assert result["skipped"] == {
+        "bigbench/words": "no example has options (target_scores) to choose from"
+    }
+    assert not dev_results.exists()
+    report = (out / "zero_shot_choice.md").read_text()
+    assert report.startswith(f"Train fold {fold} of 2 (families never split across folds)")
+    assert "1 task of the fold has none and is left out" in report
+    assert "- capplug scorer: " in report and " points against chance, interval " in report
+    # every example's hit is kept, so the intervals can be recomputed from the JSON
+    row = next(iter(result["tasks"].values()))
+    assert len(row["per_example"]["scorer"]) == 4
+
+
+def test_a_train_fold_run_needs_its_fold_and_folder(bench: ModuleType, pool: Path, capsys) -> None:
+    for extra in (["--split", "train", "--fold", "0"], ["--fold", "0"], ["--split", "train"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--data", str(pool), *extra])
+        assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--split train needs --fold and --out" in err
+    assert "--fold and --out are for --split train" in err

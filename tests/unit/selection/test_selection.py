@@ -310,6 +310,63 @@ def test_combiner_uses_the_largest_fitted_subset_and_round_trips_through_config(
 def test_combiner_refuses_malformed_weights(weights):
     with pytest.raises(ValueError):
         Combiner(weights)
+    if weights:  # the same checks hold for the judged table, which names itself
+        with pytest.raises(ValueError, match="judged"):
+            Combiner({"scorer": {"scorer": 1.0}}, judged=weights)
+
+
+class FixedLM:
+    """A local LM whose log-likelihood of each text is given by a table; records its calls."""
+
+    def __init__(self, table: dict[str, float]) -> None:
+        self.table = table
+        self.calls = 0
+
+    def log_likelihood(self, instructions, texts):
+        self.calls += 1
+        return [(self.table[t], self.table[t] / 2, 2) for t in texts]
+
+
+def test_options_judged_by_a_local_lm_use_the_judged_weights_and_given_logprobs_do_not():
+    # Sampled answers: the generator's log-probability counts; options the LM judged: the
+    # scorer does (a table each), so the same numbers choose differently by where they came from.
+    weights = Combiner(
+        {"logprob+scorer": {"logprob": 3.0, "scorer": 0.1}, "scorer": {"scorer": 1.0}},
+        judged={"logprob+scorer": {"logprob": 0.1, "scorer": 3.0}},
+    )
+    scorer = FakeScorer({"Canberra.": 0.8, "Sydney.": 0.2})
+    lm = FixedLM({"Canberra.": -9.0, "Sydney.": -2.0})
+    options = ["Sydney.", "Canberra."]
+
+    judged = Reranker(scorer, combiner=weights, lm=lm).select("The capital of Australia?", options)
+    assert lm.calls == 1
+    assert judged.response == "Canberra."
+    assert judged.weights == {"logprob": 0.1, "scorer": 3.0}
+
+    given = Reranker(scorer, combiner=weights, lm=lm).select(
+        "The capital of Australia?", options, logprobs=[-2.0, -9.0]
+    )
+    assert lm.calls == 1  # given log-probabilities are used as they are
+    assert given.response == "Sydney." and given.weights == {"logprob": 3.0, "scorer": 0.1}
+
+    # Without a judged table, the main one serves judged candidates too.
+    plain = Combiner({"logprob+scorer": {"logprob": 3.0, "scorer": 0.1}})
+    assert Reranker(scorer, combiner=plain, lm=lm).select("q", options).response == "Sydney."
+
+
+def test_the_judged_table_round_trips_through_the_checkpoint_config():
+    weights = Combiner(
+        {"scorer": {"scorer": 1.0}},
+        {"note": "x"},
+        judged={"logprob+scorer": {"logprob": 0.5, "scorer": 2.0}},
+    )
+    config = json.loads(json.dumps(weights.to_config()))
+    assert config["judged"] == {"logprob+scorer": {"logprob": 0.5, "scorer": 2.0}}
+    assert Combiner.from_config(config) == weights
+    # the signals a reranker computes include those only the judged table weighs
+    assert set(Reranker(None, combiner=weights).signals) == {"scorer", "logprob"}
+    # a config without the table (every checkpoint written before it) reads as before
+    assert "judged" not in Combiner({"scorer": {"scorer": 1.0}}).to_config()
 
 
 def test_fit_weights_learns_which_signal_tracks_quality():
