@@ -73,6 +73,11 @@ def create_mcp_server(
         reranker.feedback = given
     feedback_store = reranker.feedback  # given here, or the reranker's own
     server = FastMCP("capplug", instructions=INSTRUCTIONS)
+    # serverInfo.version: FastMCP takes no version, so its low-level server would report the
+    # MCP SDK's own; clients should see capplug's.
+    from capplug import __version__
+
+    server._mcp_server.version = __version__
 
     @server.tool()
     def score(instruction: str, responses: list[str]) -> list[float]:

@@ -19,7 +19,7 @@ from capplug.feedback import FeedbackStore  # noqa: E402
 async def _session(args: list[str], work) -> object:
     params = StdioServerParameters(command=sys.executable, args=["-m", "capplug.cli", "mcp", *args])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-        await session.initialize()
+        session.init_result = await session.initialize()
         return await work(session)
 
 
@@ -52,12 +52,16 @@ def test_the_tools_answer_an_mcp_client(tiny_bert_scorer: Path, tmp_path: Path) 
         )
         bad = await session.call_tool("select", {"instruction": "q", "candidates": []})
         wrong = await session.call_tool("judge", {"selection_id": "sel_nope", "label": 1.0})
-        return tools, scores, chosen, ranked, judged, bad, wrong
+        return tools, scores, chosen, ranked, judged, bad, wrong, session.init_result.serverInfo
 
-    tools, scores, chosen, ranked, judged, bad, wrong = asyncio.run(
+    tools, scores, chosen, ranked, judged, bad, wrong, info = asyncio.run(
         _session(["--scorer", str(tiny_bert_scorer), "--feedback", str(db)], work)
     )
     assert tools == {"score", "rank", "select", "judge"}
+    # the client learns which capplug answers, not which MCP SDK it is built on
+    from capplug import __version__
+
+    assert (info.name, info.version) == ("capplug", __version__)
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
     assert chosen["response"] in ("a", "b") and chosen["selection_id"].startswith("sel_")
     assert sorted(r["index"] for r in ranked) == [0, 1]
