@@ -6,6 +6,10 @@ candidate, the prediction is the highest-scoring option, and a hit is an option 
 target score. Methods:
 
 - scorer: capplug's default scorer (or --scorer REF), no task data seen;
+- fused-plain: the default selection, `Reranker()`, given the options as candidates with no
+  log-probabilities (what a user comparing a few answers from APIs gets);
+- fused (with lm): `Reranker(lm=...)`, where SmolLM2 judges each option and the weights for
+  judged candidates apply;
 - lm-sum / lm-mean: SmolLM2-135M-Instruct log-likelihood of each option given the prompt,
   summed and length-normalised (mean per token);
 - cosine: cosine similarity of MiniLM sentence embeddings of instruction and option;
@@ -58,6 +62,7 @@ METHODS = ("scorer", "lm", "cosine")
 LABELS = {
     "scorer": "capplug scorer",
     "fused": "capplug fused (Reranker(lm=...))",
+    "fused-plain": "capplug fused, no LM (Reranker())",
     "lm-sum": "SmolLM2-135M log-lik (sum)",
     "lm-mean": "SmolLM2-135M log-lik (length-norm.)",
     "cosine": "MiniLM cosine",
@@ -192,6 +197,17 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
             lm_flat = flat
             per_example["lm-sum"] = hits(examples, regroup([f[0] for f in flat], sizes))
             per_example["lm-mean"] = hits(examples, regroup([f[1] for f in flat], sizes))
+        if "scorer" in args.methods:
+            # The default selector as a user without a local LM calls it: the options are a
+            # few candidates with no log-probabilities.
+            scored = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
+            ranker = _fused_ranker(args.scorer, scored, None)
+            picks = []
+            for example in examples:
+                keys = list(example.target_scores)
+                chosen = ranker.select(example.prompt, keys).index
+                picks.append([float(i == chosen) for i in range(len(keys))])
+            per_example["fused-plain"] = hits(examples, picks)
         if "scorer" in args.methods and "lm" in args.methods:
             # The default selector, called as a user with a local LM calls it
             # (Reranker(lm=...)): the LM judges the options, the judged weights apply.
@@ -258,6 +274,7 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
 # chance.
 MARGINS = {
     "fused": ("lm-sum", "lm-mean"),
+    "fused-plain": ("scorer",),
     "scorer": ("chance",),
 }
 
@@ -306,10 +323,10 @@ def interval_lines(result: dict[str, Any]) -> list[str]:
 def _fused_ranker(
     ref: str,
     scores: dict[tuple[str, str], float],
-    log_likelihoods: dict[tuple[str, str], list[float]],
+    log_likelihoods: dict[tuple[str, str], list[float]] | None,
 ) -> Any:
-    """capplug's default selector with a local LM, ``Reranker(lm=...)``, over already computed
-    scorer scores and LM log-likelihoods (looked up, not rerun)."""
+    """capplug's default selector, ``Reranker()``, or with a local LM, ``Reranker(lm=...)``,
+    over already computed scorer scores and LM log-likelihoods (looked up, not rerun)."""
     from capplug.selection import Reranker, load_combiner
 
     class Scores:
@@ -324,7 +341,8 @@ def _fused_ranker(
                 out.append((total, mean, round(total / mean) if mean else 0))
             return out
 
-    return Reranker(Scores(), combiner=load_combiner(ref), lm=LogLikelihoods())
+    lm = None if log_likelihoods is None else LogLikelihoods()
+    return Reranker(Scores(), combiner=load_combiner(ref), lm=lm)
 
 
 def _load_scorer(ref: str) -> Any:
