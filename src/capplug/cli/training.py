@@ -138,6 +138,14 @@ def add_parser(sub: Any) -> None:
         metavar="FOLDER",
         help="the scorer checkpoint folder to write the weights into (e.g. your adapted scorer)",
     )
+    selector.add_argument(
+        "--judged",
+        action="store_true",
+        help="the sets' log-probabilities are a local LM's log-likelihoods of candidates it did "
+        "not draw (options, answers from other models, as Reranker(lm=...) computes them): fit "
+        "the table for judged candidates and keep the checkpoint's main table (without it: fit "
+        "the main table and keep the judged one)",
+    )
     selector.add_argument("--temperature", type=float, default=0.05, help="target sharpness")
     selector.add_argument("--l2", type=float, default=1e-2, help="weight decay of the fit")
     add_device_option(selector)
@@ -433,7 +441,7 @@ def _run_adapt_tasks(args: argparse.Namespace) -> int:
 
 def _run_fit_selector(args: argparse.Namespace) -> int:
     from capplug.scoring import Scorer
-    from capplug.selection import SIGNALS
+    from capplug.selection import SIGNALS, Combiner, load_combiner
     from capplug.selection.fit import candidate_sets, fit_combiner, pick_quality, write_combiner
 
     if args.temperature <= 0 or args.l2 < 0:
@@ -456,7 +464,15 @@ def _run_fit_selector(args: argparse.Namespace) -> int:
     )
     present = [s for s in SIGNALS if all(s in c.values for c in sets)]
     full = combiner.weights_for(present)
-    print(f"fitted {len(combiner.weights)} weight sets on {len(sets)} candidate sets")
+    kept = load_combiner(into)  # the table this fit does not replace stays as it was
+    if args.judged:
+        info = {**kept.info, "judged": dict(combiner.info)}
+        combiner = Combiner(kept.weights, info, combiner.weights)
+    else:
+        combiner = Combiner(combiner.weights, combiner.info, kept.judged)
+    table = "judged" if args.judged else "main"
+    fitted = len(combiner.judged if args.judged else combiner.weights)
+    print(f"fitted {fitted} weight sets ({table} table) on {len(sets)} candidate sets")
     print(f"weights with every signal: {json.dumps({k: round(v, 3) for k, v in full.items()})}")
     print(
         f"mean quality of the pick on these sets: fused {pick_quality(sets, full):.3f}, "

@@ -229,6 +229,51 @@ def test_fit_selector_learns_that_agreement_tracks_quality_and_writes_the_weight
     assert weights["agreement"] > 0.5
     assert ranker.select("q", ["x", "y y", "y y"]).response == "y y"
 
+    # Options judged by a local LM: the log-likelihood picks the right one here; --judged
+    # fits the judged table and leaves the main one as it was.
+    judged_rows = [
+        {
+            "instruction": f"question {i}",
+            "candidates": [f"yes {i}", f"no {i}", f"maybe {i}"],
+            "quality": [0.0, 1.0, 0.0],
+            "logprobs": [-5.0 - i % 2, -1.0, -7.0],
+            "group": f"task{i % 3}",
+        }
+        for i in range(30)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in judged_rows) + "\n")
+    main_before = Reranker(str(checkpoint)).combiner.weights
+    code, out, err = run(
+        capsys,
+        "fit-selector",
+        "--data",
+        str(data),
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--into",
+        str(checkpoint),
+        "--judged",
+    )
+    assert code == 0, err
+    assert "(judged table)" in out
+    after = Reranker(str(checkpoint)).combiner
+    assert after.weights == main_before
+    assert after.weights_for(["scorer", "logprob"], judged=True)["logprob"] > 0.5
+    # and a later fit of the main table keeps the judged one
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, _, err = run(
+        capsys,
+        "fit-selector",
+        "--data",
+        str(data),
+        "--scorer",
+        str(tiny_bert_scorer),
+        "--into",
+        str(checkpoint),
+    )
+    assert code == 0, err
+    assert Reranker(str(checkpoint)).combiner.judged == after.judged
+
 
 def test_fit_selector_names_a_bad_line(tiny_bert_scorer: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "sets.jsonl"
