@@ -24,7 +24,7 @@ from capplug.adapters.store._checks import (
     lora_config,
     targets,
 )
-from capplug.adapters.store._index import index_metadata
+from capplug.adapters.store._index import StoreIndex, index_metadata
 from capplug.adapters.store.records import (
     ADDING_DIR,
     LAST_USED_FILE,
@@ -50,13 +50,11 @@ from capplug.models.adapter_folder import (
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-    from capplug.adapters.store.store import AdapterStore
-
 logger = logging.getLogger(__name__)
 
 
 def add_adapter(
-    store: AdapterStore,
+    index: StoreIndex,
     state_dict: Mapping[str, Any],
     config: Any,
     text: str,
@@ -74,20 +72,20 @@ def add_adapter(
         raise ValueError("state_dict must be a non-empty mapping of peft keys to tensors")
     if name is not None:
         name = check_name(name)
-        with store._index.reading() as collection:
-            refuse_taken_names(store, collection, [name])
-    lora = lora_config(config, store.base_model)
+        with index.reading() as collection:
+            refuse_taken_names(index.root, collection, [name])
+    lora = lora_config(config, index.base_model)
     digest = instruction_hash(text)
     metadata = {
         **{k: str(v) for k, v in (header or {}).items()},
-        META_BASE_MODEL: store.base_model,
+        META_BASE_MODEL: index.base_model,
         "capplug_instruction_hash": digest,
     }
     if hypernetwork_version:
         metadata["capplug_hypernetwork_version"] = hypernetwork_version
-    embedding = store._index.embed(text, memo)
+    embedding = index.embed(text, memo)
     adapter_id = secrets.token_hex(8)
-    final = store.root / adapter_id
+    final = index.root / adapter_id
     with contextlib.ExitStack() as stack:
         with staging_dir(final) as tmp:
             write_peft_folder(state_dict, lora, tmp, metadata=metadata)
@@ -97,7 +95,7 @@ def add_adapter(
             record = AdapterRecord(
                 id=adapter_id,
                 instruction=text,
-                base_model=store.base_model,
+                base_model=index.base_model,
                 rank=int(lora.r),
                 target_modules=targets(lora.target_modules),
                 sha256=sha256_file(weights),
@@ -114,12 +112,12 @@ def add_adapter(
             write_json_atomic(tmp / RECORD_FILE, record_file(record))
             (tmp / LAST_USED_FILE).touch()
             os.utime(tmp / LAST_USED_FILE, (now, now))
-            collection = stack.enter_context(store._index.writing())
+            collection = stack.enter_context(index.writing())
             if name is not None:  # taken meanwhile? (the staging folder goes with the error)
-                refuse_taken_names(store, collection, [name])
+                refuse_taken_names(index.root, collection, [name])
             # Named until its row is in the index (removed before the lock is released): a
             # process killed after the rename below leaves the name for the next miss.
-            adding = _begin_adding(store.root, store.name, adapter_id)
+            adding = _begin_adding(index.root, index.name, adapter_id)
             stack.callback(adding.unlink, missing_ok=True)
         # Renamed into place; still under the index lock.
         added = False
@@ -135,18 +133,20 @@ def add_adapter(
             shutil.rmtree(final, ignore_errors=True)
             raise
         finally:
-            store._index.vectors_changed(digest if added else None)
+            index.vectors_changed(digest if added else None)
     logger.info("stored adapter %s (%s) for %r", adapter_id, source, text[:80])
     return record
 
 
 def add_in_place(
-    store: AdapterStore,
+    index: StoreIndex,
     records: Sequence[AdapterRecord],
     embeddings: Sequence[Sequence[float]] | None,
     batch_size: int,
+    max_chars: int,
 ) -> list[AdapterRecord]:
-    """What :meth:`AdapterStore.add_in_place` does (see there)."""
+    """What :meth:`AdapterStore.add_in_place` does (see there); ``max_chars``: the store's
+    ``max_instruction_chars``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     records = list(records)
@@ -155,7 +155,7 @@ def add_in_place(
             f"embeddings must hold one vector per record; got {len(embeddings)} for "
             f"{len(records)} records"
         )
-    checked = [_in_place(store, record) for record in records]
+    checked = [_in_place(record, index.root, index.base_model, max_chars) for record in records]
     ids = [r.id for r in checked]
     if len(set(ids)) != len(ids):
         raise ValueError("records must have distinct ids; one is given twice")
@@ -171,29 +171,31 @@ def add_in_place(
         if embeddings is not None:
             vectors = [_vector(v) for v in embeddings[start : start + batch_size]]
         else:
-            vectors = [_vector(v) for v in store.embedding_function([r.instruction for r in batch])]
-        with store._index.writing() as collection:
+            vectors = [_vector(v) for v in index.embedding_function([r.instruction for r in batch])]
+        with index.writing() as collection:
             known = collection.get(ids=[r.id for r in batch], include=[])["ids"]
             if known:
                 raise ValueError(
                     f"adapter {known[0]} is indexed already; add_in_place adds new adapters"
                 )
-            refuse_taken_names(store, collection, [r.name for r in batch if r.name is not None])
+            batch_names = [r.name for r in batch if r.name is not None]
+            refuse_taken_names(index.root, collection, batch_names)
             collection.add(
                 ids=[r.id for r in batch],
                 embeddings=vectors,
                 documents=[r.instruction for r in batch],
                 metadatas=[index_metadata(r) for r in batch],
             )
-            store._index.vectors_changed()
+            index.vectors_changed()
     logger.info("indexed %d adapters already in place", len(checked))
     return checked
 
 
 def refuse_taken_names(
-    store: AdapterStore, collection: Collection, names: list[str], owner: str | None = None
+    root: Path, collection: Collection, names: list[str], owner: str | None = None
 ) -> None:
-    """Raise when an adapter other than ``owner`` has one of ``names``."""
+    """Raise when an adapter other than ``owner`` has one of ``names`` (in the store at
+    ``root``)."""
     if not names:
         return
     where: Any = {"name": names[0]} if len(names) == 1 else {"name": {"$in": names}}
@@ -203,30 +205,30 @@ def refuse_taken_names(
             taken = (meta or {}).get("name")
             raise AdapterNameTakenError(
                 f"the name {taken!r} is taken by adapter {adapter_id} in the store at "
-                f"{store.root}; pick another, or free it first (rename or remove {adapter_id})"
+                f"{root}; pick another, or free it first (rename or remove {adapter_id})"
             )
 
 
-def rename(store: AdapterStore, adapter_id: str, name: str | None) -> AdapterRecord:
+def rename(index: StoreIndex, adapter_id: str, name: str | None) -> AdapterRecord:
     """What :meth:`AdapterStore.rename` does (see there)."""
-    record = update_record(store, adapter_id, name=name)
+    record = update_record(index, adapter_id, name=name)
     logger.info("adapter %s is named %r", adapter_id, name)
     return record
 
 
-def update_record(store: AdapterStore, adapter_id: str, **changes: Any) -> AdapterRecord:
+def update_record(index: StoreIndex, adapter_id: str, **changes: Any) -> AdapterRecord:
     """Change fields of an adapter's record (its name, its check): under the store-wide lock,
     the record file first, then the index row. A new ``name`` must be free."""
-    with store._index.writing() as collection:
+    with index.writing() as collection:
         rows = collection.get(ids=[adapter_id], include=["metadatas", "documents"])
-        found = records_from_rows(rows, store.root, store.base_model)
+        found = records_from_rows(rows, index.root, index.base_model)
         if not found:
             raise UnknownAdapterError(
-                f"no adapter {adapter_id!r} in the store at {store.root} for {store.base_model}; "
+                f"no adapter {adapter_id!r} in the store at {index.root} for {index.base_model}; "
                 f"`capplug store list` shows the ids there are"
             )
         if changes.get("name") is not None:
-            refuse_taken_names(store, collection, [changes["name"]], owner=adapter_id)
+            refuse_taken_names(index.root, collection, [changes["name"]], owner=adapter_id)
         record = dataclasses.replace(found[0], **changes)
         write_json_atomic(record.folder / RECORD_FILE, record_file(record))
         collection.update(ids=[adapter_id], metadatas=[index_metadata(record)])
@@ -247,7 +249,7 @@ def pending_adds(adding: Path, name: str) -> list[str]:
     return mine
 
 
-def finish_interrupted_adds(store: AdapterStore) -> list[str]:
+def finish_interrupted_adds(index: StoreIndex) -> list[str]:
     """Index this base model's adapters whose creation was cut off between moving the folder
     into place and indexing it; returns their ids.
 
@@ -255,13 +257,13 @@ def finish_interrupted_adds(store: AdapterStore) -> list[str]:
     process is between those two steps, holding the store-wide lock until it removes it: so
     the names are read again under that lock, where every one left is a crash's.
     """
-    adding = store.root / LOCKS_DIR / ADDING_DIR
-    if not pending_adds(adding, store.name):
+    adding = index.root / LOCKS_DIR / ADDING_DIR
+    if not pending_adds(adding, index.name):
         return []
     adopted: list[str] = []
-    with store._index.writing() as collection:
-        for adapter_id in pending_adds(adding, store.name):
-            if _adopt(store, collection, adapter_id):
+    with index.writing() as collection:
+        for adapter_id in pending_adds(adding, index.name):
+            if _adopt(index, collection, adapter_id):
                 adopted.append(adapter_id)
             (adding / adapter_id).unlink(missing_ok=True)
     return adopted
@@ -276,13 +278,13 @@ def _begin_adding(root: Path, name: str, adapter_id: str) -> Path:
     return marker
 
 
-def _adopt(store: AdapterStore, collection: Collection, adapter_id: str) -> bool:
+def _adopt(index: StoreIndex, collection: Collection, adapter_id: str) -> bool:
     """Index a folder a crash left without its row, when its files match its record and no
     adapter for its instruction was indexed since (else :meth:`AdapterStore.repair` deals
     with it)."""
     if collection.get(ids=[adapter_id], include=[])["ids"]:
         return False  # indexed just before the process died
-    record = read_record_file(store.root / adapter_id)
+    record = read_record_file(index.root / adapter_id)
     if record is None:
         return False  # died before the rename, or the record is unreadable: verify says
     if collection.get(where={"instruction_hash": record.instruction_hash}, include=[])["ids"]:
@@ -294,11 +296,11 @@ def _adopt(store: AdapterStore, collection: Collection, adapter_id: str) -> bool
         return False
     collection.add(
         ids=[record.id],
-        embeddings=[store._index.embed(record.instruction)],
+        embeddings=[index.embed(record.instruction)],
         documents=[record.instruction],
         metadatas=[index_metadata(record)],
     )
-    store._index.vectors_changed(record.instruction_hash)
+    index.vectors_changed(record.instruction_hash)
     logger.warning(
         "indexed adapter %s for %r, whose creation was interrupted before it was indexed",
         record.id,
@@ -307,32 +309,28 @@ def _adopt(store: AdapterStore, collection: Collection, adapter_id: str) -> bool
     return True
 
 
-def _in_place(store: AdapterStore, record: AdapterRecord) -> AdapterRecord:
-    """The record as :func:`add_in_place` indexes it, after checking it fits the store."""
+def _in_place(record: AdapterRecord, root: Path, base_model: str, max_chars: int) -> AdapterRecord:
+    """The record as :func:`add_in_place` indexes it, after checking it fits the store at
+    ``root`` (its base model, its instruction length)."""
     if not isinstance(record, AdapterRecord):
         raise TypeError(f"records must be AdapterRecord objects; got {type(record).__name__}")
     if not ADAPTER_ID.fullmatch(record.id):
         raise ValueError(f"{record.id!r} is not an adapter id (16 lowercase hex characters)")
-    check_base(record.base_model, store.base_model, where=record.id)
+    check_base(record.base_model, base_model, where=record.id)
     check_source(record.source)
     if record.name is not None:
         check_name(record.name)
     text = record.instruction
-    if (
-        not isinstance(text, str)
-        or not text
-        or text != text.strip()
-        or len(text) > store.max_instruction_chars
-    ):
+    if not isinstance(text, str) or not text or text != text.strip() or len(text) > max_chars:
         raise ValueError(
             f"adapter {record.id}'s instruction must be stripped text of 1 to "
-            f"{store.max_instruction_chars} characters (max_instruction_chars)"
+            f"{max_chars} characters (max_instruction_chars)"
         )
     if record.instruction_hash != instruction_hash(text):
         raise ValueError(
             f"adapter {record.id}'s instruction_hash is not instruction_hash(instruction)"
         )
-    folder = store.root / record.id
+    folder = root / record.id
     if record.folder not in (Path(), folder):
         raise ValueError(f"adapter {record.id}'s folder must be {folder}; got {record.folder}")
     missing = [n for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if not (folder / n).is_file()]
@@ -341,7 +339,7 @@ def _in_place(store: AdapterStore, record: AdapterRecord) -> AdapterRecord:
             f"adapter {record.id} has no {' or '.join(missing)} in {folder}; put its peft "
             f"files there first"
         )
-    return dataclasses.replace(record, base_model=store.base_model, folder=folder)
+    return dataclasses.replace(record, base_model=base_model, folder=folder)
 
 
 def _vector(value: Any) -> list[float]:

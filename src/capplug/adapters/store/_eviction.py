@@ -9,41 +9,41 @@ import secrets
 import shutil
 from typing import TYPE_CHECKING
 
+from capplug.adapters.store._index import StoreIndex
 from capplug.adapters.store.records import AdapterRecord, records_from_rows
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-    from capplug.adapters.store.store import AdapterStore
-
 logger = logging.getLogger(__name__)
 
 
-def delete_adapters(store: AdapterStore, collection: Collection, ids: list[str]) -> None:
+def delete_adapters(index: StoreIndex, collection: Collection, ids: list[str]) -> None:
     """Remove adapters (caller holds the write lock): folder aside first, then the rows."""
     trash = []
     for adapter_id in ids:
-        folder = store.root / adapter_id
+        folder = index.root / adapter_id
         if folder.exists():
-            aside = store.root / f".trash-{adapter_id}-{secrets.token_hex(4)}"
+            aside = index.root / f".trash-{adapter_id}-{secrets.token_hex(4)}"
             os.replace(folder, aside)
             trash.append(aside)
     collection.delete(ids=ids)
-    store._index.vectors_changed()
+    index.vectors_changed()
     for aside in trash:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def evict_beyond_limits(store: AdapterStore, *, protect: set[str]) -> None:
-    """Evict beyond the store's own limits (after an adapter was added), sparing ``protect``."""
-    if store.max_adapters is not None or store.max_bytes is not None:
-        evict(
-            store, store.max_adapters, store.max_bytes, protect=protect, dry_run=False, sync=False
-        )
+def evict_beyond_limits(
+    index: StoreIndex, max_adapters: int | None, max_bytes: int | None, *, protect: set[str]
+) -> None:
+    """Evict beyond the store's own limits, ``max_adapters`` and ``max_bytes`` (after an
+    adapter was added), sparing ``protect``."""
+    if max_adapters is not None or max_bytes is not None:
+        evict(index, max_adapters, max_bytes, protect=protect, dry_run=False, sync=False)
 
 
 def evict(
-    store: AdapterStore,
+    index: StoreIndex,
     max_adapters: int | None,
     max_bytes: int | None,
     *,
@@ -53,9 +53,9 @@ def evict(
 ) -> list[AdapterRecord]:
     """Evict the least recently used adapters beyond the limits; with ``sync``, also copy
     last-used times into the index. Returns the evicted records, least recently used first."""
-    with store._index.writing() as collection:
+    with index.writing() as collection:
         records = records_from_rows(
-            collection.get(include=["metadatas", "documents"]), store.root, store.base_model
+            collection.get(include=["metadatas", "documents"]), index.root, index.base_model
         )
         records.sort(key=lambda r: (r.last_used, r.created))
         count, total = len(records), sum(r.size for r in records)
@@ -73,7 +73,7 @@ def evict(
         if dry_run:
             return evicted
         if evicted:
-            delete_adapters(store, collection, [r.id for r in evicted])
+            delete_adapters(index, collection, [r.id for r in evicted])
             logger.info("evicted %d least recently used adapters", len(evicted))
         if sync:
             gone = {r.id for r in evicted}

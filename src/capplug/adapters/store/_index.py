@@ -63,8 +63,9 @@ def index_metadata(record: AdapterRecord) -> dict[str, Any]:
 
 
 class StoreIndex:
-    """One store's collection: its client (a local persistent index or a Chroma server), its
-    name, its embedding function, and reads and writes that see what other processes wrote."""
+    """One store's collection: its folder (``root``) and ``base_model``, its client (a local
+    persistent index or a Chroma server), its name, its embedding function, and reads and writes
+    that see what other processes wrote."""
 
     def __init__(
         self,

@@ -3,48 +3,58 @@ a hit is handed out only after its files pass their sha256 and ``verify_hit`` ac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from capplug.adapters.store._files import set_aside_folder
+from capplug.adapters.store._files import IntactFiles, set_aside_folder
+from capplug.adapters.store._index import StoreIndex
 from capplug.adapters.store.records import (
     CORRUPT_DIR,
     AdapterRecord,
+    HitCheck,
     Match,
     checked_paths,
     records_from_rows,
 )
 from capplug.errors import CorruptAdapterError
 
-if TYPE_CHECKING:
-    from capplug.adapters.store.store import AdapterStore
-
 logger = logging.getLogger(__name__)
 
 
-def exact(store: AdapterStore, digest: str) -> list[AdapterRecord]:
+@dataclasses.dataclass(frozen=True)
+class Finder:
+    """What finding a hit uses of the store: its index, the files it found intact, and its
+    ``verify_hit`` (as set when the search starts)."""
+
+    index: StoreIndex
+    intact: IntactFiles
+    verify_hit: HitCheck | None
+
+
+def exact(index: StoreIndex, digest: str) -> list[AdapterRecord]:
     """The adapters for this normalised instruction's hash, newest first (no encoder run)."""
-    with store._index.reading() as collection:
-        known = store._index.known_hashes(collection)
+    with index.reading() as collection:
+        known = index.known_hashes(collection)
         if known is not None and digest not in known:
             return []
         rows = collection.get(
             where={"instruction_hash": digest}, include=["metadatas", "documents"]
         )
     return sorted(
-        records_from_rows(rows, store.root, store.base_model),
+        records_from_rows(rows, index.root, index.base_model),
         key=lambda r: r.created,
         reverse=True,
     )
 
 
 def nearest(
-    store: AdapterStore, text: str, k: int, memo: dict[str, list[float]] | None = None
+    index: StoreIndex, text: str, k: int, memo: dict[str, list[float]] | None = None
 ) -> list[Match]:
     """The ``k`` adapters whose instructions are nearest to ``text``, best first."""
-    embedding = store._index.embed(text, memo)
-    with store._index.reading() as collection:
+    embedding = index.embed(text, memo)
+    with index.reading() as collection:
         found = collection.query(
             query_embeddings=[embedding],
             n_results=k,
@@ -59,7 +69,7 @@ def nearest(
         "documents": (found.get("documents") or [[]])[0],
     }
     distances = (found.get("distances") or [[]])[0]
-    records = records_from_rows(rows, store.root, store.base_model)
+    records = records_from_rows(rows, index.root, index.base_model)
     return [
         Match(record, similarity(distance))
         for record, distance in zip(records, distances, strict=True)
@@ -67,7 +77,7 @@ def nearest(
 
 
 def find_hit(
-    store: AdapterStore,
+    finder: Finder,
     text: str,
     digest: str,
     threshold: float,
@@ -81,21 +91,21 @@ def find_hit(
     ``set_aside``), and accepted by ``verify_hit``.
     """
     best: float | None = None
-    for match in _candidates(store, text, digest, memo):
+    for match in _candidates(finder, text, digest, memo):
         best = best_of(best, match.similarity)
         record = match.record
         if match.similarity < threshold or record.id in rejected or record.id in set_aside:
             continue
         try:
-            store._intact.check(record, use_cache=True)
+            finder.intact.check(record, use_cache=True)
         except CorruptAdapterError as exc:
-            if _set_aside_broken(store, record, exc):
+            if _set_aside_broken(finder.index, finder.intact, record, exc):
                 set_aside.append(record.id)
             continue
         except OSError as exc:  # unreadable now (permissions, I/O): skipped, not set aside
             logger.warning("adapter %s cannot be read (%s); not using it", record.id, exc)
             continue
-        if store.verify_hit is not None and not store.verify_hit(match.record, text):
+        if finder.verify_hit is not None and not finder.verify_hit(match.record, text):
             rejected.append(match.record.id)
             continue
         return match, best
@@ -103,10 +113,10 @@ def find_hit(
 
 
 def no_generator_message(
-    store: AdapterStore, best: float | None, threshold: float, set_aside: list[str]
+    root: Path, best: float | None, threshold: float, set_aside: list[str]
 ) -> str:
-    """Why a miss cannot be answered: nothing similar enough, or only corrupt adapters, and no
-    generator to make one."""
+    """Why a miss in the store at ``root`` cannot be answered: nothing similar enough, or only
+    corrupt adapters, and no generator to make one."""
     if not set_aside:
         return (
             f"no stored adapter for this instruction (best similarity {_fmt(best)}, "
@@ -118,7 +128,7 @@ def no_generator_message(
     return (
         f"the stored adapter {which} for this instruction is corrupt (its files are missing "
         f"or fail their sha256), so it was dropped from the index and moved to "
-        f"{store.root / CORRUPT_DIR}; no other stored adapter is at least {threshold} similar "
+        f"{root / CORRUPT_DIR}; no other stored adapter is at least {threshold} similar "
         f"and the store has no generator to make a new one: import the adapter again "
         f"(import_folder() or `capplug store import`), or pass "
         f"generator=Hypernetwork.from_pretrained(REF).generate"
@@ -142,25 +152,27 @@ def _fmt(value: float | None) -> str:
 
 
 def _candidates(
-    store: AdapterStore, text: str, digest: str, memo: dict[str, list[float]]
+    finder: Finder, text: str, digest: str, memo: dict[str, list[float]]
 ) -> Iterator[Match]:
     """Exact repeats (newest first), then the nearest instructions; embeds only if needed."""
-    for record in exact(store, digest):
+    for record in exact(finder.index, digest):
         yield Match(record, 1.0)
     # More neighbours when a check may refuse some.
-    yield from nearest(store, text, 8 if store.verify_hit is not None else 3, memo)
+    yield from nearest(finder.index, text, 8 if finder.verify_hit is not None else 3, memo)
 
 
-def _set_aside_broken(store: AdapterStore, record: AdapterRecord, problem: Exception) -> bool:
+def _set_aside_broken(
+    index: StoreIndex, intact: IntactFiles, record: AdapterRecord, problem: Exception
+) -> bool:
     """Drop a hit whose files are missing or fail their sha256 and move its folder to
     ``<root>/.corrupt/``, as :meth:`AdapterStore.repair` does.
 
     Looked at again under the store-wide lock: False (nothing done) when the row is gone
     already (another process did this) or the files now match.
     """
-    with store._index.writing() as collection:
+    with index.writing() as collection:
         rows = collection.get(ids=[record.id], include=["metadatas", "documents"])
-        current = records_from_rows(rows, store.root, store.base_model)
+        current = records_from_rows(rows, index.root, index.base_model)
         if not current:
             return False
         try:
@@ -173,9 +185,9 @@ def _set_aside_broken(store: AdapterStore, record: AdapterRecord, problem: Excep
             return False
         existed = record.folder.exists()
         collection.delete(ids=[record.id])
-        store._index.vectors_changed()
-        moved = set_aside_folder(store.root, record.id)
-    store._intact.forget(record.id)
+        index.vectors_changed()
+        moved = set_aside_folder(index.root, record.id)
+    intact.forget(record.id)
     logger.warning(
         "adapter %s for %r is not used: %s; dropped from the index, %s",
         record.id,

@@ -10,14 +10,15 @@ import re
 import shutil
 import struct
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capplug._cache import sha256_file
 from capplug.adapters.store._adding import pending_adds
 from capplug.adapters.store._checks import ADAPTER_ID
 from capplug.adapters.store._eviction import delete_adapters
-from capplug.adapters.store._files import set_aside_folder
-from capplug.adapters.store._index import index_metadata
+from capplug.adapters.store._files import IntactFiles, set_aside_folder
+from capplug.adapters.store._index import StoreIndex, index_metadata
 from capplug.adapters.store.records import (
     ADDING_DIR,
     LOCKS_DIR,
@@ -35,60 +36,63 @@ from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-    from capplug.adapters.store.store import AdapterStore
-
 # staging_dir's ".<id>.<random>" and delete_adapters' ".trash-<id>-<random>"
 _LEFTOVER = re.compile(r"^\.(?:[0-9a-f]{16}\.|trash-[0-9a-f]{16}-)")
 
 
-def repair(store: AdapterStore, *, check_hashes: bool) -> StoreReport:
-    """What :meth:`AdapterStore.repair` does (see there), under the store-wide lock."""
-    with store._index.writing() as collection:
-        report = survey(store, collection, check_hashes=check_hashes)
+def repair(index: StoreIndex, intact: IntactFiles, *, check_hashes: bool) -> StoreReport:
+    """What :meth:`AdapterStore.repair` does (see there), under the store-wide lock; corrupt
+    adapters are forgotten by ``intact``."""
+    root = index.root
+    with index.writing() as collection:
+        report = survey(root, index.base_model, collection, check_hashes=check_hashes)
         if not report.ok:
-            store._index.vectors_changed()
+            index.vectors_changed()
         if report.rows_without_files:
             collection.delete(ids=report.rows_without_files)
             report.actions += [f"dropped row {i} (no files)" for i in report.rows_without_files]
         for adapter_id in report.corrupt:
             collection.delete(ids=[adapter_id])
-            moved = set_aside_folder(store.root, adapter_id)
-            store._intact.forget(adapter_id)
+            moved = set_aside_folder(root, adapter_id)
+            intact.forget(adapter_id)
             report.actions.append(f"set aside {adapter_id} (corrupt) -> {moved}")
         if report.duplicates:
-            delete_adapters(store, collection, list(report.duplicates))
+            delete_adapters(index, collection, list(report.duplicates))
             report.actions += [
                 f"removed {dup} (a duplicate of {kept} for the same instruction)"
                 for dup, kept in report.duplicates.items()
             ]
         for adapter_id in report.files_without_rows:
-            record = read_record_file(store.root / adapter_id)
+            record = read_record_file(root / adapter_id)
             assert record is not None  # survey counts unreadable ones as corrupt
             collection.upsert(
                 ids=[record.id],
-                embeddings=[store._index.embed(record.instruction)],
+                embeddings=[index.embed(record.instruction)],
                 documents=[record.instruction],
                 metadatas=[index_metadata(record)],
             )
             report.actions.append(f"indexed {adapter_id} again from {RECORD_FILE}")
         for name in report.stale_staging:
-            shutil.rmtree(store.root / name, ignore_errors=True)
+            shutil.rmtree(root / name, ignore_errors=True)
             report.actions.append(f"removed leftover {name}")
         # Every folder of this base model is indexed, set aside or gone now: the names of
         # interrupted creations have served their purpose.
-        adding = store.root / LOCKS_DIR / ADDING_DIR
-        for adapter_id in pending_adds(adding, store.name):
+        adding = root / LOCKS_DIR / ADDING_DIR
+        for adapter_id in pending_adds(adding, index.name):
             (adding / adapter_id).unlink(missing_ok=True)
     return report
 
 
-def survey(store: AdapterStore, collection: Collection, *, check_hashes: bool) -> StoreReport:
-    """What :meth:`AdapterStore.verify` finds (the caller holds the write lock)."""
+def survey(
+    root: Path, base_model: str, collection: Collection, *, check_hashes: bool
+) -> StoreReport:
+    """What :meth:`AdapterStore.verify` finds in the store at ``root`` for ``base_model`` (the
+    caller holds the write lock on its ``collection``)."""
     report = StoreReport()
     records = {
         r.id: r
         for r in records_from_rows(
-            collection.get(include=["metadatas", "documents"]), store.root, store.base_model
+            collection.get(include=["metadatas", "documents"]), root, base_model
         )
     }
     report.adapters = len(records)
@@ -104,7 +108,7 @@ def survey(store: AdapterStore, collection: Collection, *, check_hashes: bool) -
         else:
             usable.append((record, True))
     now = time.time()
-    for entry in sorted(store.root.iterdir()):
+    for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
         if entry.name.startswith("."):
@@ -117,7 +121,7 @@ def survey(store: AdapterStore, collection: Collection, *, check_hashes: bool) -
         stored = read_record_file(entry)
         if stored is None:
             report.corrupt.append(entry.name)
-        elif stored.base_model.casefold() != store.base_model.casefold():
+        elif stored.base_model.casefold() != base_model.casefold():
             continue  # another base model's adapter sharing this root
         elif check_hashes and (
             not (entry / ADAPTER_WEIGHTS).is_file()

@@ -163,10 +163,10 @@ class AdapterStore:
         text = check_instruction(instruction, self.max_instruction_chars)
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         k = check_k(k)
-        exact = _lookup.exact(self, instruction_hash(text))
+        exact = _lookup.exact(self._index, instruction_hash(text))
         if exact:
             return [Match(record, 1.0) for record in exact[:k]]
-        return [m for m in _lookup.nearest(self, text, k) if m.similarity >= threshold]
+        return [m for m in _lookup.nearest(self._index, text, k) if m.similarity >= threshold]
 
     def generation(self) -> str | None:
         """A token that changes whenever adapters are added to or removed from the index, by
@@ -194,24 +194,25 @@ class AdapterStore:
         rejected: list[str] = []
         set_aside: list[str] = []
         memo: dict[str, list[float]] = {}  # embed the text once, however many steps need it
+        finder = _lookup.Finder(self._index, self._intact, self.verify_hit)
         find = _lookup.find_hit
-        match, best = find(self, text, digest, threshold, rejected, set_aside, memo)
-        if match is None and _adding.finish_interrupted_adds(self):
-            match, again = find(self, text, digest, threshold, rejected, set_aside, memo)
+        match, best = find(finder, text, digest, threshold, rejected, set_aside, memo)
+        if match is None and _adding.finish_interrupted_adds(self._index):
+            match, again = find(finder, text, digest, threshold, rejected, set_aside, memo)
             best = _lookup.best_of(best, again)
         if match is None:
             if self.generator is None:
                 raise NoGeneratorError(
-                    _lookup.no_generator_message(self, best, threshold, set_aside),
+                    _lookup.no_generator_message(self.root, best, threshold, set_aside),
                     set_aside=tuple(set_aside),
                 )
             with creation_lock(self.root, digest):
                 # Another process may have made it while this one waited for the lock.
-                match, again = find(self, text, digest, threshold, rejected, set_aside, memo)
+                match, again = find(finder, text, digest, threshold, rejected, set_aside, memo)
                 best = _lookup.best_of(best, again)
                 created = None if match is not None else self._generate(text, memo)
             if created is not None:
-                _eviction.evict_beyond_limits(self, protect={created.id})
+                self._evict_beyond_limits(protect={created.id})
                 return Result(
                     created,
                     hit=False,
@@ -249,7 +250,7 @@ class AdapterStore:
         """
         text = check_instruction(instruction, self.max_instruction_chars)
         record = _adding.add_adapter(
-            self,
+            self._index,
             state_dict,
             config,
             text,
@@ -258,7 +259,7 @@ class AdapterStore:
             header=metadata,
             name=None if name is None else check_name(name),
         )
-        _eviction.evict_beyond_limits(self, protect={record.id})
+        self._evict_beyond_limits(protect={record.id})
         return record
 
     def import_folder(
@@ -286,13 +287,13 @@ class AdapterStore:
         name = None if name is None else check_name(name)
         if name is not None:
             with self._index.reading() as collection:
-                _adding.refuse_taken_names(self, collection, [name])
+                _adding.refuse_taken_names(self.root, collection, [name])
         files = read_adapter(folder)
         recorded = files.metadata.get(META_BASE_MODEL) or files.config.base_model_name_or_path
         if recorded:
             check_base(str(recorded), self.base_model, where=str(folder))
         record = _adding.add_adapter(
-            self,
+            self._index,
             files.state_dict,
             files.config,
             text,
@@ -301,7 +302,7 @@ class AdapterStore:
             header=files.metadata,
             name=name,
         )
-        _eviction.evict_beyond_limits(self, protect={record.id})
+        self._evict_beyond_limits(protect={record.id})
         return record
 
     def add_in_place(
@@ -334,8 +335,10 @@ class AdapterStore:
                 other than ``<root>/<id>`` or without its files, an unknown source; or not one
                 embedding per record.
         """
-        added = _adding.add_in_place(self, records, embeddings, batch_size)
-        _eviction.evict_beyond_limits(self, protect={r.id for r in added})
+        added = _adding.add_in_place(
+            self._index, records, embeddings, batch_size, self.max_instruction_chars
+        )
+        self._evict_beyond_limits(protect={r.id for r in added})
         return added
 
     # ------------------------------------------------------------------------------ reading
@@ -395,7 +398,7 @@ class AdapterStore:
             AdapterNameTakenError: another adapter has that name.
         """
         adapter_id = check_id(adapter_id)
-        return _adding.rename(self, adapter_id, None if name is None else check_name(name))
+        return _adding.rename(self._index, adapter_id, None if name is None else check_name(name))
 
     def set_check(self, adapter_id: str, check: AdapterCheck | None) -> AdapterRecord:
         """Keep the judged fallback's verdict on an adapter (None forgets it, so the adapter is
@@ -410,7 +413,7 @@ class AdapterStore:
         adapter_id = check_id(adapter_id)
         if check is not None and not isinstance(check, AdapterCheck):
             raise TypeError(f"check must be an AdapterCheck or None; got {type(check).__name__}")
-        return _adding.update_record(self, adapter_id, check=check)
+        return _adding.update_record(self._index, adapter_id, check=check)
 
     def pin(self, adapter_id: str, side: Side | None) -> AdapterRecord:
         """Use the adapter (``"adapter"``) or the bare base model (``"base"``) for this adapter's
@@ -423,7 +426,7 @@ class AdapterStore:
         adapter_id = check_id(adapter_id)
         if side is not None and side not in SIDES:
             raise ValueError(f"side must be 'adapter', 'base' or None; got {side!r}")
-        return _adding.update_record(self, adapter_id, pinned=side)
+        return _adding.update_record(self._index, adapter_id, pinned=side)
 
     def files(self, adapter_id: str) -> AdapterPaths:
         """The adapter's folder and files, after checking both against their recorded sha256.
@@ -496,7 +499,7 @@ class AdapterStore:
         """
         record = self.get(adapter_id)
         with self._index.writing() as collection:
-            _eviction.delete_adapters(self, collection, [record.id])
+            _eviction.delete_adapters(self._index, collection, [record.id])
         return record
 
     def gc(
@@ -514,7 +517,7 @@ class AdapterStore:
         max_adapters = check_limit(max_adapters, "max_adapters") or self.max_adapters
         max_bytes = check_limit(max_bytes, "max_bytes") or self.max_bytes
         return _eviction.evict(
-            self, max_adapters, max_bytes, protect=set(), dry_run=dry_run, sync=True
+            self._index, max_adapters, max_bytes, protect=set(), dry_run=dry_run, sync=True
         )
 
     def verify(self, *, check_hashes: bool = True) -> StoreReport:
@@ -525,7 +528,7 @@ class AdapterStore:
         one kept is intact).
         """
         with self._index.writing() as collection:
-            return _verify.survey(self, collection, check_hashes=check_hashes)
+            return _verify.survey(self.root, self.base_model, collection, check_hashes=check_hashes)
 
     def repair(self, *, check_hashes: bool = True) -> StoreReport:
         """Fix what :meth:`verify` finds.
@@ -536,7 +539,7 @@ class AdapterStore:
         each interchangeable set; other folders without rows are indexed again from their record
         file when their files still match it; leftovers of interrupted writes are removed.
         """
-        return _verify.repair(self, check_hashes=check_hashes)
+        return _verify.repair(self._index, self._intact, check_hashes=check_hashes)
 
     def close(self) -> None:
         """Release this store's hold on a persistent index (other stores may share it)."""
@@ -554,11 +557,16 @@ class AdapterStore:
 
     # ------------------------------------------------------------------------------ internals
 
+    def _evict_beyond_limits(self, *, protect: set[str]) -> None:
+        _eviction.evict_beyond_limits(
+            self._index, self.max_adapters, self.max_bytes, protect=protect
+        )
+
     def _generate(self, text: str, memo: dict[str, list[float]]) -> AdapterRecord:
         assert self.generator is not None
         state_dict, config = self.generator(text)
         return _adding.add_adapter(
-            self,
+            self._index,
             state_dict,
             config,
             text,
