@@ -1,21 +1,33 @@
 """The reranked routes: ``POST /v1/chat/completions`` (answered whole or streamed) and
-``POST /v1/responses``, each best of n from the upstream."""
+``POST /v1/responses``, each best of n from the upstream; a stream of one candidate passes
+the upstream's own stream through."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
-from capplug.llms.collect import describe_error, names_parameter
+from capplug.llms.collect import Collected, describe_error, names_parameter
 from capplug.llms.retry import AttemptBudget
+from capplug.selection import unscored_metadata
 from capplug.serve._http import read_json_object, unless_disconnected
 from capplug.serve.proxy._candidates import Candidates, Quirks, Reranked
-from capplug.serve.proxy._metrics import TIMING_KEY
-from capplug.serve.proxy._replies import completion_chunks, summed_usage
+from capplug.serve.proxy._metrics import TIMING_KEY, failure_reason, is_timeout
+from capplug.serve.proxy._replies import (
+    StreamRelay,
+    candidate_text,
+    completion_chunks,
+    is_event_stream,
+    sse,
+    summed_usage,
+)
 from capplug.serve.proxy._requests import (
     check_sampling,
     choices_wanted,
@@ -28,6 +40,9 @@ from capplug.serve.proxy._responses import as_choice, passthrough_reason, respon
 from capplug.serve.proxy._upstream import Upstream, UpstreamFailure
 
 logger = logging.getLogger("capplug.serve.proxy")
+
+STREAMED_ONE = "one candidate: streamed as the upstream sent it"
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ChatRoutes:
@@ -75,6 +90,8 @@ class ChatRoutes:
         offers_tools = bool(body.get("tools") or body.get("functions"))
         n = max(want, asked_n or (1 if offers_tools else self.n))
         stream, include_usage = stream_flag(body)
+        if stream and n == 1:  # nothing to choose among: the upstream's tokens as they come
+            return await self._stream_one(request, body, include_usage=include_usage)
         payload = self._sampled(
             {k: v for k, v in body.items() if k not in ("n", "stream", "stream_options")}, n
         )
@@ -141,11 +158,91 @@ class ChatRoutes:
             return StreamingResponse(
                 completion_chunks(first, returned, usage, meta, include_usage=include_usage),
                 media_type="text/event-stream",
-                headers={**headers_out, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={**headers_out, **_STREAM_HEADERS},
             )
         completion = {k: v for k, v in first.items() if k not in ("choices", "usage")}
         completion.update(choices=returned, usage=usage, capplug=meta)
         return JSONResponse(completion, headers=headers_out)
+
+    async def _stream_one(
+        self, request: Request, body: dict[str, Any], *, include_usage: bool
+    ) -> Response:
+        """A stream of one candidate: the upstream asked to stream (with the client's
+        ``stream_options``, and no ``logprobs`` it did not ask for), its events relayed as they
+        arrive, the ``capplug`` metadata in the last chunk. Retried as :meth:`Upstream.call`
+        is, but only before the first byte; an error status then is the usual error answer."""
+        payload = {k: v for k, v in body.items() if k != "n"}
+        headers = self.upstream.forward_headers(request.headers, reencoded=True)
+        budget = AttemptBudget(self.upstream.retry.max_attempts)
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.open_stream(payload, headers, budget)
+        except UpstreamFailure as failure:
+            raise self.upstream.error(failure) from failure
+        setattr(request.state, TIMING_KEY, [("upstream", time.perf_counter() - started)])
+        headers_out = {
+            **{k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit-")},
+            "X-Capplug-Candidates": "1",
+            "X-Capplug-Failures": "0",
+            **_STREAM_HEADERS,
+        }
+        if not is_event_stream(response):  # an upstream that ignores stream: its whole reply
+            reply = response.json()
+            choice = {**reply["choices"][0], "index": 0}
+            meta = self._streamed_metadata(candidate_text(choice), started)
+            chunks = completion_chunks(
+                reply, [choice], reply.get("usage"), meta, include_usage=include_usage
+            )
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers_out)
+        return StreamingResponse(
+            self._relayed(response, StreamRelay(body.get("model")), started),
+            media_type="text/event-stream",
+            headers=headers_out,
+            # Closes the upstream also where a client that left stops the stream before it began.
+            background=BackgroundTask(response.aclose),
+        )
+
+    async def _relayed(
+        self, response: httpx2.Response, relay: StreamRelay, started: float
+    ) -> AsyncIterator[str]:
+        """The upstream's events as they arrive, then the metadata chunk and ``[DONE]`` (also
+        where the upstream ended without its own); the upstream closed however it ends, a
+        client that leaves included."""
+        try:
+            try:
+                async for event in relay.events(response.aiter_lines()):
+                    yield event
+            except httpx2.RequestError as error:
+                # Part of the answer has gone out: too late to retry or to answer with a status.
+                yield self._broken_off(error)
+                return
+            yield relay.closing(self._streamed_metadata(relay.text, started))
+        finally:
+            await response.aclose()
+
+    def _broken_off(self, error: httpx2.RequestError) -> str:
+        """The error event that ends a stream the upstream broke off (the SDKs raise it)."""
+        self.upstream.metrics.upstream_failures.labels(failure_reason(error)).inc()
+        message = f"the upstream {self.upstream.name} broke off its stream: {describe_error(error)}"
+        logger.warning("%s", message)
+        code = "upstream_timeout" if is_timeout(error) else "upstream_error"
+        return sse(
+            {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        )
+
+    def _streamed_metadata(self, text: str, started: float) -> dict[str, Any]:
+        """The ``capplug`` metadata of one candidate streamed through (unscored: there was
+        nothing to choose among), the proxy's own keys included; counts and times it."""
+        seconds = time.perf_counter() - started
+        self.upstream.metrics.upstream_seconds.observe(seconds)
+        self.upstream.metrics.candidates.inc()
+        return {
+            **Collected(received=[text], calls=1).metadata(1),
+            **unscored_metadata([text], [0], STREAMED_ONE),
+            "returned": [0],
+            "upstream_seconds": round(seconds, 6),
+            "scoring_seconds": 0.0,
+        }
 
     async def responses(self, request: Request) -> Response:
         """``POST /v1/responses``: reranked like a chat completion where it can be (see

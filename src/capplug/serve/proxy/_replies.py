@@ -1,10 +1,11 @@
-"""Upstream replies and the answers built from them: candidate texts, usage, errors, stream chunks."""
+"""Upstream replies and the answers built from them: candidate texts, usage, errors, stream chunks,
+and an upstream's own stream relayed."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,3 +201,90 @@ def completion_chunks(
     if include_usage:
         yield event([], usage=usage)
     yield "data: [DONE]\n\n"
+
+
+def is_event_stream(response: httpx2.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying ``data`` as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class StreamRelay:
+    """An upstream's ``chat.completion.chunk`` stream relayed event by event as it arrives,
+    noting what the closing metadata chunk needs: the chunks' common fields and the first
+    choice's text."""
+
+    def __init__(self, model: Any) -> None:
+        self.head: dict[str, Any] = {
+            "id": None,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self.parts: list[str] = []
+        self.done = False  # the upstream sent its [DONE]
+        self._held: dict[str, Any] | None = None  # the usage chunk, which the metadata joins
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    async def events(self, lines: AsyncIterable[str]) -> AsyncIterator[str]:
+        """Each upstream event once its blank line arrives, up to its ``[DONE]`` (or its end),
+        which :meth:`closing` sends; the usage chunk is held back for it to carry."""
+        event: list[str] = []
+        async for line in lines:
+            if line:
+                event.append(line)
+                continue
+            for out in self._relayed(event):
+                yield out
+            event = []
+            if self.done:
+                return
+        for out in self._relayed(event):  # an event the stream ended without a blank line after
+            yield out
+
+    def _relayed(self, event: list[str]) -> Iterator[str]:
+        if not event:
+            return
+        data = "\n".join(line[5:].removeprefix(" ") for line in event if line.startswith("data:"))
+        if data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data) if data else None
+        except ValueError:
+            chunk = None  # not ours to judge: relayed as it came
+        if self._held is not None:
+            yield sse(self._held)  # not the last chunk after all
+            self._held = None
+        if isinstance(chunk, dict):
+            self.head.update({k: chunk[k] for k in _HEAD_KEYS if k in chunk})
+            if chunk.get("choices") == [] and isinstance(chunk.get("usage"), Mapping):
+                self._held = chunk
+                return
+            self._note_text(chunk)
+        yield "\n".join(event) + "\n\n"
+
+    def _note_text(self, chunk: Mapping[str, Any]) -> None:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, Mapping) else None
+            if isinstance(content, str):
+                self.parts.append(content)
+
+    def closing(self, meta: dict[str, Any]) -> str:
+        """The last chunk, carrying ``capplug`` (the upstream's usage chunk where it sent one,
+        else one with no choices), then ``[DONE]``."""
+        chunk = self._held if self._held is not None else {**self.head, "choices": []}
+        return sse({**chunk, "capplug": meta}) + "data: [DONE]\n\n"
+
+
+_HEAD_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -28,7 +28,9 @@ from capplug.llms.retry import (
 )
 from capplug.serve._http import APIError, error_response
 from capplug.serve.proxy._metrics import ProxyMetrics, failure_reason, is_timeout
-from capplug.serve.proxy._replies import chat_completion
+from capplug.serve.proxy._replies import chat_completion, is_event_stream
+
+T = TypeVar("T")
 
 _HOP_BY_HOP = frozenset(
     {
@@ -184,6 +186,43 @@ class Upstream:
                 )
                 return parse(response), response.headers
 
+        return await self._retried(attempt, budget)
+
+    async def open_stream(
+        self, payload: dict[str, Any], headers: list[tuple[str, str]], budget: AttemptBudget
+    ) -> httpx2.Response:
+        """A streamed chat completion, opened with :meth:`call`'s retries: its status and
+        headers read, its body not yet (the caller closes it). An error status raises, retried
+        where worth it, before a byte of the body is relayed; an answer that is not a stream
+        (an upstream that ignores ``stream``) comes read, checked as :meth:`call` checks it."""
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        opened: list[httpx2.Response] = []
+
+        async def attempt() -> httpx2.Response:
+            async with budget.attempt():
+                self.metrics.upstream_requests.labels("rerank").inc()
+                client = self.client()
+                sent = client.build_request("POST", self.chat_url, content=content, headers=headers)
+                response = await client.send(sent, stream=True)
+                if is_event_stream(response) and response.status_code < 400:
+                    opened.append(response)
+                    return response
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                chat_completion(response)  # raises for an error status or a body that is not one
+                return response
+
+        try:
+            return await self._retried(attempt, budget)
+        except BaseException:
+            for response in opened:  # opened, then cancelled (the client left) on the way out
+                await response.aclose()
+            raise
+
+    async def _retried(self, attempt: Callable[[], Awaitable[T]], budget: AttemptBudget) -> T:
+        """``attempt()`` under the retry policy; an :class:`UpstreamFailure` when it fails for good."""
         try:
             return await self.retry.acall(attempt)
         except AttemptsSpent as spent:
