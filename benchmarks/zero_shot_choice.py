@@ -228,9 +228,9 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
                 len(options),
             )
             per_example["cosine"] = hits(examples, regroup(flat, sizes))
-        row: dict[str, Any] = {"examples": len(examples)}
+        row: dict[str, Any] = {"examples": len(examples), "family": pool.family(task)}
         row |= {c: float(np.mean(v)) for c, v in per_example.items()}
-        print(task, {k: round(v, 3) for k, v in row.items()})
+        print(task, {k: round(v, 3) for k, v in row.items() if k != "family"})
         row["per_example"] = {c: [float(x) for x in v] for c, v in per_example.items()}
         per_task[task] = row
 
@@ -406,6 +406,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines += task_table(
         columns, LABELS, result["tasks"], result["mean"], lambda v: f"{100 * v:.1f}"
     )
+    if result.get("split") == "train":
+        lines += ["", *family_lines(result, columns)]
     intervals = interval_lines(result)
     if intervals:
         lines += ["", *intervals]
@@ -433,6 +435,23 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     if notes:
         lines += ["", *notes]
     return lines
+
+
+def family_lines(result: dict[str, Any], columns: list[str]) -> list[str]:
+    """The mean over families (each family's tasks averaged first), so that a family of many
+    tasks (MMLU's 57 subjects) weighs as one."""
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in result["tasks"].values():
+        families.setdefault(row.get("family", ""), []).append(row)
+    means = {
+        c: float(np.mean([np.mean([r[c] for r in rows]) for rows in families.values()]))
+        for c in columns
+    }
+    return [
+        f"Mean over the {len(families)} families (each weighs the same): "
+        + ", ".join(f"{LABELS[c]} {100 * v:.1f}" for c, v in means.items())
+        + "."
+    ]
 
 
 def _tasks_have_none(count: int) -> str:

@@ -135,6 +135,9 @@ def test_a_train_fold_run_covers_that_fold_only_and_leaves_the_dev_results_alone
     report = (out / "zero_shot_choice.md").read_text()
     assert report.startswith(f"Train fold {fold} of 2 (families never split across folds)")
     assert "1 task of the fold has none and is left out" in report
+    assert (
+        "Mean over the " in report and "families (each weighs the same): capplug scorer" in report
+    )
     assert "- capplug scorer: " in report and " points against chance, interval " in report
     # every example's hit is kept, so the intervals can be recomputed from the JSON
     row = next(iter(result["tasks"].values()))
