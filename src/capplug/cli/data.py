@@ -115,6 +115,17 @@ def add_parser(sub: Any) -> None:
         metavar="NAME",
         help="only these train tasks, e.g. bigbench/anachronisms (repeatable)",
     )
+    build.add_argument(
+        "--leave-out-fold",
+        type=int,
+        metavar="K",
+        help="leave out fold K (from 0) of the pool's family-grouped train folds, to measure "
+        "on tasks of families never trained on (`python -m benchmarks.zero_shot_choice --split "
+        "train --fold K`)",
+    )
+    build.add_argument(
+        "--folds", type=int, default=5, metavar="N", help="with --leave-out-fold (default: 5)"
+    )
     add_data_option(build)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -182,8 +193,19 @@ def _run_data_build(args: argparse.Namespace) -> int:
     from capplug.data.pool import open_pool
 
     pool = open_pool(args.data, strict=args.strict)
+    tasks = args.task
+    if args.leave_out_fold is not None:
+        try:
+            folds = pool.folds(args.folds)
+        except ValueError as exc:
+            raise UsageError(f"--folds: {exc}") from None
+        if not 0 <= args.leave_out_fold < len(folds):
+            raise UsageError(f"--leave-out-fold must be 0 to {len(folds) - 1}")
+        left_out = set(folds[args.leave_out_fold])
+        chosen = [pool.resolve(t) for t in tasks] if tasks else pool.names("train")
+        tasks = [t for t in chosen if t not in left_out]
     return _print_build(
-        build_dataset(args.out, config=config, source=source, tasks=args.task, data=pool),
+        build_dataset(args.out, config=config, source=source, tasks=tasks, data=pool),
         args,
     )
 

@@ -299,3 +299,18 @@ def test_a_family_cap_is_shared_among_its_tasks(tmp_path: Path) -> None:
     name = "bigbench/arithmetic/0_digit_subtraction"
     capped = {r["example_id"] for r in read(tmp_path / "b", name)}
     assert capped <= {r["example_id"] for r in read(tmp_path / "c", name)}
+
+
+def test_a_fold_left_out_of_a_build_is_every_task_of_its_families(tmp_path: Path, capsys) -> None:
+    from capplug.cli import main
+    from capplug.data import open_pool
+
+    root = write_pool(tmp_path / "pool", manifest=False)
+    folds = open_pool(root).folds(2)
+    out = tmp_path / "b"
+    argv = ["data", "build", "--out", str(out), "--data", str(root), "--folds", "2"]
+    assert main([*argv, "--leave-out-fold", "1"]) == 0
+    written = {p.stem.replace("__", "/") for p in (out / "shards").glob("*.parquet")}
+    assert written == set(folds[0])
+    assert main([*argv, "--leave-out-fold", "2"]) == 2
+    assert "--leave-out-fold must be 0 to 1" in capsys.readouterr().err
