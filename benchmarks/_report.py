@@ -79,3 +79,20 @@ def resampled_means(
         for c in columns:
             means[c] += np.asarray(task[c], dtype=float)[draw].mean(axis=1) / len(tasks)
     return means
+
+
+class ComparisonError(ValueError):
+    """Two benchmark results cannot be compared example by example."""
+
+
+def load_result(path: Path, benchmark: str) -> dict[str, Any]:
+    """A results JSON ``benchmark`` wrote; :class:`ComparisonError` for anything else."""
+    import json
+
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ComparisonError(f"{path}: not a readable results JSON ({error})") from None
+    if result.get("benchmark") != benchmark:
+        raise ComparisonError(f"{path}: not a {benchmark} result")
+    return result

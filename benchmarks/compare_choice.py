@@ -15,28 +15,18 @@ against the bundled one on a train fold it never saw (`--split train --fold K`).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._report import resampled_means
+from benchmarks._report import ComparisonError, load_result, resampled_means
 from benchmarks.zero_shot_choice import LABELS
 
 
-class ComparisonError(ValueError):
-    """The two results cannot be compared example by example."""
-
-
 def load(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ComparisonError(f"{path}: not a readable results JSON ({error})") from None
-    if result.get("benchmark") != "zero_shot_choice":
-        raise ComparisonError(f"{path}: not a zero_shot_choice result")
+    result = load_result(path, "zero_shot_choice")
     if any("per_example" not in row for row in result["tasks"].values()):
         raise ComparisonError(f"{path}: no per-example hits (an older result); run it again")
     return result

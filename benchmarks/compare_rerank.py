@@ -15,30 +15,19 @@ adaptation, run twice from copies of `benchmarks/` on one candidate cache.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._report import resampled_means
+from benchmarks._report import ComparisonError, load_result, resampled_means
 from benchmarks.rerank_generation import BASELINES, LABELS, percent, summarise
 
 SAME_CANDIDATES = (*BASELINES, "oracle")  # selectors that depend on the candidates alone
 
 
-class ComparisonError(ValueError):
-    """The two results cannot be compared example by example."""
-
-
 def load(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ComparisonError(f"{path}: not a readable results JSON ({error})") from None
-    if result.get("benchmark") != "rerank_generation":
-        raise ComparisonError(f"{path}: not a rerank_generation result")
-    return result
+    return load_result(path, "rerank_generation")
 
 
 def compare(

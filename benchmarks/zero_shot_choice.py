@@ -86,6 +86,16 @@ def hits(examples: list[Example], option_scores: list[list[float]]) -> list[bool
     return out
 
 
+def picks_of(ranker: Any, examples: list[Example]) -> list[list[float]]:
+    """Per example, 1.0 for the option ``ranker`` selects and 0.0 for the others."""
+    picks = []
+    for example in examples:
+        keys = list(example.target_scores)
+        chosen = ranker.select(example.prompt, keys).index
+        picks.append([float(i == chosen) for i in range(len(keys))])
+    return picks
+
+
 def chance_rates(examples: list[Example]) -> list[float]:
     """Per example, the expected accuracy of a uniform pick among its options."""
     rates = []
@@ -198,28 +208,19 @@ def run(args: argparse.Namespace, pool: Pool) -> dict[str, Any]:
             per_example["lm-sum"] = hits(examples, regroup([f[0] for f in flat], sizes))
             per_example["lm-mean"] = hits(examples, regroup([f[1] for f in flat], sizes))
         if "scorer" in args.methods:
-            # The default selector as a user without a local LM calls it: the options are a
-            # few candidates with no log-probabilities.
-            scored = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
-            ranker = _fused_ranker(args.scorer, scored, None)
-            picks = []
-            for example in examples:
-                keys = list(example.target_scores)
-                chosen = ranker.select(example.prompt, keys).index
-                picks.append([float(i == chosen) for i in range(len(keys))])
-            per_example["fused-plain"] = hits(examples, picks)
-        if "scorer" in args.methods and "lm" in args.methods:
-            # The default selector, called as a user with a local LM calls it
-            # (Reranker(lm=...)): the LM judges the options, the judged weights apply.
-            scored = dict(zip(zip(prompts, options, strict=True), scores_flat, strict=True))
-            judged = dict(zip(zip(prompts, options, strict=True), lm_flat, strict=True))
-            ranker = _fused_ranker(args.scorer, scored, judged)
-            picks = []
-            for example in examples:
-                keys = list(example.target_scores)
-                chosen = ranker.select(example.prompt, keys).index
-                picks.append([float(i == chosen) for i in range(len(keys))])
-            per_example["fused"] = hits(examples, picks)
+            # The default selector as a user calls it: without a local LM, the options are a
+            # few candidates with no log-probabilities; with one (Reranker(lm=...)), the LM
+            # judges the options and the judged weights apply.
+            pairs = list(zip(prompts, options, strict=True))
+            scored = dict(zip(pairs, scores_flat, strict=True))
+            per_example["fused-plain"] = hits(
+                examples, picks_of(_fused_ranker(args.scorer, scored, None), examples)
+            )
+            if "lm" in args.methods:
+                judged = dict(zip(pairs, lm_flat, strict=True))
+                per_example["fused"] = hits(
+                    examples, picks_of(_fused_ranker(args.scorer, scored, judged), examples)
+                )
         if "cosine" in args.methods:
             flat = cached(
                 "cosine",
