@@ -20,8 +20,11 @@ a generation, so finding an adapter does not wait for the model.
 
 The package, by concern:
 
-- ``app``: :func:`create_adapter_app`, its checks and settings, the request and reply models
-  (their names are the schemas ``/openapi.json`` serves), and the routes;
+- ``app``: :func:`create_adapter_app`, its checks, middleware and route groups;
+- ``_model_routes``: ``/healthz``, ``/metrics``, ``/v1/models`` and ``/v1/chat/completions``;
+- ``_adapter_routes``: ``/v1/adapters`` and vLLM's load and unload routes;
+- ``_schema``: the request and reply models (their names are the schemas ``/openapi.json``
+  serves);
 - ``_service``: the work behind the routes, one :class:`Service` per app: finding, making,
   attaching and deleting adapters, reading their files, planning and generating an answer, and
   a store or runtime failure as the client sees it;
