@@ -108,27 +108,7 @@ class ChatRoutes:
         if ask_logprobs:
             payload["logprobs"] = True  # a selection signal; stripped again below
         started = time.perf_counter()
-        # Every upstream attempt this request makes (fan-out, retries, the ask without logprobs)
-        # comes out of one budget, so a lasting failure costs the configured attempts, not more.
-        budget = AttemptBudget(self.upstream.retry.max_attempts)
-        try:
-            collected, replies = await self.candidates.collect(
-                payload, headers, n, model_name, budget
-            )
-        except UpstreamFailure as failure:
-            if not (ask_logprobs and names_parameter(failure.error, "logprobs")):
-                raise self.upstream.error(failure) from failure
-            # Perhaps the logprobs we added: ask once more without them, as the client did.
-            payload.pop("logprobs")
-            try:
-                collected, replies = await self.candidates.collect(
-                    payload, headers, n, model_name, budget
-                )
-            except UpstreamFailure as again:
-                raise self.upstream.error(again) from again
-            self._refuses_logprobs.remember(
-                model_name, f"refused logprobs ({describe_error(failure.error)})"
-            )
+        collected, replies = await self._collect(payload, headers, n, model_name, ask_logprobs)
         choices = collected.received
         reason = None
         if offers_tools and n == 1:
@@ -148,6 +128,55 @@ class ChatRoutes:
             reason=reason,
         )
         _leave_timings(request, reranked)
+        return self._reply(
+            replies,
+            choices,
+            reranked,
+            client_logprobs=client_logprobs,
+            stream=stream,
+            include_usage=include_usage,
+        )
+
+    async def _collect(
+        self,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        n: int,
+        model_name: str,
+        ask_logprobs: bool,
+    ) -> tuple[Any, Any]:
+        """The candidates from upstream; asked once more without the logprobs the proxy added
+        when the upstream refuses them (and the model remembered as refusing them)."""
+        # Every upstream attempt this request makes (fan-out, retries, the ask without logprobs)
+        # comes out of one budget, so a lasting failure costs the configured attempts, not more.
+        budget = AttemptBudget(self.upstream.retry.max_attempts)
+        try:
+            return await self.candidates.collect(payload, headers, n, model_name, budget)
+        except UpstreamFailure as failure:
+            if not (ask_logprobs and names_parameter(failure.error, "logprobs")):
+                raise self.upstream.error(failure) from failure
+            # Perhaps the logprobs we added: ask once more without them, as the client did.
+            payload.pop("logprobs")
+            try:
+                result = await self.candidates.collect(payload, headers, n, model_name, budget)
+            except UpstreamFailure as again:
+                raise self.upstream.error(again) from again
+            self._refuses_logprobs.remember(
+                model_name, f"refused logprobs ({describe_error(failure.error)})"
+            )
+            return result
+
+    @staticmethod
+    def _reply(
+        replies: Any,
+        choices: list[dict[str, Any]],
+        reranked: Any,
+        *,
+        client_logprobs: bool,
+        stream: bool,
+        include_usage: bool,
+    ) -> Response:
+        """The reranked choices as the client asked for them: one completion, or its chunks."""
         order, meta, headers_out = reranked.order, reranked.metadata, reranked.headers
         usage = summed_usage(replies.replies)
         returned = [{**choices[i], "index": j} for j, i in enumerate(order)]

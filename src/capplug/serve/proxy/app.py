@@ -133,57 +133,25 @@ def create_proxy_app(
             :class:`capplug.training.auto_adapt.AutoAdapter`. Needs ``feedback`` and
             ``task_scorers``.
     """
-    if not isinstance(upstream, str) or not upstream:
-        raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
-    parts = urlsplit(upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"upstream must be an http:// or https:// base URL such as "
-            f"https://api.openai.com/v1; got {upstream!r}"
-        )
-    if parts.username is not None or parts.password is not None:
-        # httpx would send them as Basic auth in place of the client's Authorization header.
-        raise ValueError(
-            f"upstream must not carry a user name or password ({parts.scheme}://...@"
-            f"{parts.hostname}): clients' own Authorization headers go upstream as they are; "
-            "for a key the proxy sends itself, use upstream_api_key (--upstream-api-key)"
-        )
-    for value, name in (
-        (n, "n"),
-        (max_n, "max_n"),
-        (max_body_bytes, "max_body_bytes"),
-        (max_connections, "max_connections"),
-    ):
-        check_positive_int(value, name)
-    if n > max_n:
-        raise ValueError(f"n must be at most max_n ({max_n}); got {n}")
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        raise ValueError(f"timeout must be a number of seconds > 0; got {timeout!r}")
-    if not isinstance(retry, RetryPolicy):
-        raise TypeError(f"retry must be a capplug RetryPolicy; got {type(retry).__name__}")
-    if native_n not in ("auto", "never"):
-        raise ValueError(f"native_n must be 'auto' or 'never'; got {native_n!r}")
-    if sampling_temperature is not None and not (
-        isinstance(sampling_temperature, int | float) and 0 < sampling_temperature <= 2
-    ):
-        raise ValueError(
-            f"sampling_temperature must be in (0, 2], or None to keep temperature 0; "
-            f"got {sampling_temperature!r}"
-        )
-    for key, name in ((api_key, "api_key"), (upstream_api_key, "upstream_api_key")):
-        if key is not None and (not isinstance(key, str) or not key.strip()):
-            raise ValueError(f"{name} must be a non-empty string, or None for no key")
-
+    _check_arguments(
+        upstream,
+        retry=retry,
+        timeout=timeout,
+        native_n=native_n,
+        sampling_temperature=sampling_temperature,
+        keys={"api_key": api_key, "upstream_api_key": upstream_api_key},
+        counts={
+            "n": n,
+            "max_n": max_n,
+            "max_body_bytes": max_body_bytes,
+            "max_connections": max_connections,
+        },
+    )
     from capplug.scoring import load_scorer
 
     loaded = load_scorer(scorer)
     reranker = Reranker(loaded, feedback=feedback, task_scorers=task_scorers)
-    feedback_store, task_store = reranker.feedback, reranker.task_scorers
-    adapter = None
-    if auto_adapt is not None:
-        from capplug.training.auto_adapt import as_auto_adapter
-
-        adapter = as_auto_adapter(auto_adapt, feedback_store, task_store, owner="the proxy")
+    adapter = _auto_adapter(auto_adapt, reranker)
     proxy_metrics = ProxyMetrics()
     target = Upstream(
         upstream,
@@ -211,7 +179,41 @@ def create_proxy_app(
         request_logprobs=bool(request_logprobs),
         quirk_seconds=_QUIRK_SECONDS,
     )
-    scored = ScorerRoutes(scoring, proxy_metrics)
+
+    return _app(
+        target,
+        chat,
+        ScorerRoutes(scoring, proxy_metrics),
+        proxy_metrics=proxy_metrics,
+        feedback_store=reranker.feedback,
+        adapter=adapter,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def _auto_adapter(auto_adapt: Any, reranker: Reranker) -> Any:
+    """The proxy's auto-adapter over the reranker's feedback and task scorers, or None."""
+    if auto_adapt is None:
+        return None
+    from capplug.training.auto_adapt import as_auto_adapter
+
+    return as_auto_adapter(auto_adapt, reranker.feedback, reranker.task_scorers, owner="the proxy")
+
+
+def _app(
+    target: Upstream,
+    chat: ChatRoutes,
+    scored: ScorerRoutes,
+    *,
+    proxy_metrics: ProxyMetrics,
+    feedback_store: Any,
+    adapter: Any,
+    api_key: str | None,
+    max_body_bytes: int,
+) -> FastAPI:
+    """The proxy's app: its middleware (outermost first: metering, the key, the body limit, the
+    path check) and its routes over the parts :func:`create_proxy_app` made."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -267,3 +269,51 @@ def create_proxy_app(
         return await target.passthrough(request)
 
     return app
+
+
+def _check_arguments(
+    upstream: Any,
+    *,
+    retry: Any,
+    timeout: Any,
+    native_n: Any,
+    sampling_temperature: Any,
+    keys: dict[str, Any],
+    counts: dict[str, Any],
+) -> None:
+    """:func:`create_proxy_app`'s arguments checked, each failure naming the argument."""
+    if not isinstance(upstream, str) or not upstream:
+        raise ValueError("upstream must be the upstream's base URL, e.g. https://api.openai.com/v1")
+    parts = urlsplit(upstream)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"upstream must be an http:// or https:// base URL such as "
+            f"https://api.openai.com/v1; got {upstream!r}"
+        )
+    if parts.username is not None or parts.password is not None:
+        # httpx would send them as Basic auth in place of the client's Authorization header.
+        raise ValueError(
+            f"upstream must not carry a user name or password ({parts.scheme}://...@"
+            f"{parts.hostname}): clients' own Authorization headers go upstream as they are; "
+            "for a key the proxy sends itself, use upstream_api_key (--upstream-api-key)"
+        )
+    for name, value in counts.items():
+        check_positive_int(value, name)
+    if counts["n"] > counts["max_n"]:
+        raise ValueError(f"n must be at most max_n ({counts['max_n']}); got {counts['n']}")
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError(f"timeout must be a number of seconds > 0; got {timeout!r}")
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a capplug RetryPolicy; got {type(retry).__name__}")
+    if native_n not in ("auto", "never"):
+        raise ValueError(f"native_n must be 'auto' or 'never'; got {native_n!r}")
+    if sampling_temperature is not None and not (
+        isinstance(sampling_temperature, int | float) and 0 < sampling_temperature <= 2
+    ):
+        raise ValueError(
+            f"sampling_temperature must be in (0, 2], or None to keep temperature 0; "
+            f"got {sampling_temperature!r}"
+        )
+    for name, key in keys.items():
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise ValueError(f"{name} must be a non-empty string, or None for no key")
