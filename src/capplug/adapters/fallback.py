@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from capplug._runtime import check_positive_int
 from capplug.adapters.examples import user_prompt
@@ -42,7 +42,24 @@ if TYPE_CHECKING:
     from capplug.adapters.runtime import AdapterRuntime
     from capplug.adapters.store import AdapterStore
 
-__all__ = ["MAX_PROBE_CHARS", "AdapterJudge", "Comparison", "ProbeError", "with_definition"]
+__all__ = [
+    "FALLBACK_MODES",
+    "MAX_PROBE_CHARS",
+    "AdapterJudge",
+    "Comparison",
+    "Decision",
+    "FallbackMode",
+    "ProbeError",
+    "decide",
+    "judged_meanwhile",
+    "reusable",
+    "with_definition",
+]
+
+FallbackMode = Literal["auto", "best_of", "off"]
+"""``auto``: the adapter's check decides (an unchecked one is judged on first use);
+``best_of``: answer with both sides and let the judge pick; ``off``: always the adapter."""
+FALLBACK_MODES: tuple[str, ...] = get_args(FallbackMode)
 
 MAX_PROBE_CHARS = 500
 """A probe kept with a check is shortened to this many characters."""
@@ -221,3 +238,59 @@ class AdapterJudge:
             record.id, base_prompt if with_instruction else probe, base_prompt
         )
         return store.set_check(record.id, comparison.to_check(probe)), comparison
+
+
+# ------------------------------------------------------------ which side answers
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which side answers a request with an adapter, and why."""
+
+    side: Side
+    reason: Literal["checked now", "stored check", "pinned", "asked by id", "best of both", "off"]
+    compare: bool = False
+    """Answer with both sides and judge (now, on this request)."""
+
+    @property
+    def store(self) -> bool:
+        """Keep the comparison as the adapter's check: an unchecked adapter judged now."""
+        return self.compare and self.reason == "checked now"
+
+
+def decide(mode: FallbackMode, record: AdapterRecord | None) -> Decision:
+    """Which side answers a request with an adapter (before any judging)."""
+    if mode == "off":
+        return Decision("adapter", "off")
+    if mode == "best_of":
+        return Decision("adapter", "best of both", compare=True)
+    if record is None:  # named by id in 'model': the client chose the adapter
+        return Decision("adapter", "asked by id")
+    if record.pinned is not None:
+        return Decision(record.pinned, "pinned")
+    if record.check is not None:
+        return Decision(record.check.winner, "stored check")
+    return Decision("adapter", "checked now", compare=True)
+
+
+def judged_meanwhile(
+    store: Any, mode: FallbackMode, record: AdapterRecord, decision: Decision
+) -> tuple[AdapterRecord, Decision]:
+    """The adapter's record and decision now: a request that waited for the model may find it
+    checked (or pinned) by another one meanwhile, and need not judge it again."""
+    try:
+        fresh = store.get(record.id)
+    except KeyError:  # deleted meanwhile (UnknownAdapterError)
+        return record, decision
+    if fresh.check is None and fresh.pinned is None:
+        return record, decision
+    return fresh, decide(mode, fresh)
+
+
+def reusable(plan: Any, decision: Decision, judge: AdapterJudge | None, streamer: Any) -> bool:
+    """Whether the judged answer is the reply itself: greedy, whole, and no shorter than
+    the request allows (best of both always is)."""
+    if decision.reason == "best of both":
+        return True
+    assert judge is not None
+    return plan.greedy and streamer is None and plan.max_tokens <= judge.max_new_tokens

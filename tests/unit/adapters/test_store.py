@@ -1014,8 +1014,13 @@ def test_processes_sharing_a_store_make_each_adapter_once_and_lose_nothing(
 ) -> None:
     root, base, log = tmp_path / "store", str(tiny_llama), tmp_path / "generated.log"
     shared = "Answer the question about the passage with yes or no."
+    # Four unrelated tasks: near-duplicates would hit one another's adapters in whichever
+    # order the processes happen to run.
     own = [
-        f"Write a {w} poem about the sea in four lines." for w in ("happy", "sad", "angry", "calm")
+        "Write a poem about the sea in four lines.",
+        "Translate the sentence from English into German.",
+        "List three prime numbers greater than one hundred.",
+        "Summarize the customer review in one short sentence.",
     ]
     # This process opens the index first and keeps it open while the others write.
     parent = AdapterStore(root, base_model=base, embedding_function=WordHashEmbedding())

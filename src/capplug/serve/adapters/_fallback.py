@@ -1,33 +1,21 @@
-"""The adapter service's judged fallback: the request's ``fallback`` mode, which side answers
-a request with an adapter (:class:`Decision`), and the reply's ``capplug.fallback``. The judging
-itself is :class:`capplug.adapters.AdapterJudge`; :class:`~._service.Service` runs it."""
+"""The adapter service's judged fallback as HTTP sees it: the request's ``fallback`` mode
+checked (400s), and the reply's ``capplug.fallback``. Which side answers is decided in the
+library (:func:`capplug.adapters.fallback.decide`), the judging is
+:class:`capplug.adapters.AdapterJudge`; :class:`~._service.Service` runs both."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
-from capplug.adapters.fallback import AdapterJudge, Comparison
-from capplug.adapters.store import AdapterRecord, Side, UnknownAdapterError
+from capplug.adapters.fallback import (
+    FALLBACK_MODES,
+    AdapterJudge,
+    Comparison,
+    Decision,
+    FallbackMode,
+)
+from capplug.adapters.store import AdapterRecord
 from capplug.serve._http import APIError
-
-FallbackMode = Literal["auto", "best_of", "off"]
-FALLBACK_MODES: tuple[str, ...] = get_args(FallbackMode)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Which side answers a request with an adapter, and why."""
-
-    side: Side
-    reason: Literal["checked now", "stored check", "pinned", "asked by id", "best of both", "off"]
-    compare: bool = False
-    """Answer with both sides and judge (now, on this request)."""
-
-    @property
-    def store(self) -> bool:
-        """Keep the comparison as the adapter's check: an unchecked adapter judged now."""
-        return self.compare and self.reason == "checked now"
 
 
 def probe_of(chat: Any) -> str:
@@ -76,44 +64,6 @@ def fallback_mode(request: Any, judge: AdapterJudge | None, with_adapter: bool) 
                 code="unsupported_value",
             )
     return mode  # type: ignore[return-value]
-
-
-def decide(mode: FallbackMode, record: AdapterRecord | None) -> Decision:
-    """Which side answers a request with an adapter (before any judging)."""
-    if mode == "off":
-        return Decision("adapter", "off")
-    if mode == "best_of":
-        return Decision("adapter", "best of both", compare=True)
-    if record is None:  # named by id in 'model': the client chose the adapter
-        return Decision("adapter", "asked by id")
-    if record.pinned is not None:
-        return Decision(record.pinned, "pinned")
-    if record.check is not None:
-        return Decision(record.check.winner, "stored check")
-    return Decision("adapter", "checked now", compare=True)
-
-
-def judged_meanwhile(
-    store: Any, mode: FallbackMode, record: AdapterRecord, decision: Decision
-) -> tuple[AdapterRecord, Decision]:
-    """The adapter's record and decision now: a request that waited for the model may find it
-    checked (or pinned) by another one meanwhile, and need not judge it again."""
-    try:
-        fresh = store.get(record.id)
-    except UnknownAdapterError:
-        return record, decision
-    if fresh.check is None and fresh.pinned is None:
-        return record, decision
-    return fresh, decide(mode, fresh)
-
-
-def reusable(plan: Any, decision: Decision, judge: AdapterJudge | None, streamer: Any) -> bool:
-    """Whether the judged answer is the reply itself: greedy, whole, and no shorter than
-    the request allows (best of both always is)."""
-    if decision.reason == "best of both":
-        return True
-    assert judge is not None
-    return plan.greedy and streamer is None and plan.max_tokens <= judge.max_new_tokens
 
 
 def fallback_json(

@@ -16,7 +16,17 @@ from typing import Any, Literal, Protocol
 
 from prometheus_client import Counter, Histogram
 
-from capplug.adapters.fallback import AdapterJudge, Comparison, ProbeError, with_definition
+from capplug.adapters.fallback import (
+    AdapterJudge,
+    Comparison,
+    Decision,
+    FallbackMode,
+    ProbeError,
+    decide,
+    judged_meanwhile,
+    reusable,
+    with_definition,
+)
 from capplug.adapters.runtime import AdapterRuntime
 from capplug.adapters.store import (
     AdapterNameError,
@@ -40,15 +50,10 @@ from capplug.serve import _chat
 from capplug.serve._http import APIError
 from capplug.serve.adapters._errors import not_found, store_failure
 from capplug.serve.adapters._fallback import (
-    Decision,
-    FallbackMode,
-    decide,
     fallback_json,
     fallback_mode,
-    judged_meanwhile,
     probe_of,
     require_judge,
-    reusable,
 )
 
 logger = logging.getLogger("capplug.serve.adapters")
