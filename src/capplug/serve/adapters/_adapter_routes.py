@@ -114,6 +114,14 @@ def adapter_routes(service: Service) -> APIRouter:
             },
         )
 
+    router.include_router(_changes(service))
+    return router
+
+
+def _changes(service: Service) -> APIRouter:
+    """What a person or client changes about a stored adapter: pin, check, delete."""
+    router = APIRouter()
+
     @router.patch("/v1/adapters/{adapter_id}", response_model=Adapter, responses=errors(404))
     async def patch_adapter(adapter_id: str, body: PatchAdapter) -> dict[str, Any]:
         record = await run_in_threadpool(service.pin, adapter_id, body.pinned)

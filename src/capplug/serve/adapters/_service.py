@@ -402,29 +402,62 @@ class Service:
                 code="model_not_found",
             ) from exc
 
+    def _adapter_for(self, plan: Plan) -> tuple[str | None, bool | None, float | None, Any]:
+        """The adapter a request uses (found or made for its instruction, or named by id and
+        remade if its files broke), whether it was a hit and how similar, and its record where
+        the answer needs it."""
+        adapter_id, record = plan.adapter_id, None
+        if plan.instruction is not None:
+            record, result = self.get_or_create(plan.instruction, None)
+            if self.metrics is not None:
+                self.metrics.lookups.labels("hit" if result.hit else "made").inc()
+            return record.id, result.hit, result.similarity, record
+        if adapter_id is None:
+            return None, None, None, None
+        if plan.fallback == "best_of":
+            record = self.record(adapter_id)  # its instruction goes in the base prompt
+        if adapter_id not in self.runtime:  # attached ones were checked when attached
+            stored = record or self.record(adapter_id)
+            remade_id, remade = self.intact_or_remade(stored)
+            if remade_id != adapter_id:
+                adapter_id, record = remade_id, (remade if record is not None else None)
+        return adapter_id, None, None, record
+
+    def _attach_for(self, plan: Plan, adapter_id: Any) -> str | None:
+        """Attach the adapter a request uses; why not, where the base model answers instead.
+
+        With the judged fallback, an instruction whose adapter cannot be attached is answered
+        by the base model; without it, or for an adapter asked for by id, the client hears why.
+        """
+        try:
+            self.attach(adapter_id)
+        except APIError as exc:
+            if plan.fallback != "auto" or plan.instruction is None or exc.status < 500:
+                raise
+            return exc.message
+        return None
+
+    def _judge(
+        self, plan: Plan, adapter_id: Any, chats: dict[str, Any], decision: Decision
+    ) -> Comparison:
+        """Both sides answer the request and the judge picks (a check made now answers at
+        most the judge's own length; best of both, the request's)."""
+        assert self.judge is not None and adapter_id is not None
+        limit = plan.max_tokens
+        if decision.reason != "best of both":
+            limit = min(limit, self.judge.max_new_tokens)
+        return self.judge.compare(adapter_id, chats["adapter"], chats["base"], max_new_tokens=limit)
+
     def answer(self, plan: Plan, streamer: Any = None) -> Answer:
         """Pick the adapter, attach it if needed, decide which side answers (the judged
         fallback), and generate: runs in a worker thread."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        adapter_id, hit, similarity, record = plan.adapter_id, None, None, None
-        if plan.instruction is not None:
-            record, result = self.get_or_create(plan.instruction, None)
-            adapter_id, hit, similarity = record.id, result.hit, result.similarity
-            if self.metrics is not None:
-                self.metrics.lookups.labels("hit" if hit else "made").inc()
-        elif adapter_id is not None:
-            if plan.fallback == "best_of":
-                record = self.record(adapter_id)  # its instruction goes in the base prompt
-            if adapter_id not in self.runtime:  # attached ones were checked when attached
-                stored = record or self.record(adapter_id)
-                remade_id, remade = self.intact_or_remade(stored)
-                if remade_id != adapter_id:
-                    adapter_id, record = remade_id, (remade if record is not None else None)
+        adapter_id, hit, similarity, record = self._adapter_for(plan)
         timings["adapter"] = _ms(started)
         decision = None if adapter_id is None else decide(plan.fallback, record)
         comparison: Comparison | None = None
-        unloadable: str | None = None
+        unloadable = None
         waited = time.perf_counter()
         with self.lock:
             timings["queue"] = _ms(waited)
@@ -437,18 +470,10 @@ class Service:
             )
             if needs_adapter and adapter_id not in self.runtime:
                 began = time.perf_counter()
-                try:
-                    self.attach(adapter_id)
-                except APIError as exc:
-                    # With a judge, an instruction whose adapter cannot be attached is answered
-                    # by the base model; without one, or for an adapter asked by id, the
-                    # client hears why.
-                    if plan.fallback != "auto" or plan.instruction is None or exc.status < 500:
-                        raise
-                    unloadable = exc.message
+                unloadable = self._attach_for(plan, adapter_id)
+                loaded = unloadable is None
+                if unloadable is not None:
                     decision = Decision("base", "checked now")
-                else:
-                    loaded = True
                 timings["load"] = _ms(began)
             # The base model has no adapter to carry the task: it reads the instruction.
             chats = {"adapter": plan.chat}
@@ -462,13 +487,7 @@ class Service:
             }
             if decision is not None and decision.compare and unloadable is None:
                 began = time.perf_counter()
-                assert self.judge is not None and adapter_id is not None
-                limit = plan.max_tokens
-                if decision.reason != "best of both":
-                    limit = min(limit, self.judge.max_new_tokens)
-                comparison = self.judge.compare(
-                    adapter_id, chats["adapter"], chats["base"], max_new_tokens=limit
-                )
+                comparison = self._judge(plan, adapter_id, chats, decision)
                 decision = Decision(comparison.winner, decision.reason, compare=True)
                 timings["judge"] = _ms(began)
             used = "adapter" if decision is None else decision.side
@@ -496,14 +515,7 @@ class Service:
             )
             if self.metrics is not None:
                 self.metrics.fallback.labels(plan.fallback, decision.side).inc()
-        finish: list[Literal["stop", "length"]] = []
-        for i, text in enumerate(texts):
-            cut = _chat.cut_at_stop(text, plan.stops)
-            if cut is not None:
-                texts[i] = cut
-                finish.append("stop")
-            else:
-                finish.append("length" if counts[i] >= plan.max_tokens else "stop")
+        texts, finish = _finished(texts, counts, plan)
         return Answer(
             texts=texts,
             finish=finish,
@@ -588,3 +600,18 @@ class Service:
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000.0, 2)
+
+
+def _finished(
+    texts: list[str], counts: list[int], plan: Plan
+) -> tuple[list[str], list[Literal["stop", "length"]]]:
+    """Each choice cut at the request's first stop sequence, and why it ended."""
+    cut_texts, finish = [], []
+    for text, count in zip(texts, counts, strict=True):
+        cut = _chat.cut_at_stop(text, plan.stops)
+        cut_texts.append(text if cut is None else cut)
+        reason: Literal["stop", "length"] = (
+            "length" if cut is None and count >= plan.max_tokens else "stop"
+        )
+        finish.append(reason)
+    return cut_texts, finish
