@@ -34,6 +34,18 @@ def add_parser(sub: Any) -> None:
     )
     adapters_sub = adapters.add_subparsers(title="adapter commands", metavar="ACTION")
 
+    _add_train_lora(adapters_sub)
+    _add_train_hypernet(adapters_sub)
+    _add_generate(adapters_sub)
+    _add_answer(adapters_sub)
+    from capplug.cli.store import register as register_store_commands
+
+    # list | show | lookup | create | import | check | pin | rm | gc | verify: also `capplug store`
+    register_store_commands(adapters_sub)
+    adapters.set_defaults(run=lambda _args: adapters.print_help() or 2)
+
+
+def _add_train_lora(adapters_sub: Any) -> None:
     lora = adapters_sub.add_parser(
         "train-lora",
         help="train a teacher LoRA on a train task of the task data (resumable)",
@@ -94,6 +106,8 @@ def add_parser(sub: Any) -> None:
     add_device_option(lora)
     lora.set_defaults(run=_run_adapters_train_lora)
 
+
+def _add_train_hypernet(adapters_sub: Any) -> None:
     hyper = adapters_sub.add_parser(
         "train-hypernet",
         help="train the instruction-to-adapter hypernetwork from teacher LoRAs (resumable)",
@@ -150,32 +164,39 @@ def add_parser(sub: Any) -> None:
         help="train a trained hypernetwork further (a folder, or "
         "capplug-hypernet-smollm2); its shape wins over --r, --encoder and the rest",
     )
-    hyper.add_argument("--steps", type=int, help="optimizer steps in all (default: 1000)")
-    hyper.add_argument(
-        "--reconstruction-steps",
-        type=int,
-        help="weight-distance-only warm start (default: 200 with --teachers, else 0)",
-    )
-    hyper.add_argument("--tasks-per-step", type=int, help="tasks per step (default: 4)")
-    hyper.add_argument("--examples-per-task", type=int, help="examples per task (default: 2)")
-    hyper.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4)")
-    hyper.add_argument("--lambda-kl", type=float, help="weight of the KL term (default: 1.0)")
-    hyper.add_argument(
-        "--lambda-weights", type=float, help="weight of the weight-distance term (default: 1.0)"
-    )
-    hyper.add_argument(
-        "--student-definition-rate",
-        type=float,
-        help="share of rows whose student also reads the definition (default: 0)",
-    )
-    hyper.add_argument("--max-length", type=int, help="tokens per example (default: 256)")
-    hyper.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
-    hyper.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
-    hyper.add_argument("--seed", type=int, help="(default: 0)")
+    _add_hypernet_training_options(hyper.add_argument_group("training"))
     add_data_option(hyper)
     add_device_option(hyper)
     hyper.set_defaults(run=_run_adapters_train_hypernet)
 
+
+def _add_hypernet_training_options(training: Any) -> None:
+    """`train-hypernet`'s schedule, losses and precision."""
+    training.add_argument("--steps", type=int, help="optimizer steps in all (default: 1000)")
+    training.add_argument(
+        "--reconstruction-steps",
+        type=int,
+        help="weight-distance-only warm start (default: 200 with --teachers, else 0)",
+    )
+    training.add_argument("--tasks-per-step", type=int, help="tasks per step (default: 4)")
+    training.add_argument("--examples-per-task", type=int, help="examples per task (default: 2)")
+    training.add_argument("--lr", type=float, help="peak learning rate (default: 3e-4)")
+    training.add_argument("--lambda-kl", type=float, help="weight of the KL term (default: 1.0)")
+    training.add_argument(
+        "--lambda-weights", type=float, help="weight of the weight-distance term (default: 1.0)"
+    )
+    training.add_argument(
+        "--student-definition-rate",
+        type=float,
+        help="share of rows whose student also reads the definition (default: 0)",
+    )
+    training.add_argument("--max-length", type=int, help="tokens per example (default: 256)")
+    training.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32)")
+    training.add_argument("--eval-every", type=int, help="steps between evaluations (default: 100)")
+    training.add_argument("--seed", type=int, help="(default: 0)")
+
+
+def _add_generate(adapters_sub: Any) -> None:
     generate = adapters_sub.add_parser(
         "generate",
         help="write a peft adapter for an instruction with the hypernetwork",
@@ -188,6 +209,8 @@ def add_parser(sub: Any) -> None:
     generate.add_argument("--json", action="store_true", help="print the result as JSON")
     generate.set_defaults(run=_run_adapters_generate)
 
+
+def _add_answer(adapters_sub: Any) -> None:
     answer = adapters_sub.add_parser(
         "answer",
         help="make an adapter for an instruction and answer one input with it",
@@ -220,11 +243,6 @@ def add_parser(sub: Any) -> None:
     )
     add_hypernet_option(answer)
     answer.set_defaults(run=_run_adapters_answer)
-    from capplug.cli.store import register as register_store_commands
-
-    # list | show | lookup | create | import | check | pin | rm | gc | verify: also `capplug store`
-    register_store_commands(adapters_sub)
-    adapters.set_defaults(run=lambda _args: adapters.print_help() or 2)
 
 
 def _adapters_module(name: str) -> Any:

@@ -16,6 +16,14 @@ def add_parser(sub: Any) -> None:
     """Add this module's commands to the ``capplug`` subparsers."""
     data = sub.add_parser("data", help="look at the task pool; build weakly labelled training data")
     data_sub = data.add_subparsers(title="data commands", metavar="ACTION")
+    _add_sources(data_sub)
+    _add_build(data_sub)
+    _add_clip(data_sub)
+    _add_merge(data_sub)
+    data.set_defaults(run=lambda _args: data.print_help() or 2)
+
+
+def _add_sources(data_sub: Any) -> None:
     sources = data_sub.add_parser(
         "sources",
         help="the tasks and examples in the task pool, per source and split",
@@ -36,6 +44,9 @@ def add_parser(sub: Any) -> None:
     )
     sources.add_argument("--json", action="store_true", help="print the summary as JSON")
     sources.set_defaults(run=_run_data_sources)
+
+
+def _add_build(data_sub: Any) -> None:
     build = data_sub.add_parser(
         "build",
         help="label the pool's train tasks Cappy's way into Parquet shards (resumable)",
@@ -69,46 +80,7 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="options kept per multiple-choice example",
     )
-    build.add_argument(
-        "--generator",
-        metavar="REF",
-        help="model to sample candidates from: a local model (e.g. smollm2-135m-instruct), or "
-        "with --endpoint the name the endpoint serves",
-    )
-    build.add_argument(
-        "--recipe",
-        choices=("cappy", "fast"),
-        default="cappy",
-        help="local sampling recipe: cappy (17 candidates, 64 tokens) or fast (9, 48 tokens)",
-    )
-    build.add_argument(
-        "--sample-per-task",
-        type=int,
-        metavar="N",
-        help="only the first N drawn examples of each task get sampled candidates (default: all)",
-    )
-    build.add_argument(
-        "--sample-skip",
-        type=int,
-        default=0,
-        metavar="K",
-        help="pass over the first K drawn examples before sampling (so a second build with "
-        "K = the first one's --sample-per-task samples new examples of the same draw)",
-    )
-    build.add_argument(
-        "--clip-candidates",
-        action="store_true",
-        help="also label each sampled candidate's first line and first sentence, so the scorer "
-        "sees short right answers beside long ones that drift on",
-    )
-    build.add_argument(
-        "--endpoint",
-        metavar="URL",
-        help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
-    )
-    build.add_argument(
-        "--api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)"
-    )
+    _add_sampling_options(build.add_argument_group("sampled candidates"))
     build.add_argument(
         "--task",
         action="append",
@@ -130,6 +102,53 @@ def add_parser(sub: Any) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(run=_run_data_build)
+
+
+def _add_sampling_options(sampling: Any) -> None:
+    """`data build`'s candidates sampled from a generator, labelled by Rouge-L."""
+    sampling.add_argument(
+        "--generator",
+        metavar="REF",
+        help="model to sample candidates from: a local model (e.g. smollm2-135m-instruct), or "
+        "with --endpoint the name the endpoint serves",
+    )
+    sampling.add_argument(
+        "--recipe",
+        choices=("cappy", "fast"),
+        default="cappy",
+        help="local sampling recipe: cappy (17 candidates, 64 tokens) or fast (9, 48 tokens)",
+    )
+    sampling.add_argument(
+        "--sample-per-task",
+        type=int,
+        metavar="N",
+        help="only the first N drawn examples of each task get sampled candidates (default: all)",
+    )
+    sampling.add_argument(
+        "--sample-skip",
+        type=int,
+        default=0,
+        metavar="K",
+        help="pass over the first K drawn examples before sampling (so a second build with "
+        "K = the first one's --sample-per-task samples new examples of the same draw)",
+    )
+    sampling.add_argument(
+        "--clip-candidates",
+        action="store_true",
+        help="also label each sampled candidate's first line and first sentence, so the scorer "
+        "sees short right answers beside long ones that drift on",
+    )
+    sampling.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="an OpenAI-compatible endpoint to sample from (e.g. http://127.0.0.1:8000/v1)",
+    )
+    sampling.add_argument(
+        "--api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)"
+    )
+
+
+def _add_clip(data_sub: Any) -> None:
     clip = data_sub.add_parser(
         "clip",
         help="copy a build with its sampled candidates' first lines and sentences added",
@@ -144,6 +163,9 @@ def add_parser(sub: Any) -> None:
     clip.add_argument("--out", required=True, metavar="DIR", help="new build folder")
     clip.add_argument("--json", action="store_true", help="print the result as JSON")
     clip.set_defaults(run=_run_data_clip)
+
+
+def _add_merge(data_sub: Any) -> None:
     merge = data_sub.add_parser(
         "merge",
         help="merge finished builds into one, every row once",
@@ -157,7 +179,6 @@ def add_parser(sub: Any) -> None:
     merge.add_argument("--out", required=True, metavar="DIR", help="new build folder")
     merge.add_argument("--json", action="store_true", help="print the result as JSON")
     merge.set_defaults(run=_run_data_merge)
-    data.set_defaults(run=lambda _args: data.print_help() or 2)
 
 
 def _run_data_build(args: argparse.Namespace) -> int:

@@ -123,37 +123,7 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
     adapters.add_argument(
         "--max-adapters", type=int, metavar="N", help="keep at most N adapters in the store (LRU)"
     )
-    adapters.add_argument(
-        "--check-hits",
-        type=float,
-        metavar="BAR",
-        help="check every hit with the scorer: answer the instruction (and --hit-probe) with the "
-        "cached adapter and refuse the hit when the answer scores below BAR in [0, 1]",
-    )
-    adapters.add_argument(
-        "--hit-probe", metavar="TEXT", help="input answered after the instruction when checking"
-    )
-    adapters.add_argument(
-        "--fallback",
-        action="store_true",
-        help="the judged fallback: check each instruction's adapter on its first request "
-        "against the bare base model (the selector with --scorer judges both answers) and "
-        "answer with the base model where the adapter lost; requests may also ask "
-        "'fallback': 'best_of'",
-    )
-    adapters.add_argument(
-        "--judge-tokens",
-        type=int,
-        default=64,
-        metavar="N",
-        help="with --fallback: the longest answer each side gives when judged (default: 64)",
-    )
-    adapters.add_argument(
-        "--scorer",
-        default=DEFAULT_SCORER,
-        metavar="REF",
-        help="the scorer that checks hits and judges with --fallback (default: capplug-default)",
-    )
+    _add_judging_options(adapters.add_argument_group("judging hits and adapters"))
     adapters.add_argument(
         "--allow-lora-loading",
         action="store_true",
@@ -178,19 +148,43 @@ def _add_serve_adapters_parser(serve_sub: Any) -> None:
     adapters.set_defaults(run=_run_serve_adapters)
 
 
+def _add_judging_options(judging: Any) -> None:
+    """`serve adapters`' checks: each cache hit, and each adapter against the base model."""
+    judging.add_argument(
+        "--check-hits",
+        type=float,
+        metavar="BAR",
+        help="check every hit with the scorer: answer the instruction (and --hit-probe) with the "
+        "cached adapter and refuse the hit when the answer scores below BAR in [0, 1]",
+    )
+    judging.add_argument(
+        "--hit-probe", metavar="TEXT", help="input answered after the instruction when checking"
+    )
+    judging.add_argument(
+        "--fallback",
+        action="store_true",
+        help="the judged fallback: check each instruction's adapter on its first request "
+        "against the bare base model (the selector with --scorer judges both answers) and "
+        "answer with the base model where the adapter lost; requests may also ask "
+        "'fallback': 'best_of'",
+    )
+    judging.add_argument(
+        "--judge-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --fallback: the longest answer each side gives when judged (default: 64)",
+    )
+    judging.add_argument(
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="REF",
+        help="the scorer that checks hits and judges with --fallback (default: capplug-default)",
+    )
+
+
 def _run_serve_adapters(args: argparse.Namespace) -> int:
-    _check_bind(args)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise UsageError(f"--threshold must be between 0 and 1; got {args.threshold}")
-    if args.check_hits is not None and not 0.0 <= args.check_hits <= 1.0:
-        raise UsageError(f"--check-hits must be between 0 and 1; got {args.check_hits}")
-    if args.hit_probe is not None and args.check_hits is None:
-        raise UsageError("--hit-probe applies with --check-hits BAR only")
-    if args.judge_tokens < 1:
-        raise UsageError(f"--judge-tokens must be >= 1; got {args.judge_tokens}")
-    for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be >= 1; got {value}")
+    _check_serve_adapters_args(args)
     # before any model loads, so a missing extra fails at once
     uvicorn, create_adapter_app = _server_imports(
         "capplug.serve.adapters",
@@ -198,54 +192,13 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
         "`capplug serve adapters` needs the serve and adapters extras: "
         "pip install 'capplug[serve,adapters]'",
     )
-    from capplug.adapters.hypernetwork import Hypernetwork
     from capplug.adapters.runtime import AdapterRuntime
     from capplug.adapters.store import AdapterStore
-    from capplug.cli.store import hypernetwork_version
-    from capplug.errors import ModelNotFoundError
-    from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
 
-    generator, version, model = None, None, args.model
-    if not args.no_hypernet:
-        ref = args.hypernet or DEFAULT_HYPERNETWORK
-        try:
-            hypernet = Hypernetwork.from_pretrained(ref, device=args.device)
-        except ModelNotFoundError as exc:
-            if args.hypernet is not None:
-                raise
-            raise UsageError(
-                f"no hypernetwork to make new adapters with: the bundled {DEFAULT_HYPERNETWORK} "
-                f"is not in this install ({exc}). Pass --hypernet DIR (a trained hypernetwork, "
-                f"e.g. from `capplug adapters train-hypernet`) to make adapters from "
-                f"instructions, or --no-hypernet to serve the stored and imported adapters "
-                f"(by id, or by an instruction similar enough to theirs) without making new ones"
-            ) from exc
-        base = hypernet.config.base_model
-        if model is None:
-            model = hypernet.config.base_ref
-        elif canonical_model_name(model).casefold() != base.casefold():
-            raise WrongBaseModelError(
-                f"the hypernetwork {ref} makes adapters for {base}, not for "
-                f"{canonical_model_name(model)} (--model); drop --model or pass a hypernetwork "
-                f"for that model"
-            )
-        generator, version = hypernet.generate, hypernetwork_version(hypernet)
+    generator, version, model = _hypernet_generator(args)
     model = model or DEFAULT_CHAT_MODEL
     runtime = AdapterRuntime.from_pretrained(model, max_loaded=args.max_loaded, device=args.device)
-    check, judge = None, None
-    if args.check_hits is not None or args.fallback:
-        from capplug.scoring import Scorer
-
-        scorer = Scorer.from_pretrained(args.scorer, device=args.device)
-        if args.check_hits is not None:
-            from capplug.adapters.hit_check import ScorerHitCheck
-
-            check = ScorerHitCheck(runtime, scorer, bar=args.check_hits, probe=args.hit_probe)
-        if args.fallback:
-            from capplug.adapters.fallback import AdapterJudge
-            from capplug.selection import Reranker
-
-            judge = AdapterJudge(runtime, Reranker(scorer), max_new_tokens=args.judge_tokens)
+    check, judge = _hit_check_and_judge(args, runtime)
     store = AdapterStore(
         args.store,
         base_model=model,
@@ -277,6 +230,77 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _check_serve_adapters_args(args: argparse.Namespace) -> None:
+    """`serve adapters`' numbers and flags checked before anything loads."""
+    _check_bind(args)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold must be between 0 and 1; got {args.threshold}")
+    if args.check_hits is not None and not 0.0 <= args.check_hits <= 1.0:
+        raise UsageError(f"--check-hits must be between 0 and 1; got {args.check_hits}")
+    if args.hit_probe is not None and args.check_hits is None:
+        raise UsageError("--hit-probe applies with --check-hits BAR only")
+    if args.judge_tokens < 1:
+        raise UsageError(f"--judge-tokens must be >= 1; got {args.judge_tokens}")
+    for flag, value in (("--max-adapters", args.max_adapters), ("--max-loaded", args.max_loaded)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1; got {value}")
+
+
+def _hypernet_generator(args: argparse.Namespace) -> tuple[Any, str | None, str | None]:
+    """The hypernetwork's ``generate`` (None with --no-hypernet), its version, and the base
+    model: --model, else the hypernetwork's (which must agree)."""
+    from capplug.adapters.hypernetwork import Hypernetwork
+    from capplug.cli.store import hypernetwork_version
+    from capplug.errors import ModelNotFoundError
+    from capplug.models.adapter_folder import WrongBaseModelError, canonical_model_name
+
+    generator, version, model = None, None, args.model
+    if not args.no_hypernet:
+        ref = args.hypernet or DEFAULT_HYPERNETWORK
+        try:
+            hypernet = Hypernetwork.from_pretrained(ref, device=args.device)
+        except ModelNotFoundError as exc:
+            if args.hypernet is not None:
+                raise
+            raise UsageError(
+                f"no hypernetwork to make new adapters with: the bundled {DEFAULT_HYPERNETWORK} "
+                f"is not in this install ({exc}). Pass --hypernet DIR (a trained hypernetwork, "
+                f"e.g. from `capplug adapters train-hypernet`) to make adapters from "
+                f"instructions, or --no-hypernet to serve the stored and imported adapters "
+                f"(by id, or by an instruction similar enough to theirs) without making new ones"
+            ) from exc
+        base = hypernet.config.base_model
+        if model is None:
+            model = hypernet.config.base_ref
+        elif canonical_model_name(model).casefold() != base.casefold():
+            raise WrongBaseModelError(
+                f"the hypernetwork {ref} makes adapters for {base}, not for "
+                f"{canonical_model_name(model)} (--model); drop --model or pass a hypernetwork "
+                f"for that model"
+            )
+        generator, version = hypernet.generate, hypernetwork_version(hypernet)
+    return generator, version, model
+
+
+def _hit_check_and_judge(args: argparse.Namespace, runtime: Any) -> tuple[Any, Any]:
+    """The scorer's hit check (--check-hits) and the judged fallback (--fallback), or None."""
+    check, judge = None, None
+    if args.check_hits is not None or args.fallback:
+        from capplug.scoring import Scorer
+
+        scorer = Scorer.from_pretrained(args.scorer, device=args.device)
+        if args.check_hits is not None:
+            from capplug.adapters.hit_check import ScorerHitCheck
+
+            check = ScorerHitCheck(runtime, scorer, bar=args.check_hits, probe=args.hit_probe)
+        if args.fallback:
+            from capplug.adapters.fallback import AdapterJudge
+            from capplug.selection import Reranker
+
+            judge = AdapterJudge(runtime, Reranker(scorer), max_new_tokens=args.judge_tokens)
+    return check, judge
 
 
 def _add_proxy_parser(sub: Any) -> None:
@@ -323,40 +347,7 @@ def _add_proxy_parser(sub: Any) -> None:
         help="send 'Authorization: Bearer KEY' upstream in place of the client's own "
         "(default: $CAPPLUG_UPSTREAM_API_KEY; unset: the client's header goes upstream)",
     )
-    proxy.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=16 << 20,
-        metavar="BYTES",
-        help="larger request bodies get a 413 (default: 16 MiB)",
-    )
-    proxy.add_argument(
-        "--timeout",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="seconds one upstream attempt may take (default: 120)",
-    )
-    proxy.add_argument(
-        "--max-attempts",
-        type=int,
-        default=5,
-        help="attempts per upstream call, the first included (default: 5)",
-    )
-    proxy.add_argument(
-        "--max-retry-seconds",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="no retry starts that would end later than this after the first attempt (default: 60)",
-    )
-    proxy.add_argument(
-        "--native-n",
-        choices=("auto", "never"),
-        default="auto",
-        help="auto: ask for N choices in one request, fanning out where the upstream ignores "
-        "it; never: always N single requests (default: auto)",
-    )
+    _add_upstream_options(proxy.add_argument_group("the upstream"))
     proxy.add_argument(
         "--no-logprobs",
         dest="request_logprobs",
@@ -379,6 +370,44 @@ def _add_proxy_parser(sub: Any) -> None:
         "on a machine without a GPU; 1 leaves torch's own thread pool)",
     )
     proxy.set_defaults(run=_run_proxy)
+
+
+def _add_upstream_options(upstream: Any) -> None:
+    """`serve proxy`'s limits on each request and each upstream call."""
+    upstream.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 << 20,
+        metavar="BYTES",
+        help="larger request bodies get a 413 (default: 16 MiB)",
+    )
+    upstream.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="seconds one upstream attempt may take (default: 120)",
+    )
+    upstream.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="attempts per upstream call, the first included (default: 5)",
+    )
+    upstream.add_argument(
+        "--max-retry-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="no retry starts that would end later than this after the first attempt (default: 60)",
+    )
+    upstream.add_argument(
+        "--native-n",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: ask for N choices in one request, fanning out where the upstream ignores "
+        "it; never: always N single requests (default: auto)",
+    )
 
 
 def _run_proxy(args: argparse.Namespace) -> int:

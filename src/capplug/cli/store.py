@@ -57,6 +57,23 @@ def register(subparsers: Any) -> None:
     )
     common.add_argument("--json", action="store_true", help="print JSON")
 
+    _add_list(subparsers, common)
+    _add_show(subparsers, common)
+    _add_lookup(subparsers, common)
+    _add_create(subparsers, common)
+    _add_import(subparsers, common)
+    _add_check(subparsers, common)
+    _add_pin(subparsers, common)
+
+    rm = subparsers.add_parser("rm", parents=[common], help="delete adapters")
+    rm.add_argument("ids", nargs="+", metavar="ID", type=str.strip)
+    rm.set_defaults(run=_run_rm)
+
+    _add_gc(subparsers, common)
+    _add_verify(subparsers, common)
+
+
+def _add_list(subparsers: Any, common: Any) -> None:
     ls = subparsers.add_parser(
         "list", parents=[common], help="list stored adapters, most recently used first"
     )
@@ -64,12 +81,16 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--limit", type=int, metavar="N", help="show at most N")
     ls.set_defaults(run=_run_list)
 
+
+def _add_show(subparsers: Any, common: Any) -> None:
     show = subparsers.add_parser(
         "show", parents=[common], help="one adapter's record, with its files checked"
     )
     show.add_argument("id", metavar="ID", type=str.strip)
     show.set_defaults(run=_run_show)
 
+
+def _add_lookup(subparsers: Any, common: Any) -> None:
     lookup = subparsers.add_parser(
         "lookup", parents=[common], help="stored adapters for an instruction, best first"
     )
@@ -78,6 +99,8 @@ def register(subparsers: Any) -> None:
     lookup.add_argument("-k", type=int, default=3, help="most matches (default: 3)")
     lookup.set_defaults(run=_run_lookup)
 
+
+def _add_create(subparsers: Any, common: Any) -> None:
     create = subparsers.add_parser(
         "create",
         parents=[common],
@@ -90,6 +113,8 @@ def register(subparsers: Any) -> None:
     create.add_argument("--max-bytes", type=_size, metavar="SIZE", help="evict beyond SIZE (2G)")
     create.set_defaults(run=_run_create)
 
+
+def _add_import(subparsers: Any, common: Any) -> None:
     imp = subparsers.add_parser(
         "import", parents=[common], help="store a peft LoRA folder made for the base model"
     )
@@ -99,6 +124,8 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--name", metavar="NAME", help="a unique name to address it by (sql-lora)")
     imp.set_defaults(run=_run_import)
 
+
+def _add_check(subparsers: Any, common: Any) -> None:
     check = subparsers.add_parser(
         "check",
         parents=[common],
@@ -126,6 +153,8 @@ def register(subparsers: Any) -> None:
     add_device_option(check)
     check.set_defaults(run=_run_check)
 
+
+def _add_pin(subparsers: Any, common: Any) -> None:
     pin = subparsers.add_parser(
         "pin",
         parents=[common],
@@ -139,10 +168,8 @@ def register(subparsers: Any) -> None:
     )
     pin.set_defaults(run=_run_pin)
 
-    rm = subparsers.add_parser("rm", parents=[common], help="delete adapters")
-    rm.add_argument("ids", nargs="+", metavar="ID", type=str.strip)
-    rm.set_defaults(run=_run_rm)
 
+def _add_gc(subparsers: Any, common: Any) -> None:
     gc = subparsers.add_parser(
         "gc", parents=[common], help="evict least recently used adapters beyond a limit"
     )
@@ -151,6 +178,8 @@ def register(subparsers: Any) -> None:
     gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     gc.set_defaults(run=_run_gc)
 
+
+def _add_verify(subparsers: Any, common: Any) -> None:
     verify = subparsers.add_parser(
         "verify",
         parents=[common],

@@ -14,6 +14,12 @@ from capplug.models import DEFAULT_SCORER
 
 def add_parser(sub: Any) -> None:
     """Add this module's commands to the ``capplug`` subparsers."""
+    _add_train(sub)
+    _add_adapt(sub)
+    _add_fit_selector(sub)
+
+
+def _add_train(sub: Any) -> None:
     train = sub.add_parser(
         "train",
         help="train a scorer from a backbone on weakly labelled data (continual pretraining)",
@@ -38,6 +44,8 @@ def add_parser(sub: Any) -> None:
     _training_options(train, epochs=1.0, lr=3e-5)
     train.set_defaults(run=_run_train)
 
+
+def _add_adapt(sub: Any) -> None:
     adapt = sub.add_parser(
         "adapt",
         help="fine-tune a scorer on your own labelled data (the LLM is never touched)",
@@ -112,6 +120,8 @@ def add_parser(sub: Any) -> None:
     )
     adapt.set_defaults(run=_run_adapt)
 
+
+def _add_fit_selector(sub: Any) -> None:
     selector = sub.add_parser(
         "fit-selector",
         help="refit the selection weights (scorer, agreement, log-probs) on your candidate sets",
