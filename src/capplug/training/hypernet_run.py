@@ -406,13 +406,9 @@ class HypernetRun:
     ) -> HypernetTrainResult:
         config, hnet, device = self.config, self.hypernetwork, self.chat.device
         params = {n: p for n, p in hnet.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(
-            list(params.values()), lr=config.lr, weight_decay=config.weight_decay
-        )
         loop = Loop(
             self.folder,
             params,
-            optimizer,
             Schedule(
                 steps=config.steps,
                 lr=config.lr,
@@ -421,6 +417,7 @@ class HypernetRun:
                 log_every=config.log_every,
                 checkpoint_every=config.checkpoint_every,
                 eval_every=config.eval_every,
+                weight_decay=config.weight_decay,
             ),
             run_id=self.run_id,
             device=device,

@@ -89,6 +89,29 @@ class Schedule:
     """Steps between calls of the ``evaluate`` hook (and always at the last step); ``None``: at
     the last step only, when a hook is given."""
     precision: Precision = "fp32"
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    decay_vectors: bool = True
+    """Decay biases and norm weights too (``False``: matrices only, the usual choice for
+    transformers)."""
+
+
+def adamw(params: Mapping[str, torch.nn.Parameter], schedule: Schedule) -> torch.optim.AdamW:
+    """The optimizer every capplug run uses: AdamW at the schedule's peak rate and decay."""
+    if schedule.decay_vectors:
+        return torch.optim.AdamW(
+            list(params.values()), lr=schedule.lr, weight_decay=schedule.weight_decay
+        )
+    return torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params.values() if p.ndim >= 2],
+                "weight_decay": schedule.weight_decay,
+            },
+            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=schedule.lr,
+    )
 
 
 @dataclass
@@ -144,7 +167,6 @@ class Loop:
         self,
         folder: Path,
         params: Mapping[str, torch.nn.Parameter],
-        optimizer: torch.optim.Optimizer,
         schedule: Schedule,
         *,
         run_id: str,
@@ -160,7 +182,7 @@ class Loop:
         check_int(schedule.accumulate, "accumulate")
         self.folder = folder
         self.params = dict(params)
-        self.optimizer = optimizer
+        self.optimizer = adamw(self.params, schedule)
         self.schedule = schedule
         self.device = device
         self.label = label

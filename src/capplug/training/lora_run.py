@@ -276,13 +276,9 @@ class LoraRun:
 
         config, chat = self.config, self.chat
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(
-            list(params.values()), lr=config.lr, weight_decay=config.weight_decay
-        )
         loop = Loop(
             self.folder,
             params,
-            optimizer,
             Schedule(
                 steps=config.steps,
                 lr=config.lr,
@@ -291,6 +287,7 @@ class LoraRun:
                 log_every=config.log_every,
                 checkpoint_every=config.checkpoint_every,
                 precision=config.precision,
+                weight_decay=config.weight_decay,
             ),
             run_id=self.run_id,
             device=chat.device,

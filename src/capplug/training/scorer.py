@@ -45,6 +45,7 @@ from capplug.scoring.model import EncodedPair, Scorer
 from capplug.scoring.precision import prepare
 from capplug.training._scorer_card import format_metrics, write_final
 from capplug.training.loop import Loop, Precision, Schedule
+from capplug.training.losses import ScorerObjective, ordered_pairs
 
 __all__ = ["TrainConfig", "TrainResult", "format_metrics", "split_heldout", "train_scorer"]
 
@@ -198,21 +199,12 @@ def train_scorer(
         if embeddings is not None:
             embeddings.weight.requires_grad_(False)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in params.values() if p.ndim >= 2],
-                "weight_decay": config.weight_decay,
-            },
-            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
-    )
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / (config.batch_size * config.grad_accum)))
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
+    objective = _objective(config)
     encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
     train_groups = _group_ids(train_pairs)
     encoded_eval = _encode_pairs(scorer, eval_pairs[: config.max_eval_pairs], config.max_length)
@@ -232,7 +224,6 @@ def train_scorer(
     loop = Loop(
         out,
         params,
-        optimizer,
         Schedule(
             steps=total_steps,
             lr=config.learning_rate,
@@ -243,6 +234,8 @@ def train_scorer(
             checkpoint_every=config.eval_every,
             eval_every=config.eval_every,
             precision=_precision(device),
+            weight_decay=config.weight_decay,
+            decay_vectors=False,
         ),
         run_id=_fingerprint(train_pairs, config),
         device=device,
@@ -292,11 +285,10 @@ def train_scorer(
         inputs = scorer.collate([encoded_train[i][0] for i in batch])
         labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
         logits = model(**inputs).logits[:, 0].float()
-        loss = _loss(logits, labels, config.loss)
-        if _whole_examples(config):
+        groups = None
+        if objective.compares:
             groups = torch.tensor([train_groups[i] for i in batch], device=device)
-            loss = loss + _group_losses(logits, labels, groups, config)[0]
-        return {"loss": loss}
+        return {"loss": objective(logits, labels, groups)[0]}
 
     def describe(state: dict[str, Any]) -> dict[str, float]:
         done = state["batch_in_epoch"] / max(len(epoch_batches(state["epoch"])), 1)
@@ -354,7 +346,7 @@ def train_scorer(
         len(train_pairs),
         len(encoded_eval),
         data_description,
-        _loss_name(config),
+        objective.name,
         factors,
     )
     return TrainResult(
@@ -402,7 +394,7 @@ def _epoch_batches(
     responses of one example meet.
     """
     rng = random.Random(config.seed * 1_000_003 + epoch)
-    if _whole_examples(config):
+    if _objective(config).compares:
         members: dict[int, list[int]] = defaultdict(list)
         for i, group in enumerate(groups):
             members[group].append(i)
@@ -434,76 +426,9 @@ def _epoch_batches(
     return batches
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "bce":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-    return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
-
-
-def _loss_name(config: TrainConfig) -> str:
-    """The objective as the model card writes it, e.g. ``bce + 1.0 x rank + 0.5 x listwise``."""
-    name = config.loss
-    if config.rank_weight:
-        name += f" + {config.rank_weight} x rank"
-    if config.listwise_weight:
-        name += f" + {config.listwise_weight} x listwise"
-    return name
-
-
-def _whole_examples(config: TrainConfig) -> bool:
-    """Whether a loss compares an example's responses, so batches must hold whole examples."""
-    return config.rank_weight > 0 or config.listwise_weight > 0
-
-
-def _group_losses(
-    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, config: TrainConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of the losses that compare an example's responses, and each one alone."""
-    total = logits.sum() * 0.0
-    parts: dict[str, float] = {}
-    if config.rank_weight > 0:
-        rank = _rank_loss(logits, labels, groups)
-        total = total + config.rank_weight * rank
-        parts["rank_loss"] = float(rank.detach())
-    if config.listwise_weight > 0:
-        listwise = _listwise_loss(logits, labels, groups)
-        total = total + config.listwise_weight * listwise
-        parts["listwise_loss"] = float(listwise.detach())
-    return total, parts
-
-
-def _listwise_loss(
-    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
-) -> torch.Tensor:
-    """Mean over groups whose labels differ of the cross-entropy between the softmax of the
-    group's logits and its labels normalised to sum to one; 0 when no group qualifies."""
-    total = logits.sum() * 0.0  # keeps the graph, so backward() works on any batch
-    counted = 0
-    for group in torch.unique(groups):
-        member = groups == group
-        target = labels[member]
-        if int(member.sum()) < 2 or float(target.max() - target.min()) <= 1e-6:
-            continue
-        log_probs = torch.log_softmax(logits[member], dim=0)
-        total = total - (target / target.sum() * log_probs).sum()
-        counted += 1
-    return total / max(1, counted)
-
-
-def _ordered_pairs(labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """``mask[a, b]``: a and b answer the same example and a's label is the higher one."""
-    label_gap = labels[:, None] - labels[None, :]
-    return (groups[:, None] == groups[None, :]) & (label_gap > 1e-6)
-
-
-def _rank_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Label-gap-weighted logistic loss over the ordered pairs of one group; 0 when none differ."""
-    mask = _ordered_pairs(labels, groups)
-    if not bool(mask.any()):
-        return logits.sum() * 0.0  # keeps the graph, so backward() works on any batch
-    weight = (labels[:, None] - labels[None, :])[mask]
-    logit_gap = (logits[:, None] - logits[None, :])[mask]
-    return (weight * torch.nn.functional.softplus(-logit_gap)).sum() / weight.sum()
+def _objective(config: TrainConfig) -> ScorerObjective:
+    """The run's loss: the pointwise one plus the weighted ones that compare responses."""
+    return ScorerObjective(config.loss, config.rank_weight, config.listwise_weight)
 
 
 @torch.inference_mode()
@@ -520,16 +445,17 @@ def _evaluate(
         logits[batch] = scorer.logits([encoded[i][0] for i in batch]).cpu().numpy()
     labels = np.array([e[1] for e in encoded], dtype=np.float32)
     logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels)
-    loss = _loss(logits_t, labels_t, config.loss).item()
+    objective = _objective(config)
+    loss = objective.point(logits_t, labels_t).item()
     scores = 1.0 / (1.0 + np.exp(-logits))
     groups = torch.tensor(_group_ids(pairs[: len(encoded)]))
     extra: dict[str, float] = {}
-    if _whole_examples(config):
+    if objective.compares:
         # The held-out loss follows the training objective, so early stopping and "best" do too.
-        compared, parts = _group_losses(logits_t, labels_t, groups, config)
+        compared, parts = objective.compared(logits_t, labels_t, groups)
         extra = {"pointwise_loss": loss, **parts}
         loss += float(compared)
-    ordered = _ordered_pairs(labels_t, groups).numpy()
+    ordered = ordered_pairs(labels_t, groups).numpy()
     total = int(ordered.sum())
     right = int((scores[:, None] > scores[None, :])[ordered].sum())
     metrics = {"loss": loss, "pairs": float(len(encoded)), **extra}

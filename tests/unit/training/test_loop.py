@@ -24,7 +24,6 @@ def make_loop(folder: Path, *, run: str = "a", accumulate: int = 1, batch: int =
     loop = Loop(
         folder,
         params,
-        torch.optim.AdamW(params.values(), lr=0.05),
         schedule,
         run_id=fingerprint({"run": run}),
         device=torch.device("cpu"),

@@ -12,12 +12,11 @@ import torch
 
 from capplug import Scorer
 from capplug.data.rows import LabelledPair, RowError, read_labelled_pairs
+from capplug.training.losses import ListwiseLoss, RankLoss
 from capplug.training.scorer import (
     TrainConfig,
     _epoch_batches,
     _group_ids,
-    _listwise_loss,
-    _rank_loss,
     split_heldout,
     train_scorer,
 )
@@ -183,8 +182,8 @@ def test_ranking_loss_batches_whole_examples_and_scores_the_order() -> None:
         )
     labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
     ids = torch.tensor([0, 0, 1, 2])  # only the first two responses belong to one example
-    assert _rank_loss(torch.zeros(4), labels, ids).item() == pytest.approx(np.log(2))
-    ordered = _rank_loss(torch.tensor([4.0, -4.0, 0.0, 9.0]), labels, ids).item()
+    assert RankLoss()(torch.zeros(4), labels, ids).item() == pytest.approx(np.log(2))
+    ordered = RankLoss()(torch.tensor([4.0, -4.0, 0.0, 9.0]), labels, ids).item()
     assert ordered == pytest.approx(np.log1p(np.exp(-8.0)))  # the cross-example 9.0 is ignored
     with pytest.raises(ValueError, match="rank_weight"):
         train_scorer(None, pairs, "unused", config=TrainConfig(rank_weight=-1.0))  # type: ignore[arg-type]
@@ -194,12 +193,12 @@ def test_listwise_loss_is_the_right_options_cross_entropy_within_each_example() 
     labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
     ids = torch.tensor([0, 0, 0, 1, 1, 2])  # example 1's labels tie; example 2 has one response
     # Example 0 alone counts: uniform logits give the right option probability 1/3.
-    assert _listwise_loss(torch.zeros(6), labels, ids).item() == pytest.approx(np.log(3))
+    assert ListwiseLoss()(torch.zeros(6), labels, ids).item() == pytest.approx(np.log(3))
     sure = torch.tensor([6.0, 0.0, 0.0, -9.0, 9.0, 9.0])
-    assert _listwise_loss(sure, labels, ids).item() == pytest.approx(
+    assert ListwiseLoss()(sure, labels, ids).item() == pytest.approx(
         -np.log(np.exp(6.0) / (np.exp(6.0) + 2.0)), rel=1e-4
     )
-    none = _listwise_loss(torch.zeros(2, requires_grad=True), torch.ones(2), torch.tensor([0, 0]))
+    none = ListwiseLoss()(torch.zeros(2, requires_grad=True), torch.ones(2), torch.tensor([0, 0]))
     none.backward()  # no example qualifies: zero, and still a graph
     assert none.item() == 0.0
     with pytest.raises(ValueError, match="listwise_weight"):

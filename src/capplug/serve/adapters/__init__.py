@@ -28,6 +28,7 @@ The package, by concern:
 - ``_service``: the work behind the routes, one :class:`Service` per app: finding, making,
   attaching and deleting adapters, reading their files, planning and generating an answer, and
   a store or runtime failure as the client sees it;
+- ``_metrics``: the service's own Prometheus metrics;
 - ``_replies``: an answer as a ``chat.completion``, as a stream of chunks, and as
   ``Server-Timing``.
 """

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from prometheus_client import Counter, Histogram
-
 from capplug.adapters.fallback import (
     AdapterJudge,
     Comparison,
@@ -55,6 +53,7 @@ from capplug.serve.adapters._fallback import (
     probe_of,
     require_judge,
 )
+from capplug.serve.adapters._metrics import ServiceMetrics
 
 logger = logging.getLogger("capplug.serve.adapters")
 
@@ -104,36 +103,6 @@ class ChatRequest(_chat.ChatRequest, Protocol):
     seed: int | None
     stop: list[str] | None
     fallback: str | None
-
-
-class ServiceMetrics:
-    """What the service itself does, beside the requests: adapters found or made, attached,
-    and the generation that answers."""
-
-    def __init__(self, registry: Any) -> None:
-        self.lookups = Counter(
-            "capplug_adapters_lookups",
-            "Chat completions with an instruction, by whether a stored adapter was hit or one made",
-            ["result"],
-            registry=registry,
-        )
-        self.attaches = Counter(
-            "capplug_adapters_attached",
-            "Adapters attached to the model to answer",
-            registry=registry,
-        )
-        self.generation_seconds = Histogram(
-            "capplug_adapters_generation_seconds", "Time generating one answer", registry=registry
-        )
-        self.tokens = Counter(
-            "capplug_adapters_completion_tokens", "Tokens generated in answers", registry=registry
-        )
-        self.fallback = Counter(
-            "capplug_adapters_fallback",
-            "Answers to requests with an adapter, by fallback mode and the side that answered",
-            ["mode", "used"],
-            registry=registry,
-        )
 
 
 class Service:

@@ -22,8 +22,9 @@ from capplug.serve._http import (
 )
 from capplug.serve._request_metrics import CountRequests, RequestMetrics
 from capplug.serve.adapters._adapter_routes import adapter_routes, lora_routes
+from capplug.serve.adapters._metrics import ServiceMetrics
 from capplug.serve.adapters._model_routes import chat_routes, model_routes
-from capplug.serve.adapters._service import Service, ServiceMetrics
+from capplug.serve.adapters._service import Service
 
 __all__ = ["create_adapter_app"]
 
