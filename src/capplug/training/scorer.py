@@ -172,6 +172,50 @@ def train_scorer(
             checkpoint belongs to a run with other data or settings (nothing is changed).
     """
     config = config or TrainConfig()
+    out = _checked_run(train_pairs, out_dir, config)
+    run = _ScorerRun(scorer, train_pairs, eval_pairs, out, config)
+    loop = run.loop(progress=progress, on_step=on_step)
+    if not loop.start(seed=config.seed):
+        # The data order draws from its own generators; seed the global ones all the same.
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        run.measure_start(loop)
+    result = loop.run(
+        run.step, evaluate=run.evaluate, describe=run.describe, models=(scorer.model,)
+    )
+    state = result.state
+    finished_epoch = state["batch_in_epoch"] >= len(run.epoch_batches(state["epoch"]))
+    state["epochs_completed"] = state["epoch"] + int(finished_epoch)
+    factors = run.keep_best(state)
+    metrics = run.heldout_metrics()
+    write_final(
+        scorer,
+        loop,
+        result,
+        config,
+        metrics,
+        len(train_pairs),
+        len(run.encoded_eval),
+        data_description,
+        run.objective.name,
+        factors,
+    )
+    return TrainResult(
+        out_dir=out,
+        steps=state["step"],
+        best_eval_loss=state["best_eval_loss"],
+        metrics=metrics,
+        wall_seconds=result.wall_seconds,
+        stopped_early=bool(state.get("stopped")),
+        history=state["history"],
+        metrics_before=state.get("eval_before", {}),
+    )
+
+
+def _checked_run(
+    train_pairs: Sequence[LabelledPair], out_dir: str | Path, config: TrainConfig
+) -> Path:
+    """The run folder, made; the settings checked before anything is."""
     if not train_pairs:
         raise ValueError("train_pairs is empty; there is nothing to train on")
     if config.rank_weight < 0:
@@ -186,179 +230,187 @@ def train_scorer(
             f"{out} already holds a trained model; give a new --out folder (nothing was changed)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    device = scorer.device
-    model = scorer.model
-    model.float()  # master weights in fp32; autocast gives the GPU its speed
-    base = scorer.identity
-    if config.lora_rank:
-        with seeded(config.seed):
-            add_lora(model, config.lora_rank, alpha=config.lora_alpha)
-    elif config.freeze_embeddings:
-        embeddings = model.get_input_embeddings()
-        if embeddings is not None:
-            embeddings.weight.requires_grad_(False)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    steps_per_epoch = max(1, math.ceil(len(train_pairs) / (config.batch_size * config.grad_accum)))
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
 
-    objective = _objective(config)
-    encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
-    train_groups = _group_ids(train_pairs)
-    encoded_eval = _encode_pairs(scorer, eval_pairs[: config.max_eval_pairs], config.max_length)
+class _ScorerRun:
+    """One scorer training run: the trained weights (all, or a LoRA), the encoded data and its
+    batches, and the hooks :class:`Loop` calls."""
 
-    def save_best() -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        train_pairs: Sequence[LabelledPair],
+        eval_pairs: Sequence[LabelledPair],
+        out: Path,
+        config: TrainConfig,
+    ) -> None:
+        self.scorer, self.model, self.out, self.config = scorer, scorer.model, out, config
+        self.eval_pairs = eval_pairs
+        self.base = scorer.identity
+        self.model.float()  # master weights in fp32; autocast gives the GPU its speed
         if config.lora_rank:
+            with seeded(config.seed):
+                add_lora(self.model, config.lora_rank, alpha=config.lora_alpha)
+        elif config.freeze_embeddings:
+            embeddings = self.model.get_input_embeddings()
+            if embeddings is not None:
+                embeddings.weight.requires_grad_(False)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.objective = _objective(config)
+        self.run_id = _fingerprint(train_pairs, config)
+        steps_per_epoch = max(
+            1, math.ceil(len(train_pairs) / (config.batch_size * config.grad_accum))
+        )
+        self.total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.encoded_train = _encode_pairs(scorer, train_pairs, config.max_length)
+        self.train_groups = _group_ids(train_pairs)
+        self.encoded_eval = _encode_pairs(
+            scorer, eval_pairs[: config.max_eval_pairs], config.max_length
+        )
+        self._batches: dict[int, list[list[int]]] = {}
+
+    def loop(
+        self, *, progress: bool, on_step: Callable[[int, dict[str, float]], None] | None
+    ) -> Loop:
+        config = self.config
+        loop = Loop(
+            self.out,
+            self.params,
+            Schedule(
+                steps=self.total_steps,
+                lr=config.learning_rate,
+                warmup_steps=int(self.total_steps * config.warmup_ratio),
+                max_grad_norm=config.max_grad_norm,
+                accumulate=config.grad_accum,
+                log_every=config.log_every,
+                checkpoint_every=config.eval_every,
+                eval_every=config.eval_every,
+                precision=_precision(self.scorer.device),
+                weight_decay=config.weight_decay,
+                decay_vectors=False,
+            ),
+            run_id=self.run_id,
+            device=self.scorer.device,
+            other_run="other data or settings; give a new --out folder, or the same data and "
+            "settings to resume (nothing was changed)",
+            state={
+                "epoch": 0,
+                "batch_in_epoch": 0,
+                "best_eval_loss": None,
+                "evals_without_improvement": 0,
+                "history": [],
+            },
+            progress=progress,
+            on_step=on_step,
+        )
+        self._loop = loop
+        return loop
+
+    def measure_start(self, loop: Loop) -> None:
+        """The starting point measured too: adapting a trained scorer must beat it to count,
+        and the card shows both figures."""
+        if not self.encoded_eval:
+            return
+        before = _evaluate(self.scorer, self.encoded_eval, self.eval_pairs, self.config)
+        loop.state["eval_before"] = before
+        loop.state["best_eval_loss"] = before["loss"]
+        loop.log({"step": 0, "eval": before})
+        self.save_best()
+
+    def save_best(self) -> None:
+        if self.config.lora_rank:
             write_lora(
-                lora_factors(model),
-                out / "best",
-                alpha=lora_alpha(model),
-                base_name=base.name,
-                architecture=base.architecture,
+                lora_factors(self.model),
+                self.out / "best",
+                alpha=lora_alpha(self.model),
+                base_name=self.base.name,
+                architecture=self.base.architecture,
             )
         else:
-            scorer.save_pretrained(out / "best")
+            self.scorer.save_pretrained(self.out / "best")
 
-    loop = Loop(
-        out,
-        params,
-        Schedule(
-            steps=total_steps,
-            lr=config.learning_rate,
-            warmup_steps=int(total_steps * config.warmup_ratio),
-            max_grad_norm=config.max_grad_norm,
-            accumulate=config.grad_accum,
-            log_every=config.log_every,
-            checkpoint_every=config.eval_every,
-            eval_every=config.eval_every,
-            precision=_precision(device),
-            weight_decay=config.weight_decay,
-            decay_vectors=False,
-        ),
-        run_id=_fingerprint(train_pairs, config),
-        device=device,
-        other_run="other data or settings; give a new --out folder, or the same data and "
-        "settings to resume (nothing was changed)",
-        state={
-            "epoch": 0,
-            "batch_in_epoch": 0,
-            "best_eval_loss": None,
-            "evals_without_improvement": 0,
-            "history": [],
-        },
-        progress=progress,
-        on_step=on_step,
-    )
-    if not loop.start(seed=config.seed):
-        # The data order draws from its own generators; seed the global ones all the same.
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        if encoded_eval:
-            # The starting point is measured too: adapting a trained scorer must beat it to count,
-            # and the card shows both figures.
-            before = _evaluate(scorer, encoded_eval, eval_pairs, config)
-            loop.state["eval_before"] = before
-            loop.state["best_eval_loss"] = before["loss"]
-            loop.log({"step": 0, "eval": before})
-            save_best()
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            self._batches.clear()
+            self._batches[epoch] = _epoch_batches(
+                self.encoded_train, self.config, epoch, self.train_groups
+            )
+        return self._batches[epoch]
 
-    batches: dict[int, list[list[int]]] = {}
-
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        if epoch not in batches:
-            batches.clear()
-            batches[epoch] = _epoch_batches(encoded_train, config, epoch, train_groups)
-        return batches[epoch]
-
-    def step_fn(step: int, micro: int) -> dict[str, torch.Tensor] | None:
-        state = loop.state
-        if micro == 0 and state["batch_in_epoch"] >= len(epoch_batches(state["epoch"])):
+    def step(self, step: int, micro: int) -> dict[str, torch.Tensor] | None:
+        state = self._loop.state
+        if micro == 0 and state["batch_in_epoch"] >= len(self.epoch_batches(state["epoch"])):
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-        current = epoch_batches(state["epoch"])
+        current = self.epoch_batches(state["epoch"])
         if state["batch_in_epoch"] >= len(current):
             return None  # the epoch ended inside this step's accumulation
         batch = current[state["batch_in_epoch"]]
         state["batch_in_epoch"] += 1
-        inputs = scorer.collate([encoded_train[i][0] for i in batch])
-        labels = torch.tensor([encoded_train[i][1] for i in batch], device=device)
-        logits = model(**inputs).logits[:, 0].float()
+        device = self.scorer.device
+        inputs = self.scorer.collate([self.encoded_train[i][0] for i in batch])
+        labels = torch.tensor([self.encoded_train[i][1] for i in batch], device=device)
+        logits = self.model(**inputs).logits[:, 0].float()
         groups = None
-        if objective.compares:
-            groups = torch.tensor([train_groups[i] for i in batch], device=device)
-        return {"loss": objective(logits, labels, groups)[0]}
+        if self.objective.compares:
+            groups = torch.tensor([self.train_groups[i] for i in batch], device=device)
+        return {"loss": self.objective(logits, labels, groups)[0]}
 
-    def describe(state: dict[str, Any]) -> dict[str, float]:
-        done = state["batch_in_epoch"] / max(len(epoch_batches(state["epoch"])), 1)
+    def describe(self, state: dict[str, Any]) -> dict[str, float]:
+        done = state["batch_in_epoch"] / max(len(self.epoch_batches(state["epoch"])), 1)
         return {"epoch": state["epoch"] + done}
 
-    def evaluate(state: dict[str, Any]) -> None:
-        metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
+    def heldout_metrics(self) -> dict[str, float]:
+        if not self.encoded_eval:
+            return {}
+        return _evaluate(self.scorer, self.encoded_eval, self.eval_pairs, self.config)
+
+    def evaluate(self, state: dict[str, Any]) -> None:
+        metrics = self.heldout_metrics()
         entry = {"step": state["step"], "eval": metrics}
         state["history"].append(entry)
-        loop.log(entry)
+        self._loop.log(entry)
         if not metrics:
             return
         if state["best_eval_loss"] is None or metrics["loss"] < state["best_eval_loss"]:
             state["best_eval_loss"] = metrics["loss"]
             state["evals_without_improvement"] = 0
-            save_best()
+            self.save_best()
             return
         state["evals_without_improvement"] += 1
-        if config.patience is not None and state["evals_without_improvement"] >= config.patience:
+        patience = self.config.patience
+        if patience is not None and state["evals_without_improvement"] >= patience:
             state["stopped"] = True
             logger.warning(
                 "capplug: early stop at step %d (no better held-out loss)", state["step"]
             )
 
-    result = loop.run(step_fn, evaluate=evaluate, describe=describe, models=(model,))
-    state = result.state
-    finished_epoch = state["batch_in_epoch"] >= len(epoch_batches(state["epoch"]))
-    state["epochs_completed"] = state["epoch"] + int(finished_epoch)
-
-    before = state.get("eval_before")
-    if before and state["best_eval_loss"] == before["loss"]:
-        logger.warning(
-            "capplug: no step beat the starting scorer on the held-out pairs; the output is the"
-            " starting scorer unchanged"
-        )
-    factors = None
-    if config.lora_rank:
-        if (out / "best" / ADAPTER_CONFIG).is_file():
-            set_lora_factors(model, read_adapter(out / "best").state_dict)
-        factors = (lora_factors(model), lora_alpha(model), base)
-        merge_lora(model)  # the scorer handed back scores with the LoRA folded in
-    elif (out / "best" / "config.json").is_file():
-        final = Scorer.from_pretrained(out / "best", device=device, max_length=scorer.max_length)
-        model.load_state_dict(final.model.state_dict())
-    # Back to the precision the scorer scores at (bfloat16 on a GPU), as it came in.
-    scorer.model = prepare(model, device, scorer.dtype)
-    metrics = _evaluate(scorer, encoded_eval, eval_pairs, config) if encoded_eval else {}
-    stopped = bool(state.get("stopped"))
-    write_final(
-        scorer,
-        loop,
-        result,
-        config,
-        metrics,
-        len(train_pairs),
-        len(encoded_eval),
-        data_description,
-        objective.name,
-        factors,
-    )
-    return TrainResult(
-        out_dir=out,
-        steps=state["step"],
-        best_eval_loss=state["best_eval_loss"],
-        metrics=metrics,
-        wall_seconds=result.wall_seconds,
-        stopped_early=stopped,
-        history=state["history"],
-        metrics_before=state.get("eval_before", {}),
-    )
+    def keep_best(self, state: dict[str, Any]) -> Any:
+        """The best evaluation's weights back in the scorer, at the precision it scores at;
+        the LoRA factors where a LoRA trained (then merged into the scorer)."""
+        before = state.get("eval_before")
+        if before and state["best_eval_loss"] == before["loss"]:
+            logger.warning(
+                "capplug: no step beat the starting scorer on the held-out pairs; the output is"
+                " the starting scorer unchanged"
+            )
+        model, device, factors = self.model, self.scorer.device, None
+        if self.config.lora_rank:
+            if (self.out / "best" / ADAPTER_CONFIG).is_file():
+                set_lora_factors(model, read_adapter(self.out / "best").state_dict)
+            factors = (lora_factors(model), lora_alpha(model), self.base)
+            merge_lora(model)  # the scorer handed back scores with the LoRA folded in
+        elif (self.out / "best" / "config.json").is_file():
+            final = Scorer.from_pretrained(
+                self.out / "best", device=device, max_length=self.scorer.max_length
+            )
+            model.load_state_dict(final.model.state_dict())
+        # Back to the precision the scorer scores at (bfloat16 on a GPU), as it came in.
+        self.scorer.model = prepare(model, device, self.scorer.dtype)
+        return factors
 
 
 def _precision(device: torch.device) -> Precision:
