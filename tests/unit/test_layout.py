@@ -104,6 +104,33 @@ def test_no_module_is_longer_than_a_reader_can_hold():
     assert not long, f"split these by concern (at most {MAX_MODULE_LINES} lines each): {long}"
 
 
+MAX_FUNCTION_LINES = 80
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines, its docstring left out (an Args section documents, it does not
+    make the function harder to follow)."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    value = first.value if isinstance(first, ast.Expr) else None
+    if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_is_longer_than_a_page():
+    long = {
+        f"{path.relative_to(SRC)}:{node.lineno} {node.name}": n
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (n := _code_lines(node)) > MAX_FUNCTION_LINES
+    }
+    assert not long, (
+        f"split these (at most {MAX_FUNCTION_LINES} lines besides the docstring): {long}"
+    )
+
+
 def test_unit_tests_mirror_the_packages():
     unit = Path(__file__).parent
     folders = {p.name for p in unit.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}

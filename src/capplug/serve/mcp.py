@@ -79,6 +79,17 @@ def create_mcp_server(
 
     server._mcp_server.version = __version__
 
+    _add_selection_tools(server, reranker)
+    if feedback_store is not None:
+        _add_judge_tool(server, reranker)
+    if store is not None:
+        _add_adapter_tool(server, store, base_model)
+    return server
+
+
+def _add_selection_tools(server: Any, reranker: Any) -> None:
+    """``score``, ``rank`` and ``select``."""
+
     @server.tool()
     def score(instruction: str, responses: list[str]) -> list[float]:
         """How well each response answers the instruction, in [0, 1] (higher is better)."""
@@ -109,49 +120,51 @@ def create_mcp_server(
         chosen = path.select(instruction, candidates, logprobs=logprobs)
         return {**_scored(chosen), "selection_id": chosen.id, "capplug": chosen.metadata()}
 
-    if feedback_store is not None:
 
-        @server.tool()
-        def judge(
-            selection_id: str,
-            label: float | None = None,
-            candidate: int | None = None,
-            preferred: int | None = None,
-            reference: str | None = None,
-        ) -> dict[str, Any]:
-            """Judge a recorded selection: exactly one of ``label`` (in [0, 1], for
-            ``candidate`` or else the chosen one), ``preferred`` (a candidate index) or
-            ``reference`` (the wanted answer)."""
-            return reranker.judge(
-                selection_id,
-                label=label,
-                candidate=candidate,
-                preferred=preferred,
-                reference=reference,
-                source="mcp",
-            ).to_dict()
+def _add_judge_tool(server: Any, reranker: Any) -> None:
+    """``judge``, where the server records selections."""
 
-    if store is not None:
-        from capplug.adapters import AdapterStore
+    @server.tool()
+    def judge(
+        selection_id: str,
+        label: float | None = None,
+        candidate: int | None = None,
+        preferred: int | None = None,
+        reference: str | None = None,
+    ) -> dict[str, Any]:
+        """Judge a recorded selection: exactly one of ``label`` (in [0, 1], for
+        ``candidate`` or else the chosen one), ``preferred`` (a candidate index) or
+        ``reference`` (the wanted answer)."""
+        return reranker.judge(
+            selection_id,
+            label=label,
+            candidate=candidate,
+            preferred=preferred,
+            reference=reference,
+            source="mcp",
+        ).to_dict()
 
-        adapters = AdapterStore(store, **({"base_model": base_model} if base_model else {}))
 
-        @server.tool()
-        def lookup_adapter(instruction: str, k: int = 3) -> list[dict[str, Any]]:
-            """The stored LoRA adapters whose instructions are closest to ``instruction``,
-            best first, with their similarity in [0, 1], and whether the judged fallback
-            answers with the base model instead (the adapter lost its check, or is pinned so)."""
-            return [
-                {
-                    "id": m.record.id,
-                    "instruction": m.record.instruction,
-                    "similarity": m.similarity,
-                    "falls_back": m.record.falls_back,
-                }
-                for m in adapters.lookup(instruction, k=k)
-            ]
+def _add_adapter_tool(server: Any, store: Any, base_model: str | None) -> None:
+    """``lookup_adapter``, over an adapter store."""
+    from capplug.adapters import AdapterStore
 
-    return server
+    adapters = AdapterStore(store, **({"base_model": base_model} if base_model else {}))
+
+    @server.tool()
+    def lookup_adapter(instruction: str, k: int = 3) -> list[dict[str, Any]]:
+        """The stored LoRA adapters whose instructions are closest to ``instruction``,
+        best first, with their similarity in [0, 1], and whether the judged fallback
+        answers with the base model instead (the adapter lost its check, or is pinned so)."""
+        return [
+            {
+                "id": m.record.id,
+                "instruction": m.record.instruction,
+                "similarity": m.similarity,
+                "falls_back": m.record.falls_back,
+            }
+            for m in adapters.lookup(instruction, k=k)
+        ]
 
 
 def _scored(candidate: Any) -> dict[str, Any]:

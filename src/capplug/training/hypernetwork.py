@@ -189,17 +189,7 @@ def train_hypernetwork(
         WrongBaseModelError: a teacher made for another base model.
     """
     config = config or HypernetTrainConfig()
-    if teachers is None:
-        teacher_folders: dict[str, Path] = {}
-    elif isinstance(teachers, Mapping):
-        teacher_folders = {str(k): Path(v) for k, v in teachers.items()}
-        if not teacher_folders:
-            raise ValueError(
-                "teachers is empty; give at least one task's teacher adapter, or None to train "
-                "without teachers"
-            )
-    else:
-        teacher_folders = find_teachers(teachers)
+    teacher_folders = _teacher_folders(teachers)
     loaded = _training_tasks(task_names, teacher_folders, tasks, data, progress)
     names = sorted(loaded)
     teacher_folders = {n: f for n, f in teacher_folders.items() if n in loaded}
@@ -209,18 +199,7 @@ def train_hypernetwork(
             f"teacher adapters, and none of the {len(names)} task(s) has one: set "
             f"reconstruction_steps=0 or give teachers"
         )
-    if chat is None:
-        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
-        base_ref = os.fspath(base)
-    else:
-        base_ref = chat.name
-    identity = model_identity(base_ref, chat.model.config)
-    shapes = linear_shapes(chat.model)
-    files = {
-        n: read_adapter(teacher_folders[n], identity=identity, shapes=shapes)
-        for n in sorted(teacher_folders)
-    }
-    _check_teachers_agree(list(files), list(files.values()))
+    chat, base_ref, identity, files = _base_and_teachers(chat, base, device, teacher_folders)
     folder = Path(out).expanduser().resolve()
     checkpoint = folder / "checkpoint"
     init: dict[str, str] | None = None
@@ -229,25 +208,16 @@ def train_hypernetwork(
             raise ValueError("give either hypernetwork or init_from, not both")
         init_weights = hypernetwork_folder(init_from) / WEIGHTS_FILE
         init = {"from": os.fspath(init_from), "sha256": sha256_file(init_weights)}
-    if (checkpoint / CONFIG_FILE).is_file():
-        raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-        hypernetwork = Hypernetwork(HypernetworkConfig(**raw))
-    elif init_from is not None:
-        hypernetwork = Hypernetwork.from_pretrained(init_from, device="cpu")
-    elif hypernetwork is None:
-        if files:
-            first = next(iter(files.values()))
-            r, alpha = first.config.r, int(first.config.lora_alpha)
-            target_modules = sorted({m.rsplit(".", 1)[-1] for m in first.modules})
-        hypernetwork = Hypernetwork.from_base(
+    if not (checkpoint / CONFIG_FILE).is_file() and init_from is None and hypernetwork is None:
+        hypernetwork = _fresh_hypernetwork(
             base_ref,
+            files,
             encoder=encoder,
-            r=r,
-            alpha=alpha,
-            target_modules=list(target_modules),
             hidden_dim=hidden_dim,
+            shape=(r, alpha, list(target_modules)),
             seed=config.seed,
         )
+    hypernetwork = _hypernetwork_to_train(checkpoint, init_from, hypernetwork)
     if hypernetwork.config.base_model.casefold() != identity.name.casefold():
         raise ValueError(
             f"the hypernetwork writes adapters for {hypernetwork.config.base_model}, but the "
@@ -264,27 +234,117 @@ def train_hypernetwork(
         }
     )
     folder.mkdir(parents=True, exist_ok=True)
-    summary_path = folder / SUMMARY_FILE
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        if summary.get("run_id") == run_id:
-            return HypernetTrainResult(
-                out_dir=folder,
-                steps=summary["steps"],
-                tasks=summary["tasks"],
-                best_eval=summary.get("best_eval"),
-                wall_seconds=summary["wall_seconds"],
-                timing=summary.get("timing", {}),
-            )
-        raise ValueError(
-            f"{folder} holds a hypernetwork trained with other settings or teachers; give a new "
-            f"out folder"
-        )
+    finished = _finished_run(folder, run_id)
+    if finished is not None:
+        return finished
     run = HypernetRun(hypernetwork, chat, names, files, loaded, folder, config, run_id, init=init)
     try:
         return run.train(progress=progress, on_step=on_step)
     finally:
         run.injection.remove()
+
+
+def _teacher_folders(
+    teachers: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None,
+) -> dict[str, Path]:
+    """``{task: teacher adapter folder}`` from a teachers folder, a mapping, or None."""
+    if teachers is None:
+        return {}
+    if isinstance(teachers, Mapping):
+        folders = {str(k): Path(v) for k, v in teachers.items()}
+        if not folders:
+            raise ValueError(
+                "teachers is empty; give at least one task's teacher adapter, or None to train "
+                "without teachers"
+            )
+        return folders
+    return find_teachers(teachers)
+
+
+def _base_and_teachers(
+    chat: LocalChatModel | None,
+    base: str | os.PathLike[str],
+    device: str | torch.device | None,
+    teacher_folders: Mapping[str, Path],
+) -> tuple[LocalChatModel, str, Any, dict[str, Any]]:
+    """The base model (loaded unless given), its reference and identity, and each teacher's
+    adapter read and checked against it (and against the other teachers)."""
+    if chat is None:
+        chat = LocalChatModel.from_pretrained(base, device=device, dtype="float32")
+        base_ref = os.fspath(base)
+    else:
+        base_ref = chat.name
+    identity = model_identity(base_ref, chat.model.config)
+    shapes = linear_shapes(chat.model)
+    files = {
+        n: read_adapter(teacher_folders[n], identity=identity, shapes=shapes)
+        for n in sorted(teacher_folders)
+    }
+    _check_teachers_agree(list(files), list(files.values()))
+    return chat, base_ref, identity, files
+
+
+def _fresh_hypernetwork(
+    base_ref: str,
+    files: Mapping[str, Any],
+    *,
+    encoder: str,
+    hidden_dim: int,
+    shape: tuple[int, int, list[str]],
+    seed: int,
+) -> Hypernetwork:
+    """A new hypernetwork for ``base_ref``: the teachers' rank, alpha and modules where there
+    are teachers, else ``shape``."""
+    r, alpha, target_modules = shape
+    if files:
+        first = next(iter(files.values()))
+        r, alpha = first.config.r, int(first.config.lora_alpha)
+        target_modules = sorted({m.rsplit(".", 1)[-1] for m in first.modules})
+    return Hypernetwork.from_base(
+        base_ref,
+        encoder=encoder,
+        r=r,
+        alpha=alpha,
+        target_modules=list(target_modules),
+        hidden_dim=hidden_dim,
+        seed=seed,
+    )
+
+
+def _hypernetwork_to_train(
+    checkpoint: Path, init_from: Any, given: Hypernetwork | None
+) -> Hypernetwork:
+    """The checkpoint's shape when resuming, else the trained one to start from, else
+    ``given``."""
+    if (checkpoint / CONFIG_FILE).is_file():
+        raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        return Hypernetwork(HypernetworkConfig(**raw))
+    if init_from is not None:
+        return Hypernetwork.from_pretrained(init_from, device="cpu")
+    assert given is not None
+    return given
+
+
+def _finished_run(folder: Path, run_id: str) -> HypernetTrainResult | None:
+    """The result of a run already finished in ``folder`` with these settings; None if none
+    finished there (another run's summary is refused)."""
+    summary_path = folder / SUMMARY_FILE
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("run_id") == run_id:
+        return HypernetTrainResult(
+            out_dir=folder,
+            steps=summary["steps"],
+            tasks=summary["tasks"],
+            best_eval=summary.get("best_eval"),
+            wall_seconds=summary["wall_seconds"],
+            timing=summary.get("timing", {}),
+        )
+    raise ValueError(
+        f"{folder} holds a hypernetwork trained with other settings or teachers; give a new "
+        f"out folder"
+    )
 
 
 def _training_tasks(

@@ -277,6 +277,34 @@ class Loop:
 
     # ------------------------------------------------------------------------------ loop
 
+    def _optimizer_step(
+        self,
+        step_fn: StepFn,
+        step: int,
+        params: list[torch.nn.Parameter],
+        running: dict[str, list[float]],
+    ) -> dict[str, float]:
+        """One optimizer step over ``schedule.accumulate`` micro-batches (fewer where
+        ``step_fn`` says the data ended); the step's losses, also added to ``running``."""
+        schedule, last = self.schedule, {}
+        for micro in range(schedule.accumulate):
+            with self.autocast():
+                losses = step_fn(step, micro)
+            if losses is None:
+                break
+            self.scaler.scale(losses["loss"].float() / schedule.accumulate).backward()
+            for key, value in losses.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
+                last[key] = float(value)
+                running[key].append(last[key])
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, schedule.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return last
+
     def run(
         self,
         step_fn: StepFn,
@@ -318,25 +346,8 @@ class Loop:
                 )
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                last: dict[str, float] = {}
                 with timer.step():
-                    for micro in range(schedule.accumulate):
-                        with self.autocast():
-                            losses = step_fn(step, micro)
-                        if losses is None:
-                            break
-                        loss = losses["loss"]
-                        self.scaler.scale(loss.float() / schedule.accumulate).backward()
-                        for key, value in losses.items():
-                            if isinstance(value, torch.Tensor):
-                                value = value.detach()
-                            last[key] = float(value)
-                            running[key].append(last[key])
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, schedule.max_grad_norm)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    last = self._optimizer_step(step_fn, step, params, running)
                 state["step"] = step + 1
                 bar.update(1)
                 done = state["step"] == schedule.steps

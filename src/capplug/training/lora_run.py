@@ -272,7 +272,6 @@ class LoraRun:
         progress: bool,
         on_step: Callable[[int, dict[str, Any]], None] | None,
     ) -> LoraTrainResult:
-        from peft import get_peft_model_state_dict
 
         config, chat = self.config, self.chat
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -310,21 +309,7 @@ class LoraRun:
         result = loop.run(step_fn, models=(model,))
         state, wall = result.state, result.wall_seconds
         eval_after = self._heldout_loss(model, loop)
-        lora = model.peft_config["default"]
-        lora.base_model_name_or_path = self.identity.name
-        lora.inference_mode = True
-        write_peft_folder(
-            # save_embedding_layers=False: "auto" looks the base model up on the hub.
-            get_peft_model_state_dict(model, save_embedding_layers=False),
-            lora,
-            self.folder,
-            metadata={
-                META_BASE_MODEL: self.identity.name,
-                META_BASE_ARCHITECTURE: self.identity.architecture,
-                **self.metadata,
-                "capplug_source": "capplug.training.teacher_lora",
-            },
-        )
+        self._write_adapter(model)
         loop.finish(
             result,
             task=self.label,
@@ -346,6 +331,26 @@ class LoraRun:
             eval_loss_after=eval_after,
             wall_seconds=wall,
             timing=result.timing,
+        )
+
+    def _write_adapter(self, model: Any) -> None:
+        """The trained LoRA as a peft folder, with the base model it was made for."""
+        from peft import get_peft_model_state_dict
+
+        lora = model.peft_config["default"]
+        lora.base_model_name_or_path = self.identity.name
+        lora.inference_mode = True
+        write_peft_folder(
+            # save_embedding_layers=False: "auto" looks the base model up on the hub.
+            get_peft_model_state_dict(model, save_embedding_layers=False),
+            lora,
+            self.folder,
+            metadata={
+                META_BASE_MODEL: self.identity.name,
+                META_BASE_ARCHITECTURE: self.identity.architecture,
+                **self.metadata,
+                "capplug_source": "capplug.training.teacher_lora",
+            },
         )
 
     @torch.no_grad()
