@@ -104,6 +104,39 @@ def test_no_module_is_longer_than_a_reader_can_hold():
     assert not long, f"split these by concern (at most {MAX_MODULE_LINES} lines each): {long}"
 
 
+def _lazy_map(tree: ast.Module) -> dict[str, str] | None:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id in ("_EXPORTS", "_LAZY"):
+                return ast.literal_eval(node.value)
+    return None
+
+
+def _type_checking_imports(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for inner in node.body:
+                if isinstance(inner, ast.ImportFrom):
+                    names |= {alias.asname or alias.name for alias in inner.names}
+    return names
+
+
+def test_every_lazily_imported_name_is_imported_for_type_checkers_too():
+    # A name handed out on first use is also imported under TYPE_CHECKING, so editors,
+    # type checkers and the layer check above follow it to where it is defined.
+    missing = {}
+    for init in sorted(SRC.rglob("__init__.py")):
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        lazy = _lazy_map(tree)
+        if lazy is None:
+            continue
+        if absent := sorted(set(lazy) - _type_checking_imports(tree)):
+            missing[str(init.relative_to(SRC))] = absent
+    assert not missing, f"import these under `if TYPE_CHECKING:` too: {missing}"
+
+
 MAX_FUNCTION_LINES = 80
 
 

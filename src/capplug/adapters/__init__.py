@@ -18,7 +18,26 @@ Needs peft: ``pip install 'capplug[adapters]'``.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and the layout test follow; imported on first use below
+    from capplug.adapters.examples import user_prompt
+    from capplug.adapters.fallback import AdapterJudge, Comparison, ProbeError, with_definition
+    from capplug.adapters.hit_check import HitCheckRecord, ScorerHitCheck
+    from capplug.adapters.hypernetwork import DEFAULT_HYPERNETWORK, Hypernetwork, HypernetworkConfig
+    from capplug.adapters.runtime import AdapterRuntime
+    from capplug.adapters.store import AdapterStore
+    from capplug.adapters.task_scorers import TaskScorerChoice, TaskScorers
+    from capplug.models.adapter_folder import (
+        AdapterFileError,
+        AdapterFiles,
+        BaseModelIdentity,
+        WrongBaseModelError,
+        canonical_model_name,
+        model_identity,
+        read_adapter,
+        write_peft_folder,
+    )
 
 _EXPORTS = {
     "user_prompt": "examples",
@@ -45,7 +64,30 @@ _EXPORTS = {
     "ScorerHitCheck": "hit_check",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_HYPERNETWORK",
+    "AdapterFileError",
+    "AdapterFiles",
+    "AdapterJudge",
+    "AdapterRuntime",
+    "AdapterStore",
+    "BaseModelIdentity",
+    "Comparison",
+    "HitCheckRecord",
+    "Hypernetwork",
+    "HypernetworkConfig",
+    "ProbeError",
+    "ScorerHitCheck",
+    "TaskScorerChoice",
+    "TaskScorers",
+    "WrongBaseModelError",
+    "canonical_model_name",
+    "model_identity",
+    "read_adapter",
+    "user_prompt",
+    "with_definition",
+    "write_peft_folder",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,19 @@ HTTP front ends that only need the retry policy.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and the layout test follow; imported on first use below
+    from capplug.llms.local import (
+        CAPPY_RECIPE,
+        FAST_RECIPE,
+        RECIPES,
+        Candidate,
+        LocalChatModel,
+        SamplingRecipe,
+        SamplingStrategy,
+    )
+    from capplug.llms.retry import DEFAULT_RETRY, RetryPolicy, UpstreamHTTPError
 
 _EXPORTS = {
     "CAPPY_RECIPE": "capplug.llms.local",
@@ -22,7 +34,18 @@ _EXPORTS = {
     "UpstreamHTTPError": "capplug.llms.retry",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CAPPY_RECIPE",
+    "DEFAULT_RETRY",
+    "FAST_RECIPE",
+    "RECIPES",
+    "Candidate",
+    "LocalChatModel",
+    "RetryPolicy",
+    "SamplingRecipe",
+    "SamplingStrategy",
+    "UpstreamHTTPError",
+]
 
 
 def __getattr__(name: str) -> Any:

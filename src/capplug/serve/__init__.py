@@ -16,9 +16,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "the serve extra: pip install 'capplug[serve]'"
     ) from exc
 
+from typing import TYPE_CHECKING
+
 from capplug.serve.background import serve_in_thread
 from capplug.serve.local_openai import create_app
 from capplug.serve.proxy import KEY_HEADER, create_proxy_app
+
+if TYPE_CHECKING:  # imported on first use below
+    from capplug.serve.adapters import create_adapter_app
 
 __all__ = [
     "KEY_HEADER",

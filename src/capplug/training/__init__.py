@@ -14,7 +14,29 @@ Only capplug's own models are trained; no gradient ever reaches a served LLM.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and the layout test follow; imported on first use below
+    from capplug.training.hypernetwork import (
+        HypernetTrainConfig,
+        HypernetTrainResult,
+        find_teachers,
+        train_hypernetwork,
+    )
+    from capplug.training.scorer import (
+        TrainConfig,
+        TrainResult,
+        format_metrics,
+        split_heldout,
+        train_scorer,
+    )
+    from capplug.training.teacher_lora import (
+        LoraTrainConfig,
+        LoraTrainResult,
+        train_all,
+        train_multitask_lora,
+        train_task_lora,
+    )
 
 _EXPORTS = {
     "TrainConfig": "scorer",
@@ -33,7 +55,22 @@ _EXPORTS = {
     "train_hypernetwork": "hypernetwork",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "HypernetTrainConfig",
+    "HypernetTrainResult",
+    "LoraTrainConfig",
+    "LoraTrainResult",
+    "TrainConfig",
+    "TrainResult",
+    "find_teachers",
+    "format_metrics",
+    "split_heldout",
+    "train_all",
+    "train_hypernetwork",
+    "train_multitask_lora",
+    "train_scorer",
+    "train_task_lora",
+]
 
 
 def __getattr__(name: str) -> Any:
