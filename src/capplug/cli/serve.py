@@ -187,7 +187,7 @@ def _run_serve_adapters(args: argparse.Namespace) -> int:
     _check_serve_adapters_args(args)
     # before any model loads, so a missing extra fails at once
     uvicorn, create_adapter_app = _server_imports(
-        "capplug.serve.adapters",
+        "capplug.serve.adapter_service",
         "create_adapter_app",
         "`capplug serve adapters` needs the serve and adapters extras: "
         "pip install 'capplug[serve,adapters]'",

@@ -23,7 +23,7 @@ from capplug.serve.local_openai import create_app
 from capplug.serve.proxy import KEY_HEADER, create_proxy_app
 
 if TYPE_CHECKING:  # imported on first use below
-    from capplug.serve.adapters import create_adapter_app
+    from capplug.serve.adapter_service import create_adapter_app
 
 __all__ = [
     "KEY_HEADER",
@@ -37,7 +37,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # The adapter service needs the adapters extra (peft, chromadb); import it on first use.
     if name == "create_adapter_app":
-        from capplug.serve.adapters import create_adapter_app
+        from capplug.serve.adapter_service import create_adapter_app
 
         return create_adapter_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

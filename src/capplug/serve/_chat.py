@@ -1,7 +1,7 @@
 """What capplug's chat-completions servers share: request checks, prompt length and replies.
 
 The local server (:mod:`capplug.serve.local_openai`) and the adapter service
-(:mod:`capplug.serve.adapters`) read the same OpenAI chat-completions fields and answer with the
+(:mod:`capplug.serve.adapter_service`) read the same OpenAI chat-completions fields and answer with the
 same ``chat.completion`` object; the checks here give both the same 400s, word for word.
 """
 

@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from capplug.adapters.store import AdapterRecord
 from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.serve import _chat
-from capplug.serve.adapters._service import Answer, Plan, Service
+from capplug.serve.adapter_service._service import Answer, Plan, Service
 
 
 def completion(service: Service, answer: Answer) -> dict[str, Any]:

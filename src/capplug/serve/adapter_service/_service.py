@@ -46,16 +46,16 @@ from capplug.models.adapter_folder import (
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError
-from capplug.serve.adapters._errors import not_found, store_failure
-from capplug.serve.adapters._fallback import (
+from capplug.serve.adapter_service._errors import not_found, store_failure
+from capplug.serve.adapter_service._fallback import (
     fallback_json,
     fallback_mode,
     probe_of,
     require_judge,
 )
-from capplug.serve.adapters._metrics import ServiceMetrics
+from capplug.serve.adapter_service._metrics import ServiceMetrics
 
-logger = logging.getLogger("capplug.serve.adapters")
+logger = logging.getLogger("capplug.serve.adapter_service")
 
 # ---------------------------------------------------------------------------- the service
 

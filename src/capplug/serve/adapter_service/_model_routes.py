@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from capplug.serve._request_metrics import RequestMetrics
-from capplug.serve.adapters._replies import completion, server_timing, streamed
-from capplug.serve.adapters._schema import (
+from capplug.serve.adapter_service._replies import completion, server_timing, streamed
+from capplug.serve.adapter_service._schema import (
     ChatCompletion,
     ChatCompletionRequest,
     Health,
@@ -22,7 +22,7 @@ from capplug.serve.adapters._schema import (
     ModelList,
     errors,
 )
-from capplug.serve.adapters._service import Service
+from capplug.serve.adapter_service._service import Service
 
 __all__ = ["chat_routes", "model_routes"]
 

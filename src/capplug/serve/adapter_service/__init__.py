@@ -34,6 +34,6 @@ The package, by concern:
 """
 
 from capplug.adapters.store import ADAPTER_FILES
-from capplug.serve.adapters.app import create_adapter_app
+from capplug.serve.adapter_service.app import create_adapter_app
 
 __all__ = ["ADAPTER_FILES", "create_adapter_app"]

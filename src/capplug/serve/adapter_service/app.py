@@ -21,10 +21,10 @@ from capplug.serve._http import (
     install_error_handlers,
 )
 from capplug.serve._request_metrics import CountRequests, RequestMetrics
-from capplug.serve.adapters._adapter_routes import adapter_routes, lora_routes
-from capplug.serve.adapters._metrics import ServiceMetrics
-from capplug.serve.adapters._model_routes import chat_routes, model_routes
-from capplug.serve.adapters._service import Service
+from capplug.serve.adapter_service._adapter_routes import adapter_routes, lora_routes
+from capplug.serve.adapter_service._metrics import ServiceMetrics
+from capplug.serve.adapter_service._model_routes import chat_routes, model_routes
+from capplug.serve.adapter_service._service import Service
 
 __all__ = ["create_adapter_app"]
 
@@ -75,7 +75,7 @@ def create_adapter_app(
     judge: AdapterJudge | None = None,
 ) -> FastAPI:
     """The adapter service over ``store`` and ``runtime``; see the package's docstring
-    (:mod:`capplug.serve.adapters`).
+    (:mod:`capplug.serve.adapter_service`).
 
     Args:
         store: the adapters (its ``generator``, when set, makes new ones on a miss).

@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from capplug.models.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from capplug.serve._http import APIError
-from capplug.serve.adapters._fallback import require_judge
-from capplug.serve.adapters._replies import adapter_json
-from capplug.serve.adapters._schema import (
+from capplug.serve.adapter_service._fallback import require_judge
+from capplug.serve.adapter_service._replies import adapter_json
+from capplug.serve.adapter_service._schema import (
     Adapter,
     AdapterList,
     AdapterResult,
@@ -26,7 +26,7 @@ from capplug.serve.adapters._schema import (
     UnloadLoRA,
     errors,
 )
-from capplug.serve.adapters._service import Service
+from capplug.serve.adapter_service._service import Service
 
 __all__ = ["adapter_routes", "lora_routes"]
 
