@@ -53,12 +53,6 @@ def create_mcp_server(
         store: an adapter store folder: adds ``lookup_adapter``.
         base_model: the store's base model (default: the store's default).
     """
-    try:
-        from mcp.server.fastmcp import FastMCP
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError(
-            f"`capplug mcp` needs the MCP SDK: pip install 'capplug[mcp]' ({exc})"
-        ) from exc
     from capplug.feedback import as_feedback_store, check_watcher
     from capplug.models import DEFAULT_SCORER
     from capplug.selection import Reranker
@@ -72,18 +66,34 @@ def create_mcp_server(
         check_watcher(reranker.auto_adapter, given, owner="the MCP server")
         reranker.feedback = given
     feedback_store = reranker.feedback  # given here, or the reranker's own
-    server = FastMCP("capplug", instructions=INSTRUCTIONS)
-    # serverInfo.version: FastMCP takes no version, so its low-level server would report the
-    # MCP SDK's own; clients should see capplug's.
-    from capplug import __version__
-
-    server._mcp_server.version = __version__
-
+    server = _sdk_server()
     _add_selection_tools(server, reranker)
     if feedback_store is not None:
         _add_judge_tool(server, reranker)
     if store is not None:
         _add_adapter_tool(server, store, base_model)
+    return server
+
+
+def _sdk_server() -> Any:
+    """The MCP SDK's server named capplug, reporting capplug's version: ``MCPServer`` in mcp
+    2.x, ``FastMCP`` in 1.x (which takes no version, so its low-level server's is set)."""
+    from capplug import __version__
+
+    try:
+        from mcp.server.mcpserver import MCPServer
+    except ImportError:
+        pass
+    else:
+        return MCPServer("capplug", instructions=INSTRUCTIONS, version=__version__)
+    try:
+        from mcp.server.fastmcp import FastMCP
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"`capplug mcp` needs the MCP SDK: pip install 'capplug[mcp]' ({exc})"
+        ) from exc
+    server = FastMCP("capplug", instructions=INSTRUCTIONS)
+    server._mcp_server.version = __version__
     return server
 
 

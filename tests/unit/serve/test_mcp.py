@@ -23,9 +23,19 @@ async def _session(args: list[str], work) -> object:
         return await work(session)
 
 
+def _field(model, snake: str, camel: str) -> object:
+    """A field of an MCP type: snake_case in mcp 2.x, camelCase in 1.x."""
+    return getattr(model, snake) if hasattr(model, snake) else getattr(model, camel)
+
+
+def _is_error(result) -> bool:
+    return bool(_field(result, "is_error", "isError"))
+
+
 def _json(result) -> object:
-    assert not result.isError, result.content
-    return result.structuredContent.get("result", result.structuredContent)
+    assert not _is_error(result), result.content
+    structured = _field(result, "structured_content", "structuredContent")
+    return structured.get("result", structured)
 
 
 def test_the_tools_answer_an_mcp_client(tiny_bert_scorer: Path, tmp_path: Path) -> None:
@@ -52,7 +62,16 @@ def test_the_tools_answer_an_mcp_client(tiny_bert_scorer: Path, tmp_path: Path) 
         )
         bad = await session.call_tool("select", {"instruction": "q", "candidates": []})
         wrong = await session.call_tool("judge", {"selection_id": "sel_nope", "label": 1.0})
-        return tools, scores, chosen, ranked, judged, bad, wrong, session.init_result.serverInfo
+        return (
+            tools,
+            scores,
+            chosen,
+            ranked,
+            judged,
+            bad,
+            wrong,
+            _field(session.init_result, "server_info", "serverInfo"),
+        )
 
     tools, scores, chosen, ranked, judged, bad, wrong, info = asyncio.run(
         _session(["--scorer", str(tiny_bert_scorer), "--feedback", str(db)], work)
@@ -67,8 +86,8 @@ def test_the_tools_answer_an_mcp_client(tiny_bert_scorer: Path, tmp_path: Path) 
     assert sorted(r["index"] for r in ranked) == [0, 1]
     assert judged["kind"] == "preferred" and judged["source"] == "mcp"
     # Bad arguments are tool errors naming the problem; the server keeps answering.
-    assert bad.isError and "candidates" in bad.content[0].text
-    assert wrong.isError and "sel_nope" in wrong.content[0].text
+    assert _is_error(bad) and "candidates" in bad.content[0].text
+    assert _is_error(wrong) and "sel_nope" in wrong.content[0].text
     assert FeedbackStore(db).selection(chosen["selection_id"])["judgements"][0]["candidate"] == 0
     json.dumps(chosen)  # plain JSON
 
@@ -102,7 +121,9 @@ def test_a_judgement_reaches_the_rerankers_auto_adapter(
 
     async def work():
         chosen = await server.call_tool("select", {"instruction": "q", "candidates": ["a", "b"]})
-        selection_id = chosen[1]["selection_id"]
+        # mcp 1.x answers (content, structured); 2.x a CallToolResult.
+        structured = chosen[1] if isinstance(chosen, tuple) else chosen.structured_content
+        selection_id = structured["selection_id"]
         await server.call_tool("judge", {"selection_id": selection_id, "label": 1.0})
         return selection_id
 
