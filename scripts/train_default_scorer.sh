@@ -20,7 +20,7 @@ HERE="$(dirname "$0")"
 "$PY" -m capplug.cli train --data "$WORK/scorer-data-v1/shards" --backbone minilm \
   --out "$WORK/scorer-run-v1" --lr 5e-5 --eval-every 150 --patience 6
 # What training changed over the packaged MiniLM (word embeddings stay frozen), in float16.
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v1', '$WORK/scorer-v1-delta', base='minilm')"
+"$PY" -c "from capplug.models.delta import export_delta; export_delta('$WORK/scorer-run-v1', '$WORK/scorer-v1-delta', base='minilm')"
 
 # Stage 2: the same data for 339 of the tasks plus SmolLM2-135M-Instruct's own candidates for
 # 2 examples a task, labelled by Rouge-L; adapted from stage 1.
@@ -29,13 +29,13 @@ HERE="$(dirname "$0")"
   $(sed 's/^/--task /' "$HERE/scorer_data_v2_tasks.txt")
 "$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v1-delta" --data "$WORK/scorer-data-v2/shards" \
   --out "$WORK/scorer-run-v2" --epochs 1 --max-steps 600 --lr 3e-5 --eval-every 100 --patience 4
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v2', '$WORK/scorer-v2-delta', base='minilm')"
+"$PY" -c "from capplug.models.delta import export_delta; export_delta('$WORK/scorer-run-v2', '$WORK/scorer-v2-delta', base='minilm')"
 
 # Stage 3: the same data with a pairwise ranking loss beside the pointwise one; from stage 2.
 "$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v2-delta" --data "$WORK/scorer-data-v2/shards" \
   --out "$WORK/scorer-run-v3-rank" --epochs 1 --max-steps 250 --lr 2e-5 --rank-weight 1.0 \
   --eval-every 50 --patience 4
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v3-rank', '$WORK/scorer-v3-delta', base='minilm')"
+"$PY" -c "from capplug.models.delta import export_delta; export_delta('$WORK/scorer-run-v3-rank', '$WORK/scorer-v3-delta', base='minilm')"
 
 # Stage 4: clipped candidates. SmolLM2's candidates for 2 further examples of each of the 180
 # generative tasks of stage 2's list; then every sampled candidate of both builds also clipped
@@ -51,5 +51,5 @@ HERE="$(dirname "$0")"
 "$PY" -m capplug.cli adapt --scorer "$WORK/scorer-v3-delta" --data "$WORK/scorer-data-v5/shards" \
   --out "$WORK/scorer-run-v5" --epochs 1 --max-steps 250 --lr 2e-5 --rank-weight 1.0 \
   --eval-every 50 --patience 4
-"$PY" -c "from capplug._delta import export_delta; export_delta('$WORK/scorer-run-v5', 'src/capplug/checkpoints/capplug-default', base='minilm')"
+"$PY" -c "from capplug.models.delta import export_delta; export_delta('$WORK/scorer-run-v5', 'src/capplug/checkpoints/capplug-default', base='minilm')"
 # (README.md in that folder is written by hand from the runs' training_summary.json.)
