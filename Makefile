@@ -26,11 +26,11 @@ LI     := integrations/llamaindex
 test: test-unit test-integration
 
 test-unit: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 tests/unit $(LC)/tests/unit_tests \
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --durations 10 tests/unit $(LC)/tests/unit_tests \
 		$(LI)/tests/unit_tests --disable-socket --allow-unix-socket
 
 test-integration: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests/integration $(LC)/tests/integration_tests \
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations 10 tests/integration $(LC)/tests/integration_tests \
 		$(LI)/tests/integration_tests -m integration
 
 bench: install
