@@ -10,6 +10,8 @@ the results come back as JSON lines.
     python scripts/draw_candidates.py export --out runs/prompts.jsonl [--data PATH]
     python scripts/draw_candidates.py draw runs/prompts.jsonl --out runs/drawn [--device cuda]
     python scripts/draw_candidates.py install runs/drawn                # into the bench caches
+    python scripts/draw_candidates.py pick runs/prompts.jsonl --out runs/gen-fam.jsonl \
+        --group train-gen --per-family 2 --leave-out-fold 1              # fewer prompts
 
 ``export`` reads the task pool (--data PATH; default $CAPPLUG_DATA, then ../shared/data beside
 the checkout): every train task, and the dev tasks of the rerank and zero-shot choice
@@ -181,6 +183,44 @@ def _options(model: Any, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def pick(
+    prompts: Path, out: Path, pool: Pool, *, group: str, per_family: int, leave_out: int | None
+) -> int:
+    """A subset of ``group``'s prompts that a CPU can draw: ``per_family`` per task family
+    (from different tasks where the family has several), none from train fold ``leave_out`` of
+    ``pool.folds(5)`` (kept apart to measure on). Seeded, so the same pool gives the same
+    subset. Returns how many were written."""
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+    left_out = set(pool.folds(5)[leave_out]) if leave_out is not None else set()
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["group"] == group and row["task"] not in left_out:
+            by_family.setdefault(pool.family(row["task"]), []).append(row)
+    rng = random.Random(7)
+    chosen: list[dict[str, Any]] = []
+    for family in sorted(by_family):
+        candidates = by_family[family]
+        rng.shuffle(candidates)
+        tasks_seen: list[str] = []
+        picked: list[dict[str, Any]] = []
+        for row in candidates:  # one per task first
+            if row["task"] not in tasks_seen:
+                tasks_seen.append(row["task"])
+                picked.append(row)
+            if len(picked) == per_family:
+                break
+        for row in candidates:  # then more examples of the same tasks
+            if len(picked) == per_family:
+                break
+            if row not in picked:
+                picked.append(row)
+        chosen += picked
+    rng.shuffle(chosen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    return len(chosen)
+
+
 def install(drawn: Path) -> None:
     """Put drawn dev candidates and option log-likelihoods where the benchmarks look first."""
     import hashlib
@@ -232,6 +272,13 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p = sub.add_parser("install", help="copy drawn dev data into the benchmark caches")
     p.add_argument("drawn", type=Path)
+    p = sub.add_parser("pick", help="a subset of exported prompts: a few per task family")
+    p.add_argument("prompts", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--group", default="train-gen")
+    p.add_argument("--per-family", type=int, default=2)
+    p.add_argument("--leave-out-fold", type=int, default=None, metavar="K")
+    add_data_option(p)
     args = parser.parse_args()
     if args.command == "export":
         from capplug.data import open_pool
@@ -247,6 +294,18 @@ def main() -> None:
             raise SystemExit(f"draw_candidates export: {exc}") from exc
     elif args.command == "draw":
         draw(args.prompts, args.out, device=args.device, batch=args.batch, model_ref=args.model)
+    elif args.command == "pick":
+        from capplug.data import open_pool
+
+        count = pick(
+            args.prompts,
+            args.out,
+            open_pool(args.data, strict=args.strict),
+            group=args.group,
+            per_family=args.per_family,
+            leave_out=args.leave_out_fold,
+        )
+        print(f"{count} prompts written to {args.out}")
     else:
         install(args.drawn)
 

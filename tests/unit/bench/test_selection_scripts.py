@@ -121,3 +121,23 @@ def test_drawn_data_of_a_dev_task_or_an_unknown_task_is_refused(
     assert fit.check_train_tasks(pool, {"anachronisms"}) == {
         "anachronisms": "bigbench/anachronisms"
     }
+
+
+def test_pick_takes_a_few_prompts_per_family_from_different_tasks(
+    scripts, pool, tmp_path: Path
+) -> None:
+    draw, _ = scripts
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "picked.jsonl"
+    draw.export(prompts, pool)
+    assert draw.pick(prompts, out, pool, group="train-gen", per_family=2, leave_out=None) == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # arithmetic is one family of two tasks: one prompt of each, not two of one
+    assert sorted(r["task"] for r in rows) == [
+        "bigbench/arithmetic/1_digit",
+        "bigbench/arithmetic/2_digit",
+    ]
+    again = tmp_path / "again.jsonl"
+    draw.pick(prompts, again, pool, group="train-gen", per_family=2, leave_out=None)
+    assert again.read_text() == out.read_text()  # seeded: the same subset every time
+    draw.pick(prompts, out, pool, group="train-gen", per_family=3, leave_out=None)
+    assert len(out.read_text().splitlines()) == 3  # then more examples of the same tasks
