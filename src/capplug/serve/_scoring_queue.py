@@ -29,6 +29,7 @@ class _ScoringJob:
     future: asyncio.Future[list[float]]
     costs: list[int] = field(default_factory=list)  # estimated tokens of each pair
     arrived: float = field(default_factory=time.monotonic)
+    busy: bool = False  # a call of its own is being scored (in one lane or the other)
     scores: list[float] = field(default_factory=list)  # of responses[: len(scores)]
     scorer: Any = None  # a task scorer for this request; None: the queue's own
 
@@ -40,18 +41,20 @@ class _ScoringJob:
 class ScoringQueue:
     """Scores candidates on one worker thread, batching small requests and slicing big ones.
 
-    Work is estimated in tokens per (instruction, response) pair and served smallest first (a
-    request that has waited gains ``_AGEING_TOKENS_PER_SECOND`` of priority per second, so
-    none starves). Requests that wait together are scored in one call when they are small; a
-    request with a long conversation is scored a slice at a time, so that a small request that
-    arrives meanwhile waits for one slice, not for the whole of it. A slice is about
-    ``slice_seconds`` of scoring, by the throughput the queue measures as it goes (at least
-    ``slice_tokens``): a fast scorer takes bigger slices, since each call has a fixed cost and
-    100 documents cut into 6-document calls took 3x the scorer's own time. Only scorers with
+    Work is estimated in tokens per (instruction, response) pair, and served in two lanes, each
+    a worker thread of its own. Small requests (at most one slice of work left) are batched
+    together into one call, smallest first (a request that has waited gains
+    ``_AGEING_TOKENS_PER_SECOND`` of priority per second). A request with a long conversation
+    is scored in the other lane a slice at a time, so a small request never waits for it (with
+    one lane, one 512-token pair on a loaded 2-core machine held small requests up by 0.2 to
+    0.45 s), and no new slice starts while small requests are being scored. A slice is about ``slice_seconds`` of scoring, by the throughput the queue measures
+    on the slices themselves (at least ``slice_tokens``; long pairs cost more per token than
+    short ones): a fast scorer takes bigger slices, since each call has a fixed cost and 100
+    documents cut into 6-document calls took 3x the scorer's own time. Only scorers with
     ``score_pairs`` (which score each pair on its own) are sliced; others get each request's
-    responses in one call.
+    responses in one call, in the small lane.
 
-    The thread lives as long as the process (a daemon, idle when there is nothing to score):
+    The threads live as long as the process (daemons, idle when there is nothing to score):
     measured here, a thread that keeps torch's thread pool warm scores 8 candidates in about
     two thirds of the time a fresh thread takes.
 
@@ -75,7 +78,7 @@ class ScoringQueue:
         self.slice_tokens = slice_tokens
         self.slice_seconds = slice_seconds
         self.batch_tokens = batch_tokens
-        self._tokens_per_second = 0.0  # measured; 0 until the first call
+        self._tokens_per_second = 0.0  # measured on slices; 0 until the first one
         score_pairs = getattr(scorer, "score_pairs", None)
         self._pairwise = score_pairs if callable(score_pairs) else None
         self._parts = (
@@ -87,7 +90,8 @@ class ScoringQueue:
         self._max_length = int(getattr(scorer, "max_length", 512) or 512)
         self._pending: list[_ScoringJob] = []
         self._wake = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._workers: dict[str, threading.Thread] = {}
+        self._small_calls = 0  # small-lane calls being scored (0 or 1)
 
     def _cost(self, instruction: str, response: str) -> int:
         # About four characters per token; the scorer cuts every pair to max_length.
@@ -105,71 +109,83 @@ class ScoringQueue:
         job.costs = [self._cost(instruction, r) for r in responses]
         with self._wake:
             self._pending.append(job)
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._work, name="capplug-scoring", daemon=True
-                )
-                self._worker.start()
-            self._wake.notify()
+            for lane in ("small", "big"):
+                worker = self._workers.get(lane)
+                if worker is None or not worker.is_alive():
+                    worker = threading.Thread(
+                        target=self._work, args=(lane,), name=f"capplug-scoring-{lane}", daemon=True
+                    )
+                    self._workers[lane] = worker
+                    worker.start()
+            self._wake.notify_all()
         return await job.future
 
-    def _next_call(self) -> list[tuple[_ScoringJob, int]]:
-        """(job, how many of its next responses) for one call; under the lock.
+    def _next_call(self, lane: str) -> list[tuple[_ScoringJob, int]]:
+        """(job, how many of its next responses) for one call of ``lane``; under the lock.
 
-        Small requests (at most ``slice_tokens`` of work left) are batched together, up to
-        ``batch_tokens``; a bigger one gets calls of its own, one slice of at most
-        ``slice_tokens`` each, so that whatever arrives meanwhile waits for one slice only.
+        The small lane batches small requests together, up to ``batch_tokens``; the big lane
+        takes one slice of at most ``slice_tokens`` of the big request first in line. A request
+        in a call of either lane is skipped by the other until that call ends.
         """
         now = time.monotonic()
         self._pending = [j for j in self._pending if not j.future.done()]  # clients gone
-        order = sorted(
-            self._pending,
+        slice_tokens = max(self.slice_tokens, int(self._tokens_per_second * self.slice_seconds))
+        free = sorted(
+            (j for j in self._pending if not j.busy),
             key=lambda j: j.remaining - _AGEING_TOKENS_PER_SECOND * (now - j.arrived),
         )
-        call: list[tuple[_ScoringJob, int]] = []
-        tokens = 0
-        slice_tokens = max(self.slice_tokens, int(self._tokens_per_second * self.slice_seconds))
-        for job in order:
-            if call and job.scorer is not call[0][0].scorer:
-                continue  # one call, one scorer
-            start = len(job.scores)
-            remaining = job.remaining
-            if self._pairwise is None or remaining <= slice_tokens:
-                if call and tokens + remaining > self.batch_tokens:
-                    break
-                call.append((job, len(job.responses) - start))
-                tokens += remaining
-                continue
-            if call:
-                break
-            take, cost = 0, 0
+        if lane == "big":
+            if self._small_calls:
+                return []  # no new slice while small requests are scored: they have the cores
+            big = [j for j in free if self._pairwise is not None and j.remaining > slice_tokens]
+            if not big:
+                return []
+            job = big[0]
+            start, take, cost = len(job.scores), 0, 0
             for pair_cost in job.costs[start:]:
                 if take and cost + pair_cost > slice_tokens:
                     break
                 take += 1
                 cost += pair_cost
-            call.append((job, take))
-            break
+            job.busy = True
+            return [(job, take)]
+        call: list[tuple[_ScoringJob, int]] = []
+        tokens = 0
+        for job in free:
+            if self._pairwise is not None and job.remaining > slice_tokens:
+                continue  # the big lane's
+            if call and job.scorer is not call[0][0].scorer:
+                continue  # one call, one scorer
+            if call and tokens + job.remaining > self.batch_tokens:
+                break
+            call.append((job, len(job.responses) - len(job.scores)))
+            tokens += job.remaining
+        for job, _ in call:
+            job.busy = True
+        self._small_calls += bool(call)
         return call
 
-    def _work(self) -> None:
+    def _work(self, lane: str) -> None:
         while True:
             with self._wake:
                 call: list[tuple[_ScoringJob, int]] = []
                 while not call:
-                    call = self._next_call()
+                    call = self._next_call(lane)
                     if not call:
                         self._wake.wait()
             try:
-                self._run(call)
+                self._run(call, measure=lane == "big")
             except BaseException as error:  # never leave a request waiting forever
                 for job, _ in call:
                     self._finish(job, error=error)
             with self._wake:
+                self._small_calls -= lane == "small"
                 for job, _ in call:
+                    job.busy = False
                     if job.future.done() or len(job.scores) == len(job.responses):
                         with contextlib.suppress(ValueError):
                             self._pending.remove(job)
+                self._wake.notify_all()  # what was in this call may now suit the other lane
 
     def _finish(self, job: _ScoringJob, *, error: BaseException | None = None) -> None:
         if error is not None:
@@ -178,11 +194,12 @@ class ScoringQueue:
         elif len(job.scores) == len(job.responses):
             _settle(job, scores=job.scores)
 
-    def _run(self, call: list[tuple[_ScoringJob, int]]) -> None:
+    def _run(self, call: list[tuple[_ScoringJob, int]], *, measure: bool = False) -> None:
         started = time.perf_counter()
         try:
             results = self._score(call)
-            self._measured(call, time.perf_counter() - started)
+            if measure:
+                self._measured(call, time.perf_counter() - started)
         except Exception as error:
             if len(call) == 1:
                 self._finish(call[0][0], error=error)

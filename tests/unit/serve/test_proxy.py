@@ -891,7 +891,7 @@ def test_scoring_runs_off_the_event_loop_and_batches_waiting_requests() -> None:
     assert [r.status_code for r in responses] == [200] * 4
     assert health_seconds < 0.15  # the loop answered while the scorer was busy
     assert threading.main_thread().name not in scorer.threads
-    assert scorer.threads == {"capplug-scoring"}
+    assert scorer.threads == {"capplug-scoring-small"}  # the lane for small requests
     # The first request's candidates are scored alone; the three that came while the scorer was
     # busy share the next batch, and waited for the first.
     assert scorer.batches == [2, 6]
