@@ -84,7 +84,11 @@ class Upstream:
             )
         if not request.url.path.endswith("/chat/completions"):
             return httpx2.Response(200, json={"object": "list", "data": []})
-        n = json.loads(request.content).get("n", 1) if self.honours_n else 1
+        try:  # a fuzzed path can pass an empty or non-JSON body through: refuse it, as an API would
+            body = json.loads(request.content)
+        except ValueError:
+            return httpx2.Response(400, json={"error": {"message": "the body is not JSON"}})
+        n = body.get("n", 1) if self.honours_n and isinstance(body, dict) else 1
         return httpx2.Response(
             200, json=completion([f"answer {next(self._count)}" for _ in range(n)])
         )
