@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from benchmarks.proxy_head_of_line import delays_for, percentile
 
 
