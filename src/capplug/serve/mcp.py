@@ -19,7 +19,9 @@ keeps running. Needs ``pip install 'capplug[mcp]'``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["create_mcp_server"]
@@ -75,6 +77,20 @@ def create_mcp_server(
     return server
 
 
+@contextlib.contextmanager
+def _tool_errors() -> Iterator[None]:
+    """Bad arguments as the SDK's ``ToolError``, so the client reads what was wrong (mcp 2.x
+    hides any other exception's message behind "Error executing tool")."""
+    try:
+        yield
+    except (ValueError, TypeError, LookupError) as exc:
+        try:
+            from mcp.server.mcpserver.exceptions import ToolError
+        except ImportError:
+            from mcp.server.fastmcp.exceptions import ToolError
+        raise ToolError(str(exc)) from exc
+
+
 def _sdk_server() -> Any:
     """The MCP SDK's server named capplug, reporting capplug's version: ``MCPServer`` in mcp
     2.x, ``FastMCP`` in 1.x (which takes no version, so its low-level server's is set)."""
@@ -103,7 +119,8 @@ def _add_selection_tools(server: Any, reranker: Any) -> None:
     @server.tool()
     def score(instruction: str, responses: list[str]) -> list[float]:
         """How well each response answers the instruction, in [0, 1] (higher is better)."""
-        return [float(s) for s in reranker.scorer.score(instruction, responses)]
+        with _tool_errors():
+            return [float(s) for s in reranker.scorer.score(instruction, responses)]
 
     @server.tool()
     def rank(
@@ -115,9 +132,10 @@ def _add_selection_tools(server: Any, reranker: Any) -> None:
         """Candidates best first: each one's index into ``candidates``, the fused probability
         that it is the best, and its raw signals. ``logprobs``: each candidate's summed token
         log-probability, when the model that wrote them gives them."""
-        path = reranker.selector(surface=SURFACE)
-        ranked = path.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
-        return [_scored(c) for c in ranked]
+        with _tool_errors():
+            path = reranker.selector(surface=SURFACE)
+            ranked = path.rank(instruction, candidates, logprobs=logprobs, top_k=top_k)
+            return [_scored(c) for c in ranked]
 
     @server.tool()
     def select(
@@ -126,9 +144,10 @@ def _add_selection_tools(server: Any, reranker: Any) -> None:
         """The best candidate: its index into ``candidates``, the response, the fused score and
         signals, (when the server records selections) the ``selection_id`` to judge, and the
         ``capplug`` metadata every surface reports (every candidate's scores and signals)."""
-        path = reranker.selector(surface=SURFACE)
-        chosen = path.select(instruction, candidates, logprobs=logprobs)
-        return {**_scored(chosen), "selection_id": chosen.id, "capplug": chosen.metadata()}
+        with _tool_errors():
+            path = reranker.selector(surface=SURFACE)
+            chosen = path.select(instruction, candidates, logprobs=logprobs)
+            return {**_scored(chosen), "selection_id": chosen.id, "capplug": chosen.metadata()}
 
 
 def _add_judge_tool(server: Any, reranker: Any) -> None:
@@ -145,14 +164,15 @@ def _add_judge_tool(server: Any, reranker: Any) -> None:
         """Judge a recorded selection: exactly one of ``label`` (in [0, 1], for
         ``candidate`` or else the chosen one), ``preferred`` (a candidate index) or
         ``reference`` (the wanted answer)."""
-        return reranker.judge(
-            selection_id,
-            label=label,
-            candidate=candidate,
-            preferred=preferred,
-            reference=reference,
-            source="mcp",
-        ).to_dict()
+        with _tool_errors():
+            return reranker.judge(
+                selection_id,
+                label=label,
+                candidate=candidate,
+                preferred=preferred,
+                reference=reference,
+                source="mcp",
+            ).to_dict()
 
 
 def _add_adapter_tool(server: Any, store: Any, base_model: str | None) -> None:
@@ -166,15 +186,16 @@ def _add_adapter_tool(server: Any, store: Any, base_model: str | None) -> None:
         """The stored LoRA adapters whose instructions are closest to ``instruction``,
         best first, with their similarity in [0, 1], and whether the judged fallback
         answers with the base model instead (the adapter lost its check, or is pinned so)."""
-        return [
-            {
-                "id": m.record.id,
-                "instruction": m.record.instruction,
-                "similarity": m.similarity,
-                "falls_back": m.record.falls_back,
-            }
-            for m in adapters.lookup(instruction, k=k)
-        ]
+        with _tool_errors():
+            return [
+                {
+                    "id": m.record.id,
+                    "instruction": m.record.instruction,
+                    "similarity": m.similarity,
+                    "falls_back": m.record.falls_back,
+                }
+                for m in adapters.lookup(instruction, k=k)
+            ]
 
 
 def _scored(candidate: Any) -> dict[str, Any]:

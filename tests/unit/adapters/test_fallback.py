@@ -336,6 +336,8 @@ def test_mcp_lookup_adapter_says_which_adapters_fall_back(
     server = create_mcp_server(
         scorer=save_tiny_scorer(tmp_path / "scorer"), store=root, base_model=base
     )
-    _, structured = asyncio.run(server.call_tool("lookup_adapter", {"instruction": INSTRUCTION}))
+    result = asyncio.run(server.call_tool("lookup_adapter", {"instruction": INSTRUCTION}))
+    # mcp 1.x answers (content, structured); 2.x a CallToolResult
+    structured = result[1] if isinstance(result, tuple) else result.structured_content
     (found,) = structured["result"]
     assert found["id"] == record.id and found["falls_back"] is True

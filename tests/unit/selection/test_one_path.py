@@ -187,7 +187,8 @@ def _mcp_select(setup: Setup, with_logprobs: bool) -> dict[str, Any]:
     if with_logprobs:  # the tool takes sums only, which is all these weights use
         arguments["logprobs"] = [sum(t) for t in TOKENS]
     result = asyncio.run(server.call_tool("select", arguments))
-    answer = result[1] if isinstance(result, tuple) else result
+    # mcp 1.x answers (content, structured); 2.x a CallToolResult
+    answer = result[1] if isinstance(result, tuple) else result.structured_content
     assert answer["index"] == answer["capplug"]["chosen"]
     assert answer["selection_id"] == answer["capplug"]["selection_id"]
     return answer["capplug"]
