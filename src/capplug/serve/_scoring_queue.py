@@ -134,10 +134,14 @@ class ScoringQueue:
             (j for j in self._pending if not j.busy),
             key=lambda j: j.remaining - _AGEING_TOKENS_PER_SECOND * (now - j.arrived),
         )
+
+        def is_big(job: _ScoringJob) -> bool:  # sliced, in the big lane
+            return self._pairwise is not None and job.remaining > slice_tokens
+
         if lane == "big":
             if self._small_calls:
                 return []  # no new slice while small requests are scored: they have the cores
-            big = [j for j in free if self._pairwise is not None and j.remaining > slice_tokens]
+            big = [j for j in free if is_big(j)]
             if not big:
                 return []
             job = big[0]
@@ -152,7 +156,7 @@ class ScoringQueue:
         call: list[tuple[_ScoringJob, int]] = []
         tokens = 0
         for job in free:
-            if self._pairwise is not None and job.remaining > slice_tokens:
+            if is_big(job):
                 continue  # the big lane's
             if call and job.scorer is not call[0][0].scorer:
                 continue  # one call, one scorer

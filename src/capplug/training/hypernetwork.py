@@ -208,16 +208,19 @@ def train_hypernetwork(
             raise ValueError("give either hypernetwork or init_from, not both")
         init_weights = hypernetwork_folder(init_from) / WEIGHTS_FILE
         init = {"from": os.fspath(init_from), "sha256": sha256_file(init_weights)}
-    if not (checkpoint / CONFIG_FILE).is_file() and init_from is None and hypernetwork is None:
-        hypernetwork = _fresh_hypernetwork(
+    hypernetwork = _hypernetwork_to_train(
+        checkpoint,
+        init_from,
+        hypernetwork,
+        fresh=lambda: _fresh_hypernetwork(
             base_ref,
             files,
             encoder=encoder,
             hidden_dim=hidden_dim,
             shape=(r, alpha, list(target_modules)),
             seed=config.seed,
-        )
-    hypernetwork = _hypernetwork_to_train(checkpoint, init_from, hypernetwork)
+        ),
+    )
     if hypernetwork.config.base_model.casefold() != identity.name.casefold():
         raise ValueError(
             f"the hypernetwork writes adapters for {hypernetwork.config.base_model}, but the "
@@ -312,17 +315,20 @@ def _fresh_hypernetwork(
 
 
 def _hypernetwork_to_train(
-    checkpoint: Path, init_from: Any, given: Hypernetwork | None
+    checkpoint: Path,
+    init_from: Any,
+    given: Hypernetwork | None,
+    *,
+    fresh: Callable[[], Hypernetwork],
 ) -> Hypernetwork:
     """The checkpoint's shape when resuming, else the trained one to start from, else
-    ``given``."""
+    ``given``, else ``fresh()``."""
     if (checkpoint / CONFIG_FILE).is_file():
         raw = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         return Hypernetwork(HypernetworkConfig(**raw))
     if init_from is not None:
         return Hypernetwork.from_pretrained(init_from, device="cpu")
-    assert given is not None
-    return given
+    return given if given is not None else fresh()
 
 
 def _finished_run(folder: Path, run_id: str) -> HypernetTrainResult | None:

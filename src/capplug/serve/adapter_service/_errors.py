@@ -11,11 +11,15 @@ from capplug.models.adapter_folder import AdapterFileError, WrongBaseModelError
 from capplug.serve._http import APIError
 
 
+def shown(name: str) -> str:
+    """A client's adapter id or name as an error repeats it: at most 64 characters."""
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
 def not_found(adapter_id: str) -> APIError:
-    shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
     return APIError(
         404,
-        f"no adapter {shown!r} in this service's store; GET /v1/adapters lists the ids there "
+        f"no adapter {shown(adapter_id)!r} in this service's store; GET /v1/adapters lists the ids there "
         f"are, POST /v1/adapters makes one",
         code="adapter_not_found",
     )

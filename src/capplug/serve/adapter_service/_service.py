@@ -46,7 +46,7 @@ from capplug.models.adapter_folder import (
 )
 from capplug.serve import _chat
 from capplug.serve._http import APIError
-from capplug.serve.adapter_service._errors import not_found, store_failure
+from capplug.serve.adapter_service._errors import not_found, shown, store_failure
 from capplug.serve.adapter_service._fallback import (
     fallback_json,
     fallback_mode,
@@ -278,10 +278,9 @@ class Service:
         try:
             record = self.store.resolve(name)
         except UnknownAdapterError as exc:
-            shown = name if len(name) <= 64 else name[:64] + "..."
             raise APIError(
                 404,
-                f"The LoRA adapter {shown!r} cannot be found in this service's store; "
+                f"The LoRA adapter {shown(name)!r} cannot be found in this service's store; "
                 f"GET /v1/models lists the adapters there are",
                 param="lora_name",
                 code="adapter_not_found",
@@ -361,10 +360,10 @@ class Service:
         try:
             return self.store.resolve(ref if at else model).id
         except UnknownAdapterError as exc:
-            shown = (ref if at else model)[:40]
+            asked = (ref if at else model)[:40]
             raise APIError(
                 404,
-                f"The model '{model[:80]}' does not exist: no adapter {shown!r} (by id or name) "
+                f"The model '{model[:80]}' does not exist: no adapter {asked!r} (by id or name) "
                 f"in this service's store, and the base model is '{self.model_name}' "
                 f"(GET /v1/models lists them)",
                 param="model",
